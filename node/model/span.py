@@ -1,0 +1,95 @@
+"""A contiguous span of decoder layers `[start, end)` and its forward pass.
+
+Plain torch: no networking here. The layers are transformers' own classes, run with
+the same recipe as the family's `XModel.forward` (rotary once, a causal mask per
+attention type, then each layer with the shared cache)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import DynamicCache, PretrainedConfig
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+
+def attention_types(config: PretrainedConfig) -> list[str]:
+    """The attention type of every layer, as the family's model forward decides it."""
+    n = config.num_hidden_layers
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        return list(layer_types)[:n]
+    if getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
+        return ["sliding_attention"] * n
+    return ["full_attention"] * n
+
+
+_MASK_FUNCTIONS = {
+    "full_attention": create_causal_mask,
+    "sliding_attention": create_sliding_window_causal_mask,
+}
+
+
+class SpanModel(nn.Module):
+    """Layers `[start, end)` of a decoder-only model, with global layer indices kept."""
+
+    def __init__(self, config: PretrainedConfig, start: int, end: int, layers: nn.ModuleList, rotary: nn.Module | None):
+        super().__init__()
+        self.config = config
+        self.start = start
+        self.end = end
+        self.layers = layers  # layers[i] is global layer start + i
+        self.rotary_emb = rotary
+        types = attention_types(config)[start:end]
+        unknown = sorted(set(types) - set(_MASK_FUNCTIONS))
+        if unknown:
+            raise NotImplementedError(f"attention types {unknown} are not supported yet")
+        self.layer_types = types
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def new_cache(self) -> DynamicCache:
+        return DynamicCache(config=self.config)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: DynamicCache | None = None,
+        start: int | None = None,
+        end: int | None = None,
+    ) -> torch.Tensor:
+        """Run layers `[start, end)` (default: the whole span) over `hidden` [batch, tokens, hidden].
+
+        `attention_mask` is the 2D mask over past + new tokens (None means no padding);
+        `cache` holds the past keys/values by global layer index and is updated in place."""
+        start = self.start if start is None else start
+        end = self.end if end is None else end
+        mask_kwargs = dict(
+            config=self.config,
+            inputs_embeds=hidden,
+            attention_mask=attention_mask,
+            cache=cache,
+            position_ids=position_ids,
+            layer_idx=start,
+        )
+        masks = {kind: _MASK_FUNCTIONS[kind](**mask_kwargs) for kind in set(self.layer_types[start - self.start : end - self.start])}
+        position_embeddings = self.rotary_emb(hidden, position_ids) if self.rotary_emb is not None else None
+        for index in range(start, end):
+            hidden = self.layers[index - self.start](
+                hidden,
+                attention_mask=masks[self.layer_types[index - self.start]],
+                position_ids=position_ids,
+                position_embeddings=position_embeddings,
+                cache=cache,
+                use_cache=cache is not None,
+            )
+            if isinstance(hidden, tuple):  # a few families still return (hidden, ...)
+                hidden = hidden[0]
+        return hidden

@@ -1,0 +1,123 @@
+"""The thin gRPC servicer: decode, validate, call the executor, encode. Errors -> status codes here only."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+
+from node.rpc import codec
+from node.rpc.generated import potluck_pb2 as pb
+from node.rpc.generated import potluck_pb2_grpc as pb_grpc
+from node.runtime.errors import FailedPrecondition, InvalidRequest, RequestError
+from node.runtime.executor import Executor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class NodeIdentity:
+    """What Info reports besides live numbers."""
+
+    node_id: str
+    model_id: str
+    config_hash: str
+    num_layers: int
+    dtype: str
+    device: str
+
+
+async def _abort(context: grpc.aio.ServicerContext, error: Exception) -> None:
+    if isinstance(error, RequestError):
+        code, message = getattr(grpc.StatusCode, error.kind), error.message
+    elif isinstance(error, codec.CodecError):
+        code, message = grpc.StatusCode.INVALID_ARGUMENT, str(error)
+    else:
+        log.exception("internal error")
+        code, message = grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}"
+    await context.abort(code, message)
+
+
+class PotluckServicer(pb_grpc.PotluckServicer):
+    def __init__(self, executor: Executor, identity: NodeIdentity):
+        self.executor = executor
+        self.identity = identity
+
+    async def Info(self, request: pb.InfoRequest, context) -> pb.InfoReply:
+        span = self.executor.span
+        return pb.InfoReply(
+            protocol_version=codec.PROTOCOL_VERSION,
+            node_id=self.identity.node_id,
+            model_id=self.identity.model_id,
+            config_hash=self.identity.config_hash,
+            start=span.start,
+            end=span.end,
+            num_layers=self.identity.num_layers,
+            hidden_size=self.executor.hidden_size,
+            dtype=self.identity.dtype,
+            device=self.identity.device,
+            free_cache_tokens=max(self.executor.sessions.free_tokens, 0),
+            max_length=self.executor.max_length,
+            metadata=codec.pack_metadata({"sessions": len(self.executor.sessions)}),
+        )
+
+    async def Forward(self, request: pb.ForwardRequest, context) -> pb.ForwardReply:
+        try:
+            dtype = codec.wire_dtype(request.wire_dtype or request.hidden.dtype)
+            out = await self.executor.forward(
+                request.start,
+                request.end,
+                codec.decode_tensor(request.hidden, "hidden"),
+                codec.optional_tensor(request, "position_ids"),
+                codec.optional_tensor(request, "attention_mask"),
+                dtype,
+                self.executor.max_length,
+            )
+            return pb.ForwardReply(hidden=codec.encode_tensor(out))
+        except Exception as error:
+            await _abort(context, error)
+
+    async def Inference(self, requests: AsyncIterator[pb.SessionRequest], context) -> AsyncIterator[pb.SessionReply]:
+        session = None
+        try:
+            async for request in requests:
+                kind = request.WhichOneof("kind")
+                if kind == "open":
+                    if session is not None:
+                        raise InvalidRequest("this stream already has an open session")
+                    opened = request.open
+                    codec.unpack_metadata(opened.metadata)
+                    session = self.executor.open(
+                        opened.session_id,
+                        opened.start,
+                        opened.end,
+                        opened.batch_size or 1,
+                        opened.max_length,
+                        codec.wire_dtype(opened.wire_dtype or "float32"),
+                    )
+                    yield pb.SessionReply(opened=pb.Opened(session_id=session.session_id, max_length=session.max_length))
+                elif kind == "step":
+                    if session is None:
+                        raise FailedPrecondition("send `open` before the first step")
+                    step = request.step
+                    out = await self.executor.step(
+                        session,
+                        codec.decode_tensor(step.hidden, "hidden"),
+                        codec.optional_tensor(step, "position_ids"),
+                        codec.optional_tensor(step, "attention_mask"),
+                        step.position,
+                    )
+                    yield pb.SessionReply(
+                        result=pb.StepResult(hidden=codec.encode_tensor(out), step_id=step.step_id, position=session.position)
+                    )
+                elif kind == "close":
+                    break
+                else:
+                    raise InvalidRequest("empty SessionRequest: set one of open, step, close")
+        except Exception as error:
+            await _abort(context, error)
+        finally:
+            if session is not None:
+                self.executor.close(session.session_id)

@@ -1,0 +1,168 @@
+"""Validates steps and runs them on the span, one at a time, off the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from node.model.span import SpanModel
+from node.runtime.errors import InvalidRequest, OutOfRange
+from node.runtime.sessions import Session, SessionTable
+
+log = logging.getLogger(__name__)
+
+
+class Executor:
+    """Owns the span, the open sessions and the compute thread."""
+
+    def __init__(self, span: SpanModel, cache_tokens: int, max_length: int, max_batch: int = 64):
+        self.span = span
+        self.sessions = SessionTable(cache_tokens)
+        self.max_length = max_length
+        self.max_batch = max_batch
+        self.hidden_size = span.config.hidden_size
+        # One compute thread: torch uses its own intra-op threads; steps never run concurrently.
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="potluck-compute")
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    # -- validation -------------------------------------------------------------------------
+    def check_subspan(self, start: int, end: int) -> None:
+        if not self.span.start <= start < end <= self.span.end:
+            raise InvalidRequest(
+                f"layers {start}:{end} are not served here; this node serves {self.span.start}:{self.span.end}"
+            )
+
+    def _check_hidden(self, hidden: torch.Tensor, batch_size: int | None, wire_dtype: torch.dtype) -> None:
+        if hidden.dim() != 3:
+            raise InvalidRequest(f"hidden states must be [batch, tokens, {self.hidden_size}], got shape {list(hidden.shape)}")
+        if hidden.shape[2] != self.hidden_size:
+            raise InvalidRequest(f"hidden size {hidden.shape[2]} does not match the model's {self.hidden_size}")
+        if batch_size is not None and hidden.shape[0] != batch_size:
+            raise InvalidRequest(f"batch of {hidden.shape[0]} does not match the session's batch_size {batch_size}")
+        if hidden.shape[0] < 1 or hidden.shape[1] < 1:
+            raise InvalidRequest(f"hidden states are empty: shape {list(hidden.shape)}")
+        if hidden.dtype != wire_dtype:
+            raise InvalidRequest(f"hidden states are {hidden.dtype} but the wire dtype is {wire_dtype}")
+
+    @staticmethod
+    def _check_aux(name: str, tensor: torch.Tensor | None, shape: tuple[int, int]) -> None:
+        if tensor is None:
+            return
+        if tuple(tensor.shape) != shape:
+            raise InvalidRequest(f"{name} must have shape {list(shape)}, got {list(tensor.shape)}")
+        if tensor.dtype.is_floating_point:
+            raise InvalidRequest(f"{name} must be an integer tensor, got {tensor.dtype}")
+
+    # -- sessions ---------------------------------------------------------------------------
+    def open(self, session_id: str, start: int, end: int, batch_size: int, max_length: int, wire_dtype: torch.dtype) -> Session:
+        if not session_id:
+            raise InvalidRequest("session_id is empty")
+        self.check_subspan(start, end)
+        if not 1 <= batch_size <= self.max_batch:
+            raise InvalidRequest(f"batch_size {batch_size} is not within 1..{self.max_batch}")
+        if not 1 <= max_length <= self.max_length:
+            raise OutOfRange(f"max_length {max_length} is not within 1..{self.max_length} (this node's limit)")
+        session = Session(session_id, start, end, batch_size, max_length, wire_dtype, self.span.new_cache())
+        self.sessions.add(session)
+        return session
+
+    def close(self, session_id: str) -> None:
+        self.sessions.pop(session_id)
+
+    async def step(
+        self,
+        session: Session,
+        hidden: torch.Tensor,
+        position_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        position: int,
+    ) -> torch.Tensor:
+        self._check_hidden(hidden, session.batch_size, session.wire_dtype)
+        tokens = hidden.shape[1]
+        if position != session.position:
+            raise InvalidRequest(f"step says the cache holds {position} tokens but it holds {session.position}")
+        if position + tokens > session.max_length:
+            raise OutOfRange(
+                f"step would reach position {position + tokens}, past the session's max_length {session.max_length}"
+            )
+        self._check_aux("position_ids", position_ids, (session.batch_size, tokens))
+        self._check_aux("attention_mask", attention_mask, (session.batch_size, tokens))
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._pool, self._run_step, session, hidden, position_ids, attention_mask)
+        except Exception:
+            self.sessions.pop(session.session_id)  # its cache may be half-updated: never reuse it
+            raise
+
+    def _run_step(self, session: Session, hidden, position_ids, attention_mask) -> torch.Tensor:
+        tokens = hidden.shape[1]
+        device = self.span.device
+        if position_ids is None:
+            position_ids = torch.arange(session.position, session.position + tokens).expand(session.batch_size, tokens)
+        if attention_mask is not None or session.mask is not None:
+            new = (
+                torch.ones(session.batch_size, tokens, dtype=torch.long)
+                if attention_mask is None
+                else attention_mask.to(torch.long)
+            )
+            past = (
+                session.mask
+                if session.mask is not None
+                else torch.ones(session.batch_size, session.position, dtype=torch.long)
+            )
+            full = torch.cat([past, new], dim=1)
+            session.mask = None if bool(full.all()) else full
+        with torch.inference_mode():
+            out = self.span(
+                hidden.to(device=device, dtype=self.span.dtype),
+                position_ids.to(device=device, dtype=torch.long),
+                session.mask.to(device) if session.mask is not None else None,
+                session.cache,
+                start=session.start,
+                end=session.end,
+            )
+        session.position += tokens
+        return out.to(device="cpu", dtype=session.wire_dtype)
+
+    async def forward(
+        self,
+        start: int,
+        end: int,
+        hidden: torch.Tensor,
+        position_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        wire_dtype: torch.dtype,
+        max_tokens: int,
+    ) -> torch.Tensor:
+        """A stateless pass over `[start, end)` with no cache kept."""
+        self.check_subspan(start, end)
+        self._check_hidden(hidden, None, wire_dtype)
+        batch, tokens = hidden.shape[:2]
+        if batch > self.max_batch:
+            raise InvalidRequest(f"batch {batch} exceeds this node's limit of {self.max_batch}")
+        if tokens > min(self.max_length, max_tokens):
+            raise OutOfRange(f"{tokens} tokens exceed this node's max_length {min(self.max_length, max_tokens)}")
+        self._check_aux("position_ids", position_ids, (batch, tokens))
+        self._check_aux("attention_mask", attention_mask, (batch, tokens))
+
+        def run() -> torch.Tensor:
+            pos = position_ids if position_ids is not None else torch.arange(tokens).expand(batch, tokens)
+            mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.to(torch.long)
+            device = self.span.device
+            with torch.inference_mode():
+                out = self.span(
+                    hidden.to(device=device, dtype=self.span.dtype),
+                    pos.to(device=device, dtype=torch.long),
+                    mask.to(device) if mask is not None else None,
+                    None,
+                    start=start,
+                    end=end,
+                )
+            return out.to(device="cpu", dtype=wire_dtype)
+
+        return await asyncio.get_running_loop().run_in_executor(self._pool, run)

@@ -1,0 +1,69 @@
+"""Per-session state on a node (KV cache, padding mask, position) and the cache budget."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from node.runtime.errors import AlreadyExists, Exhausted, NotFound
+
+
+@dataclass
+class Session:
+    session_id: str
+    start: int
+    end: int
+    batch_size: int
+    max_length: int
+    wire_dtype: torch.dtype
+    cache: DynamicCache
+    position: int = 0  # tokens held per sequence
+    mask: torch.Tensor | None = None  # [batch, position] 2D mask, None while there is no padding
+    last_used: float = field(default_factory=time.monotonic)
+
+    @property
+    def reserved_tokens(self) -> int:
+        return self.batch_size * self.max_length
+
+
+class SessionTable:
+    """Open sessions and the cache tokens they reserve, within a fixed budget."""
+
+    def __init__(self, budget_tokens: int):
+        self.budget_tokens = budget_tokens
+        self._sessions: dict[str, Session] = {}
+
+    @property
+    def reserved_tokens(self) -> int:
+        return sum(s.reserved_tokens for s in self._sessions.values())
+
+    @property
+    def free_tokens(self) -> int:
+        return self.budget_tokens - self.reserved_tokens
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def add(self, session: Session) -> None:
+        if session.session_id in self._sessions:
+            raise AlreadyExists(f"session {session.session_id!r} is already open on this node")
+        if session.reserved_tokens > self.free_tokens:
+            raise Exhausted(
+                f"session needs {session.reserved_tokens} cache tokens (batch {session.batch_size} x max_length "
+                f"{session.max_length}) but only {self.free_tokens} of {self.budget_tokens} are free"
+            )
+        self._sessions[session.session_id] = session
+
+    def get(self, session_id: str) -> Session:
+        try:
+            session = self._sessions[session_id]
+        except KeyError:
+            raise NotFound(f"unknown session {session_id!r}") from None
+        session.last_used = time.monotonic()
+        return session
+
+    def pop(self, session_id: str) -> Session | None:
+        return self._sessions.pop(session_id, None)

@@ -1,0 +1,86 @@
+"""Session-scoped fixtures: model folders, in-process nodes and real node processes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+from transformers.utils import logging as hf_logging
+
+from node.launcher import start_chain
+from node.model.embedded import prepare_embedded_model
+from tests.families import tiny_config
+from tests.swarm_fixtures import BackgroundLoop
+
+hf_logging.disable_progress_bar()
+hf_logging.set_verbosity_error()
+
+TINY_SPANS = [(0, 2), (2, 4), (4, 6)]
+
+
+@pytest.fixture(scope="session")
+def bg_loop():
+    loop = BackgroundLoop()
+    yield loop
+    loop.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """family -> folder with a tiny random model of that family (built once per session)."""
+    made: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in made:
+            torch.manual_seed(0)
+            folder = tmp_path_factory.mktemp(f"tiny-{family}")
+            AutoModelForCausalLM.from_config(tiny_config(family), dtype=torch.float32).save_pretrained(folder)
+            made[family] = folder
+        return made[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_swarm(bg_loop, tiny_model_dir):
+    """family -> three in-process nodes serving 0:2, 2:4, 4:6 of the tiny model."""
+    swarms: dict[str, list] = {}
+
+    def get(family: str):
+        if family not in swarms:
+            folder = tiny_model_dir(family)
+            swarms[family] = [bg_loop.start_node(folder, a, b) for a, b in TINY_SPANS]
+        return swarms[family]
+
+    yield get
+    for nodes in swarms.values():
+        for node in nodes:
+            leaked = node.executor.sessions.reserved_tokens
+            bg_loop.stop_node(node)
+            assert leaked == 0, f"node {node.address} still reserves {leaked} cache tokens after the tests"
+
+
+@pytest.fixture(scope="session")
+def smollm_dir(tmp_path_factory) -> Path:
+    """The real SmolLM2-135M-Instruct as a safetensors folder (the Makefile's copy if there is one)."""
+    configured = os.environ.get("POTLUCK_TEST_MODEL")
+    if configured:
+        return prepare_embedded_model(Path(configured))
+    return prepare_embedded_model(tmp_path_factory.mktemp("smollm") / "SmolLM2-135M-Instruct")
+
+
+@pytest.fixture(scope="session")
+def smollm_reference(smollm_dir):
+    return AutoModelForCausalLM.from_pretrained(smollm_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def smollm_chain(smollm_dir):
+    """Three real `python -m node join` processes serving 0:10, 10:20, 20:30."""
+    nodes = start_chain(smollm_dir, 30, 3, threads=2)
+    yield nodes
+    codes = [node.stop() for node in nodes]
+    assert codes == [0, 0, 0], "nodes did not exit cleanly on SIGTERM:\n" + "\n".join(n.log() for n in nodes)

@@ -1,0 +1,32 @@
+"""In-process nodes on a background event loop (real grpc.aio servers on 127.0.0.1, port 0).
+
+The loop runs on its own thread so that synchronous client code (generate) can call the
+nodes from the test's thread."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+from node.config import NodeConfig
+from node.server import RunningNode, start_node
+
+
+class BackgroundLoop:
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="test-nodes")
+        self.thread.start()
+
+    def run(self, coro, timeout: float = 120):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def start_node(self, model, start: int, end: int, **kwargs) -> RunningNode:
+        return self.run(start_node(NodeConfig(model=str(model), start=start, end=end, **kwargs)))
+
+    def stop_node(self, node: RunningNode) -> None:
+        self.run(node.stop(0.5))
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
