@@ -1,7 +1,12 @@
-"""Pure routing: which peers, over which layers, in what order. No I/O here."""
+"""Pure routing: which peers, over which layers, in what order. No I/O here.
+
+The route is the cheapest chain covering the layers, where a hop costs its measured
+round-trip time plus its compute time (layers x per-layer time from the node's published
+throughput), inflated for loaded nodes."""
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 
@@ -30,6 +35,24 @@ class PeerInfo:
     device: str = ""
     max_length: int = 0
     free_cache_tokens: int = 0
+    node_id: str = ""
+    throughput: float = 0.0  # decode tokens/s through the node's whole span (0 = unknown)
+    load: float = 0.0        # open sessions
+
+    @property
+    def layer_seconds(self) -> float | None:
+        """Seconds per token per layer, from the published throughput."""
+        if self.throughput <= 0:
+            return None
+        return 1.0 / (self.throughput * (self.end - self.start))
+
+
+@dataclass(frozen=True)
+class RouteCosts:
+    default_rtt: float = 0.002          # seconds, for peers whose RTT was not measured
+    default_layer_seconds: float = 0.002  # per layer per token, for peers of unknown throughput
+    load_penalty: float = 0.25          # compute cost grows by this fraction per open session
+    jitter: float = 0.05                # random spread (fraction) so clients share equal replicas
 
 
 @dataclass(frozen=True)
@@ -57,19 +80,50 @@ def missing_spans(peers: list[PeerInfo], num_layers: int) -> list[tuple[int, int
     return gaps
 
 
-def plan_route(peers: list[PeerInfo], num_layers: int, start: int = 0, end: int | None = None) -> list[Hop]:
-    """Fewest hops covering `[start, end)`: from the current layer, take the peer that reaches furthest.
+def hop_cost(peer: PeerInfo, start: int, end: int, rtt: float | None, costs: RouteCosts) -> float:
+    layer_seconds = peer.layer_seconds or costs.default_layer_seconds
+    compute = (end - start) * layer_seconds * (1.0 + costs.load_penalty * max(peer.load, 0.0))
+    return (costs.default_rtt if rtt is None else rtt) + compute
 
-    Spans may overlap; each hop starts where the previous one ended. Ties keep the given order."""
+
+def plan_route(
+    peers: list[PeerInfo],
+    num_layers: int,
+    start: int = 0,
+    end: int | None = None,
+    rtts: dict[str, float] | None = None,
+    costs: RouteCosts = RouteCosts(),
+    rng: random.Random | None = None,
+) -> list[Hop]:
+    """The cheapest chain of hops covering `[start, end)` exactly.
+
+    Hops change peers only at span boundaries (with per-layer costs constant within a peer,
+    an optimal switch point is always one). Equal costs prefer fewer hops, then longer first
+    hops. `rng` adds a little noise to each peer's cost, so clients spread over replicas."""
     end = num_layers if end is None else end
     gaps = [(a, b) for a, b in missing_spans(peers, num_layers) if a < end and b > start]
     if gaps:
         raise MissingLayersError([(max(a, start), min(b, end)) for a, b in gaps], num_layers)
+    rtts = rtts or {}
+    noise = {p.address: 1.0 + (rng.random() * costs.jitter if rng else 0.0) for p in peers}
+    cuts = sorted({start, end} | {b for p in peers for b in (p.start, p.end) if start < b < end})
+    # best[x] = (cost, hops, -first hop end, hop) of the cheapest chain from cut x to `end`
+    best: dict[int, tuple[float, int, int, Hop | None]] = {end: (0.0, 0, 0, None)}
+    for a in reversed(cuts[:-1]):
+        options = []
+        for peer in peers:
+            if not peer.start <= a < peer.end:
+                continue
+            for b in cuts:
+                if a < b <= min(peer.end, end) and b in best:
+                    rest = best[b]
+                    cost = hop_cost(peer, a, b, rtts.get(peer.address), costs) * noise[peer.address] + rest[0]
+                    options.append((round(cost, 12), rest[1] + 1, -b, Hop(peer, a, b)))
+        if options:
+            best[a] = min(options, key=lambda option: option[:3])
     hops, layer = [], start
     while layer < end:
-        candidates = [p for p in peers if p.start <= layer < p.end]
-        best = max(candidates, key=lambda p: p.end)  # never empty: there are no gaps
-        hop_end = min(best.end, end)
-        hops.append(Hop(best, layer, hop_end))
-        layer = hop_end
+        hop = best[layer][3]
+        hops.append(hop)
+        layer = hop.end
     return hops

@@ -32,7 +32,9 @@ class NodeProcess:
             *(["--threads", str(threads)] if threads else []), *extra_args,
         ]
         self.start_layer, self.end_layer = start, end
-        self.env = {**os.environ, **(env or {})}
+        # Idle nodes must not spin: with OpenMP's busy-wait, a node that just finished its hop keeps
+        # its cores hot while the next node in the chain computes (several x slower on a small machine).
+        self.env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, **(env or {})}
         self.process: subprocess.Popen | None = None
         self.address: str | None = None
         self.output: deque[str] = deque(maxlen=200)  # last lines, for error messages
