@@ -9,7 +9,11 @@ from node.rpc.codec import FLOAT_WIRE_DTYPES
 
 @dataclass(frozen=True)
 class ClientConfig:
-    peers: tuple[str, ...] = ()        # "host:port" of nodes to route through
+    peers: tuple[str, ...] = ()        # "host:port" of nodes to route through; empty = discover the swarm
+    bootstrap: tuple[str, ...] = ()    # "host:port" of known nodes to discover the swarm through
+    mdns: bool = True                  # discover nodes on the LAN with zeroconf (when no peers are given)
+    mdns_interface: str | None = None  # interface address for mDNS (None = all)
+    discovery_timeout: float = 10.0    # seconds to wait for nodes covering every layer
     device: str = "cpu"                # where embeddings, norm and head run
     dtype: str = "float32"             # dtype of the client's local parts
     wire_dtype: str = "float32"        # dtype of hidden states on the wire (float32 | bfloat16 | float16)
@@ -20,6 +24,8 @@ class ClientConfig:
     def __post_init__(self) -> None:
         if self.wire_dtype not in FLOAT_WIRE_DTYPES:
             raise ValueError(f"wire_dtype {self.wire_dtype!r} is not one of {', '.join(FLOAT_WIRE_DTYPES)}")
-        for name in ("connect_timeout", "step_timeout", "session_timeout"):
+        if not self.peers and not self.bootstrap and not self.mdns:
+            raise ValueError("nothing to find nodes with: give peers, bootstrap nodes, or leave mDNS on")
+        for name in ("connect_timeout", "step_timeout", "session_timeout", "discovery_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")

@@ -37,7 +37,7 @@ class RemoteCache:
 
 
 class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
-    """`from_pretrained(path_or_id, peers=[...])`, then `generate(...)` or `model(input_ids)`."""
+    """`from_pretrained(path_or_id, peers=[...])` (or no peers: discovery), then `generate(...)` or `model(...)`."""
 
     config_class = PretrainedConfig
     base_model_prefix = "model"
@@ -60,13 +60,23 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         model: str,
         peers: list[str] | tuple[str, ...] = (),
         *,
+        bootstrap: list[str] | tuple[str, ...] = (),
+        mdns: bool = True,
+        mdns_interface: str | None = None,
         revision: str | None = None,
         device: str = "cpu",
         dtype: str = "float32",
         wire_dtype: str = "float32",
         config: ClientConfig | None = None,
     ) -> "DistributedModelForCausalLM":
-        config = config or ClientConfig(peers=tuple(peers), device=device, dtype=dtype, wire_dtype=wire_dtype)
+        """Load the client's parts of `model` and find the nodes serving the rest.
+
+        With `peers`, route through exactly those nodes; without, discover the swarm through the
+        `bootstrap` nodes and/or mDNS (on `mdns_interface`)."""
+        config = config or ClientConfig(
+            peers=tuple(peers), bootstrap=tuple(bootstrap), mdns=mdns, mdns_interface=mdns_interface, device=device,
+            dtype=dtype, wire_dtype=wire_dtype,
+        )
         files = ModelFiles.open(model, revision=revision)
         parts = load_client_parts(files, resolve_device(config.device), parse_dtype(config.dtype))
         swarm = SwarmClient(config, parts.config.num_hidden_layers, parts.config.hidden_size, config_hash(parts.config))
@@ -121,6 +131,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         tokens = inputs_embeds.shape[1]
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None  # no padding: nothing to send (the nodes assume all ones)
         if cache is not None:
             new_mask = attention_mask[:, -tokens:] if attention_mask is not None else None
             hidden = cache.session.step(inputs_embeds, position_ids, new_mask)

@@ -63,11 +63,12 @@ class HopStream:
 
     async def _exchange(self, request: pb.SessionRequest, expect: str, timeout: float):
         try:
-            await asyncio.wait_for(self._call.write(request), timeout)
-            reply = await asyncio.wait_for(self._call.read(), timeout)
+            async with asyncio.timeout(timeout):  # one timer per exchange, no extra tasks
+                await self._call.write(request)
+                reply = await self._call.read()
         except grpc.aio.AioRpcError as error:
             raise PeerError.from_rpc(self.peer.address, error) from None
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self._call.cancel()
             raise PeerError(self.peer.address, f"no reply within {timeout:.0f}s", grpc.StatusCode.DEADLINE_EXCEEDED) from None
         if reply is grpc.aio.EOF:
@@ -105,10 +106,11 @@ class InferenceSession:
         self.hops: list[HopStream] = []
 
     async def _open(self, batch_size: int) -> None:
-        for hop in self.route:
-            stream = HopStream(self.peers[hop.peer.address], hop, self.session_id, self.max_length, batch_size, self.wire_dtype)
-            self.hops.append(stream)
-            await stream.open(self.session_timeout, self.step_timeout)
+        self.hops = [
+            HopStream(self.peers[hop.peer.address], hop, self.session_id, self.max_length, batch_size, self.wire_dtype)
+            for hop in self.route
+        ]
+        await asyncio.gather(*(stream.open(self.session_timeout, self.step_timeout) for stream in self.hops))
         log.debug("session %s open over %s", self.session_id, " -> ".join(f"{h.peer.address}[{h.start}:{h.end})" for h in self.route))
 
     async def step(

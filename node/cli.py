@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     join = commands.add_parser("join", help="serve a span of a model's layers")
     join.add_argument("--model", required=True, help="model folder or hub id (org/name)")
-    join.add_argument("--blocks", required=True, help="layers to serve, START:END (half-open), e.g. 0:10")
+    join.add_argument("--blocks", default=None,
+                      help="layers to serve, START:END (half-open), e.g. 0:10; default: placement chooses")
     join.add_argument("--host", default="127.0.0.1", help="address to bind and advertise (default 127.0.0.1)")
     join.add_argument("--port", type=int, default=0, help="port to bind; 0 picks a free one (default)")
     join.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N|mps (default auto)")
@@ -45,12 +46,24 @@ def build_parser() -> argparse.ArgumentParser:
     join.add_argument("--cache-tokens", type=_positive, default=65536, help="KV cache budget in tokens (default 65536)")
     join.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     join.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
-    join.add_argument("--node-id", default="", help="a name for this node (default host:port)")
+    join.add_argument("--name", default="", help="a name shown by `potluck status` (default host:port)")
+    join.add_argument("--announce", default=None, help="HOST:PORT others should dial (default: the bound address)")
+    join.add_argument("--identity", default=None,
+                      help="ed25519 key file, created on first run (default: a free slot in ~/.local/share/potluck)")
+    join.add_argument("--num-blocks", type=_positive, default=None, help="with no --blocks: how many layers to serve")
+    join.add_argument("--memory", default=None, help="with no --blocks: memory budget, e.g. 4GB (default: half the free memory)")
+    join.add_argument("--throughput", type=float, default=None, help="decode tokens/s to publish instead of measuring")
+    join.add_argument("--heartbeat", type=float, default=5.0, help="seconds between re-announcements (default 5)")
+    join.add_argument("--ttl", type=float, default=15.0, help="seconds a silent node stays listed (default 15)")
+    join.add_argument("--no-rebalance", action="store_true", help="never move to other layers on its own")
+    join.add_argument("--rebalance-period", type=float, default=30.0, help="mean seconds between re-balancing checks")
+    _add_swarm_args(join)
     _add_logging(join)
 
     generate = commands.add_parser("generate", help="generate text through a chain of nodes")
     generate.add_argument("--model", required=True, help="model folder or hub id (the one the nodes serve)")
-    generate.add_argument("--peers", required=True, help="comma-separated HOST:PORT of nodes")
+    generate.add_argument("--peers", default=None, help="comma-separated HOST:PORT of nodes (default: discover them)")
+    _add_swarm_args(generate)
     _add_generation_args(generate)
     generate.add_argument("--json", action="store_true", help='print {"text": ..., "token_ids": [...]} at the end')
     _add_logging(generate)
@@ -62,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_args(demo, default_prompt="What is the capital of France?", chat_default=True)
     _add_logging(demo)
 
+    status = commands.add_parser("status", help="show the swarm: nodes, spans, coverage, warnings")
+    _add_swarm_args(status)
+    status.add_argument("--wait", type=float, default=2.0, help="seconds to listen for nodes (default 2)")
+    status.add_argument("--json", action="store_true", help="print the swarm as JSON")
+    _add_logging(status)
+
     prepare = commands.add_parser("prepare-model", help="write the embedded SmolLM2 model as a safetensors folder")
     prepare.add_argument("--out", default=None, help="folder to write (default ~/.cache/potluck/models/...)")
     _add_logging(prepare)
@@ -70,6 +89,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_parser(commands)
     return parser
+
+
+def _add_swarm_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bootstrap", action="append", default=[],
+                        help="HOST:PORT of a known node, or a file with one per line (repeatable)")
+    parser.add_argument("--no-mdns", action="store_true", help="turn LAN discovery (zeroconf) off")
+    parser.add_argument("--mdns-interface", default=None, help="address of the interface for mDNS")
+
+
+def bootstrap_list(values: list[str]) -> tuple[str, ...]:
+    """--bootstrap values: addresses, or files holding one address per line (# comments allowed)."""
+    from pathlib import Path
+
+    out: list[str] = []
+    for value in values:
+        path = Path(value)
+        if path.is_file():
+            lines = [line.split("#", 1)[0].strip() for line in path.read_text().splitlines()]
+            out.extend(line for line in lines if line)
+        elif ":" in value:
+            out.extend(v.strip() for v in value.split(",") if v.strip())
+        else:
+            raise ConfigError(f"--bootstrap {value!r}: neither HOST:PORT nor a readable file")
+    return tuple(dict.fromkeys(out))
 
 
 def _add_generation_args(parser: argparse.ArgumentParser, default_prompt: str | None = None, chat_default: bool = False) -> None:
@@ -87,11 +130,17 @@ def _add_generation_args(parser: argparse.ArgumentParser, default_prompt: str | 
 def _join(args: argparse.Namespace) -> None:
     from node.server import run_node
 
-    start, end = parse_blocks(args.blocks)
+    from node.config import parse_size
+
+    start, end = parse_blocks(args.blocks) if args.blocks else (None, None)
     config = NodeConfig(
         model=args.model, start=start, end=end, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
         max_length=args.max_length, cache_tokens=args.cache_tokens, threads=args.threads, revision=args.revision,
-        node_id=args.node_id,
+        name=args.name, announce=args.announce, identity=args.identity, bootstrap=bootstrap_list(args.bootstrap),
+        mdns=not args.no_mdns, mdns_interface=args.mdns_interface, num_blocks=args.num_blocks,
+        memory_bytes=parse_size(args.memory) if args.memory else None, throughput=args.throughput,
+        heartbeat=args.heartbeat, ttl=args.ttl, rebalance=not args.no_rebalance,
+        rebalance_period=args.rebalance_period,
     )
     asyncio.run(run_node(config))
 
@@ -100,8 +149,10 @@ def _generate(args: argparse.Namespace) -> None:
     from client.model import DistributedModelForCausalLM
     from client.textgen import generate_text, load_tokenizer
 
-    peers = [p.strip() for p in args.peers.split(",") if p.strip()]
-    model = DistributedModelForCausalLM.from_pretrained(args.model, peers=peers, wire_dtype=args.wire_dtype)
+    peers = [p.strip() for p in (args.peers or "").split(",") if p.strip()]
+    model = DistributedModelForCausalLM.from_pretrained(
+        args.model, peers=peers, bootstrap=bootstrap_list(args.bootstrap), mdns=not args.no_mdns,
+        mdns_interface=args.mdns_interface, wire_dtype=args.wire_dtype)
     try:
         tokenizer = load_tokenizer(args.model)
         result = generate_text(
@@ -115,6 +166,25 @@ def _generate(args: argparse.Namespace) -> None:
         print(json.dumps(result.as_json()))
     else:
         print(f"\n[{len(result.token_ids)} tokens, {result.decode_tokens_per_s:.1f} tokens/s decode]", file=sys.stderr)
+
+
+def _status(args: argparse.Namespace) -> None:
+    from rich.console import Console
+
+    from client.status import as_json, collect, group_by_model, render
+    from node.swarm.membership import SwarmConfig
+
+    bootstrap = bootstrap_list(args.bootstrap)
+    if args.no_mdns and not bootstrap:
+        raise ConfigError("--no-mdns needs at least one --bootstrap address")
+    config = SwarmConfig(bootstrap=bootstrap, mdns=not args.no_mdns, mdns_interface=args.mdns_interface)
+    views = group_by_model(asyncio.run(collect(config, args.wait)))
+    if args.json:
+        print(json.dumps(as_json(views), indent=1))
+    else:
+        render(views, Console())
+    if not views or any(view.missing() for view in views):
+        raise SystemExit(1)
 
 
 def _prepare(args: argparse.Namespace) -> None:
@@ -140,19 +210,21 @@ def main(argv: list[str] | None = None) -> int:
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
-    handlers = {"join": _join, "generate": _generate, "demo": _demo, "prepare-model": _prepare}
+    handlers = {"join": _join, "generate": _generate, "demo": _demo, "prepare-model": _prepare, "status": _status}
     from node.bench import run_bench
 
     handlers["bench"] = run_bench
     from client.routing import MissingLayersError
     from client.transport import PeerError
     from node.launcher import NodeStartError
+    from node.swarm.identity import IdentityError
 
     try:
         handlers[args.command](args)
     except KeyboardInterrupt:
         return 130
-    except (ConfigError, ModelLoadError, PeerError, MissingLayersError, NodeStartError, NotImplementedError, ValueError) as error:
+    except (ConfigError, ModelLoadError, PeerError, MissingLayersError, NodeStartError, NotImplementedError, ValueError,
+            IdentityError, MemoryError, OSError) as error:
         print(f"potluck {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 
@@ -21,13 +22,26 @@ def parse_blocks(text: str) -> tuple[int, int]:
     return start, end
 
 
+_UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9,
+          "T": 10**12, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'4GB' -> 4_000_000_000; '512MiB' -> 536870912."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
+    if not match or match.group(2).upper() not in _UNITS:
+        raise ConfigError(f"--memory {text!r}: expected a size like 4GB, 512MiB or 2000000000")
+    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+
+
 @dataclass(frozen=True)
 class NodeConfig:
     model: str                      # local model folder or hub id ("org/name")
-    start: int                      # first layer served (global index)
-    end: int                        # one past the last layer served
-    host: str = "127.0.0.1"         # address to bind and to advertise
+    start: int | None = None        # first layer served (global index); None = chosen by placement
+    end: int | None = None          # one past the last layer served
+    host: str = "127.0.0.1"         # address to bind
     port: int = 0                   # 0 = any free port; the bound port is printed when ready
+    announce: str | None = None     # HOST:PORT others should dial (default: the bound address)
     device: str = "auto"            # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"             # auto | float32 | bfloat16 | float16 (auto: fp32 on CPU, bf16 on GPUs)
     max_length: int = 8192          # longest session (tokens per sequence) this node accepts
@@ -35,11 +49,26 @@ class NodeConfig:
     max_batch: int = 64             # largest batch in one session or forward
     threads: int = 0                # torch intra-op threads on CPU; 0 = torch's default
     revision: str | None = None     # hub revision (branch, tag or commit)
-    node_id: str = ""               # a name for logs and Info; empty = host:port
+    name: str = ""                  # a human-friendly name shown by `potluck status`
     grace_seconds: float = 5.0      # how long SIGTERM waits for steps in flight
+    # -- swarm ------------------------------------------------------------------------------------
+    identity: str | None = None     # ed25519 key file (created on first run); None = a default slot
+    bootstrap: tuple[str, ...] = ()  # HOST:PORT of known nodes to join through
+    mdns: bool = True               # announce and discover on the LAN with zeroconf
+    mdns_interface: str | None = None  # interface address for mDNS (default: the bound host if specific)
+    num_blocks: int | None = None   # with no --blocks: how many layers to serve (default: what memory allows)
+    memory_bytes: int | None = None  # with no --blocks: memory budget for weights + cache (default: free memory)
+    throughput: float | None = None  # decode tokens/s to publish instead of measuring
+    heartbeat: float = 5.0          # seconds between re-announcements
+    ttl: float = 15.0               # record lifetime; a silent node disappears after it
+    discovery_wait: float = 1.5     # seconds to listen for the swarm before choosing a span
+    rebalance: bool = True          # move to a better span when coverage becomes uneven (auto-placed nodes)
+    rebalance_period: float = 30.0  # mean seconds between rebalancing checks (jittered)
 
     def __post_init__(self) -> None:
-        if not 0 <= self.start < self.end:
+        if (self.start is None) != (self.end is None):
+            raise ConfigError("give both ends of the span, or neither")
+        if self.start is not None and not 0 <= self.start < self.end:
             raise ConfigError(f"span {self.start}:{self.end}: need 0 <= start < end")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port {self.port} is not within 0..65535")
@@ -47,3 +76,11 @@ class NodeConfig:
             raise ConfigError("max_length, cache_tokens and max_batch must be positive")
         if self.threads < 0:
             raise ConfigError("threads must be >= 0")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ConfigError("--num-blocks must be at least 1")
+        if not 0 < self.heartbeat < self.ttl:
+            raise ConfigError("need 0 < --heartbeat < --ttl")
+
+    @property
+    def auto_placed(self) -> bool:
+        return self.start is None

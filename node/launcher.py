@@ -14,7 +14,7 @@ import time
 from collections import deque
 from pathlib import Path
 
-READY = re.compile(r"potluck node serving layers (\d+):(\d+) of .* on (\S+)$")
+READY = re.compile(r"potluck node (?:\S+ )?serving layers (\d+):(\d+) of .* on (\S+)$")
 
 
 class NodeStartError(RuntimeError):
@@ -24,11 +24,12 @@ class NodeStartError(RuntimeError):
 class NodeProcess:
     """One `potluck join` process; `address` is set once it has printed its ready line."""
 
-    def __init__(self, model: str | Path, start: int, end: int, *, host: str = "127.0.0.1", threads: int = 0,
-                 extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None):
+    def __init__(self, model: str | Path, start: int | None = None, end: int | None = None, *, host: str = "127.0.0.1",
+                 threads: int = 0, extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None):
+        """A node serving `start:end`, or, with no span given, the span placement chooses."""
+        blocks = ["--blocks", f"{start}:{end}"] if start is not None else []
         self.args = [
-            sys.executable, "-m", "node", "join",
-            "--model", str(model), "--blocks", f"{start}:{end}", "--host", host, "--port", "0",
+            sys.executable, "-m", "node", "join", "--model", str(model), *blocks, "--host", host, "--port", "0",
             *(["--threads", str(threads)] if threads else []), *extra_args,
         ]
         self.start_layer, self.end_layer = start, end
@@ -55,6 +56,7 @@ class NodeProcess:
             self.output.append(line)
             match = READY.search(line)
             if match and not self._ready.is_set():
+                self.start_layer, self.end_layer = int(match.group(1)), int(match.group(2))
                 self.address = match.group(3)
                 self._ready.set()
         self._ready.set()  # exited: wake any waiter

@@ -1,22 +1,38 @@
-"""Start a node: load the span, serve it over grpc.aio with the standard health service."""
+"""Start a node: bind, join the swarm, choose (or take) a span, load it, serve, re-balance, leave."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from node.config import NodeConfig
-from node.model.loader import ModelFiles, config_hash, dtype_name, load_span, resolve_device, resolve_dtype
+from node.model.loader import (
+    ModelFiles,
+    ModelLoadError,
+    bytes_per_layer,
+    config_hash,
+    dtype_name,
+    free_memory,
+    load_span,
+    resolve_device,
+    resolve_dtype,
+)
 from node.rpc.codec import MAX_MESSAGE_BYTES
 from node.rpc.generated import potluck_pb2_grpc as pb_grpc
-from node.rpc.servicer import NodeIdentity, PotluckServicer
+from node.rpc.servicer import NodeIdentity, PotluckServicer, Serving
 from node.runtime.executor import Executor
+from node.runtime.throughput import Throughput, cached_measure
+from node.swarm.identity import Identity, load_identity
+from node.swarm.membership import Membership, SwarmConfig
+from node.swarm.placement import Server, Span, choose_span, layers_for_memory, plan_move
+from node.swarm.records import NodeState, PeerRecord
 
 log = logging.getLogger(__name__)
 
@@ -27,60 +43,188 @@ GRPC_OPTIONS = [
 ]
 
 
-@dataclass
-class RunningNode:
-    server: grpc.aio.Server
-    executor: Executor
-    health: health.aio.HealthServicer
-    address: str  # host:port actually bound
-
-    async def stop(self, grace: float) -> None:
-        await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
-        self.executor.shutdown()
-
-
-def _format_address(host: str, port: int) -> str:
+def format_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def _mdns_interface(config: NodeConfig) -> str | None:
+    if config.mdns_interface:
+        return config.mdns_interface
+    return None if config.host in ("0.0.0.0", "::", "") else config.host
+
+
+@dataclass
+class RunningNode:
+    config: NodeConfig
+    server: grpc.aio.Server
+    health: health.aio.HealthServicer
+    serving: Serving
+    membership: Membership
+    identity: Identity
+    address: str  # the address others dial
+    files: ModelFiles
+    record: PeerRecord
+    device: torch.device
+    dtype: torch.dtype
+    throughput: Throughput | None = None
+    tasks: list[asyncio.Task] = field(default_factory=list)
+
+    @property
+    def executor(self) -> Executor | None:
+        return self.serving.executor
+
+    @property
+    def span(self) -> Span:
+        return Span(self.record.start, self.record.end)
+
+    async def stop(self, grace: float) -> None:
+        """Leave the swarm (OFFLINE at once), finish steps in flight, release everything; never raises early."""
+        for task in self.tasks:
+            task.cancel()
+        try:
+            await self.membership.leave()
+        except Exception:  # still stop the server
+            log.exception("could not announce OFFLINE")
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        await self.membership.close()
+        if self.serving.executor is not None:
+            self.serving.executor.shutdown()
+        self.identity.release()
+
+
+def _stats(serving: Serving) -> dict:
+    executor = serving.executor
+    if executor is None:
+        return {"load": 0.0, "free_cache_tokens": 0}
+    return {"load": float(len(executor.sessions)), "free_cache_tokens": max(executor.sessions.free_tokens, 0)}
+
+
+def _servers(node: RunningNode) -> list[Server]:
+    return [
+        Server(r.node_id, r.start, r.end, r.throughput)
+        for r in node.membership.live(node.record.config_hash)
+        if r.state in (NodeState.ONLINE, NodeState.JOINING)
+    ]
+
+
+async def _choose_span(config: NodeConfig, membership: Membership, files: ModelFiles, model_config, chash: str,
+                       device: torch.device, dtype: torch.dtype) -> Span:
+    num_layers = model_config.num_hidden_layers
+    if not config.auto_placed:
+        if config.end > num_layers:
+            raise ModelLoadError(f"span {config.start}:{config.end} is not within the model's {num_layers} layers (0:{num_layers})")
+        return Span(config.start, config.end)
+    if config.mdns:
+        await asyncio.sleep(config.discovery_wait)  # let mDNS answers and their record pulls arrive
+        await membership.pull_all()
+    if config.num_blocks is not None:
+        length = min(config.num_blocks, num_layers)
+    else:
+        budget = config.memory_bytes or free_memory(device) // 2
+        length = layers_for_memory(budget, await asyncio.to_thread(bytes_per_layer, model_config, dtype), num_layers)
+        if length < 1:
+            raise MemoryError(f"not even one layer of {files.model_id} fits in {budget / 1e9:.2f} GB")
+    servers = [Server(r.node_id, r.start, r.end, r.throughput) for r in membership.live(chash)
+               if r.state in (NodeState.ONLINE, NodeState.JOINING)]
+    span = choose_span(servers, num_layers, length)
+    log.info("placement chose layers %d:%d (%d known nodes)", span.start, span.end, len(servers))
+    return span
+
+
+async def _load(node: RunningNode, span: Span) -> None:
+    """Load `span` (announced as JOINING meanwhile), measure it, and start serving it (ONLINE)."""
+    config = node.config
+    node.record = replace(node.record, start=span.start, end=span.end, state=NodeState.JOINING)
+    await node.membership.publish(node.record, mdns_address=node.address)
+    model, _ = await asyncio.to_thread(load_span, node.files, span.start, span.end, node.device, node.dtype)
+    if config.throughput is not None:
+        node.throughput = Throughput(decode=config.throughput, prefill=config.throughput * 8)
+    else:
+        key = f"{node.record.config_hash}|{node.device}|{dtype_name(node.dtype)}|{span.start}:{span.end}|{torch.get_num_threads()}"
+        node.throughput = await asyncio.to_thread(cached_measure, model, key)
+    old = node.serving.executor
+    node.serving.executor = Executor(model, cache_tokens=config.cache_tokens, max_length=config.max_length,
+                                     max_batch=config.max_batch)
+    if old is not None:
+        old.shutdown()
+    node.record = replace(node.record, state=NodeState.ONLINE, throughput=node.throughput.decode,
+                          prefill_throughput=node.throughput.prefill, **_stats(node.serving))
+    await node.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    await node.membership.publish(node.record)
+
+
+async def _rebalance_loop(node: RunningNode, rng: random.Random) -> None:
+    period = node.config.rebalance_period
+    num_layers = node.record.num_layers
+    while True:
+        await asyncio.sleep(period * rng.uniform(0.5, 1.5))  # jitter: nodes do not all move at once
+        target = plan_move(_servers(node), node.record.node_id, num_layers)
+        if target is None:
+            continue
+        log.warning("re-balancing: moving from layers %d:%d to %d:%d", node.record.start, node.record.end,
+                    target.start, target.end)
+        await node.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await _load(node, target)
+
+
 async def start_node(config: NodeConfig) -> RunningNode:
-    """Load the span and start serving; returns once the port is bound and the health status is SERVING."""
+    """Bind, join, load, serve. Returns once the node is ONLINE (its span loaded and announced)."""
     if config.threads:
         torch.set_num_threads(config.threads)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     files = ModelFiles.open(config.model, revision=config.revision)
-    span, _ = await asyncio.to_thread(load_span, files, config.start, config.end, device, dtype)
-    executor = Executor(span, cache_tokens=config.cache_tokens, max_length=config.max_length, max_batch=config.max_batch)
-
+    model_config = files.config()
+    chash = config_hash(model_config)
+    identity = load_identity(config.identity)
+    serving = Serving()
     server = grpc.aio.server(options=GRPC_OPTIONS)
-    port = server.add_insecure_port(_format_address(config.host, config.port))
+    port = server.add_insecure_port(format_address(config.host, config.port))
     if port == 0:
-        raise OSError(f"cannot bind {_format_address(config.host, config.port)}")
-    address = _format_address(config.host, port)
-    identity = NodeIdentity(
-        node_id=config.node_id or address,
-        model_id=files.model_id,
-        config_hash=config_hash(span.config),
-        num_layers=span.config.num_hidden_layers,
-        dtype=dtype_name(dtype),
-        device=str(device),
-    )
-    pb_grpc.add_PotluckServicer_to_server(PotluckServicer(executor, identity), server)
+        identity.release()
+        raise OSError(f"cannot bind {format_address(config.host, config.port)}")
+    address = config.announce or format_address(config.host, port)
+    swarm = SwarmConfig(bootstrap=config.bootstrap, mdns=config.mdns, mdns_interface=_mdns_interface(config),
+                        heartbeat=config.heartbeat, ttl=config.ttl)
+    membership = Membership(swarm, identity, stats=lambda: _stats(serving))
+    node_identity = NodeIdentity(node_id=identity.node_id, name=config.name or address, model_id=files.model_id,
+                                 config_hash=chash, num_layers=model_config.num_hidden_layers,
+                                 dtype=dtype_name(dtype), device=str(device))
+    pb_grpc.add_PotluckServicer_to_server(PotluckServicer(serving, node_identity, membership), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     await server.start()
-    for service in ("", SERVICE_NAME):
-        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-    return RunningNode(server=server, executor=executor, health=health_servicer, address=address)
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+    record = PeerRecord(
+        node_id=identity.node_id, addresses=(address,), model_id=files.model_id, config_hash=chash,
+        num_layers=model_config.num_hidden_layers, start=0, end=1, dtype=dtype_name(dtype), device=str(device),
+        max_length=config.max_length, free_cache_tokens=config.cache_tokens, state=NodeState.JOINING,
+        name=config.name or address,
+    )
+    node = RunningNode(config=config, server=server, health=health_servicer, serving=serving, membership=membership,
+                       identity=identity, address=address, files=files, record=record, device=device, dtype=dtype)
+    try:
+        await membership.start()
+        span = await _choose_span(config, membership, files, model_config, chash, device, dtype)
+        await _load(node, span)
+    except BaseException:
+        await node.stop(0)
+        raise
+    if config.auto_placed and config.rebalance:
+        node.tasks.append(asyncio.ensure_future(_rebalance_loop(node, random.Random())))
+    return node
 
 
 async def run_node(config: NodeConfig, announce=print) -> None:
-    """Serve until SIGINT/SIGTERM, then stop gracefully."""
+    """Serve until SIGINT/SIGTERM, then leave the swarm (OFFLINE) and stop gracefully."""
     node = await start_node(config)
-    span = node.executor.span
-    announce(f"potluck node serving layers {span.start}:{span.end} of {config.model} on {node.address}", flush=True)
+    announce(
+        f"potluck node {node.identity.node_id[:8]} serving layers {node.record.start}:{node.record.end} "
+        f"of {config.model} on {node.address}",
+        flush=True,
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

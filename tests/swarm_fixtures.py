@@ -6,7 +6,9 @@ nodes from the test's thread."""
 from __future__ import annotations
 
 import asyncio
+import tempfile
 import threading
+from pathlib import Path
 
 from node.config import NodeConfig
 from node.server import RunningNode, start_node
@@ -14,6 +16,8 @@ from node.server import RunningNode, start_node
 
 class BackgroundLoop:
     def __init__(self) -> None:
+        self.identities = Path(tempfile.mkdtemp(prefix="potluck-ids-"))
+        self.count = 0
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="test-nodes")
         self.thread.start()
@@ -21,7 +25,11 @@ class BackgroundLoop:
     def run(self, coro, timeout: float = 120):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
-    def start_node(self, model, start: int, end: int, **kwargs) -> RunningNode:
+    def start_node(self, model, start: int | None, end: int | None, **kwargs) -> RunningNode:
+        """A node with its own identity file; mDNS off unless asked (tests must not hear each other)."""
+        self.count += 1
+        kwargs.setdefault("identity", str(self.identities / f"node-{self.count}.pem"))
+        kwargs.setdefault("mdns", False)
         return self.run(start_node(NodeConfig(model=str(model), start=start, end=end, **kwargs)))
 
     def stop_node(self, node: RunningNode) -> None:

@@ -283,3 +283,25 @@ def load_client_parts(files: ModelFiles, device: torch.device, dtype: torch.dtyp
         _check_materialised(module, name)
         module.eval().requires_grad_(False)
     return parts
+
+
+def bytes_per_layer(config: PretrainedConfig, dtype: torch.dtype) -> int:
+    """The largest decoder layer's weight bytes in `dtype` (measured on a meta skeleton)."""
+    model = _skeleton(config, dtype)
+    _, layers = _decoder_layers(model, config.num_hidden_layers)
+    return max(sum(p.numel() * p.element_size() for p in layer.parameters()) for layer in layers)
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free on `device` now (CUDA: the driver's figure; CPU: MemAvailable)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 * 2**30  # unknown platform: assume a modest machine

@@ -90,3 +90,15 @@ def unpack_metadata(blob: bytes) -> dict:
     if not isinstance(data, dict):
         raise CodecError("metadata must be a msgpack map")
     return data
+
+
+def encode_records(records) -> list[pb.SignedRecord]:
+    """node.swarm.records.SignedRecord -> messages."""
+    return [pb.SignedRecord(payload=r.payload, public_key=r.public_key, signature=r.signature) for r in records]
+
+
+def decode_records(messages) -> list:
+    """Messages -> node.swarm.records.SignedRecord (verification is the registry's job)."""
+    from node.swarm.records import SignedRecord
+
+    return [SignedRecord(payload=m.payload, public_key=m.public_key, signature=m.signature) for m in messages]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -11,10 +12,17 @@ import grpc
 from node.rpc import codec
 from node.rpc.generated import potluck_pb2 as pb
 from node.rpc.generated import potluck_pb2_grpc as pb_grpc
-from node.runtime.errors import FailedPrecondition, InvalidRequest, RequestError
+from node.runtime.errors import FailedPrecondition, InvalidRequest, RequestError, Unavailable
 from node.runtime.executor import Executor
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Serving:
+    """The executor now serving; None while the node joins or moves to another span."""
+
+    executor: Executor | None = None
 
 
 @dataclass(frozen=True)
@@ -22,6 +30,7 @@ class NodeIdentity:
     """What Info reports besides live numbers."""
 
     node_id: str
+    name: str
     model_id: str
     config_hash: str
     num_layers: int
@@ -41,12 +50,28 @@ async def _abort(context: grpc.aio.ServicerContext, error: Exception) -> None:
 
 
 class PotluckServicer(pb_grpc.PotluckServicer):
-    def __init__(self, executor: Executor, identity: NodeIdentity):
-        self.executor = executor
+    def __init__(self, serving: Serving, identity: NodeIdentity, membership=None):
+        self.serving = serving
         self.identity = identity
+        self.membership = membership
+
+    def _executor(self) -> Executor:
+        executor = self.serving.executor
+        if executor is None:
+            raise Unavailable("this node is joining (loading its layers); try again shortly")
+        return executor
+
+    async def Gossip(self, request: pb.GossipRequest, context) -> pb.GossipReply:
+        if self.membership is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this node does not gossip")
+        return self.membership.handle(request)
 
     async def Info(self, request: pb.InfoRequest, context) -> pb.InfoReply:
-        span = self.executor.span
+        try:
+            executor = self._executor()
+        except Exception as error:
+            await _abort(context, error)
+        span = executor.span
         return pb.InfoReply(
             protocol_version=codec.PROTOCOL_VERSION,
             node_id=self.identity.node_id,
@@ -55,25 +80,26 @@ class PotluckServicer(pb_grpc.PotluckServicer):
             start=span.start,
             end=span.end,
             num_layers=self.identity.num_layers,
-            hidden_size=self.executor.hidden_size,
+            hidden_size=executor.hidden_size,
             dtype=self.identity.dtype,
             device=self.identity.device,
-            free_cache_tokens=max(self.executor.sessions.free_tokens, 0),
-            max_length=self.executor.max_length,
-            metadata=codec.pack_metadata({"sessions": len(self.executor.sessions)}),
+            free_cache_tokens=max(executor.sessions.free_tokens, 0),
+            max_length=executor.max_length,
+            metadata=codec.pack_metadata({"sessions": len(executor.sessions), "name": self.identity.name}),
         )
 
     async def Forward(self, request: pb.ForwardRequest, context) -> pb.ForwardReply:
         try:
+            executor = self._executor()
             dtype = codec.wire_dtype(request.wire_dtype or request.hidden.dtype)
-            out = await self.executor.forward(
+            out = await executor.forward(
                 request.start,
                 request.end,
                 codec.decode_tensor(request.hidden, "hidden"),
                 codec.optional_tensor(request, "position_ids"),
                 codec.optional_tensor(request, "attention_mask"),
                 dtype,
-                self.executor.max_length,
+                executor.max_length,
             )
             return pb.ForwardReply(hidden=codec.encode_tensor(out))
         except Exception as error:
@@ -81,15 +107,19 @@ class PotluckServicer(pb_grpc.PotluckServicer):
 
     async def Inference(self, requests: AsyncIterator[pb.SessionRequest], context) -> AsyncIterator[pb.SessionReply]:
         session = None
+        executor = None
         try:
+            executor = self._executor()
             async for request in requests:
+                if self.serving.executor is not executor:
+                    raise Unavailable("this node moved to other layers; re-route the session")
                 kind = request.WhichOneof("kind")
                 if kind == "open":
                     if session is not None:
                         raise InvalidRequest("this stream already has an open session")
                     opened = request.open
                     codec.unpack_metadata(opened.metadata)
-                    session = self.executor.open(
+                    session = executor.open(
                         opened.session_id,
                         opened.start,
                         opened.end,
@@ -102,15 +132,18 @@ class PotluckServicer(pb_grpc.PotluckServicer):
                     if session is None:
                         raise FailedPrecondition("send `open` before the first step")
                     step = request.step
-                    out = await self.executor.step(
+                    started = time.perf_counter()
+                    out = await executor.step(
                         session,
                         codec.decode_tensor(step.hidden, "hidden"),
                         codec.optional_tensor(step, "position_ids"),
                         codec.optional_tensor(step, "attention_mask"),
                         step.position,
                     )
+                    compute_ms = (time.perf_counter() - started) * 1000
                     yield pb.SessionReply(
-                        result=pb.StepResult(hidden=codec.encode_tensor(out), step_id=step.step_id, position=session.position)
+                        result=pb.StepResult(hidden=codec.encode_tensor(out), step_id=step.step_id,
+                                             position=session.position, compute_ms=compute_ms)
                     )
                 elif kind == "close":
                     break
@@ -120,4 +153,4 @@ class PotluckServicer(pb_grpc.PotluckServicer):
             await _abort(context, error)
         finally:
             if session is not None:
-                self.executor.close(session.session_id)
+                executor.close(session.session_id)

@@ -35,3 +35,7 @@ class AlreadyExists(RequestError):
 
 class FailedPrecondition(RequestError):
     kind = "FAILED_PRECONDITION"
+
+
+class Unavailable(RequestError):
+    kind = "UNAVAILABLE"

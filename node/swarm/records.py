@@ -174,7 +174,8 @@ def verify_record(signed: SignedRecord, now: float | None = None) -> PeerRecord:
 def renewed(record: PeerRecord, ttl: float, now: float | None = None, **changes) -> PeerRecord:
     """The next announcement of `record`: a higher seq, fresh times, and any changed fields."""
     now = time.time() if now is None else now
-    return replace(record, issued_at=now, expires_at=now + ttl, seq=record.seq + 1, **changes)
+    # seq follows the clock (ms) so a restarted node's records outrank those of its previous run
+    return replace(record, issued_at=now, expires_at=now + ttl, seq=max(record.seq + 1, int(now * 1000)), **changes)
 
 
 @dataclass

@@ -105,14 +105,16 @@ class Opened(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., max_length: _Optional[int] = ...) -> None: ...
 
 class StepResult(_message.Message):
-    __slots__ = ("hidden", "step_id", "position")
+    __slots__ = ("hidden", "step_id", "position", "compute_ms")
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
     hidden: Tensor
     step_id: int
     position: int
-    def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ..., step_id: _Optional[int] = ..., position: _Optional[int] = ...) -> None: ...
+    compute_ms: float
+    def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ..., step_id: _Optional[int] = ..., position: _Optional[int] = ..., compute_ms: _Optional[float] = ...) -> None: ...
 
 class SessionReply(_message.Message):
     __slots__ = ("opened", "result")
@@ -143,3 +145,25 @@ class ForwardReply(_message.Message):
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     hidden: Tensor
     def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class SignedRecord(_message.Message):
+    __slots__ = ("payload", "public_key", "signature")
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    payload: bytes
+    public_key: bytes
+    signature: bytes
+    def __init__(self, payload: _Optional[bytes] = ..., public_key: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class GossipRequest(_message.Message):
+    __slots__ = ("records",)
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    records: _containers.RepeatedCompositeFieldContainer[SignedRecord]
+    def __init__(self, records: _Optional[_Iterable[_Union[SignedRecord, _Mapping]]] = ...) -> None: ...
+
+class GossipReply(_message.Message):
+    __slots__ = ("records",)
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    records: _containers.RepeatedCompositeFieldContainer[SignedRecord]
+    def __init__(self, records: _Optional[_Iterable[_Union[SignedRecord, _Mapping]]] = ...) -> None: ...

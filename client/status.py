@@ -1,0 +1,114 @@
+"""`potluck status`: the swarm as records, coverage bars and warnings."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+from rich.console import Console
+from rich.table import Table
+
+from client.routing import missing_spans
+from node.swarm.membership import Membership, SwarmConfig
+from node.swarm.records import NodeState, PeerRecord
+
+BAR_CHARS = " ▁▂▃▄▅▆▇█"
+
+
+@dataclass
+class ModelView:
+    config_hash: str
+    model_id: str
+    num_layers: int
+    nodes: list[PeerRecord]
+
+    @property
+    def serving(self) -> list[PeerRecord]:
+        return [n for n in self.nodes if n.state == NodeState.ONLINE]
+
+    def layer_throughput(self) -> list[float]:
+        totals = [0.0] * self.num_layers
+        for node in self.serving:
+            for layer in range(node.start, min(node.end, self.num_layers)):
+                totals[layer] += max(node.throughput, 1e-9)
+        return totals
+
+    def missing(self) -> list[tuple[int, int]]:
+        from client.routing import PeerInfo
+
+        return missing_spans([PeerInfo(n.address, n.start, n.end) for n in self.serving], self.num_layers)
+
+
+def group_by_model(records: list[PeerRecord]) -> list[ModelView]:
+    views: dict[str, ModelView] = {}
+    for record in records:
+        view = views.setdefault(record.config_hash, ModelView(record.config_hash, record.model_id, record.num_layers, []))
+        view.nodes.append(record)
+    for view in views.values():
+        view.nodes.sort(key=lambda r: (r.start, r.end, r.node_id))
+    return sorted(views.values(), key=lambda v: v.model_id)
+
+
+def coverage_bar(view: ModelView) -> str:
+    """One character per layer: blank = uncovered, higher blocks = more throughput."""
+    totals = view.layer_throughput()
+    top = max(totals) or 1.0
+    return "".join(BAR_CHARS[0] if t <= 0 else BAR_CHARS[max(1, round(t / top * (len(BAR_CHARS) - 1)))] for t in totals)
+
+
+async def collect(config: SwarmConfig, wait: float) -> list[PeerRecord]:
+    membership = Membership(config)
+    try:
+        await membership.start()
+        await asyncio.sleep(wait)  # mDNS answers and their pulls
+        await membership.pull_all()
+        return membership.live()
+    finally:
+        await membership.close()
+
+
+def as_json(views: list[ModelView]) -> dict:
+    now = time.time()
+    return {
+        "models": [
+            {
+                "model_id": v.model_id,
+                "config_hash": v.config_hash,
+                "num_layers": v.num_layers,
+                "missing_layers": [list(span) for span in v.missing()],
+                "layer_throughput": v.layer_throughput(),
+                "nodes": [
+                    {
+                        "node_id": n.node_id, "name": n.name, "address": n.address, "start": n.start, "end": n.end,
+                        "device": n.device, "dtype": n.dtype, "throughput": n.throughput, "load": n.load,
+                        "free_cache_tokens": n.free_cache_tokens, "state": n.state.value,
+                        "expires_in": round(n.expires_at - now, 1),
+                    }
+                    for n in v.nodes
+                ],
+            }
+            for v in views
+        ]
+    }
+
+
+def render(views: list[ModelView], console: Console) -> None:
+    if not views:
+        console.print("[bold red]No nodes found.[/] Check --bootstrap addresses, or that mDNS reaches this network.")
+        return
+    for view in views:
+        table = Table(title=f"{view.model_id}  (config {view.config_hash}, {view.num_layers} layers)", title_justify="left")
+        for column in ("node", "name", "address", "span", "device", "dtype", "tok/s", "load", "free cache", "state"):
+            table.add_column(column, no_wrap=column in ("node", "address", "span", "state"))
+        for n in view.nodes:
+            style = {"ONLINE": "green", "JOINING": "yellow", "DRAINING": "yellow", "OFFLINE": "red"}[n.state.value]
+            table.add_row(n.short_id, n.name, n.address, f"{n.start}:{n.end}", n.device, n.dtype, f"{n.throughput:.1f}",
+                          f"{n.load:.0f}", str(n.free_cache_tokens), f"[{style}]{n.state.value}[/]")
+        console.print(table)
+        console.print(f"coverage [{coverage_bar(view)}] 0..{view.num_layers}")
+        missing = view.missing()
+        if missing:
+            spans = ", ".join(f"{a}:{b}" for a, b in missing)
+            console.print(f"[bold red]WARNING: no node serves layers {spans}: this model cannot generate now.[/]")
+        console.print()

@@ -1,0 +1,188 @@
+"""Swarm membership: one registry fed by gossip (push-pull over gRPC) and mDNS.
+
+Nodes re-announce their own record on every heartbeat and exchange records with the
+bootstrap nodes and a few random peers; records expire after their TTL; a node that
+leaves pushes an OFFLINE record to everyone at once. Clients use the same class
+without an own record: they only pull."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import grpc
+
+from node.rpc import codec
+from node.rpc.generated import potluck_pb2 as pb
+from node.rpc.generated import potluck_pb2_grpc as pb_grpc
+from node.swarm.identity import Identity
+from node.swarm.mdns import MdnsDiscovery
+from node.swarm.records import NodeState, PeerRecord, Registry, SignedRecord, renewed, sign_record
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SwarmConfig:
+    bootstrap: tuple[str, ...] = ()   # HOST:PORT of known nodes
+    mdns: bool = True                 # LAN discovery with zeroconf
+    mdns_interface: str | None = None  # the interface address for mDNS (None = all)
+    heartbeat: float = 5.0            # seconds between re-announcements
+    ttl: float = 15.0                 # a record's lifetime; a silent node disappears after it
+    fanout: int = 3                   # random peers gossiped with per heartbeat, besides bootstrap nodes
+    gossip_timeout: float = 3.0       # deadline of one exchange
+
+    def __post_init__(self) -> None:
+        if self.heartbeat <= 0 or self.ttl <= self.heartbeat:
+            raise ValueError("need 0 < heartbeat < ttl")
+
+
+class Membership:
+    def __init__(self, config: SwarmConfig, identity: Identity | None = None,
+                 stats: Callable[[], dict] | None = None, rng: random.Random | None = None):
+        self.config = config
+        self.identity = identity
+        self.stats = stats or dict  # live fields merged into each re-announcement (load, free cache)
+        self.registry = Registry()
+        self.contacts: set[str] = set(config.bootstrap)  # addresses to pull from besides records
+        self.own: PeerRecord | None = None
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self._rng = rng or random.Random()
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._mdns: MdnsDiscovery | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._heartbeat: asyncio.Task | None = None
+        self.changed = asyncio.Event()  # set whenever the registry gains something
+
+    # -- life cycle -------------------------------------------------------------------------------
+    async def start(self) -> None:
+        if self.config.mdns:
+            self._mdns = MdnsDiscovery(self.config.mdns_interface, self._on_mdns)
+            await self._mdns.start()
+        await self.pull_all()
+
+    async def close(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._mdns is not None:
+            await self._mdns.close()
+        await asyncio.gather(*(channel.close() for channel in self._channels.values()), return_exceptions=True)
+        self._channels.clear()
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- own record -------------------------------------------------------------------------------
+    async def publish(self, record: PeerRecord, mdns_address: str | None = None) -> None:
+        """Set (or change) our record and announce it now; starts the heartbeat on first use."""
+        floor = max(record.seq, self.own.seq if self.own else 0)
+        self.own = renewed(replace(record, seq=floor), self.config.ttl)
+        self._accept_own()
+        if self._mdns is not None and mdns_address is not None:
+            await self._mdns.announce(record.node_id, mdns_address, record.config_hash)
+        await self.push_all(self._targets())
+        if self._heartbeat is None:
+            self._heartbeat = asyncio.ensure_future(self._beat())
+
+    def _accept_own(self) -> None:
+        signed = sign_record(self.own, self.identity.key)
+        self.registry.offer(signed)
+        self.changed.set()
+
+    async def _beat(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.heartbeat * self._rng.uniform(0.9, 1.1))
+            try:
+                self.own = renewed(self.own, self.config.ttl, **self.stats())
+                self._accept_own()
+                self.registry.expire()
+                await self.push_all(self._targets())
+            except Exception:  # one bad round must not end membership
+                log.exception("heartbeat failed")
+
+    async def leave(self) -> None:
+        """Announce OFFLINE to every known peer at once (used on shutdown)."""
+        if self.own is None:
+            return
+        self.own = renewed(self.own, self.config.ttl, state=NodeState.OFFLINE)
+        self._accept_own()
+        targets = {r.address for r in self.registry.live() if r.node_id != self.own.node_id} | self.contacts
+        await self.push_all(targets - set(self.own.addresses))
+
+    # -- gossip -----------------------------------------------------------------------------------
+    def _targets(self) -> set[str]:
+        own_addresses = set(self.own.addresses) if self.own else set()
+        peers = [r.address for r in self.registry.live() if r.address not in own_addresses]
+        chosen = set(self._rng.sample(peers, min(self.config.fanout, len(peers))))
+        return (chosen | set(self.config.bootstrap)) - own_addresses
+
+    def handle(self, request: pb.GossipRequest) -> pb.GossipReply:
+        """The servicer's side of an exchange: merge theirs, answer with ours."""
+        accepted, problems = self.registry.offer_many(codec.decode_records(request.records))
+        for problem in problems:
+            log.debug("dropped a gossiped record: %s", problem)
+        if accepted:
+            self.changed.set()
+        return pb.GossipReply(records=codec.encode_records(self.registry.signed()))
+
+    async def exchange(self, address: str, push: bool = True) -> bool:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = self._channels[address] = grpc.aio.insecure_channel(address)
+        records = codec.encode_records(self.registry.signed()) if push else []
+        request = pb.GossipRequest(records=records)
+        try:
+            reply = await pb_grpc.PotluckStub(channel).Gossip(request, timeout=self.config.gossip_timeout)
+        except grpc.aio.AioRpcError as error:
+            log.debug("gossip with %s failed: %s", address, error.code())
+            return False
+        self.bytes_sent += request.ByteSize()
+        self.bytes_received += reply.ByteSize()
+        accepted, problems = self.registry.offer_many(codec.decode_records(reply.records))
+        for problem in problems:
+            log.debug("dropped a record from %s: %s", address, problem)
+        if accepted:
+            self.changed.set()
+        return True
+
+    async def push_all(self, addresses) -> None:
+        await asyncio.gather(*(self.exchange(a, push=True) for a in addresses))
+
+    async def pull_all(self) -> None:
+        """Pull from the bootstrap nodes and every contact found by mDNS."""
+        await asyncio.gather(*(self.exchange(a, push=self.own is not None) for a in self.contacts))
+
+    def _on_mdns(self, node_id: str, address: str) -> None:
+        if self.own is not None and address in self.own.addresses:
+            return
+        self.contacts.add(address)
+        self._spawn(self.exchange(address, push=self.own is not None))
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        """Wait until `predicate()` holds (re-checked whenever the registry changes), or time out."""
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self.changed.clear()
+            try:
+                await asyncio.wait_for(self.changed.wait(), min(left, 1.0))
+            except asyncio.TimeoutError:
+                await self.pull_all()
+        return True
+
+    def live(self, config_hash: str | None = None) -> list[PeerRecord]:
+        return self.registry.live(model=config_hash)
+
+    def signed_records(self) -> list[SignedRecord]:
+        return self.registry.signed()
