@@ -46,6 +46,7 @@ class Identity:
 
 
 def _lock(path: Path) -> int | None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(str(path) + ".lock", os.O_CREAT | os.O_RDWR, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -74,6 +75,14 @@ def _read_or_create(path: Path) -> Ed25519PrivateKey:
     return key
 
 
+def _open_locked(path: Path, fd: int) -> Identity:
+    try:
+        return Identity(_read_or_create(path), path, fd)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def load_identity(path: str | Path | None) -> Identity:
     """The identity at `path` (created if missing), or the first free default slot when `path` is None."""
     if path is not None:
@@ -81,13 +90,13 @@ def load_identity(path: str | Path | None) -> Identity:
         fd = _lock(path)
         if fd is None:
             raise IdentityError(f"{path} is in use by another running node; give each node its own --identity")
-        return Identity(_read_or_create(path), path, fd)
+        return _open_locked(path, fd)
     for slot in range(1, 1000):
         candidate = DEFAULT_DIR / ("identity.pem" if slot == 1 else f"identity-{slot}.pem")
         DEFAULT_DIR.mkdir(parents=True, exist_ok=True)
         fd = _lock(candidate)
         if fd is not None:
-            return Identity(_read_or_create(candidate), candidate, fd)
+            return _open_locked(candidate, fd)
     raise IdentityError(f"no free identity slot in {DEFAULT_DIR}")
 
 
