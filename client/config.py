@@ -20,12 +20,18 @@ class ClientConfig:
     connect_timeout: float = 10.0      # seconds to wait for a peer's Info
     step_timeout: float = 120.0        # seconds to wait for one hop of one step (prefill included)
     session_timeout: float = 3600.0    # deadline of a whole inference stream
+    deadline_floor: float = 1.5        # no step deadline is shorter than this (seconds)
+    deadline_factor: float = 10.0      # a step's deadline = factor x (RTT + expected compute), at least the floor
+    missing_wait: float = 30.0         # after a failure, how long to wait for a node covering lost layers
+    max_failovers: int = 20            # failovers one session may go through before giving up
+    ban_seconds: float = 5.0           # first ban of a failed node; doubles with each strike (up to 5 min)
 
     def __post_init__(self) -> None:
         if self.wire_dtype not in FLOAT_WIRE_DTYPES:
             raise ValueError(f"wire_dtype {self.wire_dtype!r} is not one of {', '.join(FLOAT_WIRE_DTYPES)}")
         if not self.peers and not self.bootstrap and not self.mdns:
             raise ValueError("nothing to find nodes with: give peers, bootstrap nodes, or leave mDNS on")
-        for name in ("connect_timeout", "step_timeout", "session_timeout", "discovery_timeout"):
+        for name in ("connect_timeout", "step_timeout", "session_timeout", "discovery_timeout", "deadline_floor",
+                     "deadline_factor", "ban_seconds"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")

@@ -53,6 +53,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         self.norm = norm
         self.lm_head = lm_head
         self.swarm = swarm
+        self.last_session: SyncSession | None = None
 
     @classmethod
     def from_pretrained(  # type: ignore[override]
@@ -165,4 +166,5 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         max_new = kwargs.get("max_new_tokens", config.max_new_tokens)
         max_length = prompt.shape[1] + max_new if max_new is not None else kwargs.get("max_length", config.max_length)
         with self.inference_session(max_length=max_length) as session:
+            self.last_session = session  # its .route and .events (failovers) stay readable after generate
             return super().generate(inputs, generation_config, cache=RemoteCache(session), **kwargs)

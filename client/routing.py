@@ -37,7 +37,9 @@ class PeerInfo:
     free_cache_tokens: int = 0
     node_id: str = ""
     throughput: float = 0.0  # decode tokens/s through the node's whole span (0 = unknown)
+    prefill_throughput: float = 0.0  # prefill tokens/s through the whole span (0 = unknown)
     load: float = 0.0        # open sessions
+    state: str = "ONLINE"
 
     @property
     def layer_seconds(self) -> float | None:

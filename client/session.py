@@ -1,13 +1,19 @@
 """An inference session over a chain of hops: one open bidirectional stream per hop.
 
-Each hop keeps the inputs it was sent (its history), so a later failover can rebuild a
-replacement node's cache by replaying them."""
+Each hop keeps the inputs it was sent (its history). When a hop fails (connection lost,
+deadline exceeded, node draining or gone), the session asks its router for a replacement
+chain for just that hop's layers, possibly several nodes, replays the history to rebuild
+their caches, and carries on from the same step."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import time
 import uuid
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import grpc
 import torch
@@ -18,6 +24,37 @@ from node.rpc import codec
 from node.rpc.generated import potluck_pb2 as pb
 
 log = logging.getLogger(__name__)
+
+# Errors another node may not have: worth a failover. INVALID_ARGUMENT / OUT_OF_RANGE are the client's own.
+RECOVERABLE = {
+    None, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.ABORTED, grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ALREADY_EXISTS,
+}
+
+
+class Router(Protocol):
+    """What a session needs from the swarm client to recover."""
+
+    def peer(self, address: str) -> Peer: ...
+    def deadline(self, hop: Hop, tokens: int) -> float: ...
+    async def reroute(self, start: int, end: int, failed: str) -> list[Hop]: ...
+
+
+@dataclass
+class RecoveryEvent:
+    """One failover: what failed, what replaced it, and how long each phase took."""
+
+    address: str
+    start: int
+    end: int
+    reason: str
+    replacement: list[tuple[str, int, int]]
+    detect_s: float     # from sending the step to noticing the failure
+    reroute_s: float    # finding the replacement chain (including waiting for one)
+    replay_s: float     # opening the new streams and replaying the history
+    replayed_tokens: int
+    at_position: int    # tokens the session held when it failed
 
 
 class HopStream:
@@ -34,29 +71,24 @@ class HopStream:
         self.history: list[pb.Step] = []  # every step sent, for replay
         self._call = None
 
-    async def open(self, session_timeout: float, step_timeout: float) -> None:
+    async def open(self, session_timeout: float, timeout: float) -> None:
         self._call = self.peer.stub.Inference(timeout=session_timeout)
         request = pb.SessionRequest(
             open=pb.OpenSession(
-                session_id=self.session_id,
-                start=self.hop.start,
-                end=self.hop.end,
-                max_length=self.max_length,
-                batch_size=self.batch_size,
-                wire_dtype=self.wire_dtype,
+                session_id=self.session_id, start=self.hop.start, end=self.hop.end, max_length=self.max_length,
+                batch_size=self.batch_size, wire_dtype=self.wire_dtype,
             )
         )
-        await self._exchange(request, "opened", step_timeout)
+        await self._exchange(request, "opened", timeout)
 
-    async def step(
-        self, hidden: pb.Tensor, position_ids: pb.Tensor | None, mask: pb.Tensor | None, step_timeout: float
-    ) -> pb.StepResult:
+    async def step(self, hidden: pb.Tensor, position_ids: pb.Tensor | None, mask: pb.Tensor | None,
+                   timeout: float) -> pb.StepResult:
         step = pb.Step(hidden=hidden, position=self.position, step_id=len(self.history))
         if position_ids is not None:
             step.position_ids.CopyFrom(position_ids)
         if mask is not None:
             step.attention_mask.CopyFrom(mask)
-        result = await self._exchange(pb.SessionRequest(step=step), "result", step_timeout)
+        result = await self._exchange(pb.SessionRequest(step=step), "result", timeout)
         self.history.append(step)
         self.position = result.position
         return result
@@ -70,7 +102,10 @@ class HopStream:
             raise PeerError.from_rpc(self.peer.address, error) from None
         except TimeoutError:
             self._call.cancel()
-            raise PeerError(self.peer.address, f"no reply within {timeout:.0f}s", grpc.StatusCode.DEADLINE_EXCEEDED) from None
+            raise PeerError(self.peer.address, f"no reply within {timeout:.2f}s", grpc.StatusCode.DEADLINE_EXCEEDED) from None
+        except asyncio.InvalidStateError:  # the RPC had already ended (e.g. the node was unreachable)
+            code, details = await self._call.code(), await self._call.details()
+            raise PeerError(self.peer.address, details or "stream already closed", code) from None
         if reply is grpc.aio.EOF:
             code = await self._call.code()
             details = await self._call.details()
@@ -90,48 +125,137 @@ class HopStream:
         self._call.cancel()
 
 
-class InferenceSession:
-    """Steps hidden states through every hop in order. Opened lazily on the first step."""
+def _merged_history(history: list[pb.Step]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """All the steps a hop was sent, as one prefill: (hidden, position_ids, attention_mask or None)."""
+    hiddens, positions, masks, seen = [], [], [], 0
+    for step in history:
+        hidden = codec.decode_tensor(step.hidden, "hidden")
+        batch, tokens = hidden.shape[:2]
+        hiddens.append(hidden)
+        position_ids = codec.optional_tensor(step, "position_ids")
+        positions.append(position_ids if position_ids is not None
+                         else torch.arange(seen, seen + tokens).expand(batch, tokens))
+        mask = codec.optional_tensor(step, "attention_mask")
+        masks.append(mask)
+        seen += tokens
+    mask = None
+    if any(m is not None for m in masks):
+        mask = torch.cat([m if m is not None else torch.ones(h.shape[:2], dtype=torch.int64)
+                          for m, h in zip(masks, hiddens)], dim=1)
+    return torch.cat(hiddens, dim=1), torch.cat(positions, dim=1), mask
 
-    def __init__(self, peers: dict[str, Peer], route: list[Hop], max_length: int, wire_dtype: str,
-                 step_timeout: float, session_timeout: float):
-        self.peers = peers
-        self.route = route
+
+class InferenceSession:
+    """Steps hidden states through every hop in order; opened lazily on the first step."""
+
+    def __init__(self, router: Router, route: list[Hop], max_length: int, wire_dtype: str, session_timeout: float,
+                 max_failovers: int = 20):
+        self.router = router
+        self.route = list(route)
         self.max_length = max_length
         self.wire_dtype = wire_dtype
-        self.step_timeout = step_timeout
         self.session_timeout = session_timeout
+        self.max_failovers = max_failovers
         self.session_id = uuid.uuid4().hex
+        self._ids = itertools.count()
         self.position = 0
+        self.batch_size = 0
         self.hops: list[HopStream] = []
+        self.events: list[RecoveryEvent] = []
 
-    async def _open(self, batch_size: int) -> None:
-        self.hops = [
-            HopStream(self.peers[hop.peer.address], hop, self.session_id, self.max_length, batch_size, self.wire_dtype)
-            for hop in self.route
-        ]
-        await asyncio.gather(*(stream.open(self.session_timeout, self.step_timeout) for stream in self.hops))
-        log.debug("session %s open over %s", self.session_id, " -> ".join(f"{h.peer.address}[{h.start}:{h.end})" for h in self.route))
+    def _stream(self, hop: Hop) -> HopStream:
+        return HopStream(self.router.peer(hop.peer.address), hop, f"{self.session_id}-{next(self._ids)}",
+                         self.max_length, self.batch_size, self.wire_dtype)
 
-    async def step(
-        self, hidden: torch.Tensor, position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    async def _open(self) -> None:
+        self.hops = [self._stream(hop) for hop in self.route]
+        results = await asyncio.gather(
+            *(s.open(self.session_timeout, self.router.deadline(s.hop, 1)) for s in self.hops), return_exceptions=True
+        )
+        for index in reversed(range(len(results))):  # a node that fails at open is replaced like any other
+            if isinstance(results[index], PeerError):
+                await self._recover(index, results[index], time.perf_counter(), time.perf_counter())
+            elif isinstance(results[index], BaseException):
+                raise results[index]
+
+    async def step(self, hidden: torch.Tensor, position_ids: torch.Tensor | None = None,
+                   attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """hidden [batch, tokens, hidden_size] after the embeddings -> hidden after the last layer."""
-        if self.position + hidden.shape[1] > self.max_length:
-            raise ValueError(
-                f"session holds {self.position} tokens; {hidden.shape[1]} more exceed its max_length {self.max_length}"
-            )
+        tokens = hidden.shape[1]
+        if self.position + tokens > self.max_length:
+            raise ValueError(f"session holds {self.position} tokens; {tokens} more exceed its max_length {self.max_length}")
         if not self.hops:
-            await self._open(hidden.shape[0])
-        wire = codec.WIRE_DTYPES[self.wire_dtype]
-        message = codec.encode_tensor(hidden, wire)
+            self.batch_size = hidden.shape[0]
+            await self._open()
+        message = codec.encode_tensor(hidden, codec.WIRE_DTYPES[self.wire_dtype])
         pos = codec.encode_tensor(position_ids.to(torch.int64)) if position_ids is not None else None
         mask = codec.encode_tensor(attention_mask.to(torch.int64)) if attention_mask is not None else None
-        for stream in self.hops:
-            result = await stream.step(message, pos, mask, self.step_timeout)
+        index = 0
+        while index < len(self.hops):
+            stream = self.hops[index]
+            sent = time.perf_counter()
+            try:
+                result = await stream.step(message, pos, mask, self.router.deadline(stream.hop, tokens))
+            except PeerError as error:
+                if error.code not in RECOVERABLE:
+                    raise
+                await self._recover(index, error, sent, time.perf_counter())
+                continue  # the same step, from the first replacement hop
             message = result.hidden
-        self.position += hidden.shape[1]
+            index += 1
+        self.position += tokens
         return codec.decode_tensor(message, "hidden").clone()
+
+    async def _recover(self, index: int, error: PeerError, sent: float, noticed: float) -> None:
+        """Replace hop `index` by a chain for the same layers, rebuilt from the hop's history."""
+        failed = self.hops[index]
+        start, end = failed.hop.start, failed.hop.end
+        culprit = error.address
+        for _ in range(self.max_failovers):
+            if len(self.events) >= self.max_failovers:
+                break
+            began = time.perf_counter()
+            route = await self.router.reroute(start, end, culprit)
+            routed = time.perf_counter()
+            streams = [self._stream(hop) for hop in route]
+            try:
+                replayed = await self._replay(failed.history, streams)
+            except PeerError as again:
+                if again.code not in RECOVERABLE:
+                    raise
+                culprit = again.address
+                await asyncio.gather(*(s.close() for s in streams), return_exceptions=True)
+                continue
+            await failed.close()
+            self.hops[index : index + 1] = streams
+            event = RecoveryEvent(
+                address=error.address, start=start, end=end, reason=str(error),
+                replacement=[(h.peer.address, h.start, h.end) for h in route],
+                detect_s=noticed - sent, reroute_s=routed - began, replay_s=time.perf_counter() - routed,
+                replayed_tokens=replayed, at_position=self.position,
+            )
+            self.events.append(event)
+            log.warning(
+                "hop %s [%d:%d) failed (%s); re-routed to %s and replayed %d tokens in %.0f ms",
+                error.address, start, end, error, ", ".join(f"{a}[{s}:{e})" for a, s, e in event.replacement),
+                replayed, (event.reroute_s + event.replay_s) * 1000,
+            )
+            return
+        raise PeerError(error.address, f"gave up after {self.max_failovers} failovers: {error}", error.code)
+
+    async def _replay(self, history: list[pb.Step], streams: list[HopStream]) -> int:
+        await asyncio.gather(*(s.open(self.session_timeout, self.router.deadline(s.hop, 1)) for s in streams))
+        if not history:
+            return 0
+        hidden, positions, mask = _merged_history(history)
+        tokens = hidden.shape[1]
+        message = codec.encode_tensor(hidden)
+        pos = codec.encode_tensor(positions)
+        mask_message = codec.encode_tensor(mask) if mask is not None else None
+        for stream in streams:
+            result = await stream.step(message, pos, mask_message, self.router.deadline(stream.hop, tokens))
+            message = result.hidden
+        return tokens
 
     async def close(self) -> None:
         await asyncio.gather(*(stream.close() for stream in self.hops), return_exceptions=True)

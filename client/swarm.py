@@ -14,6 +14,7 @@ import time
 import grpc
 import torch
 
+from client.bans import BanList
 from client.config import ClientConfig
 from client.routing import Hop, MissingLayersError, PeerInfo, missing_spans, plan_route
 from client.session import InferenceSession
@@ -31,7 +32,8 @@ def info_from_record(record: PeerRecord) -> PeerInfo:
         address=record.address, start=record.start, end=record.end, model_id=record.model_id,
         config_hash=record.config_hash, num_layers=record.num_layers, dtype=record.dtype, device=record.device,
         max_length=record.max_length, free_cache_tokens=record.free_cache_tokens, node_id=record.node_id,
-        throughput=record.throughput, load=record.load,
+        throughput=record.throughput, prefill_throughput=record.prefill_throughput, load=record.load,
+        state=record.state.value,
     )
 
 
@@ -47,6 +49,7 @@ class SwarmClient:
         self.infos: list[PeerInfo] = []
         self.rtts: dict[str, float] = {}
         self._rng = random.Random()
+        self.bans = BanList(base=config.ban_seconds)
         self.membership: Membership | None = None
         if not config.peers:
             swarm = SwarmConfig(bootstrap=config.bootstrap, mdns=config.mdns, mdns_interface=config.mdns_interface)
@@ -58,17 +61,60 @@ class SwarmClient:
             self._peers[address] = Peer(address)  # called on the loop thread
         return self._peers[address]
 
+    peer = _peer  # the Router interface of client.session
+
+    def deadline(self, hop: Hop, tokens: int) -> float:
+        """How long one step of `tokens` tokens may take on `hop`: factor x (RTT + expected compute), with a floor."""
+        peer, config = hop.peer, self.config
+        share = (hop.end - hop.start) / max(peer.end - peer.start, 1)
+        speed = peer.prefill_throughput if tokens > 1 and peer.prefill_throughput > 0 else peer.throughput
+        if speed <= 0:
+            return max(config.step_timeout / 10, config.deadline_floor)  # unknown speed: be patient
+        expected = self.rtts.get(peer.address, 0.0) + share * tokens / speed
+        return max(config.deadline_floor, config.deadline_factor * expected)
+
+    async def reroute(self, start: int, end: int, failed: str) -> list[Hop]:
+        """Ban `failed`, then the cheapest chain over `[start, end)` without it; wait for one if none exists."""
+        self.bans.ban(failed, time.monotonic())
+        give_up = time.monotonic() + self.config.missing_wait
+        while True:
+            try:
+                infos = await self._refresh(wait=False)
+            except PeerError:
+                infos = []
+            self.infos = infos
+            banned = self.bans.banned(time.monotonic())
+            usable = [i for i in infos if i.address not in banned]
+            try:
+                return plan_route(usable, self.num_layers, start, end, rtts=self.rtts, rng=self._rng)
+            except MissingLayersError as error:
+                missing = error
+            try:  # nobody else covers those layers: forgive banned nodes, if they still answer
+                route = plan_route(infos, self.num_layers, start, end, rtts=self.rtts, rng=self._rng)
+                if await self._all_answer([hop.peer.address for hop in route if hop.peer.address in banned]):
+                    for hop in route:
+                        self.bans.forgive(hop.peer.address)
+                    return route
+            except MissingLayersError:
+                pass
+            if time.monotonic() >= give_up:
+                missing.args = (f"{missing.args[0]} (waited {self.config.missing_wait:.0f}s for a replacement)",)
+                raise missing
+            await asyncio.sleep(0.25)
+
     # -- peers and route --------------------------------------------------------------------------
     def refresh(self) -> list[PeerInfo]:
         """Find the peers serving this model now (Info calls, or discovery), with their RTTs."""
         self.infos = self._loop.run(self._refresh())
         return self.infos
 
-    async def _refresh(self) -> list[PeerInfo]:
+    async def _refresh(self, wait: bool = True) -> list[PeerInfo]:
         if self.membership is None:
             return await self._from_info(list(self.config.peers))
-        covered = lambda: not missing_spans(self._candidates(), self.num_layers)  # noqa: E731
-        await self.membership.wait_for(covered, self.config.discovery_timeout)
+        await self.membership.pull_all()
+        if wait:
+            covered = lambda: not missing_spans(self._candidates(), self.num_layers)  # noqa: E731
+            await self.membership.wait_for(covered, self.config.discovery_timeout)
         candidates = self._candidates()
         if not candidates:
             known = self.membership.live()
@@ -80,6 +126,7 @@ class SwarmClient:
 
     def _candidates(self) -> list[PeerInfo]:
         return [info_from_record(r) for r in self.membership.live(self.config_hash) if r.state == NodeState.ONLINE]
+
 
     async def _measure_rtts(self, infos: list[PeerInfo]) -> None:
         async def ping(info: PeerInfo) -> None:
@@ -109,6 +156,8 @@ class SwarmClient:
                     f"peer {address} serves another model ({reply.model_id}, config {reply.config_hash}; "
                     f"expected config {self.config_hash})"
                 )
+            elif reply.state != "ONLINE":
+                problems.append(f"peer {address} is {reply.state}")
             else:
                 infos.append(reply)
         for problem in problems:
@@ -118,12 +167,26 @@ class SwarmClient:
         self._problems = problems
         return infos
 
+    async def _all_answer(self, addresses: list[str]) -> bool:
+        async def answers(address: str) -> bool:
+            try:
+                info = await self._peer(address).info(min(self.config.deadline_floor, self.config.connect_timeout))
+            except PeerError:
+                return False
+            return info.state == "ONLINE"
+
+        return all(await asyncio.gather(*(answers(a) for a in addresses)))
+
     def route(self, refresh: bool = False) -> list[Hop]:
         """The cheapest chain now (RTT + compute from published throughput + load)."""
         if refresh or not self.infos:
             self.refresh()
+        banned = self.bans.banned(time.monotonic())
+        usable = [i for i in self.infos if i.address not in banned]
         try:
-            return plan_route(self.infos, self.num_layers, rtts=self.rtts, rng=self._rng)
+            if missing_spans(usable, self.num_layers):
+                usable = self.infos  # forgive: banned nodes are better than no route
+            return plan_route(usable, self.num_layers, rtts=self.rtts, rng=self._rng)
         except MissingLayersError as error:
             if self._problems:
                 error.args = (f"{error.args[0]} ({'; '.join(self._problems)})",)
@@ -131,18 +194,13 @@ class SwarmClient:
 
     # -- sessions ---------------------------------------------------------------------------------
     def open_session(self, max_length: int) -> "SyncSession":
-        route = self.route(refresh=self.membership is not None)
+        route = self.route(refresh=True)
         limit = min(hop.peer.max_length for hop in route)
         if max_length > limit:
             raise ValueError(f"max_length {max_length} exceeds what the route's nodes accept ({limit})")
-        peers = self._loop.run(self._peers_for(route))
-        session = InferenceSession(
-            peers, route, max_length, self.config.wire_dtype, self.config.step_timeout, self.config.session_timeout
-        )
+        session = InferenceSession(self, route, max_length, self.config.wire_dtype, self.config.session_timeout,
+                                   self.config.max_failovers)
         return SyncSession(session, self._loop)
-
-    async def _peers_for(self, route: list[Hop]) -> dict[str, Peer]:
-        return {hop.peer.address: self._peer(hop.peer.address) for hop in route}
 
     def forward(self, hidden: torch.Tensor, position_ids=None, attention_mask=None) -> torch.Tensor:
         """A stateless pass of a whole sequence through every layer (no cache kept on nodes)."""
@@ -195,7 +253,13 @@ class SyncSession:
 
     @property
     def route(self) -> list[Hop]:
-        return self._session.route
+        """The chain now in use (it changes when a hop fails over)."""
+        return [stream.hop for stream in self._session.hops] or self._session.route
+
+    @property
+    def events(self):
+        """RecoveryEvents: every failover this session went through."""
+        return self._session.events
 
     def step(self, hidden: torch.Tensor, position_ids=None, attention_mask=None) -> torch.Tensor:
         return self._loop.run(self._session.step(hidden, position_ids, attention_mask))

@@ -76,8 +76,14 @@ class Peer:
                 self.address,
                 f"speaks protocol version {reply.protocol_version}, this client speaks {codec.PROTOCOL_VERSION}",
             )
+        extra = codec.unpack_metadata(reply.metadata)
         return PeerInfo(
             address=self.address,
+            node_id=reply.node_id,
+            throughput=float(extra.get("throughput", 0.0) or 0.0),
+            prefill_throughput=float(extra.get("prefill_throughput", 0.0) or 0.0),
+            load=float(extra.get("sessions", 0) or 0),
+            state=str(extra.get("state", "ONLINE")),
             start=reply.start,
             end=reply.end,
             model_id=reply.model_id,

@@ -412,16 +412,16 @@ def _interpretation(result: BenchResult) -> str:
     )
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace our marked section of `path` (or append it), keeping everything else."""
-    block = f"{MARK_START}\n{section.strip()}\n{MARK_END}"
+def write_section(path: Path, section: str, mark_start: str = MARK_START, mark_end: str = MARK_END) -> None:
+    """Replace the marked section of `path` (or append it), keeping everything else."""
+    block = f"{mark_start}\n{section.strip()}\n{mark_end}"
     if not path.exists():
         path.write_text(f"# Benchmarks\n\n{block}\n")
         return
     text = path.read_text()
-    start, end = text.find(MARK_START), text.find(MARK_END)
+    start, end = text.find(mark_start), text.find(mark_end)
     if start != -1 and end > start:
-        text = text[:start] + block + text[end + len(MARK_END):]
+        text = text[:start] + block + text[end + len(mark_end):]
     else:
         text = text.rstrip("\n") + ("\n\n" if text.strip() else "") + block + "\n"
     path.write_text(text)

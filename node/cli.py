@@ -55,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     join.add_argument("--throughput", type=float, default=None, help="decode tokens/s to publish instead of measuring")
     join.add_argument("--heartbeat", type=float, default=5.0, help="seconds between re-announcements (default 5)")
     join.add_argument("--ttl", type=float, default=15.0, help="seconds a silent node stays listed (default 15)")
+    join.add_argument("--drain-timeout", type=float, default=30.0,
+                      help="SIGTERM: seconds to wait for sessions to move away before exiting (default 30)")
+    join.add_argument("--session-idle-timeout", type=float, default=600.0,
+                      help="close a session after this many seconds without a step (default 600)")
     join.add_argument("--no-rebalance", action="store_true", help="never move to other layers on its own")
     join.add_argument("--rebalance-period", type=float, default=30.0, help="mean seconds between re-balancing checks")
     _add_swarm_args(join)
@@ -86,8 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_logging(prepare)
 
     from node.bench import add_bench_parser
+    from node.bench_swarm import add_swarm_bench_parser
 
     add_bench_parser(commands)
+    add_swarm_bench_parser(commands)
     return parser
 
 
@@ -140,7 +146,8 @@ def _join(args: argparse.Namespace) -> None:
         mdns=not args.no_mdns, mdns_interface=args.mdns_interface, num_blocks=args.num_blocks,
         memory_bytes=parse_size(args.memory) if args.memory else None, throughput=args.throughput,
         heartbeat=args.heartbeat, ttl=args.ttl, rebalance=not args.no_rebalance,
-        rebalance_period=args.rebalance_period,
+        rebalance_period=args.rebalance_period, drain_timeout=args.drain_timeout,
+        session_idle_timeout=args.session_idle_timeout,
     )
     asyncio.run(run_node(config))
 
@@ -212,8 +219,10 @@ def main(argv: list[str] | None = None) -> int:
         hf_logging.disable_progress_bar()
     handlers = {"join": _join, "generate": _generate, "demo": _demo, "prepare-model": _prepare, "status": _status}
     from node.bench import run_bench
+    from node.bench_swarm import run_swarm_bench_cli
 
     handlers["bench"] = run_bench
+    handlers["bench-swarm"] = run_swarm_bench_cli
     from client.routing import MissingLayersError
     from client.transport import PeerError
     from node.launcher import NodeStartError

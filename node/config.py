@@ -50,7 +50,9 @@ class NodeConfig:
     threads: int = 0                # torch intra-op threads on CPU; 0 = torch's default
     revision: str | None = None     # hub revision (branch, tag or commit)
     name: str = ""                  # a human-friendly name shown by `potluck status`
-    grace_seconds: float = 5.0      # how long SIGTERM waits for steps in flight
+    grace_seconds: float = 5.0      # how long the final stop waits for calls in flight
+    drain_timeout: float = 30.0     # SIGTERM: longest wait for open sessions to move away before exiting
+    session_idle_timeout: float = 600.0  # a session with no step for this long is closed (its client is gone)
     # -- swarm ------------------------------------------------------------------------------------
     identity: str | None = None     # ed25519 key file (created on first run); None = a default slot
     bootstrap: tuple[str, ...] = ()  # HOST:PORT of known nodes to join through

@@ -77,6 +77,28 @@ class RunningNode:
     def span(self) -> Span:
         return Span(self.record.start, self.record.end)
 
+    async def drain(self, timeout: float) -> None:
+        """Stop taking sessions, announce DRAINING, finish steps in flight, send open sessions elsewhere.
+
+        Idle sessions are evicted at once (their clients replay them on another node at their next
+        step); busy ones after their step. Returns once no session is left, or after `timeout`."""
+        self.serving.state = NodeState.DRAINING.value
+        for task in self.tasks:
+            task.cancel()
+        self.record = replace(self.record, state=NodeState.DRAINING)
+        try:
+            await self.membership.publish(self.record)
+        except Exception:
+            log.exception("could not announce DRAINING")
+        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+        executor = self.serving.executor
+        deadline = asyncio.get_running_loop().time() + timeout
+        while executor is not None and len(executor.sessions) and asyncio.get_running_loop().time() < deadline:
+            executor.evict([s for s in executor.sessions.all() if not s.busy], "the node is draining")
+            await asyncio.sleep(0.05)
+        left = len(executor.sessions) if executor is not None else 0
+        log.info("drained (%d sessions left)", left)
+
     async def stop(self, grace: float) -> None:
         """Leave the swarm (OFFLINE at once), finish steps in flight, release everything; never raises early."""
         for task in self.tasks:
@@ -137,6 +159,7 @@ async def _load(node: RunningNode, span: Span) -> None:
     config = node.config
     node.record = replace(node.record, start=span.start, end=span.end, state=NodeState.JOINING)
     await node.membership.publish(node.record, mdns_address=node.address)
+    node.serving.state = NodeState.JOINING.value
     model, _ = await asyncio.to_thread(load_span, node.files, span.start, span.end, node.device, node.dtype)
     if config.throughput is not None:
         node.throughput = Throughput(decode=config.throughput, prefill=config.throughput * 8)
@@ -150,8 +173,22 @@ async def _load(node: RunningNode, span: Span) -> None:
         old.shutdown()
     node.record = replace(node.record, state=NodeState.ONLINE, throughput=node.throughput.decode,
                           prefill_throughput=node.throughput.prefill, **_stats(node.serving))
+    node.serving.throughput, node.serving.prefill_throughput = node.throughput.decode, node.throughput.prefill
+    node.serving.state = NodeState.ONLINE.value
     await node.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     await node.membership.publish(node.record)
+
+
+async def _janitor(node: RunningNode) -> None:
+    """Close sessions whose client went silent (a cancelled stream is freed at once; this catches the rest)."""
+    timeout = node.config.session_idle_timeout
+    while True:
+        await asyncio.sleep(min(timeout / 4, 30.0))
+        executor = node.serving.executor
+        if executor is not None:
+            evicted = executor.evict(executor.sessions.idle(timeout), f"idle for over {timeout:.0f}s")
+            if evicted:
+                log.info("closed %d idle sessions", evicted)
 
 
 async def _rebalance_loop(node: RunningNode, rng: random.Random) -> None:
@@ -212,25 +249,33 @@ async def start_node(config: NodeConfig) -> RunningNode:
     except BaseException:
         await node.stop(0)
         raise
+    node.tasks.append(asyncio.ensure_future(_janitor(node)))
     if config.auto_placed and config.rebalance:
         node.tasks.append(asyncio.ensure_future(_rebalance_loop(node, random.Random())))
     return node
 
 
 async def run_node(config: NodeConfig, announce=print) -> None:
-    """Serve until SIGINT/SIGTERM, then leave the swarm (OFFLINE) and stop gracefully."""
+    """Serve until SIGINT/SIGTERM; then drain (sessions move away), leave the swarm (OFFLINE) and stop.
+
+    A second signal skips the rest of the drain."""
     node = await start_node(config)
     announce(
         f"potluck node {node.identity.node_id[:8]} serving layers {node.record.start}:{node.record.end} "
         f"of {config.model} on {node.address}",
         flush=True,
     )
-    stop = asyncio.Event()
+    signals = asyncio.Queue()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, signals.put_nowait, sig)
     try:
-        await stop.wait()
+        await signals.get()
+        log.info("draining (at most %.0fs; signal again to stop now)", config.drain_timeout)
+        drain = asyncio.ensure_future(node.drain(config.drain_timeout))
+        again = asyncio.ensure_future(signals.get())
+        await asyncio.wait({drain, again}, return_when=asyncio.FIRST_COMPLETED)
+        drain.cancel()
+        again.cancel()
     finally:
-        log.info("stopping (grace %.1fs)", config.grace_seconds)
         await node.stop(config.grace_seconds)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -20,9 +21,16 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Serving:
-    """The executor now serving; None while the node joins or moves to another span."""
+    """The executor now serving (None while the node joins or moves), and what Info reports live."""
 
     executor: Executor | None = None
+    state: str = "JOINING"
+    throughput: float = 0.0
+    prefill_throughput: float = 0.0
+
+    @property
+    def draining(self) -> bool:
+        return self.state in ("DRAINING", "OFFLINE")
 
 
 @dataclass(frozen=True)
@@ -85,7 +93,10 @@ class PotluckServicer(pb_grpc.PotluckServicer):
             device=self.identity.device,
             free_cache_tokens=max(executor.sessions.free_tokens, 0),
             max_length=executor.max_length,
-            metadata=codec.pack_metadata({"sessions": len(executor.sessions), "name": self.identity.name}),
+            metadata=codec.pack_metadata({
+                "sessions": len(executor.sessions), "name": self.identity.name, "state": self.serving.state,
+                "throughput": self.serving.throughput, "prefill_throughput": self.serving.prefill_throughput,
+            }),
         )
 
     async def Forward(self, request: pb.ForwardRequest, context) -> pb.ForwardReply:
@@ -114,6 +125,9 @@ class PotluckServicer(pb_grpc.PotluckServicer):
                 if self.serving.executor is not executor:
                     raise Unavailable("this node moved to other layers; re-route the session")
                 kind = request.WhichOneof("kind")
+                if self.serving.draining and kind != "close":
+                    # finish nothing new: the client moves this session to another node (it keeps the history)
+                    raise Unavailable("this node is draining; move the session to another node")
                 if kind == "open":
                     if session is not None:
                         raise InvalidRequest("this stream already has an open session")
@@ -127,6 +141,7 @@ class PotluckServicer(pb_grpc.PotluckServicer):
                         opened.max_length,
                         codec.wire_dtype(opened.wire_dtype or "float32"),
                     )
+                    session.handler = asyncio.current_task()
                     yield pb.SessionReply(opened=pb.Opened(session_id=session.session_id, max_length=session.max_length))
                 elif kind == "step":
                     if session is None:
@@ -149,6 +164,11 @@ class PotluckServicer(pb_grpc.PotluckServicer):
                     break
                 else:
                     raise InvalidRequest("empty SessionRequest: set one of open, step, close")
+        except asyncio.CancelledError:
+            if session is None or not session.evicted:
+                raise  # the client went away
+            # evicted (drain, idle): end the stream with a status the client fails over on
+            await _abort(context, Unavailable(f"session evicted: {session.evicted}; move it to another node"))
         except Exception as error:
             await _abort(context, error)
         finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -74,6 +75,16 @@ class Executor:
     def close(self, session_id: str) -> None:
         self.sessions.pop(session_id)
 
+    def evict(self, sessions: list[Session], reason: str) -> int:
+        """End these sessions' streams with UNAVAILABLE (their handlers free the caches); returns how many."""
+        count = 0
+        for session in sessions:
+            if session.handler is not None and not session.handler.done() and not session.evicted:
+                session.evicted = reason
+                session.handler.cancel()
+                count += 1
+        return count
+
     async def step(
         self,
         session: Session,
@@ -93,11 +104,15 @@ class Executor:
         self._check_aux("position_ids", position_ids, (session.batch_size, tokens))
         self._check_aux("attention_mask", attention_mask, (session.batch_size, tokens))
         loop = asyncio.get_running_loop()
+        session.busy = True
         try:
             return await loop.run_in_executor(self._pool, self._run_step, session, hidden, position_ids, attention_mask)
         except Exception:
             self.sessions.pop(session.session_id)  # its cache may be half-updated: never reuse it
             raise
+        finally:
+            session.busy = False
+            session.last_used = time.monotonic()
 
     def _run_step(self, session: Session, hidden, position_ids, attention_mask) -> torch.Tensor:
         tokens = hidden.shape[1]

@@ -23,6 +23,9 @@ class Session:
     position: int = 0  # tokens held per sequence
     mask: torch.Tensor | None = None  # [batch, position] 2D mask, None while there is no padding
     last_used: float = field(default_factory=time.monotonic)
+    busy: bool = False  # a step is being computed
+    handler: object = None  # the asyncio task serving this session's stream (cancelled to evict it)
+    evicted: str = ""  # why the node ended this session ("" while it is not evicted)
 
     @property
     def reserved_tokens(self) -> int:
@@ -67,3 +70,11 @@ class SessionTable:
 
     def pop(self, session_id: str) -> Session | None:
         return self._sessions.pop(session_id, None)
+
+    def all(self) -> list[Session]:
+        return list(self._sessions.values())
+
+    def idle(self, max_idle: float, now: float | None = None) -> list[Session]:
+        """Sessions that have not stepped for `max_idle` seconds (their client is probably gone)."""
+        now = time.monotonic() if now is None else now
+        return [s for s in self._sessions.values() if not s.busy and now - s.last_used > max_idle]

@@ -88,7 +88,8 @@ class Membership:
         self.own = renewed(replace(record, seq=floor), self.config.ttl)
         self._accept_own()
         if self._mdns is not None and mdns_address is not None:
-            await self._mdns.announce(record.node_id, mdns_address, record.config_hash)
+            # registering takes zeroconf ~1.2 s (its probing); do not make the node wait for it
+            self._spawn(self._mdns.announce(record.node_id, mdns_address, record.config_hash))
         await self.push_all(self._targets())
         if self._heartbeat is None:
             self._heartbeat = asyncio.ensure_future(self._beat())
@@ -120,10 +121,14 @@ class Membership:
 
     # -- gossip -----------------------------------------------------------------------------------
     def _targets(self) -> set[str]:
+        """`fanout` random live peers; the bootstrap nodes too while we know fewer peers than that
+        (so bootstrap nodes do not carry every node's traffic in a large swarm)."""
         own_addresses = set(self.own.addresses) if self.own else set()
         peers = [r.address for r in self.registry.live() if r.address not in own_addresses]
         chosen = set(self._rng.sample(peers, min(self.config.fanout, len(peers))))
-        return (chosen | set(self.config.bootstrap)) - own_addresses
+        if len(peers) <= self.config.fanout:
+            chosen |= set(self.config.bootstrap)
+        return chosen - own_addresses
 
     def handle(self, request: pb.GossipRequest) -> pb.GossipReply:
         """The servicer's side of an exchange: merge theirs, answer with ours."""
@@ -158,8 +163,12 @@ class Membership:
         await asyncio.gather(*(self.exchange(a, push=True) for a in addresses))
 
     async def pull_all(self) -> None:
-        """Pull from the bootstrap nodes and every contact found by mDNS."""
-        await asyncio.gather(*(self.exchange(a, push=self.own is not None) for a in self.contacts))
+        """Pull from the bootstrap nodes, every contact found by mDNS, and a few known live peers
+        (so a swarm stays reachable when the bootstrap nodes are gone)."""
+        own = set(self.own.addresses) if self.own else set()
+        peers = [r.address for r in self.registry.live() if r.address not in own]
+        targets = set(self.contacts) | set(self._rng.sample(peers, min(self.config.fanout, len(peers))))
+        await asyncio.gather(*(self.exchange(a, push=self.own is not None) for a in targets - own))
 
     def _on_mdns(self, node_id: str, address: str) -> None:
         if self.own is not None and address in self.own.addresses:

@@ -187,6 +187,9 @@ class Registry:
 
     def offer(self, signed: SignedRecord, now: float | None = None) -> bool:
         """Verify and keep `signed` if it is newer than what we have; True if it changed the registry."""
+        held = self.records.get(node_id_of(signed.public_key)) if signed.public_key else None
+        if held is not None and held[1] == signed and held[0].expires_at > (time.time() if now is None else now):
+            return False  # the very bytes we already verified: no need to check the signature again
         try:
             record = verify_record(signed, now)
         except RecordError:
