@@ -15,9 +15,13 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from client.config import ClientConfig
 from client.swarm import SwarmClient, SyncSession
+from node.model.fast_linear import TransposedLinear
 from node.model.loader import ModelFiles, config_hash, load_client_parts, parse_dtype, resolve_device
 
 log = logging.getLogger(__name__)
+
+# A tied head needs its own transposed copy: worth it below this size (SmolLM2's is 113 MB).
+FAST_HEAD_COPY_BYTES = 512 * 2**20
 
 
 class RemoteCache:
@@ -86,7 +90,12 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         except BaseException:
             swarm.close()
             raise
-        instance = cls(parts.config, parts.embed_tokens, parts.norm, parts.lm_head, swarm)
+        head = parts.lm_head
+        if head.weight.device.type == "cpu" and type(head) is torch.nn.Linear and (
+            head.weight is not parts.embed_tokens.weight or head.weight.numel() * head.weight.element_size() <= FAST_HEAD_COPY_BYTES
+        ):
+            head = TransposedLinear.from_linear(head)  # ~2x faster one-token logits on CPU
+        instance = cls(parts.config, parts.embed_tokens, parts.norm, head, swarm)
         instance.name_or_path = files.model_id
         try:
             instance.generation_config = GenerationConfig.from_pretrained(files.root)

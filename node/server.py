@@ -24,6 +24,7 @@ from node.model.loader import (
     resolve_device,
     resolve_dtype,
 )
+from node.model.fast_linear import transpose_linears
 from node.rpc.codec import MAX_MESSAGE_BYTES
 from node.rpc.generated import potluck_pb2_grpc as pb_grpc
 from node.rpc.servicer import NodeIdentity, PotluckServicer, Serving
@@ -161,6 +162,8 @@ async def _load(node: RunningNode, span: Span) -> None:
     await node.membership.publish(node.record, mdns_address=node.address)
     node.serving.state = NodeState.JOINING.value
     model, _ = await asyncio.to_thread(load_span, node.files, span.start, span.end, node.device, node.dtype)
+    if node.device.type == "cpu":
+        transpose_linears(model)  # faster one-token products on CPU (node/model/fast_linear.py)
     if config.throughput is not None:
         node.throughput = Throughput(decode=config.throughput, prefill=config.throughput * 8)
     else:
