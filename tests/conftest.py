@@ -22,10 +22,21 @@ TINY_SPANS = [(0, 2), (2, 4), (4, 6)]
 
 
 @pytest.fixture(scope="session")
-def bg_loop():
+def bg_loop(request):
     loop = BackgroundLoop()
+    request.session.potluck_bg_loop = loop  # for the cache-accounting check after every test
     yield loop
     loop.close()
+
+
+@pytest.fixture(autouse=True)
+def cache_accounting(request):
+    """After every test, every in-process node's KV-cache accounting is back to zero."""
+    yield
+    loop = getattr(request.session, "potluck_bg_loop", None)
+    if loop is not None:
+        leaked = loop.leaked_cache()
+        assert not leaked, f"cache tokens still reserved after the test: {leaked}"
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 from node.config import NodeConfig
@@ -18,6 +19,7 @@ class BackgroundLoop:
     def __init__(self) -> None:
         self.identities = Path(tempfile.mkdtemp(prefix="potluck-ids-"))
         self.count = 0
+        self.running: list[RunningNode] = []
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="test-nodes")
         self.thread.start()
@@ -30,10 +32,23 @@ class BackgroundLoop:
         self.count += 1
         kwargs.setdefault("identity", str(self.identities / f"node-{self.count}.pem"))
         kwargs.setdefault("mdns", False)
-        return self.run(start_node(NodeConfig(model=str(model), start=start, end=end, **kwargs)))
+        node = self.run(start_node(NodeConfig(model=str(model), start=start, end=end, **kwargs)))
+        self.running.append(node)
+        return node
 
     def stop_node(self, node: RunningNode) -> None:
+        self.running.remove(node)
         self.run(node.stop(0.5))
+
+    def leaked_cache(self, timeout: float = 5.0) -> dict[str, int]:
+        """Cache tokens still reserved on running nodes once their streams had `timeout` seconds to end."""
+        deadline = time.monotonic() + timeout
+        while True:
+            leaked = {n.address: n.executor.sessions.reserved_tokens for n in self.running
+                      if n.executor is not None and n.executor.sessions.reserved_tokens}
+            if not leaked or time.monotonic() > deadline:
+                return leaked
+            time.sleep(0.05)
 
     def close(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)

@@ -34,6 +34,28 @@ def remote(smollm_dir, smollm_chain):
     model.close()
 
 
+@pytest.fixture(autouse=True)
+def chain_cache_freed(smollm_chain):
+    """After every test here, the three nodes' caches are free again (checked through Info)."""
+    yield
+    import time
+
+    import grpc
+
+    from node.rpc.generated import potluck_pb2 as pb
+    from node.rpc.generated import potluck_pb2_grpc as pb_grpc
+
+    for node in smollm_chain:
+        deadline = time.monotonic() + 5
+        while True:
+            with grpc.insecure_channel(node.address) as channel:
+                info = pb_grpc.PotluckStub(channel).Info(pb.InfoRequest(), timeout=5)
+            if info.free_cache_tokens == 65536:
+                break
+            assert time.monotonic() < deadline, f"{node.address} still holds {65536 - info.free_cache_tokens} tokens"
+            time.sleep(0.05)
+
+
 def local_generate(reference, input_ids, **kwargs):
     return reference.generate(input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)[0, input_ids.shape[1]:].tolist()
 
