@@ -52,10 +52,23 @@ class LoopThread:
 
     def close(self) -> None:
         if self.loop.is_running():
+            try:
+                self.run(self._cancel_pending(), timeout=5)
+            except Exception:  # closing anyway
+                pass
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(timeout=5)
         if not self.loop.is_running():
             self.loop.close()
+
+    @staticmethod
+    async def _cancel_pending() -> None:
+        """Cancel and await what is left on the loop (gRPC status tasks of failed streams, say)."""
+        current = asyncio.current_task()
+        pending = [task for task in asyncio.all_tasks() if task is not current]
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
 
 
 class Peer:

@@ -90,10 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_logging(prepare)
 
     from node.bench import add_bench_parser
+    from node.bench_recovery import add_recovery_bench_parser
     from node.bench_swarm import add_swarm_bench_parser
 
     add_bench_parser(commands)
     add_swarm_bench_parser(commands)
+    add_recovery_bench_parser(commands)
     return parser
 
 
@@ -219,10 +221,12 @@ def main(argv: list[str] | None = None) -> int:
         hf_logging.disable_progress_bar()
     handlers = {"join": _join, "generate": _generate, "demo": _demo, "prepare-model": _prepare, "status": _status}
     from node.bench import run_bench
+    from node.bench_recovery import run_recovery_bench_cli
     from node.bench_swarm import run_swarm_bench_cli
 
     handlers["bench"] = run_bench
     handlers["bench-swarm"] = run_swarm_bench_cli
+    handlers["bench-recovery"] = run_recovery_bench_cli
     from client.routing import MissingLayersError
     from client.transport import PeerError
     from node.launcher import NodeStartError
