@@ -1,4 +1,4 @@
-"""`potluck` command line: join, generate, demo, bench, prepare-model.
+"""`potluck` command line: join, generate, status, demo, api, bench*, prepare-model.
 
 The only place that reads argv and configures logging."""
 
@@ -96,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_parser(commands)
     add_swarm_bench_parser(commands)
     add_recovery_bench_parser(commands)
+
+    from client.api import add_api_parser
+
+    add_api_parser(commands)
     return parser
 
 
@@ -227,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     handlers["bench"] = run_bench
     handlers["bench-swarm"] = run_swarm_bench_cli
     handlers["bench-recovery"] = run_recovery_bench_cli
+    from client.api import run_api_cli
+
+    handlers["api"] = run_api_cli
     from client.routing import MissingLayersError
     from client.transport import PeerError
     from node.launcher import NodeStartError

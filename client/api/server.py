@@ -1,0 +1,90 @@
+"""`potluck api`: serve the OpenAI-compatible app with uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import socket
+import sys
+import threading
+from contextlib import contextmanager
+from functools import partial
+
+import uvicorn
+
+from client.api.app import ApiSettings, create_app
+from client.config import ClientConfig
+from client.model import DistributedModelForCausalLM
+from client.textgen import load_tokenizer
+from node.model.loader import ModelFiles
+
+
+
+def serve(model: str, host: str = "127.0.0.1", port: int = 8000, *, config: ClientConfig, api_key: str | None = None,
+          name: str | None = None, revision: str | None = None, settings: ApiSettings = ApiSettings()) -> None:
+    """Serve `model` (a folder or hub id; the one the swarm's nodes serve) until interrupted.
+
+    Its name in the API is `name`, by default the folder name or hub id. The tokenizer is
+    loaded now; the model on start-up, in the background (and again on requests if the swarm
+    did not cover it yet)."""
+    tokenizer = load_tokenizer(model, revision=revision)
+    name = name or ModelFiles.open(model, revision=revision).model_id
+    factory = partial(DistributedModelForCausalLM.from_pretrained, model, config=config, revision=revision)
+    app = create_app({name: factory}, tokenizer, api_key=api_key, settings=settings)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.create_server((host, port), family=family)  # bound here: port 0 works, the real port is shown
+    bound_host, bound_port = listener.getsockname()[:2]
+    shown = f"[{bound_host}]" if family == socket.AF_INET6 else bound_host
+    print(f"potluck api serving {name} on http://{shown}:{bound_port}/v1", flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, timeout_graceful_shutdown=10))
+    with _stopped_by_signals_is_success():
+        server.run(sockets=[listener])
+
+
+@contextmanager
+def _stopped_by_signals_is_success():
+    """uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-sends the signal to the handler
+    that was there before it. Make that handler a no-op, so that after a graceful stop we
+    return (exit 0, like `potluck join`) instead of dying of the signal a second time."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def add_api_parser(commands) -> None:
+    api = commands.add_parser("api", help="serve an OpenAI-compatible HTTP API backed by the swarm")
+    api.add_argument("--model", required=True, help="model folder or hub id (the one the nodes serve)")
+    api.add_argument("--name", default=None, help="the model's name in the API (default: folder name or hub id)")
+    api.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    api.add_argument("--port", type=int, default=8000, help="port to listen on; 0 picks a free one (default 8000)")
+    api.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on every request")
+    api.add_argument("--peers", default=None, help="comma-separated HOST:PORT of nodes (default: discover them)")
+    api.add_argument("--bootstrap", action="append", default=[],
+                     help="HOST:PORT of a known node, or a file with one per line (repeatable)")
+    api.add_argument("--no-mdns", action="store_true", help="turn LAN discovery (zeroconf) off")
+    api.add_argument("--mdns-interface", default=None, help="address of the interface for mDNS")
+    api.add_argument("--wire-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                     help="dtype of activations on the wire (default float32)")
+    api.add_argument("--default-max-tokens", type=int, default=ApiSettings.default_max_tokens,
+                     help=f"chat completions without max_tokens stop here (default {ApiSettings.default_max_tokens})")
+    api.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+def run_api_cli(args: argparse.Namespace) -> None:
+    from node.cli import bootstrap_list
+
+    if args.default_max_tokens < 1:
+        raise ValueError("--default-max-tokens must be at least 1")
+    peers = tuple(p.strip() for p in (args.peers or "").split(",") if p.strip())
+    config = ClientConfig(peers=peers, bootstrap=bootstrap_list(args.bootstrap), mdns=not args.no_mdns,
+                          mdns_interface=args.mdns_interface, wire_dtype=args.wire_dtype)
+    if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"potluck api: warning: listening on {args.host} without --api-key", file=sys.stderr)
+    serve(args.model, args.host, args.port, config=config, api_key=args.api_key, name=args.name,
+          settings=ApiSettings(default_max_tokens=args.default_max_tokens))
