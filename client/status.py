@@ -9,8 +9,9 @@ from dataclasses import dataclass
 from rich.console import Console
 from rich.table import Table
 
-from client.routing import missing_spans
+from client.routing import PeerInfo, missing_spans
 from node.swarm.membership import Membership, SwarmConfig
+from node.swarm.placement import Server, layer_throughput
 from node.swarm.records import NodeState, PeerRecord
 
 BAR_CHARS = " ▁▂▃▄▅▆▇█"
@@ -28,15 +29,10 @@ class ModelView:
         return [n for n in self.nodes if n.state == NodeState.ONLINE]
 
     def layer_throughput(self) -> list[float]:
-        totals = [0.0] * self.num_layers
-        for node in self.serving:
-            for layer in range(node.start, min(node.end, self.num_layers)):
-                totals[layer] += max(node.throughput, 1e-9)
-        return totals
+        servers = [Server(n.node_id, n.start, n.end, n.throughput) for n in self.serving]
+        return layer_throughput(servers, self.num_layers)
 
     def missing(self) -> list[tuple[int, int]]:
-        from client.routing import PeerInfo
-
         return missing_spans([PeerInfo(n.address, n.start, n.end) for n in self.serving], self.num_layers)
 
 
