@@ -6,7 +6,7 @@ MODEL_DIR ?= .models/SmolLM2-135M-Instruct
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench protos check-protos clean
+.PHONY: install demo test bench protos browser clean
 
 install: $(STAMP) $(MODEL_DIR)/config.json
 
@@ -25,7 +25,14 @@ $(MODEL_DIR)/config.json: $(STAMP)
 demo: install
 	$(VENV)/bin/potluck demo --model $(MODEL_DIR)
 
-test: install
+# The dashboard test drives headless Chromium: Debian's chromium + chromium-driver (installed if missing and possible).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  (command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+	   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) || \
+	  echo "warning: install chromium and chromium-driver for tests/test_dashboard.py"
+
+test: install browser
 	POTLUCK_TEST_MODEL=$(MODEL_DIR) $(PY) -m pytest -q -ra
 
 bench: install

@@ -1,4 +1,5 @@
-"""The FastAPI application: /v1/models, /v1/chat/completions, /v1/completions.
+"""The FastAPI application: /v1/models, /v1/chat/completions, /v1/completions, and the dashboard
+(the page at `/`, its files under /dashboard/, its data at /v1/swarm).
 
 Handlers validate, encode the prompt and hand the work to one generation thread (the
 model is blocking and not thread-safe, and seeds use torch's global RNG), so the event
@@ -21,11 +22,13 @@ from functools import partial
 
 import torch
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from jinja2.exceptions import TemplateError
 from starlette.datastructures import Headers
 from transformers import PreTrainedTokenizerBase
 
+from client.api.dashboard import STATIC, SwarmWatch
 from client.api.engine import Completion, SamplingParams, complete
 from client.api.errors import bad_request, from_exception, install_handlers, unauthorized, unknown_model
 from client.api.models import ModelSource, ServedModel, build_registry
@@ -44,8 +47,10 @@ def create_app(models: dict[str, ModelSource], tokenizers: PreTrainedTokenizerBa
                api_key: str | None = None, settings: ApiSettings = ApiSettings()) -> FastAPI:
     """An OpenAI-compatible app over `models` (name -> DistributedModelForCausalLM, or a
     zero-argument factory that loads one). Instances stay the caller's to close; models made
-    by factories are closed with the app. With `api_key`, every request needs that bearer key."""
+    by factories are closed with the app. With `api_key`, every request needs that bearer key,
+    except for the dashboard's static page and files (they hold no data)."""
     state = _State(build_registry(models, tokenizers), settings)
+    watch = SwarmWatch()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -55,6 +60,7 @@ def create_app(models: dict[str, ModelSource], tokenizers: PreTrainedTokenizerBa
         finally:
             for task in preloads:
                 task.cancel()
+            await watch.close()
             await asyncio.to_thread(state.executor.shutdown, True, cancel_futures=True)
             for model in state.models.values():
                 model.close()
@@ -63,6 +69,17 @@ def create_app(models: dict[str, ModelSource], tokenizers: PreTrainedTokenizerBa
     install_handlers(app)
     if api_key:
         app.add_middleware(_RequireKey, key=api_key)
+    app.mount("/dashboard", StaticFiles(directory=STATIC), name="dashboard")
+
+    @app.get("/", include_in_schema=False)
+    async def dashboard() -> FileResponse:
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/v1/swarm")
+    async def swarm_state() -> dict:
+        """Each served model's nodes, coverage and warnings (what the dashboard polls)."""
+        views = await asyncio.gather(*(watch.state(m.name, m.loaded) for m in state.models.values()))
+        return {"object": "swarm", "time": time.time(), "models": list(views)}
 
     @app.get("/v1/models")
     async def list_models() -> dict:
@@ -268,14 +285,17 @@ def _sse(payload: dict) -> str:
 
 
 class _RequireKey:
-    """ASGI middleware: every HTTP request must carry `Authorization: Bearer <key>`."""
+    """ASGI middleware: every HTTP request must carry `Authorization: Bearer <key>`, except GETs of
+    the dashboard's static page and files (the page asks for the key and sends it itself)."""
 
     def __init__(self, app, key: str):
         self.app = app
         self.key = key.encode()
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http":
+        public = scope["type"] == "http" and scope["method"] in ("GET", "HEAD") and (
+            scope["path"] == "/" or scope["path"].startswith("/dashboard/"))
+        if scope["type"] == "http" and not public:
             given = Headers(scope=scope).get("authorization", "")
             scheme, _, token = given.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.key):

@@ -38,6 +38,11 @@ class ServedModel:
                     log.info("model %s loaded", self.name)
         return self._model
 
+    @property
+    def loaded(self) -> DistributedModelForCausalLM | None:
+        """The model if it is loaded; None otherwise (nothing is loaded by asking)."""
+        return self._model
+
     async def available(self) -> bool:
         """Whether the swarm serves every layer now (asks the peers, or the discovered records)."""
         try:
