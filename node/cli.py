@@ -10,7 +10,7 @@ import json
 import logging
 import sys
 
-from node.config import ConfigError, NodeConfig, parse_blocks
+from node.config import ConfigError, NodeConfig, parse_blocks, read_config_file
 from node.model.loader import ModelLoadError
 
 log = logging.getLogger("potluck")
@@ -35,34 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     join = commands.add_parser("join", help="serve a span of a model's layers")
-    join.add_argument("--model", required=True, help="model folder or hub id (org/name)")
-    join.add_argument("--blocks", default=None,
-                      help="layers to serve, START:END (half-open), e.g. 0:10; default: placement chooses")
-    join.add_argument("--host", default="127.0.0.1", help="address to bind and advertise (default 127.0.0.1)")
-    join.add_argument("--port", type=int, default=0, help="port to bind; 0 picks a free one (default)")
-    join.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N|mps (default auto)")
-    join.add_argument("--dtype", default="auto", choices=DTYPES, help="compute dtype (auto: fp32 on CPU, bf16 on GPU)")
-    join.add_argument("--max-length", type=_positive, default=8192, help="longest session in tokens (default 8192)")
-    join.add_argument("--cache-tokens", type=_positive, default=65536, help="KV cache budget in tokens (default 65536)")
-    join.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
-    join.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
-    join.add_argument("--name", default="", help="a name shown by `potluck status` (default host:port)")
-    join.add_argument("--announce", default=None, help="HOST:PORT others should dial (default: the bound address)")
-    join.add_argument("--identity", default=None,
-                      help="ed25519 key file, created on first run (default: a free slot in ~/.local/share/potluck)")
-    join.add_argument("--num-blocks", type=_positive, default=None, help="with no --blocks: how many layers to serve")
-    join.add_argument("--memory", default=None, help="with no --blocks: memory budget, e.g. 4GB (default: half the free memory)")
-    join.add_argument("--throughput", type=float, default=None, help="decode tokens/s to publish instead of measuring")
-    join.add_argument("--heartbeat", type=float, default=5.0, help="seconds between re-announcements (default 5)")
-    join.add_argument("--ttl", type=float, default=15.0, help="seconds a silent node stays listed (default 15)")
-    join.add_argument("--drain-timeout", type=float, default=30.0,
-                      help="SIGTERM: seconds to wait for sessions to move away before exiting (default 30)")
-    join.add_argument("--session-idle-timeout", type=float, default=600.0,
-                      help="close a session after this many seconds without a step (default 600)")
-    join.add_argument("--no-rebalance", action="store_true", help="never move to other layers on its own")
-    join.add_argument("--rebalance-period", type=float, default=30.0, help="mean seconds between re-balancing checks")
-    _add_swarm_args(join)
-    _add_logging(join)
+    _add_join_args(join)
 
     generate = commands.add_parser("generate", help="generate text through a chain of nodes")
     generate.add_argument("--model", required=True, help="model folder or hub id (the one the nodes serve)")
@@ -101,6 +74,102 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_api_parser(commands)
     return parser
+
+
+def _add_join_args(join: argparse.ArgumentParser) -> None:
+    join.add_argument("--config", default=None,
+                      help="TOML file of join options (keys: these flags' names); flags given here override it")
+    join.add_argument("--model", default=None,
+                      help="model folder or hub id (org/name, or org/name@revision); required here or in --config")
+    join.add_argument("--blocks", default=None,
+                      help="layers to serve, START:END (half-open), e.g. 0:10; default: placement chooses")
+    join.add_argument("--host", default="127.0.0.1", help="address to bind and advertise (default 127.0.0.1)")
+    join.add_argument("--port", type=int, default=0, help="port to bind; 0 picks a free one (default)")
+    join.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N|mps (default auto)")
+    join.add_argument("--dtype", default="auto", choices=DTYPES, help="compute dtype (auto: fp32 on CPU, bf16 on GPU)")
+    join.add_argument("--max-length", type=_positive, default=8192, help="longest session in tokens (default 8192)")
+    join.add_argument("--cache-tokens", type=_positive, default=65536, help="KV cache budget in tokens (default 65536)")
+    join.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    join.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+    join.add_argument("--name", default="", help="a name shown by `potluck status` (default host:port)")
+    join.add_argument("--announce", default=None, help="HOST:PORT others should dial (default: the bound address)")
+    join.add_argument("--identity", default=None,
+                      help="ed25519 key file, created on first run (default: a free slot in ~/.local/share/potluck)")
+    join.add_argument("--num-blocks", type=_positive, default=None, help="with no --blocks: how many layers to serve")
+    join.add_argument("--memory", default=None, help="with no --blocks: memory budget, e.g. 4GB (default: half the free memory)")
+    join.add_argument("--throughput", type=float, default=None, help="decode tokens/s to publish instead of measuring")
+    join.add_argument("--heartbeat", type=float, default=5.0, help="seconds between re-announcements (default 5)")
+    join.add_argument("--ttl", type=float, default=15.0, help="seconds a silent node stays listed (default 15)")
+    join.add_argument("--drain-timeout", type=float, default=30.0,
+                      help="SIGTERM: seconds to wait for sessions to move away before exiting (default 30)")
+    join.add_argument("--session-idle-timeout", type=float, default=600.0,
+                      help="close a session after this many seconds without a step (default 600)")
+    join.add_argument("--no-rebalance", action="store_true", help="never move to other layers on its own")
+    join.add_argument("--rebalance-period", type=float, default=30.0, help="mean seconds between re-balancing checks")
+    join.add_argument("--metrics-port", type=int, default=0,
+                      help="serve Prometheus metrics at http://HOST:PORT/metrics (default 0: off)")
+    _add_swarm_args(join)
+    _add_logging(join)
+
+
+def _file_value(action: argparse.Action, key: str, value, where: str):
+    """A TOML value for the option `action`, checked and converted as argparse would convert the flag."""
+    def bad(expected: str) -> ConfigError:
+        return ConfigError(f"{where}: {key} = {value!r}: expected {expected}")
+
+    if action.nargs == 0:  # a switch (--no-mdns): true or false
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if isinstance(action.default, list):  # repeatable (--bootstrap): one string or a list of strings
+        values = [value] if isinstance(value, str) else value
+        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+            raise bad("a string or a list of strings")
+        return values
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise bad("a string or a number")
+    if action.type in (int, _positive) and not isinstance(value, (int, str)):
+        raise bad("an integer")
+    if action.type is not None:
+        try:
+            value = action.type(str(value))
+        except (ValueError, argparse.ArgumentTypeError):
+            raise bad("an integer" if action.type in (int, _positive) else "a number") from None
+    else:
+        value = str(value)
+    if action.choices is not None and value not in action.choices:
+        raise bad("one of " + ", ".join(map(str, action.choices)))
+    return value
+
+
+def join_args(argv: list[str]) -> argparse.Namespace:
+    """`join`'s options: flags on the command line, over the --config file's values, over the defaults.
+
+    File keys are the flags' names without the leading dashes (`cache-tokens` or `cache_tokens`);
+    a repeatable flag given on the command line (--bootstrap) replaces the file's list."""
+    parser = argparse.ArgumentParser(prog="potluck join")
+    _add_join_args(parser)
+    args = parser.parse_args(argv)
+    if args.config:
+        options = {opt[2:]: action for action in parser._actions for opt in action.option_strings
+                   if opt.startswith("--") and action.dest not in ("help", "config")}
+        table = read_config_file(args.config)
+        unknown = sorted(key for key in table if key.replace("_", "-") not in options)
+        if unknown:
+            raise ConfigError(f"--config {args.config}: unknown keys {', '.join(unknown)} "
+                              f"(expected `potluck join` options: {', '.join(sorted(options))})")
+        defaults = {}
+        for key, value in table.items():
+            action = options[key.replace("_", "-")]
+            if action.dest in defaults:
+                raise ConfigError(f"--config {args.config}: {key} is given twice")
+            if isinstance(action.default, list) and getattr(args, action.dest):
+                continue  # given on the command line: that list wins
+            defaults[action.dest] = _file_value(action, key, value, f"--config {args.config}")
+        parser.set_defaults(**defaults)
+        args = parser.parse_args(argv)
+    args.command = "join"
+    return args
 
 
 def _add_swarm_args(parser: argparse.ArgumentParser) -> None:
@@ -144,16 +213,22 @@ def _join(args: argparse.Namespace) -> None:
 
     from node.config import parse_size
 
+    if not args.model:
+        raise ConfigError("--model is required (on the command line or in the --config file)")
+    from node.model.loader import split_revision
+
+    model, revision = split_revision(args.model, args.revision)  # org/name@revision (hub ids only)
     start, end = parse_blocks(args.blocks) if args.blocks else (None, None)
     config = NodeConfig(
-        model=args.model, start=start, end=end, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
-        max_length=args.max_length, cache_tokens=args.cache_tokens, threads=args.threads, revision=args.revision,
+        model=model, start=start, end=end, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
+        max_length=args.max_length, cache_tokens=args.cache_tokens, threads=args.threads, revision=revision,
         name=args.name, announce=args.announce, identity=args.identity, bootstrap=bootstrap_list(args.bootstrap),
         mdns=not args.no_mdns, mdns_interface=args.mdns_interface, num_blocks=args.num_blocks,
         memory_bytes=parse_size(args.memory) if args.memory else None, throughput=args.throughput,
         heartbeat=args.heartbeat, ttl=args.ttl, rebalance=not args.no_rebalance,
         rebalance_period=args.rebalance_period, drain_timeout=args.drain_timeout,
-        session_idle_timeout=args.session_idle_timeout,
+        session_idle_timeout=args.session_idle_timeout, metrics_port=args.metrics_port or None,
+        progress=sys.stderr.isatty(),
     )
     asyncio.run(run_node(config))
 
@@ -217,6 +292,13 @@ def _demo(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "join" and args.config:
+        argv = sys.argv[1:] if argv is None else argv
+        try:
+            args = join_args(argv[argv.index("join") + 1:])
+        except ConfigError as error:
+            print(f"potluck join: error: {error}", file=sys.stderr)
+            return 2
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.log_level != "DEBUG":
         from transformers.utils import logging as hf_logging

@@ -34,6 +34,19 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
 
 
+def read_config_file(path: str) -> dict:
+    """The top-level table of a TOML file (`potluck join --config FILE`)."""
+    import tomllib
+
+    try:
+        with open(path, "rb") as handle:
+            return tomllib.load(handle)
+    except OSError as error:
+        raise ConfigError(f"--config {path}: {error.strerror or error}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"--config {path}: not valid TOML: {error}") from None
+
+
 @dataclass(frozen=True)
 class NodeConfig:
     model: str                      # local model folder or hub id ("org/name")
@@ -53,6 +66,8 @@ class NodeConfig:
     grace_seconds: float = 5.0      # how long the final stop waits for calls in flight
     drain_timeout: float = 30.0     # SIGTERM: longest wait for open sessions to move away before exiting
     session_idle_timeout: float = 600.0  # a session with no step for this long is closed (its client is gone)
+    progress: bool = False          # progress bars on stderr while loading and measuring (the CLI: when a terminal)
+    metrics_port: int | None = None  # Prometheus /metrics on host:this port; None = off, 0 = any free port
     # -- swarm ------------------------------------------------------------------------------------
     identity: str | None = None     # ed25519 key file (created on first run); None = a default slot
     bootstrap: tuple[str, ...] = ()  # HOST:PORT of known nodes to join through
@@ -74,6 +89,8 @@ class NodeConfig:
             raise ConfigError(f"span {self.start}:{self.end}: need 0 <= start < end")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port {self.port} is not within 0..65535")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"metrics port {self.metrics_port} is not within 0..65535")
         if self.max_length < 1 or self.cache_tokens < 1 or self.max_batch < 1:
             raise ConfigError("max_length, cache_tokens and max_batch must be positive")
         if self.threads < 0:

@@ -13,6 +13,7 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from node.config import NodeConfig
+from node.metrics import CacheView, MetricsServer, NodeMetrics
 from node.model.loader import (
     ModelFiles,
     ModelLoadError,
@@ -68,6 +69,8 @@ class RunningNode:
     device: torch.device
     dtype: torch.dtype
     throughput: Throughput | None = None
+    metrics: NodeMetrics | None = None  # None: --metrics-port off
+    metrics_server: MetricsServer | None = None
     tasks: list[asyncio.Task] = field(default_factory=list)
 
     @property
@@ -113,6 +116,8 @@ class RunningNode:
         await self.membership.close()
         if self.serving.executor is not None:
             self.serving.executor.shutdown()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
         self.identity.release()
 
 
@@ -121,6 +126,21 @@ def _stats(serving: Serving) -> dict:
     if executor is None:
         return {"load": 0.0, "free_cache_tokens": 0}
     return {"load": float(len(executor.sessions)), "free_cache_tokens": max(executor.sessions.free_tokens, 0)}
+
+
+def _cache_view(serving: Serving) -> CacheView:
+    """The cache gauges' readers, through `serving` (its executor is replaced when the node moves)."""
+
+    def read(get):
+        return lambda: get(serving.executor) if serving.executor is not None else 0
+
+    return CacheView(
+        sessions=read(lambda e: len(e.sessions)),
+        used_tokens=read(lambda e: e.sessions.used_tokens),
+        reserved_tokens=read(lambda e: e.sessions.reserved_tokens),
+        free_tokens=read(lambda e: max(e.sessions.free_tokens, 0)),
+        bytes_per_token=read(lambda e: e.kv_bytes_per_token),
+    )
 
 
 def _servers(node: RunningNode) -> list[Server]:
@@ -161,14 +181,15 @@ async def _load(node: RunningNode, span: Span) -> None:
     node.record = replace(node.record, start=span.start, end=span.end, state=NodeState.JOINING)
     await node.membership.publish(node.record, mdns_address=node.address)
     node.serving.state = NodeState.JOINING.value
-    model, _ = await asyncio.to_thread(load_span, node.files, span.start, span.end, node.device, node.dtype)
+    model, _ = await asyncio.to_thread(load_span, node.files, span.start, span.end, node.device, node.dtype,
+                                       config.progress)
     if node.device.type == "cpu":
         transpose_linears(model)  # faster one-token products on CPU (node/model/fast_linear.py)
     if config.throughput is not None:
         node.throughput = Throughput(decode=config.throughput, prefill=config.throughput * 8)
     else:
         key = f"{node.record.config_hash}|{node.device}|{dtype_name(node.dtype)}|{span.start}:{span.end}|{torch.get_num_threads()}"
-        node.throughput = await asyncio.to_thread(cached_measure, model, key)
+        node.throughput = await asyncio.to_thread(cached_measure, model, key, progress=config.progress)
     old = node.serving.executor
     node.serving.executor = Executor(model, cache_tokens=config.cache_tokens, max_length=config.max_length,
                                      max_batch=config.max_batch)
@@ -231,7 +252,10 @@ async def start_node(config: NodeConfig) -> RunningNode:
     node_identity = NodeIdentity(node_id=identity.node_id, name=config.name or address, model_id=files.model_id,
                                  config_hash=chash, num_layers=model_config.num_hidden_layers,
                                  dtype=dtype_name(dtype), device=str(device))
-    pb_grpc.add_PotluckServicer_to_server(PotluckServicer(serving, node_identity, membership), server)
+    metrics = NodeMetrics() if config.metrics_port is not None else None
+    if metrics is not None:
+        metrics.watch(_cache_view(serving))
+    pb_grpc.add_PotluckServicer_to_server(PotluckServicer(serving, node_identity, membership, metrics), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     await server.start()
@@ -244,8 +268,11 @@ async def start_node(config: NodeConfig) -> RunningNode:
         name=config.name or address,
     )
     node = RunningNode(config=config, server=server, health=health_servicer, serving=serving, membership=membership,
-                       identity=identity, address=address, files=files, record=record, device=device, dtype=dtype)
+                       identity=identity, address=address, files=files, record=record, device=device, dtype=dtype,
+                       metrics=metrics)
     try:
+        if metrics is not None:
+            node.metrics_server = metrics.serve(config.host, config.metrics_port)
         await membership.start()
         span = await _choose_span(config, membership, files, model_config, chash, device, dtype)
         await _load(node, span)
@@ -263,15 +290,15 @@ async def run_node(config: NodeConfig, announce=print) -> None:
 
     A second signal skips the rest of the drain."""
     node = await start_node(config)
+    signals = asyncio.Queue()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # before the ready line: a signal right after it must drain
+        loop.add_signal_handler(sig, signals.put_nowait, sig)
     announce(
         f"potluck node {node.identity.node_id[:8]} serving layers {node.record.start}:{node.record.end} "
         f"of {config.model} on {node.address}",
         flush=True,
     )
-    signals = asyncio.Queue()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, signals.put_nowait, sig)
     try:
         await signals.get()
         log.info("draining (at most %.0fs; signal again to stop now)", config.drain_timeout)

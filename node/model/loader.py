@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.modeling_utils import LoadStateDictConfig
 
 from node.model.span import SpanModel
+from node.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +83,20 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return parse_dtype(name)
 
 
+def split_revision(model: str, revision: str | None = None) -> tuple[str, str | None]:
+    """'org/name@rev' -> ('org/name', 'rev') for hub ids; local paths (even with an '@') are kept whole.
+
+    A revision given both ways must agree."""
+    if "@" not in model or Path(model).expanduser().exists() or model.startswith((".", "/", "~")):
+        return model, revision
+    name, _, pinned = model.rpartition("@")
+    if name.count("/") != 1 or not pinned:
+        return model, revision
+    if revision is not None and revision != pinned:
+        raise ModelLoadError(f"{model!r} pins revision {pinned!r} but --revision says {revision!r}")
+    return name, pinned
+
+
 @dataclass
 class ModelFiles:
     """A model's files: a local folder, or a hub repository fetched lazily, shard by shard."""
@@ -92,6 +108,7 @@ class ModelFiles:
 
     @classmethod
     def open(cls, path_or_id: str, revision: str | None = None) -> "ModelFiles":
+        path_or_id, revision = split_revision(path_or_id, revision)
         path = Path(path_or_id).expanduser()
         if path.is_dir():
             if not (path / "config.json").is_file():
@@ -167,10 +184,28 @@ def _decoder_layers(model: nn.Module, num_layers: int) -> tuple[str, nn.ModuleLi
     raise ModelLoadError(f"{type(model).__name__} has no list of {num_layers} decoder layers")
 
 
+class _CountedSlice:
+    """A safetensors slice that reports its bytes once transformers reads it (`piece[...]`)."""
+
+    def __init__(self, piece, nbytes: int, advance: Callable[[float], None]):
+        self._piece, self._nbytes, self._advance = piece, nbytes, advance
+
+    def __getitem__(self, index):
+        out = self._piece[index]
+        self._advance(self._nbytes)
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self._piece, name)
+
+
 def _load_tensors(
-    files: ModelFiles, model: nn.Module, keys: list[str], weight_map: dict[str, str], device: torch.device, dtype: torch.dtype
+    files: ModelFiles, model: nn.Module, keys: list[str], weight_map: dict[str, str], device: torch.device, dtype: torch.dtype,
+    advance: Callable[[float], None] | None = None,
 ) -> LoadStats:
-    """Read exactly `keys` from the shards into `model` (through transformers' key conversions)."""
+    """Read exactly `keys` from the shards into `model` (through transformers' key conversions).
+
+    `advance(nbytes)` is called as each tensor is read (for a progress bar)."""
     stats = LoadStats()
     by_shard: dict[str, list[str]] = {}
     for key in keys:
@@ -188,7 +223,10 @@ def _load_tensors(
                 numel = 1
                 for size in piece.get_shape():
                     numel *= size
-                stats.bytes_read += numel * _itemsize(piece.get_dtype())
+                nbytes = numel * _itemsize(piece.get_dtype())
+                if advance is not None:
+                    state[key] = _CountedSlice(piece, nbytes, advance)
+                stats.bytes_read += nbytes
                 stats.tensors += 1
         load_config = LoadStateDictConfig(
             device_map={"": device},
@@ -208,6 +246,20 @@ _ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16":
 
 def _itemsize(safetensors_dtype: str) -> int:
     return _ITEMSIZE.get(safetensors_dtype, 1)
+
+
+def _bytes_of(files: ModelFiles, weight_map: dict[str, str], keys: list[str]) -> int:
+    """The tensors' size on disk, from their shards' headers (no tensor data is read)."""
+    total = 0
+    for shard in sorted({weight_map[key] for key in keys}):
+        with safe_open(files.fetch(shard), framework="pt", device="cpu") as handle:
+            for key in (k for k in keys if weight_map[k] == shard):
+                piece = handle.get_slice(key)
+                numel = 1
+                for size in piece.get_shape():
+                    numel *= size
+                total += numel * _itemsize(piece.get_dtype())
+    return total
 
 
 def _layer_keys(weight_map: dict[str, str], prefix: str, start: int, end: int) -> list[str]:
@@ -231,9 +283,11 @@ def _fresh_rotary(model: nn.Module, config: PretrainedConfig, device: torch.devi
 
 
 def load_span(
-    files: ModelFiles, start: int, end: int, device: torch.device, dtype: torch.dtype
+    files: ModelFiles, start: int, end: int, device: torch.device, dtype: torch.dtype, progress: bool = False
 ) -> tuple[SpanModel, LoadStats]:
-    """Layers `[start, end)` of the model, on `device` in `dtype`; nothing else is read or kept."""
+    """Layers `[start, end)` of the model, on `device` in `dtype`; nothing else is read or kept.
+
+    `progress`: show a bar of bytes read on stderr."""
     config = files.config()
     n = config.num_hidden_layers
     if not 0 <= start < end <= n:
@@ -244,7 +298,9 @@ def load_span(
     keys = _layer_keys(weight_map, prefix, start, end)
     if not keys:
         raise ModelLoadError(f"{files.model_id}: no weights found for layers {start}:{end} under {prefix!r}")
-    stats = _load_tensors(files, model, keys, weight_map, device, dtype)
+    total = _bytes_of(files, weight_map, keys) if progress else 0
+    with progress_bar(progress, f"loading layers {start}:{end}", total, bytes_=True) as advance:
+        stats = _load_tensors(files, model, keys, weight_map, device, dtype, advance if progress else None)
     span_layers = nn.ModuleList(list(layers)[start:end])
     _check_materialised(span_layers, f"layers {start}:{end}")
     span = SpanModel(config, start, end, span_layers, _fresh_rotary(model, config, device))

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from node.metrics import NodeMetrics
 from node.rpc import codec
 from node.rpc.generated import potluck_pb2 as pb
 from node.rpc.generated import potluck_pb2_grpc as pb_grpc
@@ -46,7 +47,7 @@ class NodeIdentity:
     device: str
 
 
-async def _abort(context: grpc.aio.ServicerContext, error: Exception) -> None:
+async def _abort(context: grpc.aio.ServicerContext, error: Exception, metrics: NodeMetrics | None) -> None:
     if isinstance(error, RequestError):
         code, message = getattr(grpc.StatusCode, error.kind), error.message
     elif isinstance(error, codec.CodecError):
@@ -54,14 +55,17 @@ async def _abort(context: grpc.aio.ServicerContext, error: Exception) -> None:
     else:
         log.exception("internal error")
         code, message = grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}"
+    if metrics is not None:
+        metrics.error(code.name)
     await context.abort(code, message)
 
 
 class PotluckServicer(pb_grpc.PotluckServicer):
-    def __init__(self, serving: Serving, identity: NodeIdentity, membership=None):
+    def __init__(self, serving: Serving, identity: NodeIdentity, membership=None, metrics: NodeMetrics | None = None):
         self.serving = serving
         self.identity = identity
         self.membership = membership
+        self.metrics = metrics  # None: record nothing
 
     def _executor(self) -> Executor:
         executor = self.serving.executor
@@ -78,7 +82,7 @@ class PotluckServicer(pb_grpc.PotluckServicer):
         try:
             executor = self._executor()
         except Exception as error:
-            await _abort(context, error)
+            await _abort(context, error, self.metrics)
         span = executor.span
         return pb.InfoReply(
             protocol_version=codec.PROTOCOL_VERSION,
@@ -112,9 +116,12 @@ class PotluckServicer(pb_grpc.PotluckServicer):
                 dtype,
                 executor.max_length,
             )
-            return pb.ForwardReply(hidden=codec.encode_tensor(out))
+            reply = pb.ForwardReply(hidden=codec.encode_tensor(out))
+            if self.metrics is not None:
+                self.metrics.forward(len(request.hidden.data), len(reply.hidden.data))
+            return reply
         except Exception as error:
-            await _abort(context, error)
+            await _abort(context, error, self.metrics)
 
     async def Inference(self, requests: AsyncIterator[pb.SessionRequest], context) -> AsyncIterator[pb.SessionReply]:
         session = None
@@ -155,11 +162,14 @@ class PotluckServicer(pb_grpc.PotluckServicer):
                         codec.optional_tensor(step, "attention_mask"),
                         step.position,
                     )
-                    compute_ms = (time.perf_counter() - started) * 1000
-                    yield pb.SessionReply(
+                    seconds = time.perf_counter() - started
+                    reply = pb.SessionReply(
                         result=pb.StepResult(hidden=codec.encode_tensor(out), step_id=step.step_id,
-                                             position=session.position, compute_ms=compute_ms)
+                                             position=session.position, compute_ms=seconds * 1000)
                     )
+                    if self.metrics is not None:
+                        self.metrics.step(out.shape[1], seconds, len(step.hidden.data), len(reply.result.hidden.data))
+                    yield reply
                 elif kind == "close":
                     break
                 else:
@@ -168,9 +178,9 @@ class PotluckServicer(pb_grpc.PotluckServicer):
             if session is None or not session.evicted:
                 raise  # the client went away
             # evicted (drain, idle): end the stream with a status the client fails over on
-            await _abort(context, Unavailable(f"session evicted: {session.evicted}; move it to another node"))
+            await _abort(context, Unavailable(f"session evicted: {session.evicted}; move it to another node"), self.metrics)
         except Exception as error:
-            await _abort(context, error)
+            await _abort(context, error, self.metrics)
         finally:
             if session is not None:
                 executor.close(session.session_id)

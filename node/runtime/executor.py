@@ -11,7 +11,7 @@ import torch
 
 from node.model.span import SpanModel
 from node.runtime.errors import InvalidRequest, OutOfRange
-from node.runtime.sessions import Session, SessionTable
+from node.runtime.sessions import Session, SessionTable, kv_bytes_per_token
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +25,7 @@ class Executor:
         self.max_length = max_length
         self.max_batch = max_batch
         self.hidden_size = span.config.hidden_size
+        self.kv_bytes_per_token = kv_bytes_per_token(span.config, span.end - span.start, span.dtype)  # an estimate
         # One compute thread: torch uses its own intra-op threads; steps never run concurrently.
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="potluck-compute")
 

@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, PretrainedConfig
 
 from node.runtime.errors import AlreadyExists, Exhausted, NotFound
 
@@ -32,16 +32,38 @@ class Session:
         return self.batch_size * self.max_length
 
 
+def kv_bytes_per_token(config: PretrainedConfig, layers: int, dtype: torch.dtype) -> int:
+    """Estimated KV-cache bytes of one token over `layers` layers: keys + values x kv heads x head dim.
+
+    Multi-head latent attention (DeepSeek) caches per-head keys of qk_nope + qk_rope and values of
+    v_head_dim, as transformers' implementation does; sliding windows are not discounted."""
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    key_dim = value_dim = head_dim
+    if getattr(config, "qk_rope_head_dim", None) and getattr(config, "v_head_dim", None):
+        key_dim = config.qk_rope_head_dim + (getattr(config, "qk_nope_head_dim", 0) or 0)
+        value_dim = config.v_head_dim
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return layers * kv_heads * (key_dim + value_dim) * itemsize
+
+
 class SessionTable:
     """Open sessions and the cache tokens they reserve, within a fixed budget."""
 
     def __init__(self, budget_tokens: int):
         self.budget_tokens = budget_tokens
         self._sessions: dict[str, Session] = {}
+        self._reserved = 0  # kept as a sum: read by the metrics thread without walking the dict
 
     @property
     def reserved_tokens(self) -> int:
-        return sum(s.reserved_tokens for s in self._sessions.values())
+        return self._reserved
+
+    @property
+    def used_tokens(self) -> int:
+        """Tokens held in the caches now (batch x position per session)."""
+        return sum(s.batch_size * s.position for s in list(self._sessions.values()))
 
     @property
     def free_tokens(self) -> int:
@@ -59,6 +81,7 @@ class SessionTable:
                 f"{session.max_length}) but only {self.free_tokens} of {self.budget_tokens} are free"
             )
         self._sessions[session.session_id] = session
+        self._reserved += session.reserved_tokens
 
     def get(self, session_id: str) -> Session:
         try:
@@ -69,7 +92,10 @@ class SessionTable:
         return session
 
     def pop(self, session_id: str) -> Session | None:
-        return self._sessions.pop(session_id, None)
+        session = self._sessions.pop(session_id, None)
+        if session is not None:
+            self._reserved -= session.reserved_tokens
+        return session
 
     def all(self) -> list[Session]:
         return list(self._sessions.values())
