@@ -6,6 +6,7 @@ import asyncio
 import logging
 import random
 import signal
+import socket
 from dataclasses import dataclass, field, replace
 
 import grpc
@@ -47,6 +48,21 @@ GRPC_OPTIONS = [
 
 def format_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def advertised_host(host: str) -> str:
+    """The address others should dial when the node binds `host`: a wildcard bind advertises the
+    address this machine uses for outgoing traffic (found by a UDP connect, which sends nothing)."""
+    if host not in ("0.0.0.0", "::", ""):
+        return host
+    family = socket.AF_INET6 if host == "::" else socket.AF_INET
+    probe = "2001:db8::1" if family == socket.AF_INET6 else "192.0.2.1"  # documentation ranges, never contacted
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as sock:
+            sock.connect((probe, 9))
+            return sock.getsockname()[0]
+    except OSError:
+        return "127.0.0.1" if family == socket.AF_INET else "::1"
 
 
 def _mdns_interface(config: NodeConfig) -> str | None:
@@ -245,7 +261,7 @@ async def start_node(config: NodeConfig) -> RunningNode:
     if port == 0:
         identity.release()
         raise OSError(f"cannot bind {format_address(config.host, config.port)}")
-    address = config.announce or format_address(config.host, port)
+    address = config.announce or format_address(advertised_host(config.host), port)
     swarm = SwarmConfig(bootstrap=config.bootstrap, mdns=config.mdns, mdns_interface=_mdns_interface(config),
                         heartbeat=config.heartbeat, ttl=config.ttl)
     membership = Membership(swarm, identity, stats=lambda: _stats(serving))
