@@ -41,6 +41,16 @@ class SwarmConfig:
             raise ValueError("need 0 < heartbeat < ttl")
 
 
+def gossip_targets(peers: list[str], bootstrap, fanout: int, own: set[str], rng: random.Random) -> set[str]:
+    """Whom to gossip with on a heartbeat: `fanout` random live peers, and the bootstrap nodes too while
+    we know no more peers than that (so bootstrap nodes do not carry every node's traffic in a large swarm)."""
+    others = [address for address in peers if address not in own]
+    chosen = set(rng.sample(others, min(fanout, len(others))))
+    if len(others) <= fanout:
+        chosen |= set(bootstrap)
+    return chosen - own
+
+
 class Membership:
     def __init__(self, config: SwarmConfig, identity: Identity | None = None,
                  stats: Callable[[], dict] | None = None, rng: random.Random | None = None):
@@ -121,14 +131,9 @@ class Membership:
 
     # -- gossip -----------------------------------------------------------------------------------
     def _targets(self) -> set[str]:
-        """`fanout` random live peers; the bootstrap nodes too while we know fewer peers than that
-        (so bootstrap nodes do not carry every node's traffic in a large swarm)."""
         own_addresses = set(self.own.addresses) if self.own else set()
-        peers = [r.address for r in self.registry.live() if r.address not in own_addresses]
-        chosen = set(self._rng.sample(peers, min(self.config.fanout, len(peers))))
-        if len(peers) <= self.config.fanout:
-            chosen |= set(self.config.bootstrap)
-        return chosen - own_addresses
+        peers = [r.address for r in self.registry.live()]
+        return gossip_targets(peers, self.config.bootstrap, self.config.fanout, own_addresses, self._rng)
 
     def handle(self, request: pb.GossipRequest) -> pb.GossipReply:
         """The servicer's side of an exchange: merge theirs, answer with ours."""
