@@ -39,7 +39,7 @@ def test_fifty_node_simulation_converges_and_costs_bytes(sim50):
     # a message carries every record (a few hundred bytes each), so traffic per node is of the order
     # of messages per minute x 2 directions x 50 records
     assert 300 * 50 < sim50.message_bytes < 1000 * 50
-    assert sim50.bootstrap_bytes > 3 * sim50.median_bytes  # everyone exchanges with the bootstrap node
+    assert sim50.bootstrap_bytes < 1.5 * sim50.median_bytes  # no hot spot: bootstrap only while few peers are known
     assert sim50.spread_rounds is not None and sim50.spread_rounds <= 5
 
 
