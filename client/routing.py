@@ -40,6 +40,7 @@ class PeerInfo:
     prefill_throughput: float = 0.0  # prefill tokens/s through the whole span (0 = unknown)
     load: float = 0.0        # open sessions
     state: str = "ONLINE"
+    started_at: float = 0.0  # when the node started (0 = unknown)
 
     @property
     def layer_seconds(self) -> float | None:

@@ -33,7 +33,7 @@ def info_from_record(record: PeerRecord) -> PeerInfo:
         config_hash=record.config_hash, num_layers=record.num_layers, dtype=record.dtype, device=record.device,
         max_length=record.max_length, free_cache_tokens=record.free_cache_tokens, node_id=record.node_id,
         throughput=record.throughput, prefill_throughput=record.prefill_throughput, load=record.load,
-        state=record.state.value,
+        state=record.state.value, started_at=record.started_at,
     )
 
 

@@ -97,6 +97,7 @@ class Peer:
             prefill_throughput=float(extra.get("prefill_throughput", 0.0) or 0.0),
             load=float(extra.get("sessions", 0) or 0),
             state=str(extra.get("state", "ONLINE")),
+            started_at=float(extra.get("started_at", 0.0) or 0.0),
             start=reply.start,
             end=reply.end,
             model_id=reply.model_id,

@@ -315,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers["bench-recovery"] = run_recovery_bench_cli
     from client.api import run_api_cli
 
-    handlers["api"] = run_api_cli
+    handlers["api"] = handlers["dashboard"] = run_api_cli
     from client.routing import MissingLayersError
     from client.transport import PeerError
     from node.launcher import NodeStartError

@@ -281,7 +281,7 @@ async def start_node(config: NodeConfig) -> RunningNode:
         node_id=identity.node_id, addresses=(address,), model_id=files.model_id, config_hash=chash,
         num_layers=model_config.num_hidden_layers, start=0, end=1, dtype=dtype_name(dtype), device=str(device),
         max_length=config.max_length, free_cache_tokens=config.cache_tokens, state=NodeState.JOINING,
-        name=config.name or address,
+        name=config.name or address, started_at=serving.started_at,
     )
     node = RunningNode(config=config, server=server, health=health_servicer, serving=serving, membership=membership,
                        identity=identity, address=address, files=files, record=record, device=device, dtype=dtype,

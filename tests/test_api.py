@@ -337,3 +337,45 @@ def test_cli_serves_until_terminated(smollm_dir, smollm_chain):
 ])
 def test_visible_text_holds_back_possible_stops(text, stops, final, shown, hit):
     assert visible_text(text, stops, final) == (shown, hit)
+
+
+def test_one_api_serves_several_models(smollm_dir, smollm_chain, bg_loop, tmp_path):
+    """`potluck api --model A --model B`: both listed, each routed through its own nodes."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    tiny = tmp_path / "tiny-chat"
+    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tiny)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (smollm_dir / name).exists():
+            shutil.copy(smollm_dir / name, tiny / name)
+    nodes = [bg_loop.start_node(tiny, 0, 2), bg_loop.start_node(tiny, 2, 4)]
+    peers = ",".join([n.address for n in smollm_chain] + [n.address for n in nodes])
+    process = subprocess.Popen(
+        [sys.executable, "-m", "node", "dashboard", "--model", str(smollm_dir), "--model", str(tiny), "--peers", peers,
+         "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        line = process.stdout.readline()
+        match = re.search(r"on (http://127\.0\.0\.1:\d+/v1)", line)
+        assert match, line
+        client = openai.OpenAI(base_url=match.group(1), api_key="none", max_retries=0, timeout=120)
+        deadline = time.monotonic() + 60
+        while sorted(m.id for m in client.models.list().data) != ["SmolLM2-135M-Instruct", "tiny-chat"]:
+            assert time.monotonic() < deadline, "both models should be listed once their layers are covered"
+            time.sleep(0.5)
+        smol = client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=CHAT, temperature=0, max_tokens=40)
+        assert smol.choices[0].message.content.strip() == "The capital of France is Paris."
+        other = client.chat.completions.create(model="tiny-chat", messages=CHAT, temperature=0, max_tokens=5)
+        assert other.usage.completion_tokens == 5 and other.choices[0].finish_reason == "length"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        for node in nodes:
+            bg_loop.stop_node(node)

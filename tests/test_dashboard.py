@@ -58,7 +58,7 @@ async def test_discovered_records_are_read_on_the_swarm_loop():
     now = time.time()
     record = PeerRecord(node_id="ab" * 20, addresses=("10.0.0.5:7000",), model_id="m", config_hash="h", num_layers=8,
                         start=0, end=8, throughput=12.5, state=NodeState.JOINING, name="kitchen", issued_at=now - 3,
-                        expires_at=now + 60)
+                        expires_at=now + 60, started_at=now - 125)
     loop = LoopThread()
     try:
         membership = SimpleNamespace(live=lambda config_hash: [record] if config_hash == "h" else [])
@@ -70,6 +70,7 @@ async def test_discovered_records_are_read_on_the_swarm_loop():
     assert (shown["name"], shown["address"], shown["state"], shown["throughput"]) == ("kitchen", "10.0.0.5:7000",
                                                                                      "JOINING", 12.5)
     assert 2 <= shown["announced_s_ago"] <= 10
+    assert 125 <= shown["uptime_s"] <= 135
     assert state["discovery"] == "swarm" and state["missing_layers"] == [[0, 8]]
 
 
@@ -96,6 +97,7 @@ def test_swarm_endpoint_is_keyed_and_the_page_is_not(server, smollm_chain):
     assert [(n["address"], n["start"], n["end"], n["state"]) for n in model["nodes"]] == [
         (n.address, n.start_layer, n.end_layer, "ONLINE") for n in smollm_chain]
     assert all(n["rtt_ms"] is not None and n["device"] == "cpu" for n in model["nodes"])
+    assert all(0 < n["uptime_s"] < 3600 for n in model["nodes"])  # from the nodes' Info (started_at)
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,12 @@ def node_from_info(info: PeerInfo, rtt: float | None) -> dict:
         "prefill_throughput": info.prefill_throughput, "load": info.load, "free_cache_tokens": info.free_cache_tokens,
         "max_length": info.max_length, "state": info.state, "config_hash": info.config_hash,
         "rtt_ms": None if rtt is None else round(rtt * 1000, 1), "announced_s_ago": None, "error": None,
+        "uptime_s": _uptime(info.started_at, time.time()),
     }
+
+
+def _uptime(started_at: float, now: float) -> float | None:
+    return round(max(now - started_at, 0.0), 1) if started_at > 0 else None
 
 
 def node_from_record(record: PeerRecord, now: float) -> dict:
@@ -35,14 +40,15 @@ def node_from_record(record: PeerRecord, now: float) -> dict:
         "prefill_throughput": record.prefill_throughput, "load": record.load,
         "free_cache_tokens": record.free_cache_tokens, "max_length": record.max_length, "state": record.state.value,
         "config_hash": record.config_hash, "rtt_ms": None, "announced_s_ago": round(max(now - record.issued_at, 0), 1),
-        "error": None,
+        "error": None, "uptime_s": _uptime(record.started_at, now),
     }
 
 
 def unreachable_node(address: str, error: str) -> dict:
     return {"address": address, "node_id": "", "name": "", "start": None, "end": None, "device": "", "dtype": "",
             "throughput": 0.0, "prefill_throughput": 0.0, "load": 0.0, "free_cache_tokens": 0, "max_length": 0,
-            "state": "UNREACHABLE", "config_hash": "", "rtt_ms": None, "announced_s_ago": None, "error": error}
+            "state": "UNREACHABLE", "config_hash": "", "rtt_ms": None, "announced_s_ago": None, "error": error,
+            "uptime_s": None}
 
 
 def model_state(name: str, num_layers: int, config_hash: str, nodes: list[dict], discovery: bool) -> dict:

@@ -20,17 +20,26 @@ from node.model.loader import ModelFiles
 
 
 
-def serve(model: str, host: str = "127.0.0.1", port: int = 8000, *, config: ClientConfig, api_key: str | None = None,
-          name: str | None = None, revision: str | None = None, settings: ApiSettings = ApiSettings()) -> None:
-    """Serve `model` (a folder or hub id; the one the swarm's nodes serve) until interrupted.
+def serve(model: str | list[str], host: str = "127.0.0.1", port: int = 8000, *, config: ClientConfig,
+          api_key: str | None = None, name: str | None = None, revision: str | None = None,
+          settings: ApiSettings = ApiSettings()) -> None:
+    """Serve one model or several (folders or hub ids; the ones the swarm's nodes serve) until interrupted.
 
-    Its name in the API is `name`, by default the folder name or hub id. The tokenizer is
-    loaded now; the model on start-up, in the background (and again on requests if the swarm
-    did not cover it yet)."""
-    tokenizer = load_tokenizer(model, revision=revision)
-    name = name or ModelFiles.open(model, revision=revision).model_id
-    factory = partial(DistributedModelForCausalLM.from_pretrained, model, config=config, revision=revision)
-    app = create_app({name: factory}, tokenizer, api_key=api_key, settings=settings)
+    A model's name in the API is `name` (one model only), by default its folder name or hub id. The
+    tokenizers are loaded now; the models on start-up, in the background (and again on requests if the
+    swarm did not cover them yet)."""
+    models = [model] if isinstance(model, str) else list(model)
+    if name is not None and len(models) != 1:
+        raise ValueError("--name needs exactly one --model")
+    sources, tokenizers = {}, {}
+    for path in models:
+        served = name or ModelFiles.open(path, revision=revision).model_id
+        if served in sources:
+            raise ValueError(f"two models would be served as {served!r}")
+        tokenizers[served] = load_tokenizer(path, revision=revision)
+        sources[served] = partial(DistributedModelForCausalLM.from_pretrained, path, config=config, revision=revision)
+    name = ", ".join(sources)
+    app = create_app(sources, tokenizers, api_key=api_key, settings=settings)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     listener = socket.create_server((host, port), family=family)  # bound here: port 0 works, the real port is shown
     bound_host, bound_port = listener.getsockname()[:2]
@@ -58,8 +67,10 @@ def _stopped_by_signals_is_success():
 
 
 def add_api_parser(commands) -> None:
-    api = commands.add_parser("api", help="serve an OpenAI-compatible HTTP API backed by the swarm")
-    api.add_argument("--model", required=True, help="model folder or hub id (the one the nodes serve)")
+    api = commands.add_parser("api", aliases=["dashboard"],
+                              help="serve an OpenAI-compatible HTTP API backed by the swarm, and its dashboard at /")
+    api.add_argument("--model", required=True, action="append",
+                     help="model folder or hub id (the one the nodes serve); repeat to serve several")
     api.add_argument("--name", default=None, help="the model's name in the API (default: folder name or hub id)")
     api.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     api.add_argument("--port", type=int, default=8000, help="port to listen on; 0 picks a free one (default 8000)")
@@ -86,5 +97,5 @@ def run_api_cli(args: argparse.Namespace) -> None:
                           mdns_interface=args.mdns_interface, wire_dtype=args.wire_dtype)
     if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"potluck api: warning: listening on {args.host} without --api-key", file=sys.stderr)
-    serve(args.model, args.host, args.port, config=config, api_key=args.api_key, name=args.name,
+    serve(args.model if len(args.model) > 1 else args.model[0], args.host, args.port, config=config, api_key=args.api_key, name=args.name,
           settings=ApiSettings(default_max_tokens=args.default_max_tokens))

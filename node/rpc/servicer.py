@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -28,6 +28,7 @@ class Serving:
     state: str = "JOINING"
     throughput: float = 0.0
     prefill_throughput: float = 0.0
+    started_at: float = field(default_factory=time.time)  # for uptime in Info and records
 
     @property
     def draining(self) -> bool:
@@ -100,6 +101,7 @@ class PotluckServicer(pb_grpc.PotluckServicer):
             metadata=codec.pack_metadata({
                 "sessions": len(executor.sessions), "name": self.identity.name, "state": self.serving.state,
                 "throughput": self.serving.throughput, "prefill_throughput": self.serving.prefill_throughput,
+                "started_at": self.serving.started_at,
             }),
         )
 

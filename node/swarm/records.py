@@ -61,6 +61,7 @@ class PeerRecord:
     issued_at: float = 0.0
     expires_at: float = 0.0
     seq: int = 0                     # grows with every re-announcement; the newest wins
+    started_at: float = 0.0          # when the node process started (uptime); 0 = unknown
     protocol_version: int = PROTOCOL_VERSION
 
     @property
@@ -83,7 +84,7 @@ _SCHEMA: dict[str, tuple[type, ...]] = {
     "num_layers": (int,), "start": (int,), "end": (int,), "dtype": (str,), "device": (str,),
     "throughput": (int, float), "prefill_throughput": (int, float), "free_cache_tokens": (int,),
     "max_length": (int,), "load": (int, float), "state": (str,), "name": (str,), "issued_at": (int, float),
-    "expires_at": (int, float), "seq": (int,), "protocol_version": (int,),
+    "expires_at": (int, float), "seq": (int,), "protocol_version": (int,), "started_at": (int, float),
 }
 _REQUIRED = ("node_id", "addresses", "model_id", "config_hash", "num_layers", "start", "end", "issued_at",
              "expires_at", "seq", "protocol_version", "state")

@@ -35,6 +35,12 @@ $("key-form").addEventListener("submit", (event) => {
 
 // -- the swarm --------------------------------------------------------------------------------
 const fmt = (x, digits = 1) => (x === null || x === undefined ? "–" : Number(x).toFixed(digits));
+const duration = (seconds) => {
+  const s = Math.floor(seconds);
+  if (s < 60) return `${s} s`;
+  if (s < 3600) return `${Math.floor(s / 60)} min ${s % 60} s`;
+  return `${Math.floor(s / 3600)} h ${Math.floor((s % 3600) / 60)} min`;
+};
 const colorOf = (i) => `hsl(${(i * 137.5 + 210) % 360}, 55%, 48%)`;
 let pollTimer = null;
 
@@ -120,6 +126,7 @@ function renderCard(node, i) {
     ["load", `${fmt(node.load, 0)} session${node.load === 1 ? "" : "s"}`],
     ["free cache", node.free_cache_tokens ? node.free_cache_tokens.toLocaleString() + " tokens" : "–"],
   ];
+  if (node.uptime_s !== null && node.uptime_s !== undefined) rows.push(["uptime", duration(node.uptime_s)]);
   if (node.rtt_ms !== null) rows.push(["rtt", fmt(node.rtt_ms) + " ms"]);
   if (node.announced_s_ago !== null) rows.push(["announced", fmt(node.announced_s_ago, 0) + " s ago"]);
   const title = node.name || (node.node_id ? "node " + node.node_id.slice(0, 8) : node.address);
