@@ -159,10 +159,11 @@ def _cache_view(serving: Serving) -> CacheView:
     )
 
 
-def _servers(node: RunningNode) -> list[Server]:
+def _servers(membership: Membership, config_hash: str) -> list[Server]:
+    """The nodes placement counts: those serving (or about to serve) this model."""
     return [
         Server(r.node_id, r.start, r.end, r.throughput)
-        for r in node.membership.live(node.record.config_hash)
+        for r in membership.live(config_hash)
         if r.state in (NodeState.ONLINE, NodeState.JOINING)
     ]
 
@@ -184,8 +185,7 @@ async def _choose_span(config: NodeConfig, membership: Membership, files: ModelF
         length = layers_for_memory(budget, await asyncio.to_thread(bytes_per_layer, model_config, dtype), num_layers)
         if length < 1:
             raise MemoryError(f"not even one layer of {files.model_id} fits in {budget / 1e9:.2f} GB")
-    servers = [Server(r.node_id, r.start, r.end, r.throughput) for r in membership.live(chash)
-               if r.state in (NodeState.ONLINE, NodeState.JOINING)]
+    servers = _servers(membership, chash)
     span = choose_span(servers, num_layers, length)
     log.info("placement chose layers %d:%d (%d known nodes)", span.start, span.end, len(servers))
     return span
@@ -236,7 +236,7 @@ async def _rebalance_loop(node: RunningNode, rng: random.Random) -> None:
     num_layers = node.record.num_layers
     while True:
         await asyncio.sleep(period * rng.uniform(0.5, 1.5))  # jitter: nodes do not all move at once
-        target = plan_move(_servers(node), node.record.node_id, num_layers)
+        target = plan_move(_servers(node.membership, node.record.config_hash), node.record.node_id, num_layers)
         if target is None:
             continue
         log.warning("re-balancing: moving from layers %d:%d to %d:%d", node.record.start, node.record.end,
