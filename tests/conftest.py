@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from node.launcher import start_chain
@@ -86,6 +86,21 @@ def smollm_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def smollm_reference(smollm_dir):
     return AutoModelForCausalLM.from_pretrained(smollm_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm_dir):
+    return AutoTokenizer.from_pretrained(smollm_dir)
+
+
+@pytest.fixture(scope="module")
+def remote(smollm_dir, smollm_chain):
+    """A client over the SmolLM2 chain, with explicit peers."""
+    from client import DistributedModelForCausalLM
+
+    model = DistributedModelForCausalLM.from_pretrained(str(smollm_dir), peers=[n.address for n in smollm_chain])
+    yield model
+    model.close()
 
 
 @pytest.fixture(scope="session")

@@ -53,3 +53,22 @@ class BackgroundLoop:
     def close(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
+
+
+def node_info(address: str):
+    """A node's Info, over a fresh channel."""
+    import grpc
+
+    from node.rpc.generated import potluck_pb2 as pb
+    from node.rpc.generated import potluck_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        return pb_grpc.PotluckStub(channel).Info(pb.InfoRequest(), timeout=5)
+
+
+def wait_for_full_cache(address: str, budget: int = 65536, timeout: float = 10.0) -> None:
+    """Wait until the node at `address` reports its whole cache budget free; fail if it does not."""
+    deadline = time.monotonic() + timeout
+    while (free := node_info(address).free_cache_tokens) != budget:
+        assert time.monotonic() < deadline, f"{address} still holds {budget - free} cache tokens"
+        time.sleep(0.05)

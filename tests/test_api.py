@@ -17,7 +17,6 @@ import openai
 import pytest
 import torch
 import uvicorn
-from transformers import AutoTokenizer
 
 from client import ClientConfig, DistributedModelForCausalLM
 from client.api import create_app
@@ -49,18 +48,6 @@ class ApiServer:
         self.server.should_exit = True
         self.thread.join(30)
         self.listener.close()
-
-
-@pytest.fixture(scope="module")
-def tokenizer(smollm_dir):
-    return AutoTokenizer.from_pretrained(smollm_dir)
-
-
-@pytest.fixture(scope="module")
-def remote(smollm_dir, smollm_chain):
-    model = DistributedModelForCausalLM.from_pretrained(str(smollm_dir), peers=[n.address for n in smollm_chain])
-    yield model
-    model.close()
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import subprocess
 import sys
 import time
 
-import grpc
 import pytest
 import torch
 from transformers import AutoTokenizer
@@ -16,8 +15,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from client import ClientConfig, DistributedModelForCausalLM, MissingLayersError
 from node.launcher import NodeProcess
-from node.rpc.generated import potluck_pb2 as pb
-from node.rpc.generated import potluck_pb2_grpc as pb_grpc
+from tests.swarm_fixtures import node_info, wait_for_full_cache
 
 NEW_TOKENS = 64
 FAST = ("--heartbeat", "1", "--ttl", "4", "--threads", "2", "--no-mdns")
@@ -61,18 +59,6 @@ def nodes(smollm_dir, tmp_path):
     finally:
         for node in started:
             node.kill()
-
-
-def info(address: str) -> pb.InfoReply:
-    with grpc.insecure_channel(address) as channel:
-        return pb_grpc.PotluckStub(channel).Info(pb.InfoRequest(), timeout=5)
-
-
-def wait_for_full_cache(address: str, budget: int = 65536, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while (free := info(address).free_cache_tokens) != budget:
-        assert time.monotonic() < deadline, f"{address} still holds {budget - free} cache tokens"
-        time.sleep(0.1)
 
 
 class AtToken(BaseStreamer):
@@ -183,7 +169,6 @@ def test_graceful_drain_during_generation(smollm_dir, nodes, prompt_ids, expecte
 
 
 def test_chaos_ten_kills_in_one_long_generation(smollm_dir, nodes, prompt_ids, smollm_reference):
-    spans = [(0, 10), (10, 20), (20, 30)]
     first = nodes((0, 10))[0]
     boot = ("--bootstrap", first.address)
     processes = [first] + nodes((10, 20), (20, 30), (0, 10), (10, 20), (20, 30), extra=boot)
@@ -220,7 +205,7 @@ def test_killed_client_frees_the_nodes_caches(smollm_dir, nodes):
     peers = ",".join(n.address for n in chain)
 
     def free_tokens():
-        return [info(node.address).free_cache_tokens for node in chain]
+        return [node_info(node.address).free_cache_tokens for node in chain]
 
     budget = free_tokens()
     client_process = subprocess.Popen(

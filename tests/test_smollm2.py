@@ -8,10 +8,9 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoTokenizer
 
-from client import DistributedModelForCausalLM
 from client.textgen import encode_prompt, generate_text
+from tests.swarm_fixtures import wait_for_full_cache
 
 CHAT_PROMPT = "What is the capital of France?"  # the demo's prompt
 PROMPTS = [
@@ -22,38 +21,12 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tokenizer(smollm_dir):
-    return AutoTokenizer.from_pretrained(smollm_dir)
-
-
-@pytest.fixture(scope="module")
-def remote(smollm_dir, smollm_chain):
-    model = DistributedModelForCausalLM.from_pretrained(str(smollm_dir), peers=[n.address for n in smollm_chain])
-    yield model
-    model.close()
-
-
 @pytest.fixture(autouse=True)
 def chain_cache_freed(smollm_chain):
     """After every test here, the three nodes' caches are free again (checked through Info)."""
     yield
-    import time
-
-    import grpc
-
-    from node.rpc.generated import potluck_pb2 as pb
-    from node.rpc.generated import potluck_pb2_grpc as pb_grpc
-
     for node in smollm_chain:
-        deadline = time.monotonic() + 5
-        while True:
-            with grpc.insecure_channel(node.address) as channel:
-                info = pb_grpc.PotluckStub(channel).Info(pb.InfoRequest(), timeout=5)
-            if info.free_cache_tokens == 65536:
-                break
-            assert time.monotonic() < deadline, f"{node.address} still holds {65536 - info.free_cache_tokens} tokens"
-            time.sleep(0.05)
+        wait_for_full_cache(node.address, timeout=5)
 
 
 def local_generate(reference, input_ids, **kwargs):
