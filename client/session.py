@@ -187,7 +187,7 @@ class InferenceSession:
         if not self.hops:
             self.batch_size = hidden.shape[0]
             await self._open()
-        message = codec.encode_tensor(hidden, codec.WIRE_DTYPES[self.wire_dtype])
+        message = codec.encode_hidden(hidden, self.wire_dtype)
         pos = codec.encode_tensor(position_ids.to(torch.int64)) if position_ids is not None else None
         mask = codec.encode_tensor(attention_mask.to(torch.int64)) if attention_mask is not None else None
         index = 0

@@ -207,8 +207,7 @@ class SwarmClient:
         return self._loop.run(self._forward(self.route(), hidden, position_ids, attention_mask))
 
     async def _forward(self, route: list[Hop], hidden, position_ids, attention_mask) -> torch.Tensor:
-        wire = codec.WIRE_DTYPES[self.config.wire_dtype]
-        message = codec.encode_tensor(hidden, wire)
+        message = codec.encode_hidden(hidden, self.config.wire_dtype)
         for hop in route:
             request = pb.ForwardRequest(start=hop.start, end=hop.end, hidden=message, wire_dtype=self.config.wire_dtype)
             if position_ids is not None:

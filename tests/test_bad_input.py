@@ -148,3 +148,15 @@ def test_info_reports_the_span_and_free_cache(stub):
     assert info.protocol_version == codec.PROTOCOL_VERSION
     assert info.free_cache_tokens == 256 and info.max_length == 64
     assert info.dtype == "float32" and info.device == "cpu" and len(info.config_hash) == 16
+
+
+def test_a_step_at_an_earlier_position_rewinds_the_cache(stub, tiny_model_dir):
+    """Push recovery re-sends a step a node may already have run: the node forgets what came after it."""
+    torch.manual_seed(3)
+    prompt, wrong, right = torch.randn(1, 4, HIDDEN), torch.randn(1, 2, HIDDEN), torch.randn(1, 1, HIDDEN)
+    replies, error = run_stream(stub, [open_request(sid="rewind"), step_request(prompt), step_request(wrong, position=4),
+                                       step_request(right, position=4)])
+    assert error is None, error
+    assert [r.result.position for r in replies[1:]] == [4, 6, 5]
+    expected = reference_layers(tiny_model_dir, torch.cat([prompt, right], dim=1))[:, -1:]
+    torch.testing.assert_close(codec.decode_tensor(replies[3].result.hidden), expected, rtol=1e-5, atol=1e-5)

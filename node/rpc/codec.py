@@ -34,6 +34,11 @@ def wire_dtype(name: str) -> torch.dtype:
     return WIRE_DTYPES[name]
 
 
+def encode_hidden(tensor: torch.Tensor, wire: str) -> pb.Tensor:
+    """Hidden states -> message in the session's wire format (a name from FLOAT_WIRE_DTYPES)."""
+    return encode_tensor(tensor, wire_dtype(wire))
+
+
 def dtype_to_name(dtype: torch.dtype) -> str:
     return _NAMES[dtype]
 

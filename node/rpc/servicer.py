@@ -118,7 +118,7 @@ class PotluckServicer(pb_grpc.PotluckServicer):
                 dtype,
                 executor.max_length,
             )
-            reply = pb.ForwardReply(hidden=codec.encode_tensor(out))
+            reply = pb.ForwardReply(hidden=codec.encode_hidden(out, request.wire_dtype or request.hidden.dtype))
             if self.metrics is not None:
                 self.metrics.forward(len(request.hidden.data), len(reply.hidden.data))
             return reply
@@ -150,6 +150,7 @@ class PotluckServicer(pb_grpc.PotluckServicer):
                         opened.max_length,
                         codec.wire_dtype(opened.wire_dtype or "float32"),
                     )
+                    session.wire = opened.wire_dtype or "float32"
                     session.handler = asyncio.current_task()
                     yield pb.SessionReply(opened=pb.Opened(session_id=session.session_id, max_length=session.max_length))
                 elif kind == "step":
@@ -166,7 +167,7 @@ class PotluckServicer(pb_grpc.PotluckServicer):
                     )
                     seconds = time.perf_counter() - started
                     reply = pb.SessionReply(
-                        result=pb.StepResult(hidden=codec.encode_tensor(out), step_id=step.step_id,
+                        result=pb.StepResult(hidden=codec.encode_hidden(out, session.wire), step_id=step.step_id,
                                              position=session.position, compute_ms=seconds * 1000)
                     )
                     if self.metrics is not None:

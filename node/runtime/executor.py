@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from node.model.span import SpanModel
-from node.runtime.errors import InvalidRequest, OutOfRange
+from node.runtime.errors import FailedPrecondition, InvalidRequest, OutOfRange
 from node.runtime.sessions import Session, SessionTable, kv_bytes_per_token
 
 log = logging.getLogger(__name__)
@@ -96,8 +96,9 @@ class Executor:
     ) -> torch.Tensor:
         self._check_hidden(hidden, session.batch_size, session.wire_dtype)
         tokens = hidden.shape[1]
-        if position != session.position:
+        if position > session.position:
             raise InvalidRequest(f"step says the cache holds {position} tokens but it holds {session.position}")
+        # position < session.position rewinds: the client re-sends a step this node already ran (push recovery)
         if position + tokens > session.max_length:
             raise OutOfRange(
                 f"step would reach position {position + tokens}, past the session's max_length {session.max_length}"
@@ -107,7 +108,7 @@ class Executor:
         loop = asyncio.get_running_loop()
         session.busy = True
         try:
-            return await loop.run_in_executor(self._pool, self._run_step, session, hidden, position_ids, attention_mask)
+            return await loop.run_in_executor(self._pool, self._run_step, session, hidden, position_ids, attention_mask, position)
         except Exception:
             self.sessions.pop(session.session_id)  # its cache may be half-updated: never reuse it
             raise
@@ -115,7 +116,9 @@ class Executor:
             session.busy = False
             session.last_used = time.monotonic()
 
-    def _run_step(self, session: Session, hidden, position_ids, attention_mask) -> torch.Tensor:
+    def _run_step(self, session: Session, hidden, position_ids, attention_mask, position: int) -> torch.Tensor:
+        if position < session.position:
+            self._rewind(session, position)
         tokens = hidden.shape[1]
         device = self.span.device
         if position_ids is None:
@@ -144,6 +147,17 @@ class Executor:
             )
         session.position += tokens
         return out.to(device="cpu", dtype=session.wire_dtype)
+
+    @staticmethod
+    def _rewind(session: Session, position: int) -> None:
+        """Forget the cached tokens from `position` on."""
+        try:
+            session.cache.crop(position - session.position)  # a negative count: tokens to drop
+        except (RuntimeError, ValueError) as error:  # sliding-window layers past their window cannot go back
+            raise FailedPrecondition(f"cannot rewind this session's cache to {position} tokens: {error}") from None
+        if session.mask is not None:
+            session.mask = session.mask[:, :position]
+        session.position = position
 
     async def forward(
         self,
