@@ -90,6 +90,8 @@ def _add_join_args(join: argparse.ArgumentParser) -> None:
     join.add_argument("--max-length", type=_positive, default=8192, help="longest session in tokens (default 8192)")
     join.add_argument("--cache-tokens", type=_positive, default=65536, help="KV cache budget in tokens (default 65536)")
     join.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    join.add_argument("--no-lean", action="store_true",
+                      help="run transformers' own layers instead of the lean runtime (for comparisons)")
     join.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     join.add_argument("--name", default="", help="a name shown by `potluck status` (default host:port)")
     join.add_argument("--announce", default=None, help="HOST:PORT others should dial (default: the bound address)")
@@ -222,7 +224,7 @@ def _join(args: argparse.Namespace) -> None:
     config = NodeConfig(
         model=model, start=start, end=end, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
         max_length=args.max_length, cache_tokens=args.cache_tokens, threads=args.threads, revision=revision,
-        name=args.name, announce=args.announce, identity=args.identity, bootstrap=bootstrap_list(args.bootstrap),
+        lean=not args.no_lean, name=args.name, announce=args.announce, identity=args.identity, bootstrap=bootstrap_list(args.bootstrap),
         mdns=not args.no_mdns, mdns_interface=args.mdns_interface, num_blocks=args.num_blocks,
         memory_bytes=parse_size(args.memory) if args.memory else None, throughput=args.throughput,
         heartbeat=args.heartbeat, ttl=args.ttl, rebalance=not args.no_rebalance,

@@ -61,6 +61,7 @@ class NodeConfig:
     cache_tokens: int = 65536       # KV cache budget over all sessions, in tokens (batch x max_length each)
     max_batch: int = 64             # largest batch in one session or forward
     threads: int = 0                # torch intra-op threads on CPU; 0 = torch's default
+    lean: bool = True               # the lean runtime (fused weights, static cache, batching) where the family has one
     revision: str | None = None     # hub revision (branch, tag or commit)
     name: str = ""                  # a human-friendly name shown by `potluck status`
     grace_seconds: float = 5.0      # how long the final stop waits for calls in flight

@@ -201,6 +201,10 @@ async def _load(node: RunningNode, span: Span) -> None:
                                        config.progress)
     if node.device.type == "cpu":
         transpose_linears(model)  # faster one-token products on CPU (node/model/fast_linear.py)
+    if config.lean:
+        reason = model.make_lean()  # fused weights, static caches, batched decoding (node/model/lean.py)
+        if reason:
+            log.info("no lean runtime for this family (%s); using transformers' layers", reason)
     if config.throughput is not None:
         node.throughput = Throughput(decode=config.throughput, prefill=config.throughput * 8)
     else:

@@ -44,17 +44,34 @@ class SpanModel(nn.Module):
         if unknown:
             raise NotImplementedError(f"attention types {unknown} are not supported yet")
         self.layer_types = types
+        self.lean = None  # a LeanSpan once `make_lean` succeeded: every pass runs on it then
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
+        return self.lean.dtype if self.lean is not None else next(self.parameters()).dtype
 
     @property
     def device(self) -> torch.device:
-        return next(self.parameters()).device
+        return self.lean.device if self.lean is not None else next(self.parameters()).device
 
-    def new_cache(self) -> DynamicCache:
-        return DynamicCache(config=self.config)
+    def make_lean(self) -> str | None:
+        """Switch to the lean runtime (node/model/lean.py) if this family has one; returns why not, or None.
+
+        The layers' own projection weights are released (the fused copies replace them)."""
+        from node.model.lean import LeanSpan, lean_unsupported
+
+        reason = lean_unsupported(self)
+        if reason is None:
+            self.lean = LeanSpan(self)
+        return reason
+
+    def new_cache(self, batch: int = 1, max_length: int = 2048, start: int | None = None, end: int | None = None):
+        """An empty cache for layers [start, end): static on the lean path, transformers' DynamicCache otherwise."""
+        if self.lean is None:
+            return DynamicCache(config=self.config)
+        start = self.start if start is None else start
+        end = self.end if end is None else end
+        return self.lean.new_cache(start, end, batch, max_length)
 
     def forward(
         self,
@@ -71,6 +88,8 @@ class SpanModel(nn.Module):
         `cache` holds the past keys/values by global layer index and is updated in place."""
         start = self.start if start is None else start
         end = self.end if end is None else end
+        if self.lean is not None:
+            return self._lean_forward(hidden, position_ids, attention_mask, cache, start, end)
         mask_kwargs = dict(
             config=self.config,
             inputs_embeds=hidden,
@@ -93,3 +112,16 @@ class SpanModel(nn.Module):
             if isinstance(hidden, tuple):  # a few families still return (hidden, ...)
                 hidden = hidden[0]
         return hidden
+
+    def _lean_forward(self, hidden, position_ids, attention_mask, cache, start: int, end: int) -> torch.Tensor:
+        from node.model.lean import Row
+
+        past = cache.length if cache is not None else 0
+        tokens = hidden.shape[1]
+        if cache is not None and past + tokens > cache.max_length:
+            raise ValueError(f"the cache holds {cache.max_length} tokens; {past} + {tokens} do not fit")
+        row = Row(hidden, position_ids.expand(hidden.shape[0], tokens), past, cache, attention_mask)
+        out = self.lean.run([row], start, end)[0]
+        if cache is not None:
+            cache.length = past + tokens
+        return out

@@ -1,14 +1,21 @@
-"""Validates steps and runs them on the span, one at a time, off the event loop."""
+"""Validates steps and runs them on the span off the event loop.
+
+On the lean path (node/model/lean.py) the steps that arrive while the compute thread is busy are
+run together in its next pass (continuous batching over sessions of different lengths); on the
+generic path they run one at a time."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import torch
 
+from node.model.lean import Row
 from node.model.span import SpanModel
 from node.runtime.errors import FailedPrecondition, InvalidRequest, OutOfRange
 from node.runtime.sessions import Session, SessionTable, kv_bytes_per_token
@@ -16,10 +23,41 @@ from node.runtime.sessions import Session, SessionTable, kv_bytes_per_token
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class _Work:
+    """A step waiting for the compute thread."""
+
+    session: Session
+    hidden: torch.Tensor
+    position_ids: torch.Tensor | None
+    attention_mask: torch.Tensor | None
+    position: int
+    future: Future = field(default_factory=Future)
+
+    @property
+    def tokens(self) -> int:
+        return self.hidden.shape[0] * self.hidden.shape[1]
+
+
+def _chunks(works: list[_Work], max_tokens: int) -> list[list[_Work]]:
+    """Consecutive groups of steps with at most `max_tokens` tokens each (a bigger step goes alone)."""
+    chunks, current, size = [], [], 0
+    for work in works:
+        if current and size + work.tokens > max_tokens:
+            chunks.append(current)
+            current, size = [], 0
+        current.append(work)
+        size += work.tokens
+    if current:
+        chunks.append(current)
+    return chunks
+
+
 class Executor:
     """Owns the span, the open sessions and the compute thread."""
 
-    def __init__(self, span: SpanModel, cache_tokens: int, max_length: int, max_batch: int = 64):
+    def __init__(self, span: SpanModel, cache_tokens: int, max_length: int, max_batch: int = 64,
+                 max_pass_tokens: int = 4096):
         self.span = span
         self.sessions = SessionTable(cache_tokens)
         self.max_length = max_length
@@ -28,6 +66,13 @@ class Executor:
         self.kv_bytes_per_token = kv_bytes_per_token(span.config, span.end - span.start, span.dtype)  # an estimate
         # One compute thread: torch uses its own intra-op threads; steps never run concurrently.
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="potluck-compute")
+        self.lean = span.lean  # None: the generic span, one step at a time
+        self.max_pass_tokens = max_pass_tokens
+        self._lock = threading.Lock()
+        self._pending: list[_Work] = []
+        self._pass_queued = False
+        self.passes = 0  # lean passes run, and the steps they carried (steps / passes = mean batch)
+        self.batched_steps = 0
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -69,7 +114,8 @@ class Executor:
             raise InvalidRequest(f"batch_size {batch_size} is not within 1..{self.max_batch}")
         if not 1 <= max_length <= self.max_length:
             raise OutOfRange(f"max_length {max_length} is not within 1..{self.max_length} (this node's limit)")
-        session = Session(session_id, start, end, batch_size, max_length, wire_dtype, self.span.new_cache())
+        cache = self.span.new_cache(batch_size, max_length, start, end)
+        session = Session(session_id, start, end, batch_size, max_length, wire_dtype, cache)
         self.sessions.add(session)
         return session
 
@@ -105,9 +151,11 @@ class Executor:
             )
         self._check_aux("position_ids", position_ids, (session.batch_size, tokens))
         self._check_aux("attention_mask", attention_mask, (session.batch_size, tokens))
-        loop = asyncio.get_running_loop()
         session.busy = True
         try:
+            if self.lean is not None:
+                return await self._batched(session, hidden, position_ids, attention_mask, position)
+            loop = asyncio.get_running_loop()
             return await loop.run_in_executor(self._pool, self._run_step, session, hidden, position_ids, attention_mask, position)
         except Exception:
             self.sessions.pop(session.session_id)  # its cache may be half-updated: never reuse it
@@ -116,13 +164,15 @@ class Executor:
             session.busy = False
             session.last_used = time.monotonic()
 
-    def _run_step(self, session: Session, hidden, position_ids, attention_mask, position: int) -> torch.Tensor:
+    def _prepare(self, session: Session, hidden, position_ids, attention_mask, position: int):
+        """Rewind if asked; then the step's position ids and the 2D mask over past + new tokens (None: no
+        padding). Nothing else changes until `_commit`, so a failed pass can be retried."""
         if position < session.position:
             self._rewind(session, position)
         tokens = hidden.shape[1]
-        device = self.span.device
         if position_ids is None:
             position_ids = torch.arange(session.position, session.position + tokens).expand(session.batch_size, tokens)
+        mask = None
         if attention_mask is not None or session.mask is not None:
             new = (
                 torch.ones(session.batch_size, tokens, dtype=torch.long)
@@ -135,18 +185,85 @@ class Executor:
                 else torch.ones(session.batch_size, session.position, dtype=torch.long)
             )
             full = torch.cat([past, new], dim=1)
-            session.mask = None if bool(full.all()) else full
+            mask = None if bool(full.all()) else full
+        return position_ids.to(torch.long), mask
+
+    @staticmethod
+    def _commit(session: Session, tokens: int, mask: torch.Tensor | None) -> None:
+        session.mask = mask
+        session.position += tokens
+
+    def _run_step(self, session: Session, hidden, position_ids, attention_mask, position: int) -> torch.Tensor:
+        """One step on the generic span (transformers' layers and DynamicCache)."""
+        position_ids, mask = self._prepare(session, hidden, position_ids, attention_mask, position)
+        device = self.span.device
         with torch.inference_mode():
             out = self.span(
                 hidden.to(device=device, dtype=self.span.dtype),
-                position_ids.to(device=device, dtype=torch.long),
-                session.mask.to(device) if session.mask is not None else None,
+                position_ids.to(device=device),
+                mask.to(device) if mask is not None else None,
                 session.cache,
                 start=session.start,
                 end=session.end,
             )
-        session.position += tokens
+        self._commit(session, hidden.shape[1], mask)
         return out.to(device="cpu", dtype=session.wire_dtype)
+
+    # -- continuous batching (lean path) ----------------------------------------------------
+    async def _batched(self, session: Session, hidden, position_ids, attention_mask, position: int) -> torch.Tensor:
+        """Queue the step; the compute thread runs every queued step of the same layers in one pass."""
+        work = _Work(session, hidden, position_ids, attention_mask, position)
+        with self._lock:
+            self._pending.append(work)
+            submit = not self._pass_queued
+            self._pass_queued = True
+        if submit:
+            self._pool.submit(self._run_pending)
+        return await asyncio.wrap_future(work.future)
+
+    def _run_pending(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+            self._pass_queued = False
+        groups: dict[tuple[int, int], list[_Work]] = {}
+        for work in pending:
+            groups.setdefault((work.session.start, work.session.end), []).append(work)
+        for (start, end), works in groups.items():
+            for chunk in _chunks(works, self.max_pass_tokens):
+                self._run_pass(start, end, chunk)
+
+    def _run_pass(self, start: int, end: int, works: list[_Work]) -> None:
+        """One forward over several sessions' steps; a failing pass is retried step by step so that one
+        bad step fails alone (a static cache slot written twice at the same position is harmless)."""
+        try:
+            outputs = self._lean_pass(start, end, works)
+        except Exception as error:
+            if len(works) == 1:
+                works[0].future.set_exception(error)
+                return
+            for work in works:
+                self._run_pass(start, end, [work])
+            return
+        self.passes += 1
+        self.batched_steps += len(works)
+        for work, out in zip(works, outputs):
+            work.future.set_result(out)
+
+    def _lean_pass(self, start: int, end: int, works: list[_Work]) -> list[torch.Tensor]:
+        rows = []
+        for work in works:
+            session = work.session
+            position_ids, mask = self._prepare(session, work.hidden, work.position_ids, work.attention_mask, work.position)
+            rows.append(Row(work.hidden, position_ids, session.position, session.cache, mask))
+        with torch.inference_mode():
+            outputs = self.lean.run(rows, start, end)
+        results = []
+        for work, row, out in zip(works, rows, outputs):
+            session = work.session
+            self._commit(session, work.hidden.shape[1], row.mask)
+            session.cache.length = session.position
+            results.append(out.to(device="cpu", dtype=session.wire_dtype))
+        return results
 
     @staticmethod
     def _rewind(session: Session, position: int) -> None:
