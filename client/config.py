@@ -25,6 +25,7 @@ class ClientConfig:
     missing_wait: float = 30.0         # after a failure, how long to wait for a node covering lost layers
     max_failovers: int = 20            # failovers one session may go through before giving up
     ban_seconds: float = 5.0           # first ban of a failed node; doubles with each strike (up to 5 min)
+    push: bool = True                  # nodes forward each step along the chain (k+1 trips a token, not 2k)
 
     def __post_init__(self) -> None:
         if self.wire_dtype not in FLOAT_WIRE_DTYPES:

@@ -72,15 +72,17 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         device: str = "cpu",
         dtype: str = "float32",
         wire_dtype: str = "float32",
+        push: bool = True,
         config: ClientConfig | None = None,
     ) -> "DistributedModelForCausalLM":
         """Load the client's parts of `model` and find the nodes serving the rest.
 
         With `peers`, route through exactly those nodes; without, discover the swarm through the
-        `bootstrap` nodes and/or mDNS (on `mdns_interface`)."""
+        `bootstrap` nodes and/or mDNS (on `mdns_interface`). With `push` (the default), nodes forward
+        each step along the chain themselves; `push=False` sends every hop its step from the client."""
         config = config or ClientConfig(
             peers=tuple(peers), bootstrap=tuple(bootstrap), mdns=mdns, mdns_interface=mdns_interface, device=device,
-            dtype=dtype, wire_dtype=wire_dtype,
+            dtype=dtype, wire_dtype=wire_dtype, push=push,
         )
         files = ModelFiles.open(model, revision=revision)
         parts = load_client_parts(files, resolve_device(config.device), parse_dtype(config.dtype))

@@ -3,7 +3,13 @@
 Each hop keeps the inputs it was sent (its history). When a hop fails (connection lost,
 deadline exceeded, node draining or gone), the session asks its router for a replacement
 chain for just that hop's layers, possibly several nodes, replays the history to rebuild
-their caches, and carries on from the same step."""
+their caches, and carries on from the same step.
+
+With push (when every hop's node offers it), the client sends a step to the first hop only, with
+the rest of the route; each node hands its output straight to the next one and also answers on its
+own stream, so the client still learns every hop's output (each hop's history) without sending
+it. When the chain breaks, the client recovers the first hop that gave no result and finishes that
+step itself, hop by hop; the next step pushes again over the new route."""
 
 from __future__ import annotations
 
@@ -12,7 +18,7 @@ import itertools
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import grpc
@@ -68,7 +74,9 @@ class HopStream:
         self.batch_size = batch_size
         self.wire_dtype = wire_dtype
         self.position = 0
-        self.history: list[pb.Step] = []  # every step sent, for replay
+        self.push = False  # the node accepts pushed steps into this session (said in its Opened reply)
+        self.history: list[pb.Step] = []  # every step this hop ran (sent by us or pushed), for replay
+        self.sent_steps = 0  # steps this client wrote to the stream itself
         self._call = None
 
     async def open(self, session_timeout: float, timeout: float) -> None:
@@ -79,25 +87,82 @@ class HopStream:
                 batch_size=self.batch_size, wire_dtype=self.wire_dtype,
             )
         )
-        await self._exchange(request, "opened", timeout)
+        opened = await self._guarded(self._exchange(request, "opened"), timeout)
+        self.push = opened.push
 
-    async def step(self, hidden: pb.Tensor, position_ids: pb.Tensor | None, mask: pb.Tensor | None,
-                   timeout: float) -> pb.StepResult:
-        step = pb.Step(hidden=hidden, position=self.position, step_id=len(self.history))
+    def make_step(self, hidden: pb.Tensor, position_ids: pb.Tensor | None, mask: pb.Tensor | None,
+                  step_id: int) -> pb.Step:
+        step = pb.Step(hidden=hidden, position=self.position, step_id=step_id)
         if position_ids is not None:
             step.position_ids.CopyFrom(position_ids)
         if mask is not None:
             step.attention_mask.CopyFrom(mask)
-        result = await self._exchange(pb.SessionRequest(step=step), "result", timeout)
-        self.history.append(step)
-        self.position = result.position
+        return step
+
+    async def step(self, hidden: pb.Tensor, position_ids: pb.Tensor | None, mask: pb.Tensor | None,
+                   timeout: float, step_id: int) -> pb.StepResult:
+        """Send one step and wait for its result (client-driven)."""
+        step = self.make_step(hidden, position_ids, mask, step_id)
+        result = await self._guarded(self._send_and_read(step), timeout)
+        self.record(step, result)
         return result
 
-    async def _exchange(self, request: pb.SessionRequest, expect: str, timeout: float):
+    async def send(self, step: pb.Step, timeout: float) -> None:
+        """Write a step without waiting for its result (the first hop of a pushed step)."""
+        await self._guarded(self._write(pb.SessionRequest(step=step)), timeout)
+
+    async def result(self, step_id: int, timeout: float) -> pb.StepResult:
+        """The result of step `step_id` on this stream (older results left over from a failure are skipped)."""
+        return await self._guarded(self._read_result(step_id), timeout)
+
+    def record(self, step: pb.Step, result: pb.StepResult) -> None:
+        """This hop ran `step` (without its push list) and now holds `result.position` tokens."""
+        if step.push:
+            clean = pb.Step()
+            clean.CopyFrom(step)
+            clean.ClearField("push")
+            step = clean
+        self.history.append(step)
+        self.position = result.position
+
+    async def _send_and_read(self, step: pb.Step) -> pb.StepResult:
+        await self._write(pb.SessionRequest(step=step))
+        return await self._read_result(step.step_id)
+
+    async def _write(self, request: pb.SessionRequest) -> None:
+        await self._call.write(request)
+        if request.WhichOneof("kind") == "step":
+            self.sent_steps += 1
+
+    async def _read_result(self, step_id: int) -> pb.StepResult:
+        while True:
+            result = await self._read("result")
+            if result.step_id >= step_id:
+                break
+            # a result of an older step: the node ran a step both pushed and re-sent after a failure
+        if result.step_id != step_id:
+            raise PeerError(self.peer.address, f"expected the result of step {step_id}, got step {result.step_id}")
+        return result
+
+    async def _exchange(self, request: pb.SessionRequest, expect: str):
+        await self._write(request)
+        return await self._read(expect)
+
+    async def _read(self, expect: str):
+        reply = await self._call.read()
+        if reply is grpc.aio.EOF:
+            code = await self._call.code()
+            details = await self._call.details()
+            raise PeerError(self.peer.address, details or "stream closed", code)
+        if reply.WhichOneof("kind") != expect:
+            raise PeerError(self.peer.address, f"expected {expect!r}, got {reply.WhichOneof('kind')!r}")
+        return getattr(reply, expect)
+
+    async def _guarded(self, work, timeout: float):
+        """Await `work` (reads and writes on the stream) within `timeout`; failures become PeerError."""
         try:
             async with asyncio.timeout(timeout):  # one timer per exchange, no extra tasks
-                await self._call.write(request)
-                reply = await self._call.read()
+                return await work
         except grpc.aio.AioRpcError as error:
             raise PeerError.from_rpc(self.peer.address, error) from None
         except TimeoutError:
@@ -106,13 +171,6 @@ class HopStream:
         except asyncio.InvalidStateError:  # the RPC had already ended (e.g. the node was unreachable)
             code, details = await self._call.code(), await self._call.details()
             raise PeerError(self.peer.address, details or "stream already closed", code) from None
-        if reply is grpc.aio.EOF:
-            code = await self._call.code()
-            details = await self._call.details()
-            raise PeerError(self.peer.address, details or "stream closed", code)
-        if reply.WhichOneof("kind") != expect:
-            raise PeerError(self.peer.address, f"expected {expect!r}, got {reply.WhichOneof('kind')!r}")
-        return getattr(reply, expect)
 
     async def close(self) -> None:
         if self._call is None or self._call.done():
@@ -149,19 +207,22 @@ class InferenceSession:
     """Steps hidden states through every hop in order; opened lazily on the first step."""
 
     def __init__(self, router: Router, route: list[Hop], max_length: int, wire_dtype: str, session_timeout: float,
-                 max_failovers: int = 20):
+                 max_failovers: int = 20, push: bool = True):
         self.router = router
         self.route = list(route)
         self.max_length = max_length
         self.wire_dtype = wire_dtype
         self.session_timeout = session_timeout
         self.max_failovers = max_failovers
+        self.push = push  # let nodes forward each step along the chain (when all of them offer it)
         self.session_id = uuid.uuid4().hex
         self._ids = itertools.count()
+        self._step_ids = itertools.count(1)  # one increasing sequence for every step sent to any hop
         self.position = 0
         self.batch_size = 0
         self.hops: list[HopStream] = []
         self.events: list[RecoveryEvent] = []
+        self.pushed_steps = 0  # steps that went through the whole chain by push
 
     def _stream(self, hop: Hop) -> HopStream:
         return HopStream(self.router.peer(hop.peer.address), hop, f"{self.session_id}-{next(self._ids)}",
@@ -178,6 +239,12 @@ class InferenceSession:
             elif isinstance(results[index], BaseException):
                 raise results[index]
 
+    @property
+    def pushing(self) -> bool:
+        """Whether the next step goes by push: asked for, more than one hop, and every hop's node offers it."""
+        return (self.push and len(self.hops) > 1
+                and all(stream.push and stream.position == self.position for stream in self.hops))
+
     async def step(self, hidden: torch.Tensor, position_ids: torch.Tensor | None = None,
                    attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """hidden [batch, tokens, hidden_size] after the embeddings -> hidden after the last layer."""
@@ -191,11 +258,61 @@ class InferenceSession:
         pos = codec.encode_tensor(position_ids.to(torch.int64)) if position_ids is not None else None
         mask = codec.encode_tensor(attention_mask.to(torch.int64)) if attention_mask is not None else None
         index = 0
+        if self.pushing:
+            index, message = await self._push_step(message, pos, mask, tokens)
+        if index < len(self.hops):
+            message = await self._drive(index, message, pos, mask, tokens)
+        self.position += tokens
+        return codec.decode_tensor(message, "hidden").clone()
+
+    async def _push_step(self, message: pb.Tensor, pos: pb.Tensor | None, mask: pb.Tensor | None,
+                         tokens: int) -> tuple[int, pb.Tensor]:
+        """Send the step to the first hop with the rest of the route, then read every hop's result.
+
+        Returns (n, the input of hop n): n = len(hops) once every hop answered; otherwise hop n is the
+        first without a result (recovered already if its stream failed) and the caller finishes the step
+        from there. Hop j's result may take as long as the deadlines of hops 0..j together."""
+        step_id = next(self._step_ids)
+        first = self.hops[0].make_step(message, pos, mask, step_id)
+        deadlines = [self.router.deadline(stream.hop, tokens) for stream in self.hops]
+        for before, stream in zip(deadlines, self.hops[1:]):
+            # the previous node may wait half its own deadline for this one to accept the step
+            first.push.add(address=stream.peer.address, session_id=stream.session_id, timeout=before / 2)
+        sent = time.perf_counter()
+        budget = 0.0
+        for index, stream in enumerate(self.hops):
+            budget += deadlines[index]
+            step = first if index == 0 else stream.make_step(message, pos, mask, step_id)
+            step.position = self.position  # a pushed step carries the first hop's position to every hop
+            try:
+                if index == 0:
+                    await stream.send(first, budget)
+                result = await stream.result(step_id, max(sent + budget - time.perf_counter(), 0.001))
+            except PeerError as error:
+                if error.code not in RECOVERABLE:
+                    raise
+                await self._recover(index, error, sent, time.perf_counter())
+                return index, message
+            stream.record(step, result)
+            message = result.hidden
+            if result.push_error:
+                # the next node did not take the output; send it ourselves (that recovers it if it is gone)
+                log.info("hop %s: %s", stream.peer.address, result.push_error)
+                return index + 1, message
+        self.pushed_steps += 1
+        return len(self.hops), message
+
+    async def _drive(self, index: int, message: pb.Tensor, pos: pb.Tensor | None, mask: pb.Tensor | None,
+                     tokens: int) -> pb.Tensor:
+        """Client-driven: send the step to hop `index`, its result to the next hop, and so on to the last.
+
+        A fresh step id, so that results a hop computed for a broken push of this step are skipped."""
+        step_id = next(self._step_ids)
         while index < len(self.hops):
             stream = self.hops[index]
             sent = time.perf_counter()
             try:
-                result = await stream.step(message, pos, mask, self.router.deadline(stream.hop, tokens))
+                result = await stream.step(message, pos, mask, self.router.deadline(stream.hop, tokens), step_id)
             except PeerError as error:
                 if error.code not in RECOVERABLE:
                     raise
@@ -203,8 +320,7 @@ class InferenceSession:
                 continue  # the same step, from the first replacement hop
             message = result.hidden
             index += 1
-        self.position += tokens
-        return codec.decode_tensor(message, "hidden").clone()
+        return message
 
     async def _recover(self, index: int, error: PeerError, sent: float, noticed: float) -> None:
         """Replace hop `index` by a chain for the same layers, rebuilt from the hop's history."""
@@ -252,8 +368,9 @@ class InferenceSession:
         message = codec.encode_tensor(hidden)
         pos = codec.encode_tensor(positions)
         mask_message = codec.encode_tensor(mask) if mask is not None else None
+        step_id = next(self._step_ids)
         for stream in streams:
-            result = await stream.step(message, pos, mask_message, self.router.deadline(stream.hop, tokens))
+            result = await stream.step(message, pos, mask_message, self.router.deadline(stream.hop, tokens), step_id)
             message = result.hidden
         return tokens
 

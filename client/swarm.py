@@ -199,7 +199,7 @@ class SwarmClient:
         if max_length > limit:
             raise ValueError(f"max_length {max_length} exceeds what the route's nodes accept ({limit})")
         session = InferenceSession(self, route, max_length, self.config.wire_dtype, self.config.session_timeout,
-                                   self.config.max_failovers)
+                                   self.config.max_failovers, push=self.config.push)
         return SyncSession(session, self._loop)
 
     def forward(self, hidden: torch.Tensor, position_ids=None, attention_mask=None) -> torch.Tensor:
@@ -259,6 +259,16 @@ class SyncSession:
     def events(self):
         """RecoveryEvents: every failover this session went through."""
         return self._session.events
+
+    @property
+    def pushed_steps(self) -> int:
+        """Steps the nodes forwarded along the whole chain themselves (push), not hop by hop."""
+        return self._session.pushed_steps
+
+    @property
+    def sent_steps(self) -> list[int]:
+        """Steps the client itself wrote to each hop of the current route (replays included)."""
+        return [stream.sent_steps for stream in self._session.hops]
 
     def step(self, hidden: torch.Tensor, position_ids=None, attention_mask=None) -> torch.Tensor:
         return self._loop.run(self._session.step(hidden, position_ids, attention_mask))

@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_swarm_args(generate)
     _add_generation_args(generate)
     generate.add_argument("--json", action="store_true", help='print {"text": ..., "token_ids": [...]} at the end')
+    generate.add_argument("--no-push", action="store_true",
+                          help="send every hop its step from the client (default: nodes forward steps along the chain)")
     _add_logging(generate)
 
     demo = commands.add_parser("demo", help="start a local 3-node swarm on the embedded model and chat through it")
@@ -242,7 +244,7 @@ def _generate(args: argparse.Namespace) -> None:
     peers = [p.strip() for p in (args.peers or "").split(",") if p.strip()]
     model = DistributedModelForCausalLM.from_pretrained(
         args.model, peers=peers, bootstrap=bootstrap_list(args.bootstrap), mdns=not args.no_mdns,
-        mdns_interface=args.mdns_interface, wire_dtype=args.wire_dtype)
+        mdns_interface=args.mdns_interface, wire_dtype=args.wire_dtype, push=not args.no_push)
     try:
         tokenizer = load_tokenizer(args.model)
         result = generate_text(

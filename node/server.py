@@ -87,6 +87,7 @@ class RunningNode:
     throughput: Throughput | None = None
     metrics: NodeMetrics | None = None  # None: --metrics-port off
     metrics_server: MetricsServer | None = None
+    servicer: PotluckServicer | None = None  # holds the channels pushed steps are forwarded on
     tasks: list[asyncio.Task] = field(default_factory=list)
 
     @property
@@ -129,6 +130,8 @@ class RunningNode:
             log.exception("could not announce OFFLINE")
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        if self.servicer is not None:
+            await self.servicer.close()
         await self.membership.close()
         if self.serving.executor is not None:
             self.serving.executor.shutdown()
@@ -275,7 +278,8 @@ async def start_node(config: NodeConfig) -> RunningNode:
     metrics = NodeMetrics() if config.metrics_port is not None else None
     if metrics is not None:
         metrics.watch(_cache_view(serving))
-    pb_grpc.add_PotluckServicer_to_server(PotluckServicer(serving, node_identity, membership, metrics), server)
+    servicer = PotluckServicer(serving, node_identity, membership, metrics)
+    pb_grpc.add_PotluckServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     await server.start()
@@ -289,7 +293,7 @@ async def start_node(config: NodeConfig) -> RunningNode:
     )
     node = RunningNode(config=config, server=server, health=health_servicer, serving=serving, membership=membership,
                        identity=identity, address=address, files=files, record=record, device=device, dtype=dtype,
-                       metrics=metrics)
+                       metrics=metrics, servicer=servicer)
     try:
         if metrics is not None:
             node.metrics_server = metrics.serve(config.host, config.metrics_port)

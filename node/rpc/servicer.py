@@ -14,8 +14,10 @@ from node.metrics import NodeMetrics
 from node.rpc import codec
 from node.rpc.generated import potluck_pb2 as pb
 from node.rpc.generated import potluck_pb2_grpc as pb_grpc
-from node.runtime.errors import FailedPrecondition, InvalidRequest, RequestError, Unavailable
+from node.rpc import push
+from node.runtime.errors import FailedPrecondition, InvalidRequest, NotFound, RequestError, Unavailable
 from node.runtime.executor import Executor
+from node.runtime.sessions import Session
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +69,9 @@ class PotluckServicer(pb_grpc.PotluckServicer):
         self.identity = identity
         self.membership = membership
         self.metrics = metrics  # None: record nothing
+        self.push_enabled = True  # accept Push and forward steps that carry a push list (advertised in Info, Opened)
+        self.pusher = push.Pusher()
+        self._streams: dict[str, _Stream] = {}  # session id -> its open stream, for Push
 
     def _executor(self) -> Executor:
         executor = self.serving.executor
@@ -101,7 +106,7 @@ class PotluckServicer(pb_grpc.PotluckServicer):
             metadata=codec.pack_metadata({
                 "sessions": len(executor.sessions), "name": self.identity.name, "state": self.serving.state,
                 "throughput": self.serving.throughput, "prefill_throughput": self.serving.prefill_throughput,
-                "started_at": self.serving.started_at,
+                "started_at": self.serving.started_at, "push": self.push_enabled,
             }),
         )
 
@@ -125,20 +130,36 @@ class PotluckServicer(pb_grpc.PotluckServicer):
         except Exception as error:
             await _abort(context, error, self.metrics)
 
-    async def Inference(self, requests: AsyncIterator[pb.SessionRequest], context) -> AsyncIterator[pb.SessionReply]:
-        session = None
+    async def Inference(self, requests: AsyncIterator[pb.SessionRequest], context) -> None:
+        """One hop of one session. A reader task queues the client's requests; Push queues pushed steps
+        on the same inbox; this handler runs them in arrival order and writes one reply per step.
+
+        Replies go out with `context.write` rather than from a generator: a cancellation while a reply
+        is being sent then lands in this coroutine, and `finally` frees the session at once."""
+        stream = _Stream()
         executor = None
+        reader = None
         try:
             executor = self._executor()
-            async for request in requests:
+            reader = asyncio.ensure_future(_read(requests, stream))
+            while True:
+                kind, item = await stream.inbox.get()
+                if kind == "end":
+                    break
+                if kind == "error":
+                    raise item
                 if self.serving.executor is not executor:
                     raise Unavailable("this node moved to other layers; re-route the session")
-                kind = request.WhichOneof("kind")
-                if self.serving.draining and kind != "close":
+                if self.serving.draining:
                     # finish nothing new: the client moves this session to another node (it keeps the history)
                     raise Unavailable("this node is draining; move the session to another node")
+                if kind == "push":
+                    await context.write(await self._step(executor, stream.session, item))
+                    continue
+                request = item
+                kind = request.WhichOneof("kind")
                 if kind == "open":
-                    if session is not None:
+                    if stream.session is not None:
                         raise InvalidRequest("this stream already has an open session")
                     opened = request.open
                     codec.unpack_metadata(opened.metadata)
@@ -152,32 +173,18 @@ class PotluckServicer(pb_grpc.PotluckServicer):
                     )
                     session.wire = opened.wire_dtype or "float32"
                     session.handler = asyncio.current_task()
-                    yield pb.SessionReply(opened=pb.Opened(session_id=session.session_id, max_length=session.max_length))
+                    stream.session = session
+                    self._streams[session.session_id] = stream
+                    await context.write(pb.SessionReply(opened=pb.Opened(
+                        session_id=session.session_id, max_length=session.max_length, push=self.push_enabled)))
                 elif kind == "step":
-                    if session is None:
+                    if stream.session is None:
                         raise FailedPrecondition("send `open` before the first step")
-                    step = request.step
-                    started = time.perf_counter()
-                    out = await executor.step(
-                        session,
-                        codec.decode_tensor(step.hidden, "hidden"),
-                        codec.optional_tensor(step, "position_ids"),
-                        codec.optional_tensor(step, "attention_mask"),
-                        step.position,
-                    )
-                    seconds = time.perf_counter() - started
-                    reply = pb.SessionReply(
-                        result=pb.StepResult(hidden=codec.encode_hidden(out, session.wire), step_id=step.step_id,
-                                             position=session.position, compute_ms=seconds * 1000)
-                    )
-                    if self.metrics is not None:
-                        self.metrics.step(out.shape[1], seconds, len(step.hidden.data), len(reply.result.hidden.data))
-                    yield reply
-                elif kind == "close":
-                    break
+                    await context.write(await self._step(executor, stream.session, request.step))
                 else:
                     raise InvalidRequest("empty SessionRequest: set one of open, step, close")
         except asyncio.CancelledError:
+            session = stream.session
             if session is None or not session.evicted:
                 raise  # the client went away
             # evicted (drain, idle): end the stream with a status the client fails over on
@@ -185,5 +192,108 @@ class PotluckServicer(pb_grpc.PotluckServicer):
         except Exception as error:
             await _abort(context, error, self.metrics)
         finally:
-            if session is not None:
-                executor.close(session.session_id)
+            stream.closed = True  # no await before the session is freed: a second cancel must not skip it
+            if stream.session is not None:
+                if self._streams.get(stream.session.session_id) is stream:
+                    del self._streams[stream.session.session_id]
+                executor.close(stream.session.session_id)
+            if reader is not None:
+                reader.cancel()
+                await asyncio.gather(reader, return_exceptions=True)
+
+    async def _step(self, executor: Executor, session: Session, step: pb.Step) -> pb.SessionReply:
+        """Run one step (the client's or a pushed one); hand its output on if it carries a push list."""
+        if step.push:
+            if not self.push_enabled:
+                raise FailedPrecondition("this node does not forward pushed steps; send each hop its step")
+            push.check_targets(step.push)
+        started = time.perf_counter()
+        out = await executor.step(
+            session,
+            codec.decode_tensor(step.hidden, "hidden"),
+            codec.optional_tensor(step, "position_ids"),
+            codec.optional_tensor(step, "attention_mask"),
+            step.position,
+        )
+        seconds = time.perf_counter() - started
+        hidden = codec.encode_hidden(out, session.wire)
+        result = pb.StepResult(hidden=hidden, step_id=step.step_id, position=session.position, compute_ms=seconds * 1000)
+        if step.push:
+            # The reply waits for the handover (one node-to-node round trip, not the next node's compute):
+            # a failed handover is reported in this very reply, so the client knows where the chain broke.
+            result.push_error = await self.pusher.forward(hidden, step)
+            if result.push_error:
+                log.info("session %s: %s", session.session_id, result.push_error)
+        if self.metrics is not None:
+            sent = len(hidden.data) * (2 if step.push else 1)
+            self.metrics.step(out.shape[1], seconds, len(step.hidden.data), sent)
+        return pb.SessionReply(result=result)
+
+    async def Push(self, request: pb.PushRequest, context) -> pb.PushReply:
+        """Accept a step handed over by the previous hop into one of this node's sessions.
+
+        Returns once the step is queued on that session's stream (its result goes to the client there);
+        a step that cannot be accepted gets a status here, for the pushing node to report."""
+        if not self.push_enabled:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this node does not accept pushed steps")
+        try:
+            executor = self._executor()
+            if self.serving.draining:
+                raise Unavailable("this node is draining; move the session to another node")
+            session = executor.sessions.get(request.session_id)
+            stream = self._streams.get(request.session_id)
+            if stream is None or stream.session is not session or stream.closed:
+                raise NotFound(f"session {request.session_id!r} has no open stream on this node")
+            step = request.step
+            _check_pushed(step, executor, session)
+            if step.step_id <= stream.last_step_id:
+                raise FailedPrecondition(
+                    f"stale step {step.step_id}: session {request.session_id!r} has already seen step {stream.last_step_id}"
+                )
+            stream.last_step_id = step.step_id
+            stream.inbox.put_nowait(("push", step))
+            return pb.PushReply()
+        except Exception as error:
+            await _abort(context, error, self.metrics)
+
+    async def close(self) -> None:
+        """Close the channels to push targets (after the server has stopped)."""
+        await self.pusher.close()
+
+
+class _Stream:
+    """One Inference stream: its session, and the steps waiting to run (the client's and pushed ones)."""
+
+    def __init__(self) -> None:
+        self.session: Session | None = None
+        self.inbox: asyncio.Queue[tuple[str, object]] = asyncio.Queue()
+        self.last_step_id = -1  # highest step id seen; a pushed step must be above it (older ones are stale)
+        self.closed = False
+
+
+async def _read(requests: AsyncIterator[pb.SessionRequest], stream: _Stream) -> None:
+    """Queue the client's requests on the stream's inbox until it closes (or half-closes) the stream."""
+    try:
+        async for request in requests:
+            if request.WhichOneof("kind") == "close":
+                break
+            if request.WhichOneof("kind") == "step":
+                stream.last_step_id = max(stream.last_step_id, request.step.step_id)
+            stream.inbox.put_nowait(("request", request))
+    except Exception as error:  # the handler raises it, in order, after the requests before it
+        stream.inbox.put_nowait(("error", error))
+    stream.inbox.put_nowait(("end", None))
+
+
+def _check_pushed(step: pb.Step, executor: Executor, session: Session) -> None:
+    """What the pushing node can be told at once (the executor checks the rest when the step runs)."""
+    push.check_targets(step.push)
+    hidden = codec.decode_tensor(step.hidden, "hidden")
+    codec.optional_tensor(step, "position_ids")
+    codec.optional_tensor(step, "attention_mask")
+    if hidden.dim() != 3 or hidden.shape[2] != executor.hidden_size:
+        raise InvalidRequest(
+            f"pushed hidden states must be [batch, tokens, {executor.hidden_size}], got shape {list(hidden.shape)}"
+        )
+    if hidden.shape[0] != session.batch_size:
+        raise InvalidRequest(f"pushed batch of {hidden.shape[0]} does not match the session's batch_size {session.batch_size}")

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n node/rpc/generated/potluck.proto\x12\npotluck.v1\"4\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\"\r\n\x0bInfoRequest\"\x82\x02\n\tInfoReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12\x13\n\x0b\x63onfig_hash\x18\x04 \x01(\t\x12\r\n\x05start\x18\x05 \x01(\r\x12\x0b\n\x03\x65nd\x18\x06 \x01(\r\x12\x12\n\nnum_layers\x18\x07 \x01(\r\x12\x13\n\x0bhidden_size\x18\x08 \x01(\r\x12\r\n\x05\x64type\x18\t \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\n \x01(\t\x12\x19\n\x11\x66ree_cache_tokens\x18\x0b \x01(\x04\x12\x12\n\nmax_length\x18\x0c \x01(\r\x12\x10\n\x08metadata\x18\r \x01(\x0c\"\x8b\x01\n\x0bOpenSession\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0b\n\x03\x65nd\x18\x03 \x01(\r\x12\x12\n\nmax_length\x18\x04 \x01(\r\x12\x12\n\nbatch_size\x18\x05 \x01(\r\x12\x12\n\nwire_dtype\x18\x06 \x01(\t\x12\x10\n\x08metadata\x18\x07 \x01(\x0c\"\xa3\x01\n\x04Step\x12\"\n\x06hidden\x18\x01 \x01(\x0b\x32\x12.potluck.v1.Tensor\x12(\n\x0cposition_ids\x18\x02 \x01(\x0b\x32\x12.potluck.v1.Tensor\x12*\n\x0e\x61ttention_mask\x18\x03 \x01(\x0b\x32\x12.potluck.v1.Tensor\x12\x10\n\x08position\x18\x04 \x01(\r\x12\x0f\n\x07step_id\x18\x05 \x01(\x04\"\x0e\n\x0c\x43loseSession\"\x8e\x01\n\x0eSessionRequest\x12\'\n\x04open\x18\x01 \x01(\x0b\x32\x17.potluck.v1.OpenSessionH\x00\x12 \n\x04step\x18\x02 \x01(\x0b\x32\x10.potluck.v1.StepH\x00\x12)\n\x05\x63lose\x18\x03 \x01(\x0b\x32\x18.potluck.v1.CloseSessionH\x00\x42\x06\n\x04kind\"0\n\x06Opened\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nmax_length\x18\x02 \x01(\r\"g\n\nStepResult\x12\"\n\x06hidden\x18\x01 \x01(\x0b\x32\x12.potluck.v1.Tensor\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12\x10\n\x08position\x18\x03 \x01(\r\x12\x12\n\ncompute_ms\x18\x04 \x01(\x02\"f\n\x0cSessionReply\x12$\n\x06opened\x18\x01 \x01(\x0b\x32\x12.potluck.v1.OpenedH\x00\x12(\n\x06result\x18\x02 \x01(\x0b\x32\x16.potluck.v1.StepResultH\x00\x42\x06\n\x04kind\"\xba\x01\n\x0e\x46orwardRequest\x12\r\n\x05start\x18\x01 \x01(\r\x12\x0b\n\x03\x65nd\x18\x02 \x01(\r\x12\"\n\x06hidden\x18\x03 \x01(\x0b\x32\x12.potluck.v1.Tensor\x12(\n\x0cposition_ids\x18\x04 \x01(\x0b\x32\x12.potluck.v1.Tensor\x12*\n\x0e\x61ttention_mask\x18\x05 \x01(\x0b\x32\x12.potluck.v1.Tensor\x12\x12\n\nwire_dtype\x18\x06 \x01(\t\"2\n\x0c\x46orwardReply\x12\"\n\x06hidden\x18\x01 \x01(\x0b\x32\x12.potluck.v1.Tensor\"F\n\x0cSignedRecord\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x12\n\npublic_key\x18\x02 \x01(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c\":\n\rGossipRequest\x12)\n\x07records\x18\x01 \x03(\x0b\x32\x18.potluck.v1.SignedRecord\"8\n\x0bGossipReply\x12)\n\x07records\x18\x01 \x03(\x0b\x32\x18.potluck.v1.SignedRecord2\x87\x02\n\x07Potluck\x12\x36\n\x04Info\x12\x17.potluck.v1.InfoRequest\x1a\x15.potluck.v1.InfoReply\x12?\n\x07\x46orward\x12\x1a.potluck.v1.ForwardRequest\x1a\x18.potluck.v1.ForwardReply\x12\x45\n\tInference\x12\x1a.potluck.v1.SessionRequest\x1a\x18.potluck.v1.SessionReply(\x01\x30\x01\x12<\n\x06Gossip\x12\x19.potluck.v1.GossipRequest\x1a\x17.potluck.v1.GossipReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n node/rpc/generated/potluck.proto\x12\npotluck.v1\"4\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\"\r\n\x0bInfoRequest\"\x82\x02\n\tInfoReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12\x13\n\x0b\x63onfig_hash\x18\x04 \x01(\t\x12\r\n\x05start\x18\x05 \x01(\r\x12\x0b\n\x03\x65nd\x18\x06 \x01(\r\x12\x12\n\nnum_layers\x18\x07 \x01(\r\x12\x13\n\x0bhidden_size\x18\x08 \x01(\r\x12\r\n\x05\x64type\x18\t \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\n \x01(\t\x12\x19\n\x11\x66ree_cache_tokens\x18\x0b \x01(\x04\x12\x12\n\nmax_length\x18\x0c \x01(\r\x12\x10\n\x08metadata\x18\r \x01(\x0c\"\x8b\x01\n\x0bOpenSession\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0b\n\x03\x65nd\x18\x03 \x01(\r\x12\x12\n\nmax_length\x18\x04 \x01(\r\x12\x12\n\nbatch_size\x18\x05 \x01(\r\x12\x12\n\nwire_dtype\x18\x06 \x01(\t\x12\x10\n\x08metadata\x18\x07 \x01(\x0c\"\xc9\x01\n\x04Step\x12\"\n\x06hidden\x18\x01 \x01(\x0b\x32\x12.potluck.v1.Tensor\x12(\n\x0cposition_ids\x18\x02 \x01(\x0b\x32\x12.potluck.v1.Tensor\x12*\n\x0e\x61ttention_mask\x18\x03 \x01(\x0b\x32\x12.potluck.v1.Tensor\x12\x10\n\x08position\x18\x04 \x01(\r\x12\x0f\n\x07step_id\x18\x05 \x01(\x04\x12$\n\x04push\x18\x06 \x03(\x0b\x32\x16.potluck.v1.PushTarget\"B\n\nPushTarget\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x0f\n\x07timeout\x18\x03 \x01(\x02\"\x0e\n\x0c\x43loseSession\"\x8e\x01\n\x0eSessionRequest\x12\'\n\x04open\x18\x01 \x01(\x0b\x32\x17.potluck.v1.OpenSessionH\x00\x12 \n\x04step\x18\x02 \x01(\x0b\x32\x10.potluck.v1.StepH\x00\x12)\n\x05\x63lose\x18\x03 \x01(\x0b\x32\x18.potluck.v1.CloseSessionH\x00\x42\x06\n\x04kind\">\n\x06Opened\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nmax_length\x18\x02 \x01(\r\x12\x0c\n\x04push\x18\x03 \x01(\x08\"{\n\nStepResult\x12\"\n\x06hidden\x18\x01 \x01(\x0b\x32\x12.potluck.v1.Tensor\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12\x10\n\x08position\x18\x03 \x01(\r\x12\x12\n\ncompute_ms\x18\x04 \x01(\x02\x12\x12\n\npush_error\x18\x05 \x01(\t\"f\n\x0cSessionReply\x12$\n\x06opened\x18\x01 \x01(\x0b\x32\x12.potluck.v1.OpenedH\x00\x12(\n\x06result\x18\x02 \x01(\x0b\x32\x16.potluck.v1.StepResultH\x00\x42\x06\n\x04kind\"\xba\x01\n\x0e\x46orwardRequest\x12\r\n\x05start\x18\x01 \x01(\r\x12\x0b\n\x03\x65nd\x18\x02 \x01(\r\x12\"\n\x06hidden\x18\x03 \x01(\x0b\x32\x12.potluck.v1.Tensor\x12(\n\x0cposition_ids\x18\x04 \x01(\x0b\x32\x12.potluck.v1.Tensor\x12*\n\x0e\x61ttention_mask\x18\x05 \x01(\x0b\x32\x12.potluck.v1.Tensor\x12\x12\n\nwire_dtype\x18\x06 \x01(\t\"2\n\x0c\x46orwardReply\x12\"\n\x06hidden\x18\x01 \x01(\x0b\x32\x12.potluck.v1.Tensor\"A\n\x0bPushRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x1e\n\x04step\x18\x02 \x01(\x0b\x32\x10.potluck.v1.Step\"\x0b\n\tPushReply\"F\n\x0cSignedRecord\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x12\n\npublic_key\x18\x02 \x01(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c\":\n\rGossipRequest\x12)\n\x07records\x18\x01 \x03(\x0b\x32\x18.potluck.v1.SignedRecord\"8\n\x0bGossipReply\x12)\n\x07records\x18\x01 \x03(\x0b\x32\x18.potluck.v1.SignedRecord2\xbf\x02\n\x07Potluck\x12\x36\n\x04Info\x12\x17.potluck.v1.InfoRequest\x1a\x15.potluck.v1.InfoReply\x12?\n\x07\x46orward\x12\x1a.potluck.v1.ForwardRequest\x1a\x18.potluck.v1.ForwardReply\x12\x45\n\tInference\x12\x1a.potluck.v1.SessionRequest\x1a\x18.potluck.v1.SessionReply(\x01\x30\x01\x12\x36\n\x04Push\x12\x17.potluck.v1.PushRequest\x1a\x15.potluck.v1.PushReply\x12<\n\x06Gossip\x12\x19.potluck.v1.GossipRequest\x1a\x17.potluck.v1.GossipReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,27 +40,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_OPENSESSION']._serialized_start=379
   _globals['_OPENSESSION']._serialized_end=518
   _globals['_STEP']._serialized_start=521
-  _globals['_STEP']._serialized_end=684
-  _globals['_CLOSESESSION']._serialized_start=686
-  _globals['_CLOSESESSION']._serialized_end=700
-  _globals['_SESSIONREQUEST']._serialized_start=703
-  _globals['_SESSIONREQUEST']._serialized_end=845
-  _globals['_OPENED']._serialized_start=847
-  _globals['_OPENED']._serialized_end=895
-  _globals['_STEPRESULT']._serialized_start=897
-  _globals['_STEPRESULT']._serialized_end=1000
-  _globals['_SESSIONREPLY']._serialized_start=1002
-  _globals['_SESSIONREPLY']._serialized_end=1104
-  _globals['_FORWARDREQUEST']._serialized_start=1107
-  _globals['_FORWARDREQUEST']._serialized_end=1293
-  _globals['_FORWARDREPLY']._serialized_start=1295
-  _globals['_FORWARDREPLY']._serialized_end=1345
-  _globals['_SIGNEDRECORD']._serialized_start=1347
-  _globals['_SIGNEDRECORD']._serialized_end=1417
-  _globals['_GOSSIPREQUEST']._serialized_start=1419
-  _globals['_GOSSIPREQUEST']._serialized_end=1477
-  _globals['_GOSSIPREPLY']._serialized_start=1479
-  _globals['_GOSSIPREPLY']._serialized_end=1535
-  _globals['_POTLUCK']._serialized_start=1538
-  _globals['_POTLUCK']._serialized_end=1801
+  _globals['_STEP']._serialized_end=722
+  _globals['_PUSHTARGET']._serialized_start=724
+  _globals['_PUSHTARGET']._serialized_end=790
+  _globals['_CLOSESESSION']._serialized_start=792
+  _globals['_CLOSESESSION']._serialized_end=806
+  _globals['_SESSIONREQUEST']._serialized_start=809
+  _globals['_SESSIONREQUEST']._serialized_end=951
+  _globals['_OPENED']._serialized_start=953
+  _globals['_OPENED']._serialized_end=1015
+  _globals['_STEPRESULT']._serialized_start=1017
+  _globals['_STEPRESULT']._serialized_end=1140
+  _globals['_SESSIONREPLY']._serialized_start=1142
+  _globals['_SESSIONREPLY']._serialized_end=1244
+  _globals['_FORWARDREQUEST']._serialized_start=1247
+  _globals['_FORWARDREQUEST']._serialized_end=1433
+  _globals['_FORWARDREPLY']._serialized_start=1435
+  _globals['_FORWARDREPLY']._serialized_end=1485
+  _globals['_PUSHREQUEST']._serialized_start=1487
+  _globals['_PUSHREQUEST']._serialized_end=1552
+  _globals['_PUSHREPLY']._serialized_start=1554
+  _globals['_PUSHREPLY']._serialized_end=1565
+  _globals['_SIGNEDRECORD']._serialized_start=1567
+  _globals['_SIGNEDRECORD']._serialized_end=1637
+  _globals['_GOSSIPREQUEST']._serialized_start=1639
+  _globals['_GOSSIPREQUEST']._serialized_end=1697
+  _globals['_GOSSIPREPLY']._serialized_start=1699
+  _globals['_GOSSIPREPLY']._serialized_end=1755
+  _globals['_POTLUCK']._serialized_start=1758
+  _globals['_POTLUCK']._serialized_end=2077
 # @@protoc_insertion_point(module_scope)

@@ -69,18 +69,30 @@ class OpenSession(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., max_length: _Optional[int] = ..., batch_size: _Optional[int] = ..., wire_dtype: _Optional[str] = ..., metadata: _Optional[bytes] = ...) -> None: ...
 
 class Step(_message.Message):
-    __slots__ = ("hidden", "position_ids", "attention_mask", "position", "step_id")
+    __slots__ = ("hidden", "position_ids", "attention_mask", "position", "step_id", "push")
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     POSITION_IDS_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_MASK_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    PUSH_FIELD_NUMBER: _ClassVar[int]
     hidden: Tensor
     position_ids: Tensor
     attention_mask: Tensor
     position: int
     step_id: int
-    def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ..., position_ids: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., position: _Optional[int] = ..., step_id: _Optional[int] = ...) -> None: ...
+    push: _containers.RepeatedCompositeFieldContainer[PushTarget]
+    def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ..., position_ids: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., position: _Optional[int] = ..., step_id: _Optional[int] = ..., push: _Optional[_Iterable[_Union[PushTarget, _Mapping]]] = ...) -> None: ...
+
+class PushTarget(_message.Message):
+    __slots__ = ("address", "session_id", "timeout")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    session_id: str
+    timeout: float
+    def __init__(self, address: _Optional[str] = ..., session_id: _Optional[str] = ..., timeout: _Optional[float] = ...) -> None: ...
 
 class CloseSession(_message.Message):
     __slots__ = ()
@@ -97,24 +109,28 @@ class SessionRequest(_message.Message):
     def __init__(self, open: _Optional[_Union[OpenSession, _Mapping]] = ..., step: _Optional[_Union[Step, _Mapping]] = ..., close: _Optional[_Union[CloseSession, _Mapping]] = ...) -> None: ...
 
 class Opened(_message.Message):
-    __slots__ = ("session_id", "max_length")
+    __slots__ = ("session_id", "max_length", "push")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    PUSH_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     max_length: int
-    def __init__(self, session_id: _Optional[str] = ..., max_length: _Optional[int] = ...) -> None: ...
+    push: bool
+    def __init__(self, session_id: _Optional[str] = ..., max_length: _Optional[int] = ..., push: _Optional[bool] = ...) -> None: ...
 
 class StepResult(_message.Message):
-    __slots__ = ("hidden", "step_id", "position", "compute_ms")
+    __slots__ = ("hidden", "step_id", "position", "compute_ms", "push_error")
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
+    PUSH_ERROR_FIELD_NUMBER: _ClassVar[int]
     hidden: Tensor
     step_id: int
     position: int
     compute_ms: float
-    def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ..., step_id: _Optional[int] = ..., position: _Optional[int] = ..., compute_ms: _Optional[float] = ...) -> None: ...
+    push_error: str
+    def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ..., step_id: _Optional[int] = ..., position: _Optional[int] = ..., compute_ms: _Optional[float] = ..., push_error: _Optional[str] = ...) -> None: ...
 
 class SessionReply(_message.Message):
     __slots__ = ("opened", "result")
@@ -145,6 +161,18 @@ class ForwardReply(_message.Message):
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     hidden: Tensor
     def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class PushRequest(_message.Message):
+    __slots__ = ("session_id", "step")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    step: Step
+    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[_Union[Step, _Mapping]] = ...) -> None: ...
+
+class PushReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class SignedRecord(_message.Message):
     __slots__ = ("payload", "public_key", "signature")

@@ -1,0 +1,228 @@
+"""Server-to-server push: the client sends each step to the first hop, nodes forward it along the chain.
+
+The chain here is three in-process SmolLM2 nodes (0:10, 10:20, 20:30), so the tests can read each
+node's step counter; tokens are compared with plain transformers on the same weights."""
+
+from __future__ import annotations
+
+import queue
+
+import grpc
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from client import ClientConfig, DistributedModelForCausalLM
+from node.launcher import NodeProcess
+from node.rpc import codec
+from node.rpc.generated import potluck_pb2 as pb
+from node.rpc.generated import potluck_pb2_grpc as pb_grpc
+from tests.swarm_fixtures import node_info
+from tests.test_fault_tolerance import FAST, AtToken, node_on
+
+NEW_TOKENS = 12
+HIDDEN = 576  # SmolLM2-135M
+
+
+@pytest.fixture(scope="module")
+def chain(bg_loop, smollm_dir):
+    nodes = [bg_loop.start_node(smollm_dir, a, b, metrics_port=0, throughput=50.0) for a, b in [(0, 10), (10, 20), (20, 30)]]
+    yield nodes
+    for node in nodes:
+        bg_loop.stop_node(node)
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(smollm_dir):
+    tokenizer = AutoTokenizer.from_pretrained(smollm_dir)
+    return tokenizer("The three primary colours are", return_tensors="pt")["input_ids"]
+
+
+@pytest.fixture(scope="module")
+def expected(smollm_reference, prompt_ids):
+    out = smollm_reference.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), do_sample=False,
+                                    max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
+    return out[0].tolist()
+
+
+def generate(model, prompt_ids, new_tokens=NEW_TOKENS, streamer=None) -> list[int]:
+    out = model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), do_sample=False,
+                         max_new_tokens=new_tokens, min_new_tokens=new_tokens, streamer=streamer)
+    return out[0].tolist()
+
+
+def steps_served(node) -> float:
+    registry = node.metrics.registry
+    return sum(registry.get_sample_value("potluck_steps_total", {"kind": kind}) or 0.0 for kind in ("prefill", "decode"))
+
+
+def client(smollm_dir, addresses, **overrides) -> DistributedModelForCausalLM:
+    return DistributedModelForCausalLM.from_pretrained(str(smollm_dir), config=ClientConfig(peers=tuple(addresses), **overrides))
+
+
+@pytest.fixture(scope="module")
+def model(smollm_dir, chain):
+    model = client(smollm_dir, [n.address for n in chain])
+    yield model
+    model.close()
+
+
+def test_nodes_advertise_push(chain):
+    extra = codec.unpack_metadata(node_info(chain[0].address).metadata)
+    assert extra["push"] is True
+
+
+def test_push_generation_matches_transformers(model, chain, prompt_ids, expected):
+    before = [steps_served(node) for node in chain]
+    assert generate(model, prompt_ids) == expected
+    session = model.last_session
+    steps = NEW_TOKENS  # the prefill and NEW_TOKENS - 1 decode steps
+    assert session.pushed_steps == steps and not session.events
+    assert session.sent_steps == [steps, 0, 0]  # the client wrote only to the first hop
+    assert [steps_served(node) - b for node, b in zip(chain, before)] == [steps] * 3  # every node ran every step
+
+
+def test_no_push_is_client_driven_and_identical(smollm_dir, chain, prompt_ids, expected):
+    model = client(smollm_dir, [n.address for n in chain], push=False)
+    try:
+        assert generate(model, prompt_ids) == expected
+        assert model.last_session.pushed_steps == 0
+        assert model.last_session.sent_steps == [NEW_TOKENS] * 3
+    finally:
+        model.close()
+
+
+def test_a_node_without_push_makes_the_client_drive(model, chain, prompt_ids, expected):
+    chain[1].servicer.push_enabled = False  # as an older node would: no Push, none offered at open
+    try:
+        assert generate(model, prompt_ids) == expected
+        assert model.last_session.pushed_steps == 0
+        assert model.last_session.sent_steps == [NEW_TOKENS] * 3
+        with grpc.insecure_channel(chain[1].address) as channel, pytest.raises(grpc.RpcError) as caught:
+            pb_grpc.PotluckStub(channel).Push(pb.PushRequest(session_id="x", step=pb.Step()), timeout=10)
+        assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        chain[1].servicer.push_enabled = True
+    assert generate(model, prompt_ids) == expected
+    assert model.last_session.pushed_steps == NEW_TOKENS
+
+
+# -- the Push RPC itself, on a stream opened by hand -------------------------------------------------
+
+class HandStream:
+    """An Inference stream on one node, driven request by request (a sync gRPC bidirectional call)."""
+
+    def __init__(self, stub, session_id: str, start: int, end: int):
+        self._requests: queue.Queue = queue.Queue()
+        self._replies = stub.Inference(iter(self._requests.get, None), timeout=60)
+        self.send(pb.SessionRequest(open=pb.OpenSession(session_id=session_id, start=start, end=end, max_length=64,
+                                                        batch_size=1, wire_dtype="float32")))
+        self.opened = next(self._replies).opened
+
+    def send(self, request: pb.SessionRequest) -> None:
+        self._requests.put(request)
+
+    def result(self) -> pb.StepResult:
+        return next(self._replies).result
+
+    def finish(self) -> None:
+        """No more requests (the call may have ended already)."""
+        self._requests.put(None)
+
+
+def a_step(hidden: torch.Tensor, position: int, step_id: int, **push) -> pb.Step:
+    step = pb.Step(hidden=codec.encode_tensor(hidden), position=position, step_id=step_id)
+    if push:
+        step.push.add(**push)
+    return step
+
+
+def test_bad_pushes_get_a_clear_status_and_the_node_keeps_serving(chain):
+    node = chain[1]
+    torch.manual_seed(0)
+    with grpc.insecure_channel(node.address) as channel:
+        stub = pb_grpc.PotluckStub(channel)
+        stream = HandStream(stub, "hand-push", 10, 20)
+        assert stream.opened.push
+        stream.send(pb.SessionRequest(step=a_step(torch.randn(1, 3, HIDDEN), 0, 1)))
+        by_client = stream.result()
+        assert by_client.position == 3
+
+        def push(session_id, step):
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.Push(pb.PushRequest(session_id=session_id, step=step), timeout=10)
+            return caught.value
+
+        error = push("no-such-session", a_step(torch.randn(1, 1, HIDDEN), 3, 2))
+        assert error.code() == grpc.StatusCode.NOT_FOUND and "no-such-session" in error.details()
+        error = push("hand-push", a_step(torch.randn(1, 1, HIDDEN + 1), 3, 2))
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert f"must be [batch, tokens, {HIDDEN}]" in error.details()
+        error = push("hand-push", pb.Step(hidden=pb.Tensor(data=b"\0" * 8, shape=[1, 1, HIDDEN], dtype="float32")))
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "do not hold shape" in error.details()
+        error = push("hand-push", a_step(torch.randn(1, 1, HIDDEN), 3, 1))  # step 1 was the client's
+        assert error.code() == grpc.StatusCode.FAILED_PRECONDITION and "stale step 1" in error.details()
+
+        # a good push runs in the session; its result comes out on the client's stream
+        hidden = torch.randn(1, 1, HIDDEN)
+        stub.Push(pb.PushRequest(session_id="hand-push", step=a_step(hidden, 3, 2)), timeout=10)
+        pushed = stream.result()
+        assert (pushed.step_id, pushed.position, pushed.push_error) == (2, 4, "")
+        # the same token again from the client (a rewind to 3): the same output
+        stream.send(pb.SessionRequest(step=a_step(hidden, 3, 3)))
+        again = stream.result()
+        assert again.position == 4
+        torch.testing.assert_close(codec.decode_tensor(again.hidden), codec.decode_tensor(pushed.hidden))
+
+        # a next hop that is not there: the step still runs, and its reply says where the chain broke
+        stream.send(pb.SessionRequest(step=a_step(torch.randn(1, 1, HIDDEN), 4, 4, address="127.0.0.1:9",
+                                                  session_id="elsewhere", timeout=2.0)))
+        broken = stream.result()
+        assert broken.position == 5 and broken.push_error.startswith("push to 127.0.0.1:9 failed [UNAVAILABLE]")
+        stream.send(pb.SessionRequest(step=a_step(torch.randn(1, 1, HIDDEN), 5, 5, address="", session_id="x")))
+        with pytest.raises(grpc.RpcError) as caught:
+            stream.result()
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "push[0] needs both an address and a session_id" in caught.value.details()
+        stream.finish()
+
+
+def test_the_node_still_serves_after_bad_pushes(model, prompt_ids, expected):
+    assert generate(model, prompt_ids) == expected
+    assert model.last_session.pushed_steps == NEW_TOKENS
+
+
+# -- a node dies mid-generation -------------------------------------------------------------------
+
+def test_sigkill_of_the_middle_node_with_push(smollm_dir, chain, prompt_ids, smollm_reference, tmp_path):
+    """The middle hop is one of two node processes; SIGKILL the one in use, the other takes over."""
+    new_tokens = 24
+    expected = smollm_reference.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), do_sample=False,
+                                         max_new_tokens=new_tokens, min_new_tokens=new_tokens)[0].tolist()
+    middles = [NodeProcess(smollm_dir, 10, 20, extra_args=(*FAST, "--identity", str(tmp_path / f"m{i}.pem"))).start()
+               for i in range(2)]
+    try:
+        for process in middles:
+            process.wait_ready(180)
+        model = client(smollm_dir, [chain[0].address, *(p.address for p in middles), chain[2].address])
+        killed, pushed_before = [], []
+        try:
+            def kill(_):
+                victim = node_on(model, 10, middles)
+                victim.kill()
+                killed.append(victim)
+                pushed_before.append(model.last_session.pushed_steps)
+
+            assert generate(model, prompt_ids, new_tokens, AtToken({8}, kill)) == expected
+            session = model.last_session
+            [event] = session.events
+            assert event.address == killed[0].address and (event.start, event.end) == (10, 20)
+            [(address, start, end)] = event.replacement
+            assert address != killed[0].address and (start, end) == (10, 20)
+            assert pushed_before == [8]  # every step before the kill went by push ...
+            assert session.pushed_steps == new_tokens - 1  # ... and every one after the broken one
+        finally:
+            model.close()
+    finally:
+        for process in middles:
+            process.kill()
