@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from node.rpc.codec import FLOAT_WIRE_DTYPES
+from node.rpc.codec import WIRE_FORMATS
 
 
 @dataclass(frozen=True)
@@ -16,7 +16,7 @@ class ClientConfig:
     discovery_timeout: float = 10.0    # seconds to wait for nodes covering every layer
     device: str = "cpu"                # where embeddings, norm and head run
     dtype: str = "float32"             # dtype of the client's local parts
-    wire_dtype: str = "float32"        # dtype of hidden states on the wire (float32 | bfloat16 | float16)
+    wire_dtype: str = "float32"        # hidden states on the wire: float32 | bfloat16 | float16 | int8 (blockwise)
     connect_timeout: float = 10.0      # seconds to wait for a peer's Info
     step_timeout: float = 120.0        # seconds to wait for one hop of one step (prefill included)
     session_timeout: float = 3600.0    # deadline of a whole inference stream
@@ -28,8 +28,8 @@ class ClientConfig:
     push: bool = True                  # nodes forward each step along the chain (k+1 trips a token, not 2k)
 
     def __post_init__(self) -> None:
-        if self.wire_dtype not in FLOAT_WIRE_DTYPES:
-            raise ValueError(f"wire_dtype {self.wire_dtype!r} is not one of {', '.join(FLOAT_WIRE_DTYPES)}")
+        if self.wire_dtype not in WIRE_FORMATS:
+            raise ValueError(f"wire_dtype {self.wire_dtype!r} is not one of {', '.join(WIRE_FORMATS)}")
         if not self.peers and not self.bootstrap and not self.mdns:
             raise ValueError("nothing to find nodes with: give peers, bootstrap nodes, or leave mDNS on")
         for name in ("connect_timeout", "step_timeout", "session_timeout", "discovery_timeout", "deadline_floor",

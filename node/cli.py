@@ -71,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_parser(commands)
     add_swarm_bench_parser(commands)
     add_recovery_bench_parser(commands)
+    from node.bench_wire import add_wire_bench_parser
+    from node.latency_proxy import add_proxy_parser
+
+    add_wire_bench_parser(commands)
+    add_proxy_parser(commands)
 
     from client.api import add_api_parser
 
@@ -208,8 +213,8 @@ def _add_generation_args(parser: argparse.ArgumentParser, default_prompt: str | 
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default 1.0)")
     parser.add_argument("--seed", type=int, default=None, help="seed for sampling")
     parser.add_argument("--stop", action="append", default=None, help="stop when this string appears (repeatable)")
-    parser.add_argument("--wire-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                        help="dtype of activations on the wire (default float32)")
+    parser.add_argument("--wire-dtype", default="float32", choices=["float32", "bfloat16", "float16", "int8"],
+                        help="hidden states on the wire; int8: blockwise quantised (default float32)")
 
 
 def _join(args: argparse.Namespace) -> None:
@@ -317,6 +322,11 @@ def main(argv: list[str] | None = None) -> int:
     handlers["bench"] = run_bench
     handlers["bench-swarm"] = run_swarm_bench_cli
     handlers["bench-recovery"] = run_recovery_bench_cli
+    from node.bench_wire import run_wire_bench_cli
+    from node.latency_proxy import run_proxy_cli
+
+    handlers["bench-wire"] = run_wire_bench_cli
+    handlers["proxy"] = run_proxy_cli
     from client.api import run_api_cli
 
     handlers["api"] = handlers["dashboard"] = run_api_cli

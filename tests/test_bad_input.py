@@ -93,7 +93,7 @@ BAD_CASES = {
                        grpc.StatusCode.INVALID_ARGUMENT, "holds 0"),
     "cache budget exhausted": (lambda: [open_request(batch_size=8, max_length=64)],
                                grpc.StatusCode.RESOURCE_EXHAUSTED, "of 256 are free"),
-    "unknown wire dtype": (lambda: [open_request(wire_dtype="int8")], grpc.StatusCode.INVALID_ARGUMENT, "wire dtype 'int8'"),
+    "unknown wire dtype": (lambda: [open_request(wire_dtype="int4")], grpc.StatusCode.INVALID_ARGUMENT, "wire dtype 'int4'"),
     "empty request": (lambda: [pb.SessionRequest()], grpc.StatusCode.INVALID_ARGUMENT, "empty SessionRequest"),
 }
 

@@ -80,7 +80,7 @@ def add_api_parser(commands) -> None:
                      help="HOST:PORT of a known node, or a file with one per line (repeatable)")
     api.add_argument("--no-mdns", action="store_true", help="turn LAN discovery (zeroconf) off")
     api.add_argument("--mdns-interface", default=None, help="address of the interface for mDNS")
-    api.add_argument("--wire-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+    api.add_argument("--wire-dtype", default="float32", choices=["float32", "bfloat16", "float16", "int8"],
                      help="dtype of activations on the wire (default float32)")
     api.add_argument("--default-max-tokens", type=int, default=ApiSettings.default_max_tokens,
                      help=f"chat completions without max_tokens stop here (default {ApiSettings.default_max_tokens})")

@@ -21,7 +21,20 @@ WIRE_DTYPES = {
     "bool": torch.bool,
 }
 FLOAT_WIRE_DTYPES = ("float32", "bfloat16", "float16")
+WIRE_FORMATS = (*FLOAT_WIRE_DTYPES, "int8")  # what a session may choose for its hidden states
 _NAMES = {dtype: name for name, dtype in WIRE_DTYPES.items()}
+
+# "int8": blockwise absmax quantisation along the last (hidden) dimension. A block is BLOCK
+# consecutive values of one row (the row's last block may be shorter); it travels as int8
+# values q = round(x / scale) in [-127, 127] with scale = absmax(block) / 127. Message dtype
+# INT8_NAME; data = the int8 values in row-major order, then one scale per block (rows x blocks).
+BLOCK = 64
+INT8_NAME = f"int8_block{BLOCK}"
+# Scales in float16, measured against float32 scales on SmolLM2 (a 3-hop chain simulated in one
+# process, 8 prompts x 32 greedy tokens): the same 4 of 8 prompts equal to transformers, parting at
+# the same tokens; max error of the final hidden states 139 with float16 scales, 140 with float32.
+# So float32 scales would only cost 3% more bytes.
+SCALE_DTYPE = torch.float16
 
 
 class CodecError(ValueError):
@@ -29,14 +42,73 @@ class CodecError(ValueError):
 
 
 def wire_dtype(name: str) -> torch.dtype:
-    if name not in FLOAT_WIRE_DTYPES:
-        raise CodecError(f"wire dtype {name!r} is not one of {', '.join(FLOAT_WIRE_DTYPES)}")
-    return WIRE_DTYPES[name]
+    """The dtype hidden states have after decoding a message of wire format `name`."""
+    if name not in WIRE_FORMATS:
+        raise CodecError(f"wire dtype {name!r} is not one of {', '.join(WIRE_FORMATS)}")
+    return torch.float32 if name == "int8" else WIRE_DTYPES[name]
 
 
 def encode_hidden(tensor: torch.Tensor, wire: str) -> pb.Tensor:
-    """Hidden states -> message in the session's wire format (a name from FLOAT_WIRE_DTYPES)."""
+    """Hidden states -> message in the session's wire format (a name from WIRE_FORMATS)."""
+    if wire == "int8":
+        return encode_int8_blocks(tensor)
     return encode_tensor(tensor, wire_dtype(wire))
+
+
+def _blocks(hidden: int) -> int:
+    return -(-hidden // BLOCK)
+
+
+def encode_int8_blocks(tensor: torch.Tensor) -> pb.Tensor:
+    """Tensor [..., hidden] -> int8 values and one scale per block of BLOCK along `hidden`.
+
+    Every value comes back within scale / 2 of the original, scale being absmax / 127 of its block
+    rounded up to SCALE_DTYPE. A block holding a NaN or an infinity (or, with float16 scales, an
+    absmax above 127 x 65504) decodes as all NaN."""
+    if tensor.dim() < 1:
+        raise CodecError(f"int8 wire needs a tensor with a hidden dimension, got shape {list(tensor.shape)}")
+    shape = list(tensor.shape)
+    if tensor.numel() == 0:
+        return pb.Tensor(data=b"", shape=shape, dtype=INT8_NAME)
+    hidden = shape[-1]
+    blocks = _blocks(hidden)
+    x = tensor.detach().to(device="cpu", dtype=torch.float32).reshape(-1, hidden)
+    padded = torch.nn.functional.pad(x, (0, blocks * BLOCK - hidden)).view(-1, blocks, BLOCK)
+    exact = padded.abs().amax(dim=-1) / 127
+    scales = exact.to(SCALE_DTYPE)
+    scales = torch.where(scales.float() < exact, torch.nextafter(scales, torch.full_like(scales, torch.inf)), scales)
+    wide = scales.float().unsqueeze(-1)  # rounded up, so no value needs more than 127 steps
+    q = torch.where(wide > 0, padded / wide, 0.0).round().clamp(-127, 127).nan_to_num(0.0)
+    q = q.to(torch.int8).view(-1, blocks * BLOCK)[:, :hidden].contiguous()
+    data = q.numpy().tobytes() + scales.contiguous().numpy().tobytes()
+    return pb.Tensor(data=data, shape=shape, dtype=INT8_NAME)
+
+
+def _decode_int8_blocks(data: bytes, shape: list[int], name: str) -> torch.Tensor:
+    """The float32 tensor an INT8_NAME message stands for; CodecError unless every length fits."""
+    if not shape:
+        raise CodecError(f"{name}: {INT8_NAME} needs at least one dimension, got shape {shape}")
+    numel = 1
+    for size in shape:
+        numel *= size
+    hidden = shape[-1]
+    if numel == 0:
+        if data:
+            raise CodecError(f"{name}: {len(data)} bytes for an empty {INT8_NAME} tensor of shape {shape}")
+        return torch.empty(shape, dtype=torch.float32)
+    rows, blocks = numel // hidden, _blocks(hidden)
+    scale_bytes = rows * blocks * SCALE_DTYPE.itemsize
+    if len(data) != numel + scale_bytes:
+        raise CodecError(
+            f"{name}: {len(data)} bytes do not hold shape {shape} of {INT8_NAME} "
+            f"({numel} int8 values + {rows * blocks} scales x {SCALE_DTYPE.itemsize} bytes = {numel + scale_bytes})"
+        )
+    with warnings.catch_warnings():  # read-only views of the immutable bytes
+        warnings.simplefilter("ignore", UserWarning)
+        q = torch.frombuffer(data, dtype=torch.int8, count=numel).view(rows, hidden)
+    scales = torch.frombuffer(bytearray(data[numel:]), dtype=SCALE_DTYPE).view(rows, blocks, 1)  # a copy: aligned
+    padded = torch.nn.functional.pad(q.float(), (0, blocks * BLOCK - hidden)).view(rows, blocks, BLOCK)
+    return (padded * scales.float()).view(rows, blocks * BLOCK)[:, :hidden].reshape(shape)
 
 
 def dtype_to_name(dtype: torch.dtype) -> str:
@@ -53,7 +125,14 @@ def encode_tensor(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> pb.
 
 
 def decode_tensor(message: pb.Tensor, name: str = "tensor") -> torch.Tensor:
-    """Message -> tensor; raises CodecError on any mismatch. The tensor is a view of the message's bytes."""
+    """Message -> tensor; raises CodecError on any mismatch.
+
+    The tensor is a view of the message's bytes, except for INT8_NAME: a new float32 tensor."""
+    if message.dtype == INT8_NAME:
+        shape = list(message.shape)
+        if any(size < 0 for size in shape) or len(shape) > 8:
+            raise CodecError(f"{name}: invalid shape {shape}")
+        return _decode_int8_blocks(message.data, shape, name)
     return view_bytes(message.data, list(message.shape), message.dtype, name)
 
 
