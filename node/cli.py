@@ -65,10 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_logging(prepare)
 
     from node.bench import add_bench_parser
+    from node.bench_perf import add_perf_bench_parser
     from node.bench_recovery import add_recovery_bench_parser
     from node.bench_swarm import add_swarm_bench_parser
 
     add_bench_parser(commands)
+    add_perf_bench_parser(commands)
     add_swarm_bench_parser(commands)
     add_recovery_bench_parser(commands)
     from node.bench_wire import add_wire_bench_parser
@@ -96,7 +98,8 @@ def _add_join_args(join: argparse.ArgumentParser) -> None:
     join.add_argument("--dtype", default="auto", choices=DTYPES, help="compute dtype (auto: fp32 on CPU, bf16 on GPU)")
     join.add_argument("--max-length", type=_positive, default=8192, help="longest session in tokens (default 8192)")
     join.add_argument("--cache-tokens", type=_positive, default=65536, help="KV cache budget in tokens (default 65536)")
-    join.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    join.add_argument("--threads", type=int, default=0,
+                      help="torch CPU threads (default: every core on CPU, 2 with a GPU)")
     join.add_argument("--no-lean", action="store_true",
                       help="run transformers' own layers instead of the lean runtime (for comparisons)")
     join.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
@@ -316,10 +319,12 @@ def main(argv: list[str] | None = None) -> int:
         hf_logging.disable_progress_bar()
     handlers = {"join": _join, "generate": _generate, "demo": _demo, "prepare-model": _prepare, "status": _status}
     from node.bench import run_bench
+    from node.bench_perf import run_perf_bench_cli
     from node.bench_recovery import run_recovery_bench_cli
     from node.bench_swarm import run_swarm_bench_cli
 
     handlers["bench"] = run_bench
+    handlers["bench-perf"] = run_perf_bench_cli
     handlers["bench-swarm"] = run_swarm_bench_cli
     handlers["bench-recovery"] = run_recovery_bench_cli
     from node.bench_wire import run_wire_bench_cli

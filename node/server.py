@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import signal
 import socket
@@ -252,11 +253,19 @@ async def _rebalance_loop(node: RunningNode, rng: random.Random) -> None:
         await _load(node, target)
 
 
+def compute_threads(requested: int, device: torch.device) -> int:
+    """--threads if given; else every core this process may run on when the node computes on the CPU,
+    and 2 when an accelerator computes (the CPU only feeds it; more threads just spin)."""
+    if requested:
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return cores if device.type == "cpu" else min(2, cores)
+
+
 async def start_node(config: NodeConfig) -> RunningNode:
     """Bind, join, load, serve. Returns once the node is ONLINE (its span loaded and announced)."""
-    if config.threads:
-        torch.set_num_threads(config.threads)
     device = resolve_device(config.device)
+    torch.set_num_threads(compute_threads(config.threads, device))
     dtype = resolve_dtype(config.dtype, device)
     files = ModelFiles.open(config.model, revision=config.revision)
     model_config = files.config()

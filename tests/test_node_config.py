@@ -148,3 +148,16 @@ def test_two_different_revisions_are_refused():
 
     with pytest.raises(ModelLoadError, match="pins revision 'v1' but --revision says 'v2'"):
         split_revision("org/name@v1", "v2")
+
+
+def test_thread_count_follows_the_device_and_the_cores_given():
+    import os
+
+    import torch
+
+    from node.server import compute_threads
+
+    cores = len(os.sched_getaffinity(0))
+    assert compute_threads(3, torch.device("cpu")) == 3
+    assert compute_threads(0, torch.device("cpu")) == cores  # the node computes on every core it may use
+    assert compute_threads(0, torch.device("cuda")) == min(2, cores)  # the CPU only feeds the GPU

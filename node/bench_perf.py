@@ -1,0 +1,447 @@
+"""`potluck bench-perf`: how fast the swarm is, against plain transformers, in one run.
+
+Measured on the same model and machine, one after the other:
+
+1. decode tokens/s: transformers `generate` in this process vs the swarm with 1, 2 and 3 node
+   processes on loopback (push on), 3 nodes without push, and 3 nodes on transformers' own layers
+   (`--no-lean`), all greedy on the same seeded prompt (tokens compared with transformers');
+2. a simulated WAN: a latency proxy (node/latency_proxy.py) in front of every node, adding a fixed
+   one-way delay per hop; tokens/s against the physical limit 1 / (compute + (hops + 1) x delay);
+3. concurrency: N sessions generating at once through 3 nodes (one client thread each);
+   aggregate tokens/s against one session;
+4. prefill: a long prompt's time to the first token through 3 nodes vs one process;
+5. memory: peak RSS of a node serving a third of the layers vs transformers holding the whole model.
+
+Bytes per token per hop for each wire format are `potluck bench-wire`'s section."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from node.bench import machine_info, prompt_ids, timed_generate, write_section
+
+MARK_START = "<!-- bench:performance:start -->"
+MARK_END = "<!-- bench:performance:end -->"
+
+
+@dataclass(frozen=True)
+class PerfSettings:
+    model: Path
+    prompt_tokens: int = 32                      # prompt of the decode runs
+    new_tokens: int = 48                         # tokens per decode run
+    prefill_tokens: int = 512                    # prompt of the prefill runs
+    repeats: int = 3                             # timed runs per configuration (median reported)
+    node_counts: tuple[int, ...] = (1, 2, 3)
+    delays_ms: tuple[float, ...] = (10.0, 50.0)  # one-way delay per hop for the simulated WAN
+    wan_tokens: int = 16
+    concurrency: tuple[int, ...] = (1, 2, 4, 8, 16)
+    concurrency_tokens: int = 24
+    threads: int = 0                             # torch threads here and per node (0: every core)
+    out: Path | None = None
+    plot: Path | None = None
+    command: str = ""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.prompt_tokens >= 1, "--prompt-tokens must be at least 1"),
+            (self.new_tokens >= 2, "--new-tokens must be at least 2"),
+            (self.prefill_tokens >= 1, "--prefill-tokens must be at least 1"),
+            (self.repeats >= 1, "--repeats must be at least 1"),
+            (all(n >= 1 for n in self.node_counts) and self.node_counts, "--nodes needs counts >= 1"),
+            (all(d >= 0 for d in self.delays_ms), "--delays-ms must not be negative"),
+            (all(c >= 1 for c in self.concurrency) and self.concurrency, "--concurrency needs counts >= 1"),
+            (self.threads >= 0, "--threads must not be negative"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @property
+    def torch_threads(self) -> int:
+        return self.threads or os.cpu_count() or 1
+
+
+@dataclass
+class Speed:
+    label: str
+    decode_tps: list[float]
+    tokens: list[int]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.decode_tps)
+
+
+@dataclass
+class WanResult:
+    delay_ms: float
+    push: bool
+    decode_tps: float
+    limit_tps: float
+
+    @property
+    def share(self) -> float:
+        return self.decode_tps / self.limit_tps
+
+
+@dataclass
+class PerfResult:
+    settings: PerfSettings
+    machine: dict[str, str]
+    local: Speed
+    swarms: list[Speed] = field(default_factory=list)
+    wan: list[WanResult] = field(default_factory=list)
+    concurrency: list[tuple[int, float]] = field(default_factory=list)  # (sessions, aggregate tok/s)
+    prefill_local_s: float = 0.0
+    prefill_swarm_s: float = 0.0
+    rss_node_mb: float = 0.0
+    rss_whole_mb: float = 0.0
+    node_span: tuple[int, int] = (0, 0)
+    num_layers: int = 0
+    date: str = field(default_factory=lambda: datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+
+    def swarm(self, label: str) -> Speed | None:
+        return next((s for s in self.swarms if s.label == label), None)
+
+
+# -- measuring ------------------------------------------------------------------------------------
+def decode_speed(label: str, model, ids: torch.Tensor, settings: PerfSettings, new_tokens: int | None = None,
+                 repeats: int | None = None) -> Speed:
+    timed_generate(model, ids[:, :4], 2)  # warm-up: allocations, thread pools, channels
+    runs = [timed_generate(model, ids, new_tokens or settings.new_tokens) for _ in range(repeats or settings.repeats)]
+    return Speed(label, [r.decode_tps for r in runs], runs[0].tokens)
+
+
+def prefill_seconds(model, ids: torch.Tensor, repeats: int) -> float:
+    return statistics.median(timed_generate(model, ids, 2).prefill_s for _ in range(repeats))
+
+
+def concurrent_speed(model, config, sessions: int, new_tokens: int, seed: int) -> float:
+    """Aggregate new tokens/s of `sessions` generations running at once (one client thread each)."""
+    prompts = [prompt_ids(config, 16, seed + 100 + i) for i in range(sessions)]
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(sessions + 1)
+
+    def work(ids: torch.Tensor) -> None:
+        barrier.wait()
+        try:
+            timed_generate(model, ids, new_tokens)
+        except BaseException as error:  # reported after the join
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(p,)) for p in prompts]
+    for thread in threads:
+        thread.start()
+    barrier.wait()
+    started = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - started
+    if errors:
+        raise errors[0]
+    return sessions * new_tokens / elapsed
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmHWM for process {pid}")
+
+
+WHOLE_MODEL_PROBE = """
+import sys, torch
+from pathlib import Path
+from transformers import AutoModelForCausalLM
+torch.set_num_threads({threads})
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
+ids = torch.randint(3, model.config.vocab_size, (1, 32))
+model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
+for line in Path("/proc/self/status").read_text().splitlines():
+    if line.startswith("VmHWM:"):
+        print(int(line.split()[1]) / 1024)
+"""
+
+
+def whole_model_rss_mb(model: Path, threads: int) -> float:
+    """Peak RSS of a fresh process that loads the whole model with transformers and generates a little."""
+    out = subprocess.run([sys.executable, "-c", WHOLE_MODEL_PROBE.format(threads=threads), str(model)],
+                         capture_output=True, text=True, check=True, timeout=600)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+class _Chain:
+    """Node processes for one configuration, and a client over them; always stopped."""
+
+    def __init__(self, settings: PerfSettings, parts: int, extra_args: tuple[str, ...] = ()):
+        from node.launcher import start_chain
+        from node.model.loader import ModelFiles
+
+        self.settings = settings
+        self.layers = ModelFiles.open(str(settings.model)).config().num_hidden_layers
+        self.nodes = start_chain(settings.model, self.layers, parts, threads=settings.torch_threads,
+                                 extra_args=extra_args)
+        self.models: list = []
+
+    def client(self, peers: list[str] | None = None, push: bool = True):
+        from client.model import DistributedModelForCausalLM
+
+        model = DistributedModelForCausalLM.from_pretrained(
+            str(self.settings.model), peers=peers or [n.address for n in self.nodes], push=push)
+        self.models.append(model)
+        return model
+
+    def close(self) -> None:
+        for model in self.models:
+            model.close()
+        for node in self.nodes:
+            node.stop()
+
+
+def run_benchmark(settings: PerfSettings, console: Console | None = None) -> PerfResult:
+    from transformers import AutoModelForCausalLM
+
+    from node.latency_proxy import ThreadedProxy
+    from node.model.loader import ModelFiles
+
+    console = console or Console(stderr=True)
+    config = ModelFiles.open(str(settings.model)).config()
+    layers = config.num_hidden_layers
+    if max(settings.node_counts) > layers:
+        raise ValueError(f"--nodes: the model has only {layers} layers to split")
+    threads = settings.torch_threads
+    machine = machine_info(threads)
+    torch.set_num_threads(threads)
+    ids = prompt_ids(config, settings.prompt_tokens, settings.seed)
+    long_ids = prompt_ids(config, settings.prefill_tokens, settings.seed + 1)
+    most = max(settings.node_counts)
+
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, refresh_per_second=4) as progress:
+        steps = 3 + len(settings.node_counts) + 2 + 2 * len(settings.delays_ms) + len(settings.concurrency) + 1
+        task = progress.add_task("local transformers", total=steps)
+
+        def tick(message: str) -> None:
+            progress.update(task, advance=1, description=message)
+
+        local_model = AutoModelForCausalLM.from_pretrained(settings.model, dtype=torch.float32).eval()
+        result = PerfResult(settings, machine, decode_speed("local transformers", local_model, ids, settings),
+                            num_layers=layers)
+        tick(f"local transformers: {result.local.median:.1f} tok/s")
+        result.prefill_local_s = prefill_seconds(local_model, long_ids, settings.repeats)
+        tick(f"local prefill of {settings.prefill_tokens} tokens: {result.prefill_local_s:.2f} s")
+        del local_model
+
+        for parts in settings.node_counts:
+            chain = _Chain(settings, parts)
+            try:
+                model = chain.client()
+                label = f"swarm, {parts} node{'s' if parts > 1 else ''}, push"
+                result.swarms.append(decode_speed(label, model, ids, settings))
+                tick(f"{label}: {result.swarms[-1].median:.1f} tok/s")
+                if parts != most:
+                    continue
+                result.node_span = (chain.nodes[0].start_layer, chain.nodes[0].end_layer)
+                result.swarms.append(decode_speed(f"swarm, {parts} nodes, no push", chain.client(push=False), ids, settings))
+                tick(f"no push: {result.swarms[-1].median:.1f} tok/s")
+                result.prefill_swarm_s = prefill_seconds(model, long_ids, settings.repeats)
+                tick(f"swarm prefill: {result.prefill_swarm_s:.2f} s")
+                compute = 1 / result.swarms[-2].median  # seconds per token with no added delay (push)
+                for delay_ms in settings.delays_ms:
+                    proxies = [ThreadedProxy(node.address, delay_ms / 1000).start() for node in chain.nodes]
+                    try:
+                        for push in (True, False):
+                            wan = chain.client(peers=[p.address for p in proxies], push=push)
+                            speed = decode_speed("wan", wan, ids, settings, settings.wan_tokens, max(1, settings.repeats - 1))
+                            trips = parts + 1 if push else 2 * parts
+                            limit = 1 / (compute + trips * delay_ms / 1000)
+                            result.wan.append(WanResult(delay_ms, push, speed.median, limit))
+                            tick(f"{delay_ms:.0f} ms per hop, push {push}: {speed.median:.1f} tok/s "
+                                 f"({100 * speed.median / limit:.0f}% of the limit)")
+                    finally:
+                        for proxy in proxies:
+                            proxy.stop()
+                for sessions in settings.concurrency:
+                    aggregate = concurrent_speed(model, config, sessions, settings.concurrency_tokens, settings.seed)
+                    result.concurrency.append((sessions, aggregate))
+                    tick(f"{sessions} concurrent sessions: {aggregate:.1f} tok/s in all")
+                result.rss_node_mb = peak_rss_mb(chain.nodes[0].process.pid)
+            finally:
+                chain.close()
+
+        chain = _Chain(settings, most, extra_args=("--no-lean",))
+        try:
+            label = f"swarm, {most} nodes, push, transformers' layers (--no-lean)"
+            result.swarms.append(decode_speed(label, chain.client(), ids, settings))
+            tick(f"{label}: {result.swarms[-1].median:.1f} tok/s")
+        finally:
+            chain.close()
+        result.rss_whole_mb = whole_model_rss_mb(settings.model, threads)
+        progress.update(task, completed=steps, description="done")
+    return result
+
+
+# -- reporting ------------------------------------------------------------------------------------
+def render_markdown(result: PerfResult, plot_name: str | None = None) -> str:
+    s, m, local = result.settings, result.machine, result.local
+    lines = [
+        "## Performance: the swarm against transformers (issue 5)",
+        "",
+        f"- date: {result.date}",
+        f"- machine: {m['cpu']}; {m['os']}; Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}; "
+        f"load average {m['load']} at start",
+        f"- command: `{s.command or 'potluck bench-perf --model ' + str(s.model)}`",
+        f"- settings: model `{Path(s.model).name}` fp32, greedy, {s.prompt_tokens}-token seeded random prompt, "
+        f"{s.new_tokens} new tokens (EOS suppressed), {m['threads']} torch threads here and per node, node processes "
+        f"on loopback splitting the {result.num_layers} layers evenly; median of {s.repeats} run(s) after a warm-up; "
+        "every ratio below is within this one run",
+        "",
+        "### 1. Decode",
+        "",
+        "| system | decode tok/s | ms/token | vs transformers | tokens equal transformers' |",
+        "|---|---:|---:|---:|---|",
+        f"| {local.label} | {local.median:.2f} | {1000 / local.median:.1f} | 1.00x | (reference) |",
+    ]
+    for speed in result.swarms:
+        same = "yes" if speed.tokens == local.tokens else "**no**"
+        lines.append(f"| {speed.label} | {speed.median:.2f} | {1000 / speed.median:.1f} | "
+                     f"{speed.median / local.median:.2f}x | {same} |")
+    lines += ["", "Per-run decode tok/s: " + "; ".join(
+        f"{x.label} " + ", ".join(f"{v:.2f}" for v in x.decode_tps) for x in [local, *result.swarms]) + "."]
+    if result.wan:
+        lines += [
+            "", "### 2. Simulated WAN (latency proxy in front of every node)", "",
+            "The limit is 1 / (compute + trips x delay): compute is the 3-node push decode step above with no delay; "
+            "trips per token are hops + 1 with push and 2 x hops without.", "",
+            "| one-way delay per hop | push | decode tok/s | physical limit tok/s | share of the limit |",
+            "|---:|---|---:|---:|---:|",
+        ]
+        for w in result.wan:
+            lines.append(f"| {w.delay_ms:.0f} ms | {'yes' if w.push else 'no'} | {w.decode_tps:.2f} | "
+                         f"{w.limit_tps:.2f} | {100 * w.share:.0f}% |")
+    if result.concurrency:
+        base = result.concurrency[0][1]
+        lines += ["", "### 3. Concurrent sessions (3 nodes, push; one client thread per session)", "",
+                  f"Each session generates {s.concurrency_tokens} tokens after a 16-token prompt; aggregate = all new "
+                  "tokens / wall time.", "",
+                  "| sessions | aggregate tok/s | vs 1 session |", "|---:|---:|---:|"]
+        for sessions, aggregate in result.concurrency:
+            lines.append(f"| {sessions} | {aggregate:.1f} | {aggregate / base:.2f}x |")
+    if result.prefill_swarm_s:
+        lines += ["", "### 4. Prefill", "",
+                  f"A {s.prefill_tokens}-token prompt, time to the first new token (median of {s.repeats}):", "",
+                  "| system | seconds | vs one process |", "|---|---:|---:|",
+                  f"| local transformers | {result.prefill_local_s:.2f} | 1.00x |",
+                  f"| swarm, {max(s.node_counts)} nodes | {result.prefill_swarm_s:.2f} | "
+                  f"{result.prefill_swarm_s / result.prefill_local_s:.2f}x |"]
+    if result.rss_node_mb:
+        a, b = result.node_span
+        lines += ["", "### 5. Memory", "",
+                  "| process | peak RSS MB |", "|---|---:|",
+                  f"| node serving layers {a}:{b} of {result.num_layers} (after every run above) | {result.rss_node_mb:.0f} |",
+                  f"| transformers, whole model, load + generate | {result.rss_whole_mb:.0f} |"]
+    lines += ["", "### 6. Bytes per token per hop", "", "See the wire formats section (`potluck bench-wire`)."]
+    if plot_name:
+        lines += ["", f"![decode, WAN and concurrency]({plot_name})"]
+    return "\n".join(lines) + "\n"
+
+
+def write_plot(result: PerfResult, path: Path) -> bool:
+    """Decode speeds, WAN shares and concurrency in one PNG; False when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    speeds = [result.local, *result.swarms]
+    axes[0].barh([x.label for x in speeds], [x.median for x in speeds], color="#4c72b0")
+    axes[0].set_xlabel("decode tokens/s")
+    axes[0].invert_yaxis()
+    axes[0].set_title("1. decode (greedy, fp32)")
+    if result.wan:
+        for push, color in ((True, "#55a868"), (False, "#c44e52")):
+            points = [w for w in result.wan if w.push == push]
+            axes[1].plot([w.delay_ms for w in points], [100 * w.share for w in points], "o-", color=color,
+                         label="push" if push else "no push")
+        axes[1].axhline(90, ls="--", color="grey")
+        axes[1].set_xlabel("one-way delay per hop (ms)")
+        axes[1].set_ylabel("% of the physical limit")
+        axes[1].legend()
+        axes[1].set_title("2. simulated WAN, 3 nodes")
+    if result.concurrency:
+        axes[2].plot([c for c, _ in result.concurrency], [a for _, a in result.concurrency], "o-", color="#8172b2")
+        axes[2].set_xscale("log", base=2)
+        axes[2].set_xlabel("concurrent sessions")
+        axes[2].set_ylabel("aggregate tokens/s")
+        axes[2].set_title("3. concurrency, 3 nodes")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
+# -- command line ---------------------------------------------------------------------------------
+def _counts(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x.strip())
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in text.split(",") if x.strip())
+
+
+def add_perf_bench_parser(commands) -> None:
+    bench = commands.add_parser("bench-perf", help="decode, WAN, concurrency, prefill and memory against transformers")
+    bench.add_argument("--model", required=True, help="model folder (config.json + safetensors)")
+    bench.add_argument("--prompt-tokens", type=int, default=32)
+    bench.add_argument("--new-tokens", type=int, default=48)
+    bench.add_argument("--prefill-tokens", type=int, default=512)
+    bench.add_argument("--repeats", type=int, default=3)
+    bench.add_argument("--nodes", type=_counts, default=(1, 2, 3), help="node counts to compare (default 1,2,3)")
+    bench.add_argument("--delays-ms", type=_floats, default=(10.0, 50.0), help="simulated one-way delays (default 10,50)")
+    bench.add_argument("--wan-tokens", type=int, default=16)
+    bench.add_argument("--concurrency", type=_counts, default=(1, 2, 4, 8, 16))
+    bench.add_argument("--concurrency-tokens", type=int, default=24)
+    bench.add_argument("--threads", type=int, default=0, help="torch threads here and per node (default: every core)")
+    bench.add_argument("--out", default=None, help="markdown file whose performance section is (re)written")
+    bench.add_argument("--plot", default=None, help="PNG to draw (default: next to --out, benchmarks-performance.png)")
+    bench.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+def run_perf_bench_cli(args: argparse.Namespace) -> None:
+    model = Path(args.model).expanduser()
+    if not model.is_dir():
+        raise ValueError(f"--model {args.model}: not a folder (bench-perf needs a local model folder)")
+    out = Path(args.out) if args.out else None
+    plot = Path(args.plot) if args.plot else (out.parent / "benchmarks-performance.png" if out else None)
+    settings = PerfSettings(
+        model=model, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, prefill_tokens=args.prefill_tokens,
+        repeats=args.repeats, node_counts=args.nodes, delays_ms=args.delays_ms, wan_tokens=args.wan_tokens,
+        concurrency=args.concurrency, concurrency_tokens=args.concurrency_tokens, threads=args.threads, out=out,
+        plot=plot, command=shlex.join(["potluck", *sys.argv[1:]]),
+    )
+    result = run_benchmark(settings)
+    drawn = plot is not None and write_plot(result, plot)
+    section = render_markdown(result, plot.name if drawn else None)
+    if out is not None:
+        write_section(out, section, MARK_START, MARK_END)
+        Console(stderr=True).print(f"wrote {out}" + (f" and {plot}" if drawn else ""))
+    print(section)

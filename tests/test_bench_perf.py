@@ -1,0 +1,50 @@
+"""`potluck bench-perf` end to end, small: real node processes, a latency proxy, concurrent sessions."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from rich.console import Console
+
+from node.bench import write_section
+from node.bench_perf import MARK_END, MARK_START, PerfSettings, render_markdown, run_benchmark, write_plot
+
+
+@pytest.mark.timeout(240)
+def test_bench_perf_writes_every_table(tiny_model_dir, tmp_path):
+    out, plot = tmp_path / "benchmarks.md", tmp_path / "perf.png"
+    out.write_text(f"# Benchmarks\n\nkept\n\n{MARK_START}\nold numbers\n{MARK_END}\n")
+    settings = PerfSettings(model=tiny_model_dir("llama"), prompt_tokens=8, new_tokens=4, prefill_tokens=24, repeats=1,
+                            node_counts=(2,), delays_ms=(20.0,), wan_tokens=3, concurrency=(1, 3), concurrency_tokens=3,
+                            threads=1, out=out)
+
+    result = run_benchmark(settings, Console(file=io.StringIO()))
+    assert write_plot(result, plot) and plot.stat().st_size > 1000
+    write_section(out, render_markdown(result, plot.name), MARK_START, MARK_END)
+
+    labels = [s.label for s in result.swarms]
+    assert labels == ["swarm, 2 nodes, push", "swarm, 2 nodes, no push",
+                      "swarm, 2 nodes, push, transformers' layers (--no-lean)"]
+    for speed in result.swarms:  # greedy tokens through the swarm equal plain transformers'
+        assert speed.tokens == result.local.tokens, speed.label
+    # 20 ms per trip: push makes 3 trips a token, no push 4; neither can beat its limit by much
+    push, no_push = (next(w for w in result.wan if w.push is p) for p in (True, False))
+    assert push.limit_tps > no_push.limit_tps
+    assert 0 < push.share < 1.2 and 0 < no_push.share < 1.2
+    assert push.decode_tps < 1 / (3 * 0.020)
+    assert [n for n, _ in result.concurrency] == [1, 3] and all(a > 0 for _, a in result.concurrency)
+    assert result.prefill_local_s > 0 and result.prefill_swarm_s > 0
+    assert 0 < result.rss_node_mb and 0 < result.rss_whole_mb
+    text = out.read_text()
+    for heading in ("### 1. Decode", "### 2. Simulated WAN", "### 3. Concurrent sessions", "### 4. Prefill",
+                    "### 5. Memory", "### 6. Bytes per token per hop"):
+        assert heading in text
+    assert "old numbers" not in text and "kept" in text and "(perf.png)" in text
+
+
+def test_bench_perf_rejects_bad_settings(tmp_path):
+    with pytest.raises(ValueError, match="--new-tokens"):
+        PerfSettings(model=tmp_path, new_tokens=1)
+    with pytest.raises(ValueError, match="--concurrency"):
+        PerfSettings(model=tmp_path, concurrency=(0,))
