@@ -78,6 +78,7 @@ class HopStream:
         self.history: list[pb.Step] = []  # every step this hop ran (sent by us or pushed), for replay
         self.sent_steps = 0  # steps this client wrote to the stream itself
         self._call = None
+        self._pending: asyncio.Future | None = None  # the read in flight (see reading())
 
     async def open(self, session_timeout: float, timeout: float) -> None:
         self._call = self.peer.stub.Inference(timeout=session_timeout)
@@ -134,12 +135,30 @@ class HopStream:
         if request.WhichOneof("kind") == "step":
             self.sent_steps += 1
 
+    def reading(self) -> asyncio.Future:
+        """The read in flight on the stream, started if there is none. A read is never cancelled (grpc.aio
+        would cancel the whole call with it): a wait that gives up leaves it to the next reader."""
+        if self._pending is None:
+            self._pending = asyncio.ensure_future(self._call.read())
+        return self._pending
+
+    def push_failed(self, step_id: int) -> bool:
+        """Whether the message just read (reading() is done) says this node could not hand step
+        `step_id` on, or the stream failed after the node's result (it may have died before pushing)."""
+        reading = self._pending
+        if reading.exception() is not None or reading.result() is grpc.aio.EOF:
+            return True  # left in place: the failure surfaces when the stream is next read
+        self._pending = None
+        reply = reading.result()
+        return reply.WhichOneof("kind") == "result" and reply.result.step_id == step_id and bool(reply.result.push_error)
+
     async def _read_result(self, step_id: int) -> pb.StepResult:
         while True:
             result = await self._read("result")
-            if result.step_id >= step_id:
+            if result.step_id >= step_id and not result.push_error:
                 break
-            # a result of an older step: the node ran a step both pushed and re-sent after a failure
+            # an older step's result (a step both pushed and re-sent after a failure), or a push-failure
+            # notice that no longer matters
         if result.step_id != step_id:
             raise PeerError(self.peer.address, f"expected the result of step {step_id}, got step {result.step_id}")
         return result
@@ -149,7 +168,8 @@ class HopStream:
         return await self._read(expect)
 
     async def _read(self, expect: str):
-        reply = await self._call.read()
+        reply = await asyncio.shield(self.reading())
+        self._pending = None
         if reply is grpc.aio.EOF:
             code = await self._call.code()
             details = await self._call.details()
@@ -161,7 +181,7 @@ class HopStream:
     async def _guarded(self, work, timeout: float):
         """Await `work` (reads and writes on the stream) within `timeout`; failures become PeerError."""
         try:
-            async with asyncio.timeout(timeout):  # one timer per exchange, no extra tasks
+            async with asyncio.timeout(timeout):  # one timer per exchange
                 return await work
         except grpc.aio.AioRpcError as error:
             raise PeerError.from_rpc(self.peer.address, error) from None
@@ -173,14 +193,18 @@ class HopStream:
             raise PeerError(self.peer.address, details or "stream already closed", code) from None
 
     async def close(self) -> None:
-        if self._call is None or self._call.done():
+        if self._call is None:
             return
-        try:
-            await self._call.write(pb.SessionRequest(close=pb.CloseSession()))
-            await self._call.done_writing()
-        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
-            pass  # the node already ended the stream; it frees the session either way
-        self._call.cancel()
+        if not self._call.done():
+            try:
+                await self._call.write(pb.SessionRequest(close=pb.CloseSession()))
+                await self._call.done_writing()
+            except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                pass  # the node already ended the stream; it frees the session either way
+            self._call.cancel()
+        if self._pending is not None:
+            self._pending.cancel()
+            await asyncio.gather(self._pending, return_exceptions=True)
 
 
 def _merged_history(history: list[pb.Step]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -223,6 +247,8 @@ class InferenceSession:
         self.hops: list[HopStream] = []
         self.events: list[RecoveryEvent] = []
         self.pushed_steps = 0  # steps that went through the whole chain by push
+        self._push_backoff = 0  # after a failed handover, steps to drive by hand: 1, 2, 4 ... 64; 0 after a push
+        self._push_pause = 0    # of which this many are left
 
     def _stream(self, hop: Hop) -> HopStream:
         return HopStream(self.router.peer(hop.peer.address), hop, f"{self.session_id}-{next(self._ids)}",
@@ -242,7 +268,7 @@ class InferenceSession:
     @property
     def pushing(self) -> bool:
         """Whether the next step goes by push: asked for, more than one hop, and every hop's node offers it."""
-        return (self.push and len(self.hops) > 1
+        return (self.push and len(self.hops) > 1 and not self._push_pause
                 and all(stream.push and stream.position == self.position for stream in self.hops))
 
     async def step(self, hidden: torch.Tensor, position_ids: torch.Tensor | None = None,
@@ -260,6 +286,8 @@ class InferenceSession:
         index = 0
         if self.pushing:
             index, message = await self._push_step(message, pos, mask, tokens)
+        elif self._push_pause:
+            self._push_pause -= 1
         if index < len(self.hops):
             message = await self._drive(index, message, pos, mask, tokens)
         self.position += tokens
@@ -287,20 +315,42 @@ class InferenceSession:
             try:
                 if index == 0:
                     await stream.send(first, budget)
-                result = await stream.result(step_id, max(sent + budget - time.perf_counter(), 0.001))
+                result = await self._pushed_result(index, step_id, sent + budget)
             except PeerError as error:
                 if error.code not in RECOVERABLE:
                     raise
                 await self._recover(index, error, sent, time.perf_counter())
                 return index, message
+            if result is None:
+                # The previous node did not hand its output on: send it ourselves (that recovers the hop if it
+                # is gone). Two nodes that cannot reach each other would cost this every token: back off.
+                self._push_backoff = min(max(2 * self._push_backoff, 1), 64)
+                self._push_pause = self._push_backoff
+                log.info("hop %s did not push step %d to %s; client-driven for %d steps",
+                         self.hops[index - 1].peer.address, step_id, stream.peer.address, self._push_pause)
+                return index, message
             stream.record(step, result)
             message = result.hidden
-            if result.push_error:
-                # the next node did not take the output; send it ourselves (that recovers it if it is gone)
-                log.info("hop %s: %s", stream.peer.address, result.push_error)
-                return index + 1, message
         self.pushed_steps += 1
+        self._push_backoff = 0
         return len(self.hops), message
+
+    async def _pushed_result(self, index: int, step_id: int, deadline: float) -> pb.StepResult | None:
+        """Hop `index`'s result of pushed step `step_id` (by `deadline`, a perf_counter time), or None
+        if the hop before it says it could not hand the step on (a second result with push_error)."""
+        stream = self.hops[index]
+        if index > 0:
+            before = self.hops[index - 1]
+            while True:
+                result_read, notice_read = stream.reading(), before.reading()
+                left = deadline - time.perf_counter()
+                if left > 0:
+                    await asyncio.wait({result_read, notice_read}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+                if result_read.done() or not notice_read.done():
+                    break  # a result (or a failure) to read, or the deadline
+                if before.push_failed(step_id):
+                    return None
+        return await stream.result(step_id, max(deadline - time.perf_counter(), 0.001))
 
     async def _drive(self, index: int, message: pb.Tensor, pos: pb.Tensor | None, mask: pb.Tensor | None,
                      tokens: int) -> pb.Tensor:

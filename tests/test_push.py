@@ -107,6 +107,24 @@ def test_a_node_without_push_makes_the_client_drive(model, chain, prompt_ids, ex
     assert model.last_session.pushed_steps == NEW_TOKENS
 
 
+def test_a_refused_handover_is_driven_by_the_client_without_a_failover(model, chain, prompt_ids, expected):
+    """The middle node stops taking pushes mid-session (its stream is fine): the first node's notice
+    makes the client send that hop the step itself, with no ban and no replay."""
+    def refuse(_):
+        chain[1].servicer.push_enabled = False
+
+    try:
+        assert generate(model, prompt_ids, streamer=AtToken({4}, refuse)) == expected
+    finally:
+        chain[1].servicer.push_enabled = True
+    session = model.last_session
+    assert session.events == [] and session.pushed_steps == 4
+    sent = session.sent_steps
+    assert sent[0] == NEW_TOKENS and sent[1] == sent[2] == NEW_TOKENS - 4  # every later step, from hop 2 on
+    assert generate(model, prompt_ids) == expected  # a new session pushes again
+    assert model.last_session.pushed_steps == NEW_TOKENS
+
+
 # -- the Push RPC itself, on a stream opened by hand -------------------------------------------------
 
 class HandStream:
@@ -174,11 +192,13 @@ def test_bad_pushes_get_a_clear_status_and_the_node_keeps_serving(chain):
         assert again.position == 4
         torch.testing.assert_close(codec.decode_tensor(again.hidden), codec.decode_tensor(pushed.hidden))
 
-        # a next hop that is not there: the step still runs, and its reply says where the chain broke
+        # a next hop that is not there: the result comes at once, then a notice of where the chain broke
         stream.send(pb.SessionRequest(step=a_step(torch.randn(1, 1, HIDDEN), 4, 4, address="127.0.0.1:9",
                                                   session_id="elsewhere", timeout=2.0)))
-        broken = stream.result()
-        assert broken.position == 5 and broken.push_error.startswith("push to 127.0.0.1:9 failed [UNAVAILABLE]")
+        result, notice = stream.result(), stream.result()
+        assert (result.step_id, result.position, result.push_error) == (4, 5, "")
+        assert (notice.step_id, notice.position, notice.HasField("hidden")) == (4, 5, False)
+        assert notice.push_error.startswith("push to 127.0.0.1:9 failed [UNAVAILABLE]")
         stream.send(pb.SessionRequest(step=a_step(torch.randn(1, 1, HIDDEN), 5, 5, address="", session_id="x")))
         with pytest.raises(grpc.RpcError) as caught:
             stream.result()

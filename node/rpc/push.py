@@ -2,8 +2,8 @@
 
 A step that carries a push list (`Step.push`, the hops after this one) is forwarded, once this node
 has computed it, to `push[0]` with a `Push` call holding this node's output and `push[1:]`. The call
-returns as soon as the next node has accepted the step (not once it has computed it), so waiting for
-it costs one node-to-node round trip."""
+returns as soon as the next node has accepted the step (not once it has computed it); the servicer
+answers its own client meanwhile and sends a failure notice only if the handover fails."""
 
 from __future__ import annotations
 

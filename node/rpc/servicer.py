@@ -154,7 +154,7 @@ class PotluckServicer(pb_grpc.PotluckServicer):
                     # finish nothing new: the client moves this session to another node (it keeps the history)
                     raise Unavailable("this node is draining; move the session to another node")
                 if kind == "push":
-                    await context.write(await self._step(executor, stream.session, item))
+                    await self._run(executor, stream.session, item, context)
                     continue
                 request = item
                 kind = request.WhichOneof("kind")
@@ -180,7 +180,7 @@ class PotluckServicer(pb_grpc.PotluckServicer):
                 elif kind == "step":
                     if stream.session is None:
                         raise FailedPrecondition("send `open` before the first step")
-                    await context.write(await self._step(executor, stream.session, request.step))
+                    await self._run(executor, stream.session, request.step, context)
                 else:
                     raise InvalidRequest("empty SessionRequest: set one of open, step, close")
         except asyncio.CancelledError:
@@ -201,8 +201,12 @@ class PotluckServicer(pb_grpc.PotluckServicer):
                 reader.cancel()
                 await asyncio.gather(reader, return_exceptions=True)
 
-    async def _step(self, executor: Executor, session: Session, step: pb.Step) -> pb.SessionReply:
-        """Run one step (the client's or a pushed one); hand its output on if it carries a push list."""
+    async def _run(self, executor: Executor, session: Session, step: pb.Step, context) -> None:
+        """Run one step (the client's or a pushed one) and answer it; hand its output on if it carries a push list.
+
+        The handover to the next node starts before the reply is written and runs alongside it, so the
+        push adds nothing to this hop's reply. If the handover fails, a second, small result for the same
+        step follows, with `push_error` set: the client learns where the chain broke without a deadline."""
         if step.push:
             if not self.push_enabled:
                 raise FailedPrecondition("this node does not forward pushed steps; send each hop its step")
@@ -217,17 +221,24 @@ class PotluckServicer(pb_grpc.PotluckServicer):
         )
         seconds = time.perf_counter() - started
         hidden = codec.encode_hidden(out, session.wire)
-        result = pb.StepResult(hidden=hidden, step_id=step.step_id, position=session.position, compute_ms=seconds * 1000)
-        if step.push:
-            # The reply waits for the handover (one node-to-node round trip, not the next node's compute):
-            # a failed handover is reported in this very reply, so the client knows where the chain broke.
-            result.push_error = await self.pusher.forward(hidden, step)
-            if result.push_error:
-                log.info("session %s: %s", session.session_id, result.push_error)
+        reply = pb.SessionReply(result=pb.StepResult(hidden=hidden, step_id=step.step_id, position=session.position,
+                                                     compute_ms=seconds * 1000))
         if self.metrics is not None:
             sent = len(hidden.data) * (2 if step.push else 1)
             self.metrics.step(out.shape[1], seconds, len(step.hidden.data), sent)
-        return pb.SessionReply(result=result)
+        if not step.push:
+            await context.write(reply)
+            return
+        handover = asyncio.ensure_future(self.pusher.forward(hidden, step))
+        try:
+            await context.write(reply)
+            error = await handover  # before the next step: a failure notice always precedes later results
+        finally:
+            handover.cancel()  # only if the write failed or the stream was cancelled
+        if error:
+            log.info("session %s: %s", session.session_id, error)
+            await context.write(pb.SessionReply(result=pb.StepResult(step_id=step.step_id, position=session.position,
+                                                                     push_error=error)))
 
     async def Push(self, request: pb.PushRequest, context) -> pb.PushReply:
         """Accept a step handed over by the previous hop into one of this node's sessions.
