@@ -37,6 +37,7 @@ test: install browser
 
 bench: install
 	$(VENV)/bin/potluck bench --model $(MODEL_DIR) --out docs/benchmarks.md
+	$(VENV)/bin/potluck bench-perf --model $(MODEL_DIR) --out docs/benchmarks.md
 
 protos: $(STAMP)
 	PYTHON=$(PY) protos/generate.sh node/rpc/generated

@@ -223,15 +223,18 @@ def client_probe(model, ids: torch.Tensor) -> dict[str, float]:
 @torch.inference_mode()
 def hop_compute(folder: Path, spans: list[tuple[int, int]], prompt_tokens: int, tick: Callable[[str], None]) -> list[float]:
     """Each span loaded here, prefilled with `prompt_tokens`, then timed on one token at a time."""
+    from node.model.fast_linear import transpose_linears
     from node.model.loader import ModelFiles, load_span
 
     files = ModelFiles.open(str(folder))
     times = []
     for start, end in spans:
         span, _ = load_span(files, start, end, torch.device("cpu"), torch.float32)
+        transpose_linears(span)  # as a node on CPU does (node/server.py)
+        span.make_lean()
         generator = torch.Generator().manual_seed(start)
         hidden = torch.randn(1, prompt_tokens, span.config.hidden_size, generator=generator)
-        cache = span.new_cache()
+        cache = span.new_cache(1, prompt_tokens + PROBE_STEPS + 1)
         span(hidden, torch.arange(prompt_tokens).unsqueeze(0), cache=cache)
         position = [prompt_tokens]
 

@@ -5,7 +5,7 @@ Measured on the same model and machine, one after the other:
 1. decode tokens/s: transformers `generate` in this process vs the swarm with 1, 2 and 3 node
    processes on loopback (push on), 3 nodes without push, and 3 nodes on transformers' own layers
    (`--no-lean`), all greedy on the same seeded prompt (tokens compared with transformers');
-2. a simulated WAN: a latency proxy (node/latency_proxy.py) in front of every node, adding a fixed
+2. a simulated WAN: a latency proxy (`potluck proxy`, its own process) in front of every node, adding a fixed
    one-way delay per hop; tokens/s against the physical limit 1 / (compute + (hops + 1) x delay);
 3. concurrency: N sessions generating at once through 3 nodes (one client thread each);
    aggregate tokens/s against one session;
@@ -107,7 +107,7 @@ class PerfResult:
     local: Speed
     swarms: list[Speed] = field(default_factory=list)
     wan: list[WanResult] = field(default_factory=list)
-    concurrency: list[tuple[int, float]] = field(default_factory=list)  # (sessions, aggregate tok/s)
+    concurrency: list[tuple[int, float, float]] = field(default_factory=list)  # (sessions, aggregate tok/s, steps/pass)
     prefill_local_s: float = 0.0
     prefill_swarm_s: float = 0.0
     rss_node_mb: float = 0.0
@@ -186,6 +186,41 @@ def whole_model_rss_mb(model: Path, threads: int) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
+class ProxyProcess:
+    """`potluck proxy` in its own process: its event loop does not share this process's GIL with the client."""
+
+    def __init__(self, target: str, delay_ms: float):
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "node", "proxy", "--target", target, "--delay-ms", str(delay_ms)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        line = self.process.stdout.readline()
+        if "listening on " not in line:
+            self.stop()
+            raise RuntimeError(f"the latency proxy did not start: {line.strip()!r}")
+        self.address = line.split("listening on ", 1)[1].split()[0].rstrip(",")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def node_batching(address: str) -> tuple[int, int]:
+    """(passes, steps carried) of a node's lean runtime so far, from its Info."""
+    import grpc
+
+    from node.rpc import codec
+    from node.rpc.generated import potluck_pb2 as pb
+    from node.rpc.generated import potluck_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        info = pb_grpc.PotluckStub(channel).Info(pb.InfoRequest(), timeout=10)
+    metadata = codec.unpack_metadata(info.metadata)
+    return int(metadata.get("passes", 0)), int(metadata.get("batched_steps", 0))
+
+
 class _Chain:
     """Node processes for one configuration, and a client over them; always stopped."""
 
@@ -217,7 +252,6 @@ class _Chain:
 def run_benchmark(settings: PerfSettings, console: Console | None = None) -> PerfResult:
     from transformers import AutoModelForCausalLM
 
-    from node.latency_proxy import ThreadedProxy
     from node.model.loader import ModelFiles
 
     console = console or Console(stderr=True)
@@ -264,7 +298,7 @@ def run_benchmark(settings: PerfSettings, console: Console | None = None) -> Per
                 tick(f"swarm prefill: {result.prefill_swarm_s:.2f} s")
                 compute = 1 / result.swarms[-2].median  # seconds per token with no added delay (push)
                 for delay_ms in settings.delays_ms:
-                    proxies = [ThreadedProxy(node.address, delay_ms / 1000).start() for node in chain.nodes]
+                    proxies = [ProxyProcess(node.address, delay_ms) for node in chain.nodes]
                     try:
                         for push in (True, False):
                             wan = chain.client(peers=[p.address for p in proxies], push=push)
@@ -277,10 +311,17 @@ def run_benchmark(settings: PerfSettings, console: Console | None = None) -> Per
                     finally:
                         for proxy in proxies:
                             proxy.stop()
+                # one torch thread per client thread: N generate() threads with a team of OpenMP threads each
+                # would oversubscribe the cores the nodes compute on
+                torch.set_num_threads(1)
                 for sessions in settings.concurrency:
+                    before = node_batching(chain.nodes[-1].address)
                     aggregate = concurrent_speed(model, config, sessions, settings.concurrency_tokens, settings.seed)
-                    result.concurrency.append((sessions, aggregate))
+                    after = node_batching(chain.nodes[-1].address)
+                    passes, steps = after[0] - before[0], after[1] - before[1]
+                    result.concurrency.append((sessions, aggregate, steps / passes if passes else 0.0))
                     tick(f"{sessions} concurrent sessions: {aggregate:.1f} tok/s in all")
+                torch.set_num_threads(threads)
                 result.rss_node_mb = peak_rss_mb(chain.nodes[0].process.pid)
             finally:
                 chain.close()
@@ -337,12 +378,13 @@ def render_markdown(result: PerfResult, plot_name: str | None = None) -> str:
                          f"{w.limit_tps:.2f} | {100 * w.share:.0f}% |")
     if result.concurrency:
         base = result.concurrency[0][1]
-        lines += ["", "### 3. Concurrent sessions (3 nodes, push; one client thread per session)", "",
+        lines += ["", "### 3. Concurrent sessions (3 nodes, push; one client thread per session, 1 torch thread each)", "",
                   f"Each session generates {s.concurrency_tokens} tokens after a 16-token prompt; aggregate = all new "
-                  "tokens / wall time.", "",
-                  "| sessions | aggregate tok/s | vs 1 session |", "|---:|---:|---:|"]
-        for sessions, aggregate in result.concurrency:
-            lines.append(f"| {sessions} | {aggregate:.1f} | {aggregate / base:.2f}x |")
+                  "tokens / wall time. Steps per pass: how many sessions' steps the last node ran in one forward "
+                  "(continuous batching), on average.", "",
+                  "| sessions | aggregate tok/s | vs 1 session | steps per pass (last node) |", "|---:|---:|---:|---:|"]
+        for sessions, aggregate, per_pass in result.concurrency:
+            lines.append(f"| {sessions} | {aggregate:.1f} | {aggregate / base:.2f}x | {per_pass:.2f} |")
     if result.prefill_swarm_s:
         lines += ["", "### 4. Prefill", "",
                   f"A {s.prefill_tokens}-token prompt, time to the first new token (median of {s.repeats}):", "",
@@ -388,7 +430,7 @@ def write_plot(result: PerfResult, path: Path) -> bool:
         axes[1].legend()
         axes[1].set_title("2. simulated WAN, 3 nodes")
     if result.concurrency:
-        axes[2].plot([c for c, _ in result.concurrency], [a for _, a in result.concurrency], "o-", color="#8172b2")
+        axes[2].plot([c[0] for c in result.concurrency], [c[1] for c in result.concurrency], "o-", color="#8172b2")
         axes[2].set_xscale("log", base=2)
         axes[2].set_xlabel("concurrent sessions")
         axes[2].set_ylabel("aggregate tokens/s")

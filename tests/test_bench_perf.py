@@ -33,7 +33,9 @@ def test_bench_perf_writes_every_table(tiny_model_dir, tmp_path):
     assert push.limit_tps > no_push.limit_tps
     assert 0 < push.share < 1.2 and 0 < no_push.share < 1.2
     assert push.decode_tps < 1 / (3 * 0.020)
-    assert [n for n, _ in result.concurrency] == [1, 3] and all(a > 0 for _, a in result.concurrency)
+    assert [c[0] for c in result.concurrency] == [1, 3] and all(c[1] > 0 for c in result.concurrency)
+    assert result.concurrency[0][2] == 1.0  # one session: one step per pass
+    assert all(c[2] >= 1.0 for c in result.concurrency)
     assert result.prefill_local_s > 0 and result.prefill_swarm_s > 0
     assert 0 < result.rss_node_mb and 0 < result.rss_whole_mb
     text = out.read_text()

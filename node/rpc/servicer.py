@@ -107,6 +107,7 @@ class PotluckServicer(pb_grpc.PotluckServicer):
                 "sessions": len(executor.sessions), "name": self.identity.name, "state": self.serving.state,
                 "throughput": self.serving.throughput, "prefill_throughput": self.serving.prefill_throughput,
                 "started_at": self.serving.started_at, "push": self.push_enabled,
+                "passes": executor.passes, "batched_steps": executor.batched_steps,
             }),
         )
 
