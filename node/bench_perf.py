@@ -82,10 +82,16 @@ class Speed:
     label: str
     decode_tps: list[float]
     tokens: list[int]
+    reference_tps: list[float] = field(default_factory=list)  # transformers, timed alternately with these runs
 
     @property
     def median(self) -> float:
         return statistics.median(self.decode_tps)
+
+    @property
+    def ratio(self) -> float:
+        """Against the transformers runs interleaved with this system's (the machine drifts between systems)."""
+        return self.median / statistics.median(self.reference_tps) if self.reference_tps else float("nan")
 
 
 @dataclass
@@ -126,6 +132,18 @@ def decode_speed(label: str, model, ids: torch.Tensor, settings: PerfSettings, n
     timed_generate(model, ids[:, :4], 2)  # warm-up: allocations, thread pools, channels
     runs = [timed_generate(model, ids, new_tokens or settings.new_tokens) for _ in range(repeats or settings.repeats)]
     return Speed(label, [r.decode_tps for r in runs], runs[0].tokens)
+
+
+def paired_speed(label: str, model, reference, ids: torch.Tensor, settings: PerfSettings) -> Speed:
+    """Decode speed of `model`, each run right after a run of `reference` (plain transformers)."""
+    timed_generate(model, ids[:, :4], 2)
+    speed = Speed(label, [], [])
+    for _ in range(settings.repeats):
+        speed.reference_tps.append(timed_generate(reference, ids, settings.new_tokens).decode_tps)
+        run = timed_generate(model, ids, settings.new_tokens)
+        speed.decode_tps.append(run.decode_tps)
+        speed.tokens = speed.tokens or run.tokens
+    return speed
 
 
 def prefill_seconds(model, ids: torch.Tensor, repeats: int) -> float:
@@ -280,19 +298,19 @@ def run_benchmark(settings: PerfSettings, console: Console | None = None) -> Per
         tick(f"local transformers: {result.local.median:.1f} tok/s")
         result.prefill_local_s = prefill_seconds(local_model, long_ids, settings.repeats)
         tick(f"local prefill of {settings.prefill_tokens} tokens: {result.prefill_local_s:.2f} s")
-        del local_model
 
         for parts in settings.node_counts:
             chain = _Chain(settings, parts)
             try:
                 model = chain.client()
                 label = f"swarm, {parts} node{'s' if parts > 1 else ''}, push"
-                result.swarms.append(decode_speed(label, model, ids, settings))
+                result.swarms.append(paired_speed(label, model, local_model, ids, settings))
                 tick(f"{label}: {result.swarms[-1].median:.1f} tok/s")
                 if parts != most:
                     continue
                 result.node_span = (chain.nodes[0].start_layer, chain.nodes[0].end_layer)
-                result.swarms.append(decode_speed(f"swarm, {parts} nodes, no push", chain.client(push=False), ids, settings))
+                result.swarms.append(paired_speed(f"swarm, {parts} nodes, no push", chain.client(push=False), local_model,
+                                                  ids, settings))
                 tick(f"no push: {result.swarms[-1].median:.1f} tok/s")
                 result.prefill_swarm_s = prefill_seconds(model, long_ids, settings.repeats)
                 tick(f"swarm prefill: {result.prefill_swarm_s:.2f} s")
@@ -329,10 +347,11 @@ def run_benchmark(settings: PerfSettings, console: Console | None = None) -> Per
         chain = _Chain(settings, most, extra_args=("--no-lean",))
         try:
             label = f"swarm, {most} nodes, push, transformers' layers (--no-lean)"
-            result.swarms.append(decode_speed(label, chain.client(), ids, settings))
+            result.swarms.append(paired_speed(label, chain.client(), local_model, ids, settings))
             tick(f"{label}: {result.swarms[-1].median:.1f} tok/s")
         finally:
             chain.close()
+        del local_model
         result.rss_whole_mb = whole_model_rss_mb(settings.model, threads)
         progress.update(task, completed=steps, description="done")
     return result
@@ -355,16 +374,21 @@ def render_markdown(result: PerfResult, plot_name: str | None = None) -> str:
         "",
         "### 1. Decode",
         "",
-        "| system | decode tok/s | ms/token | vs transformers | tokens equal transformers' |",
-        "|---|---:|---:|---:|---|",
-        f"| {local.label} | {local.median:.2f} | {1000 / local.median:.1f} | 1.00x | (reference) |",
+        "The speed of this shared machine drifts by tens of percent over minutes, so every swarm run is paired "
+        "with a transformers run just before it, and each ratio is against those paired runs (median over median).",
+        "",
+        "| system | decode tok/s | ms/token | transformers in the paired runs, tok/s | vs transformers (paired) | "
+        "tokens equal transformers' |",
+        "|---|---:|---:|---:|---:|---|",
+        f"| {local.label} (alone, first) | {local.median:.2f} | {1000 / local.median:.1f} | | 1.00x | (reference) |",
     ]
     for speed in result.swarms:
         same = "yes" if speed.tokens == local.tokens else "**no**"
         lines.append(f"| {speed.label} | {speed.median:.2f} | {1000 / speed.median:.1f} | "
-                     f"{speed.median / local.median:.2f}x | {same} |")
-    lines += ["", "Per-run decode tok/s: " + "; ".join(
-        f"{x.label} " + ", ".join(f"{v:.2f}" for v in x.decode_tps) for x in [local, *result.swarms]) + "."]
+                     f"{statistics.median(speed.reference_tps):.2f} | {speed.ratio:.2f}x | {same} |")
+    lines += ["", "Per-run decode tok/s (paired transformers run in brackets): " + "; ".join(
+        f"{x.label} " + ", ".join(f"{v:.2f} ({r:.2f})" for v, r in zip(x.decode_tps, x.reference_tps))
+        for x in result.swarms) + "."]
     if result.wan:
         lines += [
             "", "### 2. Simulated WAN (latency proxy in front of every node)", "",
