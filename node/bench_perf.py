@@ -117,6 +117,7 @@ class PerfResult:
     prefill_local_s: float = 0.0
     prefill_swarm_s: float = 0.0
     rss_node_mb: float = 0.0
+    rss_node_now_mb: float = 0.0
     rss_whole_mb: float = 0.0
     node_span: tuple[int, int] = (0, 0)
     num_layers: int = 0
@@ -176,11 +177,12 @@ def concurrent_speed(model, config, sessions: int, new_tokens: int, seed: int) -
     return sessions * new_tokens / elapsed
 
 
-def peak_rss_mb(pid: int) -> float:
+def rss_mb(pid: int, field: str = "VmHWM") -> float:
+    """A process's peak (VmHWM) or current (VmRSS) resident memory, MB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmHWM for process {pid}")
+    raise RuntimeError(f"no {field} for process {pid}")
 
 
 WHOLE_MODEL_PROBE = """
@@ -340,7 +342,8 @@ def run_benchmark(settings: PerfSettings, console: Console | None = None) -> Per
                     result.concurrency.append((sessions, aggregate, steps / passes if passes else 0.0))
                     tick(f"{sessions} concurrent sessions: {aggregate:.1f} tok/s in all")
                 torch.set_num_threads(threads)
-                result.rss_node_mb = peak_rss_mb(chain.nodes[0].process.pid)
+                result.rss_node_mb = rss_mb(chain.nodes[0].process.pid)
+                result.rss_node_now_mb = rss_mb(chain.nodes[0].process.pid, "VmRSS")
             finally:
                 chain.close()
 
@@ -419,9 +422,13 @@ def render_markdown(result: PerfResult, plot_name: str | None = None) -> str:
     if result.rss_node_mb:
         a, b = result.node_span
         lines += ["", "### 5. Memory", "",
-                  "| process | peak RSS MB |", "|---|---:|",
-                  f"| node serving layers {a}:{b} of {result.num_layers} (after every run above) | {result.rss_node_mb:.0f} |",
-                  f"| transformers, whole model, load + generate | {result.rss_whole_mb:.0f} |"]
+                  "| process | peak RSS MB | RSS at the end, MB |", "|---|---:|---:|",
+                  f"| node serving layers {a}:{b} of {result.num_layers} (after every run above) | "
+                  f"{result.rss_node_mb:.0f} | {result.rss_node_now_mb:.0f} |",
+                  f"| transformers, whole model, load + generate | {result.rss_whole_mb:.0f} | |",
+                  "", "Both include ~320 MB for the interpreter and the imports (torch, transformers, grpc). A node's "
+                  "peak comes while it re-lays its weights out (the memory-mapped shard pages and the new copies "
+                  "are resident together for a moment)."]
     lines += ["", "### 6. Bytes per token per hop", "", "See the wire formats section (`potluck bench-wire`)."]
     if plot_name:
         lines += ["", f"![decode, WAN and concurrency]({plot_name})"]

@@ -24,6 +24,7 @@ from node.model.loader import (
     dtype_name,
     free_memory,
     load_span,
+    own_memory,
     resolve_device,
     resolve_dtype,
 )
@@ -209,6 +210,8 @@ async def _load(node: RunningNode, span: Span) -> None:
         reason = model.make_lean()  # fused weights, static caches, batched decoding (node/model/lean.py)
         if reason:
             log.info("no lean runtime for this family (%s); using transformers' layers", reason)
+    if node.device.type == "cpu":
+        own_memory(model)  # the shard's memory map can go now (node/model/loader.py)
     if config.throughput is not None:
         node.throughput = Throughput(decode=config.throughput, prefill=config.throughput * 8)
     else:

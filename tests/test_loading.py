@@ -110,3 +110,18 @@ def test_not_a_model_folder(tmp_path):
         ModelFiles.open(str(tmp_path))
     with pytest.raises(ModelLoadError, match="neither a model folder nor a hub id"):
         ModelFiles.open(str(tmp_path / "missing" / "deeper"))
+
+
+def test_own_memory_copies_small_tensors_out_of_the_shard_mapping(tiny_model_dir):
+    import torch
+
+    from node.model.loader import ModelFiles, load_span, own_memory
+
+    span, _ = load_span(ModelFiles.open(str(tiny_model_dir("llama"))), 0, 2, torch.device("cpu"), torch.float32)
+    norm = span.layers[0].input_layernorm.weight
+    before_ptr, before = norm.untyped_storage().data_ptr(), norm.detach().clone()
+    copied = own_memory(span, max_bytes=1024)  # only the small ones: norms (64 floats), not the projections
+    tensors = [*span.parameters(), *span.buffers()]
+    assert copied == sum(t.numel() * t.element_size() for t in tensors if t.numel() * t.element_size() <= 1024) > 0
+    assert norm.untyped_storage().data_ptr() != before_ptr  # its own memory now
+    assert torch.equal(norm, before)

@@ -309,6 +309,24 @@ def load_span(
     return span, stats
 
 
+def own_memory(module: nn.Module, max_bytes: int = 32 * 1024 * 1024) -> int:
+    """Copy the module's small CPU tensors (norms, biases, rotary buffers) out of the safetensors mapping.
+
+    Loaded tensors are views of the memory-mapped shard; while any view lives, every page of the
+    shard that was read stays mapped and counts in the process's RSS. Once the big weights are
+    re-laid out (transposed, fused: new memory) the small ones are the last views: copying them
+    lets the mapping go (~140 MB less RSS for a 10-layer SmolLM2 node). Returns the bytes copied."""
+    copied = 0
+    for child in module.modules():
+        tensors = list(child.named_parameters(recurse=False)) + list(child.named_buffers(recurse=False))
+        for _, tensor in tensors:
+            nbytes = tensor.numel() * tensor.element_size()
+            if tensor.device.type == "cpu" and not tensor.is_meta and nbytes <= max_bytes:
+                tensor.data = tensor.data.clone()
+                copied += nbytes
+    return copied
+
+
 @dataclass
 class ClientParts:
     """What a client runs locally: token embeddings, the final norm and the LM head."""
