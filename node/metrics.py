@@ -42,6 +42,8 @@ class NodeMetrics:
         self.bytes_received = Counter("potluck_hidden_bytes_received", "Hidden-state bytes received in steps and forwards",
                                       registry=r)
         self.bytes_sent = Counter("potluck_hidden_bytes_sent", "Hidden-state bytes sent in steps and forwards", registry=r)
+        self.handovers = Counter("potluck_push_handovers", "Step outputs this node pushed to the next hop, by outcome",
+                                 ["outcome"], registry=r)
         self.errors = Counter("potluck_errors", "Requests ended with a gRPC error status", ["code"], registry=r)
         self.sessions = Gauge("potluck_sessions_active", "Open inference sessions", registry=r)
         self.cache_tokens = Gauge("potluck_kv_cache_tokens", "KV cache tokens: used (held), reserved, free (budget left)",
@@ -65,6 +67,9 @@ class NodeMetrics:
         self.forwards.inc()
         self.bytes_received.inc(received)
         self.bytes_sent.inc(sent)
+
+    def handover(self, ok: bool) -> None:
+        self.handovers.labels(outcome="ok" if ok else "failed").inc()
 
     def error(self, code_name: str) -> None:
         self.errors.labels(code=code_name).inc()

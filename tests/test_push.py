@@ -56,6 +56,10 @@ def steps_served(node) -> float:
     return sum(registry.get_sample_value("potluck_steps_total", {"kind": kind}) or 0.0 for kind in ("prefill", "decode"))
 
 
+def handovers(node, outcome: str = "ok") -> float:
+    return node.metrics.registry.get_sample_value("potluck_push_handovers_total", {"outcome": outcome}) or 0.0
+
+
 def client(smollm_dir, addresses, **overrides) -> DistributedModelForCausalLM:
     return DistributedModelForCausalLM.from_pretrained(str(smollm_dir), config=ClientConfig(peers=tuple(addresses), **overrides))
 
@@ -74,12 +78,15 @@ def test_nodes_advertise_push(chain):
 
 def test_push_generation_matches_transformers(model, chain, prompt_ids, expected):
     before = [steps_served(node) for node in chain]
+    handed = [handovers(node) for node in chain]
     assert generate(model, prompt_ids) == expected
     session = model.last_session
     steps = NEW_TOKENS  # the prefill and NEW_TOKENS - 1 decode steps
     assert session.pushed_steps == steps and not session.events
     assert session.sent_steps == [steps, 0, 0]  # the client wrote only to the first hop
     assert [steps_served(node) - b for node, b in zip(chain, before)] == [steps] * 3  # every node ran every step
+    # the first two nodes handed every output on (metrics); the last one answers the client only
+    assert [handovers(node) - h for node, h in zip(chain, handed)] == [steps, steps, 0]
 
 
 def test_no_push_is_client_driven_and_identical(smollm_dir, chain, prompt_ids, expected):

@@ -236,6 +236,8 @@ class PotluckServicer(pb_grpc.PotluckServicer):
             error = await handover  # before the next step: a failure notice always precedes later results
         finally:
             handover.cancel()  # only if the write failed or the stream was cancelled
+        if self.metrics is not None:
+            self.metrics.handover(not error)
         if error:
             log.info("session %s: %s", session.session_id, error)
             await context.write(pb.SessionReply(result=pb.StepResult(step_id=step.step_id, position=session.position,
