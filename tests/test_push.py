@@ -182,7 +182,7 @@ def test_bad_pushes_get_a_clear_status_and_the_node_keeps_serving(chain):
         assert error.code() == grpc.StatusCode.NOT_FOUND and "no-such-session" in error.details()
         error = push("hand-push", a_step(torch.randn(1, 1, HIDDEN + 1), 3, 2))
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert f"must be [batch, tokens, {HIDDEN}]" in error.details()
+        assert f"hidden size {HIDDEN + 1} does not match the model's {HIDDEN}" in error.details()
         error = push("hand-push", pb.Step(hidden=pb.Tensor(data=b"\0" * 8, shape=[1, 1, HIDDEN], dtype="float32")))
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "do not hold shape" in error.details()
         error = push("hand-push", a_step(torch.randn(1, 1, HIDDEN), 3, 1))  # step 1 was the client's

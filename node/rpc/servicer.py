@@ -302,12 +302,6 @@ async def _read(requests: AsyncIterator[pb.SessionRequest], stream: _Stream) -> 
 def _check_pushed(step: pb.Step, executor: Executor, session: Session) -> None:
     """What the pushing node can be told at once (the executor checks the rest when the step runs)."""
     push.check_targets(step.push)
-    hidden = codec.decode_tensor(step.hidden, "hidden")
     codec.optional_tensor(step, "position_ids")
     codec.optional_tensor(step, "attention_mask")
-    if hidden.dim() != 3 or hidden.shape[2] != executor.hidden_size:
-        raise InvalidRequest(
-            f"pushed hidden states must be [batch, tokens, {executor.hidden_size}], got shape {list(hidden.shape)}"
-        )
-    if hidden.shape[0] != session.batch_size:
-        raise InvalidRequest(f"pushed batch of {hidden.shape[0]} does not match the session's batch_size {session.batch_size}")
+    executor.check_hidden(codec.decode_tensor(step.hidden, "hidden"), session.batch_size, session.wire_dtype)

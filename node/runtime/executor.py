@@ -84,7 +84,8 @@ class Executor:
                 f"layers {start}:{end} are not served here; this node serves {self.span.start}:{self.span.end}"
             )
 
-    def _check_hidden(self, hidden: torch.Tensor, batch_size: int | None, wire_dtype: torch.dtype) -> None:
+    def check_hidden(self, hidden: torch.Tensor, batch_size: int | None, wire_dtype: torch.dtype) -> None:
+        """Hidden states fit this model (and the session's batch and wire dtype); InvalidRequest if not."""
         if hidden.dim() != 3:
             raise InvalidRequest(f"hidden states must be [batch, tokens, {self.hidden_size}], got shape {list(hidden.shape)}")
         if hidden.shape[2] != self.hidden_size:
@@ -140,7 +141,7 @@ class Executor:
         attention_mask: torch.Tensor | None,
         position: int,
     ) -> torch.Tensor:
-        self._check_hidden(hidden, session.batch_size, session.wire_dtype)
+        self.check_hidden(hidden, session.batch_size, session.wire_dtype)
         tokens = hidden.shape[1]
         if position > session.position:
             raise InvalidRequest(f"step says the cache holds {position} tokens but it holds {session.position}")
@@ -288,7 +289,7 @@ class Executor:
     ) -> torch.Tensor:
         """A stateless pass over `[start, end)` with no cache kept."""
         self.check_subspan(start, end)
-        self._check_hidden(hidden, None, wire_dtype)
+        self.check_hidden(hidden, None, wire_dtype)
         batch, tokens = hidden.shape[:2]
         if batch > self.max_batch:
             raise InvalidRequest(f"batch {batch} exceeds this node's limit of {self.max_batch}")
