@@ -400,8 +400,12 @@ def _interpretation(result: BenchResult) -> str:
     compute_ms, network_ms, rest_ms = b.compute * 1000, b.network * 1000, b.rest * 1000
     overhead_ms = total_ms - compute_ms
     largest = max(("the network path", network_ms), ("the rest", rest_ms), key=lambda item: item[1])[0]
-    verdict = ("so the span code computes about as fast as transformers does" if compute_ms <= 1.1 * local_ms
-               else f"so the span code itself is {compute_ms / local_ms - 1:.0%} slower than transformers")
+    if compute_ms < 0.9 * local_ms:
+        verdict = f"so the span code itself takes {1 - compute_ms / local_ms:.0%} less time than transformers"
+    elif compute_ms <= 1.1 * local_ms:
+        verdict = "so the span code computes about as fast as transformers does"
+    else:
+        verdict = f"so the span code itself is {compute_ms / local_ms - 1:.0%} slower than transformers"
     return (
         "How to read it: hop compute is each span loaded in this process and timed on one token with a warm cache "
         "of prompt length; the network rows are a bare one-token session step through the running nodes minus that "
