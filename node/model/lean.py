@@ -152,7 +152,6 @@ class LeanSpan:
         if reason:
             raise ValueError(reason)
         config = span.config
-        self.span = span
         self.start, self.end = span.start, span.end
         self.dtype, self.device = span.dtype, span.device
         first = span.layers[0].self_attn
@@ -197,7 +196,7 @@ class LeanSpan:
         """Layers [start, end) over every row in one pass; returns each row's output hidden states.
 
         Rows with a cache write their keys/values at [past, past + tokens) of layers relative to
-        `start` (every row's cache covers exactly [start, end))."""
+        `start` (every row's cache covers exactly [start, end)); the cache then holds past + tokens."""
         hidden = self.q_heads * self.head_dim
         sizes = [row.hidden.shape[0] * row.hidden.shape[1] for row in rows]
         x = torch.cat([row.hidden.reshape(-1, row.hidden.shape[-1]) for row in rows]).to(self.device, self.dtype)
@@ -230,6 +229,8 @@ class LeanSpan:
         for row, size in zip(rows, sizes):
             outputs.append(x[offset : offset + size].view(row.hidden.shape))
             offset += size
+            if row.cache is not None:
+                row.cache.length = row.past + row.hidden.shape[1]
         return outputs
 
     def _rotary(self, x: torch.Tensor, rows: list[Row]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -121,7 +121,4 @@ class SpanModel(nn.Module):
         if cache is not None and past + tokens > cache.max_length:
             raise ValueError(f"the cache holds {cache.max_length} tokens; {past} + {tokens} do not fit")
         row = Row(hidden, position_ids.expand(hidden.shape[0], tokens), past, cache, attention_mask)
-        out = self.lean.run([row], start, end)[0]
-        if cache is not None:
-            cache.length = past + tokens
-        return out
+        return self.lean.run([row], start, end)[0]

@@ -262,7 +262,6 @@ class Executor:
         for work, row, out in zip(works, rows, outputs):
             session = work.session
             self._commit(session, work.hidden.shape[1], row.mask)
-            session.cache.length = session.position
             results.append(out.to(device="cpu", dtype=session.wire_dtype))
         return results
 
