@@ -26,10 +26,25 @@ class ClientConfig:
     max_failovers: int = 20            # failovers one session may go through before giving up
     ban_seconds: float = 5.0           # first ban of a failed node; doubles with each strike (up to 5 min)
     push: bool = True                  # nodes forward each step along the chain (k+1 trips a token, not 2k)
+    prefill_chunk: int = 0             # with push: prompts of 2x this many tokens or more go down the chain in
+                                       # chunks, pipelined across nodes (0 = off; at most 8 chunks)
+    verify: str = "off"                # recompute hops on other nodes: off | spot (some steps) | full (every step)
+    verify_fraction: float = 0.25      # spot: the share of steps that trigger a check (client/verify.py)
+    # -- trust (docs/reliability.md) ----------------------------------------------------------------
+    swarm_key: str | None = None       # the private swarm's key file; None = the public swarm
+    tls: str = "off"                   # off | auto (pin each node's identity-endorsed certificate) | ca (--tls-ca)
+    tls_ca: str | None = None          # PEM roots for nodes' certificates (tls="ca")
+    tls_server_name: str | None = None  # the name those certificates are issued to (default: the dialed host)
 
     def __post_init__(self) -> None:
         if self.wire_dtype not in WIRE_FORMATS:
             raise ValueError(f"wire_dtype {self.wire_dtype!r} is not one of {', '.join(WIRE_FORMATS)}")
+        if self.verify not in ("off", "spot", "full"):
+            raise ValueError(f"verify {self.verify!r} is not one of off, spot, full")
+        if not 0 < self.verify_fraction <= 1:
+            raise ValueError(f"verify_fraction {self.verify_fraction} is not within (0, 1]")
+        if self.prefill_chunk < 0:
+            raise ValueError("prefill_chunk must be >= 0 (0 turns pipelined prefill off)")
         if not self.peers and not self.bootstrap and not self.mdns:
             raise ValueError("nothing to find nodes with: give peers, bootstrap nodes, or leave mDNS on")
         for name in ("connect_timeout", "step_timeout", "session_timeout", "discovery_timeout", "deadline_floor",

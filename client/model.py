@@ -11,10 +11,12 @@ import logging
 import torch
 from torch import nn
 from transformers import GenerationConfig, GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.generation.streamers import BaseStreamer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from client.config import ClientConfig
 from client.swarm import SwarmClient, SyncSession
+from client.verify import VerificationError, VerificationRestart
 from node.model.fast_linear import TransposedLinear
 from node.model.loader import ModelFiles, config_hash, load_client_parts, parse_dtype, resolve_device
 
@@ -73,16 +75,22 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         dtype: str = "float32",
         wire_dtype: str = "float32",
         push: bool = True,
+        verify: str = "off",
+        swarm_key: str | None = None,
+        tls: str = "off",
+        tls_ca: str | None = None,
         config: ClientConfig | None = None,
     ) -> "DistributedModelForCausalLM":
         """Load the client's parts of `model` and find the nodes serving the rest.
 
         With `peers`, route through exactly those nodes; without, discover the swarm through the
         `bootstrap` nodes and/or mDNS (on `mdns_interface`). With `push` (the default), nodes forward
-        each step along the chain themselves; `push=False` sends every hop its step from the client."""
+        each step along the chain themselves; `push=False` sends every hop its step from the client.
+        A private swarm needs its `swarm_key` file; `tls="auto"` (or `"ca"` with `tls_ca`) encrypts every hop.
+        `verify="spot"` or `"full"` recomputes hops on other nodes and bans nodes caught lying (client/verify.py)."""
         config = config or ClientConfig(
             peers=tuple(peers), bootstrap=tuple(bootstrap), mdns=mdns, mdns_interface=mdns_interface, device=device,
-            dtype=dtype, wire_dtype=wire_dtype, push=push,
+            dtype=dtype, wire_dtype=wire_dtype, push=push, swarm_key=swarm_key, tls=tls, tls_ca=tls_ca, verify=verify,
         )
         files = ModelFiles.open(model, revision=revision)
         parts = load_client_parts(files, resolve_device(config.device), parse_dtype(config.dtype))
@@ -176,6 +184,78 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError("pass the prompt as input_ids (or inputs_embeds)")
         max_new = kwargs.get("max_new_tokens", config.max_new_tokens)
         max_length = prompt.shape[1] + max_new if max_new is not None else kwargs.get("max_length", config.max_length)
-        with self.inference_session(max_length=max_length) as session:
-            self.last_session = session  # its .route and .events (failovers) stay readable after generate
-            return super().generate(inputs, generation_config, cache=RemoteCache(session), **kwargs)
+        if self.swarm.config.verify == "off":
+            with self.inference_session(max_length=max_length) as session:
+                self.last_session = session  # its .route and .events (failovers) stay readable after generate
+                return super().generate(inputs, generation_config, cache=RemoteCache(session), **kwargs)
+        return self._verified_generate(inputs, generation_config, max_length, **kwargs)
+
+    def _verified_generate(self, inputs, generation_config, max_length: int, **kwargs):
+        """generate, verifying the nodes' outputs (client/verify.py). A node caught lying in a step whose
+        output was already used is banned and the generation starts again from the same random state; a
+        streamer sees the tokens it already got only once, or VerificationError if they turn out wrong."""
+        streamer = kwargs.pop("streamer", None)
+        guard = _RestartGuard(streamer) if streamer is not None else None
+        states = _rng_states(self.device)
+        for attempt in range(MAX_RESTARTS + 1):
+            with self.inference_session(max_length=max_length) as session:
+                self.last_session = session
+                try:
+                    output = super().generate(inputs, generation_config, cache=RemoteCache(session), streamer=guard,
+                                              **kwargs)
+                    session.settle()  # spot mode: the steps after the last check
+                except VerificationRestart as error:
+                    if attempt == MAX_RESTARTS:
+                        raise
+                    log.warning("%s: generating again", error)
+                    _set_rng_states(states)
+                    if guard is not None:
+                        guard.rewind()
+                    continue
+            if guard is not None:
+                guard.finish()
+            return output
+
+
+MAX_RESTARTS = 3  # generations started again after catching a node lying in an already used step
+
+
+def _rng_states(device: torch.device) -> tuple:
+    return torch.get_rng_state(), torch.cuda.get_rng_state_all() if device.type == "cuda" else None
+
+
+def _set_rng_states(states: tuple) -> None:
+    torch.set_rng_state(states[0])
+    if states[1] is not None:
+        torch.cuda.set_rng_state_all(states[1])
+
+
+class _RestartGuard(BaseStreamer):
+    """Passes generate's values on to `streamer`. After a restart it holds back what it already passed on,
+    as long as the new values repeat it (streamed text cannot be taken back: VerificationError if they do
+    not), and `end` waits until the answer is verified (`finish`)."""
+
+    def __init__(self, streamer: BaseStreamer):
+        self.streamer = streamer
+        self.sent: list[torch.Tensor] = []
+        self.seen = 0
+
+    def put(self, value: torch.Tensor) -> None:
+        value = value.detach().cpu()
+        if self.seen < len(self.sent):
+            if not torch.equal(value, self.sent[self.seen]):
+                raise VerificationError("a node returned wrong activations and tokens already streamed were wrong")
+            self.seen += 1
+            return
+        self.sent.append(value.clone())
+        self.seen += 1
+        self.streamer.put(value)
+
+    def end(self) -> None:
+        pass
+
+    def rewind(self) -> None:
+        self.seen = 0
+
+    def finish(self) -> None:
+        self.streamer.end()

@@ -2,7 +2,8 @@
 
 The route is the cheapest chain covering the layers, where a hop costs its measured
 round-trip time plus its compute time (layers x per-layer time from the node's published
-throughput), inflated for loaded nodes."""
+throughput), inflated for loaded nodes, plus a penalty for each strike against the node
+(clients' signed reports that it returned wrong activations, node/swarm/strikes.py)."""
 
 from __future__ import annotations
 
@@ -56,6 +57,7 @@ class RouteCosts:
     default_layer_seconds: float = 0.002  # per layer per token, for peers of unknown throughput
     load_penalty: float = 0.25          # compute cost grows by this fraction per open session
     jitter: float = 0.05                # random spread (fraction) so clients share equal replicas
+    strike_penalty: float = 1.0         # seconds added to a hop per strike against its node (distinct reporters)
 
 
 @dataclass(frozen=True)
@@ -83,10 +85,10 @@ def missing_spans(peers: list[PeerInfo], num_layers: int) -> list[tuple[int, int
     return gaps
 
 
-def hop_cost(peer: PeerInfo, start: int, end: int, rtt: float | None, costs: RouteCosts) -> float:
+def hop_cost(peer: PeerInfo, start: int, end: int, rtt: float | None, costs: RouteCosts, strikes: int = 0) -> float:
     layer_seconds = peer.layer_seconds or costs.default_layer_seconds
     compute = (end - start) * layer_seconds * (1.0 + costs.load_penalty * max(peer.load, 0.0))
-    return (costs.default_rtt if rtt is None else rtt) + compute
+    return (costs.default_rtt if rtt is None else rtt) + compute + costs.strike_penalty * max(strikes, 0)
 
 
 def plan_route(
@@ -97,17 +99,20 @@ def plan_route(
     rtts: dict[str, float] | None = None,
     costs: RouteCosts = RouteCosts(),
     rng: random.Random | None = None,
+    strikes: dict[str, int] | None = None,
 ) -> list[Hop]:
     """The cheapest chain of hops covering `[start, end)` exactly.
 
     Hops change peers only at span boundaries (with per-layer costs constant within a peer,
     an optimal switch point is always one). Equal costs prefer fewer hops, then longer first
-    hops. `rng` adds a little noise to each peer's cost, so clients spread over replicas."""
+    hops. `rng` adds a little noise to each peer's cost, so clients spread over replicas. `strikes`
+    (node id -> reporters) makes struck nodes dearer: used only when avoiding them costs more."""
     end = num_layers if end is None else end
     gaps = [(a, b) for a, b in missing_spans(peers, num_layers) if a < end and b > start]
     if gaps:
         raise MissingLayersError([(max(a, start), min(b, end)) for a, b in gaps], num_layers)
     rtts = rtts or {}
+    strikes = strikes or {}
     noise = {p.address: 1.0 + (rng.random() * costs.jitter if rng else 0.0) for p in peers}
     cuts = sorted({start, end} | {b for p in peers for b in (p.start, p.end) if start < b < end})
     # best[x] = (cost, hops, -first hop end, hop) of the cheapest chain from cut x to `end`
@@ -120,7 +125,8 @@ def plan_route(
             for b in cuts:
                 if a < b <= min(peer.end, end) and b in best:
                     rest = best[b]
-                    cost = hop_cost(peer, a, b, rtts.get(peer.address), costs) * noise[peer.address] + rest[0]
+                    struck = strikes.get(peer.node_id, 0) if peer.node_id else 0
+                    cost = hop_cost(peer, a, b, rtts.get(peer.address), costs, struck) * noise[peer.address] + rest[0]
                     options.append((round(cost, 12), rest[1] + 1, -b, Hop(peer, a, b)))
         if options:
             best[a] = min(options, key=lambda option: option[:3])

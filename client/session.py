@@ -76,7 +76,9 @@ class HopStream:
         self.position = 0
         self.push = False  # the node accepts pushed steps into this session (said in its Opened reply)
         self.history: list[pb.Step] = []  # every step this hop ran (sent by us or pushed), for replay
+        self.outputs: dict[int, pb.Tensor] | None = None  # history index -> result, kept for a verifier (None: not)
         self.sent_steps = 0  # steps this client wrote to the stream itself
+        self.push_failures: set[int] = set()  # ids of steps this node said it could not hand on (notices read)
         self._call = None
         self._pending: asyncio.Future | None = None  # the read in flight (see reading())
 
@@ -124,6 +126,8 @@ class HopStream:
             clean.ClearField("push")
             step = clean
         self.history.append(step)
+        if self.outputs is not None:
+            self.outputs[len(self.history) - 1] = result.hidden
         self.position = result.position
 
     async def _send_and_read(self, step: pb.Step) -> pb.StepResult:
@@ -150,12 +154,16 @@ class HopStream:
             return True  # left in place: the failure surfaces when the stream is next read
         self._pending = None
         reply = reading.result()
-        return reply.WhichOneof("kind") == "result" and reply.result.step_id == step_id and bool(reply.result.push_error)
+        if reply.WhichOneof("kind") == "result" and reply.result.push_error:
+            self.push_failures.add(reply.result.step_id)
+        return step_id in self.push_failures
 
     async def _read_result(self, step_id: int) -> pb.StepResult:
         while True:
             result = await self._read("result")
-            if result.step_id >= step_id and not result.push_error:
+            if result.push_error:
+                self.push_failures.add(result.step_id)
+            elif result.step_id >= step_id:
                 break
             # an older step's result (a step both pushed and re-sent after a failure), or a push-failure
             # notice that no longer matters
@@ -207,19 +215,37 @@ class HopStream:
             await asyncio.gather(self._pending, return_exceptions=True)
 
 
+MAX_CHUNKS_IN_FLIGHT = 8  # a long prompt is cut into at most this many chunks (nodes queue few steps per stream)
+
+
+@dataclass
+class _Chunk:
+    """One chunk of a pipelined prefill, encoded once."""
+
+    message: pb.Tensor
+    pos: pb.Tensor | None
+    mask: pb.Tensor | None
+    position: int
+    tokens: int
+    step_id: int
+
+
+class _ChainBroken(Exception):
+    """A node could not hand a chunk on (its notice came back): finish the prefill client-driven."""
+
+
 def _merged_history(history: list[pb.Step]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """All the steps a hop was sent, as one prefill: (hidden, position_ids, attention_mask or None)."""
-    hiddens, positions, masks, seen = [], [], [], 0
+    """Consecutive steps a hop was sent, as one step: (hidden, position_ids, attention_mask or None)."""
+    hiddens, positions, masks = [], [], []
     for step in history:
         hidden = codec.decode_tensor(step.hidden, "hidden")
         batch, tokens = hidden.shape[:2]
         hiddens.append(hidden)
         position_ids = codec.optional_tensor(step, "position_ids")
         positions.append(position_ids if position_ids is not None
-                         else torch.arange(seen, seen + tokens).expand(batch, tokens))
+                         else torch.arange(step.position, step.position + tokens).expand(batch, tokens))
         mask = codec.optional_tensor(step, "attention_mask")
         masks.append(mask)
-        seen += tokens
     mask = None
     if any(m is not None for m in masks):
         mask = torch.cat([m if m is not None else torch.ones(h.shape[:2], dtype=torch.int64)
@@ -231,7 +257,7 @@ class InferenceSession:
     """Steps hidden states through every hop in order; opened lazily on the first step."""
 
     def __init__(self, router: Router, route: list[Hop], max_length: int, wire_dtype: str, session_timeout: float,
-                 max_failovers: int = 20, push: bool = True):
+                 max_failovers: int = 20, push: bool = True, verifier=None, prefill_chunk: int = 0):
         self.router = router
         self.route = list(route)
         self.max_length = max_length
@@ -249,10 +275,15 @@ class InferenceSession:
         self.pushed_steps = 0  # steps that went through the whole chain by push
         self._push_backoff = 0  # after a failed handover, steps to drive by hand: 1, 2, 4 ... 64; 0 after a push
         self._push_pause = 0    # of which this many are left
+        self.verifier = verifier  # client.verify.Verifier: recomputes hops on other nodes (None: trust them)
+        self.prefill_chunk = prefill_chunk  # pushed prompts of 2x this many tokens or more go down the chain in chunks
 
     def _stream(self, hop: Hop) -> HopStream:
-        return HopStream(self.router.peer(hop.peer.address), hop, f"{self.session_id}-{next(self._ids)}",
-                         self.max_length, self.batch_size, self.wire_dtype)
+        stream = HopStream(self.router.peer(hop.peer.address), hop, f"{self.session_id}-{next(self._ids)}",
+                           self.max_length, self.batch_size, self.wire_dtype)
+        if self.verifier is not None:
+            stream.outputs = {}
+        return stream
 
     async def _open(self) -> None:
         self.hops = [self._stream(hop) for hop in self.route]
@@ -280,6 +311,10 @@ class InferenceSession:
         if not self.hops:
             self.batch_size = hidden.shape[0]
             await self._open()
+        if self.pushing and self.verifier is None and tokens >= 2 * self.prefill_chunk > 0:
+            out = await self._pipelined_prefill(hidden, position_ids, attention_mask)
+            self.position += tokens
+            return out
         message = codec.encode_hidden(hidden, self.wire_dtype)
         pos = codec.encode_tensor(position_ids.to(torch.int64)) if position_ids is not None else None
         mask = codec.encode_tensor(attention_mask.to(torch.int64)) if attention_mask is not None else None
@@ -290,6 +325,8 @@ class InferenceSession:
             self._push_pause -= 1
         if index < len(self.hops):
             message = await self._drive(index, message, pos, mask, tokens)
+        if self.verifier is not None:  # may replace a lying hop and recompute the step (client/verify.py)
+            message = await self.verifier.after_step(self, message)
         self.position += tokens
         return codec.decode_tensor(message, "hidden").clone()
 
@@ -335,12 +372,81 @@ class InferenceSession:
         self._push_backoff = 0
         return len(self.hops), message
 
+    async def _pipelined_prefill(self, hidden: torch.Tensor, position_ids: torch.Tensor | None,
+                                 attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """A long prompt as chunks that follow each other down the chain: node i+1 computes chunk c while
+        node i computes chunk c+1. Every chunk goes to the first hop at once, each with the push route;
+        results are read hop by hop, so while a hop's results are awaited the previous hop's stream can
+        only hold failure notices (as for one pushed step). After a failure, each chunk is finished
+        client-driven from the first hop that has not run it (a node that ran it unrecorded rewinds)."""
+        tokens = hidden.shape[1]
+        size = max(self.prefill_chunk, -(-tokens // MAX_CHUNKS_IN_FLIGHT))
+        chunks = []
+        for begin in range(0, tokens, size):
+            end = min(begin + size, tokens)
+            pos = position_ids[:, begin:end] if position_ids is not None else None
+            mask = attention_mask[:, begin:end] if attention_mask is not None else None  # this chunk's tokens
+            chunks.append(_Chunk(
+                message=codec.encode_hidden(hidden[:, begin:end], self.wire_dtype),
+                pos=codec.encode_tensor(pos.to(torch.int64)) if pos is not None else None,
+                mask=codec.encode_tensor(mask.to(torch.int64)) if mask is not None else None,
+                position=self.position + begin, tokens=end - begin, step_id=next(self._step_ids)))
+        deadlines = [self.router.deadline(stream.hop, tokens) for stream in self.hops]
+        outputs: dict[int, dict[int, pb.Tensor]] = {0: {c: chunk.message for c, chunk in enumerate(chunks)}}
+        first = self.hops[0]
+        sent = time.perf_counter()
+        try:
+            for chunk in chunks:
+                step = self._chunk_step(first, chunk, chunk.message)
+                for before, stream in zip(deadlines, self.hops[1:]):
+                    step.push.add(address=stream.peer.address, session_id=stream.session_id, timeout=before / 2)
+                await first.send(step, deadlines[0])
+            budget = 0.0
+            for index, stream in enumerate(self.hops):
+                budget += deadlines[index]
+                for c, chunk in enumerate(chunks):
+                    result = await self._pushed_result(index, chunk.step_id, sent + budget)
+                    if result is None:
+                        self._push_backoff = min(max(2 * self._push_backoff, 1), 64)
+                        self._push_pause = self._push_backoff
+                        raise _ChainBroken
+                    stream.record(self._chunk_step(stream, chunk, outputs[stream.hop.start][c]), result)
+                    outputs.setdefault(stream.hop.end, {})[c] = result.hidden
+        except PeerError as error:
+            if error.code not in RECOVERABLE:
+                raise
+            broken = next((i for i, s in enumerate(self.hops) if s.peer.address == error.address), 0)
+            await self._recover(broken, error, sent, time.perf_counter())
+        except _ChainBroken:
+            log.info("a pipelined prefill chunk was not handed on; finishing client-driven")
+        else:
+            self.pushed_steps += len(chunks)
+            self._push_backoff = 0
+        finals = []
+        for c, chunk in enumerate(chunks):
+            last = self.hops[-1].hop.end
+            if c in outputs.get(last, {}) and all(s.position > chunk.position for s in self.hops):
+                finals.append(outputs[last][c])
+                continue
+            index = next(i for i, s in enumerate(self.hops) if s.position <= chunk.position)
+            message = outputs[self.hops[index].hop.start][c]
+            finals.append(await self._drive(index, message, chunk.pos, chunk.mask, chunk.tokens))
+        return torch.cat([codec.decode_tensor(m, "hidden") for m in finals], dim=1)
+
+    @staticmethod
+    def _chunk_step(stream: HopStream, chunk: "_Chunk", hidden: pb.Tensor) -> pb.Step:
+        step = stream.make_step(hidden, chunk.pos, chunk.mask, chunk.step_id)
+        step.position = chunk.position
+        return step
+
     async def _pushed_result(self, index: int, step_id: int, deadline: float) -> pb.StepResult | None:
         """Hop `index`'s result of pushed step `step_id` (by `deadline`, a perf_counter time), or None
         if the hop before it says it could not hand the step on (a second result with push_error)."""
         stream = self.hops[index]
         if index > 0:
             before = self.hops[index - 1]
+            if step_id in before.push_failures:  # its notice was read already (pipelined steps)
+                return None
             while True:
                 result_read, notice_read = stream.reading(), before.reading()
                 left = deadline - time.perf_counter()
@@ -424,5 +530,12 @@ class InferenceSession:
             message = result.hidden
         return tokens
 
+    async def settle(self) -> None:
+        """Check every step not yet verified (spot mode leaves some); raises like `step` if a node lied."""
+        if self.verifier is not None and self.hops:
+            await self.verifier.settle(self)
+
     async def close(self) -> None:
+        if self.verifier is not None:
+            await self.verifier.close()
         await asyncio.gather(*(stream.close() for stream in self.hops), return_exceptions=True)

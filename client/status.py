@@ -53,8 +53,8 @@ def coverage_bar(view: ModelView) -> str:
     return "".join(BAR_CHARS[0] if t <= 0 else BAR_CHARS[max(1, round(t / top * (len(BAR_CHARS) - 1)))] for t in totals)
 
 
-async def collect(config: SwarmConfig, wait: float) -> list[PeerRecord]:
-    membership = Membership(config)
+async def collect(config: SwarmConfig, wait: float, security=None) -> list[PeerRecord]:
+    membership = Membership(config, security=security) if security is not None else Membership(config)
     try:
         await membership.start()
         await asyncio.sleep(wait)  # mDNS answers and their pulls

@@ -19,10 +19,14 @@ from client.config import ClientConfig
 from client.routing import Hop, MissingLayersError, PeerInfo, missing_spans, plan_route
 from client.session import InferenceSession
 from client.transport import LoopThread, Peer, PeerError
+from client.verify import Verifier
 from node.rpc import codec
 from node.rpc.generated import potluck_pb2 as pb
+from node.rpc.security import load_security
+from node.swarm.identity import Identity, ephemeral_identity
 from node.swarm.membership import Membership, SwarmConfig
 from node.swarm.records import NodeState, PeerRecord
+from node.swarm.strikes import StrikeBook, make_strike, sign_strike
 
 log = logging.getLogger(__name__)
 
@@ -51,17 +55,30 @@ class SwarmClient:
         self._rng = random.Random()
         self.bans = BanList(base=config.ban_seconds)
         self.membership: Membership | None = None
+        self.security = load_security(config.swarm_key, config.tls, tls_ca=config.tls_ca,
+                                      server_name=config.tls_server_name)
+        # Nodes this client caught returning wrong activations (client/verify.py) are never used again;
+        # strikes (clients' signed reports of such nodes, pulled with gossip) make routing avoid nodes.
+        self.liars: set[str] = set()  # addresses and node ids
+        self._identity: Identity | None = None  # signs this client's strikes (made on first use)
         if not config.peers:
             swarm = SwarmConfig(bootstrap=config.bootstrap, mdns=config.mdns, mdns_interface=config.mdns_interface)
-            self.membership = Membership(swarm)
+            self.membership = Membership(swarm, security=self.security)
             self._loop.run(self.membership.start())
+        self.strikes = self.membership.strikes if self.membership is not None else StrikeBook()
 
     def _peer(self, address: str) -> Peer:
         if address not in self._peers:
-            self._peers[address] = Peer(address)  # called on the loop thread
+            self._peers[address] = Peer(address, self.security)  # called on the loop thread
         return self._peers[address]
 
     peer = _peer  # the Router interface of client.session
+
+    async def _dial(self, address: str) -> Peer:
+        """The peer for `address`, its certificate read off the loop first (auto TLS) when it is new."""
+        if address not in self._peers:
+            await self.security.prefetch(address)
+        return self._peer(address)
 
     def deadline(self, hop: Hop, tokens: int) -> float:
         """How long one step of `tokens` tokens may take on `hop`: factor x (RTT + expected compute), with a floor."""
@@ -85,12 +102,13 @@ class SwarmClient:
             self.infos = infos
             banned = self.bans.banned(time.monotonic())
             usable = [i for i in infos if i.address not in banned]
+            strikes = self._strike_counts()
             try:
-                return plan_route(usable, self.num_layers, start, end, rtts=self.rtts, rng=self._rng)
+                return plan_route(usable, self.num_layers, start, end, rtts=self.rtts, rng=self._rng, strikes=strikes)
             except MissingLayersError as error:
                 missing = error
             try:  # nobody else covers those layers: forgive banned nodes, if they still answer
-                route = plan_route(infos, self.num_layers, start, end, rtts=self.rtts, rng=self._rng)
+                route = plan_route(infos, self.num_layers, start, end, rtts=self.rtts, rng=self._rng, strikes=strikes)
                 if await self._all_answer([hop.peer.address for hop in route if hop.peer.address in banned]):
                     for hop in route:
                         self.bans.forgive(hop.peer.address)
@@ -110,7 +128,11 @@ class SwarmClient:
 
     async def _refresh(self, wait: bool = True) -> list[PeerInfo]:
         if self.membership is None:
-            return await self._from_info(list(self.config.peers))
+            pulled = asyncio.ensure_future(self._pull_strikes(self.config.peers))
+            try:
+                return self._trusted(await self._from_info(list(self.config.peers)))
+            finally:
+                await pulled
         await self.membership.pull_all()
         if wait:
             covered = lambda: not missing_spans(self._candidates(), self.num_layers)  # noqa: E731
@@ -125,14 +147,15 @@ class SwarmClient:
         return candidates
 
     def _candidates(self) -> list[PeerInfo]:
-        return [info_from_record(r) for r in self.membership.live(self.config_hash) if r.state == NodeState.ONLINE]
+        return self._trusted([info_from_record(r) for r in self.membership.live(self.config_hash)
+                              if r.state == NodeState.ONLINE])
 
 
     async def _measure_rtts(self, infos: list[PeerInfo]) -> None:
         async def ping(info: PeerInfo) -> None:
             started = time.perf_counter()
             try:
-                await self._peer(info.address).info(self.config.connect_timeout)
+                await (await self._dial(info.address)).info(self.config.connect_timeout)
             except PeerError:
                 return
             self.rtts[info.address] = time.perf_counter() - started
@@ -142,7 +165,7 @@ class SwarmClient:
     async def _from_info(self, addresses: list[str]) -> list[PeerInfo]:
         async def timed(address: str):
             started = time.perf_counter()
-            reply = await self._peer(address).info(self.config.connect_timeout)
+            reply = await (await self._dial(address)).info(self.config.connect_timeout)
             self.rtts[address] = time.perf_counter() - started
             return reply
 
@@ -170,7 +193,7 @@ class SwarmClient:
     async def _all_answer(self, addresses: list[str]) -> bool:
         async def answers(address: str) -> bool:
             try:
-                info = await self._peer(address).info(min(self.config.deadline_floor, self.config.connect_timeout))
+                info = await (await self._dial(address)).info(min(self.config.deadline_floor, self.config.connect_timeout))
             except PeerError:
                 return False
             return info.state == "ONLINE"
@@ -182,11 +205,12 @@ class SwarmClient:
         if refresh or not self.infos:
             self.refresh()
         banned = self.bans.banned(time.monotonic())
-        usable = [i for i in self.infos if i.address not in banned]
+        trusted = self._trusted(self.infos)
+        usable = [i for i in trusted if i.address not in banned]
         try:
             if missing_spans(usable, self.num_layers):
-                usable = self.infos  # forgive: banned nodes are better than no route
-            return plan_route(usable, self.num_layers, rtts=self.rtts, rng=self._rng)
+                usable = trusted  # forgive: banned nodes are better than no route (liars are not)
+            return plan_route(usable, self.num_layers, rtts=self.rtts, rng=self._rng, strikes=self._strike_counts())
         except MissingLayersError as error:
             if self._problems:
                 error.args = (f"{error.args[0]} ({'; '.join(self._problems)})",)
@@ -198,9 +222,73 @@ class SwarmClient:
         limit = min(hop.peer.max_length for hop in route)
         if max_length > limit:
             raise ValueError(f"max_length {max_length} exceeds what the route's nodes accept ({limit})")
+        verifier = None
+        if self.config.verify != "off":
+            verifier = Verifier(self, self.config.verify, self.config.verify_fraction, self.config.wire_dtype)
         session = InferenceSession(self, route, max_length, self.config.wire_dtype, self.config.session_timeout,
-                                   self.config.max_failovers, push=self.config.push)
+                                   self.config.max_failovers, push=self.config.push, verifier=verifier,
+                                   prefill_chunk=self.config.prefill_chunk)
         return SyncSession(session, self._loop)
+
+    # -- verification (client/verify.py) and strikes (node/swarm/strikes.py) ----------------------------
+    def _trusted(self, infos: list[PeerInfo]) -> list[PeerInfo]:
+        return [i for i in infos if i.address not in self.liars and i.node_id not in self.liars]
+
+    def _strike_counts(self) -> dict[str, int]:
+        return self.strikes.counts(config_hash=self.config_hash)
+
+    async def alternatives(self, start: int, end: int, avoid: set[str]) -> list[Hop]:
+        """Where a verifier recomputes a hop: the cheapest node serving all of `[start, end)`, else the cheapest
+        chain (fewer boundaries: fewer roundings to the wire format, and a culprit to blame), on nodes other
+        than `avoid`, none banned or caught lying. MissingLayersError if there is none."""
+        banned = self.bans.banned(time.monotonic())
+        usable = [i for i in self._trusted(self.infos) if i.address not in avoid and i.address not in banned]
+        whole = [i for i in usable if i.start <= start and end <= i.end]
+        return plan_route(whole or usable, self.num_layers, start, end, rtts=self.rtts, rng=self._rng,
+                          strikes=self._strike_counts())
+
+    async def convict(self, hop: Hop, reason: str) -> None:
+        """`hop`'s node returned wrong activations: never route through it again; report a signed strike to
+        the nodes this client knows (they pass it on by gossip)."""
+        peer = hop.peer
+        if peer.address in self.liars:
+            return
+        self.liars |= {peer.address, peer.node_id} - {""}
+        if self._identity is None:
+            self._identity = ephemeral_identity()
+        strike = make_strike(peer.node_id, peer.address, self.config_hash, hop.start, hop.end, reason)
+        signed = sign_strike(strike, self._identity.key)
+        if peer.node_id:
+            self.strikes.offer(signed)
+        request = pb.GossipRequest(strikes=codec.encode_records([signed], self.security.swarm_key))
+        targets = {i.address for i in self.infos} | set(self.config.peers) | set(self.config.bootstrap)
+        targets.discard(peer.address)
+
+        async def send(address: str) -> bool:
+            try:
+                await (await self._dial(address)).stub.Gossip(request, timeout=self.config.deadline_floor)
+            except grpc.aio.AioRpcError as error:
+                log.debug("could not report the strike to %s: %s", address, error.code())
+                return False
+            return True
+
+        told = sum(await asyncio.gather(*(send(address) for address in sorted(targets))))
+        log.error("node %s (%s) returned wrong activations for layers %d:%d: %s. Banned for this client; "
+                  "strike reported to %d of %d nodes", peer.address, peer.node_id[:12] or "id unknown", hop.start,
+                  hop.end, reason, told, len(targets))
+
+    async def _pull_strikes(self, addresses) -> None:
+        """The strikes the nodes hold (from a gossip exchange with each, sending nothing)."""
+        async def pull(address: str) -> None:
+            try:
+                reply = await (await self._dial(address)).stub.Gossip(pb.GossipRequest(),
+                                                                        timeout=self.config.connect_timeout)
+            except grpc.aio.AioRpcError:
+                return  # an old node, a node of another swarm, or one that is down: Info reports those
+            batch = reply.strikes[: 2 * self.strikes.limit]
+            self.strikes.offer_many(codec.decode_records(batch, self.security.swarm_key))
+
+        await asyncio.gather(*(pull(address) for address in addresses))
 
     def forward(self, hidden: torch.Tensor, position_ids=None, attention_mask=None) -> torch.Tensor:
         """A stateless pass of a whole sequence through every layer (no cache kept on nodes)."""
@@ -270,8 +358,18 @@ class SyncSession:
         """Steps the client itself wrote to each hop of the current route (replays included)."""
         return [stream.sent_steps for stream in self._session.hops]
 
+    @property
+    def verification(self):
+        """client.verify.VerifyStats of this session (None with verify="off")."""
+        verifier = self._session.verifier
+        return verifier.stats if verifier is not None else None
+
     def step(self, hidden: torch.Tensor, position_ids=None, attention_mask=None) -> torch.Tensor:
         return self._loop.run(self._session.step(hidden, position_ids, attention_mask))
+
+    def settle(self) -> None:
+        """Verify the steps not checked yet (spot mode); VerificationRestart if a node lied in one of them."""
+        self._loop.run(self._session.settle())
 
     def close(self) -> None:
         self._loop.run(self._session.close())

@@ -16,6 +16,7 @@ from node.rpc import codec
 from node.rpc.codec import MAX_MESSAGE_BYTES
 from node.rpc.generated import potluck_pb2 as pb
 from node.rpc.generated import potluck_pb2_grpc as pb_grpc
+from node.rpc.security import PLAINTEXT, Security
 
 T = TypeVar("T")
 
@@ -74,9 +75,10 @@ class LoopThread:
 class Peer:
     """A channel and stub to one node. Create and use it on the client's loop."""
 
-    def __init__(self, address: str):
+    def __init__(self, address: str, security: Security = PLAINTEXT):
         self.address = address
-        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.security = security  # swarm token on every call; TLS (auto: pinned to the node's identity)
+        self.channel = security.channel(address, options=CHANNEL_OPTIONS)
         self.stub = pb_grpc.PotluckStub(self.channel)
 
     async def info(self, timeout: float) -> PeerInfo:
@@ -89,6 +91,10 @@ class Peer:
                 self.address,
                 f"speaks protocol version {reply.protocol_version}, this client speaks {codec.PROTOCOL_VERSION}",
             )
+        pinned = self.security.pinned_node(self.address)
+        if pinned is not None and pinned != reply.node_id:
+            raise PeerError(self.address, f"presents the certificate of node {pinned[:12]} but says it is node "
+                            f"{reply.node_id[:12]}: not trusted", grpc.StatusCode.UNAUTHENTICATED)
         extra = codec.unpack_metadata(reply.metadata)
         return PeerInfo(
             address=self.address,

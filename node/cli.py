@@ -8,6 +8,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 
 from node.config import ConfigError, NodeConfig, parse_blocks, read_config_file
@@ -41,10 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--model", required=True, help="model folder or hub id (the one the nodes serve)")
     generate.add_argument("--peers", default=None, help="comma-separated HOST:PORT of nodes (default: discover them)")
     _add_swarm_args(generate)
+    add_trust_args(generate)
+    add_verify_args(generate)
     _add_generation_args(generate)
     generate.add_argument("--json", action="store_true", help='print {"text": ..., "token_ids": [...]} at the end')
     generate.add_argument("--no-push", action="store_true",
                           help="send every hop its step from the client (default: nodes forward steps along the chain)")
+    generate.add_argument("--prefill-chunk", type=int, default=0,
+                          help="pipeline prompts of 2x this many tokens or more down the chain in chunks (default 0: off)")
     _add_logging(generate)
 
     demo = commands.add_parser("demo", help="start a local 3-node swarm on the embedded model and chat through it")
@@ -56,9 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = commands.add_parser("status", help="show the swarm: nodes, spans, coverage, warnings")
     _add_swarm_args(status)
+    add_trust_args(status)
     status.add_argument("--wait", type=float, default=2.0, help="seconds to listen for nodes (default 2)")
     status.add_argument("--json", action="store_true", help="print the swarm as JSON")
     _add_logging(status)
+
+    keys = commands.add_parser("swarm-key", help="make a private swarm's key")
+    keys.add_argument("action", choices=["new"], help="new: write a fresh random key")
+    keys.add_argument("file", help="where to write it (must not exist; readable by you only)")
+    _add_logging(keys)
 
     prepare = commands.add_parser("prepare-model", help="write the embedded SmolLM2 model as a safetensors folder")
     prepare.add_argument("--out", default=None, help="folder to write (default ~/.cache/potluck/models/...)")
@@ -78,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_wire_bench_parser(commands)
     add_proxy_parser(commands)
+    from node.bench_prefill import add_prefill_bench_parser
+    from node.bench_soak import add_soak_bench_parser
+    from node.bench_trust import add_trust_bench_parser
+
+    add_trust_bench_parser(commands)
+    add_soak_bench_parser(commands)
+    add_prefill_bench_parser(commands)
 
     from client.api import add_api_parser
 
@@ -120,8 +138,33 @@ def _add_join_args(join: argparse.ArgumentParser) -> None:
     join.add_argument("--rebalance-period", type=float, default=30.0, help="mean seconds between re-balancing checks")
     join.add_argument("--metrics-port", type=int, default=0,
                       help="serve Prometheus metrics at http://HOST:PORT/metrics (default 0: off)")
+    _add_limit_args(join)
     _add_swarm_args(join)
+    add_trust_args(join, serving=True)
     _add_logging(join)
+
+
+def _add_limit_args(join: argparse.ArgumentParser) -> None:
+    """Overload limits (docs/reliability.md#overload): past each, RESOURCE_EXHAUSTED naming the flag."""
+    join.add_argument("--max-sessions", type=_positive, default=256,
+                      help="sessions open at once; more wait --admission-wait, then are refused (default 256)")
+    join.add_argument("--max-session-tokens", type=int, default=0,
+                      help="cache tokens one session may reserve, batch x max_length (default 0: the whole budget)")
+    join.add_argument("--cache-memory", default=None,
+                      help="KV cache budget in bytes, e.g. 2GB; replaces --cache-tokens (converted per token of the span)")
+    join.add_argument("--rate-limit", type=float, default=0.0,
+                      help="requests per second per peer address, bursts of 2 s (default 0: off)")
+    join.add_argument("--admission-wait", type=float, default=2.0,
+                      help="seconds an open waits for cache or a session slot to free up (default 2; 0: refuse at once)")
+
+
+def _limit_options(args: argparse.Namespace) -> dict:
+    """NodeConfig's overload fields from `join`'s flags."""
+    from node.config import parse_size
+
+    return dict(max_sessions=args.max_sessions, max_session_tokens=args.max_session_tokens,
+                cache_memory=parse_size(args.cache_memory, "--cache-memory") if args.cache_memory else None,
+                rate_limit=args.rate_limit, admission_wait=args.admission_wait)
 
 
 def _file_value(action: argparse.Action, key: str, value, where: str):
@@ -184,6 +227,29 @@ def join_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def add_trust_args(parser: argparse.ArgumentParser, serving: bool = False) -> None:
+    """--swarm-key and TLS: the same on nodes and clients of one swarm (docs/reliability.md)."""
+    parser.add_argument("--swarm-key", default=os.environ.get("POTLUCK_SWARM_KEY_FILE"),
+                        help="key file of a private swarm (env POTLUCK_SWARM_KEY_FILE; make one: potluck swarm-key new FILE)")
+    parser.add_argument("--tls", default="off", choices=["off", "auto", "ca"],
+                        help="encrypt every call: auto = certificates endorsed by node identities; ca = --tls-ca roots")
+    parser.add_argument("--tls-ca", default=None, help="PEM roots that nodes' certificates are checked against (--tls ca)")
+    parser.add_argument("--tls-server-name", default=None,
+                        help="the name nodes' certificates are issued to (default: the dialed host)")
+    if serving:
+        parser.add_argument("--tls-cert", default=None, help="PEM certificate chain this node presents (implies --tls ca)")
+        parser.add_argument("--tls-key", default=None, help="the certificate's PEM private key")
+
+
+def trust_options(args: argparse.Namespace) -> dict:
+    """The trust flags as keyword arguments (ClientConfig / NodeConfig field names)."""
+    options = {"swarm_key": args.swarm_key, "tls": args.tls, "tls_ca": args.tls_ca,
+               "tls_server_name": args.tls_server_name}
+    if getattr(args, "tls_cert", None) or getattr(args, "tls_key", None):
+        options.update(tls="ca", tls_cert=args.tls_cert, tls_key=args.tls_key)
+    return options
+
+
 def _add_swarm_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bootstrap", action="append", default=[],
                         help="HOST:PORT of a known node, or a file with one per line (repeatable)")
@@ -220,6 +286,19 @@ def _add_generation_args(parser: argparse.ArgumentParser, default_prompt: str | 
                         help="hidden states on the wire; int8: blockwise quantised (default float32)")
 
 
+def add_verify_args(parser: argparse.ArgumentParser) -> None:
+    """Verification of the nodes' outputs (client/verify.py, docs/reliability.md)."""
+    parser.add_argument("--verify", default="off", choices=["off", "spot", "full"],
+                        help="recompute hops on other nodes serving the same layers and ban nodes caught lying: "
+                             "spot = a random share of steps, full = every step (default off)")
+    parser.add_argument("--verify-fraction", type=float, default=0.25,
+                        help="with --verify spot: the share of steps that trigger a check (default 0.25)")
+
+
+def verify_options(args: argparse.Namespace) -> dict:
+    return {"verify": args.verify, "verify_fraction": args.verify_fraction}
+
+
 def _join(args: argparse.Namespace) -> None:
     from node.server import run_node
 
@@ -240,7 +319,7 @@ def _join(args: argparse.Namespace) -> None:
         heartbeat=args.heartbeat, ttl=args.ttl, rebalance=not args.no_rebalance,
         rebalance_period=args.rebalance_period, drain_timeout=args.drain_timeout,
         session_idle_timeout=args.session_idle_timeout, metrics_port=args.metrics_port or None,
-        progress=sys.stderr.isatty(),
+        progress=sys.stderr.isatty(), **trust_options(args), **_limit_options(args),
     )
     asyncio.run(run_node(config))
 
@@ -250,9 +329,7 @@ def _generate(args: argparse.Namespace) -> None:
     from client.textgen import generate_text, load_tokenizer
 
     peers = [p.strip() for p in (args.peers or "").split(",") if p.strip()]
-    model = DistributedModelForCausalLM.from_pretrained(
-        args.model, peers=peers, bootstrap=bootstrap_list(args.bootstrap), mdns=not args.no_mdns,
-        mdns_interface=args.mdns_interface, wire_dtype=args.wire_dtype, push=not args.no_push)
+    model = DistributedModelForCausalLM.from_pretrained(args.model, config=_client_config(args, peers))
     try:
         tokenizer = load_tokenizer(args.model)
         result = generate_text(
@@ -268,6 +345,27 @@ def _generate(args: argparse.Namespace) -> None:
         print(f"\n[{len(result.token_ids)} tokens, {result.decode_tokens_per_s:.1f} tokens/s decode]", file=sys.stderr)
 
 
+def _client_config(args: argparse.Namespace, peers: list[str]):
+    from client.config import ClientConfig
+
+    options = trust_options(args)
+    return ClientConfig(peers=tuple(peers), bootstrap=bootstrap_list(args.bootstrap), mdns=not args.no_mdns,
+                        mdns_interface=args.mdns_interface, wire_dtype=args.wire_dtype, push=not args.no_push,
+                        swarm_key=options["swarm_key"], tls=options["tls"], tls_ca=options["tls_ca"],
+                        tls_server_name=options["tls_server_name"], prefill_chunk=args.prefill_chunk,
+                        **verify_options(args))
+
+
+def _swarm_key(args: argparse.Namespace) -> None:
+    from node.rpc.security import SwarmKey
+
+    try:
+        SwarmKey.generate().write(args.file)
+    except FileExistsError:
+        raise ConfigError(f"{args.file} exists already; choose another file (keys are never overwritten)") from None
+    print(f"wrote a new swarm key to {args.file}: give it to every node and client of the swarm (--swarm-key)")
+
+
 def _status(args: argparse.Namespace) -> None:
     from rich.console import Console
 
@@ -278,7 +376,11 @@ def _status(args: argparse.Namespace) -> None:
     if args.no_mdns and not bootstrap:
         raise ConfigError("--no-mdns needs at least one --bootstrap address")
     config = SwarmConfig(bootstrap=bootstrap, mdns=not args.no_mdns, mdns_interface=args.mdns_interface)
-    views = group_by_model(asyncio.run(collect(config, args.wait)))
+    from node.rpc.security import load_security
+
+    trust = trust_options(args)
+    security = load_security(trust["swarm_key"], trust["tls"], tls_ca=trust["tls_ca"], server_name=trust["tls_server_name"])
+    views = group_by_model(asyncio.run(collect(config, args.wait, security)))
     if args.json:
         print(json.dumps(as_json(views), indent=1))
     else:
@@ -317,7 +419,8 @@ def main(argv: list[str] | None = None) -> int:
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
-    handlers = {"join": _join, "generate": _generate, "demo": _demo, "prepare-model": _prepare, "status": _status}
+    handlers = {"join": _join, "generate": _generate, "demo": _demo, "prepare-model": _prepare, "status": _status,
+                "swarm-key": _swarm_key}
     from node.bench import run_bench
     from node.bench_perf import run_perf_bench_cli
     from node.bench_recovery import run_recovery_bench_cli
@@ -332,12 +435,21 @@ def main(argv: list[str] | None = None) -> int:
 
     handlers["bench-wire"] = run_wire_bench_cli
     handlers["proxy"] = run_proxy_cli
+    from node.bench_prefill import run_prefill_bench_cli
+    from node.bench_soak import run_soak_bench_cli
+    from node.bench_trust import run_trust_bench_cli
+
+    handlers["bench-trust"] = run_trust_bench_cli
+    handlers["bench-soak"] = run_soak_bench_cli
+    handlers["bench-prefill"] = run_prefill_bench_cli
     from client.api import run_api_cli
 
     handlers["api"] = handlers["dashboard"] = run_api_cli
     from client.routing import MissingLayersError
     from client.transport import PeerError
+    from client.verify import VerificationError
     from node.launcher import NodeStartError
+    from node.rpc.security import SecurityError
     from node.swarm.identity import IdentityError
 
     try:
@@ -345,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except (ConfigError, ModelLoadError, PeerError, MissingLayersError, NodeStartError, NotImplementedError, ValueError,
-            IdentityError, MemoryError, OSError) as error:
+            IdentityError, MemoryError, OSError, SecurityError, VerificationError) as error:
         print(f"potluck {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0

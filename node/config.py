@@ -26,11 +26,11 @@ _UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 
           "T": 10**12, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
-def parse_size(text: str) -> int:
+def parse_size(text: str, flag: str = "--memory") -> int:
     """'4GB' -> 4_000_000_000; '512MiB' -> 536870912."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
     if not match or match.group(2).upper() not in _UNITS:
-        raise ConfigError(f"--memory {text!r}: expected a size like 4GB, 512MiB or 2000000000")
+        raise ConfigError(f"{flag} {text!r}: expected a size like 4GB, 512MiB or 2000000000")
     return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
 
 
@@ -82,6 +82,19 @@ class NodeConfig:
     discovery_wait: float = 1.5     # seconds to listen for the swarm before choosing a span
     rebalance: bool = True          # move to a better span when coverage becomes uneven (auto-placed nodes)
     rebalance_period: float = 30.0  # mean seconds between rebalancing checks (jittered)
+    # -- limits: overload (docs/reliability.md#overload); each refusal is RESOURCE_EXHAUSTED naming its flag ---
+    max_sessions: int = 256         # sessions open at once; further opens wait (admission_wait), then are refused
+    max_session_tokens: int = 0     # cache tokens one session may reserve (batch x max_length); 0 = the whole budget
+    cache_memory: int | None = None  # KV cache budget in bytes; set, it replaces cache_tokens (bytes / KV bytes a token)
+    rate_limit: float = 0.0         # requests a second per peer address (token bucket, bursts of 2 s); 0 = off
+    admission_wait: float = 2.0     # seconds an open waits for cache or a session slot to free up; 0 = refuse at once
+    # -- trust: private swarms and encryption (docs/reliability.md) --------------------------------
+    swarm_key: str | None = None    # swarm key file: every call must prove it; None = the public swarm
+    tls: str = "off"                # off | auto (certificate endorsed by the identity) | ca (--tls-cert/--tls-key)
+    tls_cert: str | None = None     # PEM certificate chain this node presents (tls="ca")
+    tls_key: str | None = None      # its PEM private key
+    tls_ca: str | None = None       # PEM roots that other nodes' certificates are checked against (tls="ca")
+    tls_server_name: str | None = None  # the name those certificates are issued to (default: the dialed host)
 
     def __post_init__(self) -> None:
         if (self.start is None) != (self.end is None):
@@ -100,6 +113,31 @@ class NodeConfig:
             raise ConfigError("--num-blocks must be at least 1")
         if not 0 < self.heartbeat < self.ttl:
             raise ConfigError("need 0 < --heartbeat < --ttl")
+        self._check_limits()
+        if self.tls not in ("off", "auto", "ca"):
+            raise ConfigError(f"--tls {self.tls!r}: expected off, auto or ca")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("give both --tls-cert and --tls-key, or neither")
+        if self.tls == "ca" and self.tls_cert is None:
+            raise ConfigError("--tls ca needs --tls-cert and --tls-key")
+
+    def _check_limits(self) -> None:
+        if self.max_sessions < 1:
+            raise ConfigError("--max-sessions must be at least 1")
+        if self.max_session_tokens < 0:
+            raise ConfigError("--max-session-tokens must be >= 0 (0: the whole cache budget)")
+        if self.cache_memory is not None and self.cache_memory < 1:
+            raise ConfigError("--cache-memory must be a positive size")
+        if not (0 <= self.rate_limit < float("inf")):
+            raise ConfigError("--rate-limit must be >= 0 requests/s (0: off)")
+        if not (0 <= self.admission_wait <= 3600):
+            raise ConfigError("--admission-wait must be within 0..3600 seconds")
+
+    @property
+    def max_rpcs(self) -> int:
+        """Calls in flight at once (gRPC refuses more): a stream per session, a push beside each, and room
+        for short calls (Info, Gossip, health)."""
+        return 2 * self.max_sessions + 64
 
     @property
     def auto_placed(self) -> bool:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 
 import grpc
 import torch
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 
 from node.config import NodeConfig
 from node.metrics import CacheView, MetricsServer, NodeMetrics
@@ -30,7 +30,11 @@ from node.model.loader import (
 )
 from node.model.fast_linear import transpose_linears
 from node.rpc.codec import MAX_MESSAGE_BYTES
-from node.rpc.generated import potluck_pb2_grpc as pb_grpc
+from node.rpc.generated import potluck_pb2 as pb
+from node.rpc.handlers import add_service
+from node.rpc.push import Pusher
+from node.rpc.security import Security, load_security
+from node.rpc.ratelimit import RateLimiter
 from node.rpc.servicer import NodeIdentity, PotluckServicer, Serving
 from node.runtime.executor import Executor
 from node.runtime.throughput import Throughput, cached_measure
@@ -90,6 +94,7 @@ class RunningNode:
     metrics: NodeMetrics | None = None  # None: --metrics-port off
     metrics_server: MetricsServer | None = None
     servicer: PotluckServicer | None = None  # holds the channels pushed steps are forwarded on
+    security: Security | None = None  # swarm key and TLS as this node uses them (its certificate included)
     tasks: list[asyncio.Task] = field(default_factory=list)
 
     @property
@@ -219,7 +224,9 @@ async def _load(node: RunningNode, span: Span) -> None:
         node.throughput = await asyncio.to_thread(cached_measure, model, key, progress=config.progress)
     old = node.serving.executor
     node.serving.executor = Executor(model, cache_tokens=config.cache_tokens, max_length=config.max_length,
-                                     max_batch=config.max_batch)
+                                     max_batch=config.max_batch, cache_memory=config.cache_memory,
+                                     max_sessions=config.max_sessions, max_session_tokens=config.max_session_tokens,
+                                     admission_wait=config.admission_wait)
     if old is not None:
         old.shutdown()
     node.record = replace(node.record, state=NodeState.ONLINE, throughput=node.throughput.decode,
@@ -265,6 +272,14 @@ def compute_threads(requested: int, device: torch.device) -> int:
     return cores if device.type == "cpu" else min(2, cores)
 
 
+def _warn_plaintext(config: NodeConfig, security: Security) -> None:
+    """Plaintext is fine on loopback and for labs that choose it; say so when it leaves the machine."""
+    if security.encrypted or config.host in ("127.0.0.1", "::1", "localhost"):
+        return
+    log.warning("serving without TLS on %s: activations cross the network readable by anyone on the path "
+                "(use --tls auto, or --tls-cert/--tls-key)", config.host)
+
+
 async def start_node(config: NodeConfig) -> RunningNode:
     """Bind, join, load, serve. Returns once the node is ONLINE (its span loaded and announced)."""
     device = resolve_device(config.device)
@@ -273,27 +288,36 @@ async def start_node(config: NodeConfig) -> RunningNode:
     files = ModelFiles.open(config.model, revision=config.revision)
     model_config = files.config()
     chash = config_hash(model_config)
+    security = load_security(config.swarm_key, config.tls, config.tls_cert, config.tls_key, config.tls_ca,
+                             config.tls_server_name)
     identity = load_identity(config.identity)
+    security = security.for_node(identity.key)
+    _warn_plaintext(config, security)
     serving = Serving()
-    server = grpc.aio.server(options=GRPC_OPTIONS)
-    port = server.add_insecure_port(format_address(config.host, config.port))
+    metrics = NodeMetrics() if config.metrics_port is not None else None
+    on_reject = (lambda reason: metrics.error("UNAUTHENTICATED")) if metrics is not None else None
+    server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=security.server_interceptors(on_reject),
+                             maximum_concurrent_rpcs=config.max_rpcs)  # past it: RESOURCE_EXHAUSTED from grpc
+    port = security.add_port(server, format_address(config.host, config.port))
     if port == 0:
         identity.release()
         raise OSError(f"cannot bind {format_address(config.host, config.port)}")
     address = config.announce or format_address(advertised_host(config.host), port)
     swarm = SwarmConfig(bootstrap=config.bootstrap, mdns=config.mdns, mdns_interface=_mdns_interface(config),
                         heartbeat=config.heartbeat, ttl=config.ttl)
-    membership = Membership(swarm, identity, stats=lambda: _stats(serving))
+    membership = Membership(swarm, identity, stats=lambda: _stats(serving), security=security)
     node_identity = NodeIdentity(node_id=identity.node_id, name=config.name or address, model_id=files.model_id,
                                  config_hash=chash, num_layers=model_config.num_hidden_layers,
                                  dtype=dtype_name(dtype), device=str(device))
-    metrics = NodeMetrics() if config.metrics_port is not None else None
     if metrics is not None:
         metrics.watch(_cache_view(serving))
-    servicer = PotluckServicer(serving, node_identity, membership, metrics)
-    pb_grpc.add_PotluckServicer_to_server(servicer, server)
+    limiter = RateLimiter(config.rate_limit) if config.rate_limit else None
+    servicer = PotluckServicer(serving, node_identity, membership, metrics, limiter=limiter)
+    servicer.pusher = Pusher(security=security)
+    # registered from the descriptors: request bytes that do not parse get INVALID_ARGUMENT (node/rpc/handlers.py)
+    add_service(server, pb.DESCRIPTOR.services_by_name["Potluck"], servicer, metrics.error if metrics else None)
     health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    add_service(server, health_pb2.DESCRIPTOR.services_by_name["Health"], health_servicer)
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -305,7 +329,7 @@ async def start_node(config: NodeConfig) -> RunningNode:
     )
     node = RunningNode(config=config, server=server, health=health_servicer, serving=serving, membership=membership,
                        identity=identity, address=address, files=files, record=record, device=device, dtype=dtype,
-                       metrics=metrics, servicer=servicer)
+                       metrics=metrics, servicer=servicer, security=security)
     try:
         if metrics is not None:
             node.metrics_server = metrics.serve(config.host, config.metrics_port)

@@ -366,3 +366,57 @@ def test_one_api_serves_several_models(smollm_dir, smollm_chain, bg_loop, tmp_pa
             process.wait()
         for node in nodes:
             bg_loop.stop_node(node)
+
+
+def test_models_the_swarm_covers_are_discovered_listed_and_served(smollm_dir, smollm_chain, bg_loop, tmp_path):
+    """Without --peers, /v1/models lists every model the discovered swarm covers, not only --model ones;
+    each is loaded on first use from --models-dir (or the hub), with a clear 503 when it cannot be."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from client.api.catalog import SwarmCatalog
+
+    models_dir = tmp_path / "models"
+    models_dir.mkdir()
+    (models_dir / smollm_dir.name).symlink_to(smollm_dir.resolve())
+    folders = {}
+    for seed, name in enumerate(("tiny-discovered", "tiny-bare", "tiny-partial")):
+        # different shapes: nodes are matched by config hash (records carry no weights fingerprint yet)
+        config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128 + 32 * seed, num_hidden_layers=4,
+                             num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+        torch.manual_seed(seed)
+        folders[name] = models_dir / name
+        AutoModelForCausalLM.from_config(config).save_pretrained(folders[name])
+    for file in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):  # tiny-bare has no tokenizer
+        if (smollm_dir / file).exists():
+            shutil.copy(smollm_dir / file, folders["tiny-discovered"] / file)
+    nodes = [bg_loop.start_node(folders["tiny-discovered"], 0, 2), bg_loop.start_node(folders["tiny-discovered"], 2, 4),
+             bg_loop.start_node(folders["tiny-bare"], 0, 4), bg_loop.start_node(folders["tiny-partial"], 0, 3)]
+    bootstrap = tuple(n.address for n in smollm_chain) + tuple(n.address for n in nodes)
+    catalog = SwarmCatalog(ClientConfig(bootstrap=bootstrap, mdns=False), models_dir)
+    api = ApiServer(create_app({}, {}, catalog=catalog))
+    try:
+        client = api.client()
+        assert sorted(m.id for m in client.models.list().data) == [smollm_dir.name, "tiny-bare", "tiny-discovered"]
+        smol = client.chat.completions.create(model=smollm_dir.name, messages=CHAT, temperature=0, max_tokens=40)
+        assert smol.choices[0].message.content.strip() == "The capital of France is Paris."
+        prompt = [5, 17, 99, 1024]
+        tiny = client.completions.create(model="tiny-discovered", prompt=prompt, temperature=0, max_tokens=6)
+        reference = AutoModelForCausalLM.from_pretrained(folders["tiny-discovered"], dtype=torch.float32)
+        ids = torch.tensor([prompt])
+        expected = local_greedy(reference, ids, 6)
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(folders["tiny-discovered"])
+        assert tiny.choices[0].text == tokenizer.decode(expected) and tiny.usage.completion_tokens == 6
+        bare = httpx.post(f"{api.url}/chat/completions", json={"model": "tiny-bare", "messages": CHAT}, timeout=60)
+        assert bare.status_code == 503
+        error = error_of(bare)
+        assert error["code"] == "model_unavailable" and "tiny-bare" in error["message"] and "--models-dir" in error["message"]
+        missing = httpx.post(f"{api.url}/chat/completions", json={"model": "tiny-partial", "messages": CHAT}, timeout=60)
+        assert missing.status_code == 404
+    finally:
+        api.stop()
+        for node in nodes:
+            bg_loop.stop_node(node)

@@ -91,9 +91,15 @@ def test_the_cli_prints_config_errors_as_one_line(config_file):
 
 
 def test_join_from_a_config_file_serves_and_stops(config_file, tiny_model_dir, tmp_path):
+    """A private, encrypted node set up from its config file alone (a volunteer's service)."""
+    from node.cli import main
+
+    key_file = tmp_path / "swarm.key"
+    assert main(["swarm-key", "new", str(key_file)]) == 0
+    assert main(["swarm-key", "new", str(key_file)]) == 2  # never overwritten
     path = config_file(
         f'model = "{tiny_model_dir("llama")}"\nblocks = "1:3"\nport = 0\nno-mdns = true\n'
-        f'identity = "{tmp_path / "id.pem"}"\nthroughput = 10.0\n'
+        f'identity = "{tmp_path / "id.pem"}"\nthroughput = 10.0\nswarm-key = "{key_file}"\ntls = "auto"\n'
     )
     process = subprocess.Popen([sys.executable, "-m", "node", "join", "--config", path, "--blocks", "2:5"],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -109,12 +115,33 @@ def test_join_from_a_config_file_serves_and_stops(config_file, tiny_model_dir, t
                              lines[-1] if lines else "")
         assert ready, "".join(lines)
         assert ready.group(1, 2) == ("2", "5")  # the command line's --blocks over the file's
+        _check_private_and_encrypted(ready.group(3), key_file)
         process.send_signal(signal.SIGTERM)
         assert process.wait(30) == 0
     finally:
         timer.cancel()
         process.kill()
         process.wait()
+
+
+def _check_private_and_encrypted(address: str, key_file) -> None:
+    import grpc
+
+    from node.rpc.generated import potluck_pb2 as pb
+    from node.rpc.generated import potluck_pb2_grpc as pb_grpc
+    from node.rpc.security import Security, SwarmKey
+
+    member = Security(swarm_key=SwarmKey.load(key_file), tls="auto")
+    with member.sync_channel(address) as channel:
+        info = pb_grpc.PotluckStub(channel).Info(pb.InfoRequest(), timeout=10,
+                                                 metadata=member.call_metadata("/potluck.v1.Potluck/Info"))
+    assert (info.start, info.end) == (2, 5) and member.pinned_node(address) == info.node_id
+    with Security(tls="auto").sync_channel(address) as channel, pytest.raises(grpc.RpcError) as caught:
+        pb_grpc.PotluckStub(channel).Info(pb.InfoRequest(), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with grpc.insecure_channel(address) as channel, pytest.raises(grpc.RpcError) as caught:  # plaintext: no TLS
+        pb_grpc.PotluckStub(channel).Info(pb.InfoRequest(), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
 @pytest.mark.parametrize(

@@ -28,10 +28,14 @@ from jinja2.exceptions import TemplateError
 from starlette.datastructures import Headers
 from transformers import PreTrainedTokenizerBase
 
+from client.api.catalog import SwarmCatalog, load_tokenizer_for
 from client.api.dashboard import STATIC, SwarmWatch
 from client.api.engine import Completion, SamplingParams, complete
-from client.api.errors import bad_request, from_exception, install_handlers, unauthorized, unknown_model
+from client.api.errors import (
+    ApiError, bad_request, from_exception, install_handlers, unauthorized, unknown_model,
+)
 from client.api.models import ModelSource, ServedModel, build_registry
+from client.model import DistributedModelForCausalLM
 from client.api.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, GenerationRequest
 from client.textgen import encode_prompt
 
@@ -44,12 +48,16 @@ class ApiSettings:
 
 
 def create_app(models: dict[str, ModelSource], tokenizers: PreTrainedTokenizerBase | dict[str, PreTrainedTokenizerBase],
-               api_key: str | None = None, settings: ApiSettings = ApiSettings()) -> FastAPI:
+               api_key: str | None = None, settings: ApiSettings = ApiSettings(),
+               catalog: SwarmCatalog | None = None) -> FastAPI:
     """An OpenAI-compatible app over `models` (name -> DistributedModelForCausalLM, or a
     zero-argument factory that loads one). Instances stay the caller's to close; models made
     by factories are closed with the app. With `api_key`, every request needs that bearer key,
-    except for the dashboard's static page and files (they hold no data)."""
-    state = _State(build_registry(models, tokenizers), settings)
+    except for the dashboard's static page and files (they hold no data). With a `catalog`, every
+    other model the swarm fully covers is listed too and loaded on its first request."""
+    if not models and catalog is None:
+        raise ValueError("no models to serve: give a model, or discover the swarm's")
+    state = _State(build_registry(models, tokenizers) if models else {}, settings, catalog)
     watch = SwarmWatch()
 
     @asynccontextmanager
@@ -61,6 +69,8 @@ def create_app(models: dict[str, ModelSource], tokenizers: PreTrainedTokenizerBa
             for task in preloads:
                 task.cancel()
             await watch.close()
+            if catalog is not None:
+                await catalog.close()
             await asyncio.to_thread(state.executor.shutdown, True, cancel_futures=True)
             for model in state.models.values():
                 model.close()
@@ -83,12 +93,17 @@ def create_app(models: dict[str, ModelSource], tokenizers: PreTrainedTokenizerBa
 
     @app.get("/v1/models")
     async def list_models() -> dict:
-        ready = await asyncio.gather(*(m.available() for m in state.models.values()))
-        data = [state.model_card(m.name) for m, ok in zip(state.models.values(), ready) if ok]
-        return {"object": "list", "data": data}
+        served = list(state.models.values())
+        ready = await asyncio.gather(*(m.available() for m in served))
+        names = [m.name for m, ok in zip(served, ready) if ok]
+        if catalog is not None:  # what the swarm covers besides: listed, loaded on first use
+            names += [m.model_id for m in await catalog.models() if m.model_id not in state.models]
+        return {"object": "list", "data": [state.model_card(name) for name in names]}
 
     @app.get("/v1/models/{name:path}")
     async def retrieve_model(name: str) -> dict:
+        if name not in state.models and catalog is not None and await catalog.find(name) is not None:
+            return state.model_card(name)
         served = state.lookup(name)
         if not await served.available():
             raise unknown_model(name)
@@ -96,13 +111,13 @@ def create_app(models: dict[str, ModelSource], tokenizers: PreTrainedTokenizerBa
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest):
-        served = state.lookup(body.model)
+        served = await state.find(body.model)
         input_ids = encode_chat(served.tokenizer, body.messages)
         return await state.respond(served, input_ids, body, chat=True)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest):
-        served = state.lookup(body.model)
+        served = await state.find(body.model)
         input_ids = encode_text(served.tokenizer, body.prompt)
         return await state.respond(served, input_ids, body, chat=False)
 
@@ -135,9 +150,11 @@ def encode_text(tokenizer: PreTrainedTokenizerBase, prompt: str | list) -> torch
 
 
 class _State:
-    def __init__(self, models: dict[str, ServedModel], settings: ApiSettings):
+    def __init__(self, models: dict[str, ServedModel], settings: ApiSettings, catalog: SwarmCatalog | None = None):
         self.models = models
         self.settings = settings
+        self.catalog = catalog
+        self._adding = asyncio.Lock()  # one load per newly requested discovered model
         self.created = int(time.time())
         # one thread runs every generation, in arrival order
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="potluck-api-generate")
@@ -145,6 +162,25 @@ class _State:
     def lookup(self, name: str) -> ServedModel:
         if name not in self.models:
             raise unknown_model(name)
+        return self.models[name]
+
+    async def find(self, name: str) -> ServedModel:
+        """`name`'s model: one the API serves, or one the swarm covers (its client parts loaded now)."""
+        if name in self.models or self.catalog is None:
+            return self.lookup(name)
+        async with self._adding:
+            if name not in self.models:
+                covered = await self.catalog.find(name)
+                if covered is None:
+                    raise unknown_model(name)
+                source = self.catalog.source(name)
+                try:
+                    tokenizer = await load_tokenizer_for(name, source)
+                except LookupError as error:
+                    raise ApiError(503, str(error), type="server_error", code="model_unavailable") from None
+                factory = partial(DistributedModelForCausalLM.from_pretrained, source, config=self.catalog.config)
+                self.models[name] = ServedModel(name, factory, tokenizer)
+                log.info("serving %s, discovered in the swarm (client parts from %s)", name, source)
         return self.models[name]
 
     def model_card(self, name: str) -> dict:

@@ -113,13 +113,16 @@ class SwarmWatch:
             return not_loaded_state(name)
         swarm = model.swarm
         if swarm.membership is None:
-            nodes = await asyncio.gather(*(self._ask(address) for address in swarm.config.peers))
+            nodes = await asyncio.gather(*(self._ask(address, swarm.security) for address in swarm.config.peers))
         else:
             nodes = await self._records(swarm)
         return model_state(name, swarm.num_layers, swarm.config_hash, list(nodes), swarm.membership is not None)
 
-    async def _ask(self, address: str) -> dict:
-        peer = self._peers.setdefault(address, Peer(address))
+    async def _ask(self, address: str, security) -> dict:
+        if address not in self._peers:
+            await security.prefetch(address)
+            self._peers[address] = Peer(address, security)
+        peer = self._peers[address]
         started = time.perf_counter()
         try:
             info = await peer.info(INFO_TIMEOUT)

@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException
 
 from client.routing import MissingLayersError
 from client.transport import PeerError
+from client.verify import VerificationError, VerificationRestart
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,9 @@ def from_exception(error: BaseException, model: str) -> ApiError:
         return ApiError(503, f"the swarm cannot run `{model}` now: {error}", type="server_error", code="missing_layers")
     if isinstance(error, PeerError):
         return ApiError(503, f"the swarm cannot run `{model}` now: {error}", type="server_error", code="peer_unavailable")
+    if isinstance(error, (VerificationError, VerificationRestart)):  # nodes disagree and nothing settles it
+        return ApiError(503, f"the swarm cannot give a verified answer now: {error}", type="server_error",
+                        code="verification_failed")
     if isinstance(error, (ValueError, NotImplementedError)):  # e.g. a context longer than the nodes accept
         return bad_request(str(error))
     log.error("generation with %s failed", model, exc_info=error)

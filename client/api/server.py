@@ -9,10 +9,12 @@ import sys
 import threading
 from contextlib import contextmanager
 from functools import partial
+from pathlib import Path
 
 import uvicorn
 
 from client.api.app import ApiSettings, create_app
+from client.api.catalog import SwarmCatalog
 from client.config import ClientConfig
 from client.model import DistributedModelForCausalLM
 from client.textgen import load_tokenizer
@@ -22,12 +24,13 @@ from node.model.loader import ModelFiles
 
 def serve(model: str | list[str], host: str = "127.0.0.1", port: int = 8000, *, config: ClientConfig,
           api_key: str | None = None, name: str | None = None, revision: str | None = None,
-          settings: ApiSettings = ApiSettings()) -> None:
+          settings: ApiSettings = ApiSettings(), models_dir: Path | None = None) -> None:
     """Serve one model or several (folders or hub ids; the ones the swarm's nodes serve) until interrupted.
 
     A model's name in the API is `name` (one model only), by default its folder name or hub id. The
     tokenizers are loaded now; the models on start-up, in the background (and again on requests if the
-    swarm did not cover them yet)."""
+    swarm did not cover them yet). Without fixed peers, the other models the swarm covers are offered
+    too (client parts from `models_dir/<model id>` or the hub, on first use)."""
     models = [model] if isinstance(model, str) else list(model)
     if name is not None and len(models) != 1:
         raise ValueError("--name needs exactly one --model")
@@ -38,8 +41,9 @@ def serve(model: str | list[str], host: str = "127.0.0.1", port: int = 8000, *, 
             raise ValueError(f"two models would be served as {served!r}")
         tokenizers[served] = load_tokenizer(path, revision=revision)
         sources[served] = partial(DistributedModelForCausalLM.from_pretrained, path, config=config, revision=revision)
-    name = ", ".join(sources)
-    app = create_app(sources, tokenizers, api_key=api_key, settings=settings)
+    catalog = None if config.peers else SwarmCatalog(config, models_dir)
+    name = ", ".join(sources) or "the models the swarm covers"
+    app = create_app(sources, tokenizers, api_key=api_key, settings=settings, catalog=catalog)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     listener = socket.create_server((host, port), family=family)  # bound here: port 0 works, the real port is shown
     bound_host, bound_port = listener.getsockname()[:2]
@@ -69,8 +73,11 @@ def _stopped_by_signals_is_success():
 def add_api_parser(commands) -> None:
     api = commands.add_parser("api", aliases=["dashboard"],
                               help="serve an OpenAI-compatible HTTP API backed by the swarm, and its dashboard at /")
-    api.add_argument("--model", required=True, action="append",
-                     help="model folder or hub id (the one the nodes serve); repeat to serve several")
+    api.add_argument("--model", action="append", default=[],
+                     help="model folder or hub id (the one the nodes serve); repeat to serve several. Without "
+                          "--peers, every other model the discovered swarm covers is offered too")
+    api.add_argument("--models-dir", default=None,
+                     help="folder holding discovered models' folders by name (default: load them from the hub)")
     api.add_argument("--name", default=None, help="the model's name in the API (default: folder name or hub id)")
     api.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     api.add_argument("--port", type=int, default=8000, help="port to listen on; 0 picks a free one (default 8000)")
@@ -84,18 +91,28 @@ def add_api_parser(commands) -> None:
                      help="dtype of activations on the wire (default float32)")
     api.add_argument("--default-max-tokens", type=int, default=ApiSettings.default_max_tokens,
                      help=f"chat completions without max_tokens stop here (default {ApiSettings.default_max_tokens})")
+    from node.cli import add_trust_args, add_verify_args
+
+    add_trust_args(api)
+    add_verify_args(api)
     api.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 
 def run_api_cli(args: argparse.Namespace) -> None:
-    from node.cli import bootstrap_list
+    from node.cli import bootstrap_list, trust_options, verify_options
 
     if args.default_max_tokens < 1:
         raise ValueError("--default-max-tokens must be at least 1")
     peers = tuple(p.strip() for p in (args.peers or "").split(",") if p.strip())
+    trust = trust_options(args)
     config = ClientConfig(peers=peers, bootstrap=bootstrap_list(args.bootstrap), mdns=not args.no_mdns,
-                          mdns_interface=args.mdns_interface, wire_dtype=args.wire_dtype)
+                          mdns_interface=args.mdns_interface, wire_dtype=args.wire_dtype,
+                          swarm_key=trust["swarm_key"], tls=trust["tls"], tls_ca=trust["tls_ca"],
+                          tls_server_name=trust["tls_server_name"], **verify_options(args))
     if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"potluck api: warning: listening on {args.host} without --api-key", file=sys.stderr)
-    serve(args.model if len(args.model) > 1 else args.model[0], args.host, args.port, config=config, api_key=args.api_key, name=args.name,
-          settings=ApiSettings(default_max_tokens=args.default_max_tokens))
+    if not args.model and peers:
+        raise ValueError("--peers needs --model (discovered models are offered only when discovering the swarm)")
+    serve(args.model, args.host, args.port, config=config, api_key=args.api_key, name=args.name,
+          settings=ApiSettings(default_max_tokens=args.default_max_tokens),
+          models_dir=Path(args.models_dir).expanduser() if args.models_dir else None)

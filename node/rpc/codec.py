@@ -130,10 +130,19 @@ def decode_tensor(message: pb.Tensor, name: str = "tensor") -> torch.Tensor:
     The tensor is a view of the message's bytes, except for INT8_NAME: a new float32 tensor."""
     if message.dtype == INT8_NAME:
         shape = list(message.shape)
-        if any(size < 0 for size in shape) or len(shape) > 8:
-            raise CodecError(f"{name}: invalid shape {shape}")
+        _check_shape(shape, name)
         return _decode_int8_blocks(message.data, shape, name)
     return view_bytes(message.data, list(message.shape), message.dtype, name)
+
+
+def _check_shape(shape: list[int], name: str) -> None:
+    """At most 8 dimensions, none negative, and no more elements than a message can carry, even where a
+    zero makes the tensor empty (torch cannot lay out [0, 2, 2**62]: its strides overflow)."""
+    span = 1
+    for size in shape:
+        span *= size or 1
+    if len(shape) > 8 or any(size < 0 for size in shape) or span > MAX_MESSAGE_BYTES:
+        raise CodecError(f"{name}: invalid shape {shape}")
 
 
 def view_bytes(data: bytes, shape: list[int], dtype_name: str, name: str = "tensor") -> torch.Tensor:
@@ -141,8 +150,7 @@ def view_bytes(data: bytes, shape: list[int], dtype_name: str, name: str = "tens
     dtype = WIRE_DTYPES.get(dtype_name)
     if dtype is None:
         raise CodecError(f"{name}: unknown dtype {dtype_name!r}")
-    if any(size < 0 for size in shape) or len(shape) > 8:
-        raise CodecError(f"{name}: invalid shape {shape}")
+    _check_shape(shape, name)
     numel = 1
     for size in shape:
         numel *= size
@@ -164,25 +172,49 @@ def pack_metadata(data: dict) -> bytes:
     return msgpack.packb(data, use_bin_type=True)
 
 
+MAX_METADATA_BYTES = 64 * 1024  # a metadata map on the wire, at most
+
+
 def unpack_metadata(blob: bytes) -> dict:
+    """A msgpack map with string keys (at most MAX_METADATA_BYTES); CodecError for anything else."""
     if not blob:
         return {}
+    if len(blob) > MAX_METADATA_BYTES:
+        raise CodecError(f"metadata of {len(blob)} bytes exceeds the limit of {MAX_METADATA_BYTES}")
     try:
         data = msgpack.unpackb(blob, raw=False)
     except Exception as error:  # msgpack raises several unrelated types
         raise CodecError(f"metadata is not valid msgpack: {error}") from error
     if not isinstance(data, dict):
         raise CodecError("metadata must be a msgpack map")
+    if not all(isinstance(key, str) for key in data):
+        raise CodecError("metadata keys must be strings")
     return data
 
 
-def encode_records(records) -> list[pb.SignedRecord]:
-    """node.swarm.records.SignedRecord -> messages."""
-    return [pb.SignedRecord(payload=r.payload, public_key=r.public_key, signature=r.signature) for r in records]
+def encode_records(records, key=None) -> list[pb.SignedRecord]:
+    """node.swarm.records.SignedRecord -> messages. With a swarm key (node.rpc.security.SwarmKey) each
+    record is sealed whole into `payload`: outside the private swarm it can be neither read nor used."""
+    if key is None:
+        return [pb.SignedRecord(payload=r.payload, public_key=r.public_key, signature=r.signature) for r in records]
+    return [pb.SignedRecord(payload=key.seal(msgpack.packb([r.payload, r.public_key, r.signature])))
+            for r in records]
 
 
-def decode_records(messages) -> list:
-    """Messages -> node.swarm.records.SignedRecord (verification is the registry's job)."""
+def decode_records(messages, key=None) -> list:
+    """Messages -> node.swarm.records.SignedRecord (verification is the registry's job). With a swarm
+    key, records not sealed with it are dropped (another swarm's, or a public node's)."""
     from node.swarm.records import SignedRecord
 
-    return [SignedRecord(payload=m.payload, public_key=m.public_key, signature=m.signature) for m in messages]
+    if key is None:
+        return [SignedRecord(payload=m.payload, public_key=m.public_key, signature=m.signature) for m in messages]
+    records = []
+    for message in messages:
+        opened = key.unseal(message.payload)
+        try:
+            payload, public_key, signature = msgpack.unpackb(opened) if opened is not None else (None,) * 3
+        except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
+            continue
+        if isinstance(payload, bytes) and isinstance(public_key, bytes) and isinstance(signature, bytes):
+            records.append(SignedRecord(payload=payload, public_key=public_key, signature=signature))
+    return records

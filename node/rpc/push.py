@@ -16,6 +16,7 @@ import grpc
 from node.rpc.codec import MAX_MESSAGE_BYTES
 from node.rpc.generated import potluck_pb2 as pb
 from node.rpc.generated import potluck_pb2_grpc as pb_grpc
+from node.rpc.security import PLAINTEXT, Security
 from node.runtime.errors import InvalidRequest
 
 PUSH_TIMEOUT = 5.0     # seconds to wait for the next node to accept a step, when the client names none
@@ -52,8 +53,9 @@ def forwarded_step(hidden: pb.Tensor, step: pb.Step) -> pb.PushRequest:
 class Pusher:
     """Forwards pushed steps; owns the channels to push targets. Use it on the server's event loop."""
 
-    def __init__(self, max_channels: int = MAX_CHANNELS):
+    def __init__(self, max_channels: int = MAX_CHANNELS, security: Security = PLAINTEXT):
         self.max_channels = max_channels
+        self.security = security  # how to dial the next node (swarm token, TLS)
         self._channels: OrderedDict[str, tuple[grpc.aio.Channel, pb_grpc.PotluckStub]] = OrderedDict()
         self._closing: set[asyncio.Task] = set()
 
@@ -65,6 +67,8 @@ class Pusher:
             timeout = PUSH_TIMEOUT
         timeout = min(timeout, MAX_TIMEOUT)
         try:
+            if target.address not in self._channels:
+                await self.security.prefetch(target.address)
             await self._stub(target.address).Push(forwarded_step(hidden, step), timeout=timeout)
         except grpc.aio.AioRpcError as error:
             return f"push to {target.address} failed [{error.code().name}]: {error.details() or error.code().name}"
@@ -73,7 +77,7 @@ class Pusher:
     def _stub(self, address: str) -> pb_grpc.PotluckStub:
         entry = self._channels.pop(address, None)
         if entry is None:
-            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            channel = self.security.channel(address, options=CHANNEL_OPTIONS)
             entry = (channel, pb_grpc.PotluckStub(channel))
         self._channels[address] = entry  # most recently used last
         while len(self._channels) > self.max_channels:

@@ -15,11 +15,15 @@ from node.rpc import codec
 from node.rpc.generated import potluck_pb2 as pb
 from node.rpc.generated import potluck_pb2_grpc as pb_grpc
 from node.rpc import push
-from node.runtime.errors import FailedPrecondition, InvalidRequest, NotFound, RequestError, Unavailable
+from node.rpc.checks import check_gossip, check_id, check_push_targets, details
+from node.rpc.ratelimit import RateLimiter, peer_host
+from node.runtime.errors import Exhausted, FailedPrecondition, InvalidRequest, NotFound, RequestError, Unavailable
 from node.runtime.executor import Executor
 from node.runtime.sessions import Session
 
 log = logging.getLogger(__name__)
+
+MAX_QUEUED_STEPS = 16  # requests and pushed steps waiting on one stream; beyond, the client's stream waits
 
 
 @dataclass
@@ -60,12 +64,14 @@ async def _abort(context: grpc.aio.ServicerContext, error: Exception, metrics: N
         code, message = grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}"
     if metrics is not None:
         metrics.error(code.name)
-    await context.abort(code, message)
+    await context.abort(code, details(message))
 
 
 class PotluckServicer(pb_grpc.PotluckServicer):
-    def __init__(self, serving: Serving, identity: NodeIdentity, membership=None, metrics: NodeMetrics | None = None):
+    def __init__(self, serving: Serving, identity: NodeIdentity, membership=None, metrics: NodeMetrics | None = None,
+                 limiter: RateLimiter | None = None):
         self.serving = serving
+        self.limiter = limiter  # None: no per-peer rate limit
         self.identity = identity
         self.membership = membership
         self.metrics = metrics  # None: record nothing
@@ -79,13 +85,24 @@ class PotluckServicer(pb_grpc.PotluckServicer):
             raise Unavailable("this node is joining (loading its layers); try again shortly")
         return executor
 
+    def _charge(self, host: str, what: str) -> None:
+        """One request from `host` against the per-peer rate limit (RESOURCE_EXHAUSTED past it)."""
+        if self.limiter is not None:
+            self.limiter.charge(host, what)
+
     async def Gossip(self, request: pb.GossipRequest, context) -> pb.GossipReply:
         if self.membership is None:
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this node does not gossip")
+        try:
+            self._charge(peer_host(context.peer()), "Gossip")
+            check_gossip(request)
+        except Exception as error:
+            await _abort(context, error, self.metrics)
         return self.membership.handle(request)
 
     async def Info(self, request: pb.InfoRequest, context) -> pb.InfoReply:
         try:
+            self._charge(peer_host(context.peer()), "Info")
             executor = self._executor()
         except Exception as error:
             await _abort(context, error, self.metrics)
@@ -113,6 +130,7 @@ class PotluckServicer(pb_grpc.PotluckServicer):
 
     async def Forward(self, request: pb.ForwardRequest, context) -> pb.ForwardReply:
         try:
+            self._charge(peer_host(context.peer()), "Forward")
             executor = self._executor()
             dtype = codec.wire_dtype(request.wire_dtype or request.hidden.dtype)
             out = await executor.forward(
@@ -137,7 +155,7 @@ class PotluckServicer(pb_grpc.PotluckServicer):
 
         Replies go out with `context.write` rather than from a generator: a cancellation while a reply
         is being sent then lands in this coroutine, and `finally` frees the session at once."""
-        stream = _Stream()
+        stream = _Stream(peer_host(context.peer()))
         executor = None
         reader = None
         try:
@@ -159,12 +177,15 @@ class PotluckServicer(pb_grpc.PotluckServicer):
                     continue
                 request = item
                 kind = request.WhichOneof("kind")
+                if kind in ("open", "step"):
+                    self._charge(stream.peer, kind)
                 if kind == "open":
                     if stream.session is not None:
                         raise InvalidRequest("this stream already has an open session")
                     opened = request.open
+                    check_id(opened.session_id, "session_id")
                     codec.unpack_metadata(opened.metadata)
-                    session = executor.open(
+                    session = await executor.admit(  # waits a bounded time for room if the node is full
                         opened.session_id,
                         opened.start,
                         opened.end,
@@ -212,6 +233,7 @@ class PotluckServicer(pb_grpc.PotluckServicer):
             if not self.push_enabled:
                 raise FailedPrecondition("this node does not forward pushed steps; send each hop its step")
             push.check_targets(step.push)
+            check_push_targets(step.push)
         started = time.perf_counter()
         out = await executor.step(
             session,
@@ -254,17 +276,27 @@ class PotluckServicer(pb_grpc.PotluckServicer):
             executor = self._executor()
             if self.serving.draining:
                 raise Unavailable("this node is draining; move the session to another node")
+            check_id(request.session_id, "session_id")
             session = executor.sessions.get(request.session_id)
             stream = self._streams.get(request.session_id)
             if stream is None or stream.session is not session or stream.closed:
                 raise NotFound(f"session {request.session_id!r} has no open stream on this node")
+            self._charge(stream.peer, "Push")  # the session's client pays, not the node handing it over
             step = request.step
             _check_pushed(step, executor, session)
             if step.step_id <= stream.last_step_id:
                 raise FailedPrecondition(
                     f"stale step {step.step_id}: session {request.session_id!r} has already seen step {stream.last_step_id}"
                 )
+            if stream.inbox.full():
+                raise Exhausted(f"session {request.session_id!r} already has {MAX_QUEUED_STEPS} steps waiting")
+            if step.position > stream.next_position:  # refused here, so the session itself lives on
+                raise FailedPrecondition(
+                    f"pushed step {step.step_id} starts at position {step.position} but session "
+                    f"{request.session_id!r} will hold {stream.next_position} tokens (an earlier step was not handed on)"
+                )
             stream.last_step_id = step.step_id
+            stream.next_position = step.position + _tokens(step)
             stream.inbox.put_nowait(("push", step))
             return pb.PushReply()
         except Exception as error:
@@ -278,10 +310,12 @@ class PotluckServicer(pb_grpc.PotluckServicer):
 class _Stream:
     """One Inference stream: its session, and the steps waiting to run (the client's and pushed ones)."""
 
-    def __init__(self) -> None:
+    def __init__(self, peer: str) -> None:
+        self.peer = peer  # the client's address (without port): what the rate limit charges
         self.session: Session | None = None
-        self.inbox: asyncio.Queue[tuple[str, object]] = asyncio.Queue()
+        self.inbox: asyncio.Queue[tuple[str, object]] = asyncio.Queue(MAX_QUEUED_STEPS)  # bounded: memory too
         self.last_step_id = -1  # highest step id seen; a pushed step must be above it (older ones are stale)
+        self.next_position = 0  # tokens the session holds once the steps queued so far have run
         self.closed = False
 
 
@@ -293,15 +327,24 @@ async def _read(requests: AsyncIterator[pb.SessionRequest], stream: _Stream) -> 
                 break
             if request.WhichOneof("kind") == "step":
                 stream.last_step_id = max(stream.last_step_id, request.step.step_id)
-            stream.inbox.put_nowait(("request", request))
+                stream.next_position = request.step.position + _tokens(request.step)
+            await stream.inbox.put(("request", request))  # a full inbox stops reading: gRPC flow control holds the client
     except Exception as error:  # the handler raises it, in order, after the requests before it
-        stream.inbox.put_nowait(("error", error))
-    stream.inbox.put_nowait(("end", None))
+        await stream.inbox.put(("error", error))
+        return
+    await stream.inbox.put(("end", None))
+
+
+def _tokens(step: pb.Step) -> int:
+    """Tokens per sequence in a step ([batch, tokens, hidden]; 0 for a malformed shape, checked later)."""
+    shape = step.hidden.shape
+    return int(shape[1]) if len(shape) == 3 and shape[1] >= 0 else 0
 
 
 def _check_pushed(step: pb.Step, executor: Executor, session: Session) -> None:
     """What the pushing node can be told at once (the executor checks the rest when the step runs)."""
     push.check_targets(step.push)
+    check_push_targets(step.push)
     codec.optional_tensor(step, "position_ids")
     codec.optional_tensor(step, "attention_mask")
     executor.check_hidden(codec.decode_tensor(step.hidden, "hidden"), session.batch_size, session.wire_dtype)

@@ -39,3 +39,7 @@ class FailedPrecondition(RequestError):
 
 class Unavailable(RequestError):
     kind = "UNAVAILABLE"
+
+
+class Full(Exhausted):
+    """RESOURCE_EXHAUSTED for now: room may free up when other sessions close (an open may wait for it)."""

@@ -17,7 +17,7 @@ import torch
 
 from node.model.lean import Row
 from node.model.span import SpanModel
-from node.runtime.errors import FailedPrecondition, InvalidRequest, OutOfRange
+from node.runtime.errors import Exhausted, FailedPrecondition, Full, InvalidRequest, OutOfRange
 from node.runtime.sessions import Session, SessionTable, kv_bytes_per_token
 
 log = logging.getLogger(__name__)
@@ -57,13 +57,22 @@ class Executor:
     """Owns the span, the open sessions and the compute thread."""
 
     def __init__(self, span: SpanModel, cache_tokens: int, max_length: int, max_batch: int = 64,
-                 max_pass_tokens: int = 4096):
+                 max_pass_tokens: int = 4096, *, cache_memory: int | None = None, max_sessions: int = 0,
+                 max_session_tokens: int = 0, admission_wait: float = 0.0):
         self.span = span
-        self.sessions = SessionTable(cache_tokens)
+        self.kv_bytes_per_token = kv_bytes_per_token(span.config, span.end - span.start, span.dtype)  # an estimate
+        budget, flag = cache_tokens, "--cache-tokens"
+        if cache_memory is not None:  # a budget in bytes replaces the one in tokens
+            budget, flag = cache_memory // self.kv_bytes_per_token, "--cache-memory"
+            if budget < 1:
+                raise ValueError(f"--cache-memory {cache_memory} bytes hold no token of this span's KV cache "
+                                 f"({self.kv_bytes_per_token} bytes a token)")
+        self.sessions = SessionTable(budget, max_sessions, max_session_tokens, flag)
+        self.admission_wait = admission_wait  # seconds an open waits for room before RESOURCE_EXHAUSTED
+        self._room_waiters: set[asyncio.Future] = set()  # opens waiting for a session to close
         self.max_length = max_length
         self.max_batch = max_batch
         self.hidden_size = span.config.hidden_size
-        self.kv_bytes_per_token = kv_bytes_per_token(span.config, span.end - span.start, span.dtype)  # an estimate
         # One compute thread: torch uses its own intra-op threads; steps never run concurrently.
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="potluck-compute")
         self.lean = span.lean  # None: the generic span, one step at a time
@@ -98,13 +107,22 @@ class Executor:
             raise InvalidRequest(f"hidden states are {hidden.dtype} but the wire dtype is {wire_dtype}")
 
     @staticmethod
-    def _check_aux(name: str, tensor: torch.Tensor | None, shape: tuple[int, int]) -> None:
+    def _check_aux(name: str, tensor: torch.Tensor | None, shape: tuple[int, int], positions: int = 0) -> None:
+        """An optional [batch, tokens] integer tensor: position ids within 0..positions-1 (positions > 0),
+        else an attention mask of 0 and 1."""
         if tensor is None:
             return
         if tuple(tensor.shape) != shape:
             raise InvalidRequest(f"{name} must have shape {list(shape)}, got {list(tensor.shape)}")
         if tensor.dtype.is_floating_point:
             raise InvalidRequest(f"{name} must be an integer tensor, got {tensor.dtype}")
+        values = tensor.to(torch.long)
+        if positions:
+            low, high = int(values.min()), int(values.max())
+            if low < 0 or high >= positions:
+                raise InvalidRequest(f"{name} must lie within 0..{positions - 1}, got values {low}..{high}")
+        elif not bool(((values == 0) | (values == 1)).all()):
+            raise InvalidRequest(f"{name} must hold only 0 (padding) and 1 (real token)")
 
     # -- sessions ---------------------------------------------------------------------------
     def open(self, session_id: str, start: int, end: int, batch_size: int, max_length: int, wire_dtype: torch.dtype) -> Session:
@@ -115,13 +133,43 @@ class Executor:
             raise InvalidRequest(f"batch_size {batch_size} is not within 1..{self.max_batch}")
         if not 1 <= max_length <= self.max_length:
             raise OutOfRange(f"max_length {max_length} is not within 1..{self.max_length} (this node's limit)")
+        self.sessions.check_room(session_id, batch_size, max_length)  # before the cache takes any memory
         cache = self.span.new_cache(batch_size, max_length, start, end)
         session = Session(session_id, start, end, batch_size, max_length, wire_dtype, cache)
         self.sessions.add(session)
         return session
 
+    async def admit(self, session_id: str, start: int, end: int, batch_size: int, max_length: int,
+                    wire_dtype: torch.dtype) -> Session:
+        """`open`, waiting up to `admission_wait` seconds for room (other sessions closing) when the node is
+        full; RESOURCE_EXHAUSTED at once when the session could never fit."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.admission_wait
+        while True:
+            try:
+                return self.open(session_id, start, end, batch_size, max_length, wire_dtype)
+            except Full as error:
+                left = deadline - loop.time()
+                if left <= 0:
+                    waited = f"; waited {self.admission_wait:g}s for room (--admission-wait)" if self.admission_wait else ""
+                    raise Full(error.message + waited) from None
+            waiter = loop.create_future()
+            self._room_waiters.add(waiter)
+            try:
+                await asyncio.wait({waiter}, timeout=left)
+            finally:
+                self._room_waiters.discard(waiter)
+
+    def _drop(self, session_id: str) -> None:
+        """Forget a session and wake the opens waiting for room (each tries again)."""
+        if self.sessions.pop(session_id) is None:
+            return
+        for waiter in self._room_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
     def close(self, session_id: str) -> None:
-        self.sessions.pop(session_id)
+        self._drop(session_id)
 
     def evict(self, sessions: list[Session], reason: str) -> int:
         """End these sessions' streams with UNAVAILABLE (their handlers free the caches); returns how many."""
@@ -150,7 +198,7 @@ class Executor:
             raise OutOfRange(
                 f"step would reach position {position + tokens}, past the session's max_length {session.max_length}"
             )
-        self._check_aux("position_ids", position_ids, (session.batch_size, tokens))
+        self._check_aux("position_ids", position_ids, (session.batch_size, tokens), positions=session.max_length)
         self._check_aux("attention_mask", attention_mask, (session.batch_size, tokens))
         session.busy = True
         try:
@@ -159,7 +207,7 @@ class Executor:
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(self._pool, self._run_step, session, hidden, position_ids, attention_mask, position)
         except Exception:
-            self.sessions.pop(session.session_id)  # its cache may be half-updated: never reuse it
+            self._drop(session.session_id)  # its cache may be half-updated: never reuse it
             raise
         finally:
             session.busy = False
@@ -294,7 +342,11 @@ class Executor:
             raise InvalidRequest(f"batch {batch} exceeds this node's limit of {self.max_batch}")
         if tokens > min(self.max_length, max_tokens):
             raise OutOfRange(f"{tokens} tokens exceed this node's max_length {min(self.max_length, max_tokens)}")
-        self._check_aux("position_ids", position_ids, (batch, tokens))
+        limit = min(self.sessions.max_session_tokens, self.sessions.budget_tokens)
+        if batch * tokens > limit:
+            raise Exhausted(f"a pass over {batch} x {tokens} tokens is more than one session may hold here ({limit} "
+                            f"tokens: --max-session-tokens, {self.sessions.budget_flag})")
+        self._check_aux("position_ids", position_ids, (batch, tokens), positions=min(self.max_length, max_tokens))
         self._check_aux("attention_mask", attention_mask, (batch, tokens))
 
         def run() -> torch.Tensor:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache, PretrainedConfig
 
-from node.runtime.errors import AlreadyExists, Exhausted, NotFound
+from node.runtime.errors import AlreadyExists, Exhausted, Full, NotFound
 
 
 @dataclass
@@ -50,10 +50,15 @@ def kv_bytes_per_token(config: PretrainedConfig, layers: int, dtype: torch.dtype
 
 
 class SessionTable:
-    """Open sessions and the cache tokens they reserve, within a fixed budget."""
+    """Open sessions and the cache tokens they reserve, within a fixed budget (and the node's limits:
+    how many sessions at once, how many tokens one session may reserve)."""
 
-    def __init__(self, budget_tokens: int):
+    def __init__(self, budget_tokens: int, max_sessions: int = 0, max_session_tokens: int = 0,
+                 budget_flag: str = "--cache-tokens"):
         self.budget_tokens = budget_tokens
+        self.max_sessions = max_sessions  # 0: no limit but the budget
+        self.max_session_tokens = max_session_tokens or budget_tokens  # 0: the whole budget
+        self.budget_flag = budget_flag  # the option that set the budget, named in errors
         self._sessions: dict[str, Session] = {}
         self._reserved = 0  # kept as a sum: read by the metrics thread without walking the dict
 
@@ -73,14 +78,26 @@ class SessionTable:
     def __len__(self) -> int:
         return len(self._sessions)
 
+    def check_room(self, session_id: str, batch_size: int, max_length: int) -> None:
+        """Raise unless a session of this size may open now: Exhausted if it never can, Full if it can once
+        other sessions close. Called before its cache is allocated, and again by `add`."""
+        if session_id in self._sessions:
+            raise AlreadyExists(f"session {session_id!r} is already open on this node")
+        tokens = batch_size * max_length
+        needs = f"session needs {tokens} cache tokens (batch {batch_size} x max_length {max_length})"
+        if tokens > self.budget_tokens:
+            raise Exhausted(f"{needs} but only {self.free_tokens} of {self.budget_tokens} are free, and this node's "
+                            f"whole cache budget is smaller ({self.budget_flag})")
+        if tokens > self.max_session_tokens:
+            raise Exhausted(f"{needs}, over this node's per-session limit of {self.max_session_tokens} "
+                            f"(--max-session-tokens)")
+        if self.max_sessions and len(self._sessions) >= self.max_sessions:
+            raise Full(f"this node already holds {len(self._sessions)} sessions, its limit (--max-sessions)")
+        if tokens > self.free_tokens:
+            raise Full(f"{needs} but only {self.free_tokens} of {self.budget_tokens} are free ({self.budget_flag})")
+
     def add(self, session: Session) -> None:
-        if session.session_id in self._sessions:
-            raise AlreadyExists(f"session {session.session_id!r} is already open on this node")
-        if session.reserved_tokens > self.free_tokens:
-            raise Exhausted(
-                f"session needs {session.reserved_tokens} cache tokens (batch {session.batch_size} x max_length "
-                f"{session.max_length}) but only {self.free_tokens} of {self.budget_tokens} are free"
-            )
+        self.check_room(session.session_id, session.batch_size, session.max_length)
         self._sessions[session.session_id] = session
         self._reserved += session.reserved_tokens
 

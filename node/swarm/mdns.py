@@ -1,7 +1,9 @@
 """LAN discovery with zeroconf: announce `_potluck._tcp.local.` and browse for others.
 
 mDNS carries only where a node is (address, port, node id); the signed records are then
-pulled from it over gRPC, so zeroconf and gossip feed the same registry."""
+pulled from it over gRPC, so zeroconf and gossip feed the same registry. A node of a private swarm
+announces its swarm's tag instead of its id and model, and nodes only contact services of their own
+swarm (the public swarm's have no tag)."""
 
 from __future__ import annotations
 
@@ -34,8 +36,9 @@ def _split(address: str) -> tuple[str, int]:
 class MdnsDiscovery:
     """One zeroconf instance: optionally announces this node, and reports every node it sees."""
 
-    def __init__(self, interface: str | None, on_found: Callable[[str, str], None]):
+    def __init__(self, interface: str | None, on_found: Callable[[str, str], None], swarm_tag: str | None = None):
         self.interface = interface
+        self.swarm_tag = swarm_tag  # a private swarm's public tag (SwarmKey.tag); None in the public swarm
         self.on_found = on_found  # (node_id, "host:port"), called on the event loop
         self._zc: AsyncZeroconf | None = None
         self._browser: AsyncServiceBrowser | None = None
@@ -56,7 +59,7 @@ class MdnsDiscovery:
             f"potluck-{node_id[:12]}-{port}.{SERVICE_TYPE}",
             addresses=[socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)],
             port=port,
-            properties={"id": node_id, "model": config_hash},
+            properties={"swarm": self.swarm_tag} if self.swarm_tag else {"id": node_id, "model": config_hash},
         )
         await self._zc.async_register_service(self._info, allow_name_change=True)
 
@@ -70,6 +73,9 @@ class MdnsDiscovery:
         info = AsyncServiceInfo(service_type, name)
         if not await info.async_request(self._zc.zeroconf, 3000):
             return
+        tag = (info.properties.get(b"swarm") or b"").decode(errors="replace") or None
+        if tag != self.swarm_tag:
+            return  # another swarm's node: not ours to gossip with
         node_id = (info.properties.get(b"id") or b"").decode(errors="replace")
         for host in info.parsed_addresses():
             address = f"[{host}]:{info.port}" if ":" in host else f"{host}:{info.port}"

@@ -19,9 +19,11 @@ import grpc
 from node.rpc import codec
 from node.rpc.generated import potluck_pb2 as pb
 from node.rpc.generated import potluck_pb2_grpc as pb_grpc
+from node.rpc.security import PLAINTEXT, Security
 from node.swarm.identity import Identity
 from node.swarm.mdns import MdnsDiscovery
 from node.swarm.records import NodeState, PeerRecord, Registry, SignedRecord, renewed, sign_record
+from node.swarm.strikes import StrikeBook
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +55,14 @@ def gossip_targets(peers: list[str], bootstrap, fanout: int, own: set[str], rng:
 
 class Membership:
     def __init__(self, config: SwarmConfig, identity: Identity | None = None,
-                 stats: Callable[[], dict] | None = None, rng: random.Random | None = None):
+                 stats: Callable[[], dict] | None = None, rng: random.Random | None = None,
+                 security: Security = PLAINTEXT):
         self.config = config
+        self.security = security  # channels, call tokens and sealed records of a private swarm
         self.identity = identity
         self.stats = stats or dict  # live fields merged into each re-announcement (load, free cache)
         self.registry = Registry()
+        self.strikes = StrikeBook()  # clients' signed reports of nodes that returned wrong activations
         self.contacts: set[str] = set(config.bootstrap)  # addresses to pull from besides records
         self.own: PeerRecord | None = None
         self.bytes_sent = 0
@@ -72,7 +77,8 @@ class Membership:
     # -- life cycle -------------------------------------------------------------------------------
     async def start(self) -> None:
         if self.config.mdns:
-            self._mdns = MdnsDiscovery(self.config.mdns_interface, self._on_mdns)
+            swarm_tag = self.security.swarm_key.tag if self.security.private else None
+            self._mdns = MdnsDiscovery(self.config.mdns_interface, self._on_mdns, swarm_tag)
             await self._mdns.start()
         await self.pull_all()
 
@@ -137,19 +143,25 @@ class Membership:
 
     def handle(self, request: pb.GossipRequest) -> pb.GossipReply:
         """The servicer's side of an exchange: merge theirs, answer with ours."""
-        accepted, problems = self.registry.offer_many(codec.decode_records(request.records))
+        key = self.security.swarm_key
+        accepted, problems = self.registry.offer_many(codec.decode_records(request.records, key))
+        self.take_strikes(request.strikes)
         for problem in problems:
             log.debug("dropped a gossiped record: %s", problem)
         if accepted:
             self.changed.set()
-        return pb.GossipReply(records=codec.encode_records(self.registry.signed()))
+        return pb.GossipReply(records=codec.encode_records(self.registry.signed(), key),
+                              strikes=codec.encode_records(self.strikes.signed(), key))
 
     async def exchange(self, address: str, push: bool = True) -> bool:
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = grpc.aio.insecure_channel(address)
-        records = codec.encode_records(self.registry.signed()) if push else []
-        request = pb.GossipRequest(records=records)
+            await self.security.prefetch(address)
+            channel = self._channels[address] = self.security.channel(address)
+        key = self.security.swarm_key
+        records = codec.encode_records(self.registry.signed(), key) if push else []
+        strikes = codec.encode_records(self.strikes.signed(), key) if push else []
+        request = pb.GossipRequest(records=records, strikes=strikes)
         try:
             reply = await pb_grpc.PotluckStub(channel).Gossip(request, timeout=self.config.gossip_timeout)
         except grpc.aio.AioRpcError as error:
@@ -157,7 +169,8 @@ class Membership:
             return False
         self.bytes_sent += request.ByteSize()
         self.bytes_received += reply.ByteSize()
-        accepted, problems = self.registry.offer_many(codec.decode_records(reply.records))
+        accepted, problems = self.registry.offer_many(codec.decode_records(reply.records, key))
+        self.take_strikes(reply.strikes)
         for problem in problems:
             log.debug("dropped a record from %s: %s", address, problem)
         if accepted:
@@ -194,6 +207,14 @@ class Membership:
             except asyncio.TimeoutError:
                 await self.pull_all()
         return True
+
+    def take_strikes(self, messages) -> int:
+        """Keep the valid strikes among gossiped ones (node/swarm/strikes.py); returns how many were new."""
+        batch = messages[: 2 * self.strikes.limit]  # a book holds `limit`: more in one message is a flood
+        accepted, problems = self.strikes.offer_many(codec.decode_records(batch, self.security.swarm_key))
+        for problem in problems:
+            log.debug("dropped a strike: %s", problem)
+        return accepted
 
     def live(self, config_hash: str | None = None) -> list[PeerRecord]:
         return self.registry.live(model=config_hash)

@@ -185,13 +185,17 @@ class SignedRecord(_message.Message):
     def __init__(self, payload: _Optional[bytes] = ..., public_key: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class GossipRequest(_message.Message):
-    __slots__ = ("records",)
+    __slots__ = ("records", "strikes")
     RECORDS_FIELD_NUMBER: _ClassVar[int]
+    STRIKES_FIELD_NUMBER: _ClassVar[int]
     records: _containers.RepeatedCompositeFieldContainer[SignedRecord]
-    def __init__(self, records: _Optional[_Iterable[_Union[SignedRecord, _Mapping]]] = ...) -> None: ...
+    strikes: _containers.RepeatedCompositeFieldContainer[SignedRecord]
+    def __init__(self, records: _Optional[_Iterable[_Union[SignedRecord, _Mapping]]] = ..., strikes: _Optional[_Iterable[_Union[SignedRecord, _Mapping]]] = ...) -> None: ...
 
 class GossipReply(_message.Message):
-    __slots__ = ("records",)
+    __slots__ = ("records", "strikes")
     RECORDS_FIELD_NUMBER: _ClassVar[int]
+    STRIKES_FIELD_NUMBER: _ClassVar[int]
     records: _containers.RepeatedCompositeFieldContainer[SignedRecord]
-    def __init__(self, records: _Optional[_Iterable[_Union[SignedRecord, _Mapping]]] = ...) -> None: ...
+    strikes: _containers.RepeatedCompositeFieldContainer[SignedRecord]
+    def __init__(self, records: _Optional[_Iterable[_Union[SignedRecord, _Mapping]]] = ..., strikes: _Optional[_Iterable[_Union[SignedRecord, _Mapping]]] = ...) -> None: ...

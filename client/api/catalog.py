@@ -1,0 +1,104 @@
+"""Models the swarm serves that the API was not told about: found in the discovered records.
+
+`GET /v1/models` lists every model whose layers the swarm's ONLINE nodes cover completely. The
+client parts (embeddings, norm, head, tokenizer) of such a model are loaded on its first request,
+from `--models-dir/<model id>` when that folder exists, else from the Hugging Face hub (cache
+first; offline mode and tokens as huggingface_hub reads them)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from client.config import ClientConfig
+from node.rpc.security import load_security
+from node.swarm.membership import Membership, SwarmConfig
+from node.swarm.records import NodeState
+
+log = logging.getLogger(__name__)
+
+REFRESH_SECONDS = 2.0  # at most one pull from the swarm per this many seconds of listing
+
+
+@dataclass(frozen=True)
+class CoveredModel:
+    model_id: str       # what nodes announce: a hub id, or a local folder's name
+    config_hash: str
+    num_layers: int
+    nodes: int
+
+
+def covered_models(records) -> list[CoveredModel]:
+    """The models whose every layer some ONLINE record serves (pure: records in, models out)."""
+    by_model: dict[tuple[str, str], list] = {}
+    for record in records:
+        if record.state == NodeState.ONLINE:
+            by_model.setdefault((record.model_id, record.config_hash), []).append(record)
+    models = []
+    for (model_id, config_hash), group in by_model.items():
+        num_layers = group[0].num_layers
+        covered = [False] * num_layers
+        for record in group:
+            for layer in range(max(record.start, 0), min(record.end, num_layers)):
+                covered[layer] = True
+        if num_layers > 0 and all(covered):
+            models.append(CoveredModel(model_id, config_hash, num_layers, len(group)))
+    return sorted(models, key=lambda m: m.model_id)
+
+
+class SwarmCatalog:
+    """Watches the swarm's records (pull-only membership). Use it on the API server's event loop."""
+
+    def __init__(self, config: ClientConfig, models_dir: Path | None = None):
+        self.config = config
+        self.models_dir = models_dir
+        swarm = SwarmConfig(bootstrap=config.bootstrap, mdns=config.mdns, mdns_interface=config.mdns_interface)
+        security = load_security(config.swarm_key, config.tls, tls_ca=config.tls_ca,
+                                 server_name=config.tls_server_name)
+        self.membership = Membership(swarm, security=security)
+        self._started = False
+        self._pulled = 0.0
+
+    async def models(self) -> list[CoveredModel]:
+        if not self._started:
+            self._started = True
+            await self.membership.start()
+            self._pulled = time.monotonic()
+        elif time.monotonic() - self._pulled > REFRESH_SECONDS:
+            self._pulled = time.monotonic()
+            await self.membership.pull_all()
+        return covered_models(self.membership.live())
+
+    async def find(self, name: str) -> CoveredModel | None:
+        for model in await self.models():
+            if model.model_id == name:
+                return model
+        return None
+
+    def source(self, model_id: str) -> str:
+        """Where the client parts of `model_id` are read from: the models folder's copy, else the hub id."""
+        if self.models_dir is not None:
+            candidate = self.models_dir / model_id
+            if (candidate / "config.json").is_file():
+                return str(candidate)
+        return model_id
+
+    async def close(self) -> None:
+        if self._started:
+            await self.membership.close()
+
+
+async def load_tokenizer_for(model_id: str, source: str):
+    """The tokenizer of a discovered model, or a clear error naming what is missing."""
+    from client.textgen import load_tokenizer
+
+    try:
+        return await asyncio.to_thread(load_tokenizer, source)
+    except Exception as error:  # OSError, ValueError, hub errors: all mean "cannot load it here"
+        raise LookupError(
+            f"the swarm serves `{model_id}` but this API cannot load its tokenizer and client parts from "
+            f"{source!r} ({type(error).__name__}: {error}); give the model's folder with --models-dir or --model"
+        ) from None

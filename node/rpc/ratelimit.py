@@ -1,0 +1,56 @@
+"""Per-peer rate limits: a token bucket for each calling address (`potluck join --rate-limit`).
+
+Every request costs one token: a unary call (Info, Forward, Push, Gossip), an `open` or a `step` on an
+Inference stream. A pushed step is charged to the client that opened the session, not to the node that
+handed it over, so a chain's first hop does not use up the next hop's allowance."""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+from node.runtime.errors import Exhausted
+
+MAX_PEERS = 4096  # buckets kept (least recently seen dropped first: a dropped peer starts with a full bucket)
+
+
+def peer_host(peer: str) -> str:
+    """grpc's `context.peer()` ("ipv4:127.0.0.1:5123", "ipv6:[::1]:5123") -> the address without its port."""
+    kind, _, rest = peer.partition(":")
+    if kind not in ("ipv4", "ipv6") or ":" not in rest:
+        return peer  # unix sockets and the like: the whole string
+    host = rest.rsplit(":", 1)[0]
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
+
+class RateLimiter:
+    """`rate` requests a second per peer, in bursts of up to `burst` (default: two seconds' worth)."""
+
+    def __init__(self, rate: float, burst: float | None = None, max_peers: int = MAX_PEERS,
+                 clock: Callable[[], float] = time.monotonic):
+        if rate <= 0:
+            raise ValueError("a rate limit must be positive")
+        self.rate = rate
+        self.burst = burst if burst is not None else max(1.0, 2 * rate)
+        self.max_peers = max_peers
+        self.clock = clock
+        self.refused = 0  # requests refused so far (for tests and logs)
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # host -> (tokens, last refill)
+
+    def charge(self, host: str, what: str = "request") -> None:
+        """Take one token from `host`'s bucket; Exhausted (RESOURCE_EXHAUSTED) if it has none left."""
+        now = self.clock()
+        tokens, last = self._buckets.pop(host, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        if tokens < 1:
+            self._buckets[host] = (tokens, now)
+            self.refused += 1
+            raise Exhausted(f"{what} refused: {host} is over this node's rate limit of {self.rate:g} requests/s "
+                            f"(--rate-limit); slow down")
+        self._buckets[host] = (tokens - 1, now)  # most recently seen last
+        while len(self._buckets) > self.max_peers:
+            self._buckets.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._buckets)
