@@ -59,7 +59,12 @@ async def collect(config: SwarmConfig, wait: float, security=None) -> list[PeerR
         await membership.start()
         await asyncio.sleep(wait)  # mDNS answers and their pulls
         await membership.pull_all()
-        return membership.live()
+        records = membership.live()
+        if not records and membership.refused:
+            raise PermissionError(
+                f"{', '.join(sorted(membership.refused))} refused the call (UNAUTHENTICATED): a private swarm; "
+                "give its key with --swarm-key (and the same --tls as its nodes)")
+        return records
     finally:
         await membership.close()
 

@@ -435,6 +435,28 @@ def write_section(path: Path, section: str, mark_start: str = MARK_START, mark_e
 
 
 # -- command line ---------------------------------------------------------------------------------
+def local_model_folder(value: str, command: str) -> Path:
+    """--model of a benchmark: a local folder, or a clear error naming the command."""
+    model = Path(value).expanduser()
+    if not model.is_dir():
+        raise ValueError(f"--model {value}: not a folder ({command} needs a local model folder)")
+    return model
+
+
+def add_output_args(parser: argparse.ArgumentParser) -> None:
+    """--out and --log-level, as every benchmark has them."""
+    parser.add_argument("--out", default=None, help="markdown file to write the results into (default: print only)")
+    parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+def publish(section: str, out: str | None, mark_start: str, mark_end: str) -> None:
+    """Write a benchmark's section into `out` (replacing its previous one) and print it."""
+    if out:
+        write_section(Path(out), section, mark_start, mark_end)
+        Console(stderr=True).print(f"wrote {out}")
+    print(section)
+
+
 def add_bench_parser(commands) -> None:
     bench = commands.add_parser("bench", help="benchmark local transformers vs a local swarm, same run")
     bench.add_argument("--model", required=True, help="model folder (config.json + safetensors)")

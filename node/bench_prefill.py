@@ -101,25 +101,21 @@ def render_markdown(rows: list[PrefillRow], tokens: int, command: str) -> str:
 
 
 def add_prefill_bench_parser(commands) -> None:
+    from node.bench import add_output_args
+
     bench = commands.add_parser("bench-prefill", help="benchmark pipelined (chunked) prefill against one step")
     bench.add_argument("--model", required=True, help="model folder (config.json + safetensors)")
     bench.add_argument("--tokens", type=int, default=512, help="prompt length (default 512)")
     bench.add_argument("--rounds", type=int, default=3, help="rounds alternating between the clients (default 3)")
-    bench.add_argument("--out", default=None, help="markdown file to write the results into (default: print only)")
-    bench.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add_output_args(bench)
 
 
 def run_prefill_bench_cli(args: argparse.Namespace) -> None:
-    from node.bench import write_section
+    from node.bench import local_model_folder, publish
 
-    model = Path(args.model).expanduser()
-    if not model.is_dir():
-        raise ValueError(f"--model {args.model}: not a folder (bench-prefill needs a local model folder)")
+    model = local_model_folder(args.model, "bench-prefill")
     if args.tokens < 16 or args.rounds < 1:
         raise ValueError("need --tokens >= 16 and --rounds >= 1")
     rows = run_prefill_bench(model, args.tokens, rounds=args.rounds)
     section = render_markdown(rows, args.tokens, shlex.join(["potluck", *sys.argv[1:]]))
-    if args.out:
-        write_section(Path(args.out), section, MARK_START, MARK_END)
-        Console(stderr=True).print(f"wrote {args.out}")
-    print(section)
+    publish(section, args.out, MARK_START, MARK_END)

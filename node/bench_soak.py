@@ -243,28 +243,24 @@ def render_markdown(result: SoakResult) -> str:
 
 
 def add_soak_bench_parser(commands) -> None:
+    from node.bench import add_output_args
+
     bench = commands.add_parser("bench-soak", help="soak a 3-node swarm: concurrent clients, disconnects, a restart")
     bench.add_argument("--model", required=True, help="model folder (config.json + safetensors)")
     bench.add_argument("--clients", type=int, default=16, help="client threads (default 16)")
     bench.add_argument("--seconds", type=float, default=300.0, help="how long (default 300)")
     bench.add_argument("--new-tokens", type=int, default=12, help="tokens per answer (default 12)")
     bench.add_argument("--threads", type=int, default=0, help="torch threads per node (default: all cores)")
-    bench.add_argument("--out", default=None, help="markdown file to write the results into (default: print only)")
-    bench.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add_output_args(bench)
 
 
 def run_soak_bench_cli(args: argparse.Namespace) -> None:
-    from node.bench import write_section
+    from node.bench import local_model_folder, publish
 
-    model = Path(args.model).expanduser()
-    if not model.is_dir():
-        raise ValueError(f"--model {args.model}: not a folder (bench-soak needs a local model folder)")
+    model = local_model_folder(args.model, "bench-soak")
     if args.clients < 1 or args.seconds <= 0 or args.new_tokens < 2:
         raise ValueError("need --clients >= 1, --seconds > 0 and --new-tokens >= 2")
     settings = SoakSettings(model=model, clients=args.clients, seconds=args.seconds, new_tokens=args.new_tokens,
                             threads=args.threads, command=shlex.join(["potluck", *sys.argv[1:]]))
     section = render_markdown(run_soak(settings))
-    if args.out:
-        write_section(Path(args.out), section, MARK_START, MARK_END)
-        Console(stderr=True).print(f"wrote {args.out}")
-    print(section)
+    publish(section, args.out, MARK_START, MARK_END)

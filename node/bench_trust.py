@@ -127,28 +127,24 @@ def render_markdown(result: TrustResult) -> str:
 
 
 def add_trust_bench_parser(commands) -> None:
+    from node.bench import add_output_args
+
     bench = commands.add_parser("bench-trust", help="benchmark the cost of a swarm key and TLS on decode speed")
     bench.add_argument("--model", required=True, help="model folder (config.json + safetensors)")
     bench.add_argument("--nodes", type=int, default=3, help="nodes per chain (default 3)")
     bench.add_argument("--new-tokens", type=int, default=32, help="greedy tokens per measurement (default 32)")
     bench.add_argument("--rounds", type=int, default=3, help="rounds alternating between the chains (default 3)")
     bench.add_argument("--threads", type=int, default=0, help="torch threads per node (default: all cores)")
-    bench.add_argument("--out", default=None, help="markdown file to write the results into (default: print only)")
-    bench.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add_output_args(bench)
 
 
 def run_trust_bench_cli(args: argparse.Namespace) -> None:
-    from node.bench import write_section
+    from node.bench import local_model_folder, publish
 
-    model = Path(args.model).expanduser()
-    if not model.is_dir():
-        raise ValueError(f"--model {args.model}: not a folder (bench-trust needs a local model folder)")
+    model = local_model_folder(args.model, "bench-trust")
     if args.nodes < 1 or args.new_tokens < 2 or args.rounds < 1:
         raise ValueError("need --nodes >= 1, --new-tokens >= 2 and --rounds >= 1")
     result = run_trust_bench(model, args.nodes, args.new_tokens, args.rounds, args.threads,
                              command=shlex.join(["potluck", *sys.argv[1:]]))
     section = render_markdown(result)
-    if args.out:
-        write_section(Path(args.out), section, MARK_START, MARK_END)
-        Console(stderr=True).print(f"wrote {args.out}")
-    print(section)
+    publish(section, args.out, MARK_START, MARK_END)

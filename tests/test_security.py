@@ -14,14 +14,12 @@ from transformers import AutoModelForCausalLM
 from client.model import DistributedModelForCausalLM
 from client.transport import PeerError
 from node.latency_proxy import LatencyProxy
-from node.rpc import codec
 from node.rpc.generated import potluck_pb2 as pb
 from node.rpc.generated import potluck_pb2_grpc as pb_grpc
 from node.rpc.security import (
     AUTH_METADATA, Security, SecurityError, SwarmKey, TokenChecker, endorsed_certificate, endorser,
 )
 from node.swarm.identity import load_identity
-from node.swarm.records import node_id_of
 
 INFO = "/potluck.v1.Potluck/Info"
 
@@ -107,6 +105,18 @@ def test_calls_without_the_key_learn_nothing(private_swarm):
     with _sync_channel(nodes[0], tls_only) as channel:  # health probes (k8s, docker) need no key
         reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_status_says_a_key_is_needed_and_lists_the_swarm_with_it(private_swarm):
+    from client.status import collect
+    from node.swarm.membership import SwarmConfig
+
+    folder, key_file, nodes = private_swarm
+    config = SwarmConfig(bootstrap=(nodes[0].address,), mdns=False)
+    with pytest.raises(PermissionError, match="UNAUTHENTICATED.*--swarm-key"):
+        asyncio.run(collect(config, 0.1, Security(tls="auto")))
+    records = asyncio.run(collect(config, 0.1, Security(swarm_key=SwarmKey.load(key_file), tls="auto")))
+    assert nodes[0].identity.node_id in {r.node_id for r in records}
 
 
 def test_a_member_token_works_once(private_swarm):

@@ -67,6 +67,7 @@ class Membership:
         self.own: PeerRecord | None = None
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.refused: set[str] = set()  # addresses that refused our calls as UNAUTHENTICATED (private swarms)
         self._rng = rng or random.Random()
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._mdns: MdnsDiscovery | None = None
@@ -166,6 +167,8 @@ class Membership:
             reply = await pb_grpc.PotluckStub(channel).Gossip(request, timeout=self.config.gossip_timeout)
         except grpc.aio.AioRpcError as error:
             log.debug("gossip with %s failed: %s", address, error.code())
+            if error.code() == grpc.StatusCode.UNAUTHENTICATED:
+                self.refused.add(address)  # a private swarm's node, and we lack (or have another) key
             return False
         self.bytes_sent += request.ByteSize()
         self.bytes_received += reply.ByteSize()
