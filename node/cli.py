@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     from client.api import add_api_parser
 
     add_api_parser(commands)
+    from node.doctor import add_doctor_parser
+
+    add_doctor_parser(commands)
     return parser
 
 
@@ -445,6 +448,9 @@ def main(argv: list[str] | None = None) -> int:
     from client.api import run_api_cli
 
     handlers["api"] = handlers["dashboard"] = run_api_cli
+    from node.doctor import run_doctor_cli
+
+    handlers["doctor"] = run_doctor_cli
     from client.routing import MissingLayersError
     from client.transport import PeerError
     from client.verify import VerificationError

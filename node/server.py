@@ -32,6 +32,7 @@ from node.model.fast_linear import transpose_linears
 from node.rpc.codec import MAX_MESSAGE_BYTES
 from node.rpc.generated import potluck_pb2 as pb
 from node.rpc.handlers import add_service
+from node.rpc.probe import Prober
 from node.rpc.push import Pusher
 from node.rpc.security import Security, load_security
 from node.rpc.ratelimit import RateLimiter
@@ -314,6 +315,7 @@ async def start_node(config: NodeConfig) -> RunningNode:
     limiter = RateLimiter(config.rate_limit) if config.rate_limit else None
     servicer = PotluckServicer(serving, node_identity, membership, metrics, limiter=limiter)
     servicer.pusher = Pusher(security=security)
+    servicer.prober = Prober(security=security)  # Probe dials as this node does (TLS, swarm key)
     # registered from the descriptors: request bytes that do not parse get INVALID_ARGUMENT (node/rpc/handlers.py)
     add_service(server, pb.DESCRIPTOR.services_by_name["Potluck"], servicer, metrics.error if metrics else None)
     health_servicer = health.aio.HealthServicer()

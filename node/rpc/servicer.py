@@ -15,6 +15,7 @@ from node.rpc import codec
 from node.rpc.generated import potluck_pb2 as pb
 from node.rpc.generated import potluck_pb2_grpc as pb_grpc
 from node.rpc import push
+from node.rpc.probe import Prober
 from node.rpc.checks import check_gossip, check_id, check_push_targets, details
 from node.rpc.ratelimit import RateLimiter, peer_host
 from node.runtime.errors import Exhausted, FailedPrecondition, InvalidRequest, NotFound, RequestError, Unavailable
@@ -78,6 +79,7 @@ class PotluckServicer(pb_grpc.PotluckServicer):
         self.push_enabled = True  # accept Push and forward steps that carry a push list (advertised in Info, Opened)
         self.pusher = push.Pusher()
         self._streams: dict[str, _Stream] = {}  # session id -> its open stream, for Push
+        self.prober = Prober()  # Probe: dials through the node's Security (set by start_node)
 
     def _executor(self) -> Executor:
         executor = self.serving.executor
@@ -301,6 +303,19 @@ class PotluckServicer(pb_grpc.PotluckServicer):
             return pb.PushReply()
         except Exception as error:
             await _abort(context, error, self.metrics)
+
+    async def Probe(self, request: pb.ProbeRequest, context) -> pb.ProbeReply:
+        """`potluck doctor`: does `address` answer a gRPC health check from here? (node/rpc/probe.py)"""
+        arrived = time.time()
+        try:
+            caller = peer_host(context.peer())
+            self._charge(caller, "Probe")
+            if not request.address:
+                return pb.ProbeReply(time=arrived)
+            reachable, detail = await self.prober.probe(request.address, caller)
+        except Exception as error:
+            await _abort(context, error, self.metrics)
+        return pb.ProbeReply(reachable=reachable, detail=detail, time=arrived)
 
     async def close(self) -> None:
         """Close the channels to push targets (after the server has stopped)."""

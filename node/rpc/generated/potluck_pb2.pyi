@@ -199,3 +199,19 @@ class GossipReply(_message.Message):
     records: _containers.RepeatedCompositeFieldContainer[SignedRecord]
     strikes: _containers.RepeatedCompositeFieldContainer[SignedRecord]
     def __init__(self, records: _Optional[_Iterable[_Union[SignedRecord, _Mapping]]] = ..., strikes: _Optional[_Iterable[_Union[SignedRecord, _Mapping]]] = ...) -> None: ...
+
+class ProbeRequest(_message.Message):
+    __slots__ = ("address",)
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    def __init__(self, address: _Optional[str] = ...) -> None: ...
+
+class ProbeReply(_message.Message):
+    __slots__ = ("reachable", "detail", "time")
+    REACHABLE_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    reachable: bool
+    detail: str
+    time: float
+    def __init__(self, reachable: _Optional[bool] = ..., detail: _Optional[str] = ..., time: _Optional[float] = ...) -> None: ...

@@ -59,6 +59,11 @@ class PotluckStub:
                 request_serializer=node_dot_rpc_dot_generated_dot_potluck__pb2.GossipRequest.SerializeToString,
                 response_deserializer=node_dot_rpc_dot_generated_dot_potluck__pb2.GossipReply.FromString,
                 _registered_method=True)
+        self.Probe = channel.unary_unary(
+                '/potluck.v1.Potluck/Probe',
+                request_serializer=node_dot_rpc_dot_generated_dot_potluck__pb2.ProbeRequest.SerializeToString,
+                response_deserializer=node_dot_rpc_dot_generated_dot_potluck__pb2.ProbeReply.FromString,
+                _registered_method=True)
 
 
 class PotluckServicer:
@@ -94,6 +99,12 @@ class PotluckServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Probe(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PotluckServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -121,6 +132,11 @@ def add_PotluckServicer_to_server(servicer, server):
                     servicer.Gossip,
                     request_deserializer=node_dot_rpc_dot_generated_dot_potluck__pb2.GossipRequest.FromString,
                     response_serializer=node_dot_rpc_dot_generated_dot_potluck__pb2.GossipReply.SerializeToString,
+            ),
+            'Probe': grpc.unary_unary_rpc_method_handler(
+                    servicer.Probe,
+                    request_deserializer=node_dot_rpc_dot_generated_dot_potluck__pb2.ProbeRequest.FromString,
+                    response_serializer=node_dot_rpc_dot_generated_dot_potluck__pb2.ProbeReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -258,6 +274,33 @@ class Potluck:
             '/potluck.v1.Potluck/Gossip',
             node_dot_rpc_dot_generated_dot_potluck__pb2.GossipRequest.SerializeToString,
             node_dot_rpc_dot_generated_dot_potluck__pb2.GossipReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Probe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/potluck.v1.Potluck/Probe',
+            node_dot_rpc_dot_generated_dot_potluck__pb2.ProbeRequest.SerializeToString,
+            node_dot_rpc_dot_generated_dot_potluck__pb2.ProbeReply.FromString,
             options,
             channel_credentials,
             insecure,
