@@ -36,6 +36,12 @@ class ClientConfig:
     tls_ca: str | None = None          # PEM roots for nodes' certificates (tls="ca")
     tls_server_name: str | None = None  # the name those certificates are issued to (default: the dialed host)
 
+    def security(self):
+        """The node.rpc.security.Security these trust fields describe (reads the key and CA files)."""
+        from node.rpc.security import load_security
+
+        return load_security(self.swarm_key, self.tls, tls_ca=self.tls_ca, tls_server_name=self.tls_server_name)
+
     def __post_init__(self) -> None:
         if self.wire_dtype not in WIRE_FORMATS:
             raise ValueError(f"wire_dtype {self.wire_dtype!r} is not one of {', '.join(WIRE_FORMATS)}")

@@ -22,7 +22,6 @@ from client.transport import LoopThread, Peer, PeerError
 from client.verify import Verifier
 from node.rpc import codec
 from node.rpc.generated import potluck_pb2 as pb
-from node.rpc.security import load_security
 from node.swarm.identity import Identity, ephemeral_identity
 from node.swarm.membership import Membership, SwarmConfig
 from node.swarm.records import NodeState, PeerRecord
@@ -55,8 +54,7 @@ class SwarmClient:
         self._rng = random.Random()
         self.bans = BanList(base=config.ban_seconds)
         self.membership: Membership | None = None
-        self.security = load_security(config.swarm_key, config.tls, tls_ca=config.tls_ca,
-                                      server_name=config.tls_server_name)
+        self.security = config.security()
         # Nodes this client caught returning wrong activations (client/verify.py) are never used again;
         # strikes (clients' signed reports of such nodes, pulled with gossip) make routing avoid nodes.
         self.liars: set[str] = set()  # addresses and node ids

@@ -245,7 +245,7 @@ def add_trust_args(parser: argparse.ArgumentParser, serving: bool = False) -> No
 
 
 def trust_options(args: argparse.Namespace) -> dict:
-    """The trust flags as keyword arguments (ClientConfig / NodeConfig field names)."""
+    """The trust flags as keyword arguments (ClientConfig / NodeConfig field names, and load_security's)."""
     options = {"swarm_key": args.swarm_key, "tls": args.tls, "tls_ca": args.tls_ca,
                "tls_server_name": args.tls_server_name}
     if getattr(args, "tls_cert", None) or getattr(args, "tls_key", None):
@@ -351,12 +351,9 @@ def _generate(args: argparse.Namespace) -> None:
 def _client_config(args: argparse.Namespace, peers: list[str]):
     from client.config import ClientConfig
 
-    options = trust_options(args)
     return ClientConfig(peers=tuple(peers), bootstrap=bootstrap_list(args.bootstrap), mdns=not args.no_mdns,
                         mdns_interface=args.mdns_interface, wire_dtype=args.wire_dtype, push=not args.no_push,
-                        swarm_key=options["swarm_key"], tls=options["tls"], tls_ca=options["tls_ca"],
-                        tls_server_name=options["tls_server_name"], prefill_chunk=args.prefill_chunk,
-                        **verify_options(args))
+                        prefill_chunk=args.prefill_chunk, **trust_options(args), **verify_options(args))
 
 
 def _swarm_key(args: argparse.Namespace) -> None:
@@ -381,8 +378,7 @@ def _status(args: argparse.Namespace) -> None:
     config = SwarmConfig(bootstrap=bootstrap, mdns=not args.no_mdns, mdns_interface=args.mdns_interface)
     from node.rpc.security import load_security
 
-    trust = trust_options(args)
-    security = load_security(trust["swarm_key"], trust["tls"], tls_ca=trust["tls_ca"], server_name=trust["tls_server_name"])
+    security = load_security(**trust_options(args))
     views = group_by_model(asyncio.run(collect(config, args.wait, security)))
     if args.json:
         print(json.dumps(as_json(views), indent=1))

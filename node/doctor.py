@@ -381,9 +381,7 @@ def run_doctor_cli(args: argparse.Namespace) -> None:
             check_address(args.announce, "--announce")
         except InvalidRequest as error:
             raise ConfigError(error.message) from None
-    trust = trust_options(args)
-    security = load_security(trust["swarm_key"], trust["tls"], trust.get("tls_cert"), trust.get("tls_key"),
-                             trust["tls_ca"], trust["tls_server_name"])
+    security = load_security(**trust_options(args))
     options = DoctorOptions(model=args.model, need=parse_size(args.need, "--need") if args.need else None,
                             cache_dir=args.cache_dir, device=args.device, bootstrap=bootstrap_list(args.bootstrap),
                             announce=args.announce, host=args.host, port=args.port, timeout=args.timeout)

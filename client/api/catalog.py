@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from client.config import ClientConfig
-from node.rpc.security import load_security
 from node.swarm.membership import Membership, SwarmConfig
 from node.swarm.records import NodeState
 
@@ -56,9 +55,7 @@ class SwarmCatalog:
         self.config = config
         self.models_dir = models_dir
         swarm = SwarmConfig(bootstrap=config.bootstrap, mdns=config.mdns, mdns_interface=config.mdns_interface)
-        security = load_security(config.swarm_key, config.tls, tls_ca=config.tls_ca,
-                                 server_name=config.tls_server_name)
-        self.membership = Membership(swarm, security=security)
+        self.membership = Membership(swarm, security=config.security())
         self._started = False
         self._pulled = 0.0
 

@@ -104,11 +104,9 @@ def run_api_cli(args: argparse.Namespace) -> None:
     if args.default_max_tokens < 1:
         raise ValueError("--default-max-tokens must be at least 1")
     peers = tuple(p.strip() for p in (args.peers or "").split(",") if p.strip())
-    trust = trust_options(args)
     config = ClientConfig(peers=peers, bootstrap=bootstrap_list(args.bootstrap), mdns=not args.no_mdns,
                           mdns_interface=args.mdns_interface, wire_dtype=args.wire_dtype,
-                          swarm_key=trust["swarm_key"], tls=trust["tls"], tls_ca=trust["tls_ca"],
-                          tls_server_name=trust["tls_server_name"], **verify_options(args))
+                          **trust_options(args), **verify_options(args))
     if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"potluck api: warning: listening on {args.host} without --api-key", file=sys.stderr)
     if not args.model and peers:

@@ -6,6 +6,7 @@ so plaintext, private and encrypted swarms share all other code."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import functools
 import hashlib
@@ -13,11 +14,12 @@ import hmac
 import logging
 import os
 import secrets
+import socket
 import ssl
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import grpc
@@ -323,8 +325,6 @@ def fetch_certificate(address: str, timeout: float = 3.0) -> bytes:
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     context.set_alpn_protocols(["h2"])
-    import socket
-
     with socket.create_connection((host, port), timeout=timeout) as raw, context.wrap_socket(raw) as tls:
         der = tls.getpeercert(binary_form=True)
     return ssl.DER_cert_to_PEM_cert(der).encode()
@@ -344,7 +344,7 @@ class Security:
     ca_pem: bytes | None = None              # tls="ca": trusted roots for dialing
     server_name: str | None = None           # tls="ca": the name certificates are checked for (default: host)
     certificate: ServerCertificate | None = None  # a node's own (tls="ca": from files; "auto": made at start)
-    _pins: dict = field(default_factory=dict, compare=False, repr=False)  # address -> pinned certificate PEM
+    _pins: dict = field(default_factory=dict, compare=False, repr=False)  # address -> (certificate PEM, endorser)
 
     def __post_init__(self) -> None:
         if self.tls not in ("off", "auto", "ca"):
@@ -365,64 +365,50 @@ class Security:
         """A channel to `address` with this process's protection (auto TLS: the first dial of an address
         reads its certificate, see `prefetch`)."""
         interceptors = _client_interceptors(self.swarm_key) if self.swarm_key is not None else None
-        options = list(options)
         if self.tls == "off":
-            return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
-        if self.tls == "ca":
-            roots = self.ca_pem or self.certificate.cert_pem
-            if self.server_name:
-                options.append(("grpc.ssl_target_name_override", self.server_name))
-        else:
-            roots = self._pinned(address)
-            options.append(("grpc.ssl_target_name_override", TLS_NAME))
-        credentials = grpc.ssl_channel_credentials(root_certificates=roots)
-        return grpc.aio.secure_channel(address, credentials, options=options, interceptors=interceptors)
+            return grpc.aio.insecure_channel(address, options=list(options), interceptors=interceptors)
+        credentials, extra = self._tls_target(address)
+        return grpc.aio.secure_channel(address, credentials, options=list(options) + extra, interceptors=interceptors)
 
     def sync_channel(self, address: str, options=()) -> grpc.Channel:
         """A blocking channel (tools and tests); the swarm token is added per call with `call_metadata`."""
         if self.tls == "off":
             return grpc.insecure_channel(address, options=list(options))
-        roots = self.ca_pem or (self.certificate.cert_pem if self.certificate else None)
-        name = self.server_name
+        credentials, extra = self._tls_target(address)
+        return grpc.secure_channel(address, credentials, options=list(options) + extra)
+
+    def _tls_target(self, address: str) -> tuple[grpc.ChannelCredentials, list[tuple[str, str]]]:
+        """What a TLS dial of `address` trusts, and the name it checks the certificate for."""
         if self.tls == "auto":
             roots, name = self._pinned(address), TLS_NAME
+        else:
+            roots, name = self.ca_pem or self.certificate.cert_pem, self.server_name
         extra = [("grpc.ssl_target_name_override", name)] if name else []
-        return grpc.secure_channel(address, grpc.ssl_channel_credentials(roots), options=list(options) + extra)
+        return grpc.ssl_channel_credentials(root_certificates=roots), extra
 
     def call_metadata(self, method: str) -> tuple[tuple[str, str], ...]:
         return ((AUTH_METADATA, self.swarm_key.token(method)),) if self.swarm_key is not None else ()
 
     def _pinned(self, address: str) -> bytes:
-        pem = self._pins.get(address)
-        if pem is None:
+        if address not in self._pins:
             try:
                 pem = fetch_certificate(address)
-                endorser(pem)  # an automatic certificate, endorsed by some identity (Info names which)
+                node = endorser(pem)  # an automatic certificate, endorsed by some identity (Info names which)
             except (OSError, SecurityError) as error:
                 log.info("no usable certificate from %s: %s", address, error)
-                return self._unusable_root()  # calls fail with UNAVAILABLE, as for an unreachable node
-            self._pins[address] = pem
-        return pem
+                return _unusable_root()  # calls fail with UNAVAILABLE, as for an unreachable node
+            self._pins[address] = (pem, node)
+        return self._pins[address][0]
 
     async def prefetch(self, address: str) -> None:
         """Read (and pin) a node's automatic certificate off the event loop, before dialing it."""
         if self.tls == "auto" and address not in self._pins:
-            import asyncio
-
             await asyncio.to_thread(self._pinned, address)
 
     def pinned_node(self, address: str) -> str | None:
         """The node id the certificate pinned for `address` was endorsed by (auto TLS), else None."""
-        pem = self._pins.get(address)
-        return endorser(pem) if pem is not None else None
-
-    def forget(self, address: str) -> None:
-        """Drop a pin (the node at that address changed); the next dial reads the certificate again."""
-        self._pins.pop(address, None)
-
-    @staticmethod
-    def _unusable_root() -> bytes:
-        return _unusable_root()
+        pin = self._pins.get(address)
+        return pin[1] if pin is not None else None
 
     # -- serving ---------------------------------------------------------------------------------------
     def add_port(self, server: grpc.aio.Server, address: str) -> int:
@@ -440,8 +426,6 @@ class Security:
     def for_node(self, identity: Ed25519PrivateKey) -> "Security":
         """This choice completed for a node: auto TLS gets the node's endorsed certificate."""
         if self.tls == "auto" and self.certificate is None:
-            from dataclasses import replace
-
             return replace(self, certificate=endorsed_certificate(identity), _pins={})
         return self
 
@@ -461,7 +445,7 @@ PLAINTEXT = Security()
 
 
 def load_security(swarm_key: str | None = None, tls: str = "off", tls_cert: str | None = None,
-                  tls_key: str | None = None, tls_ca: str | None = None, server_name: str | None = None) -> Security:
+                  tls_key: str | None = None, tls_ca: str | None = None, tls_server_name: str | None = None) -> Security:
     """A Security from file names (the CLI's and NodeConfig's flags); SecurityError names what is wrong."""
     key = SwarmKey.load(swarm_key) if swarm_key else None
     if tls_cert or tls_key:
@@ -475,4 +459,4 @@ def load_security(swarm_key: str | None = None, tls: str = "off", tls_cert: str 
             ca_pem = Path(tls_ca).read_bytes()
         except OSError as error:
             raise SecurityError(f"--tls-ca {tls_ca}: {error.strerror or error}") from None
-    return Security(swarm_key=key, tls=tls, ca_pem=ca_pem, server_name=server_name, certificate=certificate)
+    return Security(swarm_key=key, tls=tls, ca_pem=ca_pem, server_name=tls_server_name, certificate=certificate)

@@ -107,13 +107,26 @@ def sign_record(record: PeerRecord, key: Ed25519PrivateKey) -> SignedRecord:
     return SignedRecord(payload=payload, public_key=public, signature=key.sign(payload))
 
 
-def _parse(payload: bytes) -> dict:
+def open_signed(signed: SignedRecord, max_bytes: int, kind: str = "record", error: type = RecordError) -> dict:
+    """The msgpack map inside a signed envelope (a record, a strike): signed, at most `max_bytes`, the
+    signature made by `signed.public_key`, a map of this protocol version; `error` says why not."""
+    if not signed.signature or not signed.public_key:
+        raise error(f"unsigned {kind}")
+    if len(signed.payload) > max_bytes:
+        raise error(f"{kind} of {len(signed.payload)} bytes exceeds {max_bytes}")
     try:
-        data = msgpack.unpackb(payload, raw=False, strict_map_key=True)
-    except Exception as error:  # msgpack raises several unrelated types on garbage
-        raise RecordError(f"malformed record: {error}") from None
+        Ed25519PublicKey.from_public_bytes(signed.public_key).verify(signed.signature, signed.payload)
+    except (InvalidSignature, ValueError):
+        raise error(f"forged {kind}: the signature does not match") from None
+    try:
+        data = msgpack.unpackb(signed.payload, raw=False, strict_map_key=True)
+    except Exception as failure:  # msgpack raises several unrelated types on garbage
+        raise error(f"malformed {kind}: {failure}") from None
     if not isinstance(data, dict):
-        raise RecordError("malformed record: not a map")
+        raise error(f"malformed {kind}: not a map")
+    version = data.get("protocol_version")
+    if version != PROTOCOL_VERSION:
+        raise error(f"{kind} speaks protocol version {version}, this node speaks {PROTOCOL_VERSION}")
     return data
 
 
@@ -150,19 +163,7 @@ def _validate(data: dict) -> PeerRecord:
 def verify_record(signed: SignedRecord, now: float | None = None) -> PeerRecord:
     """The record inside `signed`, or RecordError saying why it must be dropped."""
     now = time.time() if now is None else now
-    if not signed.signature or not signed.public_key:
-        raise RecordError("unsigned record")
-    if len(signed.payload) > MAX_PAYLOAD_BYTES:
-        raise RecordError(f"record of {len(signed.payload)} bytes exceeds {MAX_PAYLOAD_BYTES}")
-    try:
-        Ed25519PublicKey.from_public_bytes(signed.public_key).verify(signed.signature, signed.payload)
-    except (InvalidSignature, ValueError):
-        raise RecordError("forged record: the signature does not match") from None
-    data = _parse(signed.payload)
-    version = data.get("protocol_version")
-    if version != PROTOCOL_VERSION:
-        raise RecordError(f"record speaks protocol version {version}, this node speaks {PROTOCOL_VERSION}")
-    record = _validate(data)
+    record = _validate(open_signed(signed, MAX_PAYLOAD_BYTES))
     if record.node_id != node_id_of(signed.public_key):
         raise RecordError("forged record: node_id does not belong to the signing key")
     if record.expires_at <= now:

@@ -14,11 +14,10 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import msgpack
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from node.rpc.codec import PROTOCOL_VERSION
-from node.swarm.records import MAX_CLOCK_SKEW, RecordError, SignedRecord, node_id_of
+from node.swarm.records import MAX_CLOCK_SKEW, RecordError, SignedRecord, node_id_of, open_signed
 
 STRIKE_TTL = 3600.0       # seconds a strike counts
 MAX_STRIKE_BYTES = 1024   # a strike's payload, at most
@@ -74,22 +73,7 @@ def sign_strike(strike: Strike, key: Ed25519PrivateKey) -> SignedRecord:
 def verify_strike(signed: SignedRecord, now: float | None = None) -> Accusation:
     """The strike inside `signed` and its reporter, or StrikeError saying why it must be dropped."""
     now = time.time() if now is None else now
-    if not signed.signature or not signed.public_key:
-        raise StrikeError("unsigned strike")
-    if len(signed.payload) > MAX_STRIKE_BYTES:
-        raise StrikeError(f"strike of {len(signed.payload)} bytes exceeds {MAX_STRIKE_BYTES}")
-    try:
-        Ed25519PublicKey.from_public_bytes(signed.public_key).verify(signed.signature, signed.payload)
-    except (InvalidSignature, ValueError):
-        raise StrikeError("forged strike: the signature does not match") from None
-    try:
-        data = msgpack.unpackb(signed.payload, raw=False, strict_map_key=True)
-    except Exception as error:  # msgpack raises several unrelated types on garbage
-        raise StrikeError(f"malformed strike: {error}") from None
-    if not isinstance(data, dict):
-        raise StrikeError("malformed strike: not a map")
-    if data.get("protocol_version") != PROTOCOL_VERSION:
-        raise StrikeError(f"strike speaks protocol version {data.get('protocol_version')}")
+    data = open_signed(signed, MAX_STRIKE_BYTES, "strike", StrikeError)
     known = {}
     for name, types in _SCHEMA.items():
         value = data.get(name)
