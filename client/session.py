@@ -361,8 +361,7 @@ class InferenceSession:
             if result is None:
                 # The previous node did not hand its output on: send it ourselves (that recovers the hop if it
                 # is gone). Two nodes that cannot reach each other would cost this every token: back off.
-                self._push_backoff = min(max(2 * self._push_backoff, 1), 64)
-                self._push_pause = self._push_backoff
+                self._pause_push()
                 log.info("hop %s did not push step %d to %s; client-driven for %d steps",
                          self.hops[index - 1].peer.address, step_id, stream.peer.address, self._push_pause)
                 return index, message
@@ -407,8 +406,7 @@ class InferenceSession:
                 for c, chunk in enumerate(chunks):
                     result = await self._pushed_result(index, chunk.step_id, sent + budget)
                     if result is None:
-                        self._push_backoff = min(max(2 * self._push_backoff, 1), 64)
-                        self._push_pause = self._push_backoff
+                        self._pause_push()
                         raise _ChainBroken
                     stream.record(self._chunk_step(stream, chunk, outputs[stream.hop.start][c]), result)
                     outputs.setdefault(stream.hop.end, {})[c] = result.hidden
@@ -438,6 +436,12 @@ class InferenceSession:
         step = stream.make_step(hidden, chunk.pos, chunk.mask, chunk.step_id)
         step.position = chunk.position
         return step
+
+    def _pause_push(self) -> None:
+        """A node could not hand a step on: drive the next 1, 2, 4 ... 64 steps by hand (two nodes that cannot
+        reach each other would otherwise cost a notice every token)."""
+        self._push_backoff = min(max(2 * self._push_backoff, 1), 64)
+        self._push_pause = self._push_backoff
 
     async def _pushed_result(self, index: int, step_id: int, deadline: float) -> pb.StepResult | None:
         """Hop `index`'s result of pushed step `step_id` (by `deadline`, a perf_counter time), or None
