@@ -27,6 +27,7 @@ class Session:
     handler: object = None  # the asyncio task serving this session's stream (cancelled to evict it)
     evicted: str = ""  # why the node ended this session ("" while it is not evicted)
     wire: str = "float32"  # wire format of the hidden states (codec.FLOAT_WIRE_DTYPES); wire_dtype is what it decodes to
+    adapter: object = None  # node/model/lora.LoraAdapter every step of this session runs with; None = the base model
 
     @property
     def reserved_tokens(self) -> int:
@@ -34,19 +35,20 @@ class Session:
 
 
 def kv_bytes_per_token(config: PretrainedConfig, layers: int, dtype: torch.dtype) -> int:
-    """Estimated KV-cache bytes of one token over `layers` layers: keys + values x kv heads x head dim.
+    """Estimated KV-cache bytes of one token over `layers` layers, as transformers' cache holds them.
 
-    Multi-head latent attention (DeepSeek) caches per-head keys of qk_nope + qk_rope and values of
-    v_head_dim, as transformers' implementation does; sliding windows are not discounted."""
+    Most families: keys + values x kv heads x head dim. Multi-head latent attention (DeepSeek-V2/V3 and
+    their kin: a `kv_lora_rank`) caches the compressed latent of kv_lora_rank plus the rotary key of
+    qk_rope_head_dim, once for all heads, and expands keys/values per head only inside attention.
+    Sliding windows are not discounted."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    latent = getattr(config, "kv_lora_rank", None)
+    if latent:
+        return layers * (latent + config.qk_rope_head_dim) * itemsize
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    key_dim = value_dim = head_dim
-    if getattr(config, "qk_rope_head_dim", None) and getattr(config, "v_head_dim", None):
-        key_dim = config.qk_rope_head_dim + (getattr(config, "qk_nope_head_dim", 0) or 0)
-        value_dim = config.v_head_dim
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return layers * kv_heads * (key_dim + value_dim) * itemsize
+    return layers * kv_heads * 2 * head_dim * itemsize
 
 
 class SessionTable:
