@@ -22,8 +22,9 @@ $(STAMP): pyproject.toml
 $(MODEL_DIR)/config.json: $(STAMP)
 	$(VENV)/bin/potluck prepare-model --out $(MODEL_DIR)
 
-demo: install
-	$(VENV)/bin/potluck demo --model $(MODEL_DIR)
+# the demo serves the embedded GGUF file as it is (no converted copy needed)
+demo: $(STAMP)
+	$(VENV)/bin/potluck demo
 
 # The dashboard test drives headless Chromium: Debian's chromium + chromium-driver (installed if missing and possible).
 browser:
@@ -33,7 +34,7 @@ browser:
 	  echo "warning: install chromium and chromium-driver for tests/test_dashboard.py"
 
 test: install browser
-	POTLUCK_TEST_MODEL=$(MODEL_DIR) $(PY) -m pytest -q -ra
+	POTLUCK_TEST_MODEL=$(MODEL_DIR) $(PY) -m pytest -q -ra --durations=25
 
 bench: install
 	$(VENV)/bin/potluck bench --model $(MODEL_DIR) --out docs/benchmarks.md

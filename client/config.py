@@ -28,6 +28,10 @@ class ClientConfig:
     push: bool = True                  # nodes forward each step along the chain (k+1 trips a token, not 2k)
     prefill_chunk: int = 0             # with push: prompts of 2x this many tokens or more go down the chain in
                                        # chunks, pipelined across nodes (0 = off; at most 8 chunks)
+    accept_quant: str = "any"          # nodes whose weights may be quantised: any | int8 (int8 or none) | none
+                                       # (only exact, unquantised nodes); docs/quantization.md
+    adapter: str | None = None         # LoRA adapter the nodes apply (one they serve: `potluck join --adapter`);
+                                       # None = the base model. Routing uses only nodes that serve it
     verify: str = "off"                # recompute hops on other nodes: off | spot (some steps) | full (every step)
     verify_fraction: float = 0.25      # spot: the share of steps that trigger a check (client/verify.py)
     # -- trust (docs/reliability.md) ----------------------------------------------------------------
@@ -45,6 +49,10 @@ class ClientConfig:
     def __post_init__(self) -> None:
         if self.wire_dtype not in WIRE_FORMATS:
             raise ValueError(f"wire_dtype {self.wire_dtype!r} is not one of {', '.join(WIRE_FORMATS)}")
+        if self.accept_quant not in ("any", "int8", "none"):
+            raise ValueError(f"accept_quant {self.accept_quant!r} is not one of any, int8, none")
+        if self.adapter is not None and (not isinstance(self.adapter, str) or not 0 < len(self.adapter) <= 64):
+            raise ValueError(f"adapter {self.adapter!r}: give the name a node serves it under (1-64 characters)")
         if self.verify not in ("off", "spot", "full"):
             raise ValueError(f"verify {self.verify!r} is not one of off, spot, full")
         if not 0 < self.verify_fraction <= 1:

@@ -70,7 +70,7 @@ def perplexity(model, input_ids: torch.Tensor, window: int = 512, stride: int = 
 
 # -- potluck eval --------------------------------------------------------------------------------
 def add_eval_parser(commands) -> None:
-    from node.cli import _add_logging, _add_swarm_args, add_trust_args
+    from node.cli import _add_logging, _add_swarm_args, add_trust_args, add_verify_args
 
     parser = commands.add_parser("eval", help="perplexity of a text through the swarm (and, with --local, on this machine)")
     parser.add_argument("--model", required=True, help="model folder, .gguf file or hub id (the one the nodes serve)")
@@ -83,9 +83,12 @@ def add_eval_parser(commands) -> None:
                         help="also score with plain transformers on this machine and print the difference")
     parser.add_argument("--wire-dtype", default="float32", choices=["float32", "bfloat16", "float16", "int8"],
                         help="hidden states on the wire (default float32)")
+    parser.add_argument("--adapter", default=None, metavar="NAME",
+                        help="score with the LoRA adapter the nodes serve as NAME (the swarm side only)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     _add_swarm_args(parser)
     add_trust_args(parser)
+    add_verify_args(parser)
     _add_logging(parser)
 
 
@@ -107,7 +110,7 @@ def run_eval_cli(args: argparse.Namespace) -> None:
     from client.config import ClientConfig
     from client.model import DistributedModelForCausalLM
     from client.textgen import load_tokenizer
-    from node.cli import ConfigError, bootstrap_list, trust_options
+    from node.cli import ConfigError, bootstrap_list, trust_options, verify_options
     from node.progress import progress_bar
 
     try:
@@ -125,7 +128,8 @@ def run_eval_cli(args: argparse.Namespace) -> None:
         raise ConfigError(str(error)) from None
     peers = tuple(p.strip() for p in (args.peers or "").split(",") if p.strip())
     config = ClientConfig(peers=peers, bootstrap=bootstrap_list(args.bootstrap), mdns=not args.no_mdns,
-                          mdns_interface=args.mdns_interface, wire_dtype=args.wire_dtype, **trust_options(args))
+                          mdns_interface=args.mdns_interface, wire_dtype=args.wire_dtype, adapter=args.adapter,
+                          **trust_options(args), **verify_options(args))
     results = {}
     windows = len(window_starts(ids.numel(), args.window, args.stride))
     model = DistributedModelForCausalLM.from_pretrained(args.model, config=config)

@@ -7,6 +7,7 @@ caches kept on the nodes of an inference session."""
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -32,14 +33,15 @@ class RemoteCache:
     is_compileable = False
     is_linear = (False,)
 
-    def __init__(self, session: SyncSession):
+    def __init__(self, session: SyncSession, offset: int = 0):
         self.session = session
+        self.offset = offset  # tokens of a trained prompt (ptune) the session holds before the input's
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.session.position
+        return max(self.session.position - self.offset, 0)
 
     def get_max_cache_shape(self, layer_idx: int = 0) -> int:
-        return self.session.max_length
+        return self.session.max_length - self.offset
 
 
 class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
@@ -79,7 +81,10 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         swarm_key: str | None = None,
         tls: str = "off",
         tls_ca: str | None = None,
+        adapter: str | None = None,
         config: ClientConfig | None = None,
+        tuning: str | None = None,
+        num_prompt_tokens: int = 16,
     ) -> "DistributedModelForCausalLM":
         """Load the client's parts of `model` and find the nodes serving the rest.
 
@@ -87,10 +92,15 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         `bootstrap` nodes and/or mDNS (on `mdns_interface`). With `push` (the default), nodes forward
         each step along the chain themselves; `push=False` sends every hop its step from the client.
         A private swarm needs its `swarm_key` file; `tls="auto"` (or `"ca"` with `tls_ca`) encrypts every hop.
-        `verify="spot"` or `"full"` recomputes hops on other nodes and bans nodes caught lying (client/verify.py)."""
+        `verify="spot"` or `"full"` recomputes hops on other nodes and bans nodes caught lying (client/verify.py).
+        `adapter="NAME"` runs every layer with the LoRA adapter the nodes serve under NAME (routing then uses
+        only nodes that have it); None, the default, is the base model.
+        `tuning="ptune"` adds a trainable soft prompt of `num_prompt_tokens` embeddings before every input;
+        `"deep_ptune"` also trainable prompts added at every layer's input (docs/finetune.md)."""
         config = config or ClientConfig(
             peers=tuple(peers), bootstrap=tuple(bootstrap), mdns=mdns, mdns_interface=mdns_interface, device=device,
             dtype=dtype, wire_dtype=wire_dtype, push=push, swarm_key=swarm_key, tls=tls, tls_ca=tls_ca, verify=verify,
+            adapter=adapter,
         )
         files = ModelFiles.open(model, revision=revision)
         parts = load_client_parts(files, resolve_device(config.device), parse_dtype(config.dtype))
@@ -107,11 +117,63 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             head = TransposedLinear.from_linear(head)  # ~2x faster one-token logits on CPU
         instance = cls(parts.config, parts.embed_tokens, parts.norm, head, swarm)
         instance.name_or_path = files.model_id
+        if tuning is not None:
+            instance.add_prompts(tuning, num_prompt_tokens)
         try:
             instance.generation_config = GenerationConfig.from_pretrained(files.root)
         except OSError:
             instance.generation_config = GenerationConfig.from_model_config(parts.config)
         return instance.eval()
+
+    def with_adapter(self, adapter: str | None) -> "DistributedModelForCausalLM":
+        """This model with another LoRA adapter (None: the base model): the client's weights are shared, the
+        swarm client is its own (routing only through nodes serving `adapter`). MissingLayersError if no chain
+        of such nodes covers the model. Close it like any model."""
+        swarm = SwarmClient(replace(self.swarm.config, adapter=adapter), self.swarm.num_layers, self.swarm.hidden_size,
+                            self.swarm.config_hash)
+        try:
+            swarm.route()
+        except BaseException:
+            swarm.close()
+            raise
+        instance = type(self)(self.config, self.embed_tokens, self.norm, self.lm_head, swarm)
+        instance.name_or_path = self.name_or_path
+        instance.generation_config = self.generation_config
+        return instance.eval()
+
+    # -- prompt tuning (docs/finetune.md) -----------------------------------------------------------
+    tuning: str | None = None  # None, "ptune" or "deep_ptune"
+
+    def add_prompts(self, tuning: str, num_prompt_tokens: int = 16) -> None:
+        """Trainable prompts on the client: `prompt_embeddings` [num_prompt_tokens, hidden] before every input
+        ("ptune"), and with "deep_ptune" also `intermediate_prompts` [num_layers, num_prompt_tokens, hidden]
+        added to those positions at every layer's input on the nodes (zeros at first, as in Petals)."""
+        if tuning not in ("ptune", "deep_ptune"):
+            raise ValueError(f"tuning must be 'ptune' or 'deep_ptune', got {tuning!r}")
+        if num_prompt_tokens < 1:
+            raise ValueError(f"num_prompt_tokens must be at least 1, got {num_prompt_tokens}")
+        weight = self.embed_tokens.weight
+        hidden, std = self.config.hidden_size, getattr(self.config, "initializer_range", 0.02)
+        self.tuning = tuning
+        self.prompt_embeddings = nn.Parameter(torch.randn(num_prompt_tokens, hidden, device=weight.device) * std)
+        if tuning == "deep_ptune":
+            self.intermediate_prompts = nn.Parameter(
+                torch.zeros(self.config.num_hidden_layers, num_prompt_tokens, hidden, device=weight.device))
+
+    def _prepend_prompts(self, inputs_embeds, attention_mask, position_ids):
+        """The inputs with the soft prompt in front (mask and position ids extended), and the deep prompts."""
+        batch, count = inputs_embeds.shape[0], self.prompt_embeddings.shape[0]
+        prompt = self.prompt_embeddings.to(inputs_embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
+        inputs_embeds = torch.cat([prompt, inputs_embeds], dim=1)
+        if attention_mask is not None:
+            attention_mask = torch.cat([attention_mask.new_ones(batch, count), attention_mask], dim=1)
+        if position_ids is not None:
+            ahead = torch.arange(count, device=position_ids.device).expand(batch, count)
+            position_ids = torch.cat([ahead, position_ids + count], dim=1)
+        deep = None
+        if self.tuning == "deep_ptune":
+            deep = self.intermediate_prompts.to(inputs_embeds.dtype).unsqueeze(1).expand(-1, batch, -1, -1)
+        return inputs_embeds, attention_mask, position_ids, deep
 
     # -- transformers plumbing --------------------------------------------------------------------
     def get_input_embeddings(self) -> nn.Module:
@@ -150,6 +212,19 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
+        deep, prompted = None, False
+        if self.tuning is not None:
+            if cache is not None and self.tuning != "ptune":
+                raise NotImplementedError("generation with deep prompts is not supported yet (docs/finetune.md)")
+            if cache is None or cache.session.position == 0:  # a pass, or a session's first step: prompt first
+                inputs_embeds, attention_mask, position_ids, deep = self._prepend_prompts(inputs_embeds, attention_mask,
+                                                                                          position_ids)
+                prompted = True
+            else:  # later steps of a session that holds the prompt: positions and mask count it
+                count = self.prompt_embeddings.shape[0]
+                position_ids = position_ids + count if position_ids is not None else None
+                if attention_mask is not None:
+                    attention_mask = torch.cat([attention_mask.new_ones(attention_mask.shape[0], count), attention_mask], 1)
         tokens = inputs_embeds.shape[1]
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None  # no padding: nothing to send (the nodes assume all ones)
@@ -159,7 +234,13 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         else:
             if attention_mask is not None and attention_mask.shape[1] != tokens:
                 raise ValueError("without a cache, attention_mask must cover exactly the given tokens")
-            hidden = self.swarm.forward(inputs_embeds, position_ids, attention_mask)
+            if deep is not None or (torch.is_grad_enabled() and inputs_embeds.requires_grad):
+                # training (or deep prompts): differentiable hop by hop (client/training.py); inference keeps the plain pass
+                hidden = self.swarm.train_forward(inputs_embeds, position_ids, attention_mask, deep)
+            else:
+                hidden = self.swarm.forward(inputs_embeds, position_ids, attention_mask)
+        if prompted:
+            hidden = hidden[:, self.prompt_embeddings.shape[0] :]  # outputs at the prompt's positions are not the model's
         hidden = hidden.to(device=inputs_embeds.device, dtype=self.norm.weight.dtype)
         hidden = self.norm(hidden)
         keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
@@ -184,13 +265,14 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError("pass the prompt as input_ids (or inputs_embeds)")
         max_new = kwargs.get("max_new_tokens", config.max_new_tokens)
         max_length = prompt.shape[1] + max_new if max_new is not None else kwargs.get("max_length", config.max_length)
+        offset = self.prompt_embeddings.shape[0] if self.tuning is not None else 0  # ptune: the session holds the prompt
         if self.swarm.config.verify == "off":
-            with self.inference_session(max_length=max_length) as session:
+            with self.inference_session(max_length=max_length + offset) as session:
                 self.last_session = session  # its .route and .events (failovers) stay readable after generate
-                return super().generate(inputs, generation_config, cache=RemoteCache(session), **kwargs)
-        return self._verified_generate(inputs, generation_config, max_length, **kwargs)
+                return super().generate(inputs, generation_config, cache=RemoteCache(session, offset), **kwargs)
+        return self._verified_generate(inputs, generation_config, max_length, offset, **kwargs)
 
-    def _verified_generate(self, inputs, generation_config, max_length: int, **kwargs):
+    def _verified_generate(self, inputs, generation_config, max_length: int, offset: int = 0, **kwargs):
         """generate, verifying the nodes' outputs (client/verify.py). A node caught lying in a step whose
         output was already used is banned and the generation starts again from the same random state; a
         streamer sees the tokens it already got only once, or VerificationError if they turn out wrong."""
@@ -198,10 +280,10 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         guard = _RestartGuard(streamer) if streamer is not None else None
         states = _rng_states(self.device)
         for attempt in range(MAX_RESTARTS + 1):
-            with self.inference_session(max_length=max_length) as session:
+            with self.inference_session(max_length=max_length + offset) as session:
                 self.last_session = session
                 try:
-                    output = super().generate(inputs, generation_config, cache=RemoteCache(session), streamer=guard,
+                    output = super().generate(inputs, generation_config, cache=RemoteCache(session, offset), streamer=guard,
                                               **kwargs)
                     session.settle()  # spot mode: the steps after the last check
                 except VerificationRestart as error:

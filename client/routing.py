@@ -34,6 +34,7 @@ class PeerInfo:
     hidden_size: int = 0
     dtype: str = ""
     device: str = ""
+    quant: str = "none"      # weight quantisation of the node's span: none | int8 | nf4 (node/model/quant.py)
     max_length: int = 0
     free_cache_tokens: int = 0
     node_id: str = ""
@@ -42,6 +43,7 @@ class PeerInfo:
     load: float = 0.0        # open sessions
     state: str = "ONLINE"
     started_at: float = 0.0  # when the node started (0 = unknown)
+    adapters: tuple[str, ...] = ()  # LoRA adapters the node serves (node/model/lora.py)
 
     @property
     def layer_seconds(self) -> float | None:
@@ -49,6 +51,16 @@ class PeerInfo:
         if self.throughput <= 0:
             return None
         return 1.0 / (self.throughput * (self.end - self.start))
+
+
+# Which nodes' weight quantisation a client accepts (ClientConfig.accept_quant), from strictest to loosest.
+ACCEPT_QUANT = {"none": ("none",), "int8": ("none", "int8"), "any": None}
+
+
+def accepts_quant(quant: str, accept: str) -> bool:
+    """Whether a node quantised as `quant` may serve a client that accepts `accept` (none | int8 | any)."""
+    allowed = ACCEPT_QUANT[accept]
+    return allowed is None or (quant or "none") in allowed
 
 
 @dataclass(frozen=True)

@@ -66,8 +66,10 @@ class RecoveryEvent:
 class HopStream:
     """The stream to one hop's node for one session."""
 
-    def __init__(self, peer: Peer, hop: Hop, session_id: str, max_length: int, batch_size: int, wire_dtype: str):
+    def __init__(self, peer: Peer, hop: Hop, session_id: str, max_length: int, batch_size: int, wire_dtype: str,
+                 adapter: str | None = None):
         self.peer = peer
+        self.adapter = adapter  # the LoRA adapter the node runs this session with (None: the base model)
         self.hop = hop
         self.session_id = session_id
         self.max_length = max_length
@@ -88,6 +90,7 @@ class HopStream:
             open=pb.OpenSession(
                 session_id=self.session_id, start=self.hop.start, end=self.hop.end, max_length=self.max_length,
                 batch_size=self.batch_size, wire_dtype=self.wire_dtype,
+                metadata=codec.pack_metadata({"adapter": self.adapter}) if self.adapter else b"",
             )
         )
         opened = await self._guarded(self._exchange(request, "opened"), timeout)
@@ -257,8 +260,10 @@ class InferenceSession:
     """Steps hidden states through every hop in order; opened lazily on the first step."""
 
     def __init__(self, router: Router, route: list[Hop], max_length: int, wire_dtype: str, session_timeout: float,
-                 max_failovers: int = 20, push: bool = True, verifier=None, prefill_chunk: int = 0):
+                 max_failovers: int = 20, push: bool = True, verifier=None, prefill_chunk: int = 0,
+                 adapter: str | None = None):
         self.router = router
+        self.adapter = adapter  # every hop's stream (replacements and verifiers' shadows too) opens with it
         self.route = list(route)
         self.max_length = max_length
         self.wire_dtype = wire_dtype
@@ -280,7 +285,7 @@ class InferenceSession:
 
     def _stream(self, hop: Hop) -> HopStream:
         stream = HopStream(self.router.peer(hop.peer.address), hop, f"{self.session_id}-{next(self._ids)}",
-                           self.max_length, self.batch_size, self.wire_dtype)
+                           self.max_length, self.batch_size, self.wire_dtype, self.adapter)
         if self.verifier is not None:
             stream.outputs = {}
         return stream

@@ -16,9 +16,10 @@ import torch
 
 from client.bans import BanList
 from client.config import ClientConfig
-from client.routing import Hop, MissingLayersError, PeerInfo, missing_spans, plan_route
+from client.routing import Hop, MissingLayersError, PeerInfo, accepts_quant, missing_spans, plan_route
 from client.session import InferenceSession
 from client.transport import LoopThread, Peer, PeerError
+from client.training import TrainStats, remote_forward
 from client.verify import Verifier
 from node.rpc import codec
 from node.rpc.generated import potluck_pb2 as pb
@@ -34,9 +35,10 @@ def info_from_record(record: PeerRecord) -> PeerInfo:
     return PeerInfo(
         address=record.address, start=record.start, end=record.end, model_id=record.model_id,
         config_hash=record.config_hash, num_layers=record.num_layers, dtype=record.dtype, device=record.device,
+        quant=record.quant,
         max_length=record.max_length, free_cache_tokens=record.free_cache_tokens, node_id=record.node_id,
         throughput=record.throughput, prefill_throughput=record.prefill_throughput, load=record.load,
-        state=record.state.value, started_at=record.started_at,
+        state=record.state.value, started_at=record.started_at, adapters=record.adapters,
     )
 
 
@@ -59,6 +61,7 @@ class SwarmClient:
         # strikes (clients' signed reports of such nodes, pulled with gossip) make routing avoid nodes.
         self.liars: set[str] = set()  # addresses and node ids
         self._identity: Identity | None = None  # signs this client's strikes (made on first use)
+        self.train_stats = TrainStats()  # calls and bytes of differentiable passes (client/training.py)
         if not config.peers:
             swarm = SwarmConfig(bootstrap=config.bootstrap, mdns=config.mdns, mdns_interface=config.mdns_interface)
             self.membership = Membership(swarm, security=self.security)
@@ -114,6 +117,7 @@ class SwarmClient:
             except MissingLayersError:
                 pass
             if time.monotonic() >= give_up:
+                self._adapter_problem(missing)
                 missing.args = (f"{missing.args[0]} (waited {self.config.missing_wait:.0f}s for a replacement)",)
                 raise missing
             await asyncio.sleep(0.25)
@@ -146,7 +150,7 @@ class SwarmClient:
 
     def _candidates(self) -> list[PeerInfo]:
         return self._trusted([info_from_record(r) for r in self.membership.live(self.config_hash)
-                              if r.state == NodeState.ONLINE])
+                              if r.state == NodeState.ONLINE and accepts_quant(r.quant, self.config.accept_quant)])
 
 
     async def _measure_rtts(self, infos: list[PeerInfo]) -> None:
@@ -179,6 +183,9 @@ class SwarmClient:
                 )
             elif reply.state != "ONLINE":
                 problems.append(f"peer {address} is {reply.state}")
+            elif not accepts_quant(reply.quant, self.config.accept_quant):
+                problems.append(f"peer {address} serves {reply.quant}-quantised weights; this client accepts "
+                                f"{self.config.accept_quant} (--accept-quant)")
             else:
                 infos.append(reply)
         for problem in problems:
@@ -210,6 +217,7 @@ class SwarmClient:
                 usable = trusted  # forgive: banned nodes are better than no route (liars are not)
             return plan_route(usable, self.num_layers, rtts=self.rtts, rng=self._rng, strikes=self._strike_counts())
         except MissingLayersError as error:
+            self._adapter_problem(error)
             if self._problems:
                 error.args = (f"{error.args[0]} ({'; '.join(self._problems)})",)
             raise
@@ -225,24 +233,38 @@ class SwarmClient:
             verifier = Verifier(self, self.config.verify, self.config.verify_fraction, self.config.wire_dtype)
         session = InferenceSession(self, route, max_length, self.config.wire_dtype, self.config.session_timeout,
                                    self.config.max_failovers, push=self.config.push, verifier=verifier,
-                                   prefill_chunk=self.config.prefill_chunk)
+                                   prefill_chunk=self.config.prefill_chunk, adapter=self.config.adapter)
         return SyncSession(session, self._loop)
 
     # -- verification (client/verify.py) and strikes (node/swarm/strikes.py) ----------------------------
     def _trusted(self, infos: list[PeerInfo]) -> list[PeerInfo]:
-        return [i for i in infos if i.address not in self.liars and i.node_id not in self.liars]
+        """The peers this client may route through: not caught lying, and serving its adapter (if it names one)."""
+        adapter = self.config.adapter
+        return [i for i in infos if i.address not in self.liars and i.node_id not in self.liars
+                and (adapter is None or adapter in i.adapters)]
+
+    def _adapter_problem(self, error: MissingLayersError) -> None:
+        """Say in `error` that the missing layers are missing *with this client's adapter*, and where it is served."""
+        adapter = self.config.adapter
+        if adapter is None:
+            return
+        serving = sorted({f"{i.address}[{i.start}:{i.end})" for i in self.infos if adapter in i.adapters})
+        where = f"nodes serving it: {', '.join(serving)}" if serving else "no node serves it"
+        error.args = (f"{error.args[0]} with adapter {adapter!r} ({where})",)
 
     def _strike_counts(self) -> dict[str, int]:
         return self.strikes.counts(config_hash=self.config_hash)
 
-    async def alternatives(self, start: int, end: int, avoid: set[str]) -> list[Hop]:
+    async def alternatives(self, start: int, end: int, avoid: set[str], quant: str | None = None) -> list[Hop]:
         """Where a verifier recomputes a hop: the cheapest node serving all of `[start, end)`, else the cheapest
         chain (fewer boundaries: fewer roundings to the wire format, and a culprit to blame), on nodes other
-        than `avoid`, none banned or caught lying. MissingLayersError if there is none."""
+        than `avoid`, none banned or caught lying. Among whole-span nodes, those quantised as `quant` first (the
+        same weights: a tight comparison). MissingLayersError if there is none."""
         banned = self.bans.banned(time.monotonic())
         usable = [i for i in self._trusted(self.infos) if i.address not in avoid and i.address not in banned]
         whole = [i for i in usable if i.start <= start and end <= i.end]
-        return plan_route(whole or usable, self.num_layers, start, end, rtts=self.rtts, rng=self._rng,
+        same = [i for i in whole if quant is not None and i.quant == quant]
+        return plan_route(same or whole or usable, self.num_layers, start, end, rtts=self.rtts, rng=self._rng,
                           strikes=self._strike_counts())
 
     async def convict(self, hop: Hop, reason: str) -> None:
@@ -292,10 +314,18 @@ class SwarmClient:
         """A stateless pass of a whole sequence through every layer (no cache kept on nodes)."""
         return self._loop.run(self._forward(self.route(), hidden, position_ids, attention_mask))
 
+    def train_forward(self, hidden: torch.Tensor, position_ids=None, attention_mask=None,
+                      prompts: torch.Tensor | None = None) -> torch.Tensor:
+        """A stateless pass like `forward`, differentiable w.r.t. `hidden` and the deep `prompts` ([num_layers, batch,
+        prompt_tokens, hidden], or None): `backward` calls each hop's node again (client/training.py)."""
+        return remote_forward(self, self.route(), hidden, position_ids, attention_mask, prompts)
+
     async def _forward(self, route: list[Hop], hidden, position_ids, attention_mask) -> torch.Tensor:
         message = codec.encode_hidden(hidden, self.config.wire_dtype)
         for hop in route:
             request = pb.ForwardRequest(start=hop.start, end=hop.end, hidden=message, wire_dtype=self.config.wire_dtype)
+            if self.config.adapter is not None:
+                request.metadata = codec.pack_metadata({"adapter": self.config.adapter})
             if position_ids is not None:
                 request.position_ids.CopyFrom(codec.encode_tensor(position_ids.to(torch.int64)))
             if attention_mask is not None:

@@ -75,6 +75,10 @@ def load_tokenizer(model: str, revision: str | None = None) -> PreTrainedTokeniz
     from node.model.loader import ModelFiles, ModelLoadError
 
     files = ModelFiles.open(model, revision=revision)
+    if files.gguf is not None:  # transformers' conversion of the file's vocabulary, written next to its config once
+        from node.model import gguf
+
+        gguf.ensure_tokenizer(gguf.read_header(files.gguf), files.root)
     try:
         return AutoTokenizer.from_pretrained(files.root)
     except (OSError, ValueError) as error:

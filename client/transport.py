@@ -104,6 +104,7 @@ class Peer:
             load=float(extra.get("sessions", 0) or 0),
             state=str(extra.get("state", "ONLINE")),
             started_at=float(extra.get("started_at", 0.0) or 0.0),
+            adapters=tuple(a for a in extra.get("adapters", ()) if isinstance(a, str)),
             start=reply.start,
             end=reply.end,
             model_id=reply.model_id,
@@ -112,6 +113,7 @@ class Peer:
             hidden_size=reply.hidden_size,
             dtype=reply.dtype,
             device=reply.device,
+            quant=str(extra.get("quant", "none") or "none"),
             max_length=reply.max_length,
             free_cache_tokens=reply.free_cache_tokens,
         )

@@ -48,6 +48,11 @@ log = logging.getLogger(__name__)
 # fp16 0.014, bf16 0.11 (against fp32 nodes).
 WIRE_TOLERANCE = {"float32": 1e-3, "float16": 1e-2, "bfloat16": 3e-2, "int8": 0.15}
 COMPUTE_TOLERANCE = {"float32": 1e-3, "float16": 0.05, "bfloat16": 0.3}
+# Quantised weights (node/model/quant.py) when the two sides' quantisations differ (the same quantisation on
+# both sides runs the same weights: only the tolerances above apply). Measured on SmolLM2, all 30 layers in one
+# hop, 256 tokens of docs/eval-text.txt against float32: int8 max 0.049, nf4 max 0.48 (docs/quantization.md).
+# A liar's noise below these passes unseen, so shadows with the hop's own quantisation are preferred.
+QUANT_TOLERANCE = {"int8": 0.15, "nf4": 1.0}
 SHADOW_ATTEMPTS = 3  # shadows or referees tried per check before the hop counts as unverified
 
 
@@ -63,15 +68,19 @@ class VerificationRestart(RuntimeError):
 class Referees(Protocol):
     """What the verifier needs from the swarm client (client/swarm.py)."""
 
-    async def alternatives(self, start: int, end: int, avoid: set[str]) -> list[Hop]: ...
+    async def alternatives(self, start: int, end: int, avoid: set[str], quant: str | None = None) -> list[Hop]: ...
     async def convict(self, hop: Hop, reason: str) -> None: ...
 
 
-def tolerance(wire: str, *compute: str, hops: int = 1) -> float:
+def tolerance(wire: str, *compute: str, hops: int = 1, quants: tuple[str, ...] = ()) -> float:
     """The tolerance for outputs sent in `wire` format through chains of up to `hops` hops by nodes computing
-    in `compute` dtypes (unknown ones are ignored)."""
+    in `compute` dtypes (unknown ones are ignored), whose weights are quantised as `quants` (counted only when
+    they differ)."""
+    kinds = {quant or "none" for quant in quants}
+    quantised = [QUANT_TOLERANCE.get(quant, max(QUANT_TOLERANCE.values())) for quant in kinds - {"none"}]
     return max([WIRE_TOLERANCE.get(wire, WIRE_TOLERANCE["float32"]) * max(hops, 1)]
-               + [COMPUTE_TOLERANCE[dtype] for dtype in compute if dtype in COMPUTE_TOLERANCE])
+               + [COMPUTE_TOLERANCE[dtype] for dtype in compute if dtype in COMPUTE_TOLERANCE]
+               + (quantised if len(kinds) > 1 else []))
 
 
 def relative_errors(ours: torch.Tensor, theirs: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -309,8 +318,9 @@ class Verifier:
         return _Caught(stream, entry, current, reason)
 
     def _tolerance(self, stream: HopStream, chain: _Chain) -> float:
-        return tolerance(self.wire_dtype, stream.hop.peer.dtype, *(s.hop.peer.dtype for s in chain.streams),
-                         hops=len(chain.streams))
+        peers = [stream.hop.peer] + [s.hop.peer for s in chain.streams]
+        return tolerance(self.wire_dtype, *(peer.dtype for peer in peers), hops=len(chain.streams),
+                         quants=tuple(peer.quant for peer in peers))
 
     def _accept(self, stream: HopStream, watch: _Watch, end: int, errors: torch.Tensor) -> None:
         self.stats.compared_tokens += errors.shape[1]
@@ -337,7 +347,8 @@ class Verifier:
         for _ in range(SHADOW_ATTEMPTS):
             exclude = {stream.peer.address} | avoid | self._avoid
             try:
-                route = await self.referees.alternatives(stream.hop.start, stream.hop.end, exclude)
+                route = await self.referees.alternatives(stream.hop.start, stream.hop.end, exclude,
+                                                         quant=stream.hop.peer.quant)
             except MissingLayersError:
                 return None
             streams = [session._stream(hop) for hop in route]

@@ -1,4 +1,4 @@
-"""`potluck` command line: join, generate, status, demo, api, bench*, prepare-model.
+"""`potluck` command line: join, generate, status, demo, eval, finetune, api, doctor, bench*, prepare-model.
 
 The only place that reads argv and configures logging."""
 
@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import logging
 import os
 import sys
 
 from node.config import ConfigError, NodeConfig, parse_blocks, read_config_file
-from node.model.loader import ModelLoadError
 
 log = logging.getLogger("potluck")
 
@@ -31,7 +31,30 @@ def _positive(text: str) -> int:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
+
+# Commands defined in their own modules: (module, function adding their parsers, {command: handler}).
+_MODULE_COMMANDS = (
+    ("node.bench", "add_bench_parser", {"bench": "run_bench"}),
+    ("node.bench_perf", "add_perf_bench_parser", {"bench-perf": "run_perf_bench_cli"}),
+    ("node.bench_swarm", "add_swarm_bench_parser", {"bench-swarm": "run_swarm_bench_cli"}),
+    ("node.bench_recovery", "add_recovery_bench_parser", {"bench-recovery": "run_recovery_bench_cli"}),
+    ("node.bench_wire", "add_wire_bench_parser", {"bench-wire": "run_wire_bench_cli"}),
+    ("node.latency_proxy", "add_proxy_parser", {"proxy": "run_proxy_cli"}),
+    ("node.bench_trust", "add_trust_bench_parser", {"bench-trust": "run_trust_bench_cli"}),
+    ("node.bench_relay", "add_relay_bench_parser", {"bench-relay": "run_relay_bench_cli"}),
+    ("node.bench_soak", "add_soak_bench_parser", {"bench-soak": "run_soak_bench_cli"}),
+    ("node.bench_prefill", "add_prefill_bench_parser", {"bench-prefill": "run_prefill_bench_cli"}),
+    ("node.bench_quant", "add_quant_bench_parser", {"bench-quant": "run_quant_bench_cli"}),
+    ("client.api", "add_api_parser", {"api": "run_api_cli", "dashboard": "run_api_cli"}),
+    ("node.doctor", "add_doctor_parser", {"doctor": "run_doctor_cli"}),
+    ("client.eval", "add_eval_parser", {"eval": "run_eval_cli"}),
+    ("client.finetune", "add_finetune_parser", {"finetune": "run_finetune_cli"}),
+)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """Every command's parser; with `command`, the commands defined in other modules (benchmarks, api, ...)
+    other than that one get an empty parser, so `potluck join` does not import them (~1.5 s a process)."""
     parser = argparse.ArgumentParser(prog="potluck", description="Peer-to-peer LLM inference on pooled hardware.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -39,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_join_args(join)
 
     generate = commands.add_parser("generate", help="generate text through a chain of nodes")
-    generate.add_argument("--model", required=True, help="model folder or hub id (the one the nodes serve)")
+    generate.add_argument("--model", required=True, help="model folder, .gguf file or hub id (the one the nodes serve)")
     generate.add_argument("--peers", default=None, help="comma-separated HOST:PORT of nodes (default: discover them)")
     _add_swarm_args(generate)
     add_trust_args(generate)
@@ -50,10 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
                           help="send every hop its step from the client (default: nodes forward steps along the chain)")
     generate.add_argument("--prefill-chunk", type=int, default=0,
                           help="pipeline prompts of 2x this many tokens or more down the chain in chunks (default 0: off)")
+    generate.add_argument("--adapter", default=None, metavar="NAME",
+                          help="run with the LoRA adapter the nodes serve as NAME (potluck join --adapter NAME=PATH); "
+                               "default: the base model")
+    generate.add_argument("--prompt-weights", default=None, metavar="FILE",
+                          help="generate with a soft prompt trained by `potluck finetune --method ptune` (docs/finetune.md)")
     _add_logging(generate)
 
     demo = commands.add_parser("demo", help="start a local 3-node swarm on the embedded model and chat through it")
-    demo.add_argument("--model", default=None, help="model folder (default: the embedded SmolLM2-135M-Instruct)")
+    demo.add_argument("--model", default=None, help="model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct GGUF)")
     demo.add_argument("--nodes", type=_positive, default=3, help="number of node processes (default 3)")
     demo.add_argument("--threads", type=int, default=0, help="torch threads per node (default: cores / nodes)")
     _add_generation_args(demo, default_prompt="What is the capital of France?", chat_default=True)
@@ -75,34 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--out", default=None, help="folder to write (default ~/.cache/potluck/models/...)")
     _add_logging(prepare)
 
-    from node.bench import add_bench_parser
-    from node.bench_perf import add_perf_bench_parser
-    from node.bench_recovery import add_recovery_bench_parser
-    from node.bench_swarm import add_swarm_bench_parser
-
-    add_bench_parser(commands)
-    add_perf_bench_parser(commands)
-    add_swarm_bench_parser(commands)
-    add_recovery_bench_parser(commands)
-    from node.bench_wire import add_wire_bench_parser
-    from node.latency_proxy import add_proxy_parser
-
-    add_wire_bench_parser(commands)
-    add_proxy_parser(commands)
-    from node.bench_prefill import add_prefill_bench_parser
-    from node.bench_soak import add_soak_bench_parser
-    from node.bench_trust import add_trust_bench_parser
-
-    add_trust_bench_parser(commands)
-    add_soak_bench_parser(commands)
-    add_prefill_bench_parser(commands)
-
-    from client.api import add_api_parser
-
-    add_api_parser(commands)
-    from node.doctor import add_doctor_parser
-
-    add_doctor_parser(commands)
+    for module, add_parser, runs in _MODULE_COMMANDS:
+        if command is None or command in runs:
+            getattr(importlib.import_module(module), add_parser)(commands)
+        else:
+            for name in runs:
+                commands.add_parser(name)
     return parser
 
 
@@ -110,7 +116,7 @@ def _add_join_args(join: argparse.ArgumentParser) -> None:
     join.add_argument("--config", default=None,
                       help="TOML file of join options (keys: these flags' names); flags given here override it")
     join.add_argument("--model", default=None,
-                      help="model folder or hub id (org/name, or org/name@revision); required here or in --config")
+                      help="model folder, .gguf file or hub id (org/name, or org/name@revision); required here or in --config")
     join.add_argument("--blocks", default=None,
                       help="layers to serve, START:END (half-open), e.g. 0:10; default: placement chooses")
     join.add_argument("--host", default="127.0.0.1", help="address to bind and advertise (default 127.0.0.1)")
@@ -121,8 +127,14 @@ def _add_join_args(join: argparse.ArgumentParser) -> None:
     join.add_argument("--cache-tokens", type=_positive, default=65536, help="KV cache budget in tokens (default 65536)")
     join.add_argument("--threads", type=int, default=0,
                       help="torch CPU threads (default: every core on CPU, 2 with a GPU)")
+    join.add_argument("--quant", default="none", choices=["none", "int8", "nf4"],
+                      help="quantise the span's weights: int8 (~1/4 of float32, small quality cost) or nf4 (~1/7, "
+                           "larger cost; CUDA needs bitsandbytes); default none (exact outputs). docs/quantization.md")
     join.add_argument("--no-lean", action="store_true",
                       help="run transformers' own layers instead of the lean runtime (for comparisons)")
+    join.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                      help="serve a PEFT LoRA adapter (folder or hub id) under NAME; sessions pick it by name "
+                           "(repeatable; docs/client-guide.md#lora-adapters)")
     join.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     join.add_argument("--name", default="", help="a name shown by `potluck status` (default host:port)")
     join.add_argument("--announce", default=None, help="HOST:PORT others should dial (default: the bound address)")
@@ -144,6 +156,7 @@ def _add_join_args(join: argparse.ArgumentParser) -> None:
     _add_limit_args(join)
     _add_swarm_args(join)
     add_trust_args(join, serving=True)
+    _add_relay_args(join)
     _add_logging(join)
 
 
@@ -159,6 +172,27 @@ def _add_limit_args(join: argparse.ArgumentParser) -> None:
                       help="requests per second per peer address, bursts of 2 s (default 0: off)")
     join.add_argument("--admission-wait", type=float, default=2.0,
                       help="seconds an open waits for cache or a session slot to free up (default 2; 0: refuse at once)")
+
+
+def _add_relay_args(join: argparse.ArgumentParser) -> None:
+    """Relays for nodes nobody can reach (docs/relay.md)."""
+    join.add_argument("--relay", action="store_true",
+                      help="volunteer as a relay: carry the connections of nodes that cannot be reached")
+    join.add_argument("--relay-max-nodes", type=_positive, default=8, help="with --relay: nodes carried at once (default 8)")
+    join.add_argument("--relay-max-bytes", default=None,
+                      help="with --relay: bytes a second each carried node may move, e.g. 10MB (default: no limit)")
+    join.add_argument("--no-relay", action="store_true",
+                      help="never serve through a relay, even if the swarm cannot reach this node")
+    join.add_argument("--relay-via", default=None, metavar="HOST:PORT",
+                      help="serve through this relay without checking reachability (behind NAT, for instance)")
+
+
+def _relay_options(args: argparse.Namespace) -> dict:
+    from node.config import parse_size
+
+    return dict(relay=args.relay, relay_max_nodes=args.relay_max_nodes, relay_fallback=not args.no_relay,
+                relay_max_bytes=parse_size(args.relay_max_bytes, "--relay-max-bytes") if args.relay_max_bytes else 0,
+                relay_via=args.relay_via)
 
 
 def _limit_options(args: argparse.Namespace) -> dict:
@@ -290,7 +324,11 @@ def _add_generation_args(parser: argparse.ArgumentParser, default_prompt: str | 
 
 
 def add_verify_args(parser: argparse.ArgumentParser) -> None:
-    """Verification of the nodes' outputs (client/verify.py, docs/reliability.md)."""
+    """Which nodes' outputs to accept (quantised weights, docs/quantization.md) and their verification
+    (client/verify.py, docs/reliability.md)."""
+    parser.add_argument("--accept-quant", default="any", choices=["any", "int8", "none"],
+                        help="route through nodes with quantised weights: any (default), int8 (int8 or none), "
+                             "none (only unquantised nodes: outputs exact to transformers')")
     parser.add_argument("--verify", default="off", choices=["off", "spot", "full"],
                         help="recompute hops on other nodes serving the same layers and ban nodes caught lying: "
                              "spot = a random share of steps, full = every step (default off)")
@@ -299,7 +337,7 @@ def add_verify_args(parser: argparse.ArgumentParser) -> None:
 
 
 def verify_options(args: argparse.Namespace) -> dict:
-    return {"verify": args.verify, "verify_fraction": args.verify_fraction}
+    return {"verify": args.verify, "verify_fraction": args.verify_fraction, "accept_quant": args.accept_quant}
 
 
 def _join(args: argparse.Namespace) -> None:
@@ -316,15 +354,26 @@ def _join(args: argparse.Namespace) -> None:
     config = NodeConfig(
         model=model, start=start, end=end, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
         max_length=args.max_length, cache_tokens=args.cache_tokens, threads=args.threads, revision=revision,
-        lean=not args.no_lean, name=args.name, announce=args.announce, identity=args.identity, bootstrap=bootstrap_list(args.bootstrap),
+        lean=not args.no_lean, quant=args.quant, name=args.name, announce=args.announce, identity=args.identity, bootstrap=bootstrap_list(args.bootstrap),
         mdns=not args.no_mdns, mdns_interface=args.mdns_interface, num_blocks=args.num_blocks,
         memory_bytes=parse_size(args.memory) if args.memory else None, throughput=args.throughput,
         heartbeat=args.heartbeat, ttl=args.ttl, rebalance=not args.no_rebalance,
         rebalance_period=args.rebalance_period, drain_timeout=args.drain_timeout,
         session_idle_timeout=args.session_idle_timeout, metrics_port=args.metrics_port or None,
-        progress=sys.stderr.isatty(), **trust_options(args), **_limit_options(args),
+        progress=sys.stderr.isatty(), adapters=_adapter_specs(args.adapter), **trust_options(args),
+        **_limit_options(args), **_relay_options(args),
     )
     asyncio.run(run_node(config))
+
+
+def _adapter_specs(values: list[str]) -> tuple[tuple[str, str], ...]:
+    """--adapter NAME=PATH values (from the command line or the --config file's `adapter` list)."""
+    from node.model.lora import parse_adapter_spec
+
+    try:
+        return tuple(parse_adapter_spec(value) for value in values)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -334,6 +383,10 @@ def _generate(args: argparse.Namespace) -> None:
     peers = [p.strip() for p in (args.peers or "").split(",") if p.strip()]
     model = DistributedModelForCausalLM.from_pretrained(args.model, config=_client_config(args, peers))
     try:
+        if args.prompt_weights:
+            from client.finetune import load_prompts
+
+            load_prompts(model, args.prompt_weights)
         tokenizer = load_tokenizer(args.model)
         result = generate_text(
             model, tokenizer, args.prompt, chat=args.chat, max_new_tokens=args.max_new_tokens,
@@ -353,7 +406,8 @@ def _client_config(args: argparse.Namespace, peers: list[str]):
 
     return ClientConfig(peers=tuple(peers), bootstrap=bootstrap_list(args.bootstrap), mdns=not args.no_mdns,
                         mdns_interface=args.mdns_interface, wire_dtype=args.wire_dtype, push=not args.no_push,
-                        prefill_chunk=args.prefill_chunk, **trust_options(args), **verify_options(args))
+                        prefill_chunk=args.prefill_chunk, adapter=getattr(args, "adapter", None), **trust_options(args),
+                        **verify_options(args))
 
 
 def _swarm_key(args: argparse.Namespace) -> None:
@@ -402,8 +456,24 @@ def _demo(args: argparse.Namespace) -> None:
     run_demo(args)
 
 
+# Errors that are the user's to fix: one line, exit code 2, no traceback. Named by module so that a command
+# that never imports torch (proxy, swarm-key) does not import it just to name them: an error can only
+# come from a module that was imported.
+_USER_ERRORS = (
+    ("node.config", "ConfigError"), ("node.model.errors", "ModelLoadError"), ("client.transport", "PeerError"),
+    ("client.routing", "MissingLayersError"), ("node.launcher", "NodeStartError"), ("node.swarm.identity", "IdentityError"),
+    ("node.rpc.security", "SecurityError"), ("client.verify", "VerificationError"),
+)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    loaded = [getattr(sys.modules[module], name) for module, name in _USER_ERRORS if module in sys.modules]
+    return (*loaded, NotImplementedError, ValueError, MemoryError, OSError)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    words = [word for word in (sys.argv[1:] if argv is None else argv) if not word.startswith("-")]
+    parser = build_parser(words[0] if words else None)
     args = parser.parse_args(argv)
     if args.command == "join" and args.config:
         argv = sys.argv[1:] if argv is None else argv
@@ -413,53 +483,24 @@ def main(argv: list[str] | None = None) -> int:
             print(f"potluck join: error: {error}", file=sys.stderr)
             return 2
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.log_level != "DEBUG":
+    if args.log_level != "DEBUG" and args.command not in ("proxy", "swarm-key"):  # the two that need no transformers
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
     handlers = {"join": _join, "generate": _generate, "demo": _demo, "prepare-model": _prepare, "status": _status,
                 "swarm-key": _swarm_key}
-    from node.bench import run_bench
-    from node.bench_perf import run_perf_bench_cli
-    from node.bench_recovery import run_recovery_bench_cli
-    from node.bench_swarm import run_swarm_bench_cli
-
-    handlers["bench"] = run_bench
-    handlers["bench-perf"] = run_perf_bench_cli
-    handlers["bench-swarm"] = run_swarm_bench_cli
-    handlers["bench-recovery"] = run_recovery_bench_cli
-    from node.bench_wire import run_wire_bench_cli
-    from node.latency_proxy import run_proxy_cli
-
-    handlers["bench-wire"] = run_wire_bench_cli
-    handlers["proxy"] = run_proxy_cli
-    from node.bench_prefill import run_prefill_bench_cli
-    from node.bench_soak import run_soak_bench_cli
-    from node.bench_trust import run_trust_bench_cli
-
-    handlers["bench-trust"] = run_trust_bench_cli
-    handlers["bench-soak"] = run_soak_bench_cli
-    handlers["bench-prefill"] = run_prefill_bench_cli
-    from client.api import run_api_cli
-
-    handlers["api"] = handlers["dashboard"] = run_api_cli
-    from node.doctor import run_doctor_cli
-
-    handlers["doctor"] = run_doctor_cli
-    from client.routing import MissingLayersError
-    from client.transport import PeerError
-    from client.verify import VerificationError
-    from node.launcher import NodeStartError
-    from node.rpc.security import SecurityError
-    from node.swarm.identity import IdentityError
-
+    for module, _, runs in _MODULE_COMMANDS:
+        for command, run in runs.items():
+            if command == args.command:
+                handlers[command] = getattr(importlib.import_module(module), run)
     try:
         handlers[args.command](args)
     except KeyboardInterrupt:
         return 130
-    except (ConfigError, ModelLoadError, PeerError, MissingLayersError, NodeStartError, NotImplementedError, ValueError,
-            IdentityError, MemoryError, OSError, SecurityError, VerificationError) as error:
+    except Exception as error:
+        if not isinstance(error, _user_errors()):
+            raise
         print(f"potluck {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -62,6 +62,10 @@ class NodeConfig:
     max_batch: int = 64             # largest batch in one session or forward
     threads: int = 0                # torch intra-op threads on CPU; 0 = torch's default
     lean: bool = True               # the lean runtime (fused weights, static cache, batching) where the family has one
+    quant: str = "none"             # weight-only quantisation of the span's projections: none | int8 | nf4
+                                    # (node/model/quant.py, docs/quantization.md); outputs are then not exact
+    adapters: tuple[tuple[str, str], ...] = ()  # LoRA adapters served, (name, PEFT folder or hub id) pairs
+                                    # (--adapter NAME=PATH; node/model/lora.py); a session picks one by name
     revision: str | None = None     # hub revision (branch, tag or commit)
     name: str = ""                  # a human-friendly name shown by `potluck status`
     grace_seconds: float = 5.0      # how long the final stop waits for calls in flight
@@ -95,6 +99,12 @@ class NodeConfig:
     tls_key: str | None = None      # its PEM private key
     tls_ca: str | None = None       # PEM roots that other nodes' certificates are checked against (tls="ca")
     tls_server_name: str | None = None  # the name those certificates are issued to (default: the dialed host)
+    # -- relays: nodes nobody can reach serve through a reachable peer (docs/relay.md) ----------------
+    relay: bool = False             # volunteer as a relay: carry unreachable nodes' connections
+    relay_max_nodes: int = 8        # nodes relayed at once; more get RESOURCE_EXHAUSTED
+    relay_max_bytes: int = 0        # bytes a second each relayed node may move (both ways); 0 = no limit
+    relay_fallback: bool = True     # if peers cannot call this node back, serve through a relay (--no-relay: off)
+    relay_via: str | None = None    # HOST:PORT of a relay to serve through, without checking reachability
 
     def __post_init__(self) -> None:
         if (self.start is None) != (self.end is None):
@@ -107,6 +117,8 @@ class NodeConfig:
             raise ConfigError(f"metrics port {self.metrics_port} is not within 0..65535")
         if self.max_length < 1 or self.cache_tokens < 1 or self.max_batch < 1:
             raise ConfigError("max_length, cache_tokens and max_batch must be positive")
+        if self.quant not in ("none", "int8", "nf4"):
+            raise ConfigError(f"--quant {self.quant!r}: expected none, int8 or nf4")
         if self.threads < 0:
             raise ConfigError("threads must be >= 0")
         if self.num_blocks is not None and self.num_blocks < 1:
@@ -114,12 +126,33 @@ class NodeConfig:
         if not 0 < self.heartbeat < self.ttl:
             raise ConfigError("need 0 < --heartbeat < --ttl")
         self._check_limits()
+        self._check_adapters()
+        if self.relay_max_nodes < 1 or self.relay_max_bytes < 0:
+            raise ConfigError("--relay-max-nodes must be at least 1 and --relay-max-bytes >= 0")
+        if self.relay and self.relay_via:
+            raise ConfigError("a relay (--relay) serves on its own address; drop --relay-via")
         if self.tls not in ("off", "auto", "ca"):
             raise ConfigError(f"--tls {self.tls!r}: expected off, auto or ca")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("give both --tls-cert and --tls-key, or neither")
         if self.tls == "ca" and self.tls_cert is None:
             raise ConfigError("--tls ca needs --tls-cert and --tls-key")
+
+    def _check_adapters(self) -> None:
+        if not self.adapters:
+            return
+        from node.model.lora import MAX_ADAPTERS, check_name
+
+        names = [name for name, _ in self.adapters]
+        for name in names:
+            try:
+                check_name(name)
+            except ValueError as error:
+                raise ConfigError(f"--adapter: {error}") from None
+        if len(set(names)) != len(names):
+            raise ConfigError(f"--adapter: a name is given twice ({', '.join(sorted(names))})")
+        if len(names) > MAX_ADAPTERS:
+            raise ConfigError(f"--adapter: at most {MAX_ADAPTERS} adapters per node, got {len(names)}")
 
     def _check_limits(self) -> None:
         if self.max_sessions < 1:

@@ -18,19 +18,17 @@ def default_threads() -> int:
 
 
 def run_demo(args: argparse.Namespace) -> None:
-    from transformers import AutoConfig
-
     from client.model import DistributedModelForCausalLM
     from client.textgen import generate_text, load_tokenizer
-    from node.model.embedded import DEFAULT_DIR, prepare_embedded_model
+    from node.model.embedded import gguf_path
+    from node.model.loader import ModelFiles
 
     console = Console(stderr=True)
-    if args.model:
-        model_dir = Path(args.model)
-    else:
-        with console.status("Preparing the embedded SmolLM2-135M-Instruct model (once)..."):
-            model_dir = prepare_embedded_model(DEFAULT_DIR)
-    num_layers = AutoConfig.from_pretrained(model_dir).num_hidden_layers
+    # The embedded model is served from its GGUF file as it is: each node dequantises only its span.
+    model_dir = Path(args.model) if args.model else gguf_path()
+    with console.status(f"Reading the config of {model_dir.name}..."):
+        # before the nodes start: a GGUF's config is built once and kept for them (node/model/gguf.py)
+        num_layers = ModelFiles.open(str(model_dir)).config().num_hidden_layers
     threads = args.threads or default_threads()
     with console.status(f"Starting {args.nodes} nodes over {num_layers} layers..."):
         nodes = start_chain(model_dir, num_layers, args.nodes, threads=threads)

@@ -25,11 +25,14 @@ class NodeProcess:
     """One `potluck join` process; `address` is set once it has printed its ready line."""
 
     def __init__(self, model: str | Path, start: int | None = None, end: int | None = None, *, host: str = "127.0.0.1",
-                 threads: int = 0, extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None):
-        """A node serving `start:end`, or, with no span given, the span placement chooses."""
+                 threads: int = 0, extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None,
+                 prefix: tuple[str, ...] = ()):
+        """A node serving `start:end`, or, with no span given, the span placement chooses.
+
+        `prefix`: a command the node runs under, e.g. ("ip", "netns", "exec", NAME) (tests/test_relay.py)."""
         blocks = ["--blocks", f"{start}:{end}"] if start is not None else []
         self.args = [
-            sys.executable, "-m", "node", "join", "--model", str(model), *blocks, "--host", host, "--port", "0",
+            *prefix, sys.executable, "-m", "node", "join", "--model", str(model), *blocks, "--host", host, "--port", "0",
             *(["--threads", str(threads)] if threads else []), *extra_args,
         ]
         self.start_layer, self.end_layer = start, end

@@ -29,6 +29,7 @@ from node.model.loader import (
     resolve_dtype,
 )
 from node.model.fast_linear import transpose_linears
+from node.model.quant import quantize_span
 from node.rpc.codec import MAX_MESSAGE_BYTES
 from node.rpc.generated import potluck_pb2 as pb
 from node.rpc.handlers import add_service
@@ -97,6 +98,7 @@ class RunningNode:
     servicer: PotluckServicer | None = None  # holds the channels pushed steps are forwarded on
     security: Security | None = None  # swarm key and TLS as this node uses them (its certificate included)
     tasks: list[asyncio.Task] = field(default_factory=list)
+    relay: object | None = None  # node.relay.join.Relayed while serving through a relay (docs/relay.md)
 
     @property
     def executor(self) -> Executor | None:
@@ -138,6 +140,8 @@ class RunningNode:
             log.exception("could not announce OFFLINE")
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        if self.relay is not None:
+            await self.relay.close()
         if self.servicer is not None:
             await self.servicer.close()
         await self.membership.close()
@@ -193,7 +197,8 @@ async def _choose_span(config: NodeConfig, membership: Membership, files: ModelF
         length = min(config.num_blocks, num_layers)
     else:
         budget = config.memory_bytes or free_memory(device) // 2
-        length = layers_for_memory(budget, await asyncio.to_thread(bytes_per_layer, model_config, dtype), num_layers)
+        per_layer = await asyncio.to_thread(bytes_per_layer, model_config, dtype, config.quant)  # quantised size
+        length = layers_for_memory(budget, per_layer, num_layers)
         if length < 1:
             raise MemoryError(f"not even one layer of {files.model_id} fits in {budget / 1e9:.2f} GB")
     servers = _servers(membership, chash)
@@ -210,28 +215,39 @@ async def _load(node: RunningNode, span: Span) -> None:
     node.serving.state = NodeState.JOINING.value
     model, _ = await asyncio.to_thread(load_span, node.files, span.start, span.end, node.device, node.dtype,
                                        config.progress)
-    if node.device.type == "cpu":
+    if node.device.type == "cpu" and config.quant == "none":
         transpose_linears(model)  # faster one-token products on CPU (node/model/fast_linear.py)
     if config.lean:
         reason = model.make_lean()  # fused weights, static caches, batched decoding (node/model/lean.py)
         if reason:
             log.info("no lean runtime for this family (%s); using transformers' layers", reason)
+    if config.quant != "none":
+        count = await asyncio.to_thread(quantize_span, model, config.quant)  # node/model/quant.py
+        log.info("quantised %d weight matrices to %s", count, config.quant)
     if node.device.type == "cpu":
         own_memory(model)  # the shard's memory map can go now (node/model/loader.py)
+    adapters = {}
+    if config.adapters:  # LoRA adapters: this span's part of each (node/model/lora.py)
+        from node.model.lora import load_adapters
+
+        adapters = await asyncio.to_thread(load_adapters, config.adapters, model, node.files.model_id)
     if config.throughput is not None:
         node.throughput = Throughput(decode=config.throughput, prefill=config.throughput * 8)
     else:
-        key = f"{node.record.config_hash}|{node.device}|{dtype_name(node.dtype)}|{span.start}:{span.end}|{torch.get_num_threads()}"
+        quant = "" if config.quant == "none" else f"|{config.quant}"
+        key = (f"{node.record.config_hash}|{node.device}|{dtype_name(node.dtype)}{quant}|{span.start}:{span.end}|"
+               f"{torch.get_num_threads()}")
         node.throughput = await asyncio.to_thread(cached_measure, model, key, progress=config.progress)
     old = node.serving.executor
     node.serving.executor = Executor(model, cache_tokens=config.cache_tokens, max_length=config.max_length,
                                      max_batch=config.max_batch, cache_memory=config.cache_memory,
                                      max_sessions=config.max_sessions, max_session_tokens=config.max_session_tokens,
-                                     admission_wait=config.admission_wait)
+                                     admission_wait=config.admission_wait, adapters=adapters)
     if old is not None:
         old.shutdown()
     node.record = replace(node.record, state=NodeState.ONLINE, throughput=node.throughput.decode,
-                          prefill_throughput=node.throughput.prefill, **_stats(node.serving))
+                          prefill_throughput=node.throughput.prefill, adapters=tuple(sorted(adapters)),
+                          **_stats(node.serving))
     node.serving.throughput, node.serving.prefill_throughput = node.throughput.decode, node.throughput.prefill
     node.serving.state = NodeState.ONLINE.value
     await node.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
@@ -309,7 +325,7 @@ async def start_node(config: NodeConfig) -> RunningNode:
     membership = Membership(swarm, identity, stats=lambda: _stats(serving), security=security)
     node_identity = NodeIdentity(node_id=identity.node_id, name=config.name or address, model_id=files.model_id,
                                  config_hash=chash, num_layers=model_config.num_hidden_layers,
-                                 dtype=dtype_name(dtype), device=str(device))
+                                 dtype=dtype_name(dtype), device=str(device), quant=config.quant)
     if metrics is not None:
         metrics.watch(_cache_view(serving))
     limiter = RateLimiter(config.rate_limit) if config.rate_limit else None
@@ -318,6 +334,13 @@ async def start_node(config: NodeConfig) -> RunningNode:
     servicer.prober = Prober(security=security)  # Probe dials as this node does (TLS, swarm key)
     # registered from the descriptors: request bytes that do not parse get INVALID_ARGUMENT (node/rpc/handlers.py)
     add_service(server, pb.DESCRIPTOR.services_by_name["Potluck"], servicer, metrics.error if metrics else None)
+    if config.relay:  # volunteer as a relay (node/relay/relay.py): rpc Attach, behind the same interceptors
+        from node.relay.relay import RelayLimits, RelayServicer
+        from node.rpc.generated import relay_pb2
+
+        relay = RelayServicer(RelayLimits(config.relay_max_nodes, config.relay_max_bytes), config.host,
+                              address.rpartition(":")[0].strip("[]"))
+        add_service(server, relay_pb2.DESCRIPTOR.services_by_name["Relay"], relay)
     health_servicer = health.aio.HealthServicer()
     add_service(server, health_pb2.DESCRIPTOR.services_by_name["Health"], health_servicer)
     await server.start()
@@ -326,8 +349,9 @@ async def start_node(config: NodeConfig) -> RunningNode:
     record = PeerRecord(
         node_id=identity.node_id, addresses=(address,), model_id=files.model_id, config_hash=chash,
         num_layers=model_config.num_hidden_layers, start=0, end=1, dtype=dtype_name(dtype), device=str(device),
-        max_length=config.max_length, free_cache_tokens=config.cache_tokens, state=NodeState.JOINING,
+        max_length=config.max_length, free_cache_tokens=config.cache_tokens, state=NodeState.JOINING, quant=config.quant,
         name=config.name or address, started_at=serving.started_at,
+        relay_slots=config.relay_max_nodes if config.relay else 0,
     )
     node = RunningNode(config=config, server=server, health=health_servicer, serving=serving, membership=membership,
                        identity=identity, address=address, files=files, record=record, device=device, dtype=dtype,
@@ -336,6 +360,7 @@ async def start_node(config: NodeConfig) -> RunningNode:
         if metrics is not None:
             node.metrics_server = metrics.serve(config.host, config.metrics_port)
         await membership.start()
+        node.relay = await _relay_if_needed(node, port)
         span = await _choose_span(config, membership, files, model_config, chash, device, dtype)
         await _load(node, span)
     except BaseException:
@@ -345,6 +370,22 @@ async def start_node(config: NodeConfig) -> RunningNode:
     if config.auto_placed and config.rebalance:
         node.tasks.append(asyncio.ensure_future(_rebalance_loop(node, random.Random())))
     return node
+
+
+async def _relay_if_needed(node: RunningNode, port: int):
+    """Serve through a relay if the swarm cannot reach this node (node/relay/join.py); None otherwise."""
+    from node.relay.join import relay_if_needed
+
+    async def moved(address: str, relay_id: str) -> None:
+        node.address = address
+        node.record = replace(node.record, addresses=(address,), relay_via=relay_id)
+        if node.membership.own is not None:
+            await node.membership.publish(node.record)
+
+    local_host = "127.0.0.1" if node.config.host in ("0.0.0.0", "") else "::1" if node.config.host == "::" \
+        else node.config.host
+    return await relay_if_needed(node.config, node.membership, node.security, node.address,
+                                 format_address(local_host, port), moved)
 
 
 async def run_node(config: NodeConfig, announce=print) -> None:

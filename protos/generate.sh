@@ -7,6 +7,6 @@ python=${PYTHON:-python}
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 "$python" -m grpc_tools.protoc -I"node/rpc/generated=protos" --python_out="$tmp" --grpc_python_out="$tmp" \
-  --pyi_out="$tmp" protos/potluck.proto
+  --pyi_out="$tmp" protos/potluck.proto protos/relay.proto
 mkdir -p "$out"
-cp "$tmp"/node/rpc/generated/potluck_pb2* "$out"/
+cp "$tmp"/node/rpc/generated/potluck_pb2* "$tmp"/node/rpc/generated/relay_pb2* "$out"/

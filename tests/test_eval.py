@@ -55,7 +55,7 @@ def test_swarm_perplexity_equals_local(remote, smollm_reference, text_ids):
 def test_eval_cli_json(smollm_dir, smollm_chain, smollm_reference, text_ids, capsys):
     peers = ",".join(node.address for node in smollm_chain)
     code = main(["eval", "--model", str(smollm_dir), "--text", str(TEXT), "--peers", peers, "--no-mdns",
-                 "--window", "64", "--stride", "32", "--max-tokens", "128", "--json"])
+                 "--window", "64", "--stride", "32", "--max-tokens", "128", "--accept-quant", "none", "--json"])
     assert code == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["swarm"]
     expected = perplexity(smollm_reference, text_ids[:128], window=64, stride=32)

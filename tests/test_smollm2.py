@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -85,27 +83,28 @@ def test_seeded_sampling_is_reproducible_and_matches_transformers(remote, smollm
     assert first.token_ids == expected
 
 
-def test_cli_generate_json(smollm_dir, smollm_chain, smollm_reference, tokenizer):
+def test_cli_generate_json(smollm_dir, smollm_chain, smollm_reference, tokenizer, capsys):
+    """`potluck generate` in this process (the script's own `main`; test_cli checks the script itself)."""
+    from node.cli import main
+
     peers = ",".join(n.address for n in smollm_chain)
-    done = subprocess.run(
-        [sys.executable, "-m", "node", "generate", "--model", str(smollm_dir), "--peers", peers,
-         "--prompt", CHAT_PROMPT, "--chat", "--max-new-tokens", "16", "--json"],
-        capture_output=True, text=True, timeout=180,
-    )
-    assert done.returncode == 0, done.stderr
-    out = json.loads(done.stdout.strip().splitlines()[-1])
+    code = main(["generate", "--model", str(smollm_dir), "--peers", peers, "--prompt", CHAT_PROMPT, "--chat",
+                 "--max-new-tokens", "16", "--json"])
+    done = capsys.readouterr()
+    assert code == 0, done.err
+    out = json.loads(done.out.strip().splitlines()[-1])
     expected = local_generate(smollm_reference, encode_prompt(tokenizer, CHAT_PROMPT, True), max_new_tokens=16, do_sample=False)
     assert out["token_ids"] == expected
     assert out["text"].strip() == "The capital of France is Paris."
 
 
-def test_cli_generate_streams_text(smollm_dir, smollm_chain):
+def test_cli_generate_streams_text(smollm_dir, smollm_chain, capsys):
+    from node.cli import main
+
     peers = ",".join(n.address for n in smollm_chain)
-    done = subprocess.run(
-        [sys.executable, "-m", "node", "generate", "--model", str(smollm_dir), "--peers", peers,
-         "--prompt", CHAT_PROMPT, "--chat", "--max-new-tokens", "16"],
-        capture_output=True, text=True, timeout=180,
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "The capital of France is Paris."
-    assert "tokens/s" in done.stderr
+    code = main(["generate", "--model", str(smollm_dir), "--peers", peers, "--prompt", CHAT_PROMPT, "--chat",
+                 "--max-new-tokens", "16"])
+    done = capsys.readouterr()
+    assert code == 0, done.err
+    assert done.out.strip() == "The capital of France is Paris."
+    assert "tokens/s" in done.err

@@ -165,7 +165,10 @@ class _State:
         return self.models[name]
 
     async def find(self, name: str) -> ServedModel:
-        """`name`'s model: one the API serves, or one the swarm covers (its client parts loaded now)."""
+        """`name`'s model: one the API serves, one the swarm covers (its client parts loaded now), or
+        `MODEL:ADAPTER`, a served model with a LoRA adapter its nodes serve."""
+        if name not in self.models and ":" in name:
+            return await self._with_adapter(name)
         if name in self.models or self.catalog is None:
             return self.lookup(name)
         async with self._adding:
@@ -181,6 +184,24 @@ class _State:
                 factory = partial(DistributedModelForCausalLM.from_pretrained, source, config=self.catalog.config)
                 self.models[name] = ServedModel(name, factory, tokenizer)
                 log.info("serving %s, discovered in the swarm (client parts from %s)", name, source)
+        return self.models[name]
+
+    async def _with_adapter(self, name: str) -> ServedModel:
+        """`MODEL:ADAPTER`: MODEL's client parts, routed through nodes serving ADAPTER (client/model.py
+        `with_adapter`); 404 unless some node of MODEL advertises ADAPTER."""
+        base_name, adapter = name.rsplit(":", 1)
+        base = await self.find(base_name)
+        try:
+            model = await base.get()
+        except Exception as error:
+            raise from_exception(error, base_name) from None
+        infos = await asyncio.to_thread(model.swarm.refresh)
+        if not adapter or not any(adapter in info.adapters for info in infos):
+            raise unknown_model(name)
+        async with self._adding:
+            if name not in self.models:
+                self.models[name] = ServedModel(name, partial(model.with_adapter, adapter), base.tokenizer)
+                log.info("serving %s: %s with LoRA adapter %r", name, base_name, adapter)
         return self.models[name]
 
     def model_card(self, name: str) -> dict:

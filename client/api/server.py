@@ -74,7 +74,7 @@ def add_api_parser(commands) -> None:
     api = commands.add_parser("api", aliases=["dashboard"],
                               help="serve an OpenAI-compatible HTTP API backed by the swarm, and its dashboard at /")
     api.add_argument("--model", action="append", default=[],
-                     help="model folder or hub id (the one the nodes serve); repeat to serve several. Without "
+                     help="model folder, .gguf file or hub id (the one the nodes serve); repeat to serve several. Without "
                           "--peers, every other model the discovered swarm covers is offered too")
     api.add_argument("--models-dir", default=None,
                      help="folder holding discovered models' folders by name (default: load them from the hub)")

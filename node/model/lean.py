@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from node.model.lora import lean_add, lean_plan
 from node.model.span import SpanModel
 
 SUPPORTED_LAYERS = {"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer"}
@@ -83,6 +84,7 @@ class Row:
     past: int                            # tokens already in the cache
     cache: StaticKV | None               # None: a stateless pass (Forward RPC)
     mask: torch.Tensor | None = None     # [batch, past + tokens] 1 = real token, 0 = padding; None = no padding
+    adapter: object = None               # node/model/lora.LoraAdapter of this row's session; None = the base model
 
 
 def _weight_t(linear: nn.Module) -> torch.Tensor:
@@ -125,6 +127,8 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 def _linear(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if not isinstance(weight_t, torch.Tensor):  # quantised (node/model/quant.py): it runs its own product
+        return weight_t.linear(x, bias)
     return torch.addmm(bias, x, weight_t) if bias is not None else x @ weight_t
 
 
@@ -205,10 +209,13 @@ class LeanSpan:
         masks = {kind: [self._attention_mask(row, self.window if kind == "sliding_attention" else None) for row in rows]
                  for kind in kinds}
         q_size, kv_size = self.q_heads * self.head_dim, self.kv_heads * self.head_dim
+        lora = lean_plan(rows, sizes, self.device)  # LoRA: rows grouped by adapter ([] if none has one)
         for index in range(start, end):
             layer = self.layers[index - self.start]
             h = _rms(x, layer.input_norm, layer.eps)
             qkv = _linear(h, layer.qkv_t, layer.qkv_bias)
+            if lora:
+                lean_add(lora, qkv, h, index, "qkv")
             q = qkv[:, :q_size].view(-1, self.q_heads, self.head_dim)
             k = qkv[:, q_size : q_size + kv_size].view(-1, self.kv_heads, self.head_dim)
             v = qkv[:, q_size + kv_size :].view(-1, self.kv_heads, self.head_dim)
@@ -221,10 +228,20 @@ class LeanSpan:
                 part = slice(offset, offset + size)
                 attended[part] = self._attend(row, index - start, q[part], k[part], v[part], mask, layer.scaling)
                 offset += size
-            x = x + _linear(attended, layer.o_t, layer.o_bias)
+            o = _linear(attended, layer.o_t, layer.o_bias)
+            if lora:
+                lean_add(lora, o, attended, index, "o")
+            x = x + o
             h = _rms(x, layer.post_norm, layer.eps)
-            gate, up = _linear(h, layer.gate_up_t, layer.gate_up_bias).chunk(2, dim=-1)
-            x = x + _linear(layer.act(gate) * up, layer.down_t, layer.down_bias)
+            gate_up = _linear(h, layer.gate_up_t, layer.gate_up_bias)
+            if lora:
+                lean_add(lora, gate_up, h, index, "gate_up")
+            gate, up = gate_up.chunk(2, dim=-1)
+            mid = layer.act(gate) * up
+            down = _linear(mid, layer.down_t, layer.down_bias)
+            if lora:
+                lean_add(lora, down, mid, index, "down")
+            x = x + down
         outputs, offset = [], 0
         for row, size in zip(rows, sizes):
             outputs.append(x[offset : offset + size].view(row.hidden.shape))

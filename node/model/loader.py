@@ -3,7 +3,8 @@
 The model skeleton is built on the meta device from the config; only the wanted
 tensors are read from the safetensors shards (through transformers' own key
 conversions, so fused MoE experts and renamed keys load as they do in
-`from_pretrained`), and everything else stays on meta and costs no memory."""
+`from_pretrained`), and everything else stays on meta and costs no memory. A `.gguf` file is read
+through node/model/gguf.py: the same skeleton, filled with only the span's tensors, dequantised."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from transformers.core_model_loading import convert_and_load_state_dict_in_model
 from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.modeling_utils import LoadStateDictConfig
 
+from node.model.errors import ModelLoadError  # noqa: F401  (re-exported: raised by every loader)
 from node.model.span import SpanModel
 from node.progress import progress_bar
 
@@ -42,10 +44,6 @@ METADATA_PATTERNS = [
     "*.model",
     SAFETENSORS_INDEX,
 ]
-
-
-class ModelLoadError(RuntimeError):
-    """The model cannot be loaded as asked (missing files, unsupported family, bad span)."""
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -105,11 +103,21 @@ class ModelFiles:
     model_id: str
     repo_id: str | None = None  # set when the files come from the hub
     revision: str | None = None
+    gguf: Path | None = None  # a GGUF file: its weights; `root` then holds its config.json and tokenizer
 
     @classmethod
     def open(cls, path_or_id: str, revision: str | None = None) -> "ModelFiles":
+        """A model folder (config.json + safetensors), a hub id, or a `.gguf` file (model_id: its stem)."""
         path_or_id, revision = split_revision(path_or_id, revision)
         path = Path(path_or_id).expanduser()
+        if path.suffix.lower() == ".gguf":
+            from node.model import gguf
+
+            if not path.is_file():
+                raise ModelLoadError(f"{path}: no such GGUF file")
+            header = gguf.read_header(path.resolve())
+            gguf.check_supported(header)
+            return cls(root=gguf.sidecar_folder(header), model_id=path.stem, gguf=header.path)
         if path.is_dir():
             if not (path / "config.json").is_file():
                 raise ModelLoadError(f"{path} has no config.json: is it a transformers model folder?")
@@ -125,6 +133,10 @@ class ModelFiles:
         return cls(root=Path(root), model_id=path_or_id, repo_id=path_or_id, revision=revision)
 
     def config(self) -> PretrainedConfig:
+        if self.gguf is not None:
+            from node.model import gguf
+
+            gguf.ensure_config(gguf.read_header(self.gguf), self.root)
         try:
             return AutoConfig.from_pretrained(self.root)
         except (ValueError, KeyError) as error:
@@ -132,6 +144,8 @@ class ModelFiles:
 
     def weight_map(self) -> dict[str, str]:
         """Tensor name -> shard file name."""
+        if self.gguf is not None:
+            raise ModelLoadError(f"{self.model_id} is a GGUF file: it has no safetensors weight map")
         index = self.root / SAFETENSORS_INDEX
         if index.is_file():
             return json.loads(index.read_text())["weight_map"]
@@ -294,19 +308,38 @@ def load_span(
         raise ModelLoadError(f"span {start}:{end} is not within the model's {n} layers (0:{n})")
     model = _skeleton(config, dtype)
     prefix, layers = _decoder_layers(model, n)
-    weight_map = files.weight_map()
-    keys = _layer_keys(weight_map, prefix, start, end)
-    if not keys:
-        raise ModelLoadError(f"{files.model_id}: no weights found for layers {start}:{end} under {prefix!r}")
-    total = _bytes_of(files, weight_map, keys) if progress else 0
-    with progress_bar(progress, f"loading layers {start}:{end}", total, bytes_=True) as advance:
-        stats = _load_tensors(files, model, keys, weight_map, device, dtype, advance if progress else None)
+    if files.gguf is not None:
+        stats = _load_gguf_span(files, model, start, end, device, dtype, progress)
+    else:
+        weight_map = files.weight_map()
+        keys = _layer_keys(weight_map, prefix, start, end)
+        if not keys:
+            raise ModelLoadError(f"{files.model_id}: no weights found for layers {start}:{end} under {prefix!r}")
+        total = _bytes_of(files, weight_map, keys) if progress else 0
+        with progress_bar(progress, f"loading layers {start}:{end}", total, bytes_=True) as advance:
+            stats = _load_tensors(files, model, keys, weight_map, device, dtype, advance if progress else None)
     span_layers = nn.ModuleList(list(layers)[start:end])
     _check_materialised(span_layers, f"layers {start}:{end}")
     span = SpanModel(config, start, end, span_layers, _fresh_rotary(model, config, device))
     span.eval().requires_grad_(False)
     log.info("loaded layers %d:%d of %s: %d tensors, %.1f MB read", start, end, files.model_id, stats.tensors, stats.bytes_read / 1e6)
     return span, stats
+
+
+def _load_gguf_span(
+    files: ModelFiles, model: nn.Module, start: int, end: int, device: torch.device, dtype: torch.dtype, progress: bool
+) -> LoadStats:
+    """Dequantise only the `blk.{start..end-1}.*` tensors of the GGUF file."""
+    from node.model import gguf
+
+    header = gguf.read_header(files.gguf)
+    total = gguf.span_bytes(header, start, end) if progress else 0
+    with progress_bar(progress, f"loading layers {start}:{end}", total, bytes_=True) as advance:
+        wanted = lambda name: (i := gguf.layer_of(name)) is not None and start <= i < end  # noqa: E731
+        stats = gguf.load_tensors(header, model, wanted, device, dtype, advance if progress else None)
+    if not stats.tensors:
+        raise ModelLoadError(f"{files.model_id}: no weights found for layers {start}:{end} in {files.gguf.name}")
+    return stats
 
 
 def own_memory(module: nn.Module, max_bytes: int = 32 * 1024 * 1024) -> int:
@@ -342,9 +375,15 @@ def load_client_parts(files: ModelFiles, device: torch.device, dtype: torch.dtyp
     config = files.config()
     model = _skeleton(config, dtype)
     prefix, _ = _decoder_layers(model, config.num_hidden_layers)
-    weight_map = files.weight_map()
-    keys = [key for key in weight_map if not key.startswith(prefix + ".")]
-    stats = _load_tensors(files, model, keys, weight_map, device, dtype)
+    if files.gguf is not None:
+        from node.model import gguf
+
+        outside_layers = lambda name: gguf.layer_of(name) is None  # noqa: E731
+        stats = gguf.load_tensors(gguf.read_header(files.gguf), model, outside_layers, device, dtype)
+    else:
+        weight_map = files.weight_map()
+        keys = [key for key in weight_map if not key.startswith(prefix + ".")]
+        stats = _load_tensors(files, model, keys, weight_map, device, dtype)
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
     if head.weight.is_meta and getattr(config, "tie_word_embeddings", False):
         head.weight = embed.weight
@@ -359,11 +398,14 @@ def load_client_parts(files: ModelFiles, device: torch.device, dtype: torch.dtyp
     return parts
 
 
-def bytes_per_layer(config: PretrainedConfig, dtype: torch.dtype) -> int:
-    """The largest decoder layer's weight bytes in `dtype` (measured on a meta skeleton)."""
+def bytes_per_layer(config: PretrainedConfig, dtype: torch.dtype, quant: str = "none") -> int:
+    """The largest decoder layer's weight bytes in `dtype` (measured on a meta skeleton); with `quant`
+    (node/model/quant.py) its linear projections count at their quantised size."""
+    from node.model.quant import layer_bytes
+
     model = _skeleton(config, dtype)
     _, layers = _decoder_layers(model, config.num_hidden_layers)
-    return max(sum(p.numel() * p.element_size() for p in layer.parameters()) for layer in layers)
+    return max(layer_bytes(layer, quant) for layer in layers)
 
 
 def free_memory(device: torch.device) -> int:

@@ -81,15 +81,20 @@ class SpanModel(nn.Module):
         cache: DynamicCache | None = None,
         start: int | None = None,
         end: int | None = None,
+        adapter=None,
     ) -> torch.Tensor:
         """Run layers `[start, end)` (default: the whole span) over `hidden` [batch, tokens, hidden].
 
         `attention_mask` is the 2D mask over past + new tokens (None means no padding);
-        `cache` holds the past keys/values by global layer index and is updated in place."""
+        `cache` holds the past keys/values by global layer index and is updated in place;
+        `adapter` is a node/model/lora.LoraAdapter to apply (None: the base model)."""
         start = self.start if start is None else start
         end = self.end if end is None else end
         if self.lean is not None:
-            return self._lean_forward(hidden, position_ids, attention_mask, cache, start, end)
+            return self._lean_forward(hidden, position_ids, attention_mask, cache, start, end, adapter)
+        if adapter is not None:
+            with adapter.hooked(self):  # forward hooks on the targeted projections, for this call only
+                return self.forward(hidden, position_ids, attention_mask, cache, start, end)
         mask_kwargs = dict(
             config=self.config,
             inputs_embeds=hidden,
@@ -113,12 +118,26 @@ class SpanModel(nn.Module):
                 hidden = hidden[0]
         return hidden
 
-    def _lean_forward(self, hidden, position_ids, attention_mask, cache, start: int, end: int) -> torch.Tensor:
+    def forward_prompted(self, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                         start: int, end: int, prompts: torch.Tensor | None, adapter=None) -> torch.Tensor:
+        """A stateless pass over `[start, end)` with deep prompts (Petals-style deep prompt tuning): before each
+        layer `start + i`, `prompts[i]` ([batch, prompt_tokens, hidden]) is added to the first prompt_tokens
+        positions of the hidden states. Without prompts, one ordinary pass. Differentiable (no in-place writes)."""
+        if prompts is None:
+            return self(hidden, position_ids, attention_mask, None, start=start, end=end, adapter=adapter)
+        count = prompts.shape[2]
+        for index in range(start, end):
+            hidden = torch.cat([hidden[:, :count] + prompts[index - start], hidden[:, count:]], dim=1)
+            hidden = self(hidden, position_ids, attention_mask, None, start=index, end=index + 1, adapter=adapter)
+        return hidden
+
+    def _lean_forward(self, hidden, position_ids, attention_mask, cache, start: int, end: int,
+                      adapter=None) -> torch.Tensor:
         from node.model.lean import Row
 
         past = cache.length if cache is not None else 0
         tokens = hidden.shape[1]
         if cache is not None and past + tokens > cache.max_length:
             raise ValueError(f"the cache holds {cache.max_length} tokens; {past} + {tokens} do not fit")
-        row = Row(hidden, position_ids.expand(hidden.shape[0], tokens), past, cache, attention_mask)
+        row = Row(hidden, position_ids.expand(hidden.shape[0], tokens), past, cache, attention_mask, adapter)
         return self.lean.run([row], start, end)[0]

@@ -53,6 +53,7 @@ class NodeIdentity:
     num_layers: int
     dtype: str
     device: str
+    quant: str = "none"  # weight quantisation of the span (node/model/quant.py)
 
 
 async def _abort(context: grpc.aio.ServicerContext, error: Exception, metrics: NodeMetrics | None) -> None:
@@ -126,7 +127,8 @@ class PotluckServicer(pb_grpc.PotluckServicer):
                 "sessions": len(executor.sessions), "name": self.identity.name, "state": self.serving.state,
                 "throughput": self.serving.throughput, "prefill_throughput": self.serving.prefill_throughput,
                 "started_at": self.serving.started_at, "push": self.push_enabled,
-                "passes": executor.passes, "batched_steps": executor.batched_steps,
+                "passes": executor.passes, "batched_steps": executor.batched_steps, "quant": self.identity.quant,
+                "adapters": sorted(executor.adapters),
             }),
         )
 
@@ -143,10 +145,40 @@ class PotluckServicer(pb_grpc.PotluckServicer):
                 codec.optional_tensor(request, "attention_mask"),
                 dtype,
                 executor.max_length,
+                _adapter(codec.unpack_metadata(request.metadata)),
+                codec.optional_tensor(request, "prompts"),
             )
             reply = pb.ForwardReply(hidden=codec.encode_hidden(out, request.wire_dtype or request.hidden.dtype))
             if self.metrics is not None:
                 self.metrics.forward(len(request.hidden.data), len(reply.hidden.data))
+            return reply
+        except Exception as error:
+            await _abort(context, error, self.metrics)
+
+    async def Backward(self, request: pb.BackwardRequest, context) -> pb.BackwardReply:
+        """Training: recompute a stateless pass with autograd on its inputs; return their gradients."""
+        try:
+            self._charge(peer_host(context.peer()), "Backward")
+            executor = self._executor()
+            wire = request.wire_dtype or request.hidden.dtype
+            grad_input, grad_prompts = await executor.backward(
+                request.start,
+                request.end,
+                codec.decode_tensor(request.hidden, "hidden"),
+                codec.decode_tensor(request.grad_output, "grad_output"),
+                codec.optional_tensor(request, "position_ids"),
+                codec.optional_tensor(request, "attention_mask"),
+                codec.wire_dtype(wire),
+                executor.max_length,
+                _adapter(codec.unpack_metadata(request.metadata)),
+                codec.optional_tensor(request, "prompts"),
+            )
+            reply = pb.BackwardReply(grad_input=codec.encode_hidden(grad_input, wire))
+            if grad_prompts is not None:
+                reply.grad_prompts.CopyFrom(codec.encode_hidden(grad_prompts, wire))
+            if self.metrics is not None:
+                received = len(request.hidden.data) + len(request.grad_output.data) + len(request.prompts.data)
+                self.metrics.forward(received, len(reply.grad_input.data) + len(reply.grad_prompts.data))
             return reply
         except Exception as error:
             await _abort(context, error, self.metrics)
@@ -186,7 +218,7 @@ class PotluckServicer(pb_grpc.PotluckServicer):
                         raise InvalidRequest("this stream already has an open session")
                     opened = request.open
                     check_id(opened.session_id, "session_id")
-                    codec.unpack_metadata(opened.metadata)
+                    metadata = codec.unpack_metadata(opened.metadata)
                     session = await executor.admit(  # waits a bounded time for room if the node is full
                         opened.session_id,
                         opened.start,
@@ -194,6 +226,7 @@ class PotluckServicer(pb_grpc.PotluckServicer):
                         opened.batch_size or 1,
                         opened.max_length,
                         codec.wire_dtype(opened.wire_dtype or "float32"),
+                        _adapter(metadata),
                     )
                     session.wire = opened.wire_dtype or "float32"
                     session.handler = asyncio.current_task()
@@ -348,6 +381,14 @@ async def _read(requests: AsyncIterator[pb.SessionRequest], stream: _Stream) -> 
         await stream.inbox.put(("error", error))
         return
     await stream.inbox.put(("end", None))
+
+
+def _adapter(metadata: dict) -> str | None:
+    """The LoRA adapter a request's metadata names (OpenSession, ForwardRequest); None: the base model."""
+    name = metadata.get("adapter")
+    if name is not None and not isinstance(name, str):
+        raise InvalidRequest(f"metadata 'adapter' must be a string, got {type(name).__name__}")
+    return name or None
 
 
 def _tokens(step: pb.Step) -> int:

@@ -17,7 +17,7 @@ import torch
 
 from node.model.lean import Row
 from node.model.span import SpanModel
-from node.runtime.errors import Exhausted, FailedPrecondition, Full, InvalidRequest, OutOfRange
+from node.runtime.errors import Exhausted, FailedPrecondition, Full, InvalidRequest, NotFound, OutOfRange
 from node.runtime.sessions import Session, SessionTable, kv_bytes_per_token
 
 log = logging.getLogger(__name__)
@@ -58,8 +58,9 @@ class Executor:
 
     def __init__(self, span: SpanModel, cache_tokens: int, max_length: int, max_batch: int = 64,
                  max_pass_tokens: int = 4096, *, cache_memory: int | None = None, max_sessions: int = 0,
-                 max_session_tokens: int = 0, admission_wait: float = 0.0):
+                 max_session_tokens: int = 0, admission_wait: float = 0.0, adapters: dict | None = None):
         self.span = span
+        self.adapters = adapters or {}  # LoRA adapters by name (node/model/lora.py), loaded for this span
         self.kv_bytes_per_token = kv_bytes_per_token(span.config, span.end - span.start, span.dtype)  # an estimate
         budget, flag = cache_tokens, "--cache-tokens"
         if cache_memory is not None:  # a budget in bytes replaces the one in tokens
@@ -124,30 +125,42 @@ class Executor:
         elif not bool(((values == 0) | (values == 1)).all()):
             raise InvalidRequest(f"{name} must hold only 0 (padding) and 1 (real token)")
 
+    def adapter(self, name: str | None):
+        """The LoRA adapter called `name` (None or "": the base model); NOT_FOUND if this node does not serve it."""
+        if not name:
+            return None
+        try:
+            return self.adapters[name]
+        except KeyError:
+            served = ", ".join(sorted(self.adapters)) or "none"
+            raise NotFound(f"adapter {name!r} is not served by this node (its adapters: {served})") from None
+
     # -- sessions ---------------------------------------------------------------------------
-    def open(self, session_id: str, start: int, end: int, batch_size: int, max_length: int, wire_dtype: torch.dtype) -> Session:
+    def open(self, session_id: str, start: int, end: int, batch_size: int, max_length: int, wire_dtype: torch.dtype,
+             adapter: str | None = None) -> Session:
         if not session_id:
             raise InvalidRequest("session_id is empty")
         self.check_subspan(start, end)
+        lora = self.adapter(adapter)
         if not 1 <= batch_size <= self.max_batch:
             raise InvalidRequest(f"batch_size {batch_size} is not within 1..{self.max_batch}")
         if not 1 <= max_length <= self.max_length:
             raise OutOfRange(f"max_length {max_length} is not within 1..{self.max_length} (this node's limit)")
         self.sessions.check_room(session_id, batch_size, max_length)  # before the cache takes any memory
         cache = self.span.new_cache(batch_size, max_length, start, end)
-        session = Session(session_id, start, end, batch_size, max_length, wire_dtype, cache)
+        session = Session(session_id, start, end, batch_size, max_length, wire_dtype, cache, adapter=lora)
         self.sessions.add(session)
         return session
 
     async def admit(self, session_id: str, start: int, end: int, batch_size: int, max_length: int,
-                    wire_dtype: torch.dtype) -> Session:
+                    wire_dtype: torch.dtype, adapter: str | None = None) -> Session:
         """`open`, waiting up to `admission_wait` seconds for room (other sessions closing) when the node is
         full; RESOURCE_EXHAUSTED at once when the session could never fit."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.admission_wait
         while True:
             try:
-                return self.open(session_id, start, end, batch_size, max_length, wire_dtype)
+                return self.open(session_id, start, end, batch_size, max_length, wire_dtype, adapter)
             except Full as error:
                 left = deadline - loop.time()
                 if left <= 0:
@@ -254,6 +267,7 @@ class Executor:
                 session.cache,
                 start=session.start,
                 end=session.end,
+                adapter=session.adapter,
             )
         self._commit(session, hidden.shape[1], mask)
         return out.to(device="cpu", dtype=session.wire_dtype)
@@ -303,7 +317,7 @@ class Executor:
         for work in works:
             session = work.session
             position_ids, mask = self._prepare(session, work.hidden, work.position_ids, work.attention_mask, work.position)
-            rows.append(Row(work.hidden, position_ids, session.position, session.cache, mask))
+            rows.append(Row(work.hidden, position_ids, session.position, session.cache, mask, session.adapter))
         with torch.inference_mode():
             outputs = self.lean.run(rows, start, end)
         results = []
@@ -324,17 +338,10 @@ class Executor:
             session.mask = session.mask[:, :position]
         session.position = position
 
-    async def forward(
-        self,
-        start: int,
-        end: int,
-        hidden: torch.Tensor,
-        position_ids: torch.Tensor | None,
-        attention_mask: torch.Tensor | None,
-        wire_dtype: torch.dtype,
-        max_tokens: int,
-    ) -> torch.Tensor:
-        """A stateless pass over `[start, end)` with no cache kept."""
+    def _check_pass(self, start: int, end: int, hidden: torch.Tensor, position_ids: torch.Tensor | None,
+                    attention_mask: torch.Tensor | None, wire_dtype: torch.dtype, max_tokens: int,
+                    prompts: torch.Tensor | None) -> None:
+        """A stateless pass (Forward, Backward) fits this node: layers, shapes, length, memory; InvalidRequest if not."""
         self.check_subspan(start, end)
         self.check_hidden(hidden, None, wire_dtype)
         batch, tokens = hidden.shape[:2]
@@ -348,20 +355,87 @@ class Executor:
                             f"tokens: --max-session-tokens, {self.sessions.budget_flag})")
         self._check_aux("position_ids", position_ids, (batch, tokens), positions=min(self.max_length, max_tokens))
         self._check_aux("attention_mask", attention_mask, (batch, tokens))
+        if prompts is not None:
+            if prompts.dim() != 4 or tuple(prompts.shape[:2]) != (end - start, batch) or prompts.shape[3] != self.hidden_size:
+                raise InvalidRequest(f"prompts must be [{end - start} layers, {batch} batch, prompt_tokens, "
+                                     f"{self.hidden_size}], got shape {list(prompts.shape)}")
+            if not 1 <= prompts.shape[2] <= tokens:
+                raise InvalidRequest(f"prompts cover {prompts.shape[2]} tokens; must be 1..{tokens} (the pass's tokens)")
+            if prompts.dtype != wire_dtype:
+                raise InvalidRequest(f"prompts are {prompts.dtype} but the wire dtype is {wire_dtype}")
+
+    def _pass_inputs(self, hidden, position_ids, attention_mask, prompts):
+        """The tensors of a stateless pass on the span's device and dtype (default position ids, no all-ones mask)."""
+        batch, tokens = hidden.shape[:2]
+        device, dtype = self.span.device, self.span.dtype
+        pos = position_ids if position_ids is not None else torch.arange(tokens).expand(batch, tokens)
+        mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.to(device, torch.long)
+        prompts = prompts.to(device=device, dtype=dtype) if prompts is not None else None
+        return hidden.to(device=device, dtype=dtype), pos.to(device=device, dtype=torch.long), mask, prompts
+
+    async def forward(
+        self,
+        start: int,
+        end: int,
+        hidden: torch.Tensor,
+        position_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        wire_dtype: torch.dtype,
+        max_tokens: int,
+        adapter: str | None = None,
+        prompts: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """A stateless pass over `[start, end)` with no cache kept (with LoRA adapter `adapter`, if named; with
+        deep prompts [end - start, batch, prompt_tokens, hidden] added at each layer's input, if given)."""
+        self.check_subspan(start, end)
+        lora = self.adapter(adapter)
+        self._check_pass(start, end, hidden, position_ids, attention_mask, wire_dtype, max_tokens, prompts)
 
         def run() -> torch.Tensor:
-            pos = position_ids if position_ids is not None else torch.arange(tokens).expand(batch, tokens)
-            mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.to(torch.long)
-            device = self.span.device
+            x, pos, mask, deep = self._pass_inputs(hidden, position_ids, attention_mask, prompts)
             with torch.inference_mode():
-                out = self.span(
-                    hidden.to(device=device, dtype=self.span.dtype),
-                    pos.to(device=device, dtype=torch.long),
-                    mask.to(device) if mask is not None else None,
-                    None,
-                    start=start,
-                    end=end,
-                )
+                out = self.span.forward_prompted(x, pos, mask, start, end, deep, adapter=lora)
             return out.to(device="cpu", dtype=wire_dtype)
+
+        return await asyncio.get_running_loop().run_in_executor(self._pool, run)
+
+    async def backward(
+        self,
+        start: int,
+        end: int,
+        hidden: torch.Tensor,
+        grad_output: torch.Tensor,
+        position_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        wire_dtype: torch.dtype,
+        max_tokens: int,
+        adapter: str | None = None,
+        prompts: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The gradients of a stateless pass w.r.t. its inputs (and deep prompts): the pass is recomputed with
+        autograd on `hidden` and `prompts` only; the span's weights are frozen and get no gradient."""
+        self.check_subspan(start, end)
+        lora = self.adapter(adapter)
+        self._check_pass(start, end, hidden, position_ids, attention_mask, wire_dtype, max_tokens, prompts)
+        if tuple(grad_output.shape) != tuple(hidden.shape):
+            raise InvalidRequest(f"grad_output must have the shape of hidden {list(hidden.shape)}, "
+                                 f"got {list(grad_output.shape)}")
+        if grad_output.dtype != wire_dtype:
+            raise InvalidRequest(f"grad_output is {grad_output.dtype} but the wire dtype is {wire_dtype}")
+
+        def run() -> tuple[torch.Tensor, torch.Tensor | None]:
+            x, pos, mask, deep = self._pass_inputs(hidden, position_ids, attention_mask, prompts)
+            inputs = [x.detach().clone().requires_grad_(True)]
+            if deep is not None:
+                inputs.append(deep.detach().clone().requires_grad_(True))
+            with torch.enable_grad():
+                out = self.span.forward_prompted(inputs[0], pos, mask, start, end, inputs[1] if deep is not None else None,
+                                                 adapter=lora)
+                grads = torch.autograd.grad(out, inputs, grad_output.to(device=out.device, dtype=out.dtype),
+                                            allow_unused=True)
+            grads = [g if g is not None else torch.zeros_like(i) for g, i in zip(grads, inputs)]
+            grad_input = grads[0].to(device="cpu", dtype=wire_dtype)
+            grad_prompts = grads[1].to(device="cpu", dtype=wire_dtype) if deep is not None else None
+            return grad_input, grad_prompts
 
         return await asyncio.get_running_loop().run_in_executor(self._pool, run)

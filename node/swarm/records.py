@@ -22,6 +22,7 @@ from node.rpc.codec import PROTOCOL_VERSION
 MAX_PAYLOAD_BYTES = 4096
 MAX_CLOCK_SKEW = 60.0  # seconds a record may claim to come from the future
 MAX_TTL = 3600.0
+MAX_ADAPTERS = 32  # LoRA adapter names one record may list (node/model/lora.py)
 
 
 class RecordError(ValueError):
@@ -51,6 +52,7 @@ class PeerRecord:
     end: int
     dtype: str = "float32"
     device: str = "cpu"
+    quant: str = "none"              # weight quantisation: none | int8 | nf4 (older records: none)
     throughput: float = 0.0          # decode tokens/s through the whole span, measured by the node
     prefill_throughput: float = 0.0  # prefill tokens/s through the whole span
     free_cache_tokens: int = 0
@@ -62,6 +64,9 @@ class PeerRecord:
     expires_at: float = 0.0
     seq: int = 0                     # grows with every re-announcement; the newest wins
     started_at: float = 0.0          # when the node process started (uptime); 0 = unknown
+    adapters: tuple[str, ...] = ()   # LoRA adapters the node serves, by name (older records: none)
+    relay_slots: int = 0             # > 0: volunteers as a relay for this many nodes (docs/relay.md); older: 0
+    relay_via: str = ""              # relayed node: the node id of the relay its address goes through
     protocol_version: int = PROTOCOL_VERSION
 
     @property
@@ -76,15 +81,18 @@ class PeerRecord:
         data = asdict(self)
         data["state"] = self.state.value
         data["addresses"] = list(self.addresses)
+        data["adapters"] = list(self.adapters)
         return data
 
 
 _SCHEMA: dict[str, tuple[type, ...]] = {
     "node_id": (str,), "addresses": (list, tuple), "model_id": (str,), "config_hash": (str,),
-    "num_layers": (int,), "start": (int,), "end": (int,), "dtype": (str,), "device": (str,),
+    "num_layers": (int,), "start": (int,), "end": (int,), "dtype": (str,), "device": (str,), "quant": (str,),
+    "adapters": (list, tuple),
     "throughput": (int, float), "prefill_throughput": (int, float), "free_cache_tokens": (int,),
     "max_length": (int,), "load": (int, float), "state": (str,), "name": (str,), "issued_at": (int, float),
     "expires_at": (int, float), "seq": (int,), "protocol_version": (int,), "started_at": (int, float),
+    "relay_slots": (int,), "relay_via": (str,),
 }
 _REQUIRED = ("node_id", "addresses", "model_id", "config_hash", "num_layers", "start", "end", "issued_at",
              "expires_at", "seq", "protocol_version", "state")
@@ -148,13 +156,20 @@ def _validate(data: dict) -> PeerRecord:
     if not addresses or not all(isinstance(a, str) and 0 < len(a) <= 255 for a in addresses) or len(addresses) > 8:
         raise RecordError("malformed record: addresses must be 1..8 non-empty strings")
     known["addresses"] = addresses
+    adapters = tuple(known.get("adapters", ()))
+    if len(adapters) > MAX_ADAPTERS or not all(isinstance(a, str) and 0 < len(a) <= 64 for a in adapters):
+        raise RecordError(f"malformed record: adapters must be at most {MAX_ADAPTERS} names of 1..64 characters")
+    known["adapters"] = adapters
+    if len(known.get("relay_via", "")) > 64:
+        raise RecordError("malformed record: relay_via is longer than a node id")
     if not 0 <= known["start"] < known["end"] <= known["num_layers"]:
         raise RecordError(f"malformed record: span {known['start']}:{known['end']} of {known['num_layers']} layers")
     try:
         known["state"] = NodeState(known["state"])
     except ValueError:
         raise RecordError(f"malformed record: unknown state {known['state']!r}") from None
-    for name in ("throughput", "prefill_throughput", "load", "free_cache_tokens", "max_length", "seq"):
+    for name in ("throughput", "prefill_throughput", "load", "free_cache_tokens", "max_length", "seq",
+                 "relay_slots"):
         if name in known and known[name] < 0:
             raise RecordError(f"malformed record: {name} is negative")
     return PeerRecord(**known)

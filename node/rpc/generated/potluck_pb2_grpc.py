@@ -44,6 +44,11 @@ class PotluckStub:
                 request_serializer=node_dot_rpc_dot_generated_dot_potluck__pb2.ForwardRequest.SerializeToString,
                 response_deserializer=node_dot_rpc_dot_generated_dot_potluck__pb2.ForwardReply.FromString,
                 _registered_method=True)
+        self.Backward = channel.unary_unary(
+                '/potluck.v1.Potluck/Backward',
+                request_serializer=node_dot_rpc_dot_generated_dot_potluck__pb2.BackwardRequest.SerializeToString,
+                response_deserializer=node_dot_rpc_dot_generated_dot_potluck__pb2.BackwardReply.FromString,
+                _registered_method=True)
         self.Inference = channel.stream_stream(
                 '/potluck.v1.Potluck/Inference',
                 request_serializer=node_dot_rpc_dot_generated_dot_potluck__pb2.SessionRequest.SerializeToString,
@@ -76,6 +81,12 @@ class PotluckServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Forward(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Backward(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -117,6 +128,11 @@ def add_PotluckServicer_to_server(servicer, server):
                     servicer.Forward,
                     request_deserializer=node_dot_rpc_dot_generated_dot_potluck__pb2.ForwardRequest.FromString,
                     response_serializer=node_dot_rpc_dot_generated_dot_potluck__pb2.ForwardReply.SerializeToString,
+            ),
+            'Backward': grpc.unary_unary_rpc_method_handler(
+                    servicer.Backward,
+                    request_deserializer=node_dot_rpc_dot_generated_dot_potluck__pb2.BackwardRequest.FromString,
+                    response_serializer=node_dot_rpc_dot_generated_dot_potluck__pb2.BackwardReply.SerializeToString,
             ),
             'Inference': grpc.stream_stream_rpc_method_handler(
                     servicer.Inference,
@@ -193,6 +209,33 @@ class Potluck:
             '/potluck.v1.Potluck/Forward',
             node_dot_rpc_dot_generated_dot_potluck__pb2.ForwardRequest.SerializeToString,
             node_dot_rpc_dot_generated_dot_potluck__pb2.ForwardReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Backward(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/potluck.v1.Potluck/Backward',
+            node_dot_rpc_dot_generated_dot_potluck__pb2.BackwardRequest.SerializeToString,
+            node_dot_rpc_dot_generated_dot_potluck__pb2.BackwardReply.FromString,
             options,
             channel_credentials,
             insecure,
