@@ -133,8 +133,8 @@ def save_prompts(model, path: str, extra: dict | None = None) -> None:
 
 
 def load_prompts(model, path: str) -> dict:
-    """Put the prompts of the file at `path` on `model` (for generation). ValueError with a one-line reason if the
-    file is not a prompt file, was trained for another model, or holds deep prompts (not usable by generate yet)."""
+    """Put the prompts of the file at `path` on `model` (for generation; ptune or deep_ptune). ValueError with a
+    one-line reason if the file is not a prompt file or was trained for another model."""
     where = f"--prompt-weights {path}"
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
@@ -145,16 +145,23 @@ def load_prompts(model, path: str) -> dict:
     if saved["config_hash"] != model.swarm.config_hash:
         raise ValueError(f"{where}: trained for another model ({saved.get('model')}, config {saved['config_hash']}), "
                          f"not {model.name_or_path} (config {model.swarm.config_hash})")
-    if saved["method"] != "ptune":
-        raise ValueError(f"{where}: {saved['method']} prompts cannot be used for generation yet (only ptune; "
-                         "docs/finetune.md)")
-    embeddings = saved["tensors"]["prompt_embeddings"]
-    if tuple(embeddings.shape) != (saved["num_prompt_tokens"], model.config.hidden_size):
-        raise ValueError(f"{where}: prompt_embeddings has shape {tuple(embeddings.shape)}, expected "
-                         f"({saved['num_prompt_tokens']}, {model.config.hidden_size})")
-    model.add_prompts("ptune", saved["num_prompt_tokens"])
+    method = saved.get("method")
+    if method not in ("ptune", "deep_ptune"):
+        raise ValueError(f"{where}: unknown method {method!r} (expected ptune or deep_ptune)")
+    count, hidden = saved["num_prompt_tokens"], model.config.hidden_size
+    expected = {"prompt_embeddings": (count, hidden)}
+    if method == "deep_ptune":
+        expected["intermediate_prompts"] = (model.config.num_hidden_layers, count, hidden)
+    for name, shape in expected.items():
+        tensor = saved["tensors"].get(name)
+        if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != shape:
+            found = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else "nothing"
+            raise ValueError(f"{where}: {name} has shape {found}, expected {shape}")
+    model.add_prompts(method, count)
     with torch.no_grad():
-        model.prompt_embeddings.copy_(embeddings)
+        model.prompt_embeddings.copy_(saved["tensors"]["prompt_embeddings"])
+        if method == "deep_ptune":
+            model.intermediate_prompts.copy_(saved["tensors"]["intermediate_prompts"])
     return saved
 
 

@@ -214,8 +214,6 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             inputs_embeds = self.embed_tokens(input_ids)
         deep, prompted = None, False
         if self.tuning is not None:
-            if cache is not None and self.tuning != "ptune":
-                raise NotImplementedError("generation with deep prompts is not supported yet (docs/finetune.md)")
             if cache is None or cache.session.position == 0:  # a pass, or a session's first step: prompt first
                 inputs_embeds, attention_mask, position_ids, deep = self._prepend_prompts(inputs_embeds, attention_mask,
                                                                                           position_ids)
@@ -230,7 +228,10 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             attention_mask = None  # no padding: nothing to send (the nodes assume all ones)
         if cache is not None:
             new_mask = attention_mask[:, -tokens:] if attention_mask is not None else None
-            hidden = cache.session.step(inputs_embeds, position_ids, new_mask)
+            if deep is not None:  # deep_ptune: the session's first step carries each hop's slice of the deep prompts
+                hidden = cache.session.step(inputs_embeds, position_ids, new_mask, deep)
+            else:
+                hidden = cache.session.step(inputs_embeds, position_ids, new_mask)
         else:
             if attention_mask is not None and attention_mask.shape[1] != tokens:
                 raise ValueError("without a cache, attention_mask must cover exactly the given tokens")
@@ -266,6 +267,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         max_new = kwargs.get("max_new_tokens", config.max_new_tokens)
         max_length = prompt.shape[1] + max_new if max_new is not None else kwargs.get("max_length", config.max_length)
         offset = self.prompt_embeddings.shape[0] if self.tuning is not None else 0  # ptune: the session holds the prompt
+        if self.tuning == "deep_ptune" and self.swarm.config.verify != "off":
+            raise NotImplementedError("verify with deep prompts (deep_ptune) is not supported yet; use verify='off'")
         if self.swarm.config.verify == "off":
             with self.inference_session(max_length=max_length + offset) as session:
                 self.last_session = session  # its .route and .events (failovers) stay readable after generate

@@ -97,18 +97,20 @@ class HopStream:
         self.push = opened.push
 
     def make_step(self, hidden: pb.Tensor, position_ids: pb.Tensor | None, mask: pb.Tensor | None,
-                  step_id: int) -> pb.Step:
+                  step_id: int, prompts: pb.Tensor | None = None) -> pb.Step:
         step = pb.Step(hidden=hidden, position=self.position, step_id=step_id)
         if position_ids is not None:
             step.position_ids.CopyFrom(position_ids)
         if mask is not None:
             step.attention_mask.CopyFrom(mask)
+        if prompts is not None:
+            step.prompts.CopyFrom(prompts)
         return step
 
     async def step(self, hidden: pb.Tensor, position_ids: pb.Tensor | None, mask: pb.Tensor | None,
-                   timeout: float, step_id: int) -> pb.StepResult:
-        """Send one step and wait for its result (client-driven)."""
-        step = self.make_step(hidden, position_ids, mask, step_id)
+                   timeout: float, step_id: int, prompts: pb.Tensor | None = None) -> pb.StepResult:
+        """Send one step and wait for its result (client-driven); `prompts`: this hop's slice of the deep prompts."""
+        step = self.make_step(hidden, position_ids, mask, step_id, prompts)
         result = await self._guarded(self._send_and_read(step), timeout)
         self.record(step, result)
         return result
@@ -256,6 +258,20 @@ def _merged_history(history: list[pb.Step]) -> tuple[torch.Tensor, torch.Tensor,
     return torch.cat(hiddens, dim=1), torch.cat(positions, dim=1), mask
 
 
+def _history_prompts(history: list[pb.Step]) -> torch.Tensor | None:
+    """The deep prompts a hop got with its first step (the prefill at position 0), or None."""
+    if history and history[0].position == 0 and history[0].HasField("prompts"):
+        return codec.decode_tensor(history[0].prompts, "prompts")
+    return None
+
+
+def _prompt_slice(prompts: torch.Tensor | None, base: int, hop: Hop, wire_dtype: str) -> pb.Tensor | None:
+    """Hop `hop`'s layers of deep prompts whose first row is layer `base`, encoded (None: no prompts)."""
+    if prompts is None:
+        return None
+    return codec.encode_hidden(prompts[hop.start - base : hop.end - base], wire_dtype)
+
+
 class InferenceSession:
     """Steps hidden states through every hop in order; opened lazily on the first step."""
 
@@ -308,14 +324,29 @@ class InferenceSession:
                 and all(stream.push and stream.position == self.position for stream in self.hops))
 
     async def step(self, hidden: torch.Tensor, position_ids: torch.Tensor | None = None,
-                   attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """hidden [batch, tokens, hidden_size] after the embeddings -> hidden after the last layer."""
+                   attention_mask: torch.Tensor | None = None, prompts: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden [batch, tokens, hidden_size] after the embeddings -> hidden after the last layer.
+
+        `prompts` (deep prompt tuning, only on the first step): [num_layers, batch, prompt_tokens, hidden], added at
+        each layer's input to the first prompt_tokens positions; each hop gets its layers' slice. Such a step is
+        client-driven (never pushed: a node hands on its output, not the next hop's prompts)."""
+        if prompts is not None and self.position != 0:
+            raise ValueError("deep prompts go with the session's first step only")
         tokens = hidden.shape[1]
         if self.position + tokens > self.max_length:
             raise ValueError(f"session holds {self.position} tokens; {tokens} more exceed its max_length {self.max_length}")
         if not self.hops:
             self.batch_size = hidden.shape[0]
             await self._open()
+        if prompts is not None:
+            if self.verifier is not None:
+                raise NotImplementedError("verifying a session with deep prompts is not supported yet")
+            message = await self._drive(0, codec.encode_hidden(hidden, self.wire_dtype),
+                                        codec.encode_tensor(position_ids.to(torch.int64)) if position_ids is not None else None,
+                                        codec.encode_tensor(attention_mask.to(torch.int64)) if attention_mask is not None else None,
+                                        tokens, prompts)
+            self.position += tokens
+            return codec.decode_tensor(message, "hidden").clone()
         if self.pushing and self.verifier is None and tokens >= 2 * self.prefill_chunk > 0:
             out = await self._pipelined_prefill(hidden, position_ids, attention_mask)
             self.position += tokens
@@ -468,8 +499,9 @@ class InferenceSession:
         return await stream.result(step_id, max(deadline - time.perf_counter(), 0.001))
 
     async def _drive(self, index: int, message: pb.Tensor, pos: pb.Tensor | None, mask: pb.Tensor | None,
-                     tokens: int) -> pb.Tensor:
-        """Client-driven: send the step to hop `index`, its result to the next hop, and so on to the last.
+                     tokens: int, prompts: torch.Tensor | None = None) -> pb.Tensor:
+        """Client-driven: send the step to hop `index`, its result to the next hop, and so on to the last
+        (each with its slice of the deep `prompts`, indexed by global layer, if given).
 
         A fresh step id, so that results a hop computed for a broken push of this step are skipped."""
         step_id = next(self._step_ids)
@@ -477,7 +509,8 @@ class InferenceSession:
             stream = self.hops[index]
             sent = time.perf_counter()
             try:
-                result = await stream.step(message, pos, mask, self.router.deadline(stream.hop, tokens), step_id)
+                result = await stream.step(message, pos, mask, self.router.deadline(stream.hop, tokens), step_id,
+                                           _prompt_slice(prompts, 0, stream.hop, self.wire_dtype))
             except PeerError as error:
                 if error.code not in RECOVERABLE:
                     raise
@@ -529,13 +562,15 @@ class InferenceSession:
         if not history:
             return 0
         hidden, positions, mask = _merged_history(history)
+        prompts = _history_prompts(history)  # the failed hop's layers, from streams[0].hop.start on
         tokens = hidden.shape[1]
         message = codec.encode_tensor(hidden)
         pos = codec.encode_tensor(positions)
         mask_message = codec.encode_tensor(mask) if mask is not None else None
         step_id = next(self._step_ids)
         for stream in streams:
-            result = await stream.step(message, pos, mask_message, self.router.deadline(stream.hop, tokens), step_id)
+            result = await stream.step(message, pos, mask_message, self.router.deadline(stream.hop, tokens), step_id,
+                                       _prompt_slice(prompts, streams[0].hop.start, stream.hop, self.wire_dtype))
             message = result.hidden
         return tokens
 

@@ -392,8 +392,8 @@ class SyncSession:
         verifier = self._session.verifier
         return verifier.stats if verifier is not None else None
 
-    def step(self, hidden: torch.Tensor, position_ids=None, attention_mask=None) -> torch.Tensor:
-        return self._loop.run(self._session.step(hidden, position_ids, attention_mask))
+    def step(self, hidden: torch.Tensor, position_ids=None, attention_mask=None, prompts=None) -> torch.Tensor:
+        return self._loop.run(self._session.step(hidden, position_ids, attention_mask, prompts))
 
     def settle(self) -> None:
         """Verify the steps not checked yet (spot mode); VerificationRestart if a node lied in one of them."""

@@ -41,6 +41,12 @@ def pair(tiny_model_dir, tiny_swarm):
 
 def local_loss(local, prompt, deep, ids, labels):
     """The same model run locally: prompt in front, deep prompts added at each layer's input, prompt outputs dropped."""
+    hidden = local_hidden(local, prompt, deep, ids)
+    return local.loss_function(logits=local.lm_head(hidden), labels=labels, vocab_size=local.config.vocab_size)
+
+
+def local_hidden(local, prompt, deep, ids):
+    """local_loss's pass up to the head: the last hidden states of the input's positions."""
     embeds = local.get_input_embeddings()(ids)
     x = torch.cat([prompt.unsqueeze(0).expand(ids.shape[0], -1, -1), embeds], dim=1)
     handles = []
@@ -53,11 +59,10 @@ def local_loss(local, prompt, deep, ids, labels):
                 return args, {**kwargs, "hidden_states": add(kwargs["hidden_states"])}
             handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
     try:
-        hidden = local.model(inputs_embeds=x).last_hidden_state[:, PROMPT:]
+        return local.model(inputs_embeds=x).last_hidden_state[:, PROMPT:]
     finally:
         for handle in handles:
             handle.remove()
-    return local.loss_function(logits=local.lm_head(hidden), labels=labels, vocab_size=local.config.vocab_size)
 
 
 def trainable(remote) -> list[torch.nn.Parameter]:
@@ -257,4 +262,140 @@ def test_node_process_killed_during_backward_is_replaced(tiny_model_dir, bg_loop
             remote.close()
         victim.kill()
         for node in inproc:
+            bg_loop.stop_node(node)
+
+
+def test_transformers_trainer_trains_the_prompt_as_local_adamw(tiny_model_dir, tiny_swarm, tmp_path):
+    """The transformers `Trainer` drives the distributed model as any PreTrainedModel: its steps equal plain AdamW
+    on the same prompt computed locally (constant learning rate, no clipping, one batch a step)."""
+    from transformers import Trainer, TrainingArguments
+
+    folder = tiny_model_dir("qwen2")
+    remote = DistributedModelForCausalLM.from_pretrained(str(folder), peers=[n.address for n in tiny_swarm("qwen2")],
+                                                         tuning="ptune", num_prompt_tokens=PROMPT)
+    try:
+        local = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval().requires_grad_(False)
+        torch.manual_seed(8)
+        ids = torch.randint(3, 512, (2, 7))
+        data = [{"input_ids": row, "labels": row} for row in ids]
+        prompt, _ = local_copies(remote)
+        initial = prompt.detach().clone()
+        args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2, learning_rate=1e-2,
+                                 lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0, report_to=[],
+                                 save_strategy="no", use_cpu=True, logging_strategy="no", disable_tqdm=True)
+        Trainer(model=remote, args=args, train_dataset=data).train()
+        optimizer = torch.optim.AdamW([prompt], lr=1e-2, weight_decay=0.0)
+        for _ in range(3):
+            optimizer.zero_grad()
+            local_loss(local, prompt, None, ids, ids).backward()
+            optimizer.step()
+        torch.testing.assert_close(remote.prompt_embeddings.detach(), prompt.detach(), rtol=1e-4, atol=1e-5)
+        assert (remote.prompt_embeddings.detach() - initial).abs().max() > 1e-3  # three steps moved it
+    finally:
+        remote.close()
+
+
+@pytest.mark.parametrize("family", ["llama", "mixtral"])  # the lean runtime (static cache) and transformers' layers
+def test_generate_with_deep_prompts_matches_local(family, pair):
+    """deep_ptune: the session's first step carries each hop's slice of the deep prompts; greedy tokens equal a
+    local greedy loop (full sequences, no cache) with the same prompts added at each layer's input."""
+    local, remote = pair(family, "deep_ptune")
+    assert remote.intermediate_prompts.abs().sum() > 0
+    torch.manual_seed(6)
+    ids = torch.randint(3, 512, (2, 5))
+    got = remote.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)
+    prompt, deep = local_copies(remote)
+
+    def greedy(deep_prompts):
+        tokens = ids
+        with torch.no_grad():
+            for _ in range(6):
+                logits = local.lm_head(local_hidden(local, prompt, deep_prompts, tokens)[:, -1])
+                tokens = torch.cat([tokens, logits.argmax(-1, keepdim=True)], dim=1)
+        return tokens.tolist()
+
+    expected = greedy(deep)
+    assert expected != greedy(None)  # the deep prompts change the tokens
+    assert got.tolist() == expected
+    assert remote.last_session.pushed_steps >= 1  # the prompted first step is client-driven, later ones pushed
+
+
+def test_step_with_prompts_after_position_zero_is_refused(tiny_swarm):
+    node = tiny_swarm("llama")[1]  # serves 2:4
+    prompts = codec.encode_tensor(torch.randn(2, 1, 2, 64))
+
+    def requests():
+        yield pb.SessionRequest(open=pb.OpenSession(session_id="deep-refused", start=2, end=4, max_length=16,
+                                                    batch_size=1, wire_dtype="float32"))
+        yield pb.SessionRequest(step=pb.Step(hidden=codec.encode_tensor(torch.randn(1, 3, 64)), position=0, step_id=1,
+                                             prompts=prompts))
+        yield pb.SessionRequest(step=pb.Step(hidden=codec.encode_tensor(torch.randn(1, 1, 64)), position=3, step_id=2,
+                                             prompts=prompts))
+
+    with grpc.insecure_channel(node.address) as channel:
+        replies = pb_grpc.PotluckStub(channel).Inference(requests(), timeout=20)
+        assert next(replies).WhichOneof("kind") == "opened"
+        assert list(next(replies).result.hidden.shape) == [1, 3, 64]  # prompts on the prefill: accepted
+        with pytest.raises(grpc.RpcError) as caught:
+            next(replies)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+        assert "only allowed on a step at position 0" in caught.value.details()
+
+        pushed = pb.Step(hidden=codec.encode_tensor(torch.randn(1, 3, 64)), position=0, step_id=1, prompts=prompts)
+        pushed.push.add(address=tiny_swarm("llama")[2].address, session_id="elsewhere")
+        opened = pb.SessionRequest(open=pb.OpenSession(session_id="deep-pushed", start=2, end=4, max_length=16,
+                                                       batch_size=1, wire_dtype="float32"))
+        replies = pb_grpc.PotluckStub(channel).Inference(iter([opened, pb.SessionRequest(step=pushed)]), timeout=20)
+        assert next(replies).WhichOneof("kind") == "opened"
+        with pytest.raises(grpc.RpcError) as caught:
+            next(replies)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+        assert "a step with prompts cannot be pushed" in caught.value.details()
+
+
+def test_generate_with_deep_prompts_survives_a_lost_node(bg_loop, tiny_model_dir):
+    """The node serving the second hop stops mid-generation: the spare replays the hop's history, the prefill with
+    its slice of the deep prompts first, and the tokens stay those of the local greedy loop."""
+    from transformers.generation.streamers import BaseStreamer
+
+    folder = tiny_model_dir("llama")
+    nodes = [bg_loop.start_node(folder, 0, 3), bg_loop.start_node(folder, 3, 6), bg_loop.start_node(folder, 3, 6)]
+    remote = DistributedModelForCausalLM.from_pretrained(str(folder), peers=[n.address for n in nodes],
+                                                         tuning="deep_ptune", num_prompt_tokens=PROMPT)
+
+    class StopSecondHop(BaseStreamer):
+        calls = 0
+
+        def put(self, value):
+            self.calls += 1
+            if self.calls == 3:  # the prompt, then two new tokens
+                used = remote.last_session.route[1].peer.address
+                victim = next(n for n in nodes[1:] if n.address == used)
+                bg_loop.stop_node(victim)
+                nodes.remove(victim)
+
+        def end(self):
+            pass
+
+    try:
+        torch.manual_seed(9)
+        with torch.no_grad():
+            remote.intermediate_prompts.normal_(0, 0.05)
+        local = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval().requires_grad_(False)
+        ids = torch.randint(3, 512, (1, 5))
+        got = remote.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0,
+                              streamer=StopSecondHop())
+        events = remote.last_session.events
+        assert len(events) == 1 and events[0].start == 3 and events[0].replayed_tokens >= PROMPT + 5, events
+        prompt, deep = local_copies(remote)
+        expected = ids
+        with torch.no_grad():
+            for _ in range(6):
+                logits = local.lm_head(local_hidden(local, prompt, deep, expected)[:, -1])
+                expected = torch.cat([expected, logits.argmax(-1, keepdim=True)], dim=1)
+        assert got.tolist() == expected.tolist()
+    finally:
+        remote.close()
+        for node in nodes:
             bg_loop.stop_node(node)

@@ -81,7 +81,7 @@ def test_mismatched_prompt_files_are_refused(smollm_dir, smollm_chain, tmp_path,
         (dict(method="ptune", config_hash=config_hash(tiny_config("llama")), model="tiny-llama", hidden=64),
          "trained for another model (tiny-llama"),
         (dict(method="deep_ptune", config_hash=smollm_hash, model="smollm", hidden=576),
-         "deep_ptune prompts cannot be used for generation yet"),
+         "intermediate_prompts has shape nothing"),  # a deep_ptune file without its deep prompts
     ]
     for fields, fragment in cases:
         path = tmp_path / f"{fields['method']}.pt"
@@ -91,6 +91,15 @@ def test_mismatched_prompt_files_are_refused(smollm_dir, smollm_chain, tmp_path,
         code, _, err = run(capsys, "generate", "--model", str(smollm_dir), "--peers", peers, "--prompt", "hi",
                            "--prompt-weights", str(path))
         assert code == 2 and fragment in err and len(err.strip().splitlines()) == 1, err
+    layers = AutoConfig.from_pretrained(smollm_dir).num_hidden_layers
+    path = tmp_path / "deep.pt"  # a whole deep_ptune file: generate uses it
+    torch.manual_seed(0)
+    torch.save({"format": FILE_FORMAT, "num_prompt_tokens": 4, "method": "deep_ptune", "config_hash": smollm_hash,
+                "model": "smollm", "tensors": {"prompt_embeddings": torch.randn(4, 576) * 0.02,
+                                               "intermediate_prompts": torch.randn(layers, 4, 576) * 0.02}}, path)
+    code, _, err = run(capsys, "generate", "--model", str(smollm_dir), "--peers", peers, "--prompt", "hi",
+                       "--max-new-tokens", "2", "--prompt-weights", str(path))
+    assert code == 0, err
     path = tmp_path / "junk.pt"
     path.write_text("not a torch file")
     code, _, err = run(capsys, "generate", "--model", str(smollm_dir), "--peers", peers, "--prompt", "hi",
@@ -115,7 +124,14 @@ def test_deep_ptune_trains_and_saves_both_prompts(tiny_model_dir, tiny_swarm, tm
         save_prompts(model, str(tmp_path / "deep.pt"))
         saved = torch.load(tmp_path / "deep.pt", weights_only=True)
         assert saved["method"] == "deep_ptune" and saved["tensors"]["intermediate_prompts"].shape == (6, 4, 64)
-        with pytest.raises(ValueError, match="deep_ptune prompts cannot be used for generation yet"):
-            load_prompts(model, str(tmp_path / "deep.pt"))
+        loaded = DistributedModelForCausalLM.from_pretrained(str(folder), peers=[n.address for n in tiny_swarm("llama")])
+        try:
+            load_prompts(loaded, str(tmp_path / "deep.pt"))
+            assert loaded.tuning == "deep_ptune"
+            assert torch.equal(loaded.intermediate_prompts.detach(), model.intermediate_prompts.detach())
+            ids = torch.tensor([[5, 9, 17]])
+            assert loaded.generate(ids, max_new_tokens=3, do_sample=False, eos_token_id=None, pad_token_id=0).shape == (1, 6)
+        finally:
+            loaded.close()
     finally:
         model.close()

@@ -85,6 +85,8 @@ class Row:
     cache: StaticKV | None               # None: a stateless pass (Forward RPC)
     mask: torch.Tensor | None = None     # [batch, past + tokens] 1 = real token, 0 = padding; None = no padding
     adapter: object = None               # node/model/lora.LoraAdapter of this row's session; None = the base model
+    prompts: torch.Tensor | None = None  # deep prompts [end - start, batch, prompt_tokens, hidden] of the run's
+                                         # layers, added to the first prompt_tokens positions at each layer's input
 
 
 def _weight_t(linear: nn.Module) -> torch.Tensor:
@@ -210,8 +212,17 @@ class LeanSpan:
                  for kind in kinds}
         q_size, kv_size = self.q_heads * self.head_dim, self.kv_heads * self.head_dim
         lora = lean_plan(rows, sizes, self.device)  # LoRA: rows grouped by adapter ([] if none has one)
+        prompted, offset = [], 0
+        for row, size in zip(rows, sizes):
+            if row.prompts is not None:
+                prompted.append((row, slice(offset, offset + size)))
+            offset += size
         for index in range(start, end):
             layer = self.layers[index - self.start]
+            if prompted:  # deep prompts, as SpanModel.forward_prompted adds them (x is this pass's own tensor)
+                for row, part in prompted:
+                    count = row.prompts.shape[2]
+                    x[part].view(row.hidden.shape)[:, :count] += row.prompts[index - start]
             h = _rms(x, layer.input_norm, layer.eps)
             qkv = _linear(h, layer.qkv_t, layer.qkv_bias)
             if lora:

@@ -119,16 +119,22 @@ class SpanModel(nn.Module):
         return hidden
 
     def forward_prompted(self, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                         start: int, end: int, prompts: torch.Tensor | None, adapter=None) -> torch.Tensor:
-        """A stateless pass over `[start, end)` with deep prompts (Petals-style deep prompt tuning): before each
+                         start: int, end: int, prompts: torch.Tensor | None, adapter=None,
+                         cache: DynamicCache | None = None) -> torch.Tensor:
+        """A pass over `[start, end)` with deep prompts (Petals-style deep prompt tuning): before each
         layer `start + i`, `prompts[i]` ([batch, prompt_tokens, hidden]) is added to the first prompt_tokens
-        positions of the hidden states. Without prompts, one ordinary pass. Differentiable (no in-place writes)."""
+        positions of the hidden states. Without prompts, one ordinary pass. Differentiable (no in-place writes).
+
+        `cache` (a session's prefill; the generic path only: the lean one takes prompts in its `Row`) is updated
+        layer by layer as in `forward`."""
         if prompts is None:
-            return self(hidden, position_ids, attention_mask, None, start=start, end=end, adapter=adapter)
+            return self(hidden, position_ids, attention_mask, cache, start=start, end=end, adapter=adapter)
+        if cache is not None and self.lean is not None:
+            raise ValueError("on the lean path, a cached pass takes its deep prompts in its Row")
         count = prompts.shape[2]
         for index in range(start, end):
             hidden = torch.cat([hidden[:, :count] + prompts[index - start], hidden[:, count:]], dim=1)
-            hidden = self(hidden, position_ids, attention_mask, None, start=index, end=index + 1, adapter=adapter)
+            hidden = self(hidden, position_ids, attention_mask, cache, start=index, end=index + 1, adapter=adapter)
         return hidden
 
     def _lean_forward(self, hidden, position_ids, attention_mask, cache, start: int, end: int,

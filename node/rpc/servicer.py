@@ -269,6 +269,7 @@ class PotluckServicer(pb_grpc.PotluckServicer):
                 raise FailedPrecondition("this node does not forward pushed steps; send each hop its step")
             push.check_targets(step.push)
             check_push_targets(step.push)
+            _check_unprompted(step)
         started = time.perf_counter()
         out = await executor.step(
             session,
@@ -276,6 +277,7 @@ class PotluckServicer(pb_grpc.PotluckServicer):
             codec.optional_tensor(step, "position_ids"),
             codec.optional_tensor(step, "attention_mask"),
             step.position,
+            codec.optional_tensor(step, "prompts"),
         )
         seconds = time.perf_counter() - started
         hidden = codec.encode_hidden(out, session.wire)
@@ -397,10 +399,17 @@ def _tokens(step: pb.Step) -> int:
     return int(shape[1]) if len(shape) == 3 and shape[1] >= 0 else 0
 
 
+def _check_unprompted(step: pb.Step) -> None:
+    """Deep prompts are one hop's slice: a step that carries them is not handed on (the client sends each hop its own)."""
+    if step.HasField("prompts"):
+        raise InvalidRequest("a step with prompts cannot be pushed: send each hop its own step with its slice")
+
+
 def _check_pushed(step: pb.Step, executor: Executor, session: Session) -> None:
     """What the pushing node can be told at once (the executor checks the rest when the step runs)."""
     push.check_targets(step.push)
     check_push_targets(step.push)
+    _check_unprompted(step)
     codec.optional_tensor(step, "position_ids")
     codec.optional_tensor(step, "attention_mask")
     executor.check_hidden(codec.decode_tensor(step.hidden, "hidden"), session.batch_size, session.wire_dtype)

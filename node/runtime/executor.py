@@ -32,6 +32,7 @@ class _Work:
     position_ids: torch.Tensor | None
     attention_mask: torch.Tensor | None
     position: int
+    prompts: torch.Tensor | None = None  # deep prompts of a prefill step (see Executor.step)
     future: Future = field(default_factory=Future)
 
     @property
@@ -201,9 +202,18 @@ class Executor:
         position_ids: torch.Tensor | None,
         attention_mask: torch.Tensor | None,
         position: int,
+        prompts: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """Run one step of `session`. `prompts` (deep prompt tuning): [end - start, batch, prompt_tokens, hidden],
+        added at each layer's input to the first prompt_tokens positions, as in `forward`; only on a step at
+        position 0 (the prefill holding the soft prompt's positions)."""
         self.check_hidden(hidden, session.batch_size, session.wire_dtype)
         tokens = hidden.shape[1]
+        if prompts is not None:
+            if position != 0:
+                raise InvalidRequest(f"prompts are only allowed on a step at position 0 (the prompt's positions), "
+                                     f"not at position {position}")
+            self._check_prompts(prompts, session.end - session.start, session.batch_size, tokens, session.wire_dtype)
         if position > session.position:
             raise InvalidRequest(f"step says the cache holds {position} tokens but it holds {session.position}")
         # position < session.position rewinds: the client re-sends a step this node already ran (push recovery)
@@ -216,9 +226,10 @@ class Executor:
         session.busy = True
         try:
             if self.lean is not None:
-                return await self._batched(session, hidden, position_ids, attention_mask, position)
+                return await self._batched(session, hidden, position_ids, attention_mask, position, prompts)
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._pool, self._run_step, session, hidden, position_ids, attention_mask, position)
+            return await loop.run_in_executor(self._pool, self._run_step, session, hidden, position_ids, attention_mask,
+                                              position, prompts)
         except Exception:
             self._drop(session.session_id)  # its cache may be half-updated: never reuse it
             raise
@@ -255,27 +266,30 @@ class Executor:
         session.mask = mask
         session.position += tokens
 
-    def _run_step(self, session: Session, hidden, position_ids, attention_mask, position: int) -> torch.Tensor:
+    def _run_step(self, session: Session, hidden, position_ids, attention_mask, position: int,
+                  prompts: torch.Tensor | None = None) -> torch.Tensor:
         """One step on the generic span (transformers' layers and DynamicCache)."""
         position_ids, mask = self._prepare(session, hidden, position_ids, attention_mask, position)
-        device = self.span.device
+        device, dtype = self.span.device, self.span.dtype
         with torch.inference_mode():
-            out = self.span(
-                hidden.to(device=device, dtype=self.span.dtype),
+            out = self.span.forward_prompted(
+                hidden.to(device=device, dtype=dtype),
                 position_ids.to(device=device),
                 mask.to(device) if mask is not None else None,
-                session.cache,
-                start=session.start,
-                end=session.end,
+                session.start,
+                session.end,
+                prompts.to(device=device, dtype=dtype) if prompts is not None else None,
                 adapter=session.adapter,
+                cache=session.cache,
             )
         self._commit(session, hidden.shape[1], mask)
         return out.to(device="cpu", dtype=session.wire_dtype)
 
     # -- continuous batching (lean path) ----------------------------------------------------
-    async def _batched(self, session: Session, hidden, position_ids, attention_mask, position: int) -> torch.Tensor:
+    async def _batched(self, session: Session, hidden, position_ids, attention_mask, position: int,
+                       prompts: torch.Tensor | None = None) -> torch.Tensor:
         """Queue the step; the compute thread runs every queued step of the same layers in one pass."""
-        work = _Work(session, hidden, position_ids, attention_mask, position)
+        work = _Work(session, hidden, position_ids, attention_mask, position, prompts)
         with self._lock:
             self._pending.append(work)
             submit = not self._pass_queued
@@ -317,7 +331,9 @@ class Executor:
         for work in works:
             session = work.session
             position_ids, mask = self._prepare(session, work.hidden, work.position_ids, work.attention_mask, work.position)
-            rows.append(Row(work.hidden, position_ids, session.position, session.cache, mask, session.adapter))
+            prompts = (work.prompts.to(device=self.span.device, dtype=self.span.dtype)
+                       if work.prompts is not None else None)
+            rows.append(Row(work.hidden, position_ids, session.position, session.cache, mask, session.adapter, prompts))
         with torch.inference_mode():
             outputs = self.lean.run(rows, start, end)
         results = []
@@ -356,13 +372,17 @@ class Executor:
         self._check_aux("position_ids", position_ids, (batch, tokens), positions=min(self.max_length, max_tokens))
         self._check_aux("attention_mask", attention_mask, (batch, tokens))
         if prompts is not None:
-            if prompts.dim() != 4 or tuple(prompts.shape[:2]) != (end - start, batch) or prompts.shape[3] != self.hidden_size:
-                raise InvalidRequest(f"prompts must be [{end - start} layers, {batch} batch, prompt_tokens, "
-                                     f"{self.hidden_size}], got shape {list(prompts.shape)}")
-            if not 1 <= prompts.shape[2] <= tokens:
-                raise InvalidRequest(f"prompts cover {prompts.shape[2]} tokens; must be 1..{tokens} (the pass's tokens)")
-            if prompts.dtype != wire_dtype:
-                raise InvalidRequest(f"prompts are {prompts.dtype} but the wire dtype is {wire_dtype}")
+            self._check_prompts(prompts, end - start, batch, tokens, wire_dtype)
+
+    def _check_prompts(self, prompts: torch.Tensor, layers: int, batch: int, tokens: int, wire_dtype: torch.dtype) -> None:
+        """Deep prompts [layers, batch, prompt_tokens, hidden] fit a pass or step of `tokens` tokens."""
+        if prompts.dim() != 4 or tuple(prompts.shape[:2]) != (layers, batch) or prompts.shape[3] != self.hidden_size:
+            raise InvalidRequest(f"prompts must be [{layers} layers, {batch} batch, prompt_tokens, "
+                                 f"{self.hidden_size}], got shape {list(prompts.shape)}")
+        if not 1 <= prompts.shape[2] <= tokens:
+            raise InvalidRequest(f"prompts cover {prompts.shape[2]} tokens; must be 1..{tokens} (the pass's tokens)")
+        if prompts.dtype != wire_dtype:
+            raise InvalidRequest(f"prompts are {prompts.dtype} but the wire dtype is {wire_dtype}")
 
     def _pass_inputs(self, hidden, position_ids, attention_mask, prompts):
         """The tensors of a stateless pass on the span's device and dtype (default position ids, no all-ones mask)."""

@@ -69,20 +69,22 @@ class OpenSession(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., max_length: _Optional[int] = ..., batch_size: _Optional[int] = ..., wire_dtype: _Optional[str] = ..., metadata: _Optional[bytes] = ...) -> None: ...
 
 class Step(_message.Message):
-    __slots__ = ("hidden", "position_ids", "attention_mask", "position", "step_id", "push")
+    __slots__ = ("hidden", "position_ids", "attention_mask", "position", "step_id", "push", "prompts")
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     POSITION_IDS_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_MASK_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     PUSH_FIELD_NUMBER: _ClassVar[int]
+    PROMPTS_FIELD_NUMBER: _ClassVar[int]
     hidden: Tensor
     position_ids: Tensor
     attention_mask: Tensor
     position: int
     step_id: int
     push: _containers.RepeatedCompositeFieldContainer[PushTarget]
-    def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ..., position_ids: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., position: _Optional[int] = ..., step_id: _Optional[int] = ..., push: _Optional[_Iterable[_Union[PushTarget, _Mapping]]] = ...) -> None: ...
+    prompts: Tensor
+    def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ..., position_ids: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., position: _Optional[int] = ..., step_id: _Optional[int] = ..., push: _Optional[_Iterable[_Union[PushTarget, _Mapping]]] = ..., prompts: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class PushTarget(_message.Message):
     __slots__ = ("address", "session_id", "timeout")
