@@ -15,6 +15,7 @@ from transformers import GenerationConfig, GenerationMixin, PretrainedConfig, Pr
 from transformers.generation.streamers import BaseStreamer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from client.combine import Combiner
 from client.config import ClientConfig
 from client.swarm import SwarmClient, SyncSession
 from client.verify import VerificationError, VerificationRestart
@@ -60,6 +61,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         self.embed_tokens = embed_tokens
         self.norm = norm
         self.lm_head = lm_head
+        self.head_calls = Combiner(lambda rows: self.lm_head(rows))  # concurrent generations share head products
         self.swarm = swarm
         self.last_session: SyncSession | None = None
 
@@ -245,7 +247,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         hidden = hidden.to(device=inputs_embeds.device, dtype=self.norm.weight.dtype)
         hidden = self.norm(hidden)
         keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
-        logits = self.lm_head(hidden[:, keep, :])
+        hidden = hidden[:, keep, :]
+        logits = self.lm_head(hidden) if torch.is_grad_enabled() else self.head_calls(hidden)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)

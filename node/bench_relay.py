@@ -12,8 +12,8 @@ import shlex
 import statistics
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -46,22 +46,12 @@ class RelayResult:
         return statistics.median(d / r for d, r in zip(*(self.ms_per_token[m] for m in MODES)))
 
 
-def _decode_ms(client, ids: torch.Tensor, new_tokens: int) -> tuple[float, torch.Tensor]:
-    client.generate(ids, max_new_tokens=2, do_sample=False)  # warm the route and the caches
-    started = time.perf_counter()
-    client.generate(ids, max_new_tokens=1, do_sample=False)
-    prefill = time.perf_counter() - started
-    started = time.perf_counter()
-    out = client.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-    elapsed = time.perf_counter() - started
-    return (elapsed - prefill) / max(new_tokens - 1, 1) * 1000, out
-
-
 def run_relay_bench(model: Path, nodes: int = 3, new_tokens: int = 32, rounds: int = 3, threads: int = 0,
                     command: str = "", console: Console | None = None) -> RelayResult:
     from transformers import AutoConfig, AutoTokenizer
 
     from client.model import DistributedModelForCausalLM
+    from node.bench_chains import alternate_rounds, decode_ms, stop_chains
     from node.launcher import NodeProcess, start_chain
 
     console = console or Console(stderr=True)
@@ -81,19 +71,11 @@ def run_relay_bench(model: Path, nodes: int = 3, new_tokens: int = 32, rounds: i
             ids = AutoTokenizer.from_pretrained(model)(PROMPT, return_tensors="pt").input_ids
         except (OSError, ValueError):  # a model folder without a tokenizer (the tiny random model)
             ids = torch.tensor([[1, 5, 9, 13, 17, 21, 25, 29]])
-        outputs = {}
-        for round_ in range(rounds):
-            for mode in MODES:
-                ms, outputs[mode] = _decode_ms(clients[mode], ids, new_tokens)
-                result.ms_per_token.setdefault(mode, []).append(ms)
-                console.print(f"round {round_ + 1}/{rounds} {mode}: {ms:.1f} ms/token")
-        result.identical = torch.equal(*(outputs[m] for m in MODES))
+        measures = {mode: partial(decode_ms, clients[mode], ids, new_tokens) for mode in MODES}
+        result.ms_per_token, outputs = alternate_rounds(measures, rounds, console)
+        result.identical = torch.equal(*(outputs[-1][m] for m in MODES))
     finally:
-        for client in clients.values():
-            client.close()
-        for chain in chains.values():
-            for node in chain:
-                node.stop()
+        stop_chains(clients, chains)
         if relay is not None:
             relay.stop()
     return result
@@ -146,24 +128,20 @@ def render_markdown(results: list[RelayResult]) -> str:
 
 def add_relay_bench_parser(commands) -> None:
     from node.bench import add_output_args
+    from node.bench_chains import add_chain_bench_args
 
     bench = commands.add_parser("bench-relay", help="benchmark decode speed through a relay against direct")
-    bench.add_argument("--model", required=True, help="model folder (config.json + safetensors)")
-    bench.add_argument("--nodes", type=int, default=3, help="nodes per chain (default 3)")
-    bench.add_argument("--new-tokens", type=int, default=32, help="greedy tokens per measurement (default 32)")
-    bench.add_argument("--rounds", type=int, default=3, help="rounds alternating between the chains (default 3)")
-    bench.add_argument("--threads", type=int, default=0, help="torch threads per node (default: all cores)")
+    add_chain_bench_args(bench)
     bench.add_argument("--no-tiny", action="store_true",
                        help="skip the second run on a tiny random model (the relay's own cost per token)")
     add_output_args(bench)
 
 
 def run_relay_bench_cli(args: argparse.Namespace) -> None:
-    from node.bench import local_model_folder, publish
+    from node.bench import publish
+    from node.bench_chains import chain_bench_model
 
-    model = local_model_folder(args.model, "bench-relay")
-    if args.nodes < 1 or args.new_tokens < 2 or args.rounds < 1:
-        raise ValueError("need --nodes >= 1, --new-tokens >= 2 and --rounds >= 1")
+    model = chain_bench_model(args, "bench-relay")
     command = shlex.join(["potluck", *sys.argv[1:]])
     models = [model]
     if not args.no_tiny:

@@ -11,8 +11,8 @@ import shlex
 import statistics
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -57,6 +57,7 @@ def run_trust_bench(model: Path, nodes: int = 3, new_tokens: int = 32, rounds: i
     from transformers import AutoConfig, AutoTokenizer
 
     from client.model import DistributedModelForCausalLM
+    from node.bench_chains import alternate_rounds, decode_ms, stop_chains
     from node.launcher import start_chain
     from node.rpc.security import SwarmKey
 
@@ -75,29 +76,13 @@ def run_trust_bench(model: Path, nodes: int = 3, new_tokens: int = 32, rounds: i
                 str(model), [n.address for n in chains[mode.name]], mdns=False,
                 swarm_key=str(key_file) if mode.swarm_key else None, tls=mode.tls)
         ids = AutoTokenizer.from_pretrained(model)(PROMPT, return_tensors="pt").input_ids
-        outputs: dict[str, torch.Tensor] = {}
-        for round_ in range(rounds):
-            for mode in MODES:
-                client = clients[mode.name]
-                client.generate(ids, max_new_tokens=2, do_sample=False)  # warm the route and the caches
-                started = time.perf_counter()
-                out = client.generate(ids, max_new_tokens=1, do_sample=False)
-                prefill = time.perf_counter() - started
-                started = time.perf_counter()
-                out = client.generate(ids, max_new_tokens=new_tokens, do_sample=False)
-                elapsed = time.perf_counter() - started
-                ms = (elapsed - prefill) / max(new_tokens - 1, 1) * 1000
-                result.ms_per_token.setdefault(mode.name, []).append(ms)
-                outputs.setdefault(mode.name, out)
-                console.print(f"round {round_ + 1}/{rounds} {mode.name}: {ms:.1f} ms/token")
-        base = outputs[MODES[0].name]
-        result.identical = {name: torch.equal(out, base) for name, out in outputs.items()}
+        measures = {mode.name: partial(decode_ms, clients[mode.name], ids, new_tokens, exact_length=False)
+                    for mode in MODES}
+        result.ms_per_token, outputs = alternate_rounds(measures, rounds, console)
+        base = outputs[0][MODES[0].name]  # the first round's tokens
+        result.identical = {name: torch.equal(out, base) for name, out in outputs[0].items()}
     finally:
-        for client in clients.values():
-            client.close()
-        for chain in chains.values():
-            for node in chain:
-                node.stop()
+        stop_chains(clients, chains)
     return result
 
 
@@ -128,22 +113,18 @@ def render_markdown(result: TrustResult) -> str:
 
 def add_trust_bench_parser(commands) -> None:
     from node.bench import add_output_args
+    from node.bench_chains import add_chain_bench_args
 
     bench = commands.add_parser("bench-trust", help="benchmark the cost of a swarm key and TLS on decode speed")
-    bench.add_argument("--model", required=True, help="model folder (config.json + safetensors)")
-    bench.add_argument("--nodes", type=int, default=3, help="nodes per chain (default 3)")
-    bench.add_argument("--new-tokens", type=int, default=32, help="greedy tokens per measurement (default 32)")
-    bench.add_argument("--rounds", type=int, default=3, help="rounds alternating between the chains (default 3)")
-    bench.add_argument("--threads", type=int, default=0, help="torch threads per node (default: all cores)")
+    add_chain_bench_args(bench)
     add_output_args(bench)
 
 
 def run_trust_bench_cli(args: argparse.Namespace) -> None:
-    from node.bench import local_model_folder, publish
+    from node.bench import publish
+    from node.bench_chains import chain_bench_model
 
-    model = local_model_folder(args.model, "bench-trust")
-    if args.nodes < 1 or args.new_tokens < 2 or args.rounds < 1:
-        raise ValueError("need --nodes >= 1, --new-tokens >= 2 and --rounds >= 1")
+    model = chain_bench_model(args, "bench-trust")
     result = run_trust_bench(model, args.nodes, args.new_tokens, args.rounds, args.threads,
                              command=shlex.join(["potluck", *sys.argv[1:]]))
     section = render_markdown(result)

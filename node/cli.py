@@ -130,6 +130,9 @@ def _add_join_args(join: argparse.ArgumentParser) -> None:
     join.add_argument("--quant", default="none", choices=["none", "int8", "nf4"],
                       help="quantise the span's weights: int8 (~1/4 of float32, small quality cost) or nf4 (~1/7, "
                            "larger cost; CUDA needs bitsandbytes); default none (exact outputs). docs/quantization.md")
+    join.add_argument("--batch-wait-ms", type=float, default=5.0,
+                      help="how long a pass may wait to batch the steps of other sessions active on this node "
+                           "(default 5; 0: never wait; a lone session never waits). docs/performance.md")
     join.add_argument("--no-lean", action="store_true",
                       help="run transformers' own layers instead of the lean runtime (for comparisons)")
     join.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
@@ -354,7 +357,7 @@ def _join(args: argparse.Namespace) -> None:
     config = NodeConfig(
         model=model, start=start, end=end, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
         max_length=args.max_length, cache_tokens=args.cache_tokens, threads=args.threads, revision=revision,
-        lean=not args.no_lean, quant=args.quant, name=args.name, announce=args.announce, identity=args.identity, bootstrap=bootstrap_list(args.bootstrap),
+        lean=not args.no_lean, batch_wait=args.batch_wait_ms / 1000, quant=args.quant, name=args.name, announce=args.announce, identity=args.identity, bootstrap=bootstrap_list(args.bootstrap),
         mdns=not args.no_mdns, mdns_interface=args.mdns_interface, num_blocks=args.num_blocks,
         memory_bytes=parse_size(args.memory) if args.memory else None, throughput=args.throughput,
         heartbeat=args.heartbeat, ttl=args.ttl, rebalance=not args.no_rebalance,

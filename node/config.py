@@ -60,6 +60,7 @@ class NodeConfig:
     max_length: int = 8192          # longest session (tokens per sequence) this node accepts
     cache_tokens: int = 65536       # KV cache budget over all sessions, in tokens (batch x max_length each)
     max_batch: int = 64             # largest batch in one session or forward
+    batch_wait: float = 0.005       # seconds a pass waits for other active sessions' steps (node/runtime/executor.py)
     threads: int = 0                # torch intra-op threads on CPU; 0 = torch's default
     lean: bool = True               # the lean runtime (fused weights, static cache, batching) where the family has one
     quant: str = "none"             # weight-only quantisation of the span's projections: none | int8 | nf4
@@ -117,6 +118,8 @@ class NodeConfig:
             raise ConfigError(f"metrics port {self.metrics_port} is not within 0..65535")
         if self.max_length < 1 or self.cache_tokens < 1 or self.max_batch < 1:
             raise ConfigError("max_length, cache_tokens and max_batch must be positive")
+        if not 0 <= self.batch_wait <= 1:
+            raise ConfigError(f"batch_wait must be within 0..1 s, got {self.batch_wait}")
         if self.quant not in ("none", "int8", "nf4"):
             raise ConfigError(f"--quant {self.quant!r}: expected none, int8 or nf4")
         if self.threads < 0:

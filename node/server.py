@@ -242,7 +242,8 @@ async def _load(node: RunningNode, span: Span) -> None:
     node.serving.executor = Executor(model, cache_tokens=config.cache_tokens, max_length=config.max_length,
                                      max_batch=config.max_batch, cache_memory=config.cache_memory,
                                      max_sessions=config.max_sessions, max_session_tokens=config.max_session_tokens,
-                                     admission_wait=config.admission_wait, adapters=adapters)
+                                     admission_wait=config.admission_wait, adapters=adapters,
+                                     batch_wait=config.batch_wait)
     if old is not None:
         old.shutdown()
     node.record = replace(node.record, state=NodeState.ONLINE, throughput=node.throughput.decode,

@@ -101,3 +101,44 @@ def test_concurrent_sessions_are_decoded_in_shared_passes(tiny_model_dir):
                 hidden = layer(hidden, attention_mask=None, position_ids=positions, position_embeddings=rotary)
         torch.testing.assert_close(got, hidden, rtol=1e-5, atol=1e-5)
     assert executor.sessions.reserved_tokens == 0
+
+
+def test_batch_window_gathers_the_steps_of_recently_active_sessions(tiny_model_dir):
+    """A step that arrives a little after another session's joins its pass when both sessions are active;
+    a lone session never waits for the window."""
+    import time
+
+    folder = tiny_model_dir("llama")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    hidden = model.model.embed_tokens(torch.randint(3, model.config.vocab_size, (1, 4))).detach()
+
+    async def staggered(executor: Executor, sessions) -> tuple[int, int]:
+        """Step every session once, 20 ms apart; returns (passes, steps) it took."""
+        passes, steps = executor.passes, executor.batched_steps
+
+        async def late(session, delay):
+            await asyncio.sleep(delay)
+            return await executor.step(session, hidden[:, 3:4], None, None, 3)
+
+        await asyncio.gather(*(late(s, 0.02 * i) for i, s in enumerate(sessions)))
+        return executor.passes - passes, executor.batched_steps - steps
+
+    async def run(batch_wait: float):
+        executor = Executor(lean_span(folder, 0, 6), cache_tokens=4096, max_length=64, batch_wait=batch_wait)
+        sessions = [executor.open(f"s{i}", 0, 6, 1, 64, torch.float32) for i in range(3)]
+        for session in sessions:  # a prefill each: all three sessions are now active here
+            await executor.step(session, hidden[:, :3], None, None, 0)
+        together = await staggered(executor, sessions)
+        for session in sessions[1:]:
+            executor.close(session.session_id)
+        started = time.monotonic()
+        await executor.step(sessions[0], hidden[:, 3:4], None, None, 3)  # alone now: no window
+        alone = time.monotonic() - started
+        executor.shutdown()
+        return together, alone
+
+    together, alone = asyncio.run(run(batch_wait=1.0))
+    assert together == (1, 3), f"three steps 20 ms apart should share one pass with a 1 s window, got {together}"
+    assert alone < 0.5, f"a lone session waited {alone:.2f} s for a batch window"
+    apart, _ = asyncio.run(run(batch_wait=0.0))
+    assert apart[0] > 1, "with no window, steps 20 ms apart run in separate passes"

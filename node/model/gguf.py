@@ -174,11 +174,7 @@ def ensure_config(header: GgufHeader, folder: Path) -> None:
         return
     from transformers import AutoConfig
 
-    log.info("reading the config of %s (once)", header.path.name)
-    try:
-        config = AutoConfig.from_pretrained(header.path.parent, gguf_file=header.path.name)
-    except (ValueError, KeyError, OSError) as error:
-        raise ModelLoadError(f"cannot build a config from {header.path.name}: {str(error).splitlines()[0]}") from error
+    config = _read_with_transformers(header, AutoConfig, "config")
     config.name_or_path = header.path.stem
     # in the config hash: another quantisation of the same model is other weights, so another model in the swarm
     config.gguf_header_digest = header.digest
@@ -191,12 +187,17 @@ def ensure_tokenizer(header: GgufHeader, folder: Path) -> None:
         return
     from transformers import AutoTokenizer
 
-    log.info("reading the tokenizer of %s (once)", header.path.name)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(header.path.parent, gguf_file=header.path.name)
-    except (ValueError, KeyError, OSError) as error:
-        raise ModelLoadError(f"cannot build a tokenizer from {header.path.name}: {str(error).splitlines()[0]}") from error
+    tokenizer = _read_with_transformers(header, AutoTokenizer, "tokenizer")
     _write_atomically(folder, tokenizer.save_pretrained, last="tokenizer_config.json")
+
+
+def _read_with_transformers(header: GgufHeader, auto_class: type, what: str):
+    """`auto_class.from_pretrained` on the file (transformers' slow reader), its errors as ModelLoadError."""
+    log.info("reading the %s of %s (once)", what, header.path.name)
+    try:
+        return auto_class.from_pretrained(header.path.parent, gguf_file=header.path.name)
+    except (ValueError, KeyError, OSError) as error:
+        raise ModelLoadError(f"cannot build a {what} from {header.path.name}: {str(error).splitlines()[0]}") from error
 
 
 def _write_atomically(folder: Path, save: Callable[[str], object], last: str | None = None) -> None:

@@ -115,17 +115,29 @@ def _release(*linears: nn.Module) -> None:
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' RMSNorm recipe: normalise in float32, scale in the input dtype."""
+    """transformers' RMSNorm recipe: normalise in float32, scale in the input dtype.
+
+    In float32 that is exactly torch's fused rms_norm (one kernel instead of six: ~15 us less per
+    call on a 576-wide row)."""
     dtype = x.dtype
+    if dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x32.to(dtype)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def _signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """sin with its first half negated: rotate_half(x) * sin == swap_halves(x) * signed_sin."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """transformers' rotary embedding, x * cos + rotate_half(x) * sin, in three kernels instead of six."""
+    shape = x.shape
+    swapped = x.reshape(*shape[:-1], 2, shape[-1] // 2).flip(-2).reshape(shape)
+    return torch.addcmul(x * cos, swapped, signed_sin)
 
 
 def _linear(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -227,18 +239,26 @@ class LeanSpan:
             qkv = _linear(h, layer.qkv_t, layer.qkv_bias)
             if lora:
                 lean_add(lora, qkv, h, index, "qkv")
-            q = qkv[:, :q_size].view(-1, self.q_heads, self.head_dim)
-            k = qkv[:, q_size : q_size + kv_size].view(-1, self.kv_heads, self.head_dim)
             v = qkv[:, q_size + kv_size :].view(-1, self.kv_heads, self.head_dim)
-            if layer.q_norm is not None:
-                q, k = _rms(q, layer.q_norm, layer.qk_eps), _rms(k, layer.k_norm, layer.qk_eps)
-            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-            attended = torch.empty(x.shape[0], hidden, dtype=x.dtype, device=x.device)
-            offset = 0
-            for row, size, mask in zip(rows, sizes, masks[self.layer_types[index - self.start]]):
-                part = slice(offset, offset + size)
-                attended[part] = self._attend(row, index - start, q[part], k[part], v[part], mask, layer.scaling)
-                offset += size
+            if layer.q_norm is None:  # queries and keys side by side: one rotation for both
+                qk = _rotate(qkv[:, : q_size + kv_size].view(-1, self.q_heads + self.kv_heads, self.head_dim),
+                             cos, sin)
+                q, k = qk[:, : self.q_heads], qk[:, self.q_heads :]
+            else:
+                q = _rms(qkv[:, :q_size].view(-1, self.q_heads, self.head_dim), layer.q_norm, layer.qk_eps)
+                k = _rms(qkv[:, q_size : q_size + kv_size].view(-1, self.kv_heads, self.head_dim), layer.k_norm,
+                         layer.qk_eps)
+                q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+            layer_masks = masks[self.layer_types[index - self.start]]
+            if len(rows) == 1:
+                attended = self._attend(rows[0], index - start, q, k, v, layer_masks[0], layer.scaling)
+            else:
+                attended = torch.empty(x.shape[0], hidden, dtype=x.dtype, device=x.device)
+                offset = 0
+                for row, size, mask in zip(rows, sizes, layer_masks):
+                    part = slice(offset, offset + size)
+                    attended[part] = self._attend(row, index - start, q[part], k[part], v[part], mask, layer.scaling)
+                    offset += size
             o = _linear(attended, layer.o_t, layer.o_bias)
             if lora:
                 lean_add(lora, o, attended, index, "o")
@@ -262,10 +282,10 @@ class LeanSpan:
         return outputs
 
     def _rotary(self, x: torch.Tensor, rows: list[Row]) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin for every token of every row: [tokens, 1, head_dim]."""
+        """cos and signed sin (see _rotate) for every token of every row: [tokens, 1, head_dim]."""
         positions = torch.cat([row.position_ids.reshape(-1) for row in rows]).to(self.device)
         cos, sin = self.rotary(x[None], positions[None])
-        return cos[0, :, None, :], sin[0, :, None, :]
+        return cos[0, :, None, :], _signed_sin(sin[0, :, None, :])
 
     def _attention_mask(self, row: Row, window: int | None) -> torch.Tensor | None:
         """The additive mask of a row over its cache ([batch, 1, tokens, past + tokens]), or None if

@@ -261,9 +261,11 @@ class PotluckServicer(pb_grpc.PotluckServicer):
     async def _run(self, executor: Executor, session: Session, step: pb.Step, context) -> None:
         """Run one step (the client's or a pushed one) and answer it; hand its output on if it carries a push list.
 
-        The handover to the next node starts before the reply is written and runs alongside it, so the
-        push adds nothing to this hop's reply. If the handover fails, a second, small result for the same
-        step follows, with `push_error` set: the client learns where the chain broke without a deadline."""
+        The handover to the next node goes first and this hop's reply follows once the next node has
+        accepted the step: the handover is on the token's path, the reply (history kept for replay) is not
+        (~0.5 ms less per hop on a loaded 2-core machine). If the handover fails, a second, small result
+        for the same step follows, with `push_error` set: the client learns where the chain broke without
+        a deadline."""
         if step.push:
             if not self.push_enabled:
                 raise FailedPrecondition("this node does not forward pushed steps; send each hop its step")
@@ -291,10 +293,11 @@ class PotluckServicer(pb_grpc.PotluckServicer):
             return
         handover = asyncio.ensure_future(self.pusher.forward(hidden, step))
         try:
-            await context.write(reply)
-            error = await handover  # before the next step: a failure notice always precedes later results
+            # the next hop first: it is on the token's path, this reply (history, for replay) is not
+            error = await handover
+            await context.write(reply)  # before the failure notice, which precedes later results
         finally:
-            handover.cancel()  # only if the write failed or the stream was cancelled
+            handover.cancel()  # only if the stream was cancelled meanwhile
         if self.metrics is not None:
             self.metrics.handover(not error)
         if error:

@@ -2,7 +2,13 @@
 
 On the lean path (node/model/lean.py) the steps that arrive while the compute thread is busy are
 run together in its next pass (continuous batching over sessions of different lengths); on the
-generic path they run one at a time."""
+generic path they run one at a time.
+
+A batch window gathers the steps of concurrent sessions: before a pass, the compute thread waits up
+to `batch_wait` seconds while fewer steps are queued than sessions stepped here within the last
+`RECENT` seconds. One session alone never waits. Sessions that run side by side then travel the chain
+as a convoy: one pass per node carries all of them, and every weight is read once per convoy
+instead of once per session."""
 
 from __future__ import annotations
 
@@ -21,6 +27,9 @@ from node.runtime.errors import Exhausted, FailedPrecondition, Full, InvalidRequ
 from node.runtime.sessions import Session, SessionTable, kv_bytes_per_token
 
 log = logging.getLogger(__name__)
+
+BATCH_WAIT = 0.005  # seconds a pass may wait for the steps of other recently active sessions (--batch-wait-ms)
+RECENT = 1.0        # a session that sent a step within this many seconds is expected to send another
 
 
 @dataclass
@@ -59,7 +68,8 @@ class Executor:
 
     def __init__(self, span: SpanModel, cache_tokens: int, max_length: int, max_batch: int = 64,
                  max_pass_tokens: int = 4096, *, cache_memory: int | None = None, max_sessions: int = 0,
-                 max_session_tokens: int = 0, admission_wait: float = 0.0, adapters: dict | None = None):
+                 max_session_tokens: int = 0, admission_wait: float = 0.0, adapters: dict | None = None,
+                 batch_wait: float = BATCH_WAIT):
         self.span = span
         self.adapters = adapters or {}  # LoRA adapters by name (node/model/lora.py), loaded for this span
         self.kv_bytes_per_token = kv_bytes_per_token(span.config, span.end - span.start, span.dtype)  # an estimate
@@ -80,6 +90,9 @@ class Executor:
         self.lean = span.lean  # None: the generic span, one step at a time
         self.max_pass_tokens = max_pass_tokens
         self._lock = threading.Lock()
+        self._arrived = threading.Condition(self._lock)  # a step was queued (the batch window waits on it)
+        self.batch_wait = batch_wait
+        self._stepped: dict[str, float] = {}  # session id -> when it last queued a step (monotonic)
         self._pending: list[_Work] = []
         self._pass_queued = False
         self.passes = 0  # lean passes run, and the steps they carried (steps / passes = mean batch)
@@ -176,6 +189,8 @@ class Executor:
 
     def _drop(self, session_id: str) -> None:
         """Forget a session and wake the opens waiting for room (each tries again)."""
+        with self._lock:
+            self._stepped.pop(session_id, None)  # a pass need not wait for it any more
         if self.sessions.pop(session_id) is None:
             return
         for waiter in self._room_waiters:
@@ -292,14 +307,30 @@ class Executor:
         work = _Work(session, hidden, position_ids, attention_mask, position, prompts)
         with self._lock:
             self._pending.append(work)
+            self._stepped[session.session_id] = time.monotonic()
             submit = not self._pass_queued
             self._pass_queued = True
+            self._arrived.notify()
         if submit:
             self._pool.submit(self._run_pending)
         return await asyncio.wrap_future(work.future)
 
+    def _expected(self, now: float) -> int:
+        """Sessions that queued a step within RECENT seconds (forgetting older ones); under the lock."""
+        for session_id, when in list(self._stepped.items()):
+            if now - when > RECENT:
+                del self._stepped[session_id]
+        return len(self._stepped)
+
     def _run_pending(self) -> None:
         with self._lock:
+            deadline = time.monotonic() + self.batch_wait
+            while True:  # the batch window: wait for the other active sessions' steps, briefly
+                now = time.monotonic()
+                waiting = {work.session.session_id for work in self._pending}
+                if now >= deadline or len(waiting) >= self._expected(now):
+                    break
+                self._arrived.wait(deadline - now)
             pending, self._pending = self._pending, []
             self._pass_queued = False
         groups: dict[tuple[int, int], list[_Work]] = {}
