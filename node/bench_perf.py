@@ -99,10 +99,15 @@ class WanResult:
     push: bool
     decode_tps: float
     limit_tps: float
+    limit_proxied_tps: float = float("nan")  # the limit with the compute measured through 0 ms proxies
 
     @property
     def share(self) -> float:
         return self.decode_tps / self.limit_tps
+
+    @property
+    def share_proxied(self) -> float:
+        return self.decode_tps / self.limit_proxied_tps
 
 
 @dataclass
@@ -287,7 +292,7 @@ def run_benchmark(settings: PerfSettings, console: Console | None = None) -> Per
 
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, refresh_per_second=4) as progress:
-        steps = 3 + len(settings.node_counts) + 2 + 2 * len(settings.delays_ms) + len(settings.concurrency) + 1
+        steps = 3 + len(settings.node_counts) + 2 + 2 * (len(settings.delays_ms) + 1) + len(settings.concurrency) + 1
         task = progress.add_task("local transformers", total=steps)
 
         def tick(message: str) -> None:
@@ -316,17 +321,24 @@ def run_benchmark(settings: PerfSettings, console: Console | None = None) -> Per
                 result.prefill_swarm_s = prefill_seconds(model, long_ids, settings.repeats)
                 tick(f"swarm prefill: {result.prefill_swarm_s:.2f} s")
                 compute = 1 / result.swarms[-2].median  # seconds per token with no added delay (push)
-                for delay_ms in settings.delays_ms:
+                proxied: dict[bool, float] = {}  # seconds per token through proxies that add no delay, by push
+                for delay_ms in (0.0, *settings.delays_ms):
                     proxies = [ProxyProcess(node.address, delay_ms) for node in chain.nodes]
                     try:
                         for push in (True, False):
                             wan = chain.client(peers=[p.address for p in proxies], push=push)
                             speed = decode_speed("wan", wan, ids, settings, settings.wan_tokens, max(1, settings.repeats - 1))
+                            if delay_ms == 0:
+                                proxied[push] = 1 / speed.median
+                                tick(f"0 ms proxies, push {push}: {speed.median:.1f} tok/s")
+                                continue
                             trips = parts + 1 if push else 2 * parts
                             limit = 1 / (compute + trips * delay_ms / 1000)
-                            result.wan.append(WanResult(delay_ms, push, speed.median, limit))
+                            limit_proxied = 1 / (proxied[push] + trips * delay_ms / 1000)
+                            result.wan.append(WanResult(delay_ms, push, speed.median, limit, limit_proxied))
                             tick(f"{delay_ms:.0f} ms per hop, push {push}: {speed.median:.1f} tok/s "
-                                 f"({100 * speed.median / limit:.0f}% of the limit)")
+                                 f"({100 * speed.median / limit:.0f}% of the limit, "
+                                 f"{100 * speed.median / limit_proxied:.0f}% with the proxies' own cost)")
                     finally:
                         for proxy in proxies:
                             proxy.stop()
@@ -395,13 +407,18 @@ def render_markdown(result: PerfResult, plot_name: str | None = None) -> str:
         lines += [
             "", "### 2. Simulated WAN (latency proxy in front of every node)", "",
             "The limit is 1 / (compute + trips x delay): compute is the 3-node push decode step above with no delay; "
-            "trips per token are hops + 1 with push and 2 x hops without.", "",
-            "| one-way delay per hop | push | decode tok/s | physical limit tok/s | share of the limit |",
-            "|---:|---|---:|---:|---:|",
+            "trips per token are hops + 1 with push and 2 x hops without. The proxies are processes on the same "
+            "2 cores, and every byte takes an extra pass through one (read, timestamp, wait, write): the last "
+            "column takes compute as measured through proxies that add no delay (same push mode, same chain, "
+            "just before), so it isolates what the delay itself costs from what the simulation costs.", "",
+            "| one-way delay per hop | push | decode tok/s | physical limit tok/s | share of the limit | "
+            "limit with 0 ms proxies, tok/s | share of that limit |",
+            "|---:|---|---:|---:|---:|---:|---:|",
         ]
         for w in result.wan:
             lines.append(f"| {w.delay_ms:.0f} ms | {'yes' if w.push else 'no'} | {w.decode_tps:.2f} | "
-                         f"{w.limit_tps:.2f} | {100 * w.share:.0f}% |")
+                         f"{w.limit_tps:.2f} | {100 * w.share:.0f}% | {w.limit_proxied_tps:.2f} | "
+                         f"{100 * w.share_proxied:.0f}% |")
     if result.concurrency:
         base = result.concurrency[0][1]
         lines += ["", "### 3. Concurrent sessions (3 nodes, push; one client thread per session, 1 torch thread each)", "",

@@ -45,6 +45,7 @@ _MODULE_COMMANDS = (
     ("node.bench_soak", "add_soak_bench_parser", {"bench-soak": "run_soak_bench_cli"}),
     ("node.bench_prefill", "add_prefill_bench_parser", {"bench-prefill": "run_prefill_bench_cli"}),
     ("node.bench_quant", "add_quant_bench_parser", {"bench-quant": "run_quant_bench_cli"}),
+    ("node.bench_compile", "add_compile_bench_parser", {"bench-compile": "run_compile_bench_cli"}),
     ("client.api", "add_api_parser", {"api": "run_api_cli", "dashboard": "run_api_cli"}),
     ("node.doctor", "add_doctor_parser", {"doctor": "run_doctor_cli"}),
     ("client.eval", "add_eval_parser", {"eval": "run_eval_cli"}),
