@@ -24,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -51,6 +52,7 @@ class PerfSettings:
     concurrency: tuple[int, ...] = (1, 2, 4, 8, 16)
     concurrency_tokens: int = 24
     threads: int = 0                             # torch threads here and per node (0: every core)
+    wan_threads: int = 1                         # torch threads per node of the WAN chain (0: as threads)
     out: Path | None = None
     plot: Path | None = None
     command: str = ""
@@ -65,7 +67,7 @@ class PerfSettings:
             (all(n >= 1 for n in self.node_counts) and self.node_counts, "--nodes needs counts >= 1"),
             (all(d >= 0 for d in self.delays_ms), "--delays-ms must not be negative"),
             (all(c >= 1 for c in self.concurrency) and self.concurrency, "--concurrency needs counts >= 1"),
-            (self.threads >= 0, "--threads must not be negative"),
+            (self.threads >= 0 and self.wan_threads >= 0, "--threads and --wan-threads must not be negative"),
         ]
         for ok, message in checks:
             if not ok:
@@ -273,6 +275,34 @@ class _Chain:
             node.stop()
 
 
+def simulated_wan(chain: "_Chain", parts: int, compute: float, ids: torch.Tensor, settings: PerfSettings,
+                  result: PerfResult, tick: Callable[[str], None]) -> None:
+    """Decode through a latency proxy in front of every node of `chain`, for each delay and push mode; `compute`
+    is seconds per token with no proxies. Proxies that add no delay are measured first: their compute excludes
+    what the simulation itself costs."""
+    proxied: dict[bool, float] = {}  # seconds per token through proxies that add no delay, by push
+    for delay_ms in (0.0, *settings.delays_ms):
+        proxies = [ProxyProcess(node.address, delay_ms) for node in chain.nodes]
+        try:
+            for push in (True, False):
+                wan = chain.client(peers=[p.address for p in proxies], push=push)
+                speed = decode_speed("wan", wan, ids, settings, settings.wan_tokens, max(1, settings.repeats - 1))
+                if delay_ms == 0:
+                    proxied[push] = 1 / speed.median
+                    tick(f"0 ms proxies, push {push}: {speed.median:.1f} tok/s")
+                    continue
+                trips = parts + 1 if push else 2 * parts
+                limit = 1 / (compute + trips * delay_ms / 1000)
+                limit_proxied = 1 / (proxied[push] + trips * delay_ms / 1000)
+                result.wan.append(WanResult(delay_ms, push, speed.median, limit, limit_proxied))
+                tick(f"{delay_ms:.0f} ms per hop, push {push}: {speed.median:.1f} tok/s "
+                     f"({100 * speed.median / limit:.0f}% of the limit, "
+                     f"{100 * speed.median / limit_proxied:.0f}% with the proxies' own cost)")
+        finally:
+            for proxy in proxies:
+                proxy.stop()
+
+
 def run_benchmark(settings: PerfSettings, console: Console | None = None) -> PerfResult:
     from transformers import AutoModelForCausalLM
 
@@ -292,7 +322,7 @@ def run_benchmark(settings: PerfSettings, console: Console | None = None) -> Per
 
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, refresh_per_second=4) as progress:
-        steps = 3 + len(settings.node_counts) + 2 + 2 * (len(settings.delays_ms) + 1) + len(settings.concurrency) + 1
+        steps = 3 + len(settings.node_counts) + 3 + 2 * (len(settings.delays_ms) + 1) + len(settings.concurrency) + 1
         task = progress.add_task("local transformers", total=steps)
 
         def tick(message: str) -> None:
@@ -320,28 +350,18 @@ def run_benchmark(settings: PerfSettings, console: Console | None = None) -> Per
                 tick(f"no push: {result.swarms[-1].median:.1f} tok/s")
                 result.prefill_swarm_s = prefill_seconds(model, long_ids, settings.repeats)
                 tick(f"swarm prefill: {result.prefill_swarm_s:.2f} s")
-                compute = 1 / result.swarms[-2].median  # seconds per token with no added delay (push)
-                proxied: dict[bool, float] = {}  # seconds per token through proxies that add no delay, by push
-                for delay_ms in (0.0, *settings.delays_ms):
-                    proxies = [ProxyProcess(node.address, delay_ms) for node in chain.nodes]
+                if settings.wan_threads in (0, threads):
+                    simulated_wan(chain, parts, 1 / result.swarms[-2].median, ids, settings, result, tick)
+                else:  # a chain of its own, with --wan-threads per node
+                    wan_chain = _Chain(settings, parts, ("--threads", str(settings.wan_threads)))
                     try:
-                        for push in (True, False):
-                            wan = chain.client(peers=[p.address for p in proxies], push=push)
-                            speed = decode_speed("wan", wan, ids, settings, settings.wan_tokens, max(1, settings.repeats - 1))
-                            if delay_ms == 0:
-                                proxied[push] = 1 / speed.median
-                                tick(f"0 ms proxies, push {push}: {speed.median:.1f} tok/s")
-                                continue
-                            trips = parts + 1 if push else 2 * parts
-                            limit = 1 / (compute + trips * delay_ms / 1000)
-                            limit_proxied = 1 / (proxied[push] + trips * delay_ms / 1000)
-                            result.wan.append(WanResult(delay_ms, push, speed.median, limit, limit_proxied))
-                            tick(f"{delay_ms:.0f} ms per hop, push {push}: {speed.median:.1f} tok/s "
-                                 f"({100 * speed.median / limit:.0f}% of the limit, "
-                                 f"{100 * speed.median / limit_proxied:.0f}% with the proxies' own cost)")
+                        direct = decode_speed("wan direct", wan_chain.client(), ids, settings, settings.wan_tokens,
+                                              max(1, settings.repeats - 1))
+                        tick(f"WAN chain ({settings.wan_threads} thread(s) per node), no proxies: "
+                             f"{direct.median:.1f} tok/s")
+                        simulated_wan(wan_chain, parts, 1 / direct.median, ids, settings, result, tick)
                     finally:
-                        for proxy in proxies:
-                            proxy.stop()
+                        wan_chain.close()
                 # one torch thread per client thread: N generate() threads with a team of OpenMP threads each
                 # would oversubscribe the cores the nodes compute on
                 torch.set_num_threads(1)
@@ -404,10 +424,13 @@ def render_markdown(result: PerfResult, plot_name: str | None = None) -> str:
         f"{x.label} " + ", ".join(f"{v:.2f} ({r:.2f})" for v, r in zip(x.decode_tps, x.reference_tps))
         for x in result.swarms) + "."]
     if result.wan:
+        wan_chain = ("" if s.wan_threads in (0, s.torch_threads) else
+                     f" (a chain of its own with {s.wan_threads} torch thread(s) per node: with two, a node stalls "
+                     "whenever a proxy or the client takes one of the two cores, which a real WAN does not do)")
         lines += [
             "", "### 2. Simulated WAN (latency proxy in front of every node)", "",
-            "The limit is 1 / (compute + trips x delay): compute is the 3-node push decode step above with no delay; "
-            "trips per token are hops + 1 with push and 2 x hops without. The proxies are processes on the same "
+            f"The limit is 1 / (compute + trips x delay): compute is the push decode step of the same chain with no "
+            f"proxies{wan_chain}; trips per token are hops + 1 with push and 2 x hops without. The proxies are processes on the same "
             "2 cores, and every byte takes an extra pass through one (read, timestamp, wait, write): the last "
             "column takes compute as measured through proxies that add no delay (same push mode, same chain, "
             "just before), so it isolates what the delay itself costs from what the simulation costs.", "",
@@ -507,6 +530,9 @@ def add_perf_bench_parser(commands) -> None:
     bench.add_argument("--nodes", type=_counts, default=(1, 2, 3), help="node counts to compare (default 1,2,3)")
     bench.add_argument("--delays-ms", type=_floats, default=(10.0, 50.0), help="simulated one-way delays (default 10,50)")
     bench.add_argument("--wan-tokens", type=int, default=16)
+    bench.add_argument("--wan-threads", type=int, default=1,
+                       help="torch threads per node of the WAN chain (default 1: the proxies and the client share the "
+                            "cores, and a node with two threads stalls whenever one is taken; 0: as --threads)")
     bench.add_argument("--concurrency", type=_counts, default=(1, 2, 4, 8, 16))
     bench.add_argument("--concurrency-tokens", type=int, default=24)
     bench.add_argument("--threads", type=int, default=0, help="torch threads here and per node (default: every core)")
@@ -524,6 +550,7 @@ def run_perf_bench_cli(args: argparse.Namespace) -> None:
     settings = PerfSettings(
         model=model, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, prefill_tokens=args.prefill_tokens,
         repeats=args.repeats, node_counts=args.nodes, delays_ms=args.delays_ms, wan_tokens=args.wan_tokens,
+        wan_threads=args.wan_threads,
         concurrency=args.concurrency, concurrency_tokens=args.concurrency_tokens, threads=args.threads, out=out,
         plot=plot, command=shlex.join(["potluck", *sys.argv[1:]]),
     )
