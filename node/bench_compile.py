@@ -32,6 +32,7 @@ class CompileSettings:
     steps: int = 30
     device: str = "cpu"
     threads: int = 2
+    backend: str = "inductor"    # torch.compile backend; "aot_eager" traces the same graph without code generation
     out: Path | None = None
 
 
@@ -118,7 +119,11 @@ def run_benchmark(settings: CompileSettings, console: Console | None = None) -> 
         return lean._rotary(tokens[i][0], [Row(tokens[i], torch.tensor([[past]], device=device), past, None)])
 
     mode = "reduce-overhead" if device.type == "cuda" else "default"
-    compiled_step = torch.compile(step, dynamic=True, mode=mode)
+    if settings.backend == "inductor":
+        compiled_step = torch.compile(step, dynamic=True, mode=mode)
+    else:
+        mode = f"backend {settings.backend}"
+        compiled_step = torch.compile(step, dynamic=True, backend=settings.backend)
 
     def compiled(i: int) -> torch.Tensor:
         cos, sin = rotary(i)
@@ -166,7 +171,8 @@ def render_markdown(result: CompileResult) -> str:
         f"- machine: {result.machine}; {s.threads} torch threads",
         f"- command: `{command} --out docs/benchmarks.md`",
         f"- settings: layers {result.span[0]}:{result.span[1]} float32, one token after a {s.prompt_tokens}-token prompt, "
-        f"{s.steps} steps alternating eager and compiled; torch.compile(dynamic=True, mode=\"{result.mode}\")",
+        f"{s.steps} steps alternating eager and compiled; torch.compile(dynamic=True, "
+        + (f"mode=\"{result.mode}\")" if s.backend == "inductor" else f"backend=\"{s.backend}\")"),
         "",
         "| step | ms per token (median) | vs eager |",
         "|---|---:|---:|",
@@ -188,6 +194,8 @@ def add_compile_bench_parser(commands) -> None:
     bench.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     bench.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     bench.add_argument("--steps", type=int, default=30, help="decode steps timed (default 30)")
+    bench.add_argument("--backend", default="inductor", choices=["inductor", "aot_eager", "eager"],
+                       help="torch.compile backend (default inductor; the others trace without generating code)")
     from node.bench import add_output_args
 
     add_output_args(bench)
@@ -201,5 +209,5 @@ def run_compile_bench_cli(args: argparse.Namespace) -> None:
     if args.steps < 1:
         raise ValueError("--steps must be at least 1")
     settings = CompileSettings(model=local_model_folder(args.model, "bench-compile"), start=start, end=end,
-                               steps=args.steps, device=args.device, threads=args.threads)
+                               steps=args.steps, device=args.device, threads=args.threads, backend=args.backend)
     publish(render_markdown(run_benchmark(settings)), args.out, MARK_START, MARK_END)
