@@ -82,7 +82,8 @@ def as_json(views: list[ModelView]) -> dict:
                 "nodes": [
                     {
                         "node_id": n.node_id, "name": n.name, "address": n.address, "start": n.start, "end": n.end,
-                        "device": n.device, "dtype": n.dtype, "quant": n.quant, "throughput": n.throughput, "load": n.load,
+                        "device": n.device, "dtype": n.dtype, "quant": n.quant, "adapters": list(n.adapters),
+                        "throughput": n.throughput, "load": n.load,
                         "free_cache_tokens": n.free_cache_tokens, "state": n.state.value,
                         "expires_in": round(n.expires_at - now, 1),
                     }
@@ -100,11 +101,13 @@ def render(views: list[ModelView], console: Console) -> None:
         return
     for view in views:
         table = Table(title=f"{view.model_id}  (config {view.config_hash}, {view.num_layers} layers)", title_justify="left")
-        for column in ("node", "name", "address", "span", "device", "dtype", "quant", "tok/s", "load", "free cache", "state"):
+        for column in ("node", "name", "address", "span", "device", "dtype", "quant", "adapters", "tok/s", "load",
+                       "free cache", "state"):
             table.add_column(column, no_wrap=column in ("node", "address", "span", "state"))
         for n in view.nodes:
             style = {"ONLINE": "green", "JOINING": "yellow", "DRAINING": "yellow", "OFFLINE": "red"}[n.state.value]
-            table.add_row(n.short_id, n.name, n.address, f"{n.start}:{n.end}", n.device, n.dtype, n.quant, f"{n.throughput:.1f}",
+            table.add_row(n.short_id, n.name, n.address, f"{n.start}:{n.end}", n.device, n.dtype, n.quant,
+                          ",".join(n.adapters) or "-", f"{n.throughput:.1f}",
                           f"{n.load:.0f}", str(n.free_cache_tokens), f"[{style}]{n.state.value}[/]")
         console.print(table)
         console.print(f"coverage [{coverage_bar(view)}] 0..{view.num_layers}")

@@ -238,6 +238,28 @@ def test_records_carry_adapter_names_and_old_records_have_none():
         verify_record(SignedRecord(payload, key.public_key().public_bytes_raw(), key.sign(payload)), now=1e9)
 
 
+def test_status_lists_each_nodes_adapters():
+    import io
+    import time
+
+    from rich.console import Console
+
+    from client.status import as_json, group_by_model, render
+    from node.swarm.records import NodeState, PeerRecord
+
+    now = time.time()
+    records = [PeerRecord(node_id=f"{i:064x}", addresses=(f"10.0.0.{i}:1",), model_id="m", config_hash="c",
+                          num_layers=6, start=0, end=6, issued_at=now, expires_at=now + 60, seq=1,
+                          state=NodeState.ONLINE, adapters=adapters)
+               for i, adapters in enumerate([("alpha", "beta"), ()], 1)]
+    views = group_by_model(records)
+    listed = {node["address"]: node["adapters"] for node in as_json(views)["models"][0]["nodes"]}
+    assert listed == {"10.0.0.1:1": ["alpha", "beta"], "10.0.0.2:1": []}
+    out = io.StringIO()
+    render(views, Console(file=out, width=200))
+    assert "alpha,beta" in out.getvalue() and "adapters" in out.getvalue()
+
+
 # -- through real nodes ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def lora_nodes(llama, bg_loop, tmp_path_factory):
