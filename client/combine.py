@@ -60,17 +60,11 @@ class Combiner:
         with self._lock:
             batch, self._queue = self._queue, []
         try:
-            flat = torch.cat([c.rows.reshape(-1, c.rows.shape[-1]) for c in batch]) if len(batch) > 1 else batch[0].rows
+            flat = torch.cat([c.rows.reshape(-1, c.rows.shape[-1]) for c in batch])
             with torch.no_grad():
                 out = self.fn(flat)
-            offset = 0
-            for c in batch:
-                if len(batch) == 1:
-                    c.result = out
-                    break
-                size = c.rows.numel() // c.rows.shape[-1]
-                c.result = out[offset : offset + size].reshape(*c.rows.shape[:-1], out.shape[-1])
-                offset += size
+            for c, part in zip(batch, out.split([c.rows.numel() // c.rows.shape[-1] for c in batch])):
+                c.result = part.reshape(*c.rows.shape[:-1], out.shape[-1])
         except BaseException as error:  # every caller of the batch sees it
             for c in batch:
                 c.error = error
