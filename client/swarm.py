@@ -243,6 +243,13 @@ class SwarmClient:
         return [i for i in infos if i.address not in self.liars and i.node_id not in self.liars
                 and (adapter is None or adapter in i.adapters)]
 
+    def full_adapters(self) -> list[str]:
+        """The LoRA adapters whose nodes (none caught lying) serve every layer, as of the last refresh."""
+        honest = [i for i in self.infos if i.address not in self.liars and i.node_id not in self.liars]
+        names = sorted({name for info in honest for name in info.adapters})
+        return [name for name in names
+                if not missing_spans([i for i in honest if name in i.adapters], self.num_layers)]
+
     def _adapter_problem(self, error: MissingLayersError) -> None:
         """Say in `error` that the missing layers are missing *with this client's adapter*, and where it is served."""
         adapter = self.config.adapter

@@ -34,6 +34,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from node.bench import machine_info, prompt_ids, timed_generate, write_section
+from node.bench_perf_report import render_markdown, write_plot
 
 MARK_START = "<!-- bench:performance:start -->"
 MARK_END = "<!-- bench:performance:end -->"
@@ -389,126 +390,6 @@ def run_benchmark(settings: PerfSettings, console: Console | None = None) -> Per
         result.rss_whole_mb = whole_model_rss_mb(settings.model, threads)
         progress.update(task, completed=steps, description="done")
     return result
-
-
-# -- reporting ------------------------------------------------------------------------------------
-def render_markdown(result: PerfResult, plot_name: str | None = None) -> str:
-    s, m, local = result.settings, result.machine, result.local
-    lines = [
-        "## Performance: the swarm against transformers (issue 5)",
-        "",
-        f"- date: {result.date}",
-        f"- machine: {m['cpu']}; {m['os']}; Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}; "
-        f"load average {m['load']} at start",
-        f"- command: `{s.command or 'potluck bench-perf --model ' + str(s.model)}`",
-        f"- settings: model `{Path(s.model).name}` fp32, greedy, {s.prompt_tokens}-token seeded random prompt, "
-        f"{s.new_tokens} new tokens (EOS suppressed), {m['threads']} torch threads here and per node, node processes "
-        f"on loopback splitting the {result.num_layers} layers evenly; median of {s.repeats} run(s) after a warm-up; "
-        "every ratio below is within this one run",
-        "",
-        "### 1. Decode",
-        "",
-        "The speed of this shared machine drifts by tens of percent over minutes, so every swarm run is paired "
-        "with a transformers run just before it, and each ratio is against those paired runs (median over median).",
-        "",
-        "| system | decode tok/s | ms/token | transformers in the paired runs, tok/s | vs transformers (paired) | "
-        "tokens equal transformers' |",
-        "|---|---:|---:|---:|---:|---|",
-        f"| {local.label} (alone, first) | {local.median:.2f} | {1000 / local.median:.1f} | | 1.00x | (reference) |",
-    ]
-    for speed in result.swarms:
-        same = "yes" if speed.tokens == local.tokens else "**no**"
-        lines.append(f"| {speed.label} | {speed.median:.2f} | {1000 / speed.median:.1f} | "
-                     f"{statistics.median(speed.reference_tps):.2f} | {speed.ratio:.2f}x | {same} |")
-    lines += ["", "Per-run decode tok/s (paired transformers run in brackets): " + "; ".join(
-        f"{x.label} " + ", ".join(f"{v:.2f} ({r:.2f})" for v, r in zip(x.decode_tps, x.reference_tps))
-        for x in result.swarms) + "."]
-    if result.wan:
-        wan_chain = ("" if s.wan_threads in (0, s.torch_threads) else
-                     f" (a chain of its own with {s.wan_threads} torch thread(s) per node: with two, a node stalls "
-                     "whenever a proxy or the client takes one of the two cores, which a real WAN does not do)")
-        lines += [
-            "", "### 2. Simulated WAN (latency proxy in front of every node)", "",
-            f"The limit is 1 / (compute + trips x delay): compute is the push decode step of the same chain with no "
-            f"proxies{wan_chain}; trips per token are hops + 1 with push and 2 x hops without. The proxies are processes on the same "
-            "2 cores, and every byte takes an extra pass through one (read, timestamp, wait, write): the last "
-            "column takes compute as measured through proxies that add no delay (same push mode, same chain, "
-            "just before), so it isolates what the delay itself costs from what the simulation costs.", "",
-            "| one-way delay per hop | push | decode tok/s | physical limit tok/s | share of the limit | "
-            "limit with 0 ms proxies, tok/s | share of that limit |",
-            "|---:|---|---:|---:|---:|---:|---:|",
-        ]
-        for w in result.wan:
-            lines.append(f"| {w.delay_ms:.0f} ms | {'yes' if w.push else 'no'} | {w.decode_tps:.2f} | "
-                         f"{w.limit_tps:.2f} | {100 * w.share:.0f}% | {w.limit_proxied_tps:.2f} | "
-                         f"{100 * w.share_proxied:.0f}% |")
-    if result.concurrency:
-        base = result.concurrency[0][1]
-        lines += ["", "### 3. Concurrent sessions (3 nodes, push; one client thread per session, 1 torch thread each)", "",
-                  f"Each session generates {s.concurrency_tokens} tokens after a 16-token prompt; aggregate = all new "
-                  "tokens / wall time. Steps per pass: how many sessions' steps the last node ran in one forward "
-                  "(continuous batching), on average.", "",
-                  "| sessions | aggregate tok/s | vs 1 session | steps per pass (last node) |", "|---:|---:|---:|---:|"]
-        for sessions, aggregate, per_pass in result.concurrency:
-            lines.append(f"| {sessions} | {aggregate:.1f} | {aggregate / base:.2f}x | {per_pass:.2f} |")
-    if result.prefill_swarm_s:
-        lines += ["", "### 4. Prefill", "",
-                  f"A {s.prefill_tokens}-token prompt, time to the first new token (median of {s.repeats}):", "",
-                  "| system | seconds | vs one process |", "|---|---:|---:|",
-                  f"| local transformers | {result.prefill_local_s:.2f} | 1.00x |",
-                  f"| swarm, {max(s.node_counts)} nodes | {result.prefill_swarm_s:.2f} | "
-                  f"{result.prefill_swarm_s / result.prefill_local_s:.2f}x |"]
-    if result.rss_node_mb:
-        a, b = result.node_span
-        lines += ["", "### 5. Memory", "",
-                  "| process | peak RSS MB | RSS at the end, MB |", "|---|---:|---:|",
-                  f"| node serving layers {a}:{b} of {result.num_layers} (after every run above) | "
-                  f"{result.rss_node_mb:.0f} | {result.rss_node_now_mb:.0f} |",
-                  f"| transformers, whole model, load + generate | {result.rss_whole_mb:.0f} | |",
-                  "", "Both include ~320 MB for the interpreter and the imports (torch, transformers, grpc). A node's "
-                  "peak comes while it re-lays its weights out (the memory-mapped shard pages and the new copies "
-                  "are resident together for a moment)."]
-    lines += ["", "### 6. Bytes per token per hop", "", "See the wire formats section (`potluck bench-wire`)."]
-    if plot_name:
-        lines += ["", f"![decode, WAN and concurrency]({plot_name})"]
-    return "\n".join(lines) + "\n"
-
-
-def write_plot(result: PerfResult, path: Path) -> bool:
-    """Decode speeds, WAN shares and concurrency in one PNG; False when matplotlib is not installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    speeds = [result.local, *result.swarms]
-    axes[0].barh([x.label for x in speeds], [x.median for x in speeds], color="#4c72b0")
-    axes[0].set_xlabel("decode tokens/s")
-    axes[0].invert_yaxis()
-    axes[0].set_title("1. decode (greedy, fp32)")
-    if result.wan:
-        for push, color in ((True, "#55a868"), (False, "#c44e52")):
-            points = [w for w in result.wan if w.push == push]
-            axes[1].plot([w.delay_ms for w in points], [100 * w.share for w in points], "o-", color=color,
-                         label="push" if push else "no push")
-        axes[1].axhline(90, ls="--", color="grey")
-        axes[1].set_xlabel("one-way delay per hop (ms)")
-        axes[1].set_ylabel("% of the physical limit")
-        axes[1].legend()
-        axes[1].set_title("2. simulated WAN, 3 nodes")
-    if result.concurrency:
-        axes[2].plot([c[0] for c in result.concurrency], [c[1] for c in result.concurrency], "o-", color="#8172b2")
-        axes[2].set_xscale("log", base=2)
-        axes[2].set_xlabel("concurrent sessions")
-        axes[2].set_ylabel("aggregate tokens/s")
-        axes[2].set_title("3. concurrency, 3 nodes")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return True
 
 
 # -- command line ---------------------------------------------------------------------------------

@@ -8,7 +8,8 @@ import pytest
 from rich.console import Console
 
 from node.bench import write_section
-from node.bench_perf import MARK_END, MARK_START, PerfSettings, render_markdown, run_benchmark, write_plot
+from node.bench_perf import MARK_END, MARK_START, PerfSettings, run_benchmark
+from node.bench_perf_report import render_markdown, write_plot
 
 
 @pytest.mark.timeout(240)

@@ -410,6 +410,10 @@ def test_the_api_serves_model_colon_adapter(llama, lora_nodes, tokenizer):
         expected = _greedy(reference, "alpha", IDS, 5)[0, IDS.shape[1]:]
         assert reply.json()["choices"][0]["text"] == tokenizer.decode(expected, skip_special_tokens=True)
         assert reply.json()["model"] == "tiny:alpha"
+        listed = [card["id"] for card in httpx.get(api.url + "/models", timeout=60).json()["data"]]
+        assert listed == ["tiny", "tiny:alpha", "tiny:beta"]  # the adapters every layer is served with
+        assert httpx.get(api.url + "/models/tiny:beta", timeout=60).json()["id"] == "tiny:beta"
+        assert httpx.get(api.url + "/models/tiny:gamma", timeout=60).status_code == 404
         missing = httpx.post(api.url + "/completions", json={**body, "model": "tiny:gamma"}, timeout=60)
         assert missing.status_code == 404 and "tiny:gamma" in missing.text
     finally:

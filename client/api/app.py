@@ -96,6 +96,9 @@ def create_app(models: dict[str, ModelSource], tokenizers: PreTrainedTokenizerBa
         served = list(state.models.values())
         ready = await asyncio.gather(*(m.available() for m in served))
         names = [m.name for m, ok in zip(served, ready) if ok]
+        names += [f"{m.name}:{adapter}" for m, ok in zip(served, ready) if ok and ":" not in m.name
+                  for adapter in m.loaded.swarm.full_adapters()]  # MODEL:ADAPTER, run on first use
+        names = list(dict.fromkeys(names))
         if catalog is not None:  # what the swarm covers besides: listed, loaded on first use
             names += [m.model_id for m in await catalog.models() if m.model_id not in state.models]
         return {"object": "list", "data": [state.model_card(name) for name in names]}
@@ -104,7 +107,7 @@ def create_app(models: dict[str, ModelSource], tokenizers: PreTrainedTokenizerBa
     async def retrieve_model(name: str) -> dict:
         if name not in state.models and catalog is not None and await catalog.find(name) is not None:
             return state.model_card(name)
-        served = state.lookup(name)
+        served = await state.find(name) if ":" in name else state.lookup(name)  # MODEL:ADAPTER: 404 if unserved
         if not await served.available():
             raise unknown_model(name)
         return state.model_card(name)
