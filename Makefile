@@ -3,10 +3,11 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 MODEL_DIR ?= .models/SmolLM2-135M-Instruct
+LLAMA_CPP ?= $(HOME)/.cache/potluck/llama.cpp
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench protos browser clean
+.PHONY: install demo test bench llamacpp protos browser clean
 
 install: $(STAMP) $(MODEL_DIR)/config.json
 
@@ -36,9 +37,16 @@ browser:
 test: install browser
 	POTLUCK_TEST_MODEL=$(MODEL_DIR) $(PY) -m pytest -q -ra --durations=25
 
+# bench-perf runs llama.cpp side by side when `make llamacpp` has built it
 bench: install
 	$(VENV)/bin/potluck bench --model $(MODEL_DIR) --out docs/benchmarks.md
-	$(VENV)/bin/potluck bench-perf --model $(MODEL_DIR) --out docs/benchmarks.md
+	$(VENV)/bin/potluck bench-perf --model $(MODEL_DIR) --out docs/benchmarks.md \
+	  $(if $(wildcard $(LLAMA_CPP)/build/bin/llama-bench),--llama-cpp $(LLAMA_CPP)/build \
+	  --llama-gguf $(LLAMA_CPP)/$(notdir $(MODEL_DIR))-f32.gguf)
+
+# llama.cpp (CPU + RPC) from the llama-cpp-python source package, and the model as an F32 GGUF (~11 min)
+llamacpp: install
+	PYTHON=$(PY) deploy/llamacpp.sh $(MODEL_DIR) $(LLAMA_CPP)
 
 protos: $(STAMP)
 	PYTHON=$(PY) protos/generate.sh node/rpc/generated

@@ -34,6 +34,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from node.bench import machine_info, prompt_ids, timed_generate, write_section
+from node.bench_llamacpp import LlamaCpp, LlamaSide, side_by_side
 from node.bench_perf_report import render_markdown, write_plot
 
 MARK_START = "<!-- bench:performance:start -->"
@@ -54,6 +55,8 @@ class PerfSettings:
     concurrency_tokens: int = 24
     threads: int = 0                             # torch threads here and per node (0: every core)
     wan_threads: int = 1                         # torch threads per node of the WAN chain (0: as threads)
+    llama_cpp: Path | None = None                # a llama.cpp build (deploy/llamacpp.sh): run it side by side
+    llama_gguf: Path | None = None               # the same weights as an F32 GGUF, for llama.cpp
     out: Path | None = None
     plot: Path | None = None
     command: str = ""
@@ -69,6 +72,7 @@ class PerfSettings:
             (all(d >= 0 for d in self.delays_ms), "--delays-ms must not be negative"),
             (all(c >= 1 for c in self.concurrency) and self.concurrency, "--concurrency needs counts >= 1"),
             (self.threads >= 0 and self.wan_threads >= 0, "--threads and --wan-threads must not be negative"),
+            ((self.llama_cpp is None) == (self.llama_gguf is None), "--llama-cpp and --llama-gguf go together"),
         ]
         for ok, message in checks:
             if not ok:
@@ -126,6 +130,7 @@ class PerfResult:
     rss_node_mb: float = 0.0
     rss_node_now_mb: float = 0.0
     rss_whole_mb: float = 0.0
+    llama: LlamaSide | None = None               # llama.cpp side by side (--llama-cpp)
     node_span: tuple[int, int] = (0, 0)
     num_layers: int = 0
     date: str = field(default_factory=lambda: datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
@@ -323,7 +328,7 @@ def run_benchmark(settings: PerfSettings, console: Console | None = None) -> Per
 
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, refresh_per_second=4) as progress:
-        steps = 3 + len(settings.node_counts) + 3 + 2 * (len(settings.delays_ms) + 1) + len(settings.concurrency) + 1
+        steps = 3 + (settings.llama_cpp is not None) + len(settings.node_counts) + 3 + 2 * (len(settings.delays_ms) + 1) + len(settings.concurrency) + 1
         task = progress.add_task("local transformers", total=steps)
 
         def tick(message: str) -> None:
@@ -346,6 +351,11 @@ def run_benchmark(settings: PerfSettings, console: Console | None = None) -> Per
                 if parts != most:
                     continue
                 result.node_span = (chain.nodes[0].start_layer, chain.nodes[0].end_layer)
+                if settings.llama_cpp is not None:
+                    llama = LlamaCpp.find(settings.llama_cpp, settings.llama_gguf)
+                    result.llama = side_by_side(llama, model, ids, settings.new_tokens, threads, parts, settings.repeats)
+                    tick(f"llama.cpp: {statistics.median(result.llama.single_tps):.1f} tok/s in one process, "
+                         f"{statistics.median(result.llama.rpc_tps):.1f} over RPC")
                 result.swarms.append(paired_speed(f"swarm, {parts} nodes, no push", chain.client(push=False), local_model,
                                                   ids, settings))
                 tick(f"no push: {result.swarms[-1].median:.1f} tok/s")
@@ -419,6 +429,10 @@ def add_perf_bench_parser(commands) -> None:
     bench.add_argument("--threads", type=int, default=0, help="torch threads here and per node (default: every core)")
     bench.add_argument("--out", default=None, help="markdown file whose performance section is (re)written")
     bench.add_argument("--plot", default=None, help="PNG to draw (default: next to --out, benchmarks-performance.png)")
+    bench.add_argument("--llama-cpp", default=None, metavar="BUILD",
+                       help="a llama.cpp build folder (deploy/llamacpp.sh): decode with llama-bench in one process and "
+                            "over its RPC backend, side by side with the swarm (needs --llama-gguf)")
+    bench.add_argument("--llama-gguf", default=None, metavar="FILE", help="the same model as an F32 GGUF, for llama.cpp")
     bench.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 
@@ -427,14 +441,18 @@ def run_perf_bench_cli(args: argparse.Namespace) -> None:
     if not model.is_dir():
         raise ValueError(f"--model {args.model}: not a folder (bench-perf needs a local model folder)")
     out = Path(args.out) if args.out else None
+    llama_cpp = Path(args.llama_cpp).expanduser() if args.llama_cpp else None
+    llama_gguf = Path(args.llama_gguf).expanduser() if args.llama_gguf else None
     plot = Path(args.plot) if args.plot else (out.parent / "benchmarks-performance.png" if out else None)
     settings = PerfSettings(
         model=model, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, prefill_tokens=args.prefill_tokens,
         repeats=args.repeats, node_counts=args.nodes, delays_ms=args.delays_ms, wan_tokens=args.wan_tokens,
-        wan_threads=args.wan_threads,
+        wan_threads=args.wan_threads, llama_cpp=llama_cpp, llama_gguf=llama_gguf,
         concurrency=args.concurrency, concurrency_tokens=args.concurrency_tokens, threads=args.threads, out=out,
         plot=plot, command=shlex.join(["potluck", *sys.argv[1:]]),
     )
+    if llama_cpp is not None:
+        LlamaCpp.find(llama_cpp, llama_gguf)  # say what is missing now, not after the other runs
     result = run_benchmark(settings)
     drawn = plot is not None and write_plot(result, plot)
     section = render_markdown(result, plot.name if drawn else None)
