@@ -243,7 +243,7 @@ async def _load(node: RunningNode, span: Span) -> None:
                                      max_batch=config.max_batch, cache_memory=config.cache_memory,
                                      max_sessions=config.max_sessions, max_session_tokens=config.max_session_tokens,
                                      admission_wait=config.admission_wait, adapters=adapters,
-                                     batch_wait=config.batch_wait)
+                                     batch_wait=config.batch_wait, pack=config.pack and node.device.type == "cpu")
     if old is not None:
         old.shutdown()
     node.record = replace(node.record, state=NodeState.ONLINE, throughput=node.throughput.decode,

@@ -8,18 +8,20 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from node.model.fast_linear import transpose_linears
+from node.model.fast_linear import PackedWeight, mkl_packing_available, pack_lean, transpose_linears
 from node.model.loader import ModelFiles, load_span
 from node.runtime.executor import Executor
 
 LEAN_FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]  # mistral's tiny config has a 16-token sliding window
 
 
-def lean_span(folder, start, end, transposed=True):
+def lean_span(folder, start, end, transposed=True, packed=False):
     span, _ = load_span(ModelFiles.open(str(folder)), start, end, torch.device("cpu"), torch.float32)
     if transposed:
         transpose_linears(span)
     assert span.make_lean() is None
+    if packed:
+        assert pack_lean(span.lean) == 4 * (end - start)
     return span
 
 
@@ -31,11 +33,26 @@ def reference_hidden(model, ids, mask, layers):
     return out.hidden_states[layers], positions
 
 
+PACKINGS = [False, True] if mkl_packing_available() else [False]
+
+
+def all_layers(model, ids):
+    """transformers' hidden states after every layer, before the final norm (no padding)."""
+    with torch.no_grad():
+        hidden = model.model.embed_tokens(ids)
+        positions = torch.arange(ids.shape[1])[None]
+        rotary = model.model.rotary_emb(hidden, positions)
+        for layer in model.model.layers:
+            hidden = layer(hidden, attention_mask=None, position_ids=positions, position_embeddings=rotary)
+    return hidden
+
+
+@pytest.mark.parametrize("packed", PACKINGS, ids=lambda p: "packed" if p else "plain")
 @pytest.mark.parametrize("family", LEAN_FAMILIES)
-def test_prefill_decode_and_rewind_match_transformers(family, tiny_model_dir):
+def test_prefill_decode_and_rewind_match_transformers(family, packed, tiny_model_dir):
     folder = tiny_model_dir(family)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    span = lean_span(folder, 0, 5, transposed=family != "qwen2")  # both weight layouts
+    span = lean_span(folder, 0, 5, transposed=family != "qwen2", packed=packed)  # both weight layouts
     torch.manual_seed(0)
     ids = torch.randint(3, model.config.vocab_size, (2, 40))
     mask = torch.ones_like(ids)
@@ -93,13 +110,7 @@ def test_concurrent_sessions_are_decoded_in_shared_passes(tiny_model_dir):
     assert steps == 4 * 7
     assert executor.passes - passes_before < steps, "no two sessions ever shared a pass"
     for ids, got in zip(sequences, results):
-        with torch.no_grad():  # all 6 layers, before the final norm
-            hidden = model.model.embed_tokens(ids)
-            positions = torch.arange(ids.shape[1])[None]
-            rotary = model.model.rotary_emb(hidden, positions)
-            for layer in model.model.layers:
-                hidden = layer(hidden, attention_mask=None, position_ids=positions, position_embeddings=rotary)
-        torch.testing.assert_close(got, hidden, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got, all_layers(model, ids), rtol=1e-5, atol=1e-5)
     assert executor.sessions.reserved_tokens == 0
 
 
@@ -142,3 +153,75 @@ def test_batch_window_gathers_the_steps_of_recently_active_sessions(tiny_model_d
     assert alone < 0.5, f"a lone session waited {alone:.2f} s for a batch window"
     apart, _ = asyncio.run(run(batch_wait=0.0))
     assert apart[0] > 1, "with no window, steps 20 ms apart run in separate passes"
+
+
+@pytest.mark.skipif(not mkl_packing_available(), reason="this torch has no MKL (packing is skipped there too)")
+def test_packed_weights_pass_gradients_like_transformers(tiny_model_dir):
+    """A node's Backward runs the lean pass with autograd: through packed weights the input gradient equals
+    transformers' own, and unpacking a weight gives it back bit for bit."""
+    folder = tiny_model_dir("qwen2")  # q/k/v biases: the packed product adds them
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    span = lean_span(folder, 0, 5, packed=True)
+    torch.manual_seed(0)
+    embeds = torch.randn(2, 12, model.config.hidden_size)
+    positions = torch.arange(12)[None].expand(2, 12)
+    upstream = torch.randn(2, 12, model.config.hidden_size)
+    ours, theirs = embeds.clone().requires_grad_(True), embeds.clone().requires_grad_(True)
+    (got,) = torch.autograd.grad(span(ours, positions), [ours], upstream)
+    hidden = model.model(inputs_embeds=theirs, position_ids=positions, output_hidden_states=True).hidden_states[5]
+    (want,) = torch.autograd.grad(hidden, [theirs], upstream)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    weight_t = torch.randn(64, 96)
+    assert torch.equal(PackedWeight(weight_t).unpack(), weight_t)
+
+
+@pytest.mark.skipif(not mkl_packing_available(), reason="this torch has no MKL (packing is skipped there too)")
+def test_weights_are_packed_while_passes_batch_and_unpacked_after(tiny_model_dir):
+    """node/runtime/layout.py: four sessions stepping together get the weights packed; one session alone
+    afterwards gets them plain again, bit for bit the matrices it started with; every answer stays exact."""
+    folder = tiny_model_dir("llama")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    span = lean_span(folder, 0, 6)
+    original = [layer.gate_up_t.clone() for layer in span.lean.layers]
+    executor = Executor(span, cache_tokens=4096, max_length=64, batch_wait=0.5, pack=True)
+    torch.manual_seed(5)
+    ids = torch.randint(3, model.config.vocab_size, (4, 40))
+    embeds = model.model.embed_tokens(ids).detach()
+
+    def kinds() -> set[str]:
+        return {type(layer.gate_up_t).__name__ for layer in span.lean.layers}
+
+    async def run():
+        sessions = [executor.open(f"s{i}", 0, 6, 1, 64, torch.float32) for i in range(4)]
+        outs = list(await asyncio.gather(*(executor.step(s, embeds[i : i + 1, :4], None, None, 0)
+                                           for i, s in enumerate(sessions))))
+        outputs = [[o] for o in outs]
+        for t in range(4, 14):  # together
+            outs = await asyncio.gather(*(executor.step(s, embeds[i : i + 1, t : t + 1], None, None, t)
+                                          for i, s in enumerate(sessions)))
+            for collected, out in zip(outputs, outs):
+                collected.append(out)
+        await executor.settled()
+        packed = kinds()
+        for t in range(14, 40):  # the first session alone
+            outputs[0].append(await executor.step(sessions[0], embeds[:1, t : t + 1], None, None, t))
+        await executor.settled()
+        for session in sessions:
+            executor.close(session.session_id)
+        return packed, [torch.cat(o, dim=1) for o in outputs]
+
+    packed, results = asyncio.run(run())
+    executor.shutdown()
+    assert packed == {"PackedWeight"}, "four sessions in every pass: the weights should be packed"
+    assert kinds() == {"Tensor"}, "one session alone for 26 steps: the weights should be plain again"
+    assert all(torch.equal(layer.gate_up_t, w) for layer, w in zip(span.lean.layers, original))
+    expected = all_layers(model, ids)
+    torch.testing.assert_close(results[0], expected[:1], rtol=1e-5, atol=1e-5)
+    for i in range(1, 4):
+        torch.testing.assert_close(results[i], expected[i : i + 1, :14], rtol=1e-5, atol=1e-5)
+
+
+def test_a_node_can_be_told_never_to_pack(tiny_model_dir):
+    span = lean_span(tiny_model_dir("llama"), 0, 2)
+    assert Executor(span, cache_tokens=64, max_length=32, pack=False).layout is None
+    assert (Executor(span, cache_tokens=64, max_length=32, pack=True).layout is not None) == mkl_packing_available()

@@ -270,11 +270,14 @@ def weight_bytes(span: nn.Module) -> int:
             for tensor in module.qweight.tensors():
                 add(tensor)
     lean = getattr(span, "lean", None)
+    opaque = 0  # node/model/fast_linear.PackedWeight: no storage to look at, its size instead
     for layer in lean.layers if lean is not None else []:
         for value in vars(layer).values():
             for tensor in value.tensors() if hasattr(value, "tensors") else [value]:
                 add(tensor)
-    return sum(seen.values())
+            if hasattr(value, "tensors") and not value.tensors():
+                opaque += value.nbytes
+    return sum(seen.values()) + opaque
 
 
 def layer_bytes(layer: nn.Module, mode: str) -> int:

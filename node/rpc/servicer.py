@@ -129,6 +129,7 @@ class PotluckServicer(pb_grpc.PotluckServicer):
                 "started_at": self.serving.started_at, "push": self.push_enabled,
                 "passes": executor.passes, "batched_steps": executor.batched_steps, "quant": self.identity.quant,
                 "adapters": sorted(executor.adapters),
+                "packed": executor.layout.packed_share() if executor.layout is not None else 0.0,
             }),
         )
 

@@ -24,6 +24,7 @@ import torch
 from node.model.lean import Row
 from node.model.span import SpanModel
 from node.runtime.errors import Exhausted, FailedPrecondition, Full, InvalidRequest, NotFound, OutOfRange
+from node.runtime.layout import AdaptiveLayout
 from node.runtime.sessions import Session, SessionTable, kv_bytes_per_token
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ class Executor:
     def __init__(self, span: SpanModel, cache_tokens: int, max_length: int, max_batch: int = 64,
                  max_pass_tokens: int = 4096, *, cache_memory: int | None = None, max_sessions: int = 0,
                  max_session_tokens: int = 0, admission_wait: float = 0.0, adapters: dict | None = None,
-                 batch_wait: float = BATCH_WAIT):
+                 batch_wait: float = BATCH_WAIT, pack: bool = False):
         self.span = span
         self.adapters = adapters or {}  # LoRA adapters by name (node/model/lora.py), loaded for this span
         self.kv_bytes_per_token = kv_bytes_per_token(span.config, span.end - span.start, span.dtype)  # an estimate
@@ -95,6 +96,8 @@ class Executor:
         self._stepped: dict[str, float] = {}  # session id -> when it last queued a step (monotonic)
         self._pending: list[_Work] = []
         self._pass_queued = False
+        # CPU float32: the weights packed for MKL while passes carry several rows (node/runtime/layout.py)
+        self.layout = AdaptiveLayout.for_span(self.lean) if pack else None
         self.passes = 0  # lean passes run, and the steps they carried (steps / passes = mean batch)
         self.batched_steps = 0
 
@@ -102,6 +105,10 @@ class Executor:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     # -- validation -------------------------------------------------------------------------
+    async def settled(self) -> None:
+        """Return once the compute thread has done all it was given so far (passes, weight conversions)."""
+        await asyncio.wrap_future(self._pool.submit(lambda: None))
+
     def check_subspan(self, start: int, end: int) -> None:
         if not self.span.start <= start < end <= self.span.end:
             raise InvalidRequest(
@@ -339,6 +346,10 @@ class Executor:
         for (start, end), works in groups.items():
             for chunk in _chunks(works, self.max_pass_tokens):
                 self._run_pass(start, end, chunk)
+                if self.layout is not None:
+                    self.layout.observe(sum(work.tokens for work in chunk))
+        while self.layout is not None and not self._pending and self.layout.convert_one():
+            pass  # idle: move the weights toward the layout the load asks for, one matrix at a time
 
     def _run_pass(self, start: int, end: int, works: list[_Work]) -> None:
         """One forward over several sessions' steps; a failing pass is retried step by step so that one
