@@ -100,10 +100,15 @@ class PackedWeight:
             return _PackedProduct.apply(x, bias, self)
         return self.product(x, bias)
 
-    def unpack(self) -> torch.Tensor:
-        """W_t ([in, out]) again: the packed product of the identity matrix (each output is one weight times 1
-        plus zeros, so exact)."""
-        return self.product(torch.eye(self.in_features, dtype=torch.float32))
+    def unpack(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Rows [start, stop) of W_t ([in, out]) again: the packed product of those rows of the identity matrix
+        (each output is one weight times 1 plus zeros, so exact). A whole matrix costs in x in x out
+        multiply-adds; in pieces, other work can run between them."""
+        stop = self.in_features if stop is None else stop
+        rows = torch.arange(stop - start)
+        unit = torch.zeros(stop - start, self.in_features, dtype=torch.float32)
+        unit[rows, rows + start] = 1.0
+        return self.product(unit)
 
 
 class _PackedProduct(torch.autograd.Function):
@@ -129,26 +134,14 @@ def packable(lean) -> bool:
         for layer in lean.layers for w in (getattr(layer, name) for name in LEAN_MATRICES))
 
 
-def relayout_one(lean, packed: bool) -> bool:
-    """Turn one of a packable LeanSpan's matrices into a PackedWeight (`packed`) or back into a plain [in, out]
-    matrix; False when all are that already. One at a time: the memory held grows by one matrix at most."""
-    for layer in lean.layers:
-        for name in LEAN_MATRICES:
-            weight = getattr(layer, name)
-            if packed and isinstance(weight, torch.Tensor):
-                setattr(layer, name, PackedWeight(weight))
-                return True
-            if not packed and isinstance(weight, PackedWeight):
-                setattr(layer, name, weight.unpack())
-                return True
-    return False
-
-
 def pack_lean(lean) -> int:
     """Pack every matrix of a packable LeanSpan now; returns how many (0 where MKL's packing is missing)."""
     if not packable(lean):
         return 0
     count = 0
-    while relayout_one(lean, True):
-        count += 1
+    for layer in lean.layers:
+        for name in LEAN_MATRICES:
+            if isinstance(getattr(layer, name), torch.Tensor):
+                setattr(layer, name, PackedWeight(getattr(layer, name)))
+                count += 1
     return count

@@ -1,27 +1,35 @@
 """Which layout a node's lean weights take, following its load (node/model/fast_linear.py PackedWeight).
 
 On CPU, one-row products (one session decoding) are fastest on plain [in, out] float32 matrices; products of
-2 to 16 rows (concurrent sessions sharing a pass, prefills) are ~1.6x faster on MKL-packed ones, which are
-~5-10 % slower for one row. Both take the same memory and a node keeps one copy, so it follows its passes:
-once a quarter of the recent ones carried several rows it packs its matrices, and once fewer than a tenth do
-it unpacks them (one session's prompt now and then does not pack them). It converts one matrix at a time, between passes, only while no step is waiting."""
+2 to 32 rows (concurrent sessions sharing a pass) are ~1.6x faster on MKL-packed ones, which are ~5-10 %
+slower for one row. Longer passes (prefill chunks) gain little either way and do not count. Both layouts take
+the same memory and a node keeps one copy, so it follows its passes: once a quarter of the recent ones carried
+2 to 32 rows it packs its matrices, and once fewer than a tenth do it unpacks them.
+
+The compute thread converts between passes, only while no step waits, in small pieces: packing a matrix is
+one copy (~1 ms); unpacking one is a product with the identity matrix, done 64 rows at a time (~1 ms each)."""
 
 from __future__ import annotations
 
-from node.model.fast_linear import LEAN_MATRICES, PackedWeight, packable, relayout_one
+import torch
 
-WEIGHT = 0.1      # how much each pass moves the share of recent passes with several rows
-PACK_AT = 0.25    # the share at which the weights get packed (packing pays from ~1 pass in 8 with several rows)
-UNPACK_AT = 0.1   # ... and unpacked again (apart, so that a mixed load does not flip back and forth)
+from node.model.fast_linear import LEAN_MATRICES, PackedWeight, packable
+
+WEIGHT = 0.1        # how much each pass moves the share of recent passes with several rows
+PACK_AT = 0.25      # the share at which the weights get packed (packing pays from ~1 pass in 8 with several rows)
+UNPACK_AT = 0.1     # ... and unpacked again (apart, so that a mixed load does not flip back and forth)
+BATCHED_ROWS = range(2, 33)  # the passes that count as batched (longer ones are prefills: neutral)
+UNPACK_ROWS = 64    # rows of a matrix unpacked per piece
 
 
 class AdaptiveLayout:
-    """Per executor: `observe` every pass's row count, then `convert_one` while the compute thread is idle."""
+    """Per executor: `observe` every pass's row count, and call `convert_one` while the compute thread idles."""
 
     def __init__(self, lean):
         self.lean = lean
-        self.share = 0.0      # decaying share of recent passes that carried more than one row
+        self.share = 0.0      # decaying share of recent passes that carried 2 to 32 rows
         self.packed = False   # the layout the matrices are moving to (they start plain)
+        self._unpacking: tuple[object, str, torch.Tensor, int] | None = None  # (layer, name, W_t so far, rows done)
 
     @classmethod
     def for_span(cls, lean) -> "AdaptiveLayout | None":
@@ -29,7 +37,9 @@ class AdaptiveLayout:
         return cls(lean) if lean is not None and packable(lean) else None
 
     def observe(self, rows: int) -> None:
-        self.share += WEIGHT * ((rows > 1) - self.share)
+        if rows > BATCHED_ROWS.stop - 1:
+            return
+        self.share += WEIGHT * ((rows in BATCHED_ROWS) - self.share)
         if self.share >= PACK_AT:
             self.packed = True
         elif self.share <= UNPACK_AT:
@@ -41,5 +51,32 @@ class AdaptiveLayout:
         return sum(kinds) / len(kinds)
 
     def convert_one(self) -> bool:
-        """Move one matrix toward the current layout; False when there is nothing left to move."""
-        return relayout_one(self.lean, self.packed)
+        """One piece of work toward the current layout; False when there is nothing left to do."""
+        if self.packed:
+            self._unpacking = None  # a half-unpacked matrix stays packed
+            for layer, name in self._matrices():
+                if isinstance(getattr(layer, name), torch.Tensor):
+                    setattr(layer, name, PackedWeight(getattr(layer, name)))
+                    return True
+            return False
+        if self._unpacking is None:
+            layer, name = next(((layer, name) for layer, name in self._matrices()
+                                if isinstance(getattr(layer, name), PackedWeight)), (None, None))
+            if layer is None:
+                return False
+            weight = getattr(layer, name)
+            self._unpacking = (layer, name, torch.empty(weight.in_features, weight.out_features), 0)
+        layer, name, plain, done = self._unpacking
+        stop = min(done + UNPACK_ROWS, plain.shape[0])
+        plain[done:stop] = getattr(layer, name).unpack(done, stop)
+        if stop == plain.shape[0]:
+            setattr(layer, name, plain)
+            self._unpacking = None
+        else:
+            self._unpacking = (layer, name, plain, stop)
+        return True
+
+    def _matrices(self):
+        for layer in self.lean.layers:
+            for name in LEAN_MATRICES:
+                yield layer, name
