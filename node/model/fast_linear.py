@@ -69,9 +69,10 @@ class PackedWeight:
 
     Why: an ordinary sgemm re-packs the whole weight matrix on every call with two or more rows, so on this
     2-core CPU the products of SmolLM2's 30 layers take 27 ms for one row but 49 ms for two, 50 for eight
-    (`x @ W_t`). Packed once, they take 27, 28, 34 ms: batching the steps of concurrent sessions becomes
-    almost free. One row costs the same either way. The packed copy takes about the weight's memory (138 MB
-    resident for 135 MB of matrices) and replaces it. Results equal `x @ W_t` up to float rounding.
+    (`x @ W_t`). Packed once, they take 27-31 ms for one or two rows and 34 for eight: batching the steps of
+    concurrent sessions becomes almost free, but one row costs ~5-10 % more (so node/runtime/layout.py packs
+    only while passes batch). The packed copy takes about the weight's memory (138 MB resident for 135 MB
+    of matrices) and replaces it. Results equal `x @ W_t` up to float rounding.
 
     The weights are frozen; a product that needs gradients (a node's Backward) recovers `W_t` from the
     packed copy for that call (a product with the identity matrix: exact) to pass the gradient back."""
