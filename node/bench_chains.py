@@ -1,8 +1,10 @@
-"""Helpers shared by the benchmarks that compare chains side by side (bench-relay, bench-trust)."""
+"""Helpers shared by the benchmarks that compare chains side by side (bench-relay, bench-trust), and a free
+loopback port for the ones that start servers of their own (bench-swarm, bench-perf's llama.cpp)."""
 
 from __future__ import annotations
 
 import argparse
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -11,6 +13,13 @@ import torch
 from rich.console import Console
 
 from node.bench import local_model_folder
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on now (for a process that cannot bind port 0 and say which)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def add_chain_bench_args(parser: argparse.ArgumentParser) -> None:

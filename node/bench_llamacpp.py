@@ -71,11 +71,13 @@ class RpcServers:
     """`count` llama.cpp rpc servers on 127.0.0.1, `threads` each; a context manager that always stops them."""
 
     def __init__(self, binary: Path, count: int, threads: int = 1, timeout: float = 30.0):
+        from node.bench_chains import free_port
+
         self.processes: list[subprocess.Popen] = []
         self.addresses: list[str] = []
         try:
             for _ in range(count):
-                port = _free_port()
+                port = free_port()
                 self.processes.append(subprocess.Popen(
                     [str(binary), "-H", "127.0.0.1", "-p", str(port), "-t", str(threads)],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
@@ -101,11 +103,6 @@ class RpcServers:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _wait_listening(address: str, process: subprocess.Popen, timeout: float) -> None:

@@ -19,7 +19,6 @@ import json
 import os
 import random
 import shlex
-import socket
 import statistics
 import subprocess
 import sys
@@ -283,11 +282,6 @@ def probe_phases(model: Path, span: tuple[int, int]) -> dict[str, float]:
     }
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 async def _watch_join(address: str, started: float, timeout: float) -> dict[str, float]:
     """Poll `address` with Gossip pulls (as a client would) until its own record shows ONLINE."""
@@ -328,9 +322,10 @@ async def _watch_join(address: str, started: float, timeout: float) -> dict[str,
 
 
 async def _one_join(model: Path, span: tuple[int, int], home: Path) -> JoinRun:
+    from node.bench_chains import free_port
     from node.launcher import NodeProcess
 
-    port = _free_port()
+    port = free_port()
     node = NodeProcess(model, *span, extra_args=("--port", str(port), "--no-mdns", "--identity",
                                                  str(home / "identity.pem")), env={"HOME": str(home)})
     started = time.monotonic()

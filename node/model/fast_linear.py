@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from node.model.lean import LEAN_MATRICES
+
 
 class TransposedLinear(nn.Module):
     """Drop-in for nn.Linear in inference: same call, same `weight` (a view), faster on CPU."""
@@ -123,9 +125,6 @@ class _PackedProduct(torch.autograd.Function):
         grad_x = grad @ ctx.weight.unpack().t() if ctx.needs_input_grad[0] else None
         grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[1] else None
         return grad_x, grad_bias, None
-
-
-LEAN_MATRICES = ("qkv_t", "o_t", "gate_up_t", "down_t")  # node/model/lean.py LeanLayer's products
 
 
 def packable(lean) -> bool:

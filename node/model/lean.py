@@ -55,6 +55,9 @@ class StaticKV:
         self.length = max(self.length + tokens_to_remove, 0)
 
 
+LEAN_MATRICES = ("qkv_t", "o_t", "gate_up_t", "down_t")  # a LeanLayer's weight matrices, one per product
+
+
 @dataclass
 class LeanLayer:
     input_norm: torch.Tensor

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from node.model.lean import LEAN_MATRICES
+
 QUANT_MODES = ("none", "int8", "nf4")
 NF4_BLOCK = 64
 # The NF4 code values (Dettmers et al. 2023; bitsandbytes' table): quantiles of a unit normal, scaled to [-1, 1].
@@ -228,9 +230,6 @@ def _quantize_linears(module: nn.Module, mode: str, dtype: torch.dtype) -> int:
     return count
 
 
-_LEAN_WEIGHTS = ("qkv_t", "o_t", "gate_up_t", "down_t")
-
-
 def quantize_span(span: nn.Module, mode: str) -> int:
     """Quantise a loaded SpanModel's projections in place (after `make_lean`, if it is lean); returns how many
     matrices were quantised. The float matrices are released."""
@@ -242,7 +241,7 @@ def quantize_span(span: nn.Module, mode: str) -> int:
         return _quantize_linears(span.layers, mode, dtype)
     count = 0
     for layer in span.lean.layers:
-        for name in _LEAN_WEIGHTS:
+        for name in LEAN_MATRICES:
             setattr(layer, name, quantize_weight(getattr(layer, name).t(), mode, dtype))
             count += 1
     for module in span.layers.modules():  # the lean copies were the only users of the layers' projections

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from node.model.fast_linear import LEAN_MATRICES, PackedWeight, packable
+from node.model.fast_linear import PackedWeight, packable
+from node.model.lean import LEAN_MATRICES
 
 WEIGHT = 0.1        # how much each pass moves the share of recent passes with several rows
 PACK_AT = 0.25      # the share at which the weights get packed (packing pays from ~1 pass in 8 with several rows)
@@ -30,6 +31,7 @@ class AdaptiveLayout:
         self.share = 0.0      # decaying share of recent passes that carried 2 to 32 rows
         self.packed = False   # the layout the matrices are moving to (they start plain)
         self._unpacking: tuple[object, str, torch.Tensor, int] | None = None  # (layer, name, W_t so far, rows done)
+        self._settled: bool | None = False  # every matrix is packed (True) or plain (False); None: mixed
 
     @classmethod
     def for_span(cls, lean) -> "AdaptiveLayout | None":
@@ -37,7 +39,7 @@ class AdaptiveLayout:
         return cls(lean) if lean is not None and packable(lean) else None
 
     def observe(self, rows: int) -> None:
-        if rows > BATCHED_ROWS.stop - 1:
+        if rows > BATCHED_ROWS[-1]:
             return
         self.share += WEIGHT * ((rows in BATCHED_ROWS) - self.share)
         if self.share >= PACK_AT:
@@ -51,18 +53,24 @@ class AdaptiveLayout:
         return sum(kinds) / len(kinds)
 
     def convert_one(self) -> bool:
-        """One piece of work toward the current layout; False when there is nothing left to do."""
+        """One piece of work toward the current layout; False when there is nothing left to do (no scan then:
+        it runs after every pass)."""
+        if self._settled == self.packed:
+            return False
+        self._settled = None
         if self.packed:
             self._unpacking = None  # a half-unpacked matrix stays packed
             for layer, name in self._matrices():
                 if isinstance(getattr(layer, name), torch.Tensor):
                     setattr(layer, name, PackedWeight(getattr(layer, name)))
                     return True
+            self._settled = True
             return False
         if self._unpacking is None:
             layer, name = next(((layer, name) for layer, name in self._matrices()
                                 if isinstance(getattr(layer, name), PackedWeight)), (None, None))
             if layer is None:
+                self._settled = False
                 return False
             weight = getattr(layer, name)
             self._unpacking = (layer, name, torch.empty(weight.in_features, weight.out_features), 0)
