@@ -4,21 +4,42 @@ On CPU the head is the client's biggest cost per token (SmolLM2's reads 113 MB) 
 memory bandwidth: one product over 8 rows costs about 2x one row, not 8x. When several threads
 generate at once (the API server, a batch of `generate` calls in threads) their head calls are
 combined: the first caller runs the head on every row queued meanwhile, the others wait for their
-share. A lone caller runs at once, with no wait."""
+share. A lone caller runs at once, with no wait.
+
+A product of several rows is where MKL's packed layout pays (node/model/fast_linear.py): on this CPU
+SmolLM2's head takes ~13 ms for one row with one thread, ~24 ms for two to four rows as it is stored,
+~15 ms packed. So once a few combined calls have carried several rows, `PackedHead` makes a packed copy
+of the head (as much memory again as the head: 113 MB for SmolLM2) and runs such calls through it; one
+row still takes the stored weight, which is faster for it. A client that never combines never packs."""
 
 from __future__ import annotations
 
+import itertools
 import threading
+import time
+import weakref
 from collections.abc import Callable
 
 import torch
+from torch import nn
+
+from node.model.fast_linear import PACKED_ROWS, PackedWeight, TransposedLinear, mkl_packing_available
+from node.runtime.convoy import Convoy, incomplete, new_convoy_id
+
+PACK_HEAD_AFTER = 4  # combined calls of several rows before the head gets its packed copy
+HEAD_WAIT = 0.01     # seconds a head product waits for the rest of the convoy its rows came in
+GATE_WAIT = 0.05     # seconds a session's next step waits for the other sessions of its head product
+FORGET_GATES = 1.0   # gates older than this many seconds are dropped
+MERGE_WAIT = 0.05    # seconds a head product waits for an older session on the chain (convoys merge)
 
 
 class _Call:
-    __slots__ = ("rows", "result", "error", "done", "lead")
+    __slots__ = ("rows", "convoy", "age", "result", "error", "done", "lead")
 
-    def __init__(self, rows: torch.Tensor):
+    def __init__(self, rows: torch.Tensor, arrived: tuple[int, int] | None, age: int | None):
         self.rows = rows
+        self.convoy = Convoy(arrived)  # the convoy its rows came in; `leaves` is set by the product
+        self.age = age  # a travelling session's seniority (it will step again: it counts in the next convoy)
         self.result: torch.Tensor | None = None
         self.error: BaseException | None = None
         self.done = threading.Event()
@@ -26,22 +47,44 @@ class _Call:
 
 
 class Combiner:
-    """`combiner(x)` == `fn(x)` for x [..., features]; concurrent calls share one `fn` over their rows."""
+    """`combiner(x)` == `fn(x)` for x [..., features]; concurrent calls share one `fn` over their rows.
+
+    With convoys (node/runtime/convoy.py), for "travelling" callers (sessions that step again):
+    - a product waits up to HEAD_WAIT for the rest of the convoys its rows arrived in (the last node's
+      results of one pass reach their threads one by one);
+    - the sessions it served send their next steps as one convoy: `depart` holds each of them, up to
+      GATE_WAIT, until all have one ready, so that the first node gets them together;
+    - convoys merge: a product also waits, up to MERGE_WAIT, while a session older than all of its own is
+      on the chain. Only the younger side waits, so it drifts by up to MERGE_WAIT a token towards the
+      older one until they meet (two sessions that both waited would keep their distance)."""
 
     def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]):
         self.fn = fn
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # a call was queued, or a session departed
         self._queue: list[_Call] = []
         self._leading = False
+        self._gates: dict[int, list] = {}  # convoy id -> [sessions at the gate so far, when the first came]
+        self._ages: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # session -> seniority (first seen)
+        self._next_age = itertools.count()
+        self._in_flight: dict[int, int] = {}  # id(session) -> seniority, of sessions with a one-token step out
         self.calls = 0    # fn calls made, and the callers they served (callers / calls = mean combined)
         self.callers = 0
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        call = _Call(x)
+        return self.combined(x)[0]
+
+    def combined(self, x: torch.Tensor, arrived: tuple[int, int] | None = None,
+                 session: object = None) -> tuple[torch.Tensor, tuple[int, int] | None]:
+        """`fn(x)`, and the convoy a travelling caller's (`session`'s) next step leaves in (None for others)."""
         with self._lock:
+            age = self._age(session) if session is not None else None
+            self._in_flight.pop(id(session), None)
+            call = _Call(x, arrived, age)
             self._queue.append(call)
             lead = not self._leading
             self._leading = True
+            self._changed.notify_all()
         if not lead:
             call.done.wait()
             if not call.lead:
@@ -50,14 +93,32 @@ class Combiner:
         self._run_queued()
         return self._outcome(call)
 
+    def _age(self, session: object) -> int:
+        age = self._ages.get(session)
+        if age is None:
+            age = self._ages[session] = next(self._next_age)
+        return age
+
     @staticmethod
-    def _outcome(call: _Call) -> torch.Tensor:
+    def _outcome(call: _Call) -> tuple[torch.Tensor, tuple[int, int] | None]:
         if call.error is not None:
             raise call.error
-        return call.result
+        return call.result, call.convoy.leaves
+
+    def _wait_left(self, started: float, now: float) -> float:
+        """How much longer the product should wait for rows about to come (0: run now); under the lock."""
+        if incomplete(c.convoy for c in self._queue) and now < started + HEAD_WAIT:
+            return started + HEAD_WAIT - now
+        ages = [c.age for c in self._queue if c.age is not None]
+        if ages and now < started + MERGE_WAIT and any(age < min(ages) for age in self._in_flight.values()):
+            return started + MERGE_WAIT - now
+        return 0.0
 
     def _run_queued(self) -> None:
         with self._lock:
+            started = time.monotonic()
+            while (left := self._wait_left(started, time.monotonic())) > 0:
+                self._changed.wait(left)
             batch, self._queue = self._queue, []
         try:
             flat = torch.cat([c.rows.reshape(-1, c.rows.shape[-1]) for c in batch])
@@ -68,6 +129,10 @@ class Combiner:
         except BaseException as error:  # every caller of the batch sees it
             for c in batch:
                 c.error = error
+        travellers = [c for c in batch if c.age is not None]
+        leaves = (new_convoy_id(), len(travellers))
+        for c in travellers:
+            c.convoy.leaves = leaves
         self.calls += 1
         self.callers += len(batch)
         with self._lock:
@@ -80,3 +145,70 @@ class Combiner:
             c.done.set()
         if successor is not None:
             successor.done.set()
+
+    def depart(self, session: object, convoy: tuple[int, int] | None, tokens: int) -> None:
+        """`session` is about to send a step of `tokens` tokens in `convoy`: hold it until every session of the
+        convoy has one ready (at most GATE_WAIT). A one-token step then counts as on the chain (products of
+        younger sessions may wait for it) until `combined` sees the session again, or `abandon`."""
+        with self._lock:
+            if convoy is not None and convoy[1] > 1:
+                now = time.monotonic()
+                for key, (_, first) in list(self._gates.items()):
+                    if now - first > FORGET_GATES:
+                        del self._gates[key]
+                entry = self._gates.setdefault(convoy[0], [0, now])
+                entry[0] += 1
+                self._changed.notify_all()
+                while entry[0] < convoy[1] and (left := now + GATE_WAIT - time.monotonic()) > 0:
+                    self._changed.wait(left)
+            if tokens == 1:
+                self._in_flight[id(session)] = self._age(session)
+
+    def abandon(self, session: object) -> None:
+        """`session`'s step failed: it is not on the chain any more."""
+        with self._lock:
+            self._in_flight.pop(id(session), None)
+            self._changed.notify_all()
+
+
+class PackedHead:
+    """`packed_head(rows)` == `head()(rows)` for rows [n, features] outside autograd; 2 to 32 rows go through a
+    packed copy of the head's weight once PACK_HEAD_AFTER such calls were seen (MKL here, a float32 CPU
+    nn.Linear or TransposedLinear head; otherwise always the head itself). The copy is made again if the
+    weight changes (an optimiser step on it, a new tensor)."""
+
+    def __init__(self, head: Callable[[], nn.Module], enabled: bool = True):
+        self.head = head  # the model's head now (it may be replaced)
+        self.enabled = enabled and mkl_packing_available()
+        self.packed: PackedWeight | None = None
+        self.several_rows = 0  # calls with 2 to 32 rows so far
+        self._made_from: tuple[int, int] | None = None  # (data_ptr, version) of the weight packed
+
+    def _weight_t(self) -> torch.Tensor | None:
+        """The head's weight as [in, out] (a view), if it is a plain float32 CPU linear layer."""
+        head = self.head()
+        if type(head) is TransposedLinear:
+            weight_t = head.weight_t
+        elif type(head) is nn.Linear:
+            weight_t = head.weight.t()
+        else:
+            return None
+        return weight_t if weight_t.dtype == torch.float32 and weight_t.device.type == "cpu" else None
+
+    def _packed_weight(self) -> PackedWeight | None:
+        weight_t = self._weight_t()
+        if weight_t is None:
+            return None
+        made_from = (weight_t.data_ptr(), weight_t._version)
+        if self.packed is None or made_from != self._made_from:
+            self.packed, self._made_from = PackedWeight(weight_t.detach()), made_from
+        return self.packed
+
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        count = rows.numel() // rows.shape[-1]
+        if self.enabled and count in PACKED_ROWS and rows.dtype == torch.float32 and not torch.is_grad_enabled():
+            self.several_rows += 1
+            if self.several_rows >= PACK_HEAD_AFTER and (packed := self._packed_weight()) is not None:
+                flat = packed.product(rows.reshape(count, -1), self.head().bias)
+                return flat.reshape(*rows.shape[:-1], flat.shape[-1])
+        return self.head()(rows)

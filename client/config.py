@@ -25,7 +25,11 @@ class ClientConfig:
     missing_wait: float = 30.0         # after a failure, how long to wait for a node covering lost layers
     max_failovers: int = 20            # failovers one session may go through before giving up
     ban_seconds: float = 5.0           # first ban of a failed node; doubles with each strike (up to 5 min)
+    pack_head: bool = True             # CPU: combined LM-head calls of concurrent generations go through an MKL-packed
+                                       # copy of the head (made once they occur; as much memory again as the head)
     push: bool = True                  # nodes forward each step along the chain (k+1 trips a token, not 2k)
+    convoys: bool = True               # with push: concurrent generations in this process step as convoys, so that
+                                       # each node runs them in one pass (node/runtime/convoy.py)
     prefill_chunk: int = 0             # with push: prompts of 2x this many tokens or more go down the chain in
                                        # chunks, pipelined across nodes (0 = off; at most 8 chunks)
     accept_quant: str = "any"          # nodes whose weights may be quantised: any | int8 (int8 or none) | none

@@ -15,7 +15,7 @@ from transformers import GenerationConfig, GenerationMixin, PretrainedConfig, Pr
 from transformers.generation.streamers import BaseStreamer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from client.combine import Combiner
+from client.combine import Combiner, PackedHead
 from client.config import ClientConfig
 from client.swarm import SwarmClient, SyncSession
 from client.verify import VerificationError, VerificationRestart
@@ -61,7 +61,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         self.embed_tokens = embed_tokens
         self.norm = norm
         self.lm_head = lm_head
-        self.head_calls = Combiner(lambda rows: self.lm_head(rows))  # concurrent generations share head products
+        # concurrent generations share head products, several rows through a packed copy of the head
+        self.head_calls = Combiner(PackedHead(lambda: self.lm_head, enabled=swarm.config.pack_head))
         self.swarm = swarm
         self.last_session: SyncSession | None = None
 
@@ -228,12 +229,20 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         tokens = inputs_embeds.shape[1]
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None  # no padding: nothing to send (the nodes assume all ones)
+        convoys = cache is not None and self.swarm.config.convoys
         if cache is not None:
+            if convoys:  # with the other sessions of its last head product (client/combine.py)
+                self.head_calls.depart(cache.session, cache.session.next_convoy, tokens)
             new_mask = attention_mask[:, -tokens:] if attention_mask is not None else None
-            if deep is not None:  # deep_ptune: the session's first step carries each hop's slice of the deep prompts
-                hidden = cache.session.step(inputs_embeds, position_ids, new_mask, deep)
-            else:
-                hidden = cache.session.step(inputs_embeds, position_ids, new_mask)
+            try:
+                if deep is not None:  # deep_ptune: the session's first step carries each hop's slice of the deep prompts
+                    hidden = cache.session.step(inputs_embeds, position_ids, new_mask, deep)
+                else:
+                    hidden = cache.session.step(inputs_embeds, position_ids, new_mask)
+            except BaseException:
+                if convoys:
+                    self.head_calls.abandon(cache.session)
+                raise
         else:
             if attention_mask is not None and attention_mask.shape[1] != tokens:
                 raise ValueError("without a cache, attention_mask must cover exactly the given tokens")
@@ -248,7 +257,13 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         hidden = self.norm(hidden)
         keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
         hidden = hidden[:, keep, :]
-        logits = self.lm_head(hidden) if torch.is_grad_enabled() else self.head_calls(hidden)
+        if torch.is_grad_enabled():
+            logits = self.lm_head(hidden)
+        elif convoys:  # its next step travels with the other sessions of this product (a convoy)
+            logits, cache.session.next_convoy = self.head_calls.combined(hidden, cache.session.arrived_convoy,
+                                                                         cache.session)
+        else:
+            logits = self.head_calls(hidden)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)

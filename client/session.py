@@ -298,6 +298,10 @@ class InferenceSession:
         self._push_pause = 0    # of which this many are left
         self.verifier = verifier  # client.verify.Verifier: recomputes hops on other nodes (None: trust them)
         self.prefill_chunk = prefill_chunk  # pushed prompts of 2x this many tokens or more go down the chain in chunks
+        # convoys (node/runtime/convoy.py): the one the next pushed step travels in (set by the caller, used once),
+        # and the one the last step's output came back in (from the last hop; None if it came alone or by hand)
+        self.next_convoy: tuple[int, int] | None = None
+        self.arrived_convoy: tuple[int, int] | None = None
 
     def _stream(self, hop: Hop) -> HopStream:
         stream = HopStream(self.router.peer(hop.peer.address), hop, f"{self.session_id}-{next(self._ids)}",
@@ -333,6 +337,7 @@ class InferenceSession:
         if prompts is not None and self.position != 0:
             raise ValueError("deep prompts go with the session's first step only")
         tokens = hidden.shape[1]
+        self.arrived_convoy = None  # until the last hop says otherwise
         if self.position + tokens > self.max_length:
             raise ValueError(f"session holds {self.position} tokens; {tokens} more exceed its max_length {self.max_length}")
         if not self.hops:
@@ -375,6 +380,9 @@ class InferenceSession:
         from there. Hop j's result may take as long as the deadlines of hops 0..j together."""
         step_id = next(self._step_ids)
         first = self.hops[0].make_step(message, pos, mask, step_id)
+        if self.next_convoy is not None:
+            first.convoy, first.convoy_size = self.next_convoy
+            self.next_convoy = None
         deadlines = [self.router.deadline(stream.hop, tokens) for stream in self.hops]
         for before, stream in zip(deadlines, self.hops[1:]):
             # the previous node may wait half its own deadline for this one to accept the step
@@ -403,6 +411,8 @@ class InferenceSession:
                 return index, message
             stream.record(step, result)
             message = result.hidden
+        if result.convoy:
+            self.arrived_convoy = (result.convoy, result.convoy_size)
         self.pushed_steps += 1
         self._push_backoff = 0
         return len(self.hops), message

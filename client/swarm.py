@@ -399,6 +399,20 @@ class SyncSession:
         verifier = self._session.verifier
         return verifier.stats if verifier is not None else None
 
+    @property
+    def next_convoy(self) -> tuple[int, int] | None:
+        """The convoy (id, size) the next pushed step travels in (node/runtime/convoy.py); used once."""
+        return self._session.next_convoy
+
+    @next_convoy.setter
+    def next_convoy(self, convoy: tuple[int, int] | None) -> None:
+        self._session.next_convoy = convoy
+
+    @property
+    def arrived_convoy(self) -> tuple[int, int] | None:
+        """The convoy the last step's output came back in (None: alone, or not pushed)."""
+        return self._session.arrived_convoy
+
     def step(self, hidden: torch.Tensor, position_ids=None, attention_mask=None, prompts=None) -> torch.Tensor:
         return self._loop.run(self._session.step(hidden, position_ids, attention_mask, prompts))
 

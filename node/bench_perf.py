@@ -125,6 +125,7 @@ class PerfResult:
     swarms: list[Speed] = field(default_factory=list)
     wan: list[WanResult] = field(default_factory=list)
     concurrency: list[tuple[int, float, float]] = field(default_factory=list)  # (sessions, aggregate tok/s, steps/pass)
+    concurrency_plain: tuple[int, float, float] | None = None  # the same, 8 sessions (or the most), without convoys
     prefill_local_s: float = 0.0
     prefill_swarm_s: float = 0.0
     rss_node_mb: float = 0.0
@@ -266,11 +267,12 @@ class _Chain:
                                  extra_args=extra_args)
         self.models: list = []
 
-    def client(self, peers: list[str] | None = None, push: bool = True):
+    def client(self, peers: list[str] | None = None, push: bool = True, convoys: bool = True):
+        from client.config import ClientConfig
         from client.model import DistributedModelForCausalLM
 
-        model = DistributedModelForCausalLM.from_pretrained(
-            str(self.settings.model), peers=peers or [n.address for n in self.nodes], push=push)
+        config = ClientConfig(peers=tuple(peers or [n.address for n in self.nodes]), push=push, convoys=convoys)
+        model = DistributedModelForCausalLM.from_pretrained(str(self.settings.model), config=config)
         self.models.append(model)
         return model
 
@@ -328,7 +330,7 @@ def run_benchmark(settings: PerfSettings, console: Console | None = None) -> Per
 
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, refresh_per_second=4) as progress:
-        steps = 3 + (settings.llama_cpp is not None) + len(settings.node_counts) + 3 + 2 * (len(settings.delays_ms) + 1) + len(settings.concurrency) + 1
+        steps = 3 + (settings.llama_cpp is not None) + len(settings.node_counts) + 3 + 2 * (len(settings.delays_ms) + 1) + len(settings.concurrency) + 2
         task = progress.add_task("local transformers", total=steps)
 
         def tick(message: str) -> None:
@@ -376,13 +378,21 @@ def run_benchmark(settings: PerfSettings, console: Console | None = None) -> Per
                 # one torch thread per client thread: N generate() threads with a team of OpenMP threads each
                 # would oversubscribe the cores the nodes compute on
                 torch.set_num_threads(1)
-                for sessions in settings.concurrency:
+                def sessions_at_once(client, sessions: int) -> tuple[int, float, float]:
                     before = node_batching(chain.nodes[-1].address)
-                    aggregate = concurrent_speed(model, config, sessions, settings.concurrency_tokens, settings.seed)
+                    aggregate = concurrent_speed(client, config, sessions, settings.concurrency_tokens, settings.seed)
                     after = node_batching(chain.nodes[-1].address)
                     passes, steps = after[0] - before[0], after[1] - before[1]
-                    result.concurrency.append((sessions, aggregate, steps / passes if passes else 0.0))
-                    tick(f"{sessions} concurrent sessions: {aggregate:.1f} tok/s in all")
+                    return sessions, aggregate, steps / passes if passes else 0.0
+
+                for sessions in settings.concurrency:
+                    result.concurrency.append(sessions_at_once(model, sessions))
+                    tick(f"{sessions} concurrent sessions: {result.concurrency[-1][1]:.1f} tok/s in all")
+                most_sessions = 8 if 8 in settings.concurrency else max(settings.concurrency)
+                if most_sessions > 1:  # what convoys (node/runtime/convoy.py) add: a client without them
+                    result.concurrency_plain = sessions_at_once(chain.client(convoys=False), most_sessions)
+                    tick(f"{most_sessions} concurrent sessions without convoys: "
+                         f"{result.concurrency_plain[1]:.1f} tok/s in all")
                 torch.set_num_threads(threads)
                 result.rss_node_mb = rss_mb(chain.nodes[0].process.pid)
                 result.rss_node_now_mb = rss_mb(chain.nodes[0].process.pid, "VmRSS")

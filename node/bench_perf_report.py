@@ -72,6 +72,12 @@ def render_markdown(result: PerfResult, plot_name: str | None = None) -> str:
                   "| sessions | aggregate tok/s | vs 1 session | steps per pass (last node) |", "|---:|---:|---:|---:|"]
         for sessions, aggregate, per_pass in result.concurrency:
             lines.append(f"| {sessions} | {aggregate:.1f} | {aggregate / base:.2f}x | {per_pass:.2f} |")
+        if result.concurrency_plain is not None:
+            sessions, aggregate, per_pass = result.concurrency_plain
+            lines += ["", f"The sessions step as convoys (node/runtime/convoy.py). A client without them "
+                          f"(`ClientConfig(convoys=False)`), right after on the same nodes: {sessions} sessions "
+                          f"{aggregate:.1f} tok/s in all ({aggregate / base:.2f}x one session), {per_pass:.2f} steps "
+                          "per pass."]
     if result.prefill_swarm_s:
         lines += ["", "### 4. Prefill", "",
                   f"A {s.prefill_tokens}-token prompt, time to the first new token (median of {s.repeats}):", "",

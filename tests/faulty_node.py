@@ -18,8 +18,8 @@ class LyingExecutor(Executor):
     steps = 0  # steps computed
     lies = 0   # of which returned wrong
 
-    async def step(self, session, hidden, position_ids, attention_mask, position, prompts=None) -> torch.Tensor:
-        out = await super().step(session, hidden, position_ids, attention_mask, position, prompts)
+    async def step(self, session, hidden, position_ids, attention_mask, position, prompts=None, convoy=None) -> torch.Tensor:
+        out = await super().step(session, hidden, position_ids, attention_mask, position, prompts, convoy)
         self.steps += 1
         if self.steps <= self.honest_steps:
             return out

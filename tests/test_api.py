@@ -169,19 +169,30 @@ def test_seeded_sampling_is_reproducible_and_matches_transformers(client, tokeni
                                                                 skip_special_tokens=True)
 
 
-def test_concurrent_requests_are_served_one_after_the_other(client):
+def test_concurrent_requests_generate_together_and_a_seeded_one_alone(client):
+    """Three requests at once generate side by side (each answer as if alone); a seeded sampling request sent
+    among them runs alone, so that it still gives what it gives by itself."""
+    from client.api import engine
+
     ask = partial(client.chat.completions.create, model="smollm", messages=CHAT, temperature=0, max_tokens=40)
-    results: list = [None, None]
+    story = [{"role": "user", "content": "Tell me a story about a dragon."}]
+    seeded = partial(client.chat.completions.create, model="smollm", messages=story, temperature=0.9, top_p=0.95,
+                     max_tokens=12, seed=77)
+    alone = seeded().choices[0].message.content
+    engine.GATE.most_running = 0
+    results: list = [None] * 4
 
     def run(i: int) -> None:
-        results[i] = ask().choices[0].message.content
+        results[i] = (seeded() if i == 3 else ask()).choices[0].message.content
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join(120)
-    assert [r.strip() for r in results] == ["The capital of France is Paris."] * 2
+        thread.join(180)
+    assert [r.strip() for r in results[:3]] == ["The capital of France is Paris."] * 3
+    assert results[3] == alone
+    assert engine.GATE.most_running >= 2, "the greedy requests should have generated at the same time"
 
 
 def test_disconnect_stops_generation_and_the_loop_stays_responsive(server, client, remote, tokenizer):

@@ -1,4 +1,4 @@
-"""Concurrent LM-head calls combined into one product (client/combine.py)."""
+"""Concurrent LM-head calls combined into one product, packed for MKL when it carries several rows (client/combine.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import threading
 import pytest
 import torch
 
-from client.combine import Combiner
+from client.combine import PACK_HEAD_AFTER, Combiner, PackedHead
+from node.model.fast_linear import TransposedLinear, mkl_packing_available
 
 
 def test_concurrent_calls_share_products_and_get_their_own_rows():
@@ -50,3 +51,29 @@ def test_an_error_reaches_every_caller_of_its_product_and_the_next_call_works():
     with pytest.raises(ZeroDivisionError):
         combiner(torch.ones(1, 1, 3))
     assert combiner(torch.ones(2, 1, 4)).tolist() == [[[4.0]], [[4.0]]]
+
+
+@pytest.mark.skipif(not mkl_packing_available(), reason="this torch has no MKL packing (the head is used as is)")
+def test_the_head_gets_a_packed_copy_once_products_carry_several_rows():
+    torch.manual_seed(1)
+    linear = torch.nn.Linear(64, 500, bias=True)
+    for head in (TransposedLinear.from_linear(linear), linear):
+        packed = PackedHead(lambda: head)
+        with torch.no_grad():
+            for _ in range(PACK_HEAD_AFTER - 1):
+                rows = torch.randn(3, 64)
+                torch.testing.assert_close(packed(rows), head(rows))
+            assert packed.packed is None  # not yet: a client that rarely combines keeps one copy
+            rows = torch.randn(4, 64)
+            torch.testing.assert_close(packed(rows), head(rows), rtol=1e-5, atol=1e-5)
+            assert packed.packed is not None
+            one = torch.randn(1, 64)
+            assert torch.equal(packed(one), head(one))  # one row: the stored weight, exactly
+            weight = head.weight_t if isinstance(head, TransposedLinear) else head.weight
+            weight.mul_(2)  # an in-place update (an optimiser step): the packed copy is made again
+            torch.testing.assert_close(packed(rows), head(rows), rtol=1e-5, atol=1e-5)
+    off = PackedHead(lambda: linear, enabled=False)
+    with torch.no_grad():
+        for _ in range(PACK_HEAD_AFTER + 1):
+            off(torch.randn(3, 64))
+    assert off.packed is None

@@ -6,6 +6,7 @@ node's step counter; tokens are compared with plain transformers on the same wei
 from __future__ import annotations
 
 import queue
+import threading
 
 import grpc
 import pytest
@@ -253,3 +254,39 @@ def test_sigkill_of_the_middle_node_with_push(smollm_dir, chain, prompt_ids, smo
     finally:
         for process in middles:
             process.kill()
+
+
+@pytest.mark.parametrize("convoys", [True, False])
+def test_concurrent_generations_travel_as_convoys_and_match_transformers(smollm_dir, chain, smollm_reference, convoys,
+                                                                         monkeypatch):
+    """Four generations in threads of one client: each equals transformers' own. With convoys (node/runtime/convoy.py)
+    their decode steps share the nodes' passes: the four sessions travel as one convoy, or as two that stay apart
+    (the prefills start apart), so at least 2 steps a pass; without convoys they mostly get a pass each (~1.3 here;
+    tests/test_convoy.py checks that the node and the head need the convoys for it)."""
+    for bound in ("node.runtime.window.CONVOY_WAIT", "client.combine.HEAD_WAIT", "client.combine.GATE_WAIT"):
+        monkeypatch.setattr(bound, 0.5)  # the nodes run in this process: a slow CI machine must not split convoys
+    tokenizer = AutoTokenizer.from_pretrained(smollm_dir)
+    texts = ["The three primary colours are", "Paris is the capital of", "Water boils at", "My favourite food is"]
+    prompts = [tokenizer(text, return_tensors="pt")["input_ids"] for text in texts]
+    expected = [smollm_reference.generate(p, attention_mask=torch.ones_like(p), do_sample=False, max_new_tokens=NEW_TOKENS,
+                                          min_new_tokens=NEW_TOKENS)[0].tolist() for p in prompts]
+    model = client(smollm_dir, [n.address for n in chain], convoys=convoys)
+    results: list = [None] * len(prompts)
+    batching = [codec.unpack_metadata(node_info(node.address).metadata) for node in chain]
+
+    def run(i):
+        results[i] = generate(model, prompts[i])
+
+    try:
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+    finally:
+        model.close()
+    assert results == expected
+    after = [codec.unpack_metadata(node_info(node.address).metadata) for node in chain]
+    per_pass = [(a["batched_steps"] - b["batched_steps"]) / (a["passes"] - b["passes"]) for a, b in zip(after, batching)]
+    if convoys:
+        assert min(per_pass) >= 1.9, f"steps per pass at each node: {per_pass}"

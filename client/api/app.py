@@ -1,9 +1,10 @@
 """The FastAPI application: /v1/models, /v1/chat/completions, /v1/completions, and the dashboard
 (the page at `/`, its files under /dashboard/, its data at /v1/swarm).
 
-Handlers validate, encode the prompt and hand the work to one generation thread (the
-model is blocking and not thread-safe, and seeds use torch's global RNG), so the event
-loop stays free. Streaming answers are server-sent events fed from that thread."""
+Handlers validate, encode the prompt and hand the work to a pool of generation threads (`generate`
+blocks), so the event loop stays free; up to `ApiSettings.parallel` requests generate at once and
+travel the chain together (client/api/engine.py: seeded ones run alone). Streaming answers are
+server-sent events fed from those threads."""
 
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class ApiSettings:
     default_max_tokens: int = 512  # chat completions that give no max_tokens (capped by the context)
+    parallel: int = 8              # requests that generate at once (more wait their turn, in arrival order)
 
 
 def create_app(models: dict[str, ModelSource], tokenizers: PreTrainedTokenizerBase | dict[str, PreTrainedTokenizerBase],
@@ -159,8 +161,8 @@ class _State:
         self.catalog = catalog
         self._adding = asyncio.Lock()  # one load per newly requested discovered model
         self.created = int(time.time())
-        # one thread runs every generation, in arrival order
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="potluck-api-generate")
+        # up to `parallel` generations at once; the others queue in arrival order
+        self.executor = ThreadPoolExecutor(max_workers=settings.parallel, thread_name_prefix="potluck-api-generate")
 
     def lookup(self, name: str) -> ServedModel:
         if name not in self.models:

@@ -1,13 +1,18 @@
 """One completion through the swarm: sampling settings in, text deltas and a finish reason out.
 
-Blocking (it calls `generate`); the HTTP layer runs it on its generation thread. Stop
+Blocking (it calls `generate`); the HTTP layer runs it on one of its generation threads. Stop
 strings are cut here, on the decoded text, so the streamed deltas and the whole text
-always agree: both are what `TextTracker` let through."""
+always agree: both are what `TextTracker` let through.
+
+Requests generate side by side (their steps travel the chain as convoys and share head
+products), except a request with a seed: torch's random generator is one per process, so a
+seeded generation runs alone (`GATE`), which keeps it reproducible."""
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +27,7 @@ class SamplingParams:
     max_new_tokens: int
     temperature: float = 0.0    # 0 = greedy
     top_p: float = 1.0
-    seed: int | None = None     # seeds torch's global RNG: generations must not overlap (one thread runs them)
+    seed: int | None = None     # seeds torch's global RNG: such a generation runs alone (GATE)
     stop: tuple[str, ...] = ()  # the text ends before the first of these; generation stops there
 
 
@@ -104,6 +109,51 @@ def eos_ids(model: DistributedModelForCausalLM, tokenizer: PreTrainedTokenizerBa
     return ids
 
 
+class GenerationGate:
+    """Generations run side by side (`shared`), but one that needs torch's global RNG to itself (`alone`) waits
+    until the others are done, and holds back new ones until it is (so it is not starved)."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self.running = 0
+        self.most_running = 0  # the most generations seen running at once (for tests and curious operators)
+        self._alone = False
+        self._waiting_alone = 0
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._changed:
+            while self._alone or self._waiting_alone:
+                self._changed.wait()
+            self.running += 1
+            self.most_running = max(self.most_running, self.running)
+        try:
+            yield
+        finally:
+            with self._changed:
+                self.running -= 1
+                self._changed.notify_all()
+
+    @contextmanager
+    def alone(self) -> Iterator[None]:
+        with self._changed:
+            self._waiting_alone += 1
+            while self._alone or self.running:
+                self._changed.wait()
+            self._waiting_alone -= 1
+            self._alone = True
+            self.most_running = max(self.most_running, 1)
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._alone = False
+                self._changed.notify_all()
+
+
+GATE = GenerationGate()  # one per process, as torch's RNG
+
+
 def complete(
     model: DistributedModelForCausalLM,
     tokenizer: PreTrainedTokenizerBase,
@@ -122,9 +172,10 @@ def complete(
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     if model.generation_config.pad_token_id is None and tokenizer.eos_token_id is not None:
         kwargs["pad_token_id"] = tokenizer.eos_token_id
-    if params.seed is not None:
-        torch.manual_seed(params.seed)
-    output = model.generate(input_ids, streamer=tracker, stopping_criteria=StoppingCriteriaList([tracker]), **kwargs)
+    with GATE.alone() if params.seed is not None else GATE.shared():
+        if params.seed is not None:
+            torch.manual_seed(params.seed)
+        output = model.generate(input_ids, streamer=tracker, stopping_criteria=StoppingCriteriaList([tracker]), **kwargs)
     new_ids = output[0, input_ids.shape[1] :].tolist()
     if tracker.stopped or (new_ids and new_ids[-1] in eos_ids(model, tokenizer)):
         finish = "stop"

@@ -93,6 +93,12 @@ def add_api_parser(commands) -> None:
                      help=f"chat completions without max_tokens stop here (default {ApiSettings.default_max_tokens})")
     from node.cli import add_trust_args, add_verify_args
 
+    api.add_argument("--parallel", type=int, default=ApiSettings.parallel,
+                     help=f"requests that generate at once; more wait their turn (default {ApiSettings.parallel})")
+    api.add_argument("--no-convoys", action="store_true",
+                     help="concurrent requests step on their own, not as convoys sharing the nodes' passes (docs/performance.md)")
+    api.add_argument("--no-pack-head", action="store_true",
+                     help="no MKL-packed copy of the LM head for requests' shared head products (saves the head's memory)")
     add_trust_args(api)
     add_verify_args(api)
     api.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -103,14 +109,17 @@ def run_api_cli(args: argparse.Namespace) -> None:
 
     if args.default_max_tokens < 1:
         raise ValueError("--default-max-tokens must be at least 1")
+    if args.parallel < 1:
+        raise ValueError("--parallel must be at least 1")
     peers = tuple(p.strip() for p in (args.peers or "").split(",") if p.strip())
     config = ClientConfig(peers=peers, bootstrap=bootstrap_list(args.bootstrap), mdns=not args.no_mdns,
                           mdns_interface=args.mdns_interface, wire_dtype=args.wire_dtype,
+                          convoys=not args.no_convoys, pack_head=not args.no_pack_head,
                           **trust_options(args), **verify_options(args))
     if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"potluck api: warning: listening on {args.host} without --api-key", file=sys.stderr)
     if not args.model and peers:
         raise ValueError("--peers needs --model (discovered models are offered only when discovering the swarm)")
     serve(args.model, args.host, args.port, config=config, api_key=args.api_key, name=args.name,
-          settings=ApiSettings(default_max_tokens=args.default_max_tokens),
+          settings=ApiSettings(default_max_tokens=args.default_max_tokens, parallel=args.parallel),
           models_dir=Path(args.models_dir).expanduser() if args.models_dir else None)

@@ -63,6 +63,7 @@ def mkl_packing_available() -> bool:
 
 
 PACK_ROWS = 8
+PACKED_ROWS = range(2, 33)  # products that run faster packed (one row is ~5-10 % slower; prefills gain little)
 
 
 class PackedWeight:

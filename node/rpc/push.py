@@ -39,10 +39,13 @@ def check_targets(targets) -> None:
             raise InvalidRequest(f"push[{index}] needs both an address and a session_id")
 
 
-def forwarded_step(hidden: pb.Tensor, step: pb.Step) -> pb.PushRequest:
-    """The Push to step.push[0]: this node's output in place of the input, the rest of the list, the same ids."""
+def forwarded_step(hidden: pb.Tensor, step: pb.Step, convoy: tuple[int, int] | None = None) -> pb.PushRequest:
+    """The Push to step.push[0]: this node's output in place of the input, the rest of the list, the same ids,
+    and the convoy the output leaves in (node/runtime/convoy.py)."""
     target = step.push[0]
     out = pb.Step(hidden=hidden, position=step.position, step_id=step.step_id, push=step.push[1:])
+    if convoy is not None:
+        out.convoy, out.convoy_size = convoy
     if step.HasField("position_ids"):
         out.position_ids.CopyFrom(step.position_ids)
     if step.HasField("attention_mask"):
@@ -59,8 +62,9 @@ class Pusher:
         self._channels: OrderedDict[str, tuple[grpc.aio.Channel, pb_grpc.PotluckStub]] = OrderedDict()
         self._closing: set[asyncio.Task] = set()
 
-    async def forward(self, hidden: pb.Tensor, step: pb.Step) -> str:
-        """Hand `hidden` (this node's output of `step`) to step.push[0]; returns "" or what went wrong."""
+    async def forward(self, hidden: pb.Tensor, step: pb.Step, convoy: tuple[int, int] | None = None) -> str:
+        """Hand `hidden` (this node's output of `step`, leaving in `convoy`) to step.push[0]; returns "" or what
+        went wrong."""
         target = step.push[0]
         timeout = target.timeout
         if not (timeout > 0 and math.isfinite(timeout)):
@@ -69,7 +73,7 @@ class Pusher:
         try:
             if target.address not in self._channels:
                 await self.security.prefetch(target.address)
-            await self._stub(target.address).Push(forwarded_step(hidden, step), timeout=timeout)
+            await self._stub(target.address).Push(forwarded_step(hidden, step, convoy), timeout=timeout)
         except grpc.aio.AioRpcError as error:
             return f"push to {target.address} failed [{error.code().name}]: {error.details() or error.code().name}"
         return ""

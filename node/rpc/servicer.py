@@ -18,6 +18,7 @@ from node.rpc import push
 from node.rpc.probe import Prober
 from node.rpc.checks import check_gossip, check_id, check_push_targets, details
 from node.rpc.ratelimit import RateLimiter, peer_host
+from node.runtime.convoy import Convoy
 from node.runtime.errors import Exhausted, FailedPrecondition, InvalidRequest, NotFound, RequestError, Unavailable
 from node.runtime.executor import Executor
 from node.runtime.sessions import Session
@@ -274,6 +275,9 @@ class PotluckServicer(pb_grpc.PotluckServicer):
             check_push_targets(step.push)
             _check_unprompted(step)
         started = time.perf_counter()
+        # where the output goes: the next node, or this stream's client (results of one pass to one client process
+        # share its channel, hence its peer address and port)
+        convoy = Convoy.of(step.convoy, step.convoy_size, step.push[0].address if step.push else context.peer())
         out = await executor.step(
             session,
             codec.decode_tensor(step.hidden, "hidden"),
@@ -281,18 +285,21 @@ class PotluckServicer(pb_grpc.PotluckServicer):
             codec.optional_tensor(step, "attention_mask"),
             step.position,
             codec.optional_tensor(step, "prompts"),
+            convoy,
         )
         seconds = time.perf_counter() - started
         hidden = codec.encode_hidden(out, session.wire)
         reply = pb.SessionReply(result=pb.StepResult(hidden=hidden, step_id=step.step_id, position=session.position,
                                                      compute_ms=seconds * 1000))
+        if convoy.leaves is not None and not step.push:
+            reply.result.convoy, reply.result.convoy_size = convoy.leaves
         if self.metrics is not None:
             sent = len(hidden.data) * (2 if step.push else 1)
             self.metrics.step(out.shape[1], seconds, len(step.hidden.data), sent)
         if not step.push:
             await context.write(reply)
             return
-        handover = asyncio.ensure_future(self.pusher.forward(hidden, step))
+        handover = asyncio.ensure_future(self.pusher.forward(hidden, step, convoy.leaves))
         try:
             # the next hop first: it is on the token's path, this reply (history, for replay) is not
             error = await handover

@@ -4,11 +4,9 @@ On the lean path (node/model/lean.py) the steps that arrive while the compute th
 run together in its next pass (continuous batching over sessions of different lengths); on the
 generic path they run one at a time.
 
-A batch window gathers the steps of concurrent sessions: before a pass, the compute thread waits up
-to `batch_wait` seconds while fewer steps are queued than sessions stepped here within the last
-`RECENT` seconds. One session alone never waits. Sessions that run side by side then travel the chain
-as a convoy: one pass per node carries all of them, and every weight is read once per convoy
-instead of once per session."""
+A batch window (node/runtime/window.py) gathers the steps of concurrent sessions before a pass:
+convoys of steps that left one pass together (node/runtime/convoy.py) are run in one pass again, so
+every weight is read once per convoy instead of once per session."""
 
 from __future__ import annotations
 
@@ -23,14 +21,14 @@ import torch
 
 from node.model.lean import Row
 from node.model.span import SpanModel
+from node.runtime.convoy import Convoy, send_off
 from node.runtime.errors import Exhausted, FailedPrecondition, Full, InvalidRequest, NotFound, OutOfRange
 from node.runtime.layout import AdaptiveLayout
 from node.runtime.sessions import Session, SessionTable, kv_bytes_per_token
+from node.runtime.window import BATCH_WAIT, BatchWindow
 
 log = logging.getLogger(__name__)
 
-BATCH_WAIT = 0.005  # seconds a pass may wait for the steps of other recently active sessions (--batch-wait-ms)
-RECENT = 1.0        # a session that sent a step within this many seconds is expected to send another
 
 
 @dataclass
@@ -43,6 +41,7 @@ class _Work:
     attention_mask: torch.Tensor | None
     position: int
     prompts: torch.Tensor | None = None  # deep prompts of a prefill step (see Executor.step)
+    convoy: Convoy | None = None
     future: Future = field(default_factory=Future)
 
     @property
@@ -92,8 +91,7 @@ class Executor:
         self.max_pass_tokens = max_pass_tokens
         self._lock = threading.Lock()
         self._arrived = threading.Condition(self._lock)  # a step was queued (the batch window waits on it)
-        self.batch_wait = batch_wait
-        self._stepped: dict[str, float] = {}  # session id -> when it last queued a step (monotonic)
+        self.window = BatchWindow(batch_wait)
         self._pending: list[_Work] = []
         self._pass_queued = False
         # CPU float32: the weights packed for MKL while passes carry several rows (node/runtime/layout.py)
@@ -197,7 +195,7 @@ class Executor:
     def _drop(self, session_id: str) -> None:
         """Forget a session and wake the opens waiting for room (each tries again)."""
         with self._lock:
-            self._stepped.pop(session_id, None)  # a pass need not wait for it any more
+            self.window.forget(session_id)  # a pass need not wait for it any more
         if self.sessions.pop(session_id) is None:
             return
         for waiter in self._room_waiters:
@@ -225,10 +223,12 @@ class Executor:
         attention_mask: torch.Tensor | None,
         position: int,
         prompts: torch.Tensor | None = None,
+        convoy: Convoy | None = None,
     ) -> torch.Tensor:
         """Run one step of `session`. `prompts` (deep prompt tuning): [end - start, batch, prompt_tokens, hidden],
         added at each layer's input to the first prompt_tokens positions, as in `forward`; only on a step at
-        position 0 (the prefill holding the soft prompt's positions)."""
+        position 0 (the prefill holding the soft prompt's positions). `convoy`: the convoy the step came in; its
+        `leaves` is set once the step ran (lean path only)."""
         self.check_hidden(hidden, session.batch_size, session.wire_dtype)
         tokens = hidden.shape[1]
         if prompts is not None:
@@ -248,7 +248,7 @@ class Executor:
         session.busy = True
         try:
             if self.lean is not None:
-                return await self._batched(session, hidden, position_ids, attention_mask, position, prompts)
+                return await self._batched(session, hidden, position_ids, attention_mask, position, prompts, convoy)
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(self._pool, self._run_step, session, hidden, position_ids, attention_mask,
                                               position, prompts)
@@ -309,12 +309,12 @@ class Executor:
 
     # -- continuous batching (lean path) ----------------------------------------------------
     async def _batched(self, session: Session, hidden, position_ids, attention_mask, position: int,
-                       prompts: torch.Tensor | None = None) -> torch.Tensor:
+                       prompts: torch.Tensor | None = None, convoy: Convoy | None = None) -> torch.Tensor:
         """Queue the step; the compute thread runs every queued step of the same layers in one pass."""
-        work = _Work(session, hidden, position_ids, attention_mask, position, prompts)
+        work = _Work(session, hidden, position_ids, attention_mask, position, prompts, convoy)
         with self._lock:
             self._pending.append(work)
-            self._stepped[session.session_id] = time.monotonic()
+            self.window.stepped(session.session_id, time.monotonic())
             submit = not self._pass_queued
             self._pass_queued = True
             self._arrived.notify()
@@ -322,22 +322,11 @@ class Executor:
             self._pool.submit(self._run_pending)
         return await asyncio.wrap_future(work.future)
 
-    def _expected(self, now: float) -> int:
-        """Sessions that queued a step within RECENT seconds (forgetting older ones); under the lock."""
-        for session_id, when in list(self._stepped.items()):
-            if now - when > RECENT:
-                del self._stepped[session_id]
-        return len(self._stepped)
-
     def _run_pending(self) -> None:
         with self._lock:
-            deadline = time.monotonic() + self.batch_wait
-            while True:  # the batch window: wait for the other active sessions' steps, briefly
-                now = time.monotonic()
-                waiting = {work.session.session_id for work in self._pending}
-                if now >= deadline or len(waiting) >= self._expected(now):
-                    break
-                self._arrived.wait(deadline - now)
+            started = time.monotonic()
+            while (left := self.window.left(self._pending, time.monotonic(), started)) > 0:
+                self._arrived.wait(left)
             pending, self._pending = self._pending, []
             self._pass_queued = False
         groups: dict[tuple[int, int], list[_Work]] = {}
@@ -365,6 +354,7 @@ class Executor:
             return
         self.passes += 1
         self.batched_steps += len(works)
+        send_off([work.convoy for work in works])
         for work, out in zip(works, outputs):
             work.future.set_result(out)
 

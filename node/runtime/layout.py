@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import torch
 
-from node.model.fast_linear import PackedWeight, packable
+from node.model.fast_linear import PACKED_ROWS, PackedWeight, packable
 from node.model.lean import LEAN_MATRICES
 
 WEIGHT = 0.1        # how much each pass moves the share of recent passes with several rows
 PACK_AT = 0.25      # the share at which the weights get packed (packing pays from ~1 pass in 8 with several rows)
 UNPACK_AT = 0.1     # ... and unpacked again (apart, so that a mixed load does not flip back and forth)
-BATCHED_ROWS = range(2, 33)  # the passes that count as batched (longer ones are prefills: neutral)
 UNPACK_ROWS = 64    # rows of a matrix unpacked per piece
 
 
@@ -39,9 +38,9 @@ class AdaptiveLayout:
         return cls(lean) if lean is not None and packable(lean) else None
 
     def observe(self, rows: int) -> None:
-        if rows > BATCHED_ROWS[-1]:
+        if rows > PACKED_ROWS[-1]:
             return
-        self.share += WEIGHT * ((rows in BATCHED_ROWS) - self.share)
+        self.share += WEIGHT * ((rows in PACKED_ROWS) - self.share)
         if self.share >= PACK_AT:
             self.packed = True
         elif self.share <= UNPACK_AT:

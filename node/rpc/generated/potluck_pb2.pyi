@@ -69,7 +69,7 @@ class OpenSession(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., max_length: _Optional[int] = ..., batch_size: _Optional[int] = ..., wire_dtype: _Optional[str] = ..., metadata: _Optional[bytes] = ...) -> None: ...
 
 class Step(_message.Message):
-    __slots__ = ("hidden", "position_ids", "attention_mask", "position", "step_id", "push", "prompts")
+    __slots__ = ("hidden", "position_ids", "attention_mask", "position", "step_id", "push", "prompts", "convoy", "convoy_size")
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     POSITION_IDS_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_MASK_FIELD_NUMBER: _ClassVar[int]
@@ -77,6 +77,8 @@ class Step(_message.Message):
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     PUSH_FIELD_NUMBER: _ClassVar[int]
     PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    CONVOY_FIELD_NUMBER: _ClassVar[int]
+    CONVOY_SIZE_FIELD_NUMBER: _ClassVar[int]
     hidden: Tensor
     position_ids: Tensor
     attention_mask: Tensor
@@ -84,7 +86,9 @@ class Step(_message.Message):
     step_id: int
     push: _containers.RepeatedCompositeFieldContainer[PushTarget]
     prompts: Tensor
-    def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ..., position_ids: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., position: _Optional[int] = ..., step_id: _Optional[int] = ..., push: _Optional[_Iterable[_Union[PushTarget, _Mapping]]] = ..., prompts: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    convoy: int
+    convoy_size: int
+    def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ..., position_ids: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., position: _Optional[int] = ..., step_id: _Optional[int] = ..., push: _Optional[_Iterable[_Union[PushTarget, _Mapping]]] = ..., prompts: _Optional[_Union[Tensor, _Mapping]] = ..., convoy: _Optional[int] = ..., convoy_size: _Optional[int] = ...) -> None: ...
 
 class PushTarget(_message.Message):
     __slots__ = ("address", "session_id", "timeout")
@@ -121,18 +125,22 @@ class Opened(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., max_length: _Optional[int] = ..., push: _Optional[bool] = ...) -> None: ...
 
 class StepResult(_message.Message):
-    __slots__ = ("hidden", "step_id", "position", "compute_ms", "push_error")
+    __slots__ = ("hidden", "step_id", "position", "compute_ms", "push_error", "convoy", "convoy_size")
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
     PUSH_ERROR_FIELD_NUMBER: _ClassVar[int]
+    CONVOY_FIELD_NUMBER: _ClassVar[int]
+    CONVOY_SIZE_FIELD_NUMBER: _ClassVar[int]
     hidden: Tensor
     step_id: int
     position: int
     compute_ms: float
     push_error: str
-    def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ..., step_id: _Optional[int] = ..., position: _Optional[int] = ..., compute_ms: _Optional[float] = ..., push_error: _Optional[str] = ...) -> None: ...
+    convoy: int
+    convoy_size: int
+    def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ..., step_id: _Optional[int] = ..., position: _Optional[int] = ..., compute_ms: _Optional[float] = ..., push_error: _Optional[str] = ..., convoy: _Optional[int] = ..., convoy_size: _Optional[int] = ...) -> None: ...
 
 class SessionReply(_message.Message):
     __slots__ = ("opened", "result")
