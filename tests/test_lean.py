@@ -79,8 +79,18 @@ def test_families_without_a_lean_path_say_why(tiny_model_dir):
     assert span.lean is None
 
 
-def test_concurrent_sessions_are_decoded_in_shared_passes(tiny_model_dir):
-    """Sessions of different lengths stepping at once share passes, and each gets transformers' answer."""
+@pytest.mark.parametrize("shared_attention", [True, False], ids=["one-attention-call", "attention-per-row"])
+def test_concurrent_sessions_are_decoded_in_shared_passes(tiny_model_dir, monkeypatch, shared_attention):
+    """Sessions of different lengths stepping at once share passes, and each gets transformers' answer: with
+    their one-token steps attending in one call (caches side by side, padded) and, past
+    SHARED_ATTENTION_TOKENS, row by row."""
+    from node.model import lean
+
+    calls = []
+    original = lean.LeanSpan._attend_shared
+    monkeypatch.setattr(lean.LeanSpan, "_attend_shared", lambda *a: calls.append(1) or original(*a))
+    if not shared_attention:
+        monkeypatch.setattr(lean, "SHARED_ATTENTION_TOKENS", 0)
     folder = tiny_model_dir("llama")
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     executor = Executor(lean_span(folder, 0, 6), cache_tokens=4096, max_length=64)
@@ -109,6 +119,7 @@ def test_concurrent_sessions_are_decoded_in_shared_passes(tiny_model_dir):
     steps = executor.batched_steps
     assert steps == 4 * 7
     assert executor.passes - passes_before < steps, "no two sessions ever shared a pass"
+    assert bool(calls) == shared_attention
     for ids, got in zip(sequences, results):
         torch.testing.assert_close(got, all_layers(model, ids), rtol=1e-5, atol=1e-5)
     assert executor.sessions.reserved_tokens == 0

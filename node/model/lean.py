@@ -10,7 +10,8 @@ arithmetic with fewer, larger operations:
 - a static KV cache per session (`StaticKV`: preallocated [layers, batch, kv_heads, max_length,
   head_dim]; nothing is re-allocated per step, a rewind is just a smaller position);
 - the decode steps of several sessions in one pass (`run` with many rows): every weight is read
-  once for all of them, attention runs per session over its own cache.
+  once for all of them, attention runs per session over its own cache (one-token steps with short
+  caches in one call, their caches side by side).
 
 The results equal transformers' up to float rounding; tests/test_lean.py checks them against the
 family's own `XForCausalLM`. Other families run on the generic span (`SpanModel.forward`
@@ -28,6 +29,9 @@ from node.model.lora import lean_add, lean_plan
 from node.model.span import SpanModel
 
 SUPPORTED_LAYERS = {"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer"}
+# a pass of one-token steps attends in one call when their caches hold at most this many tokens in all (the
+# keys and values are copied side by side for it: cheap for short caches, not for long ones)
+SHARED_ATTENTION_TOKENS = 8192
 
 
 class StaticKV:
@@ -226,6 +230,7 @@ class LeanSpan:
         masks = {kind: [self._attention_mask(row, self.window if kind == "sliding_attention" else None) for row in rows]
                  for kind in kinds}
         q_size, kv_size = self.q_heads * self.head_dim, self.kv_heads * self.head_dim
+        shared = self._shared_attention_mask(rows, masks)  # one attention call for all rows (None: per row)
         lora = lean_plan(rows, sizes, self.device)  # LoRA: rows grouped by adapter ([] if none has one)
         prompted, offset = [], 0
         for row, size in zip(rows, sizes):
@@ -253,7 +258,9 @@ class LeanSpan:
                          layer.qk_eps)
                 q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
             layer_masks = masks[self.layer_types[index - self.start]]
-            if len(rows) == 1:
+            if shared is not None:
+                attended = self._attend_shared(rows, index - start, q, k, v, shared, layer.scaling)
+            elif len(rows) == 1:
                 attended = self._attend(rows[0], index - start, q, k, v, layer_masks[0], layer.scaling)
             else:
                 attended = torch.empty(x.shape[0], hidden, dtype=x.dtype, device=x.device)
@@ -311,6 +318,38 @@ class LeanSpan:
         # a finite minimum, not -inf: a padding query that sees nothing still gets finite (unused) values
         additive = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
         return additive.masked_fill_(~allowed, torch.finfo(self.dtype).min)
+
+    def _shared_attention_mask(self, rows: list[Row], masks: dict) -> torch.Tensor | None:
+        """For a pass of several sessions' one-token steps with short caches and plain causal attention: the
+        additive mask [rows, 1, 1, longest] that hides the padding of the shorter caches; None otherwise."""
+        if len(rows) < 2 or any(mask is not None for row_masks in masks.values() for mask in row_masks):
+            return None
+        if any(row.cache is None or row.hidden.shape[:2] != (1, 1) for row in rows):
+            return None
+        totals = torch.tensor([row.past + 1 for row in rows], device=self.device)
+        longest = int(totals.max())
+        if longest * len(rows) > SHARED_ATTENTION_TOKENS:
+            return None
+        padding = torch.arange(longest, device=self.device)[None, :] >= totals[:, None]
+        additive = torch.zeros(len(rows), 1, 1, longest, dtype=self.dtype, device=self.device)
+        return additive.masked_fill_(padding[:, None, None, :], torch.finfo(self.dtype).min)
+
+    def _attend_shared(self, rows: list[Row], layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       mask: torch.Tensor, scaling: float) -> torch.Tensor:
+        """Every row's one new token attends over its own cache, in one call: the caches side by side, padded
+        to the longest (zeros, masked out). Equal to `_attend` row by row up to float rounding."""
+        count, d, groups = len(rows), self.head_dim, self.q_heads // self.kv_heads
+        keys = torch.zeros(count, self.kv_heads, mask.shape[-1], d, dtype=k.dtype, device=k.device)
+        values = torch.zeros_like(keys)
+        for i, row in enumerate(rows):
+            total = row.past + 1
+            row.cache.keys[layer, 0, :, row.past] = k[i]
+            row.cache.values[layer, 0, :, row.past] = v[i]
+            keys[i, :, :total] = row.cache.keys[layer, 0, :, :total]
+            values[i, :, :total] = row.cache.values[layer, 0, :, :total]
+        out = F.scaled_dot_product_attention(q.reshape(count, self.kv_heads, groups, d), keys, values, attn_mask=mask,
+                                             scale=scaling)
+        return out.reshape(count, self.q_heads * d)
 
     def _attend(self, row: Row, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
