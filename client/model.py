@@ -140,6 +140,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             swarm.close()
             raise
         instance = type(self)(self.config, self.embed_tokens, self.norm, self.lm_head, swarm)
+        instance.head_calls = Combiner(self.head_calls.fn)  # the same head: one packed copy of it, not one each
         instance.name_or_path = self.name_or_path
         instance.generation_config = self.generation_config
         return instance.eval()

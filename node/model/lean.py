@@ -50,6 +50,14 @@ class StaticKV:
     def get_seq_length(self) -> int:
         return self.length
 
+    def write(self, layer: int, past: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store keys and values [batch, kv_heads, tokens, head_dim] of `layer` at positions [past, past + tokens);
+        returns that layer's keys and values up to there (views)."""
+        batch, total = keys.shape[0], past + keys.shape[2]
+        self.keys[layer, :batch, :, past:total] = keys
+        self.values[layer, :batch, :, past:total] = values
+        return self.keys[layer, :batch, :, :total], self.values[layer, :batch, :, :total]
+
     def crop(self, tokens_to_remove: int) -> None:
         """Forget the last `-tokens_to_remove` tokens (a negative count, as DynamicCache.crop takes it).
 
@@ -342,11 +350,9 @@ class LeanSpan:
         keys = torch.zeros(count, self.kv_heads, mask.shape[-1], d, dtype=k.dtype, device=k.device)
         values = torch.zeros_like(keys)
         for i, row in enumerate(rows):
-            total = row.past + 1
-            row.cache.keys[layer, 0, :, row.past] = k[i]
-            row.cache.values[layer, 0, :, row.past] = v[i]
-            keys[i, :, :total] = row.cache.keys[layer, 0, :, :total]
-            values[i, :, :total] = row.cache.values[layer, 0, :, :total]
+            cached_keys, cached_values = row.cache.write(layer, row.past, k[i, None, :, None], v[i, None, :, None])
+            keys[i, :, : row.past + 1] = cached_keys[0]
+            values[i, :, : row.past + 1] = cached_values[0]
         out = F.scaled_dot_product_attention(q.reshape(count, self.kv_heads, groups, d), keys, values, attn_mask=mask,
                                              scale=scaling)
         return out.reshape(count, self.q_heads * d)
@@ -358,11 +364,7 @@ class LeanSpan:
         k = k.view(batch, tokens, self.kv_heads, d).transpose(1, 2)
         v = v.view(batch, tokens, self.kv_heads, d).transpose(1, 2)
         if row.cache is not None:
-            total = row.past + tokens
-            row.cache.keys[layer, :batch, :, row.past : total] = k
-            row.cache.values[layer, :batch, :, row.past : total] = v
-            k = row.cache.keys[layer, :batch, :, :total]
-            v = row.cache.values[layer, :batch, :, :total]
+            k, v = row.cache.write(layer, row.past, k, v)
         if tokens == 1:
             # one query per head: fold the heads sharing a kv head into its query rows (no repeat of k/v)
             q = q.view(batch, self.kv_heads, groups, d)
