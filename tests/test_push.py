@@ -215,6 +215,32 @@ def test_bad_pushes_get_a_clear_status_and_the_node_keeps_serving(chain):
         stream.finish()
 
 
+def test_push_many_accepts_or_refuses_each_step_on_its_own(chain):
+    """The steps of one PushMany are taken one by one, in order, as Push would take them: a refused one does not
+    stop the others, and each outcome says the status Push would have answered."""
+    node = chain[1]
+    torch.manual_seed(1)
+    with grpc.insecure_channel(node.address) as channel:
+        stub = pb_grpc.PotluckStub(channel)
+        streams = {name: HandStream(stub, name, 10, 20) for name in ("many-a", "many-b")}
+        for stream in streams.values():
+            stream.send(pb.SessionRequest(step=a_step(torch.randn(1, 2, HIDDEN), 0, 1)))
+            assert stream.result().position == 2
+        steps = [
+            pb.PushRequest(session_id="many-a", step=a_step(torch.randn(1, 1, HIDDEN), 2, 2)),
+            pb.PushRequest(session_id="no-such-session", step=a_step(torch.randn(1, 1, HIDDEN), 2, 2)),
+            pb.PushRequest(session_id="many-b", step=a_step(torch.randn(1, 1, HIDDEN), 2, 1)),  # stale: 1 was seen
+            pb.PushRequest(session_id="many-b", step=a_step(torch.randn(1, 1, HIDDEN), 2, 2)),
+        ]
+        reply = stub.PushMany(pb.PushManyRequest(steps=steps), timeout=10)
+        assert [o.code for o in reply.outcomes] == ["", "NOT_FOUND", "FAILED_PRECONDITION", ""]
+        assert "no-such-session" in reply.outcomes[1].message and "stale step 1" in reply.outcomes[2].message
+        for name, stream in streams.items():
+            result = stream.result()  # each accepted step ran in its session
+            assert (result.step_id, result.position, result.push_error) == (2, 3, ""), name
+            stream.finish()
+
+
 def test_the_node_still_serves_after_bad_pushes(model, prompt_ids, expected):
     assert generate(model, prompt_ids) == expected
     assert model.last_session.pushed_steps == NEW_TOKENS
@@ -273,6 +299,7 @@ def test_concurrent_generations_travel_as_convoys_and_match_transformers(smollm_
     model = client(smollm_dir, [n.address for n in chain], convoys=convoys)
     results: list = [None] * len(prompts)
     batching = [codec.unpack_metadata(node_info(node.address).metadata) for node in chain]
+    calls, handed = [n.servicer.pusher.calls for n in chain[:2]], [handovers(n) for n in chain[:2]]
 
     def run(i):
         results[i] = generate(model, prompts[i])
@@ -290,3 +317,7 @@ def test_concurrent_generations_travel_as_convoys_and_match_transformers(smollm_
     per_pass = [(a["batched_steps"] - b["batched_steps"]) / (a["passes"] - b["passes"]) for a, b in zip(after, batching)]
     if convoys:
         assert min(per_pass) >= 1.9, f"steps per pass at each node: {per_pass}"
+        # the outputs of a pass go on to the next node in one PushMany call
+        calls = sum(n.servicer.pusher.calls for n in chain[:2]) - sum(calls)
+        handed = sum(handovers(n) for n in chain[:2]) - sum(handed)
+        assert calls <= 0.7 * handed, f"{calls} push calls for {handed} steps handed over"

@@ -3,7 +3,12 @@
 A step that carries a push list (`Step.push`, the hops after this one) is forwarded, once this node
 has computed it, to `push[0]` with a `Push` call holding this node's output and `push[1:]`. The call
 returns as soon as the next node has accepted the step (not once it has computed it); the servicer
-answers its own client meanwhile and sends a failure notice only if the handover fails."""
+answers its own client meanwhile and sends a failure notice only if the handover fails.
+
+The outputs of one pass that go to the same node leave as a convoy (node/runtime/convoy.py): they are
+handed over together, in one `PushMany` call, once the convoy's steps are all ready (or CONVOY_FLUSH
+after the first, if some never come). A node that does not know PushMany answers UNIMPLEMENTED; its
+steps then go one `Push` each, from then on."""
 
 from __future__ import annotations
 
@@ -23,6 +28,8 @@ PUSH_TIMEOUT = 5.0     # seconds to wait for the next node to accept a step, whe
 MAX_TIMEOUT = 60.0     # a client may not make a node wait longer than this for a handover
 MAX_CHANNELS = 64      # channels to push targets kept open (least recently used closed first)
 MAX_PUSH_HOPS = 256    # longest push list a step may carry
+MAX_PUSH_MANY = 256    # most steps one PushMany call may carry
+CONVOY_FLUSH = 0.005   # seconds a convoy's first ready step waits for the others before they go without them
 
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -61,22 +68,73 @@ class Pusher:
         self.security = security  # how to dial the next node (swarm token, TLS)
         self._channels: OrderedDict[str, tuple[grpc.aio.Channel, pb_grpc.PotluckStub]] = OrderedDict()
         self._closing: set[asyncio.Task] = set()
+        self._convoys: dict[tuple[str, int], _Handover] = {}  # (address, convoy id) -> its steps ready so far
+        self._handing: set[asyncio.Task] = set()  # PushMany calls in flight
+        self._single: set[str] = set()  # addresses that answered PushMany with UNIMPLEMENTED
+        self.calls = 0  # Push and PushMany calls made (each PushMany counts once)
 
     async def forward(self, hidden: pb.Tensor, step: pb.Step, convoy: tuple[int, int] | None = None) -> str:
         """Hand `hidden` (this node's output of `step`, leaving in `convoy`) to step.push[0]; returns "" or what
-        went wrong."""
+        went wrong. A step in a convoy of several waits for the rest of it (CONVOY_FLUSH at most), and they go
+        in one PushMany call."""
         target = step.push[0]
-        timeout = target.timeout
-        if not (timeout > 0 and math.isfinite(timeout)):
-            timeout = PUSH_TIMEOUT
-        timeout = min(timeout, MAX_TIMEOUT)
+        request = forwarded_step(hidden, step, convoy)
+        if convoy is None or convoy[1] < 2 or target.address in self._single:
+            return await self._push(target.address, request, _timeout(target))
+        key = (target.address, convoy[0])
+        handover = self._convoys.get(key)
+        if handover is None:
+            handover = self._convoys[key] = _Handover(convoy[1])
+            handover.timer = asyncio.get_running_loop().call_later(CONVOY_FLUSH, self._flush, key)
+        done = asyncio.get_running_loop().create_future()
+        handover.add(request, _timeout(target), done)
+        if handover.complete():
+            self._flush(key)
+        return await done
+
+    def _flush(self, key: tuple[str, int]) -> None:
+        handover = self._convoys.pop(key, None)
+        if handover is not None:
+            handover.timer.cancel()
+            task = asyncio.ensure_future(self._push_many(key[0], handover))
+            self._handing.add(task)  # held until done
+            task.add_done_callback(self._handing.discard)
+
+    async def _push(self, address: str, request: pb.PushRequest, timeout: float) -> str:
         try:
-            if target.address not in self._channels:
-                await self.security.prefetch(target.address)
-            await self._stub(target.address).Push(forwarded_step(hidden, step, convoy), timeout=timeout)
+            if address not in self._channels:
+                await self.security.prefetch(address)
+            self.calls += 1
+            await self._stub(address).Push(request, timeout=timeout)
         except grpc.aio.AioRpcError as error:
-            return f"push to {target.address} failed [{error.code().name}]: {error.details() or error.code().name}"
+            return _failure(address, error.code().name, error.details())
         return ""
+
+    async def _push_many(self, address: str, handover: "_Handover") -> None:
+        """One PushMany for the steps of a convoy; each step's waiter gets its own outcome."""
+        live = [(request, done) for request, done in zip(handover.requests, handover.waiters) if not done.cancelled()]
+        if not live:
+            return
+        try:
+            if address not in self._channels:
+                await self.security.prefetch(address)
+            self.calls += 1
+            reply = await self._stub(address).PushMany(pb.PushManyRequest(steps=[r for r, _ in live]),
+                                                       timeout=handover.timeout)
+            if len(reply.outcomes) != len(live):
+                raise ValueError(f"{address} answered {len(reply.outcomes)} outcomes for {len(live)} steps")
+            errors = [_failure(address, o.code, o.message) if o.code else "" for o in reply.outcomes]
+        except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.UNIMPLEMENTED and address not in self._single:
+                self._single.add(address)  # an older node: one Push per step, from now on
+                errors = await asyncio.gather(*(self._push(address, r, handover.timeout) for r, _ in live))
+            else:
+                errors = [_failure(address, error.code().name, error.details())] * len(live)
+        except Exception as error:  # a malformed reply: the steps are not known to be accepted
+            errors = [_failure(address, "INTERNAL", str(error))] * len(live)
+        for (_, done), error in zip(live, errors):
+            if not done.done():
+                done.set_result(error)
 
     def _stub(self, address: str) -> pb_grpc.PotluckStub:
         entry = self._channels.pop(address, None)
@@ -96,6 +154,40 @@ class Pusher:
         return len(self._channels)
 
     async def close(self) -> None:
+        for address, ident in list(self._convoys):  # steps still waiting for the rest of their convoy go now
+            self._flush((address, ident))
+        await asyncio.gather(*self._handing, return_exceptions=True)
         channels = [channel for channel, _ in self._channels.values()]
         self._channels.clear()
         await asyncio.gather(*(channel.close() for channel in channels), *self._closing, return_exceptions=True)
+
+
+class _Handover:
+    """The steps of one convoy ready to be handed to one node, and who waits for each outcome."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.requests: list[pb.PushRequest] = []
+        self.waiters: list[asyncio.Future] = []
+        self.timeout = 0.0  # the longest any of its steps may wait (every client's bound holds for its own step)
+        self.timer: asyncio.TimerHandle | None = None
+
+    def add(self, request: pb.PushRequest, timeout: float, done: asyncio.Future) -> None:
+        self.requests.append(request)
+        self.waiters.append(done)
+        self.timeout = max(self.timeout, timeout)
+
+    def complete(self) -> bool:
+        return len(self.requests) >= min(self.size, MAX_PUSH_MANY)
+
+
+def _timeout(target: pb.PushTarget) -> float:
+    """Seconds to wait for `target` to accept a step: what the client named, within bounds."""
+    timeout = target.timeout
+    if not (timeout > 0 and math.isfinite(timeout)):
+        timeout = PUSH_TIMEOUT
+    return min(timeout, MAX_TIMEOUT)
+
+
+def _failure(address: str, code: str, message: str | None) -> str:
+    return f"push to {address} failed [{code}]: {message or code}"

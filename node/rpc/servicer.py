@@ -57,14 +57,18 @@ class NodeIdentity:
     quant: str = "none"  # weight quantisation of the span (node/model/quant.py)
 
 
-async def _abort(context: grpc.aio.ServicerContext, error: Exception, metrics: NodeMetrics | None) -> None:
+def _status(error: Exception) -> tuple[grpc.StatusCode, str]:
+    """The gRPC status a request that failed with `error` gets, and its message."""
     if isinstance(error, RequestError):
-        code, message = getattr(grpc.StatusCode, error.kind), error.message
-    elif isinstance(error, codec.CodecError):
-        code, message = grpc.StatusCode.INVALID_ARGUMENT, str(error)
-    else:
-        log.exception("internal error")
-        code, message = grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}"
+        return getattr(grpc.StatusCode, error.kind), error.message
+    if isinstance(error, codec.CodecError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(error)
+    log.exception("internal error")
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}"
+
+
+async def _abort(context: grpc.aio.ServicerContext, error: Exception, metrics: NodeMetrics | None) -> None:
+    code, message = _status(error)
     if metrics is not None:
         metrics.error(code.name)
     await context.abort(code, details(message))
@@ -321,34 +325,60 @@ class PotluckServicer(pb_grpc.PotluckServicer):
         if not self.push_enabled:
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this node does not accept pushed steps")
         try:
-            executor = self._executor()
-            if self.serving.draining:
-                raise Unavailable("this node is draining; move the session to another node")
-            check_id(request.session_id, "session_id")
-            session = executor.sessions.get(request.session_id)
-            stream = self._streams.get(request.session_id)
-            if stream is None or stream.session is not session or stream.closed:
-                raise NotFound(f"session {request.session_id!r} has no open stream on this node")
-            self._charge(stream.peer, "Push")  # the session's client pays, not the node handing it over
-            step = request.step
-            _check_pushed(step, executor, session)
-            if step.step_id <= stream.last_step_id:
-                raise FailedPrecondition(
-                    f"stale step {step.step_id}: session {request.session_id!r} has already seen step {stream.last_step_id}"
-                )
-            if stream.inbox.full():
-                raise Exhausted(f"session {request.session_id!r} already has {MAX_QUEUED_STEPS} steps waiting")
-            if step.position > stream.next_position:  # refused here, so the session itself lives on
-                raise FailedPrecondition(
-                    f"pushed step {step.step_id} starts at position {step.position} but session "
-                    f"{request.session_id!r} will hold {stream.next_position} tokens (an earlier step was not handed on)"
-                )
-            stream.last_step_id = step.step_id
-            stream.next_position = step.position + _tokens(step)
-            stream.inbox.put_nowait(("push", step))
+            self._accept_push(self._executor(), request)
             return pb.PushReply()
         except Exception as error:
             await _abort(context, error, self.metrics)
+
+    async def PushMany(self, request: pb.PushManyRequest, context) -> pb.PushManyReply:
+        """Push for several steps at once (the previous node's outputs of one pass that come here): each is
+        accepted or refused on its own, in order, and its outcome says which status Push would have answered."""
+        if not self.push_enabled:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this node does not accept pushed steps")
+        try:
+            if len(request.steps) > push.MAX_PUSH_MANY:
+                raise InvalidRequest(f"{len(request.steps)} steps in one PushMany exceed the limit of {push.MAX_PUSH_MANY}")
+            executor = self._executor()
+        except Exception as error:
+            await _abort(context, error, self.metrics)
+        reply = pb.PushManyReply()
+        for one in request.steps:
+            outcome = reply.outcomes.add()
+            try:
+                self._accept_push(executor, one)
+            except Exception as error:
+                code, message = _status(error)
+                if self.metrics is not None:
+                    self.metrics.error(code.name)
+                outcome.code, outcome.message = code.name, details(message)
+        return reply
+
+    def _accept_push(self, executor: Executor, request: pb.PushRequest) -> None:
+        """Queue a pushed step on its session's stream, or raise why not."""
+        if self.serving.draining:
+            raise Unavailable("this node is draining; move the session to another node")
+        check_id(request.session_id, "session_id")
+        session = executor.sessions.get(request.session_id)
+        stream = self._streams.get(request.session_id)
+        if stream is None or stream.session is not session or stream.closed:
+            raise NotFound(f"session {request.session_id!r} has no open stream on this node")
+        self._charge(stream.peer, "Push")  # the session's client pays, not the node handing it over
+        step = request.step
+        _check_pushed(step, executor, session)
+        if step.step_id <= stream.last_step_id:
+            raise FailedPrecondition(
+                f"stale step {step.step_id}: session {request.session_id!r} has already seen step {stream.last_step_id}"
+            )
+        if stream.inbox.full():
+            raise Exhausted(f"session {request.session_id!r} already has {MAX_QUEUED_STEPS} steps waiting")
+        if step.position > stream.next_position:  # refused here, so the session itself lives on
+            raise FailedPrecondition(
+                f"pushed step {step.step_id} starts at position {step.position} but session "
+                f"{request.session_id!r} will hold {stream.next_position} tokens (an earlier step was not handed on)"
+            )
+        stream.last_step_id = step.step_id
+        stream.next_position = step.position + _tokens(step)
+        stream.inbox.put_nowait(("push", step))
 
     async def Probe(self, request: pb.ProbeRequest, context) -> pb.ProbeReply:
         """`potluck doctor`: does `address` answer a gRPC health check from here? (node/rpc/probe.py)"""

@@ -218,6 +218,26 @@ class PushReply(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class PushManyRequest(_message.Message):
+    __slots__ = ("steps",)
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    steps: _containers.RepeatedCompositeFieldContainer[PushRequest]
+    def __init__(self, steps: _Optional[_Iterable[_Union[PushRequest, _Mapping]]] = ...) -> None: ...
+
+class PushOutcome(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: str
+    message: str
+    def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
+class PushManyReply(_message.Message):
+    __slots__ = ("outcomes",)
+    OUTCOMES_FIELD_NUMBER: _ClassVar[int]
+    outcomes: _containers.RepeatedCompositeFieldContainer[PushOutcome]
+    def __init__(self, outcomes: _Optional[_Iterable[_Union[PushOutcome, _Mapping]]] = ...) -> None: ...
+
 class SignedRecord(_message.Message):
     __slots__ = ("payload", "public_key", "signature")
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]

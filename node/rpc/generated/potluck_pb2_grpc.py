@@ -59,6 +59,11 @@ class PotluckStub:
                 request_serializer=node_dot_rpc_dot_generated_dot_potluck__pb2.PushRequest.SerializeToString,
                 response_deserializer=node_dot_rpc_dot_generated_dot_potluck__pb2.PushReply.FromString,
                 _registered_method=True)
+        self.PushMany = channel.unary_unary(
+                '/potluck.v1.Potluck/PushMany',
+                request_serializer=node_dot_rpc_dot_generated_dot_potluck__pb2.PushManyRequest.SerializeToString,
+                response_deserializer=node_dot_rpc_dot_generated_dot_potluck__pb2.PushManyReply.FromString,
+                _registered_method=True)
         self.Gossip = channel.unary_unary(
                 '/potluck.v1.Potluck/Gossip',
                 request_serializer=node_dot_rpc_dot_generated_dot_potluck__pb2.GossipRequest.SerializeToString,
@@ -104,6 +109,12 @@ class PotluckServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PushMany(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Gossip(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -143,6 +154,11 @@ def add_PotluckServicer_to_server(servicer, server):
                     servicer.Push,
                     request_deserializer=node_dot_rpc_dot_generated_dot_potluck__pb2.PushRequest.FromString,
                     response_serializer=node_dot_rpc_dot_generated_dot_potluck__pb2.PushReply.SerializeToString,
+            ),
+            'PushMany': grpc.unary_unary_rpc_method_handler(
+                    servicer.PushMany,
+                    request_deserializer=node_dot_rpc_dot_generated_dot_potluck__pb2.PushManyRequest.FromString,
+                    response_serializer=node_dot_rpc_dot_generated_dot_potluck__pb2.PushManyReply.SerializeToString,
             ),
             'Gossip': grpc.unary_unary_rpc_method_handler(
                     servicer.Gossip,
@@ -290,6 +306,33 @@ class Potluck:
             '/potluck.v1.Potluck/Push',
             node_dot_rpc_dot_generated_dot_potluck__pb2.PushRequest.SerializeToString,
             node_dot_rpc_dot_generated_dot_potluck__pb2.PushReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushMany(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/potluck.v1.Potluck/PushMany',
+            node_dot_rpc_dot_generated_dot_potluck__pb2.PushManyRequest.SerializeToString,
+            node_dot_rpc_dot_generated_dot_potluck__pb2.PushManyReply.FromString,
             options,
             channel_credentials,
             insecure,
