@@ -126,6 +126,7 @@ class PerfResult:
     wan: list[WanResult] = field(default_factory=list)
     concurrency: list[tuple[int, float, float]] = field(default_factory=list)  # (sessions, aggregate tok/s, steps/pass)
     concurrency_plain: tuple[int, float, float] | None = None  # the same, 8 sessions (or the most), without convoys
+    concurrency_runs: dict[int, list[float]] = field(default_factory=dict)  # sessions -> aggregate tok/s of each round
     prefill_local_s: float = 0.0
     prefill_swarm_s: float = 0.0
     rss_node_mb: float = 0.0
@@ -188,6 +189,12 @@ def concurrent_speed(model, config, sessions: int, new_tokens: int, seed: int) -
     if errors:
         raise errors[0]
     return sessions * new_tokens / elapsed
+
+
+def _median_sessions(sessions: int, runs: list[tuple[float, int, int]]) -> tuple[int, float, float]:
+    """(sessions, median aggregate tok/s, steps per pass over all runs) from runs of (aggregate, passes, steps)."""
+    passes, steps = sum(run[1] for run in runs), sum(run[2] for run in runs)
+    return sessions, statistics.median(run[0] for run in runs), steps / passes if passes else 0.0
 
 
 def rss_mb(pid: int, field: str = "VmHWM") -> float:
@@ -330,7 +337,7 @@ def run_benchmark(settings: PerfSettings, console: Console | None = None) -> Per
 
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, refresh_per_second=4) as progress:
-        steps = 3 + (settings.llama_cpp is not None) + len(settings.node_counts) + 3 + 2 * (len(settings.delays_ms) + 1) + len(settings.concurrency) + 2
+        steps = 3 + (settings.llama_cpp is not None) + len(settings.node_counts) + 3 + 2 * (len(settings.delays_ms) + 1) + len(settings.concurrency) * settings.repeats + 2
         task = progress.add_task("local transformers", total=steps)
 
         def tick(message: str) -> None:
@@ -378,19 +385,26 @@ def run_benchmark(settings: PerfSettings, console: Console | None = None) -> Per
                 # one torch thread per client thread: N generate() threads with a team of OpenMP threads each
                 # would oversubscribe the cores the nodes compute on
                 torch.set_num_threads(1)
-                def sessions_at_once(client, sessions: int) -> tuple[int, float, float]:
+                def sessions_at_once(client, sessions: int, seed: int) -> tuple[float, int, int]:
                     before = node_batching(chain.nodes[-1].address)
-                    aggregate = concurrent_speed(client, config, sessions, settings.concurrency_tokens, settings.seed)
+                    aggregate = concurrent_speed(client, config, sessions, settings.concurrency_tokens, seed)
                     after = node_batching(chain.nodes[-1].address)
-                    passes, steps = after[0] - before[0], after[1] - before[1]
-                    return sessions, aggregate, steps / passes if passes else 0.0
+                    return aggregate, after[0] - before[0], after[1] - before[1]
 
-                for sessions in settings.concurrency:
-                    result.concurrency.append(sessions_at_once(model, sessions))
-                    tick(f"{sessions} concurrent sessions: {result.concurrency[-1][1]:.1f} tok/s in all")
+                # rounds over every session count, so that the machine's drift spreads over all of them; each count
+                # reports its median round
+                runs: dict[int, list[tuple[float, int, int]]] = {n: [] for n in settings.concurrency}
+                for round_ in range(settings.repeats):
+                    for sessions in settings.concurrency:
+                        runs[sessions].append(sessions_at_once(model, sessions, settings.seed + round_))
+                        tick(f"{sessions} concurrent sessions, round {round_ + 1}: {runs[sessions][-1][0]:.1f} tok/s in all")
+                result.concurrency = [_median_sessions(n, runs[n]) for n in settings.concurrency]
+                result.concurrency_runs = {n: [run[0] for run in runs[n]] for n in settings.concurrency}
                 most_sessions = 8 if 8 in settings.concurrency else max(settings.concurrency)
                 if most_sessions > 1:  # what convoys (node/runtime/convoy.py) add: a client without them
-                    result.concurrency_plain = sessions_at_once(chain.client(convoys=False), most_sessions)
+                    plain = chain.client(convoys=False)
+                    result.concurrency_plain = _median_sessions(
+                        most_sessions, [sessions_at_once(plain, most_sessions, settings.seed + r) for r in range(settings.repeats)])
                     tick(f"{most_sessions} concurrent sessions without convoys: "
                          f"{result.concurrency_plain[1]:.1f} tok/s in all")
                 torch.set_num_threads(threads)

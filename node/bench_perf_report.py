@@ -67,11 +67,16 @@ def render_markdown(result: PerfResult, plot_name: str | None = None) -> str:
         base = result.concurrency[0][1]
         lines += ["", "### 3. Concurrent sessions (3 nodes, push; one client thread per session, 1 torch thread each)", "",
                   f"Each session generates {s.concurrency_tokens} tokens after a 16-token prompt; aggregate = all new "
-                  "tokens / wall time. Steps per pass: how many sessions' steps the last node ran in one forward "
-                  "(continuous batching), on average.", "",
+                  f"tokens / wall time, median of {s.repeats} round(s) (each round runs every session count once, "
+                  "in turn). Steps per pass: how many sessions' steps the last node ran in one forward "
+                  "(continuous batching), on average over the rounds.", "",
                   "| sessions | aggregate tok/s | vs 1 session | steps per pass (last node) |", "|---:|---:|---:|---:|"]
         for sessions, aggregate, per_pass in result.concurrency:
             lines.append(f"| {sessions} | {aggregate:.1f} | {aggregate / base:.2f}x | {per_pass:.2f} |")
+        if result.concurrency_runs:
+            lines += ["", "Aggregate tok/s of each round: " + "; ".join(
+                f"{n} session{'s' if n > 1 else ''} " + ", ".join(f"{x:.1f}" for x in runs)
+                for n, runs in result.concurrency_runs.items()) + "."]
         if result.concurrency_plain is not None:
             sessions, aggregate, per_pass = result.concurrency_plain
             lines += ["", f"The sessions step as convoys (node/runtime/convoy.py). A client without them "

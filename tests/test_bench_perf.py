@@ -39,6 +39,7 @@ def test_bench_perf_writes_every_table(tiny_model_dir, tmp_path):
     assert [c[0] for c in result.concurrency] == [1, 3] and all(c[1] > 0 for c in result.concurrency)
     assert result.concurrency[0][2] == 1.0  # one session: one step per pass
     assert all(c[2] >= 1.0 for c in result.concurrency)
+    assert {n: len(runs) for n, runs in result.concurrency_runs.items()} == {1: 1, 3: 1}  # one round per repeat
     assert result.prefill_local_s > 0 and result.prefill_swarm_s > 0
     assert 0 < result.rss_node_mb and 0 < result.rss_whole_mb
     text = out.read_text()
