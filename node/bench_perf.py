@@ -127,6 +127,7 @@ class PerfResult:
     concurrency: list[tuple[int, float, float]] = field(default_factory=list)  # (sessions, aggregate tok/s, steps/pass)
     concurrency_plain: tuple[int, float, float] | None = None  # the same, 8 sessions (or the most), without convoys
     concurrency_runs: dict[int, list[float]] = field(default_factory=dict)  # sessions -> aggregate tok/s of each round
+    settle_s: list[float] = field(default_factory=list)  # seconds before each one-session round (settle_alone)
     prefill_local_s: float = 0.0
     prefill_swarm_s: float = 0.0
     rss_node_mb: float = 0.0
@@ -247,8 +248,8 @@ class ProxyProcess:
             self.process.kill()
 
 
-def node_batching(address: str) -> tuple[int, int]:
-    """(passes, steps carried) of a node's lean runtime so far, from its Info."""
+def node_metadata(address: str) -> dict:
+    """A node's Info metadata (its lean runtime's counters and layout)."""
     import grpc
 
     from node.rpc import codec
@@ -257,8 +258,28 @@ def node_batching(address: str) -> tuple[int, int]:
 
     with grpc.insecure_channel(address) as channel:
         info = pb_grpc.PotluckStub(channel).Info(pb.InfoRequest(), timeout=10)
-    metadata = codec.unpack_metadata(info.metadata)
+    return codec.unpack_metadata(info.metadata)
+
+
+def node_batching(address: str) -> tuple[int, int]:
+    """(passes, steps carried) of a node's lean runtime so far, from its Info."""
+    metadata = node_metadata(address)
     return int(metadata.get("passes", 0)), int(metadata.get("batched_steps", 0))
+
+
+SETTLE_S = 30.0  # at most this long for a chain's weights to go back to the one-row layout
+
+
+def settle_alone(client, config, addresses: list[str], seed: int) -> float:
+    """One session alone until no node of the chain keeps its weights packed for several rows
+    (node/runtime/layout.py: after sessions that shared passes a node unpacks them in its idle time, which
+    slows a lone session meanwhile); returns the seconds it took (SETTLE_S at most)."""
+    started = time.monotonic()
+    while any(node_metadata(address).get("packed", 0.0) > 0 for address in addresses):
+        if time.monotonic() - started > SETTLE_S:
+            break
+        concurrent_speed(client, config, 1, 8, seed)
+    return time.monotonic() - started
 
 
 class _Chain:
@@ -396,6 +417,9 @@ def run_benchmark(settings: PerfSettings, console: Console | None = None) -> Per
                 runs: dict[int, list[tuple[float, int, int]]] = {n: [] for n in settings.concurrency}
                 for round_ in range(settings.repeats):
                     for sessions in settings.concurrency:
+                        if sessions == 1:  # a lone session on nodes at rest, not on weights laid out for many
+                            result.settle_s.append(settle_alone(model, config, [n.address for n in chain.nodes],
+                                                                settings.seed + round_))
                         runs[sessions].append(sessions_at_once(model, sessions, settings.seed + round_))
                         tick(f"{sessions} concurrent sessions, round {round_ + 1}: {runs[sessions][-1][0]:.1f} tok/s in all")
                 result.concurrency = [_median_sessions(n, runs[n]) for n in settings.concurrency]

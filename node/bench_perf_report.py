@@ -77,6 +77,11 @@ def render_markdown(result: PerfResult, plot_name: str | None = None) -> str:
             lines += ["", "Aggregate tok/s of each round: " + "; ".join(
                 f"{n} session{'s' if n > 1 else ''} " + ", ".join(f"{x:.1f}" for x in runs)
                 for n, runs in result.concurrency_runs.items()) + "."]
+        if result.settle_s:
+            lines += ["", "Before each one-session round, one session ran alone until no node kept its weights packed "
+                          "for several rows (after a round of many sessions a node unpacks them in its idle time, "
+                          "which slows a lone session meanwhile; see performance.md): "
+                          + ", ".join(f"{x:.1f}" for x in result.settle_s) + " s."]
         if result.concurrency_plain is not None:
             sessions, aggregate, per_pass = result.concurrency_plain
             lines += ["", f"The sessions step as convoys (node/runtime/convoy.py). A client without them "

@@ -40,6 +40,7 @@ def test_bench_perf_writes_every_table(tiny_model_dir, tmp_path):
     assert result.concurrency[0][2] == 1.0  # one session: one step per pass
     assert all(c[2] >= 1.0 for c in result.concurrency)
     assert {n: len(runs) for n, runs in result.concurrency_runs.items()} == {1: 1, 3: 1}  # one round per repeat
+    assert len(result.settle_s) == 1 and 0 <= result.settle_s[0] < 31  # before the one-session round
     assert result.prefill_local_s > 0 and result.prefill_swarm_s > 0
     assert 0 < result.rss_node_mb and 0 < result.rss_whole_mb
     text = out.read_text()
@@ -56,3 +57,31 @@ def test_bench_perf_rejects_bad_settings(tmp_path):
         PerfSettings(model=tmp_path, concurrency=(0,))
     with pytest.raises(ValueError, match="--llama-cpp and --llama-gguf go together"):
         PerfSettings(model=tmp_path, llama_cpp=tmp_path)
+
+
+def test_settle_alone_waits_until_the_weights_are_back_in_the_one_row_layout(tiny_swarm, tiny_model_dir):
+    """After sessions that shared passes the nodes hold their weights packed for several rows; one session alone
+    brings them back to the plain layout before a one-session measurement."""
+    from client import ClientConfig, DistributedModelForCausalLM
+    from node.bench_perf import concurrent_speed, node_metadata, settle_alone
+    from node.model.fast_linear import mkl_packing_available
+    from node.model.loader import ModelFiles
+
+    if not mkl_packing_available():
+        pytest.skip("this torch build has no MKL packing: weights are never packed")
+    nodes = tiny_swarm("llama")
+    addresses = [node.address for node in nodes]
+    folder = tiny_model_dir("llama")
+    client = DistributedModelForCausalLM.from_pretrained(str(folder), config=ClientConfig(peers=tuple(addresses)))
+    config = ModelFiles.open(str(folder)).config()
+    try:
+        for seed in range(10):  # sessions sharing passes: the nodes pack
+            concurrent_speed(client, config, 4, 8, seed)
+            if any(node_metadata(a)["packed"] > 0 for a in addresses):
+                break
+        assert any(node_metadata(a)["packed"] > 0 for a in addresses), "no node packed its weights"
+        seconds = settle_alone(client, config, addresses, 0)
+        assert 0 < seconds < 31
+        assert all(node_metadata(a)["packed"] == 0 for a in addresses)
+    finally:
+        client.close()
