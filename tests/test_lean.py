@@ -187,12 +187,27 @@ def test_packed_weights_pass_gradients_like_transformers(tiny_model_dir):
 
 
 @pytest.mark.skipif(not mkl_packing_available(), reason="this torch has no MKL (packing is skipped there too)")
-def test_weights_are_packed_while_passes_batch_and_unpacked_after(tiny_model_dir):
+@pytest.mark.parametrize("source", ["model-files", "changed-files", "none"])
+def test_weights_are_packed_while_passes_batch_and_unpacked_after(tiny_model_dir, tmp_path, source):
     """node/runtime/layout.py: four sessions stepping together get the weights packed; one session alone
-    afterwards gets them plain again, bit for bit the matrices it started with; every answer stays exact."""
+    afterwards gets them plain again, bit for bit the matrices it started with; every answer stays exact.
+    They are unpacked by reading them again from the model files; from files that changed since the load
+    (caught by the probe product) or without files, by products with the identity."""
+    from node.model.loader import WeightSource
+
     folder = tiny_model_dir("llama")
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     span = lean_span(folder, 0, 6)
+    assert span.source is not None
+    if source == "changed-files":  # the same architecture, other weights
+        changed = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        with torch.no_grad():
+            for parameter in changed.parameters():
+                parameter.add_(0.01)
+        changed.save_pretrained(tmp_path / "changed")
+        span.source = WeightSource(ModelFiles.open(str(tmp_path / "changed")), span.source.prefix, torch.float32)
+    elif source == "none":
+        span.source = None
     original = [layer.gate_up_t.clone() for layer in span.lean.layers]
     executor = Executor(span, cache_tokens=4096, max_length=64, batch_wait=0.5, pack=True)
     torch.manual_seed(5)
@@ -226,6 +241,8 @@ def test_weights_are_packed_while_passes_batch_and_unpacked_after(tiny_model_dir
     assert packed == {"PackedWeight"}, "four sessions in every pass: the weights should be packed"
     assert kinds() == {"Tensor"}, "one session alone for 26 steps: the weights should be plain again"
     assert all(torch.equal(layer.gate_up_t, w) for layer, w in zip(span.lean.layers, original))
+    # every matrix read again, or none (a changed file is caught at the first one and never read from again)
+    assert executor.layout.read_again == (4 * 6 if source == "model-files" else 0)
     expected = all_layers(model, ids)
     torch.testing.assert_close(results[0], expected[:1], rtol=1e-5, atol=1e-5)
     for i in range(1, 4):

@@ -68,6 +68,13 @@ class StaticKV:
 
 
 LEAN_MATRICES = ("qkv_t", "o_t", "gate_up_t", "down_t")  # a LeanLayer's weight matrices, one per product
+# the projections each matrix is made of, side by side (as LeanSpan._lean_layer fuses them)
+LEAN_PROJECTIONS = {
+    "qkv_t": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "o_t": ("self_attn.o_proj",),
+    "gate_up_t": ("mlp.gate_proj", "mlp.up_proj"),
+    "down_t": ("mlp.down_proj",),
+}
 
 
 @dataclass

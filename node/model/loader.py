@@ -8,6 +8,7 @@ through node/model/gguf.py: the same skeleton, filled with only the span's tenso
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -296,6 +297,36 @@ def _fresh_rotary(model: nn.Module, config: PretrainedConfig, device: torch.devi
     return type(rotary)(config=config).to(device)
 
 
+@dataclass(frozen=True)
+class WeightSource:
+    """Where a span's projection weights came from, to read one again later (node/runtime/layout.py unpacks
+    a packed matrix by reading it again instead of multiplying it by the identity). Safetensors only."""
+
+    files: ModelFiles
+    prefix: str                    # the decoder layers' key prefix, e.g. "model.layers"
+    dtype: torch.dtype
+
+    @functools.cached_property
+    def _weight_map(self) -> dict[str, str]:
+        return self.files.weight_map()
+
+    def matrix(self, layer: int, projections: tuple[str, ...]) -> torch.Tensor | None:
+        """The weights of `projections` (e.g. "self_attn.q_proj") of global layer `layer`, each as [in, out],
+        side by side: [in, sum(out)], contiguous, in `dtype`; None if the checkpoint does not hold them so."""
+        weight_map = self._weight_map
+        keys = [f"{self.prefix}.{layer}.{projection}.weight" for projection in projections]
+        if any(key not in weight_map for key in keys):
+            return None
+        parts = []
+        for key in keys:
+            with safe_open(self.files.fetch(weight_map[key]), framework="pt", device="cpu") as handle:
+                weight = handle.get_tensor(key)
+            if weight.dim() != 2 or not weight.is_floating_point():
+                return None
+            parts.append(weight.to(self.dtype).t())
+        return torch.cat(parts, dim=1).contiguous() if len(parts) > 1 else parts[0].contiguous()
+
+
 def load_span(
     files: ModelFiles, start: int, end: int, device: torch.device, dtype: torch.dtype, progress: bool = False
 ) -> tuple[SpanModel, LoadStats]:
@@ -322,6 +353,8 @@ def load_span(
     _check_materialised(span_layers, f"layers {start}:{end}")
     span = SpanModel(config, start, end, span_layers, _fresh_rotary(model, config, device))
     span.eval().requires_grad_(False)
+    if files.gguf is None:
+        span.source = WeightSource(files, prefix, dtype)
     log.info("loaded layers %d:%d of %s: %d tensors, %.1f MB read", start, end, files.model_id, stats.tensors, stats.bytes_read / 1e6)
     return span, stats
 

@@ -45,6 +45,7 @@ class SpanModel(nn.Module):
             raise NotImplementedError(f"attention types {unknown} are not supported yet")
         self.layer_types = types
         self.lean = None  # a LeanSpan once `make_lean` succeeded: every pass runs on it then
+        self.source = None  # node/model/loader.WeightSource: where the weights can be read again (None: nowhere)
 
     @property
     def dtype(self) -> torch.dtype:

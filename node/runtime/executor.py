@@ -95,7 +95,7 @@ class Executor:
         self._pending: list[_Work] = []
         self._pass_queued = False
         # CPU float32: the weights packed for MKL while passes carry several rows (node/runtime/layout.py)
-        self.layout = AdaptiveLayout.for_span(self.lean) if pack else None
+        self.layout = AdaptiveLayout.for_span(self.lean, getattr(span, "source", None)) if pack else None
         self.passes = 0  # lean passes run, and the steps they carried (steps / passes = mean batch)
         self.batched_steps = 0
 
