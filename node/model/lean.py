@@ -68,7 +68,8 @@ class StaticKV:
 
 
 LEAN_MATRICES = ("qkv_t", "o_t", "gate_up_t", "down_t")  # a LeanLayer's weight matrices, one per product
-# the projections each matrix is made of, side by side (as LeanSpan._lean_layer fuses them)
+# the projections each matrix is made of, side by side (LeanSpan._lean_layer fuses them so; the layout reads
+# them again so, node/runtime/layout.py)
 LEAN_PROJECTIONS = {
     "qkv_t": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
     "o_t": ("self_attn.o_proj",),
@@ -118,7 +119,10 @@ def _weight_t(linear: nn.Module) -> torch.Tensor:
 
 
 def _fuse(linears: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Several projections of the same input as one [in, sum(out)] contiguous matrix (+ bias)."""
+    """Several projections of the same input as one [in, sum(out)] contiguous matrix (+ bias). One projection
+    keeps its own [in, out] matrix when it is contiguous already (no copy)."""
+    if len(linears) == 1:
+        return _weight_t(linears[0]).contiguous(), getattr(linears[0], "bias", None)
     fused = torch.cat([_weight_t(linear) for linear in linears], dim=1).contiguous()
     biases = [getattr(linear, "bias", None) for linear in linears]
     if all(b is None for b in biases):
@@ -213,15 +217,14 @@ class LeanSpan:
     def _lean_layer(self, layer: nn.Module) -> LeanLayer:
         attention, mlp = layer.self_attn, layer.mlp
         q_norm, k_norm = getattr(attention, "q_norm", None), getattr(attention, "k_norm", None)
-        qkv_t, qkv_bias = _fuse([attention.q_proj, attention.k_proj, attention.v_proj])
-        gate_up_t, gate_up_bias = _fuse([mlp.gate_proj, mlp.up_proj])
+        fused = {name: _fuse([layer.get_submodule(p) for p in projections]) for name, projections in LEAN_PROJECTIONS.items()}
         lean = LeanLayer(
             input_norm=layer.input_layernorm.weight, post_norm=layer.post_attention_layernorm.weight,
-            qkv_t=qkv_t, qkv_bias=qkv_bias,
+            qkv_t=fused["qkv_t"][0], qkv_bias=fused["qkv_t"][1],
             q_norm=q_norm.weight if q_norm is not None else None, k_norm=k_norm.weight if k_norm is not None else None,
-            o_t=_weight_t(attention.o_proj).contiguous(), o_bias=attention.o_proj.bias,
-            gate_up_t=gate_up_t, gate_up_bias=gate_up_bias,
-            down_t=_weight_t(mlp.down_proj).contiguous(), down_bias=mlp.down_proj.bias,
+            o_t=fused["o_t"][0], o_bias=fused["o_t"][1],
+            gate_up_t=fused["gate_up_t"][0], gate_up_bias=fused["gate_up_t"][1],
+            down_t=fused["down_t"][0], down_bias=fused["down_t"][1],
             eps=layer.input_layernorm.variance_epsilon,
             qk_eps=q_norm.variance_epsilon if q_norm is not None else 0.0,
             scaling=attention.scaling, act=mlp.act_fn,
@@ -344,8 +347,7 @@ class LeanSpan:
         if any(row.cache is None or row.hidden.shape[:2] != (1, 1) for row in rows):
             return None
         longest = max(row.past for row in rows) + 1
-        itemsize = torch.empty((), dtype=self.dtype).element_size()
-        if 2 * layers * len(rows) * self.kv_heads * longest * self.head_dim * itemsize > SHARED_ATTENTION_BYTES:
+        if 2 * layers * len(rows) * self.kv_heads * longest * self.head_dim * self.dtype.itemsize > SHARED_ATTENTION_BYTES:
             return None
         return SharedCaches(rows, layers, longest)
 
@@ -411,7 +413,7 @@ class SharedCaches:
 
     def store(self, rows: list[Row]) -> None:
         """Write each row's new token, every layer, into its own cache."""
+        layers = self.keys.shape[0]
         for i, row in enumerate(rows):
-            layers = self.keys.shape[0]
             row.cache.keys[:layers, 0, :, row.past] = self.keys[:, i, :, row.past]
             row.cache.values[:layers, 0, :, row.past] = self.values[:, i, :, row.past]
