@@ -12,11 +12,13 @@ from dataclasses import replace
 import torch
 from torch import nn
 from transformers import GenerationConfig, GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.generation.candidate_generator import PromptLookupCandidateGenerator
 from transformers.generation.streamers import BaseStreamer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from client.combine import Combiner, PackedHead
 from client.config import ClientConfig
+from client.draft import AdaptiveDraft
 from client.swarm import SwarmClient, SyncSession
 from client.verify import VerificationError, VerificationRestart
 from node.model.fast_linear import TransposedLinear
@@ -43,6 +45,20 @@ class RemoteCache:
 
     def get_max_cache_shape(self, layer_idx: int = 0) -> int:
         return self.session.max_length - self.offset
+
+    # Assisted decoding (prompt lookup, a draft model): generate() takes rejected draft tokens back with crop().
+    is_croppable = True
+
+    def activate_past_recording(self) -> None:
+        pass  # the nodes keep every token until a rewind; nothing to switch on
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last `-tokens_to_remove` tokens (a negative count, as transformers' Cache.crop takes it); the
+        nodes forget them when the next step, sent at the shorter position, reaches them."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative count of tokens to remove, got {tokens_to_remove}")
+        if tokens_to_remove:
+            self.session.rewind(self.session.position + tokens_to_remove)
 
 
 class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
@@ -271,6 +287,15 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
 
     # -- generate ---------------------------------------------------------------------------------
+    draft_schedule = "adaptive"  # prompt lookup's draft length: "adaptive" (client/draft.py) or "fixed" (transformers')
+    last_draft: AdaptiveDraft | None = None  # the last generate's draft lengths (with prompt lookup, adaptive)
+
+    def _get_candidate_generator(self, generation_config, *args, **kwargs):
+        generator = super()._get_candidate_generator(generation_config, *args, **kwargs)
+        if self.draft_schedule == "adaptive" and isinstance(generator, PromptLookupCandidateGenerator):
+            generator = self.last_draft = AdaptiveDraft(generator, generation_config.prompt_lookup_num_tokens)
+        return generator
+
     @torch.inference_mode()
     def generate(self, inputs: torch.Tensor | None = None, generation_config: GenerationConfig | None = None, **kwargs):
         """transformers' generate, with an inference session sized for the prompt plus the new tokens."""
@@ -285,7 +310,12 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError("pass the prompt as input_ids (or inputs_embeds)")
         max_new = kwargs.get("max_new_tokens", config.max_new_tokens)
         max_length = prompt.shape[1] + max_new if max_new is not None else kwargs.get("max_length", config.max_length)
+        lookup = kwargs.get("prompt_lookup_num_tokens", config.prompt_lookup_num_tokens) or 0
+        max_length += lookup  # prompt lookup may check a draft past max_length (transformers caps it there, not one less)
         offset = self.prompt_embeddings.shape[0] if self.tuning is not None else 0  # ptune: the session holds the prompt
+        if (lookup or kwargs.get("assistant_model") is not None) and self.swarm.config.verify != "off":
+            raise NotImplementedError("speculative decoding (prompt lookup, an assistant model) with verify is not "
+                                      "supported yet; use verify='off'")
         if self.tuning == "deep_ptune" and self.swarm.config.verify != "off":
             raise NotImplementedError("verify with deep prompts (deep_ptune) is not supported yet; use verify='off'")
         if self.swarm.config.verify == "off":

@@ -135,6 +135,21 @@ class HopStream:
             self.outputs[len(self.history) - 1] = result.hidden
         self.position = result.position
 
+    def cut(self, position: int) -> None:
+        """Forget the tokens from `position` on (a rewind): later steps leave the history, one across `position`
+        keeps its first tokens, so a replay rebuilds exactly the cache the node keeps."""
+        kept: list[pb.Step] = []
+        for step in self.history:
+            if step.position >= position:
+                break
+            if step.position + step.hidden.shape[1] > position:
+                step = _first_tokens(step, position - step.position, self.wire_dtype)
+            kept.append(step)
+        if self.outputs is not None:
+            self.outputs = {index: output for index, output in self.outputs.items() if index < len(kept)}
+        self.history = kept
+        self.position = min(self.position, position)
+
     async def _send_and_read(self, step: pb.Step) -> pb.StepResult:
         await self._write(pb.SessionRequest(step=step))
         return await self._read_result(step.step_id)
@@ -258,6 +273,18 @@ def _merged_history(history: list[pb.Step]) -> tuple[torch.Tensor, torch.Tensor,
     return torch.cat(hiddens, dim=1), torch.cat(positions, dim=1), mask
 
 
+def _first_tokens(step: pb.Step, tokens: int, wire_dtype: str) -> pb.Step:
+    """`step` with only its first `tokens` tokens (hidden states, position ids, mask)."""
+    cut = pb.Step()
+    cut.CopyFrom(step)
+    cut.hidden.CopyFrom(codec.encode_hidden(codec.decode_tensor(step.hidden, "hidden")[:, :tokens], wire_dtype))
+    for field in ("position_ids", "attention_mask"):
+        value = codec.optional_tensor(step, field)
+        if value is not None:
+            getattr(cut, field).CopyFrom(codec.encode_tensor(value[:, :tokens]))
+    return cut
+
+
 def _history_prompts(history: list[pb.Step]) -> torch.Tensor | None:
     """The deep prompts a hop got with its first step (the prefill at position 0), or None."""
     if history and history[0].position == 0 and history[0].HasField("prompts"):
@@ -293,6 +320,7 @@ class InferenceSession:
         self.batch_size = 0
         self.hops: list[HopStream] = []
         self.events: list[RecoveryEvent] = []
+        self.steps = 0  # calls of step(): passes through the chain (a prompt's chunks count once)
         self.pushed_steps = 0  # steps that went through the whole chain by push
         self._push_backoff = 0  # after a failed handover, steps to drive by hand: 1, 2, 4 ... 64; 0 after a push
         self._push_pause = 0    # of which this many are left
@@ -337,6 +365,7 @@ class InferenceSession:
         if prompts is not None and self.position != 0:
             raise ValueError("deep prompts go with the session's first step only")
         tokens = hidden.shape[1]
+        self.steps += 1
         self.arrived_convoy = None  # until the last hop says otherwise
         if self.position + tokens > self.max_length:
             raise ValueError(f"session holds {self.position} tokens; {tokens} more exceed its max_length {self.max_length}")
@@ -583,6 +612,20 @@ class InferenceSession:
                                        _prompt_slice(prompts, streams[0].hop.start, stream.hop, self.wire_dtype))
             message = result.hidden
         return tokens
+
+    def rewind(self, position: int) -> None:
+        """Forget the session's tokens from `position` on: the next step goes at `position`, and each node drops
+        the later tokens from its cache when it runs that step. Speculative decoding takes back a rejected draft
+        this way (client/model.py); the histories are cut too, so a failover replays only what is kept."""
+        if not 0 <= position <= self.position:
+            raise ValueError(f"cannot rewind to {position} tokens: the session holds {self.position}")
+        if position == self.position:
+            return
+        if self.verifier is not None:
+            raise NotImplementedError("rewinding a verified session is not supported yet; use verify='off'")
+        for stream in self.hops:
+            stream.cut(position)
+        self.position = position
 
     async def settle(self) -> None:
         """Check every step not yet verified (spot mode leaves some); raises like `step` if a node lied."""

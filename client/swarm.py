@@ -384,6 +384,11 @@ class SyncSession:
         return self._session.events
 
     @property
+    def steps(self) -> int:
+        """Passes through the chain so far (calls of step; speculative decoding checks several tokens in one)."""
+        return self._session.steps
+
+    @property
     def pushed_steps(self) -> int:
         """Steps the nodes forwarded along the whole chain themselves (push), not hop by hop."""
         return self._session.pushed_steps
@@ -415,6 +420,10 @@ class SyncSession:
 
     def step(self, hidden: torch.Tensor, position_ids=None, attention_mask=None, prompts=None) -> torch.Tensor:
         return self._loop.run(self._session.step(hidden, position_ids, attention_mask, prompts))
+
+    def rewind(self, position: int) -> None:
+        """Forget the tokens from `position` on (InferenceSession.rewind)."""
+        self._session.rewind(position)
 
     def settle(self) -> None:
         """Verify the steps not checked yet (spot mode); VerificationRestart if a node lied in one of them."""

@@ -18,13 +18,15 @@ class GenerationResult:
     text: str
     token_ids: list[int]
     prompt_tokens: int
-    prefill_seconds: float  # prompt in, first new token out
+    prefill_seconds: float  # prompt in, first new token(s) out
     decode_seconds: float   # the remaining tokens
     total_seconds: float
+    first_tokens: int = 1   # tokens that came with the prompt's pass (more than one when a draft was accepted)
+    passes: int | None = None  # passes through the swarm, prompt included (None: not known)
 
     @property
     def decode_tokens_per_s(self) -> float:
-        decoded = len(self.token_ids) - 1
+        decoded = len(self.token_ids) - self.first_tokens
         return decoded / self.decode_seconds if decoded > 0 and self.decode_seconds > 0 else 0.0
 
     @property
@@ -43,6 +45,7 @@ class _TimingStreamer(BaseStreamer):
     out: TextIO | None
     started: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
+    first_tokens: int = 0
     _prompt_seen: bool = False
     _ids: list[int] = field(default_factory=list)
     _printed: int = 0
@@ -53,6 +56,7 @@ class _TimingStreamer(BaseStreamer):
             return
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
+            self.first_tokens = value.numel()
         self._ids.extend(value.reshape(-1).tolist())
         self._flush(final=False)
 
@@ -108,7 +112,11 @@ def generate_text(
     seed: int | None = None,
     stop: list[str] | None = None,
     out: TextIO | None = None,
+    prompt_lookup: int = 0,
 ) -> GenerationResult:
+    """Generate from `prompt` (the chat template around it with `chat`). `prompt_lookup` > 0: speculative decoding
+    by prompt lookup, each pass through the swarm also checking up to that many tokens that followed the last
+    tokens earlier in the text; exact (greedy output unchanged), faster when the answer repeats the text."""
     input_ids = encode_prompt(tokenizer, prompt, chat)
     if seed is not None:
         torch.manual_seed(seed)
@@ -120,6 +128,8 @@ def generate_text(
         kwargs.update(temperature=None, top_p=None, top_k=None)
     if stop:
         kwargs.update(stop_strings=stop, tokenizer=tokenizer)
+    if prompt_lookup:
+        kwargs["prompt_lookup_num_tokens"] = prompt_lookup
     if model.generation_config.pad_token_id is None and tokenizer.eos_token_id is not None:
         kwargs["pad_token_id"] = tokenizer.eos_token_id
     streamer = _TimingStreamer(tokenizer, out)
@@ -135,4 +145,6 @@ def generate_text(
         prefill_seconds=first - started,
         decode_seconds=finished - first,
         total_seconds=finished - started,
+        first_tokens=max(streamer.first_tokens, 1),
+        passes=model.last_session.steps if model.last_session is not None else None,
     )

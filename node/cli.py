@@ -31,6 +31,12 @@ def _positive(text: str) -> int:
     return value
 
 
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a non-negative integer")
+    return value
+
 
 # Commands defined in their own modules: (module, function adding their parsers, {command: handler}).
 _MODULE_COMMANDS = (
@@ -46,6 +52,7 @@ _MODULE_COMMANDS = (
     ("node.bench_prefill", "add_prefill_bench_parser", {"bench-prefill": "run_prefill_bench_cli"}),
     ("node.bench_quant", "add_quant_bench_parser", {"bench-quant": "run_quant_bench_cli"}),
     ("node.bench_compile", "add_compile_bench_parser", {"bench-compile": "run_compile_bench_cli"}),
+    ("node.bench_speculate", "add_speculate_bench_parser", {"bench-speculate": "run_speculate_bench_cli"}),
     ("client.api", "add_api_parser", {"api": "run_api_cli", "dashboard": "run_api_cli"}),
     ("node.doctor", "add_doctor_parser", {"doctor": "run_doctor_cli"}),
     ("client.eval", "add_eval_parser", {"eval": "run_eval_cli"}),
@@ -328,6 +335,10 @@ def _add_generation_args(parser: argparse.ArgumentParser, default_prompt: str | 
     parser.add_argument("--stop", action="append", default=None, help="stop when this string appears (repeatable)")
     parser.add_argument("--wire-dtype", default="float32", choices=["float32", "bfloat16", "float16", "int8"],
                         help="hidden states on the wire; int8: blockwise quantised (default float32)")
+    parser.add_argument("--prompt-lookup", type=_non_negative, default=0, metavar="N",
+                        help="speculative decoding: each pass also checks up to N tokens that followed the last "
+                             "tokens earlier in the text; same output, faster when the answer repeats the prompt "
+                             "(default 0: off; try 4-10)")
 
 
 def add_verify_args(parser: argparse.ArgumentParser) -> None:
@@ -398,14 +409,15 @@ def _generate(args: argparse.Namespace) -> None:
         result = generate_text(
             model, tokenizer, args.prompt, chat=args.chat, max_new_tokens=args.max_new_tokens,
             temperature=args.temperature, top_p=args.top_p, seed=args.seed, stop=args.stop,
-            out=None if args.json else sys.stdout,
+            out=None if args.json else sys.stdout, prompt_lookup=args.prompt_lookup,
         )
     finally:
         model.close()
     if args.json:
         print(json.dumps(result.as_json()))
     else:
-        print(f"\n[{len(result.token_ids)} tokens, {result.decode_tokens_per_s:.1f} tokens/s decode]", file=sys.stderr)
+        passes = f" in {result.passes} passes" if args.prompt_lookup and result.passes else ""
+        print(f"\n[{len(result.token_ids)} tokens{passes}, {result.decode_tokens_per_s:.1f} tokens/s decode]", file=sys.stderr)
 
 
 def _client_config(args: argparse.Namespace, peers: list[str]):

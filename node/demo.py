@@ -46,13 +46,15 @@ def run_demo(args: argparse.Namespace) -> None:
             result = generate_text(
                 model, tokenizer, args.prompt, chat=args.chat, max_new_tokens=args.max_new_tokens,
                 temperature=args.temperature, top_p=args.top_p, seed=args.seed, stop=args.stop, out=sys.stdout,
+                prompt_lookup=args.prompt_lookup,
             )
             print()
         finally:
             model.close()
         console.print(
             f"[dim]{len(result.token_ids)} tokens in {result.total_seconds:.2f}s: prefill {result.prompt_tokens} tokens "
-            f"in {result.prefill_seconds * 1000:.0f} ms, decode {result.decode_tokens_per_s:.1f} tokens/s[/]"
+            f"in {result.prefill_seconds * 1000:.0f} ms, decode {result.decode_tokens_per_s:.1f} tokens/s"
+            + (f", {result.passes} passes through the swarm" if args.prompt_lookup and result.passes else "") + "[/]"
         )
     finally:
         codes = [node.stop() for node in nodes]

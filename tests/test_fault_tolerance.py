@@ -117,6 +117,28 @@ def test_sigkill_of_the_middle_node_with_a_replacement(smollm_dir, nodes, prompt
         model.close()
 
 
+def test_sigkill_during_prompt_lookup_replays_only_the_tokens_kept(smollm_dir, nodes, prompt_ids, expected):
+    """Speculative decoding rewinds the session after each rejected draft; the replacement node gets the
+    history as cut by those rewinds, and the answer is still plain transformers' greedy one."""
+    chain = nodes((0, 10), (10, 20), (20, 30), (10, 20))
+    model = client(smollm_dir, chain)
+    try:
+        def kill(_):
+            node_on(model, 10, chain).kill()
+
+        out = model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), do_sample=False,
+                             max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, prompt_lookup_num_tokens=6,
+                             streamer=AtToken({12}, kill))
+        assert out[0].tolist() == expected
+        session = model.last_session
+        [event] = session.events
+        assert (event.start, event.end) == (10, 20)
+        assert session.steps < NEW_TOKENS  # drafts were accepted: fewer passes than tokens
+        assert len(model.last_draft.lengths) > 0 and session.position == prompt_ids.shape[1] + NEW_TOKENS - 1
+    finally:
+        model.close()
+
+
 def test_replacement_made_of_two_half_spans(smollm_dir, nodes, prompt_ids, expected):
     chain = nodes((0, 10), (10, 20), (20, 30), (10, 15), (15, 20))
     model = client(smollm_dir, chain)

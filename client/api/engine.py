@@ -29,6 +29,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None     # seeds torch's global RNG: such a generation runs alone (GATE)
     stop: tuple[str, ...] = ()  # the text ends before the first of these; generation stops there
+    prompt_lookup: int = 0      # speculative decoding by prompt lookup, drafts of up to this many tokens (0: off)
 
 
 @dataclass(frozen=True)
@@ -170,6 +171,8 @@ def complete(
         kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0)
     else:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    if params.prompt_lookup:
+        kwargs["prompt_lookup_num_tokens"] = params.prompt_lookup
     if model.generation_config.pad_token_id is None and tokenizer.eos_token_id is not None:
         kwargs["pad_token_id"] = tokenizer.eos_token_id
     with GATE.alone() if params.seed is not None else GATE.shared():

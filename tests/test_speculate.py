@@ -1,0 +1,222 @@
+"""Speculative decoding through the swarm: a draft (prompt lookup, an assistant model) is checked in one pass
+through the chain, the rejected tokens are taken back (a session rewind), and the tokens stay plain
+transformers' greedy ones."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from client.model import RemoteCache
+from client.routing import Hop
+from client.session import HopStream, _merged_history
+from client.textgen import encode_prompt, generate_text
+from node.rpc import codec
+from node.rpc.generated import potluck_pb2 as pb
+from tests.swarm_fixtures import wait_for_full_cache
+
+# The answer repeats the prompt: prompt lookup's drafts are right most of the time.
+COPY_PROMPT = ("Repeat this sentence exactly, word for word: the village school shares one computer between "
+               "forty children, so every lesson starts with a queue.")
+NEW_TOKENS = 32
+
+
+@pytest.fixture()
+def chain_cache_freed(smollm_chain):
+    yield
+    for node in smollm_chain:
+        wait_for_full_cache(node.address, timeout=5)
+
+
+def greedy(model, input_ids, **kwargs) -> list[int]:
+    out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
+                         max_new_tokens=NEW_TOKENS, **kwargs)
+    return out[0, input_ids.shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("prompt, chat", [(COPY_PROMPT, True), ("def fibonacci(n):", False)])
+def test_prompt_lookup_gives_transformers_greedy_tokens_in_fewer_passes(prompt, chat, remote, smollm_reference,
+                                                                         tokenizer, chain_cache_freed):
+    input_ids = encode_prompt(tokenizer, prompt, chat)
+    expected = greedy(smollm_reference, input_ids)
+    assert greedy(remote, input_ids, prompt_lookup_num_tokens=6) == expected
+    session = remote.last_session
+    assert session.pushed_steps == session.steps  # drafts and rewinds keep the chain pushing
+    assert remote.last_draft is not None and remote.last_draft.lengths  # drafts were checked (adaptive lengths)
+    if prompt == COPY_PROMPT:  # the answer is mostly a copy: several tokens accepted per pass
+        assert session.steps <= 0.6 * len(expected), f"{session.steps} passes for {len(expected)} tokens"
+    else:
+        assert session.steps <= len(expected)
+
+
+def test_an_assistant_model_drafts_through_the_swarm(remote, smollm_dir, smollm_reference, tokenizer,
+                                                     chain_cache_freed):
+    """transformers' assisted generation with a local draft model: here the same weights, so every draft is right."""
+    assistant = AutoModelForCausalLM.from_pretrained(smollm_dir, dtype=torch.float32).eval()
+    input_ids = encode_prompt(tokenizer, "Write a haiku about sharing food with neighbours.", True)
+    expected = greedy(smollm_reference, input_ids)
+    assert greedy(remote, input_ids, assistant_model=assistant) == expected
+    assert remote.last_session.steps <= len(expected) / 3
+
+
+def test_textgen_counts_passes_and_decode_speed_with_prompt_lookup(remote, tokenizer, chain_cache_freed):
+    result = generate_text(remote, tokenizer, COPY_PROMPT, chat=True, max_new_tokens=NEW_TOKENS, prompt_lookup=6)
+    assert result.passes == remote.last_session.steps < len(result.token_ids)
+    assert 1 <= result.first_tokens <= 7 and result.decode_tokens_per_s > 0
+
+
+def test_cli_generate_with_prompt_lookup(smollm_dir, smollm_chain, smollm_reference, tokenizer, capsys,
+                                         chain_cache_freed):
+    from node.cli import main
+
+    peers = ",".join(n.address for n in smollm_chain)
+    code = main(["generate", "--model", str(smollm_dir), "--peers", peers, "--prompt", COPY_PROMPT, "--chat",
+                 "--max-new-tokens", str(NEW_TOKENS), "--prompt-lookup", "6"])
+    done = capsys.readouterr()
+    assert code == 0, done.err
+    expected = greedy(smollm_reference, encode_prompt(tokenizer, COPY_PROMPT, True))
+    assert done.out.strip() == tokenizer.decode(expected, skip_special_tokens=True).strip()
+    passes = int(done.err.split(" passes")[0].rsplit(" ", 1)[1])  # "[19 tokens in 6 passes, ... tokens/s decode]"
+    assert passes < len(expected)
+    with pytest.raises(SystemExit) as exited:
+        main(["generate", "--model", str(smollm_dir), "--prompt", "hi", "--prompt-lookup", "-1"])
+    assert exited.value.code == 2 and "not a non-negative integer" in capsys.readouterr().err
+
+
+def test_api_serves_greedy_requests_with_prompt_lookup(remote, tokenizer, smollm_reference, chain_cache_freed):
+    """`potluck api --prompt-lookup 6`: the same text as transformers' greedy one, in fewer passes, also for
+    requests running at once (their steps travel as convoys)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from client.api import create_app
+    from client.api.app import ApiSettings
+    from tests.test_api import ApiServer
+
+    expected = tokenizer.decode(greedy(smollm_reference, encode_prompt(tokenizer, COPY_PROMPT, True)),
+                                skip_special_tokens=True)
+    api = ApiServer(create_app({"smollm": remote}, tokenizer, settings=ApiSettings(prompt_lookup=6)))
+    try:
+        client = api.client()
+
+        def ask(_=None) -> tuple[str, int]:
+            reply = client.chat.completions.create(model="smollm", messages=[{"role": "user", "content": COPY_PROMPT}],
+                                                   temperature=0, max_tokens=NEW_TOKENS)
+            return reply.choices[0].message.content, reply.usage.completion_tokens
+
+        text, tokens = ask()
+        assert text == expected and remote.last_session.steps < tokens
+        with ThreadPoolExecutor(3) as pool:
+            assert [text for text, _ in pool.map(ask, range(3))] == [expected] * 3
+    finally:
+        api.stop()
+
+
+def test_rewind_then_new_tokens_match_transformers(remote, smollm_reference):
+    """Step 6 tokens, take 3 back, step 3 others: the logits are transformers' for the sequence actually kept."""
+    torch.manual_seed(3)
+    first, other = torch.randint(0, 49152, (1, 6)), torch.randint(0, 49152, (1, 3))
+    kept = torch.cat([first[:, :3], other], dim=1)
+    with torch.inference_mode(), remote.inference_session(max_length=16) as session:
+        cache = RemoteCache(session)
+        remote(input_ids=first, cache=cache)
+        cache.crop(-3)
+        assert session.position == 3
+        logits = remote(input_ids=other, cache=cache).logits
+        assert session.position == 6 and session.pushed_steps == 2
+        expected = smollm_reference(kept).logits[:, 3:]
+    torch.testing.assert_close(logits, expected, atol=2e-4, rtol=0)
+    with pytest.raises(ValueError, match="holds 6"):
+        session.rewind(7)
+
+
+def test_verified_generation_refuses_a_draft_clearly(smollm_dir, smollm_chain, tokenizer):
+    from client import DistributedModelForCausalLM
+
+    model = DistributedModelForCausalLM.from_pretrained(str(smollm_dir), peers=[n.address for n in smollm_chain],
+                                                        verify="full")
+    try:
+        input_ids = encode_prompt(tokenizer, "Hi", False)
+        with pytest.raises(NotImplementedError, match="verify"):
+            greedy(model, input_ids, prompt_lookup_num_tokens=4)
+    finally:
+        model.close()
+
+
+def _step(position: int, hidden: torch.Tensor, wire: str, mask: bool) -> pb.Step:
+    step = pb.Step(hidden=codec.encode_hidden(hidden, wire), position=position)
+    tokens = hidden.shape[1]
+    step.position_ids.CopyFrom(codec.encode_tensor(torch.arange(position, position + tokens).expand(2, tokens) + 100))
+    if mask:
+        step.attention_mask.CopyFrom(codec.encode_tensor(torch.ones(2, tokens, dtype=torch.int64)))
+    return step
+
+
+@pytest.mark.parametrize("wire", ["float32", "bfloat16"])
+@pytest.mark.parametrize("cut_at, kept_steps", [(7, 3), (6, 2), (2, 1), (0, 0), (9, 3)])
+def test_a_cut_history_replays_exactly_the_tokens_kept(wire, cut_at, kept_steps):
+    """HopStream.cut: the replay (the merged history) is the first `cut_at` tokens of what the hop was sent."""
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 9, 8).to(codec.wire_dtype(wire)).float()
+    stream = HopStream(None, Hop(None, 0, 2), "s", 16, 2, wire)
+    stream.history = [_step(0, hidden[:, :5], wire, False), _step(5, hidden[:, 5:6], wire, True),
+                      _step(6, hidden[:, 6:], wire, False)]
+    stream.position = 9
+    full_hidden, full_positions, full_mask = _merged_history(stream.history)
+    stream.cut(cut_at)
+    assert stream.position == cut_at and len(stream.history) == kept_steps
+    if not cut_at:
+        return
+    cut_hidden, cut_positions, cut_mask = _merged_history(stream.history)
+    assert torch.equal(cut_hidden, full_hidden[:, :cut_at]) and torch.equal(cut_positions, full_positions[:, :cut_at])
+    assert (cut_mask is None) == (cut_at <= 5)
+    if cut_mask is not None:
+        assert torch.equal(cut_mask, full_mask[:, :cut_at])
+
+
+def _lookup_draft(most: int):
+    from transformers.generation.candidate_generator import PromptLookupCandidateGenerator
+
+    from client.draft import AdaptiveDraft
+
+    lookup = PromptLookupCandidateGenerator(num_output_tokens=most, max_matching_ngram_size=2, max_length=200,
+                                            vocab_size=100)
+    return AdaptiveDraft(lookup, most=most)
+
+
+def test_adaptive_draft_follows_how_many_tokens_are_accepted():
+    draft = _lookup_draft(8)
+    text = torch.tensor([list(range(10, 40)) + [10, 11]])  # the last two tokens occurred before: 28 follow them
+
+    def drafts(matches_of, count: int) -> list[int]:
+        lengths = []
+        for _ in range(count):
+            candidates, _ = draft.get_candidates(text)
+            assert torch.equal(candidates[0, text.shape[1]:], torch.arange(12, 12 + draft.drafted))  # the continuation
+            lengths.append(draft.drafted)
+            draft.update_candidate_strategy(text, None, matches_of(draft.drafted))
+        return lengths
+
+    assert drafts(lambda n: n, 3) == [8, 8, 8]        # accepted whole: full drafts
+    assert drafts(lambda n: n - 3, 1) == [8]          # one miss amid copying ...
+    assert drafts(lambda n: n, 1)[0] >= 6             # ... keeps long drafts
+    assert drafts(lambda n: 0, 6)[-1] == 1            # wrong drafts: down to one token
+    assert draft.p < 0.2
+    assert drafts(lambda n: n, 5)[-1] == 8            # right again: back to full drafts within a few passes
+    assert draft.requires_model_outputs is False      # the rest of the interface is the inner generator's
+
+
+def test_best_length_grows_with_the_acceptance_rate():
+    from client.draft import best_length
+
+    lengths = [best_length(p / 20, 8) for p in range(21)]
+    assert lengths[0] == 1 and lengths[-1] == 8 and lengths == sorted(lengths)
+
+
+def test_no_draft_found_leaves_the_length_alone():
+    draft = _lookup_draft(4)
+    text = torch.arange(10, 30).unsqueeze(0)  # no repeated n-gram: nothing to draft
+    candidates, _ = draft.get_candidates(text)
+    assert candidates.shape == text.shape and draft.drafted == 0
+    draft.update_candidate_strategy(text, None, 0)
+    assert draft.length == 4 and draft.lengths == []
