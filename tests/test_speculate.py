@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from client.model import RemoteCache
 from client.routing import Hop
 from client.session import HopStream, _merged_history
-from client.textgen import encode_prompt, generate_text
+from client.textgen import encode_prompt
 from node.rpc import codec
 from node.rpc.generated import potluck_pb2 as pb
 from tests.swarm_fixtures import wait_for_full_cache
@@ -35,19 +35,16 @@ def greedy(model, input_ids, **kwargs) -> list[int]:
     return out[0, input_ids.shape[1]:].tolist()
 
 
-@pytest.mark.parametrize("prompt, chat", [(COPY_PROMPT, True), ("def fibonacci(n):", False)])
-def test_prompt_lookup_gives_transformers_greedy_tokens_in_fewer_passes(prompt, chat, remote, smollm_reference,
-                                                                         tokenizer, chain_cache_freed):
-    input_ids = encode_prompt(tokenizer, prompt, chat)
+def test_prompt_lookup_gives_transformers_greedy_tokens_in_fewer_passes(remote, smollm_reference, tokenizer,
+                                                                         chain_cache_freed):
+    input_ids = encode_prompt(tokenizer, COPY_PROMPT, True)
     expected = greedy(smollm_reference, input_ids)
     assert greedy(remote, input_ids, prompt_lookup_num_tokens=6) == expected
     session = remote.last_session
     assert session.pushed_steps == session.steps  # drafts and rewinds keep the chain pushing
     assert remote.last_draft is not None and remote.last_draft.lengths  # drafts were checked (adaptive lengths)
-    if prompt == COPY_PROMPT:  # the answer is mostly a copy: several tokens accepted per pass
-        assert session.steps <= 0.6 * len(expected), f"{session.steps} passes for {len(expected)} tokens"
-    else:
-        assert session.steps <= len(expected)
+    # the answer is mostly a copy: several tokens accepted per pass
+    assert session.steps <= 0.6 * len(expected), f"{session.steps} passes for {len(expected)} tokens"
 
 
 def test_an_assistant_model_drafts_through_the_swarm(remote, smollm_dir, smollm_reference, tokenizer,
@@ -58,12 +55,6 @@ def test_an_assistant_model_drafts_through_the_swarm(remote, smollm_dir, smollm_
     expected = greedy(smollm_reference, input_ids)
     assert greedy(remote, input_ids, assistant_model=assistant) == expected
     assert remote.last_session.steps <= len(expected) / 3
-
-
-def test_textgen_counts_passes_and_decode_speed_with_prompt_lookup(remote, tokenizer, chain_cache_freed):
-    result = generate_text(remote, tokenizer, COPY_PROMPT, chat=True, max_new_tokens=NEW_TOKENS, prompt_lookup=6)
-    assert result.passes == remote.last_session.steps < len(result.token_ids)
-    assert 1 <= result.first_tokens <= 7 and result.decode_tokens_per_s > 0
 
 
 def test_cli_generate_with_prompt_lookup(smollm_dir, smollm_chain, smollm_reference, tokenizer, capsys,
@@ -78,7 +69,7 @@ def test_cli_generate_with_prompt_lookup(smollm_dir, smollm_chain, smollm_refere
     expected = greedy(smollm_reference, encode_prompt(tokenizer, COPY_PROMPT, True))
     assert done.out.strip() == tokenizer.decode(expected, skip_special_tokens=True).strip()
     passes = int(done.err.split(" passes")[0].rsplit(" ", 1)[1])  # "[19 tokens in 6 passes, ... tokens/s decode]"
-    assert passes < len(expected)
+    assert passes < len(expected) and " 0.0 tokens/s" not in done.err
     with pytest.raises(SystemExit) as exited:
         main(["generate", "--model", str(smollm_dir), "--prompt", "hi", "--prompt-lookup", "-1"])
     assert exited.value.code == 2 and "not a non-negative integer" in capsys.readouterr().err
