@@ -338,7 +338,7 @@ def _add_generation_args(parser: argparse.ArgumentParser, default_prompt: str | 
     parser.add_argument("--prompt-lookup", type=_non_negative, default=0, metavar="N",
                         help="speculative decoding: each pass also checks up to N tokens that followed the last "
                              "tokens earlier in the text; same output, faster when the answer repeats the prompt "
-                             "(default 0: off; try 4-10)")
+                             "(default 0: off; try 7)")
 
 
 def add_verify_args(parser: argparse.ArgumentParser) -> None:
