@@ -142,17 +142,19 @@ class BenchResult:
 
 
 # -- measuring ------------------------------------------------------------------------------------
-class _FirstTokenClock(BaseStreamer):
-    """generate() puts the prompt first, then each new token: note when the first new one comes."""
+class FirstTokenClock(BaseStreamer):
+    """generate() puts the prompt first, then the new tokens (one at a time, or several when a draft was
+    accepted): note when the first new ones come, and how many came with them."""
 
     def __init__(self) -> None:
         self.puts = 0
         self.first_at: float | None = None
+        self.first_tokens = 0
 
     def put(self, value: torch.Tensor) -> None:
         self.puts += 1
         if self.puts == 2:
-            self.first_at = time.perf_counter()
+            self.first_at, self.first_tokens = time.perf_counter(), value.numel()
 
     def end(self) -> None:
         pass
@@ -170,7 +172,7 @@ def prompt_ids(config, tokens: int, seed: int) -> torch.Tensor:
 
 
 def timed_generate(model, ids: torch.Tensor, new_tokens: int) -> Run:
-    clock = _FirstTokenClock()
+    clock = FirstTokenClock()
     started = time.perf_counter()
     output = model.generate(
         ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,

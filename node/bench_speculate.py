@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from transformers.generation.streamers import BaseStreamer
 
 SYSTEMS = ("transformers", "transformers, prompt lookup", "swarm", "swarm, prompt lookup")
 
@@ -44,22 +43,6 @@ TASKS = (
     Task("open question", "Write a haiku about sharing food with neighbours.", True),
     Task("random ids (bench-perf's prompt)", None, False),
 )
-
-
-class _Clock(BaseStreamer):
-    """When the first new tokens arrive, and how many came with them."""
-
-    def __init__(self) -> None:
-        self.prompt_seen, self.first_at, self.first_tokens = False, None, 0
-
-    def put(self, value) -> None:
-        if not self.prompt_seen:
-            self.prompt_seen = True
-        elif self.first_at is None:
-            self.first_at, self.first_tokens = time.perf_counter(), value.numel()
-
-    def end(self) -> None:
-        pass
 
 
 @dataclass
@@ -102,7 +85,9 @@ class TaskResult:
 
 
 def timed(model, ids: torch.Tensor, new_tokens: int, lookup: int) -> Run:
-    clock = _Clock()
+    from node.bench import FirstTokenClock
+
+    clock = FirstTokenClock()
     extra = {"prompt_lookup_num_tokens": lookup} if lookup else {}
     started = time.perf_counter()
     output = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,

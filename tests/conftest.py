@@ -13,7 +13,7 @@ from transformers.utils import logging as hf_logging
 from node.launcher import start_chain
 from node.model.embedded import prepare_embedded_model
 from tests.families import tiny_config
-from tests.swarm_fixtures import BackgroundLoop
+from tests.swarm_fixtures import BackgroundLoop, wait_for_full_cache
 
 hf_logging.disable_progress_bar()
 hf_logging.set_verbosity_error()
@@ -101,6 +101,14 @@ def remote(smollm_dir, smollm_chain):
     model = DistributedModelForCausalLM.from_pretrained(str(smollm_dir), peers=[n.address for n in smollm_chain])
     yield model
     model.close()
+
+
+@pytest.fixture()
+def chain_cache_freed(smollm_chain):
+    """After the test, the three SmolLM2 nodes' caches are free again (checked through Info)."""
+    yield
+    for node in smollm_chain:
+        wait_for_full_cache(node.address, timeout=5)
 
 
 @pytest.fixture(scope="session")

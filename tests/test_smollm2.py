@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from client.textgen import encode_prompt, generate_text
-from tests.swarm_fixtures import wait_for_full_cache
 
 CHAT_PROMPT = "What is the capital of France?"  # the demo's prompt
 PROMPTS = [
@@ -19,12 +18,7 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def chain_cache_freed(smollm_chain):
-    """After every test here, the three nodes' caches are free again (checked through Info)."""
-    yield
-    for node in smollm_chain:
-        wait_for_full_cache(node.address, timeout=5)
+pytestmark = pytest.mark.usefixtures("chain_cache_freed")  # after every test here the nodes' caches are free
 
 
 def local_generate(reference, input_ids, **kwargs):

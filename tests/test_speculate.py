@@ -14,19 +14,11 @@ from client.session import HopStream, _merged_history
 from client.textgen import encode_prompt
 from node.rpc import codec
 from node.rpc.generated import potluck_pb2 as pb
-from tests.swarm_fixtures import wait_for_full_cache
 
 # The answer repeats the prompt: prompt lookup's drafts are right most of the time.
 COPY_PROMPT = ("Repeat this sentence exactly, word for word: the village school shares one computer between "
                "forty children, so every lesson starts with a queue.")
 NEW_TOKENS = 32
-
-
-@pytest.fixture()
-def chain_cache_freed(smollm_chain):
-    yield
-    for node in smollm_chain:
-        wait_for_full_cache(node.address, timeout=5)
 
 
 def greedy(model, input_ids, **kwargs) -> list[int]:
