@@ -202,8 +202,8 @@ def test_adapter_flags_and_names():
 
 
 def test_join_takes_adapters_from_flags_and_the_config_file(tmp_path):
-    from node.cli import _adapter_specs, join_args
     from node.config import ConfigError, NodeConfig
+    from node.join_cli import _adapter_specs, join_args
 
     path = tmp_path / "node.toml"
     path.write_text('model = "m"\nadapter = ["a=/x", "b=org/lora"]\n')

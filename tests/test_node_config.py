@@ -10,8 +10,8 @@ import threading
 
 import pytest
 
-from node.cli import join_args
 from node.config import ConfigError
+from node.join_cli import join_args
 
 EXAMPLE = """
 model = "org/name"

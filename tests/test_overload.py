@@ -291,8 +291,8 @@ def test_load_beyond_every_limit_stays_bounded(make_node, tiny_model_dir):
 
 # -- flags and config-file keys ------------------------------------------------------------------------
 def test_limit_flags_and_config_keys_reach_the_node_config(tmp_path):
-    from node.cli import _limit_options, join_args
     from node.config import ConfigError, NodeConfig
+    from node.join_cli import _limit_options, join_args
 
     path = tmp_path / "node.toml"
     path.write_text('model = "m"\nmax-sessions = 32\nmax_session_tokens = 4096\ncache-memory = "2GiB"\n'

@@ -225,7 +225,8 @@ def test_in_process_node_advertises_its_quant(bg_loop, tiny_model_dir):
 
 
 def test_quant_from_the_command_line_and_the_config_file(tmp_path):
-    from node.cli import build_parser, join_args
+    from node.cli import build_parser
+    from node.join_cli import join_args
 
     assert build_parser().parse_args(["join", "--model", "m", "--quant", "int8"]).quant == "int8"
     assert build_parser().parse_args(["generate", "--model", "m", "--prompt", "p"]).accept_quant == "any"
