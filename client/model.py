@@ -313,9 +313,6 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         lookup = kwargs.get("prompt_lookup_num_tokens", config.prompt_lookup_num_tokens) or 0
         max_length += lookup  # prompt lookup may check a draft past max_length (transformers caps it there, not one less)
         offset = self.prompt_embeddings.shape[0] if self.tuning is not None else 0  # ptune: the session holds the prompt
-        if (lookup or kwargs.get("assistant_model") is not None) and self.swarm.config.verify != "off":
-            raise NotImplementedError("speculative decoding (prompt lookup, an assistant model) with verify is not "
-                                      "supported yet; use verify='off'")
         if self.tuning == "deep_ptune" and self.swarm.config.verify != "off":
             raise NotImplementedError("verify with deep prompts (deep_ptune) is not supported yet; use verify='off'")
         if self.swarm.config.verify == "off":
@@ -367,23 +364,25 @@ def _set_rng_states(states: tuple) -> None:
 class _RestartGuard(BaseStreamer):
     """Passes generate's values on to `streamer`. After a restart it holds back what it already passed on,
     as long as the new values repeat it (streamed text cannot be taken back: VerificationError if they do
-    not), and `end` waits until the answer is verified (`finish`)."""
+    not), and `end` waits until the answer is verified (`finish`). Values are compared one by one, not put by
+    put: with speculative decoding an attempt may bring the same tokens in other groups."""
 
     def __init__(self, streamer: BaseStreamer):
         self.streamer = streamer
-        self.sent: list[torch.Tensor] = []
-        self.seen = 0
+        self.sent: list[int] = []  # every value passed on, in order (a streamer follows one sequence)
+        self.seen = 0              # values this attempt has put so far
 
     def put(self, value: torch.Tensor) -> None:
         value = value.detach().cpu()
-        if self.seen < len(self.sent):
-            if not torch.equal(value, self.sent[self.seen]):
-                raise VerificationError("a node returned wrong activations and tokens already streamed were wrong")
-            self.seen += 1
+        values = value.reshape(-1).tolist()
+        repeated = max(0, min(len(self.sent) - self.seen, len(values)))  # values this put repeats
+        if values[:repeated] != self.sent[self.seen : self.seen + repeated]:
+            raise VerificationError("a node returned wrong activations and tokens already streamed were wrong")
+        self.seen += len(values)
+        if repeated == len(values):
             return
-        self.sent.append(value.clone())
-        self.seen += 1
-        self.streamer.put(value)
+        self.sent.extend(values[repeated:])
+        self.streamer.put(value if repeated == 0 else value.reshape(-1)[repeated:])
 
     def end(self) -> None:
         pass

@@ -616,15 +616,16 @@ class InferenceSession:
     def rewind(self, position: int) -> None:
         """Forget the session's tokens from `position` on: the next step goes at `position`, and each node drops
         the later tokens from its cache when it runs that step. Speculative decoding takes back a rejected draft
-        this way (client/model.py); the histories are cut too, so a failover replays only what is kept."""
+        this way (client/model.py); the histories are cut too, so a failover replays only what is kept and a verifier
+        checks only that (client/verify.py)."""
         if not 0 <= position <= self.position:
             raise ValueError(f"cannot rewind to {position} tokens: the session holds {self.position}")
         if position == self.position:
             return
-        if self.verifier is not None:
-            raise NotImplementedError("rewinding a verified session is not supported yet; use verify='off'")
         for stream in self.hops:
             stream.cut(position)
+            if self.verifier is not None:  # its shadows and checks follow the shorter history
+                self.verifier.cut(stream)
         self.position = position
 
     async def settle(self) -> None:

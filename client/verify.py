@@ -211,6 +211,17 @@ class Verifier:
         watches, self._watches = list(self._watches.values()), {}
         await asyncio.gather(*(w.shadow.close() for w in watches if w.shadow is not None), return_exceptions=True)
 
+    def cut(self, stream: HopStream) -> None:
+        """The session took tokens back (a rewind, client/session.py) and `stream`'s history now ends sooner. What was
+        checked stays checked (an entry cut short keeps its first tokens, checked with it); the shadow goes on from
+        the first entry not checked, and its nodes drop the later tokens when it runs that entry."""
+        watch = self._watches.get(stream)
+        if watch is None:
+            return
+        watch.checked = min(watch.checked, len(stream.history))
+        if watch.shadow is not None:
+            watch.shadow.fed = min(watch.shadow.fed, watch.checked)
+
     # -- checking ---------------------------------------------------------------------------------
     async def _verify(self, session, message, in_progress: bool):
         while True:
@@ -244,7 +255,9 @@ class Verifier:
         if theirs is None:
             self._unverified(stream, watch, end)
             return None
-        ours = torch.cat([codec.decode_tensor(stream.outputs[i], "hidden") for i in range(watch.checked, end)], dim=1)
+        # an entry cut by a rewind keeps its first tokens, and its output covers more: only those count
+        ours = torch.cat([codec.decode_tensor(stream.outputs[watch.checked + i], "hidden")[:, :tokens]
+                          for i, tokens in enumerate(_tokens(stream.history[watch.checked : end]))], dim=1)
         mask = _mask(stream.history[watch.checked : end])
         theirs = theirs[:, theirs.shape[1] - ours.shape[1] :]
         limit = self._tolerance(stream, watch.shadow)

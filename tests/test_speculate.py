@@ -1,6 +1,6 @@
 """Speculative decoding through the swarm: a draft (prompt lookup, an assistant model) is checked in one pass
 through the chain, the rejected tokens are taken back (a session rewind), and the tokens stay plain
-transformers' greedy ones."""
+transformers' greedy ones (or, sampling, transformers' own samples with the same seed)."""
 
 from __future__ import annotations
 
@@ -95,6 +95,33 @@ def test_api_serves_greedy_requests_with_prompt_lookup(remote, tokenizer, smollm
         api.stop()
 
 
+def test_api_samples_with_prompt_lookup_as_transformers_does(remote, tokenizer, smollm_reference, chain_cache_freed,
+                                                              monkeypatch):
+    """A sampled request (temperature > 0, a seed) with prompt lookup: transformers' rule keeps a drafted token while
+    it equals the token sampled at its place, so the text follows the model's distribution. With transformers'
+    fixed draft length, the same seed gives the same text as transformers' own generate with prompt lookup."""
+    from client.api import create_app
+    from client.api.app import ApiSettings
+    from tests.test_api import ApiServer
+
+    monkeypatch.setattr(remote, "draft_schedule", "fixed")  # as transformers drafts: the same random draws
+    input_ids = encode_prompt(tokenizer, COPY_PROMPT, True)
+    torch.manual_seed(11)
+    out = smollm_reference.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=True,
+                                    temperature=0.5, top_p=0.9, top_k=0, prompt_lookup_num_tokens=6,
+                                    max_new_tokens=NEW_TOKENS)
+    expected = tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True)
+    api = ApiServer(create_app({"smollm": remote}, tokenizer, settings=ApiSettings(prompt_lookup=6)))
+    try:
+        reply = api.client().chat.completions.create(
+            model="smollm", messages=[{"role": "user", "content": COPY_PROMPT}], temperature=0.5, top_p=0.9,
+            seed=11, max_tokens=NEW_TOKENS)
+        assert reply.choices[0].message.content == expected
+        assert remote.last_session.steps < reply.usage.completion_tokens
+    finally:
+        api.stop()
+
+
 def test_rewind_then_new_tokens_match_transformers(remote, smollm_reference):
     """Step 6 tokens, take 3 back, step 3 others: the logits are transformers' for the sequence actually kept."""
     torch.manual_seed(3)
@@ -111,19 +138,6 @@ def test_rewind_then_new_tokens_match_transformers(remote, smollm_reference):
     torch.testing.assert_close(logits, expected, atol=2e-4, rtol=0)
     with pytest.raises(ValueError, match="holds 6"):
         session.rewind(7)
-
-
-def test_verified_generation_refuses_a_draft_clearly(smollm_dir, smollm_chain, tokenizer):
-    from client import DistributedModelForCausalLM
-
-    model = DistributedModelForCausalLM.from_pretrained(str(smollm_dir), peers=[n.address for n in smollm_chain],
-                                                        verify="full")
-    try:
-        input_ids = encode_prompt(tokenizer, "Hi", False)
-        with pytest.raises(NotImplementedError, match="verify"):
-            greedy(model, input_ids, prompt_lookup_num_tokens=4)
-    finally:
-        model.close()
 
 
 def _step(position: int, hidden: torch.Tensor, wire: str, mask: bool) -> pb.Step:

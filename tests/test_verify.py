@@ -16,6 +16,7 @@ from transformers.generation.streamers import BaseStreamer
 from client import ClientConfig, DistributedModelForCausalLM
 from client.routing import PeerInfo, plan_route
 from client.model import _RestartGuard
+from client.session import InferenceSession
 from client.verify import (COMPUTE_TOLERANCE, WIRE_TOLERANCE, VerificationError, Verifier, first_disagreement,
                            relative_errors, tolerance)
 from node.swarm.records import SignedRecord, node_id_of
@@ -242,6 +243,22 @@ def test_the_restart_guard_holds_back_repeats_and_refuses_to_take_back_tokens():
         guard.put(torch.tensor([6]))
 
 
+def test_the_restart_guard_compares_tokens_not_how_they_were_grouped():
+    """With speculative decoding an attempt may bring the same tokens in other groups (a pass per draft)."""
+    inner = Collect()
+    guard = _RestartGuard(inner)
+    for value in ([[1, 2, 3]], [4], [5, 6]):
+        guard.put(torch.tensor(value))
+    guard.rewind()
+    for value in ([[1, 2, 3]], [4, 5], [6, 7, 8]):
+        guard.put(torch.tensor(value))
+    assert inner.values == [1, 2, 3, 4, 5, 6, 7, 8]
+    guard.rewind()
+    guard.put(torch.tensor([[1, 2, 3]]))
+    with pytest.raises(VerificationError, match="already streamed"):
+        guard.put(torch.tensor([4, 9]))
+
+
 def test_a_strike_steers_other_clients_away_and_passes_on_by_gossip(bg_loop, folder, honest, liar, prompt, expected):
     node, _ = liar()
     others = list(honest)
@@ -405,3 +422,91 @@ def test_cli_flags_reach_the_client_config():
         ClientConfig(peers=("127.0.0.1:1",), verify="spot", verify_fraction=0.0)
     with pytest.raises(ValueError, match="verify"):
         ClientConfig(peers=("127.0.0.1:1",), verify="always")
+
+
+# -- speculative decoding under verification ----------------------------------------------------------------
+LOOKUP = 4
+
+
+class CountRewinds:
+    def __init__(self, monkeypatch):
+        self.count = 0
+        original = InferenceSession.rewind
+
+        def rewind(session, position):
+            self.count += position < session.position
+            return original(session, position)
+
+        monkeypatch.setattr(InferenceSession, "rewind", rewind)
+
+
+@pytest.mark.parametrize("mode", ["full", "spot"])
+def test_prompt_lookup_in_an_honest_verified_swarm_is_exact_and_never_flagged(folder, honest, prompt, expected, mode,
+                                                                              monkeypatch):
+    """Drafts are checked in one pass and rejected ones taken back (rewinds) while every hop is verified, also
+    where a check covers a step cut short by a rewind (spot mode)."""
+    rewinds = CountRewinds(monkeypatch)
+    model = client(folder, honest, verify=mode)
+    try:
+        assert generate_with(model, prompt, prompt_lookup_num_tokens=LOOKUP) == expected
+        session, stats = model.last_session, model.last_session.verification
+        assert session.steps < NEW_TOKENS, "no draft was ever accepted"
+        assert rewinds.count > 0, "no draft was ever rejected"
+        assert not stats.caught and stats.compared_tokens >= len(expected) - 1  # every token that went in (not the last)
+    finally:
+        model.close()
+
+
+def test_prompt_lookup_under_full_verification_catches_a_liar_at_its_first_lie(folder, honest, liar, prompt,
+                                                                               expected):
+    node, lying = liar(honest_steps=3)
+    model = client(folder, [*honest, node], verify="full")
+    try:
+        assert generate_with(model, prompt, prompt_lookup_num_tokens=LOOKUP) == expected
+        assert lying.lies == 1 and model.last_session.verification.caught == [node.address]
+    finally:
+        model.close()
+
+
+def test_spot_checks_follow_rewinds_and_a_restart_streams_each_token_once(folder, honest, liar, prompt, expected,
+                                                                          monkeypatch):
+    monkeypatch.setattr(Verifier, "_gap", lambda self: 3)
+    node, lying = liar(honest_steps=1, scale=0.01)  # wrong from its second step on, too little to change a token
+    model = client(folder, [*honest, node], verify="spot")
+    streamer = Collect()
+    try:
+        out = generate_with(model, prompt, prompt_lookup_num_tokens=LOOKUP, streamer=streamer)
+        assert out == expected and streamer.values == expected and streamer.ended == 1
+        assert lying.lies >= 1 and node.address in model.swarm.liars
+    finally:
+        model.close()
+
+
+def generate_with(model, prompt, **kwargs) -> list[int]:
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                         max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, pad_token_id=0, **kwargs)
+    return out[0].tolist()
+
+
+def test_a_rewind_past_checked_steps_leaves_the_new_steps_to_be_checked(folder, honest, liar, reference):
+    """Steps checked and then taken back by a rewind do not count as checked for the steps that replace them:
+    the liar's first lie, in such a step, is caught and redone, and the logits are transformers'."""
+    from client.model import RemoteCache
+
+    node, lying = liar(honest_steps=3)
+    model = client(folder, [*honest, node], verify="full")
+    torch.manual_seed(5)
+    first, later, other = (torch.randint(3, 512, (1, n)) for n in (4, 1, 2))
+    try:
+        with torch.inference_mode(), model.inference_session(max_length=16) as session:
+            cache = RemoteCache(session)
+            model(input_ids=first, cache=cache)
+            for _ in range(2):  # the liar's steps 2 and 3, honest and checked
+                model(input_ids=later, cache=cache)
+            cache.crop(-2)  # back to the prompt: two checked steps taken back
+            logits = model(input_ids=other, cache=cache).logits  # the liar's fourth step: a lie
+            assert lying.lies == 1 and node.address in model.swarm.liars
+            expected = reference(torch.cat([first, other], dim=1)).logits[:, 4:]
+        torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
+    finally:
+        model.close()

@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 class ApiSettings:
     default_max_tokens: int = 512  # chat completions that give no max_tokens (capped by the context)
     parallel: int = 8              # requests that generate at once (more wait their turn, in arrival order)
-    prompt_lookup: int = 0         # greedy requests: speculative decoding by prompt lookup, drafts of up to this many tokens
+    prompt_lookup: int = 0         # speculative decoding by prompt lookup, drafts of up to this many tokens (0: off)
 
 
 def create_app(models: dict[str, ModelSource], tokenizers: PreTrainedTokenizerBase | dict[str, PreTrainedTokenizerBase],
@@ -238,7 +238,7 @@ class _State:
         temperature = 1.0 if body.temperature is None else body.temperature
         return SamplingParams(
             max_new_tokens=max_new, temperature=temperature, top_p=1.0 if body.top_p is None else body.top_p,
-            seed=body.seed, stop=body.stops, prompt_lookup=self.settings.prompt_lookup if temperature == 0 else 0,
+            seed=body.seed, stop=body.stops, prompt_lookup=self.settings.prompt_lookup,
         )
 
 

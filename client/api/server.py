@@ -98,9 +98,9 @@ def add_api_parser(commands) -> None:
     api.add_argument("--no-convoys", action="store_true",
                      help="concurrent requests step on their own, not as convoys sharing the nodes' passes (docs/performance.md)")
     api.add_argument("--prompt-lookup", type=int, default=0, metavar="N",
-                     help="greedy requests (temperature 0) use speculative decoding by prompt lookup, checking up to N "
-                          "tokens that followed the last ones earlier in the text per pass: same text, faster when "
-                          "answers repeat the prompt (default 0: off; not with --verify)")
+                     help="speculative decoding by prompt lookup: each pass also checks up to N tokens that followed "
+                          "the last ones earlier in the text; the same text for greedy requests and the same "
+                          "distribution for sampled ones, faster when answers repeat the prompt (default 0: off; try 7)")
     api.add_argument("--no-pack-head", action="store_true",
                      help="no MKL-packed copy of the LM head for requests' shared head products (saves the head's memory)")
     add_trust_args(api)
@@ -117,8 +117,6 @@ def run_api_cli(args: argparse.Namespace) -> None:
         raise ValueError("--parallel must be at least 1")
     if args.prompt_lookup < 0:
         raise ValueError("--prompt-lookup must be 0 (off) or more")
-    if args.prompt_lookup and args.verify != "off":
-        raise ValueError("--prompt-lookup does not work with --verify yet; leave one of them off")
     peers = tuple(p.strip() for p in (args.peers or "").split(",") if p.strip())
     config = ClientConfig(peers=peers, bootstrap=bootstrap_list(args.bootstrap), mdns=not args.no_mdns,
                           mdns_interface=args.mdns_interface, wire_dtype=args.wire_dtype,
