@@ -66,3 +66,31 @@ class AdaptiveDraft:
         self.accepted = DECAY * self.accepted + matches
         self.cut_short = DECAY * self.cut_short + (matches < self.drafted)
         self.length = best_length(self.p, self.most)
+
+
+class StopAwareDraft:
+    """Ends each draft before a token that would complete one of `stops` (transformers' StopStringCriteria).
+
+    transformers checks stopping criteria once per pass, on the sequence after its last accepted token (only EOS
+    and max_length are looked for inside a pass), so a stop string completed by a drafted token in the middle of
+    a pass is missed and generation runs on. With drafts cut so, a stop string can only be completed by a pass's
+    last token, the model's own, where it is seen: the output is the one without drafts."""
+
+    def __init__(self, inner, stops: tuple):
+        self.inner = inner
+        self.stops = stops
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    def get_candidates(self, input_ids: torch.LongTensor, *args, **kwargs):
+        candidates, logits = self.inner.get_candidates(input_ids, *args, **kwargs)
+        start = input_ids.shape[1]
+        for end in range(start + 1, candidates.shape[1] + 1):
+            if any(bool(stop(candidates[:, :end], None).any()) for stop in self.stops):
+                keep = end - 1  # the drafts before the one that completes a stop string
+                return candidates[:, :keep], logits[:, : keep - start] if logits is not None else None
+        return candidates, logits
+
+    def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.Tensor, num_matches: int) -> None:
+        self.inner.update_candidate_strategy(input_ids, scores, num_matches)

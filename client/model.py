@@ -7,18 +7,20 @@ caches kept on the nodes of an inference session."""
 from __future__ import annotations
 
 import logging
+from contextvars import ContextVar
 from dataclasses import replace
 
 import torch
 from torch import nn
 from transformers import GenerationConfig, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.generation.candidate_generator import PromptLookupCandidateGenerator
+from transformers.generation.stopping_criteria import StopStringCriteria
 from transformers.generation.streamers import BaseStreamer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from client.combine import Combiner, PackedHead
 from client.config import ClientConfig
-from client.draft import AdaptiveDraft
+from client.draft import AdaptiveDraft, StopAwareDraft
 from client.swarm import SwarmClient, SyncSession
 from client.verify import VerificationError, VerificationRestart
 from node.model.fast_linear import TransposedLinear
@@ -294,7 +296,21 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         generator = super()._get_candidate_generator(generation_config, *args, **kwargs)
         if self.draft_schedule == "adaptive" and isinstance(generator, PromptLookupCandidateGenerator):
             generator = self.last_draft = AdaptiveDraft(generator, generation_config.prompt_lookup_num_tokens)
+        if _DRAFT_STOPS.get():
+            generator = StopAwareDraft(generator, _DRAFT_STOPS.get())
         return generator
+
+    @staticmethod
+    def _draft_stops(config: GenerationConfig, kwargs: dict) -> tuple:
+        """The stop-string criteria of a generate call that drafts (empty if it does not, or has none)."""
+        if not (kwargs.get("prompt_lookup_num_tokens", config.prompt_lookup_num_tokens)
+                or kwargs.get("assistant_model") is not None):
+            return ()
+        stops = [c for c in kwargs.get("stopping_criteria") or () if isinstance(c, StopStringCriteria)]
+        strings = kwargs.get("stop_strings", config.stop_strings)
+        if strings and kwargs.get("tokenizer") is not None:
+            stops.append(StopStringCriteria(kwargs["tokenizer"], [strings] if isinstance(strings, str) else strings))
+        return tuple(stops)
 
     @torch.inference_mode()
     def generate(self, inputs: torch.Tensor | None = None, generation_config: GenerationConfig | None = None, **kwargs):
@@ -315,11 +331,15 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         offset = self.prompt_embeddings.shape[0] if self.tuning is not None else 0  # ptune: the session holds the prompt
         if self.tuning == "deep_ptune" and self.swarm.config.verify != "off":
             raise NotImplementedError("verify with deep prompts (deep_ptune) is not supported yet; use verify='off'")
-        if self.swarm.config.verify == "off":
-            with self.inference_session(max_length=max_length + offset) as session:
-                self.last_session = session  # its .route and .events (failovers) stay readable after generate
-                return super().generate(inputs, generation_config, cache=RemoteCache(session, offset), **kwargs)
-        return self._verified_generate(inputs, generation_config, max_length, offset, **kwargs)
+        stops = _DRAFT_STOPS.set(self._draft_stops(config, kwargs))  # drafts end before a stop string (draft.py)
+        try:
+            if self.swarm.config.verify == "off":
+                with self.inference_session(max_length=max_length + offset) as session:
+                    self.last_session = session  # its .route and .events (failovers) stay readable after generate
+                    return super().generate(inputs, generation_config, cache=RemoteCache(session, offset), **kwargs)
+            return self._verified_generate(inputs, generation_config, max_length, offset, **kwargs)
+        finally:
+            _DRAFT_STOPS.reset(stops)
 
     def _verified_generate(self, inputs, generation_config, max_length: int, offset: int = 0, **kwargs):
         """generate, verifying the nodes' outputs (client/verify.py). A node caught lying in a step whose
@@ -349,6 +369,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
 
 
 MAX_RESTARTS = 3  # generations started again after catching a node lying in an already used step
+# the stop-string criteria of the generate call running in this thread, for its drafts (StopAwareDraft)
+_DRAFT_STOPS: ContextVar[tuple] = ContextVar("draft_stops", default=())
 
 
 def _rng_states(device: torch.device) -> tuple:

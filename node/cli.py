@@ -103,6 +103,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+# speculative decoding's longest draft by default: exact, and a pass of up to 8 tokens costs about one of 1 on CPU
+# nodes (docs/performance.md); the draft length adapts, so answers that repeat nothing lose nothing measurable
+PROMPT_LOOKUP = 7
+
+
 def _add_generation_args(parser: argparse.ArgumentParser, default_prompt: str | None = None, chat_default: bool = False) -> None:
     parser.add_argument("--prompt", required=default_prompt is None, default=default_prompt, help="the prompt text")
     parser.add_argument("--chat", action="store_true", default=chat_default, help="wrap the prompt in the chat template")
@@ -113,11 +118,10 @@ def _add_generation_args(parser: argparse.ArgumentParser, default_prompt: str | 
     parser.add_argument("--stop", action="append", default=None, help="stop when this string appears (repeatable)")
     parser.add_argument("--wire-dtype", default="float32", choices=["float32", "bfloat16", "float16", "int8"],
                         help="hidden states on the wire; int8: blockwise quantised (default float32)")
-    parser.add_argument("--prompt-lookup", type=_non_negative, default=0, metavar="N",
+    parser.add_argument("--prompt-lookup", type=_non_negative, default=PROMPT_LOOKUP, metavar="N",
                         help="speculative decoding: each pass also checks up to N tokens that followed the last "
                              "tokens earlier in the text; the same output (sampling: the same distribution), faster when "
-                             "the answer repeats the prompt "
-                             "(default 0: off; try 7)")
+                             f"the answer repeats the prompt (default {PROMPT_LOOKUP}; 0: off)")
 
 
 def add_verify_args(parser: argparse.ArgumentParser) -> None:

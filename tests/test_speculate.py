@@ -39,6 +39,19 @@ def test_prompt_lookup_gives_transformers_greedy_tokens_in_fewer_passes(remote, 
     assert session.steps <= 0.6 * len(expected), f"{session.steps} passes for {len(expected)} tokens"
 
 
+def test_a_stop_string_completed_inside_a_draft_stops_generation_as_without_drafts(remote, smollm_reference,
+                                                                                   tokenizer):
+    """transformers' own prompt lookup looks for stop strings only after a pass's last token, so one completed by a
+    drafted token mid-pass goes unseen and generation runs on (measured with transformers 5.24: the whole sentence
+    and <|im_end|> instead of stopping at "forty"). Drafts through the swarm end before such a token."""
+    input_ids = encode_prompt(tokenizer, COPY_PROMPT, True)
+    stop = {"stop_strings": ["forty"], "tokenizer": tokenizer}
+    expected = greedy(smollm_reference, input_ids, **stop)  # no drafts: stops at the stop string
+    assert tokenizer.decode(expected).endswith("forty")
+    assert greedy(remote, input_ids, prompt_lookup_num_tokens=7, **stop) == expected
+    assert remote.last_session.steps < len(expected)  # drafts were still accepted before the stop
+
+
 def test_an_assistant_model_drafts_through_the_swarm(remote, smollm_dir, smollm_reference, tokenizer,
                                                      chain_cache_freed):
     """transformers' assisted generation with a local draft model: here the same weights, so every draft is right."""
@@ -91,6 +104,13 @@ def test_api_serves_greedy_requests_with_prompt_lookup(remote, tokenizer, smollm
         assert text == expected and remote.last_session.steps < tokens
         with ThreadPoolExecutor(3) as pool:
             assert [text for text, _ in pool.map(ask, range(3))] == [expected] * 3
+        # a stop string: the text ends before it, and no token was generated past the one that completed it
+        stopped = greedy(smollm_reference, encode_prompt(tokenizer, COPY_PROMPT, True), stop_strings=["forty"],
+                         tokenizer=tokenizer)
+        reply = client.chat.completions.create(model="smollm", messages=[{"role": "user", "content": COPY_PROMPT}],
+                                               temperature=0, max_tokens=NEW_TOKENS, stop=["forty"])
+        assert reply.choices[0].message.content == tokenizer.decode(stopped, skip_special_tokens=True)[:-len("forty")]
+        assert reply.usage.completion_tokens == len(stopped) and reply.choices[0].finish_reason == "stop"
     finally:
         api.stop()
 
@@ -208,6 +228,26 @@ def test_best_length_grows_with_the_acceptance_rate():
 
     lengths = [best_length(p / 20, 8) for p in range(21)]
     assert lengths[0] == 1 and lengths[-1] == 8 and lengths == sorted(lengths)
+
+
+def test_stop_aware_drafts_end_before_the_token_that_completes_a_stop():
+    from client.draft import StopAwareDraft
+
+    class Fixed:
+        def get_candidates(self, input_ids):
+            return torch.cat([input_ids, torch.tensor([[5, 6, 7, 8]])], dim=1), None
+
+        def update_candidate_strategy(self, *args):
+            pass
+
+    def ends_with_7(ids, scores):
+        return ids[:, -1] == 7
+
+    prompt = torch.tensor([[1, 2]])
+    candidates, _ = StopAwareDraft(Fixed(), (ends_with_7,)).get_candidates(prompt)
+    assert candidates.tolist() == [[1, 2, 5, 6]]  # 7 would complete the stop: the model must say it itself
+    candidates, _ = StopAwareDraft(Fixed(), (lambda ids, s: ids[:, -1] == 9,)).get_candidates(prompt)
+    assert candidates.tolist() == [[1, 2, 5, 6, 7, 8]]
 
 
 def test_no_draft_found_leaves_the_length_alone():

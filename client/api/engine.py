@@ -173,6 +173,8 @@ def complete(
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     if params.prompt_lookup:
         kwargs["prompt_lookup_num_tokens"] = params.prompt_lookup
+        if params.stop:  # drafts then end before a stop string (client/draft.py): no tokens generated past it
+            kwargs.update(stop_strings=list(params.stop), tokenizer=tokenizer)
     if model.generation_config.pad_token_id is None and tokenizer.eos_token_id is not None:
         kwargs["pad_token_id"] = tokenizer.eos_token_id
     with GATE.alone() if params.seed is not None else GATE.shared():
