@@ -9,9 +9,20 @@ where its drafts are wrong the swarm pays for long passes that bring one token.
 it were (tokens accepted / (tokens accepted + drafts cut short), recent drafts weighing most), and drafts the
 length k that brings the most tokens per unit of pass cost: (1 + p + ... + p^k) / (1 + PASS_COST_PER_TOKEN k).
 Long drafts while the answer copies the text, one-token drafts where it does not. The tokens do not depend on
-it: they are the model's own either way."""
+it: they are the model's own either way.
+
+It drafts only while its generate call is the client's only one (`Calls`; a call that starts beside others
+does not even take transformers' assisted loop, client/model.py). With several sessions of one client at once
+the nodes' passes already carry a row per session, and drafts lengthen them for everyone: through 3 CPU
+nodes (bench-perf's random prompts, 32 tokens each), 4 sessions all drafting made 0.85-0.87x the tokens/s of 4
+without, 8 sessions 0.76-1.01x; with these rules 0.95x for 4 (3 rounds) and 0.97x for 8 (6 rounds), while a
+lone session kept its 1.05-1.24x on those prompts."""
 
 from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -31,12 +42,35 @@ def best_length(p: float, most: int) -> int:
     return best
 
 
-class AdaptiveDraft:
-    """Wraps a transformers candidate generator that drafts up to `num_output_tokens` (prompt lookup)."""
+class Calls:
+    """How many generate calls of one client model run now."""
 
-    def __init__(self, inner, most: int):
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.running = 0
+
+    @contextmanager
+    def call(self) -> Iterator[None]:
+        with self._lock:
+            self.running += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.running -= 1
+
+    def alone(self) -> bool:
+        return self.running <= 1
+
+
+class AdaptiveDraft:
+    """Wraps a transformers candidate generator that drafts up to `num_output_tokens` (prompt lookup); drafts
+    nothing while `alone()` says other sessions share the nodes' passes."""
+
+    def __init__(self, inner, most: int, alone: Callable[[], bool] = lambda: True):
         self.inner = inner
         self.most = most
+        self.alone = alone
         self.accepted = 1.0  # decayed counts behind the estimate of p (it starts at 1: full drafts)
         self.cut_short = 0.0
         self.length = most   # the next draft's length at most
@@ -51,6 +85,9 @@ class AdaptiveDraft:
         return self.accepted / (self.accepted + self.cut_short)
 
     def get_candidates(self, input_ids: torch.LongTensor, *args, **kwargs):
+        if not self.alone():  # a plain step (its statistics untouched)
+            self.drafted = 0
+            return input_ids, None
         self.inner.num_output_tokens = self.length
         candidates, logits = self.inner.get_candidates(input_ids, *args, **kwargs)
         self.drafted = candidates.shape[1] - input_ids.shape[1]

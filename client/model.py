@@ -20,7 +20,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from client.combine import Combiner, PackedHead
 from client.config import ClientConfig
-from client.draft import AdaptiveDraft, StopAwareDraft
+from client.draft import AdaptiveDraft, Calls, StopAwareDraft
 from client.swarm import SwarmClient, SyncSession
 from client.verify import VerificationError, VerificationRestart
 from node.model.fast_linear import TransposedLinear
@@ -83,6 +83,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         self.head_calls = Combiner(PackedHead(lambda: self.lm_head, enabled=swarm.config.pack_head))
         self.swarm = swarm
         self.last_session: SyncSession | None = None
+        self.calls = Calls()  # generate calls running now (prompt lookup drafts only while one is alone)
 
     @classmethod
     def from_pretrained(  # type: ignore[override]
@@ -295,7 +296,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
     def _get_candidate_generator(self, generation_config, *args, **kwargs):
         generator = super()._get_candidate_generator(generation_config, *args, **kwargs)
         if self.draft_schedule == "adaptive" and isinstance(generator, PromptLookupCandidateGenerator):
-            generator = self.last_draft = AdaptiveDraft(generator, generation_config.prompt_lookup_num_tokens)
+            generator = self.last_draft = AdaptiveDraft(generator, generation_config.prompt_lookup_num_tokens,
+                                                        self.calls.alone)
         if _DRAFT_STOPS.get():
             generator = StopAwareDraft(generator, _DRAFT_STOPS.get())
         return generator
@@ -333,11 +335,16 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             raise NotImplementedError("verify with deep prompts (deep_ptune) is not supported yet; use verify='off'")
         stops = _DRAFT_STOPS.set(self._draft_stops(config, kwargs))  # drafts end before a stop string (draft.py)
         try:
-            if self.swarm.config.verify == "off":
-                with self.inference_session(max_length=max_length + offset) as session:
-                    self.last_session = session  # its .route and .events (failovers) stay readable after generate
-                    return super().generate(inputs, generation_config, cache=RemoteCache(session, offset), **kwargs)
-            return self._verified_generate(inputs, generation_config, max_length, offset, **kwargs)
+            with self.calls.call():
+                if lookup and self.draft_schedule == "adaptive" and not self.calls.alone():
+                    # other sessions of this client run: this one would not draft (draft.py), so it skips the
+                    # assisted loop's bookkeeping too
+                    kwargs["prompt_lookup_num_tokens"] = None
+                if self.swarm.config.verify == "off":
+                    with self.inference_session(max_length=max_length + offset) as session:
+                        self.last_session = session  # its .route and .events (failovers) stay readable after generate
+                        return super().generate(inputs, generation_config, cache=RemoteCache(session, offset), **kwargs)
+                return self._verified_generate(inputs, generation_config, max_length, offset, **kwargs)
         finally:
             _DRAFT_STOPS.reset(stops)
 

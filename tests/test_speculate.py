@@ -52,6 +52,16 @@ def test_a_stop_string_completed_inside_a_draft_stops_generation_as_without_draf
     assert remote.last_session.steps < len(expected)  # drafts were still accepted before the stop
 
 
+def test_a_generate_call_beside_another_of_the_same_client_does_not_draft(remote, smollm_reference, tokenizer):
+    input_ids = encode_prompt(tokenizer, COPY_PROMPT, True)
+    expected = greedy(smollm_reference, input_ids)
+    with remote.calls.call():  # another generate call of this client is running
+        assert greedy(remote, input_ids, prompt_lookup_num_tokens=7) == expected
+    assert remote.last_session.steps == len(expected)  # one pass per token
+    assert greedy(remote, input_ids, prompt_lookup_num_tokens=7) == expected
+    assert remote.last_session.steps < len(expected)  # alone again: drafts
+
+
 def test_an_assistant_model_drafts_through_the_swarm(remote, smollm_dir, smollm_reference, tokenizer,
                                                      chain_cache_freed):
     """transformers' assisted generation with a local draft model: here the same weights, so every draft is right."""
@@ -221,6 +231,26 @@ def test_adaptive_draft_follows_how_many_tokens_are_accepted():
     assert draft.p < 0.2
     assert drafts(lambda n: n, 5)[-1] == 8            # right again: back to full drafts within a few passes
     assert draft.requires_model_outputs is False      # the rest of the interface is the inner generator's
+
+
+def test_drafts_stop_while_other_generate_calls_of_the_client_run():
+    """Several sessions of one client already fill the nodes' passes: drafts would lengthen them for everyone."""
+    from client.draft import Calls
+
+    calls = Calls()
+    draft = _lookup_draft(8)
+    draft.alone = calls.alone
+    text = torch.tensor([list(range(10, 40)) + [10, 11]])
+    with calls.call():
+        assert draft.get_candidates(text)[0].shape[1] == text.shape[1] + 8  # alone: a full draft
+        with calls.call():
+            candidates, logits = draft.get_candidates(text)
+            assert torch.equal(candidates, text) and logits is None and draft.drafted == 0  # a plain step
+            p = draft.p
+            draft.update_candidate_strategy(text, None, 0)
+            assert draft.p == p  # a step without a draft says nothing about drafts
+        assert draft.get_candidates(text)[0].shape[1] == text.shape[1] + 8
+    assert calls.running == 0
 
 
 def test_best_length_grows_with_the_acceptance_rate():

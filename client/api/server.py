@@ -91,16 +91,17 @@ def add_api_parser(commands) -> None:
                      help="dtype of activations on the wire (default float32)")
     api.add_argument("--default-max-tokens", type=int, default=ApiSettings.default_max_tokens,
                      help=f"chat completions without max_tokens stop here (default {ApiSettings.default_max_tokens})")
-    from node.cli import add_trust_args, add_verify_args
+    from node.cli import PROMPT_LOOKUP, add_trust_args, add_verify_args
 
     api.add_argument("--parallel", type=int, default=ApiSettings.parallel,
                      help=f"requests that generate at once; more wait their turn (default {ApiSettings.parallel})")
     api.add_argument("--no-convoys", action="store_true",
                      help="concurrent requests step on their own, not as convoys sharing the nodes' passes (docs/performance.md)")
-    api.add_argument("--prompt-lookup", type=int, default=0, metavar="N",
+    api.add_argument("--prompt-lookup", type=int, default=PROMPT_LOOKUP, metavar="N",
                      help="speculative decoding by prompt lookup: each pass also checks up to N tokens that followed "
                           "the last ones earlier in the text; the same text for greedy requests and the same "
-                          "distribution for sampled ones, faster when answers repeat the prompt (default 0: off; try 7)")
+                          "distribution for sampled ones, faster when answers repeat the prompt; a request drafts "
+                          f"only while it generates alone (default {PROMPT_LOOKUP}; 0: off)")
     api.add_argument("--no-pack-head", action="store_true",
                      help="no MKL-packed copy of the LM head for requests' shared head products (saves the head's memory)")
     add_trust_args(api)
