@@ -43,7 +43,7 @@ bench: install
 	$(VENV)/bin/potluck bench-perf --model $(MODEL_DIR) --out docs/benchmarks.md \
 	  $(if $(wildcard $(LLAMA_CPP)/build/bin/llama-bench),--llama-cpp $(LLAMA_CPP)/build \
 	  --llama-gguf $(LLAMA_CPP)/$(notdir $(MODEL_DIR))-f32.gguf)
-	$(VENV)/bin/potluck bench-speculate --model $(MODEL_DIR) --out docs/benchmarks.md
+	$(VENV)/bin/potluck bench-speculate --model $(MODEL_DIR) --sessions 4,8 --out docs/benchmarks.md
 
 # llama.cpp (CPU + RPC) from the llama-cpp-python source package, and the model as an F32 GGUF (~11 min)
 llamacpp: install

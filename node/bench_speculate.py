@@ -4,7 +4,11 @@ A pass through the swarm costs about as much for a few tokens as for one (the we
 and the hops' hand-overs are paid once), so checking a draft of N tokens in one pass gains whenever part of it is
 right. Prompt lookup drafts the tokens that followed the last ones earlier in the text; greedy output is
 unchanged (checked here against plain transformers on every run). Four systems take turns on each task, in
-rounds: transformers `generate`, the same with prompt lookup, the swarm, the swarm with prompt lookup."""
+rounds: transformers `generate`, the same with prompt lookup, the swarm, the swarm with prompt lookup.
+
+With `--sessions 4,8` it also runs that many sessions of one client at once, with and without prompt lookup: a
+session drafts only while its generate call is the client's only one (client/draft.py), which this checks costs
+nothing there."""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import argparse
 import shlex
 import statistics
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,6 +89,77 @@ class TaskResult:
         return statistics.median(len(r.tokens) / r.passes for r in runs)
 
 
+@dataclass
+class SessionsResult:
+    """Several sessions of one client at once: aggregate new tokens/s per round, without and with prompt lookup."""
+
+    sessions: int
+    tps: dict[str, list[float]] = field(default_factory=lambda: {"swarm": [], "swarm, prompt lookup": []})
+    equal: bool = True  # every session's tokens are plain transformers' greedy ones
+
+    def median(self, system: str) -> float:
+        return statistics.median(self.tps[system])
+
+    @property
+    def ratio(self) -> float:
+        return statistics.median(b / a for a, b in zip(self.tps["swarm"], self.tps["swarm, prompt lookup"]))
+
+
+def greedy_tokens(model, ids: torch.Tensor, new_tokens: int, lookup: int) -> list[int]:
+    extra = {"prompt_lookup_num_tokens": lookup} if lookup else {}
+    output = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                            min_new_tokens=new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
+                            **extra)
+    return output[0, ids.shape[1]:].tolist()
+
+
+def at_once(model, prompts: list[torch.Tensor], new_tokens: int, lookup: int) -> tuple[float, list[list[int]]]:
+    """Aggregate new tokens/s of one generate call per prompt, all at once (a thread each), and their tokens."""
+    barrier = threading.Barrier(len(prompts) + 1)
+    outputs: list[list[int]] = [[] for _ in prompts]
+    errors: list[BaseException] = []
+
+    def work(index: int) -> None:
+        barrier.wait()
+        try:
+            outputs[index] = greedy_tokens(model, prompts[index], new_tokens, lookup)
+        except BaseException as error:  # raised after the join
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(prompts))]
+    for thread in threads:
+        thread.start()
+    barrier.wait()
+    started = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - started
+    if errors:
+        raise errors[0]
+    return len(prompts) * new_tokens / elapsed, outputs
+
+
+def run_sessions(swarm, local, counts: tuple[int, ...], lookup: int, new_tokens: int, rounds: int,
+                 console: Console) -> list[SessionsResult]:
+    from node.bench import prompt_ids
+
+    results = []
+    for count in counts:
+        prompts = [prompt_ids(local.config, 16, 100 + i) for i in range(count)]
+        expected = [greedy_tokens(local, ids, new_tokens, 0) for ids in prompts]
+        result = SessionsResult(count)
+        for _ in range(rounds):
+            for name, k in (("swarm", 0), ("swarm, prompt lookup", lookup)):
+                tps, outputs = at_once(swarm, prompts, new_tokens, k)
+                result.tps[name].append(tps)
+                result.equal &= outputs == expected
+        console.print(f"{count} sessions at once: swarm {result.median('swarm'):.1f}, with prompt lookup "
+                      f"{result.median('swarm, prompt lookup'):.1f} tok/s in all ({result.ratio:.2f}x); "
+                      f"equal: {result.equal}")
+        results.append(result)
+    return results
+
+
 def timed(model, ids: torch.Tensor, new_tokens: int, lookup: int) -> Run:
     from node.bench import FirstTokenClock
 
@@ -107,9 +183,11 @@ def task_ids(task: Task, tokenizer, config) -> torch.Tensor:
 
 
 def run_speculate_bench(model: Path, lookup: int = 8, new_tokens: int = 48, rounds: int = 3, threads: int = 2,
-                        tasks: tuple[Task, ...] = TASKS, delay_ms: float = 0.0,
-                        console: Console | None = None) -> list[TaskResult]:
-    """With `delay_ms`, the client and the nodes reach every node through a latency proxy (a simulated WAN)."""
+                        tasks: tuple[Task, ...] = TASKS, delay_ms: float = 0.0, sessions: tuple[int, ...] = (),
+                        console: Console | None = None) -> tuple[list[TaskResult], list[SessionsResult]]:
+    """With `delay_ms`, the client and the nodes reach every node through a latency proxy (a simulated WAN);
+    `sessions`: counts of sessions of one client to run at once, on bench-perf's random prompts (32 tokens each
+    at most `new_tokens`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from client.config import ClientConfig
@@ -143,7 +221,7 @@ def run_speculate_bench(model: Path, lookup: int = 8, new_tokens: int = 48, roun
             console.print(f"{task.name}: " + ", ".join(f"{n} {result.median(n):.1f}" for n in SYSTEMS)
                           + f" tok/s decode; {result.tokens_per_pass:.2f} tokens per pass; equal: {result.equal}")
             results.append(result)
-        return results
+        return results, run_sessions(swarm, local, sessions, lookup, min(new_tokens, 32), rounds, console)
     finally:
         if swarm is not None:
             swarm.close()
@@ -160,7 +238,8 @@ def marks(delay_ms: float) -> tuple[str, str]:
 
 
 def render_markdown(results: list[TaskResult], lookup: int, new_tokens: int, rounds: int, threads: int,
-                    command: str, machine: str, delay_ms: float = 0.0) -> str:
+                    command: str, machine: str, delay_ms: float = 0.0,
+                    sessions: list[SessionsResult] | tuple = ()) -> str:
     where = (f"each behind a latency proxy adding {delay_ms:g} ms one way (`potluck proxy`; a pass takes 4 "
              "one-way trips with push)" if delay_ms else "on loopback")
     lines = [
@@ -209,6 +288,19 @@ def render_markdown(results: list[TaskResult], lookup: int, new_tokens: int, rou
         "and the swarm runs as without lookup, at the cost of a slightly longer pass when a draft is wrong. The "
         "output is transformers' greedy output either way (last column, every run).",
     ]
+    if sessions:
+        lines += [
+            "",
+            f"Several sessions of one client at once (a thread each calling `generate`, bench-perf's random prompts, "
+            f"{min(new_tokens, 32)} new tokens each; {rounds} round(s), the swarm without and with prompt lookup in "
+            "turn). A session drafts only while its generate call is the client's only one: with others at once the "
+            "nodes' passes already carry a row per session, and drafts would lengthen them for all.",
+            "",
+            "| sessions | swarm, tok/s in all | swarm, prompt lookup | lookup vs without | tokens = transformers' |",
+            "|---:|---:|---:|---:|---|",
+        ]
+        lines += [f"| {s.sessions} | {s.median('swarm'):.1f} | {s.median('swarm, prompt lookup'):.1f} | "
+                  f"{s.ratio:.2f}x | {'yes' if s.equal else '**no**'} |" for s in sessions]
     return "\n".join(lines) + "\n"
 
 
@@ -225,7 +317,20 @@ def add_speculate_bench_parser(commands) -> None:
     bench.add_argument("--delay-ms", type=float, default=0.0,
                        help="one-way delay a latency proxy adds in front of every node (default 0: loopback); "
                             "written to a section of its own")
+    bench.add_argument("--sessions", type=_counts, default=(), metavar="N,N",
+                       help="also run this many sessions of one client at once, with and without prompt lookup "
+                            "(e.g. 4,8; default: none)")
     add_output_args(bench)
+
+
+def _counts(text: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        counts = ()
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"expected session counts like 4,8, got {text!r}")
+    return counts
 
 
 def run_speculate_bench_cli(args: argparse.Namespace) -> None:
@@ -236,10 +341,10 @@ def run_speculate_bench_cli(args: argparse.Namespace) -> None:
         raise ValueError("need --lookup >= 1, --new-tokens >= 2, --rounds >= 1, --threads >= 1 and --delay-ms >= 0")
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     info = machine_info(args.threads)
-    results = run_speculate_bench(model, args.lookup, args.new_tokens, args.rounds, args.threads,
-                                  delay_ms=args.delay_ms)
+    results, sessions = run_speculate_bench(model, args.lookup, args.new_tokens, args.rounds, args.threads,
+                                            delay_ms=args.delay_ms, sessions=args.sessions)
     machine = (f"date: {started}; machine: {info['cpu']}; torch {info['torch']}, "
                f"transformers {info['transformers']}; load average {info['load']} at start")
     section = render_markdown(results, args.lookup, args.new_tokens, args.rounds, args.threads,
-                              shlex.join(["potluck", *sys.argv[1:]]), machine, args.delay_ms)
+                              shlex.join(["potluck", *sys.argv[1:]]), machine, args.delay_ms, sessions)
     publish(section, args.out, *marks(args.delay_ms))

@@ -14,9 +14,12 @@ from node.bench_speculate import SYSTEMS, Task, marks, render_markdown, run_spec
 @pytest.mark.timeout(240)
 def test_bench_speculate_checks_every_answer_and_writes_its_section(tiny_model_dir, tmp_path):
     tasks = (Task("random ids", None, False),)
-    results = run_speculate_bench(tiny_model_dir("llama"), lookup=4, new_tokens=12, rounds=1, threads=1, tasks=tasks,
-                                  delay_ms=2.0, console=Console(file=io.StringIO()))
+    results, sessions = run_speculate_bench(tiny_model_dir("llama"), lookup=4, new_tokens=12, rounds=1, threads=1,
+                                            tasks=tasks, delay_ms=2.0, sessions=(3,), console=Console(file=io.StringIO()))
     [result] = results
+    [together] = sessions
+    assert together.sessions == 3 and together.equal  # 3 at once, with and without lookup: transformers' tokens
+    assert all(len(tps) == 1 and tps[0] > 0 for tps in together.tps.values())
     assert result.equal  # every system's greedy tokens are plain transformers'
     assert all(len(result.runs[name]) == 1 for name in SYSTEMS)
     assert all(run.passes is None for run in result.runs["transformers"])
@@ -28,7 +31,9 @@ def test_bench_speculate_checks_every_answer_and_writes_its_section(tiny_model_d
     out = tmp_path / "benchmarks.md"
     start, end = marks(2.0)
     out.write_text(f"# Benchmarks\n\n{start}\nold\n{end}\n")
-    write_section(out, render_markdown(results, 4, 12, 1, 1, "potluck bench-speculate ...", "machine", 2.0), start, end)
+    write_section(out, render_markdown(results, 4, 12, 1, 1, "potluck bench-speculate ...", "machine", 2.0, sessions),
+                  start, end)
     text = out.read_text()
     assert "old" not in text and "2 ms per hop" in text and "| random ids | 32 |" in text
+    assert "| 3 |" in text and "Several sessions of one client" in text
     assert marks(0) != marks(2.0)
