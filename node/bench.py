@@ -18,6 +18,7 @@ import platform
 import shlex
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -183,6 +184,33 @@ def timed_generate(model, ids: torch.Tensor, new_tokens: int) -> Run:
     if len(tokens) != new_tokens or clock.first_at is None:
         raise RuntimeError(f"generate returned {len(tokens)} tokens, expected {new_tokens}")
     return Run(ids.shape[1], clock.first_at - started, finished - clock.first_at, tokens)
+
+
+def all_at_once(calls: list[Callable[[], object]]) -> tuple[float, list]:
+    """Run every call in a thread of its own, all released together; (seconds until the last ended, their results).
+    The first error any of them raised is raised after all ended."""
+    barrier = threading.Barrier(len(calls) + 1)
+    results: list = [None] * len(calls)
+    errors: list[BaseException] = []
+
+    def work(index: int) -> None:
+        barrier.wait()
+        try:
+            results[index] = calls[index]()
+        except BaseException as error:  # raised after the join
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(calls))]
+    for thread in threads:
+        thread.start()
+    barrier.wait()
+    started = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - started
+    if errors:
+        raise errors[0]
+    return elapsed, results
 
 
 def measure_system(name: str, model, ids: torch.Tensor, settings: BenchSettings, tick: Callable[[str], None]) -> SystemResult:

@@ -22,18 +22,18 @@ import shlex
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from node.bench import machine_info, prompt_ids, timed_generate, write_section
+from node.bench import all_at_once, machine_info, prompt_ids, timed_generate, write_section
 from node.bench_llamacpp import LlamaCpp, LlamaSide, side_by_side
 from node.bench_perf_report import render_markdown, write_plot
 
@@ -169,26 +169,7 @@ def prefill_seconds(model, ids: torch.Tensor, repeats: int) -> float:
 def concurrent_speed(model, config, sessions: int, new_tokens: int, seed: int) -> float:
     """Aggregate new tokens/s of `sessions` generations running at once (one client thread each)."""
     prompts = [prompt_ids(config, 16, seed + 100 + i) for i in range(sessions)]
-    errors: list[BaseException] = []
-    barrier = threading.Barrier(sessions + 1)
-
-    def work(ids: torch.Tensor) -> None:
-        barrier.wait()
-        try:
-            timed_generate(model, ids, new_tokens)
-        except BaseException as error:  # reported after the join
-            errors.append(error)
-
-    threads = [threading.Thread(target=work, args=(p,)) for p in prompts]
-    for thread in threads:
-        thread.start()
-    barrier.wait()
-    started = time.perf_counter()
-    for thread in threads:
-        thread.join()
-    elapsed = time.perf_counter() - started
-    if errors:
-        raise errors[0]
+    elapsed, _ = all_at_once([partial(timed_generate, model, ids, new_tokens) for ids in prompts])
     return sessions * new_tokens / elapsed
 
 

@@ -16,9 +16,9 @@ import argparse
 import shlex
 import statistics
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -115,27 +115,9 @@ def greedy_tokens(model, ids: torch.Tensor, new_tokens: int, lookup: int) -> lis
 
 def at_once(model, prompts: list[torch.Tensor], new_tokens: int, lookup: int) -> tuple[float, list[list[int]]]:
     """Aggregate new tokens/s of one generate call per prompt, all at once (a thread each), and their tokens."""
-    barrier = threading.Barrier(len(prompts) + 1)
-    outputs: list[list[int]] = [[] for _ in prompts]
-    errors: list[BaseException] = []
+    from node.bench import all_at_once
 
-    def work(index: int) -> None:
-        barrier.wait()
-        try:
-            outputs[index] = greedy_tokens(model, prompts[index], new_tokens, lookup)
-        except BaseException as error:  # raised after the join
-            errors.append(error)
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(prompts))]
-    for thread in threads:
-        thread.start()
-    barrier.wait()
-    started = time.perf_counter()
-    for thread in threads:
-        thread.join()
-    elapsed = time.perf_counter() - started
-    if errors:
-        raise errors[0]
+    elapsed, outputs = all_at_once([partial(greedy_tokens, model, ids, new_tokens, lookup) for ids in prompts])
     return len(prompts) * new_tokens / elapsed, outputs
 
 
