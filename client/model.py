@@ -333,20 +333,20 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         offset = self.prompt_embeddings.shape[0] if self.tuning is not None else 0  # ptune: the session holds the prompt
         if self.tuning == "deep_ptune" and self.swarm.config.verify != "off":
             raise NotImplementedError("verify with deep prompts (deep_ptune) is not supported yet; use verify='off'")
-        stops = _DRAFT_STOPS.set(self._draft_stops(config, kwargs))  # drafts end before a stop string (draft.py)
-        try:
-            with self.calls.call():
-                if lookup and self.draft_schedule == "adaptive" and not self.calls.alone():
-                    # other sessions of this client run: this one would not draft (draft.py), so it skips the
-                    # assisted loop's bookkeeping too
-                    kwargs["prompt_lookup_num_tokens"] = None
+        with self.calls.call():
+            if lookup and self.draft_schedule == "adaptive" and not self.calls.alone():
+                # other sessions of this client run: this one would not draft (draft.py), so it skips the
+                # assisted loop's bookkeeping too
+                kwargs["prompt_lookup_num_tokens"] = None
+            stops = _DRAFT_STOPS.set(self._draft_stops(config, kwargs))  # drafts end before a stop string (draft.py)
+            try:
                 if self.swarm.config.verify == "off":
                     with self.inference_session(max_length=max_length + offset) as session:
                         self.last_session = session  # its .route and .events (failovers) stay readable after generate
                         return super().generate(inputs, generation_config, cache=RemoteCache(session, offset), **kwargs)
                 return self._verified_generate(inputs, generation_config, max_length, offset, **kwargs)
-        finally:
-            _DRAFT_STOPS.reset(stops)
+            finally:
+                _DRAFT_STOPS.reset(stops)
 
     def _verified_generate(self, inputs, generation_config, max_length: int, offset: int = 0, **kwargs):
         """generate, verifying the nodes' outputs (client/verify.py). A node caught lying in a step whose

@@ -409,12 +409,11 @@ class Verifier:
             stream.history.pop()
             stream.outputs.pop(len(stream.history), None)
             stream.position = session.position
+            self.cut(stream)
             watch = self._watches.get(stream)
-            if watch is not None:
-                watch.checked = min(watch.checked, len(stream.history))
-                if watch.shadow is not None:  # it ran the wrong input: start it afresh
-                    await watch.shadow.close()
-                    watch.shadow = None
+            if watch is not None and watch.shadow is not None:  # it ran the wrong input: start it afresh
+                await watch.shadow.close()
+                watch.shadow = None
         for verdict in sorted(caught, key=lambda v: index[v.stream], reverse=True):
             error = PeerError(verdict.stream.peer.address, f"returned wrong activations ({verdict.reason})")
             now = time.perf_counter()

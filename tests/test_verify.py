@@ -90,9 +90,9 @@ def client(folder, nodes, **overrides) -> DistributedModelForCausalLM:
     return DistributedModelForCausalLM.from_pretrained(str(folder), config=config)
 
 
-def generate(model, prompt) -> list[int]:
+def generate(model, prompt, **kwargs) -> list[int]:
     out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
-                         max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, pad_token_id=0)
+                         max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, pad_token_id=0, **kwargs)
     return out[0].tolist()
 
 
@@ -448,7 +448,7 @@ def test_prompt_lookup_in_an_honest_verified_swarm_is_exact_and_never_flagged(fo
     rewinds = CountRewinds(monkeypatch)
     model = client(folder, honest, verify=mode)
     try:
-        assert generate_with(model, prompt, prompt_lookup_num_tokens=LOOKUP) == expected
+        assert generate(model, prompt, prompt_lookup_num_tokens=LOOKUP) == expected
         session, stats = model.last_session, model.last_session.verification
         assert session.steps < NEW_TOKENS, "no draft was ever accepted"
         assert rewinds.count > 0, "no draft was ever rejected"
@@ -462,7 +462,7 @@ def test_prompt_lookup_under_full_verification_catches_a_liar_at_its_first_lie(f
     node, lying = liar(honest_steps=3)
     model = client(folder, [*honest, node], verify="full")
     try:
-        assert generate_with(model, prompt, prompt_lookup_num_tokens=LOOKUP) == expected
+        assert generate(model, prompt, prompt_lookup_num_tokens=LOOKUP) == expected
         assert lying.lies == 1 and model.last_session.verification.caught == [node.address]
     finally:
         model.close()
@@ -475,17 +475,12 @@ def test_spot_checks_follow_rewinds_and_a_restart_streams_each_token_once(folder
     model = client(folder, [*honest, node], verify="spot")
     streamer = Collect()
     try:
-        out = generate_with(model, prompt, prompt_lookup_num_tokens=LOOKUP, streamer=streamer)
+        out = generate(model, prompt, prompt_lookup_num_tokens=LOOKUP, streamer=streamer)
         assert out == expected and streamer.values == expected and streamer.ended == 1
         assert lying.lies >= 1 and node.address in model.swarm.liars
     finally:
         model.close()
 
-
-def generate_with(model, prompt, **kwargs) -> list[int]:
-    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
-                         max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, pad_token_id=0, **kwargs)
-    return out[0].tolist()
 
 
 def test_a_rewind_past_checked_steps_leaves_the_new_steps_to_be_checked(folder, honest, liar, reference):
