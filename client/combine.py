@@ -23,6 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from node.model.exact import KERNEL_ROWS, ExactWeight, shared_kernels
 from node.model.fast_linear import PACKED_ROWS, PackedWeight, TransposedLinear, mkl_packing_available
 from node.runtime.convoy import Convoy, incomplete, new_convoy_id
 
@@ -172,13 +173,20 @@ class Combiner:
 
 
 class PackedHead:
-    """`packed_head(rows)` == `head()(rows)` for rows [n, features] outside autograd; 2 to 32 rows go through a
-    packed copy of the head's weight once PACK_HEAD_AFTER such calls were seen (MKL here, a float32 CPU
-    nn.Linear or TransposedLinear head; otherwise always the head itself). The copy is made again if the
-    weight changes (an optimiser step on it, a new tensor)."""
+    """`packed_head(rows)` == `head()(rows)` for rows [n, features] outside autograd, for a float32 CPU nn.Linear or
+    TransposedLinear head (any other head is always called itself):
 
-    def __init__(self, head: Callable[[], nn.Module], enabled: bool = True):
+    - when its weight is exactly held by a narrow form (`exact`; node/model/exact.py: e.g. a GGUF model's Q8_0
+      embeddings tied to the head), up to KERNEL_ROWS rows go through that copy: a quarter of the bytes;
+    - otherwise 2 to 32 rows go through a packed copy of the weight once PACK_HEAD_AFTER such calls were seen
+      (MKL here).
+
+    Either copy is made again if the weight changes (an optimiser step on it, a new tensor)."""
+
+    def __init__(self, head: Callable[[], nn.Module], enabled: bool = True, exact: bool = True):
         self.head = head  # the model's head now (it may be replaced)
+        self.exact_enabled = exact
+        self._exact: tuple[tuple[int, int], ExactWeight | None] | None = None  # (weight made from, its exact copy)
         self.enabled = enabled and mkl_packing_available()
         self.packed: PackedWeight | None = None
         self.several_rows = 0  # calls with 2 to 32 rows so far
@@ -204,8 +212,24 @@ class PackedHead:
             self.packed, self._made_from = PackedWeight(weight_t.detach()), made_from
         return self.packed
 
+    def exact_weight(self) -> ExactWeight | None:
+        """The head's weight in an exact narrow form, made (about a second for 28M weights) once per weight; None
+        where it has none, or the kernels cannot be built here."""
+        weight_t = self._weight_t() if self.exact_enabled else None
+        if weight_t is None:
+            return None
+        made_from = (weight_t.data_ptr(), weight_t._version)
+        if self._exact is None or self._exact[0] != made_from:
+            kernels = shared_kernels()
+            self._exact = (made_from, ExactWeight.of(weight_t.detach().t(), kernels) if kernels is not None else None)
+        return self._exact[1]
+
     def __call__(self, rows: torch.Tensor) -> torch.Tensor:
         count = rows.numel() // rows.shape[-1]
+        if count <= KERNEL_ROWS and rows.dtype == torch.float32 and not torch.is_grad_enabled() and (
+                exact := self.exact_weight()) is not None:
+            flat = exact.linear(rows.reshape(count, -1), self.head().bias)
+            return flat.reshape(*rows.shape[:-1], flat.shape[-1])
         if self.enabled and count in PACKED_ROWS and rows.dtype == torch.float32 and not torch.is_grad_enabled():
             self.several_rows += 1
             if self.several_rows >= PACK_HEAD_AFTER and (packed := self._packed_weight()) is not None:

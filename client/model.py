@@ -51,8 +51,8 @@ class RemoteCache:
     # Assisted decoding (prompt lookup, a draft model): generate() takes rejected draft tokens back with crop().
     is_croppable = True
 
-    def activate_past_recording(self) -> None:
-        pass  # the nodes keep every token until a rewind; nothing to switch on
+    def activate_past_recording(self, **options) -> None:
+        pass  # the nodes keep every token until a rewind; nothing to switch on (transformers >= 5.25 passes options)
 
     def crop(self, tokens_to_remove: int) -> None:
         """Drop the last `-tokens_to_remove` tokens (a negative count, as transformers' Cache.crop takes it); the
@@ -80,7 +80,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         self.norm = norm
         self.lm_head = lm_head
         # concurrent generations share head products, several rows through a packed copy of the head
-        self.head_calls = Combiner(PackedHead(lambda: self.lm_head, enabled=swarm.config.pack_head))
+        self.head_calls = Combiner(PackedHead(lambda: self.lm_head, enabled=swarm.config.pack_head,
+                                              exact=swarm.config.exact_head))
         self.swarm = swarm
         self.last_session: SyncSession | None = None
         self.calls = Calls()  # generate calls running now (prompt lookup drafts only while one is alone)
@@ -138,6 +139,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         ):
             head = TransposedLinear.from_linear(head)  # ~2x faster one-token logits on CPU
         instance = cls(parts.config, parts.embed_tokens, parts.norm, head, swarm)
+        instance.head_calls.fn.exact_weight()  # now rather than in the first token's time (node/model/exact.py)
         instance.name_or_path = files.model_id
         if tuning is not None:
             instance.add_prompts(tuning, num_prompt_tokens)

@@ -135,6 +135,7 @@ class PerfResult:
     rss_whole_mb: float = 0.0
     llama: LlamaSide | None = None               # llama.cpp side by side (--llama-cpp)
     node_span: tuple[int, int] = (0, 0)
+    node_exact: dict[str, int] = field(default_factory=dict)  # the first node's matrices by exact form (model/exact.py)
     num_layers: int = 0
     date: str = field(default_factory=lambda: datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
 
@@ -276,11 +277,12 @@ class _Chain:
                                  extra_args=extra_args)
         self.models: list = []
 
-    def client(self, peers: list[str] | None = None, push: bool = True, convoys: bool = True):
+    def client(self, peers: list[str] | None = None, push: bool = True, convoys: bool = True, exact_head: bool = True):
         from client.config import ClientConfig
         from client.model import DistributedModelForCausalLM
 
-        config = ClientConfig(peers=tuple(peers or [n.address for n in self.nodes]), push=push, convoys=convoys)
+        config = ClientConfig(peers=tuple(peers or [n.address for n in self.nodes]), push=push, convoys=convoys,
+                              exact_head=exact_head)
         model = DistributedModelForCausalLM.from_pretrained(str(self.settings.model), config=config)
         self.models.append(model)
         return model
@@ -339,7 +341,7 @@ def run_benchmark(settings: PerfSettings, console: Console | None = None) -> Per
 
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, refresh_per_second=4) as progress:
-        steps = 3 + (settings.llama_cpp is not None) + len(settings.node_counts) + 3 + 2 * (len(settings.delays_ms) + 1) + len(settings.concurrency) * settings.repeats + 2
+        steps = 4 + (settings.llama_cpp is not None) + len(settings.node_counts) + 3 + 2 * (len(settings.delays_ms) + 1) + len(settings.concurrency) * settings.repeats + 2
         task = progress.add_task("local transformers", total=steps)
 
         def tick(message: str) -> None:
@@ -370,6 +372,16 @@ def run_benchmark(settings: PerfSettings, console: Console | None = None) -> Per
                 result.swarms.append(paired_speed(f"swarm, {parts} nodes, no push", chain.client(push=False), local_model,
                                                   ids, settings))
                 tick(f"no push: {result.swarms[-1].median:.1f} tok/s")
+                result.node_exact = node_metadata(chain.nodes[0].address).get("exact", {})
+                if result.node_exact:  # the same chain holding every matrix dense (node/model/exact.py), for comparison
+                    dense_chain = _Chain(settings, parts, ("--no-exact",))
+                    try:
+                        result.swarms.append(paired_speed(f"swarm, {parts} nodes, push, dense weights (--no-exact)",
+                                                          dense_chain.client(exact_head=False), local_model, ids,
+                                                          settings))
+                    finally:
+                        dense_chain.close()
+                    tick(f"dense weights: {result.swarms[-1].median:.1f} tok/s")
                 result.prefill_swarm_s = prefill_seconds(model, long_ids, settings.repeats)
                 tick(f"swarm prefill: {result.prefill_swarm_s:.2f} s")
                 if settings.wan_threads in (0, threads):

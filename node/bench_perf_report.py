@@ -24,6 +24,7 @@ def render_markdown(result: PerfResult, plot_name: str | None = None) -> str:
         f"{s.new_tokens} new tokens (EOS suppressed), {m['threads']} torch threads here and per node, node processes "
         f"on loopback splitting the {result.num_layers} layers evenly; median of {s.repeats} run(s) after a warm-up; "
         "every ratio below is within this one run",
+        *_weights_lines(result),
         "",
         "### 1. Decode",
         "",
@@ -109,6 +110,15 @@ def render_markdown(result: PerfResult, plot_name: str | None = None) -> str:
     if plot_name:
         lines += ["", f"![decode, WAN and concurrency]({plot_name})"]
     return "\n".join(lines) + "\n"
+
+
+def _weights_lines(result: PerfResult) -> list[str]:
+    if not result.node_exact:
+        return ["- node weights: dense float32"]
+    held = ", ".join(f"{count} as {fmt}" for fmt, count in sorted(result.node_exact.items()))
+    return [f"- node weights: the first node holds its matrices in the narrow forms their float32 values are exactly "
+            f"({held}; node/model/exact.py), the same values bit for bit, and so does the client's head where it can; "
+            "the row marked `--no-exact` is the same chain with every matrix dense"]
 
 
 def _llama_lines(result: PerfResult) -> list[str]:

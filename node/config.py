@@ -63,6 +63,7 @@ class NodeConfig:
     batch_wait: float = 0.005       # seconds a pass waits for other active sessions' steps (node/runtime/executor.py)
     threads: int = 0                # torch intra-op threads on CPU; 0 = torch's default
     lean: bool = True               # the lean runtime (fused weights, static cache, batching) where the family has one
+    exact: bool = True              # CPU float32: hold matrices in the narrow form they are exact in (model/exact.py)
     pack: bool = True               # CPU float32: pack the lean weights for MKL while passes batch (runtime/layout.py)
     quant: str = "none"             # weight-only quantisation of the span's projections: none | int8 | nf4
                                     # (node/model/quant.py, docs/quantization.md); outputs are then not exact

@@ -36,6 +36,11 @@ def _add_join_args(join: argparse.ArgumentParser) -> None:
                            "(default 5; 0: never wait; a lone session never waits). docs/performance.md")
     join.add_argument("--no-lean", action="store_true",
                       help="run transformers' own layers instead of the lean runtime (for comparisons)")
+    join.add_argument("--no-exact", action="store_true",
+                      help="on CPU, keep every float32 matrix dense (by default a matrix whose values are exactly 4-bit "
+                           "or 8-bit blocks, as in a model converted from GGUF, or bfloat16 values is kept so, and "
+                           "multiplied by a small C kernel built on first use: the same results, fewer bytes to read; "
+                           "docs/performance.md#exact-compact-weights)")
     join.add_argument("--no-pack", action="store_true",
                       help="on CPU, never pack the lean runtime's float32 weights for MKL (by default they are packed "
                            "while most passes carry several sessions' steps: ~1.5x faster there, ~5%% slower for one)")
@@ -185,7 +190,7 @@ def _join(args: argparse.Namespace) -> None:
     config = NodeConfig(
         model=model, start=start, end=end, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
         max_length=args.max_length, cache_tokens=args.cache_tokens, threads=args.threads, revision=revision,
-        lean=not args.no_lean, pack=not args.no_pack, batch_wait=args.batch_wait_ms / 1000, quant=args.quant, name=args.name, announce=args.announce, identity=args.identity, bootstrap=bootstrap_list(args.bootstrap),
+        lean=not args.no_lean, exact=not args.no_exact, pack=not args.no_pack, batch_wait=args.batch_wait_ms / 1000, quant=args.quant, name=args.name, announce=args.announce, identity=args.identity, bootstrap=bootstrap_list(args.bootstrap),
         mdns=not args.no_mdns, mdns_interface=args.mdns_interface, num_blocks=args.num_blocks,
         memory_bytes=parse_size(args.memory) if args.memory else None, throughput=args.throughput,
         heartbeat=args.heartbeat, ttl=args.ttl, rebalance=not args.no_rebalance,

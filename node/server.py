@@ -29,6 +29,7 @@ from node.model.loader import (
     resolve_dtype,
 )
 from node.model.fast_linear import transpose_linears
+from node.model.exact import exact_formats, exact_span
 from node.model.quant import quantize_span
 from node.rpc.codec import MAX_MESSAGE_BYTES
 from node.rpc.generated import potluck_pb2 as pb
@@ -224,6 +225,10 @@ async def _load(node: RunningNode, span: Span) -> None:
     if config.quant != "none":
         count = await asyncio.to_thread(quantize_span, model, config.quant)  # node/model/quant.py
         log.info("quantised %d weight matrices to %s", count, config.quant)
+    elif config.exact and node.device.type == "cpu":
+        report = await asyncio.to_thread(exact_span, model)  # node/model/exact.py: same values, fewer bytes
+        if report is not None:
+            log.info(report.describe())
     if node.device.type == "cpu":
         own_memory(model)  # the shard's memory map can go now (node/model/loader.py)
     adapters = {}
@@ -235,6 +240,7 @@ async def _load(node: RunningNode, span: Span) -> None:
         node.throughput = Throughput(decode=config.throughput, prefill=config.throughput * 8)
     else:
         quant = "" if config.quant == "none" else f"|{config.quant}"
+        quant += "".join(f"|{fmt}{count}" for fmt, count in sorted(exact_formats(model.lean).items()))
         key = (f"{node.record.config_hash}|{node.device}|{dtype_name(node.dtype)}{quant}|{span.start}:{span.end}|"
                f"{torch.get_num_threads()}")
         node.throughput = await asyncio.to_thread(cached_measure, model, key, progress=config.progress)

@@ -185,7 +185,8 @@ def test_int8_node_in_a_swarm_with_a_float_node(smollm_dir, tokenizer):
 
     flags = ("--no-mdns", "--throughput", "20")  # no speed measurement: a faster start
     quantised = NodeProcess(smollm_dir, 0, 15, threads=1, extra_args=("--quant", "int8", *flags)).start()
-    plain = NodeProcess(smollm_dir, 15, 30, threads=1, extra_args=flags).start()
+    # dense float32 (--no-exact): SmolLM2's Q4_1 values would otherwise be held in 4-bit blocks, smaller than int8
+    plain = NodeProcess(smollm_dir, 15, 30, threads=1, extra_args=("--no-exact", *flags)).start()
     try:
         peers = (quantised.wait_ready(), plain.wait_ready())
         model = DistributedModelForCausalLM.from_pretrained(str(smollm_dir), config=ClientConfig(peers=peers, mdns=False))

@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from client.textgen import encode_prompt, generate_text
+from node.rpc import codec
+from tests.swarm_fixtures import node_info
 
 CHAT_PROMPT = "What is the capital of France?"  # the demo's prompt
 PROMPTS = [
@@ -102,3 +104,11 @@ def test_cli_generate_streams_text(smollm_dir, smollm_chain, capsys):
     assert code == 0, done.err
     assert done.out.strip() == "The capital of France is Paris."
     assert "tokens/s" in done.err
+
+
+def test_nodes_hold_the_gguf_blocks_as_they_are(remote, smollm_chain):
+    """SmolLM2's matrices came from Q4_1 blocks and its head from Q8_0 ones: the nodes hold those blocks (bit for
+    bit the float32 values) and the client's head its 8-bit copy, so the token checks above run through them."""
+    for node in smollm_chain:
+        assert codec.unpack_metadata(node_info(node.address).metadata)["exact"] == {"q4": 40}
+    assert remote.head_calls.fn.exact_weight().format == "q8"

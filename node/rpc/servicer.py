@@ -135,6 +135,7 @@ class PotluckServicer(pb_grpc.PotluckServicer):
                 "passes": executor.passes, "batched_steps": executor.batched_steps, "quant": self.identity.quant,
                 "adapters": sorted(executor.adapters),
                 "packed": executor.layout.packed_share() if executor.layout is not None else 0.0,
+                "exact": executor.exact_formats(),  # matrices held in each exact narrow form (model/exact.py)
             }),
         )
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from node.model.exact import exact_formats
 from node.model.lean import Row
 from node.model.span import SpanModel
 from node.runtime.convoy import Convoy, send_off
@@ -101,6 +102,10 @@ class Executor:
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def exact_formats(self) -> dict[str, int]:
+        """How many of the span's matrices are held in each exact narrow form (node/model/exact.py)."""
+        return exact_formats(self.lean)
 
     # -- validation -------------------------------------------------------------------------
     async def settled(self) -> None:

@@ -1,0 +1,184 @@
+/* Products with weights kept in the narrow form they are exactly representable in (node/model/exact.py).
+
+   y[M, N] = x[M, K] @ W^T for W [N, K] stored in blocks of 32 weights along K, one of:
+     q4: 16 bytes of 4-bit codes per block (byte j: code of weight j in its low nibble, of weight j + 16 in its
+         high nibble), a float32 step d and minimum m per block: w = fma(code, d, m) (GGUF's Q4_1);
+     q8: 32 signed bytes per block and a float32 step d per block: w = code * d (GGUF's Q8_0);
+     bf: the weights' bfloat16 bit patterns: w = bits << 16.
+   Each weight is rebuilt in float32 exactly as the dense float32 matrix holds it (code * d is exact: an 11-bit
+   step times a code of at most 8 bits), then multiplied and summed in float32; only the order of the sums
+   differs from a dense product. Plain C; AVX2 + FMA when compiled for a CPU that has them. */
+#include <stdint.h>
+#include <stddef.h>
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define EXACT_SIMD 1
+#else
+#define EXACT_SIMD 0
+#endif
+
+int exact_abi(void) { return 1; }
+int exact_simd(void) { return EXACT_SIMD; }
+
+/* ---- one block of 32 weights as float32 (portable) ---- */
+static inline void block_q4(const uint8_t *q, const float *d, const float *m, size_t b, float *w) {
+    const uint8_t *c = q + b * 16;
+    for (int j = 0; j < 16; j++) {
+        w[j] = __builtin_fmaf((float)(c[j] & 15), d[b], m[b]);
+        w[j + 16] = __builtin_fmaf((float)(c[j] >> 4), d[b], m[b]);
+    }
+}
+static inline void block_q8(const int8_t *q, const float *d, size_t b, float *w) {
+    for (int j = 0; j < 32; j++) w[j] = (float)q[b * 32 + j] * d[b];
+}
+static inline void block_bf(const uint16_t *q, size_t b, float *w) {
+    for (int j = 0; j < 32; j++) {
+        union { uint32_t u; float f; } v = { .u = (uint32_t)q[b * 32 + j] << 16 };
+        w[j] = v.f;
+    }
+}
+
+#if EXACT_SIMD
+static inline float hsum(__m256 s) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    return _mm_cvtss_f32(h);
+}
+/* the block's 32 weights in four registers */
+#define LOAD_Q4(b)                                                                                          \
+    __m128i bytes = _mm_loadu_si128((const __m128i *)(q + (b) * 16));                                      \
+    __m128i lo = _mm_and_si128(bytes, nib), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), nib);             \
+    __m256 vd = _mm256_set1_ps(d[b]), vm = _mm256_set1_ps(m[b]);                                            \
+    __m256 w0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), vd, vm);                     \
+    __m256 w1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), vd, vm);  \
+    __m256 w2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), vd, vm);                     \
+    __m256 w3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), vd, vm);
+#define LOAD_Q8(b)                                                                                          \
+    const int8_t *c = q + (b) * 32;                                                                         \
+    __m256 vd = _mm256_set1_ps(d[b]);                                                                       \
+    __m256 w0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)c))), vd);        \
+    __m256 w1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(c + 8)))), vd);  \
+    __m256 w2 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(c + 16)))), vd); \
+    __m256 w3 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(c + 24)))), vd);
+#define BF8(p) _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p))), 16))
+#define LOAD_BF(b)                                                                                          \
+    const uint16_t *c = q + (b) * 32;                                                                       \
+    __m256 w0 = BF8(c), w1 = BF8(c + 8), w2 = BF8(c + 16), w3 = BF8(c + 24);
+
+/* one output row n (its blocks start at block index `first`) against every row of x */
+#define ROW_DOT(LOAD)                                                                                       \
+    if (M == 1) {                                                                                           \
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                         \
+        for (size_t b = first; b < first + nb; b++) {                                                       \
+            LOAD(b)                                                                                         \
+            const float *xb = x + (b - first) * 32;                                                         \
+            a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xb), a0);                                              \
+            a1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xb + 8), a1);                                          \
+            a2 = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xb + 16), a2);                                         \
+            a3 = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xb + 24), a3);                                         \
+        }                                                                                                   \
+        y[n] = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));                           \
+        continue;                                                                                           \
+    }                                                                                                       \
+    for (int r0 = 0; r0 < M; r0 += 8) {                                                                     \
+        int R = M - r0 < 8 ? M - r0 : 8;                                                                    \
+        __m256 a[8];                                                                                        \
+        for (int r = 0; r < R; r++) a[r] = _mm256_setzero_ps();                                             \
+        for (size_t b = first; b < first + nb; b++) {                                                       \
+            LOAD(b)                                                                                         \
+            for (int r = 0; r < R; r++) {                                                                   \
+                const float *xb = x + (size_t)(r0 + r) * K + (b - first) * 32;                              \
+                __m256 s = _mm256_mul_ps(w0, _mm256_loadu_ps(xb));                                          \
+                s = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xb + 8), s);                                        \
+                s = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xb + 16), s);                                       \
+                s = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xb + 24), s);                                       \
+                a[r] = _mm256_add_ps(a[r], s);                                                              \
+            }                                                                                               \
+        }                                                                                                   \
+        for (int r = 0; r < R; r++) y[(size_t)(r0 + r) * N + n] = hsum(a[r]);                                \
+    }
+#else
+#define ROW_DOT_PORTABLE(BLOCK)                                                                             \
+    for (int r = 0; r < M; r++) y[(size_t)r * N + n] = 0.0f;                                                \
+    for (size_t b = first; b < first + nb; b++) {                                                           \
+        float w[32];                                                                                        \
+        BLOCK;                                                                                              \
+        for (int r = 0; r < M; r++) {                                                                       \
+            const float *xb = x + (size_t)r * K + (b - first) * 32;                                         \
+            float s = 0.0f;                                                                                 \
+            for (int j = 0; j < 32; j++) s += w[j] * xb[j];                                                 \
+            y[(size_t)r * N + n] += s;                                                                      \
+        }                                                                                                   \
+    }
+#endif
+
+void q4_gemm(const float *x, int M, int K, const uint8_t *q, const float *d, const float *m, int N, float *y,
+             int threads) {
+    const size_t nb = K / 32;
+#if EXACT_SIMD
+    const __m128i nib = _mm_set1_epi8(0x0F);
+#endif
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int n = 0; n < N; n++) {
+        const size_t first = (size_t)n * nb;
+#if EXACT_SIMD
+        ROW_DOT(LOAD_Q4)
+#else
+        ROW_DOT_PORTABLE(block_q4(q, d, m, b, w))
+#endif
+    }
+}
+
+void q8_gemm(const float *x, int M, int K, const int8_t *q, const float *d, int N, float *y, int threads) {
+    const size_t nb = K / 32;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int n = 0; n < N; n++) {
+        const size_t first = (size_t)n * nb;
+#if EXACT_SIMD
+        ROW_DOT(LOAD_Q8)
+#else
+        ROW_DOT_PORTABLE(block_q8(q, d, b, w))
+#endif
+    }
+}
+
+void bf_gemm(const float *x, int M, int K, const uint16_t *q, int N, float *y, int threads) {
+    const size_t nb = K / 32;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int n = 0; n < N; n++) {
+        const size_t first = (size_t)n * nb;
+#if EXACT_SIMD
+        ROW_DOT(LOAD_BF)
+#else
+        ROW_DOT_PORTABLE(block_bf(q, b, w))
+#endif
+    }
+}
+
+/* rows [start, stop) of W as dense float32 [stop - start, K] (for long products and gradients) */
+void q4_dense(const uint8_t *q, const float *d, const float *m, int K, int start, int stop, float *w) {
+    const size_t nb = K / 32, first = (size_t)start * nb, last = (size_t)stop * nb;
+#if EXACT_SIMD
+    const __m128i nib = _mm_set1_epi8(0x0F);
+    for (size_t b = first; b < last; b++) {
+        LOAD_Q4(b)
+        float *o = w + (b - first) * 32;
+        _mm256_storeu_ps(o, w0); _mm256_storeu_ps(o + 8, w1); _mm256_storeu_ps(o + 16, w2); _mm256_storeu_ps(o + 24, w3);
+    }
+#else
+    for (size_t b = first; b < last; b++) block_q4(q, d, m, b, w + (b - first) * 32);
+#endif
+}
+void q8_dense(const int8_t *q, const float *d, int K, int start, int stop, float *w) {
+    const size_t nb = K / 32, first = (size_t)start * nb, last = (size_t)stop * nb;
+#if EXACT_SIMD
+    for (size_t b = first; b < last; b++) {
+        LOAD_Q8(b)
+        float *o = w + (b - first) * 32;
+        _mm256_storeu_ps(o, w0); _mm256_storeu_ps(o + 8, w1); _mm256_storeu_ps(o + 16, w2); _mm256_storeu_ps(o + 24, w3);
+    }
+#else
+    for (size_t b = first; b < last; b++) block_q8(q, d, b, w + (b - first) * 32);
+#endif
+}

@@ -1,0 +1,191 @@
+"""Exact compact weights (node/model/exact.py): narrow copies that hold float32 matrices bit for bit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize, quantize
+from transformers import AutoModelForCausalLM
+
+from client.combine import PackedHead
+from node.model.exact import ExactWeight, KernelError, build_kernels, exact_span, shared_kernels
+from node.model.fast_linear import TransposedLinear
+from node.rpc import codec
+from tests.swarm_fixtures import node_info
+from tests.test_lean import LEAN_FAMILIES, lean_span, reference_hidden
+
+GGUF_TYPES = {"q4": GGMLQuantizationType.Q4_1, "q8": GGMLQuantizationType.Q8_0}
+
+
+@pytest.fixture(scope="module")
+def kernels(tmp_path_factory):
+    return build_kernels(tmp_path_factory.mktemp("kernels"))
+
+
+def as_gguf_would(weight: torch.Tensor, fmt: str) -> torch.Tensor:
+    """`weight` quantised and dequantised by the gguf package (what a model converted from GGUF holds)."""
+    if fmt == "bf16":
+        return weight.to(torch.bfloat16).float()
+    qtype = GGUF_TYPES[fmt]
+    return torch.from_numpy(np.ascontiguousarray(dequantize(quantize(weight.numpy(), qtype), qtype))).float()
+
+
+@pytest.mark.parametrize("fmt", ["q4", "q8", "bf16"])
+def test_each_format_holds_gguf_weights_bit_for_bit(fmt, kernels):
+    torch.manual_seed(0)
+    weight = as_gguf_would(torch.randn(96, 160) * 0.05, fmt)
+    exact = ExactWeight.of(weight, kernels)
+    assert exact is not None and exact.format == fmt
+    assert torch.equal(exact.dense(), weight)
+    assert torch.equal(exact.dense(10, 20), weight[10:20])
+    assert exact.nbytes < weight.numel() * 4 / {"q4": 5, "q8": 3, "bf16": 1.9}[fmt]
+    bias = torch.randn(96)
+    for rows in (1, 3, 8, 33):  # 33: longer than the kernels take, a dense product
+        x = torch.randn(rows, 160)
+        reference = (x.double() @ weight.double().t() + bias.double()).float()
+        got = exact.linear(x, bias)
+        dense = F.linear(x, weight, bias)
+        assert got.shape == (rows, 96)
+        # as close to the exact sum as float32's own product is (only the order of the sums differs)
+        tolerance = max(2 * (dense - reference).abs().max().item(), 1e-6)
+        assert (got - reference).abs().max().item() <= tolerance
+
+
+def test_matrices_with_more_bits_stay_dense(kernels):
+    torch.manual_seed(0)
+    assert ExactWeight.of(torch.randn(64, 64), kernels) is None  # plain float32 values
+    assert ExactWeight.of(as_gguf_would(torch.randn(64, 64), "q8")[:, :48].contiguous(), kernels) is None  # 1.5 blocks
+    assert ExactWeight.of(as_gguf_would(torch.randn(64, 64), "q8").double(), kernels) is None  # not float32
+    weight = as_gguf_would(torch.randn(64, 64), "q4")
+    weight[40, 7] = torch.nextafter(weight[40, 7], torch.tensor(1.0))  # one weight one bit off its block's grid
+    exact = ExactWeight.of(weight, kernels)
+    assert exact is None or torch.equal(exact.dense(), weight)  # a wider form may hold it; never another value
+    assert exact is None or exact.format != "q4"
+
+
+def test_gradients_pass_through_exact_weights(kernels):
+    torch.manual_seed(0)
+    weight = as_gguf_would(torch.randn(64, 96), "q4")
+    exact = ExactWeight.of(weight, kernels)
+    x = torch.randn(5, 96, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    upstream = torch.randn(5, 64)
+    (got,) = torch.autograd.grad(exact.linear(x), [x], upstream)
+    (want,) = torch.autograd.grad(F.linear(x_ref, weight), [x_ref], upstream)
+    torch.testing.assert_close(got, want)
+
+
+def test_without_a_compiler_the_kernels_say_why(tmp_path):
+    with pytest.raises(KernelError, match="no C compiler found"):
+        build_kernels(tmp_path, compilers=("potluck-no-such-cc",))
+    broken = tmp_path / "broken-cc"
+    broken.write_text("#!/bin/sh\necho 'broken-cc: cannot compile' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    with pytest.raises(KernelError, match="could not build exact.c.*cannot compile"):
+        build_kernels(tmp_path / "cache", compilers=(str(broken),))
+
+
+@pytest.fixture(scope="module")
+def exact_model_dir(tiny_model_dir, tmp_path_factory):
+    """family -> a tiny model whose projections hold GGUF Q4_1, Q8_0 or bfloat16 values (one kind per layer: a fused
+    matrix whose parts need different forms stays dense)."""
+    made = {}
+
+    def get(family):
+        if family not in made:
+            model = AutoModelForCausalLM.from_pretrained(tiny_model_dir(family), dtype=torch.float32)
+            kinds = ["q4", "q8", "bf16"]
+            with torch.no_grad():
+                for index, layer in enumerate(model.model.layers):
+                    for module in layer.modules():
+                        if type(module) is torch.nn.Linear:
+                            module.weight.copy_(as_gguf_would(module.weight, kinds[index % 3]))
+            made[family] = tmp_path_factory.mktemp(f"exact-{family}")
+            model.save_pretrained(made[family])
+        return made[family]
+
+    return get
+
+
+@pytest.mark.parametrize("family", LEAN_FAMILIES)
+def test_a_lean_span_on_exact_weights_matches_transformers(family, exact_model_dir, kernels):
+    folder = exact_model_dir(family)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    span = lean_span(folder, 0, 5)
+    report = exact_span(span, kernels)
+    assert report.formats == {"q4": 8, "q8": 8, "bf16": 4} and report.dense == 0
+    assert report.bytes_after < report.bytes_before / 2
+    torch.manual_seed(0)
+    ids = torch.randint(3, model.config.vocab_size, (2, 40))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    expected, positions = reference_hidden(model, ids, mask, 5)
+    embeds = model.model.embed_tokens(ids).detach()
+    cache = span.new_cache(2, 64)
+    with torch.inference_mode():
+        outputs = [span(embeds[:, :36], positions[:, :36], mask[:, :36], cache)]  # 72 rows: dense products
+        for t in range(36, 40):
+            outputs.append(span(embeds[:, t: t + 1], positions[:, t: t + 1], mask[:, : t + 1], cache))
+    got = torch.cat(outputs, dim=1)
+    real = mask.bool()
+    torch.testing.assert_close(got[real], expected[real], rtol=1e-5, atol=1e-5)
+
+
+def test_random_weights_leave_a_span_dense(tiny_model_dir, kernels):
+    span = lean_span(tiny_model_dir("llama"), 0, 2)
+    report = exact_span(span, kernels)
+    assert report.formats == {} and report.dense == 8 and report.bytes_after == report.bytes_before
+
+
+def test_the_client_head_uses_an_exact_copy_until_its_weight_changes(kernels):
+    if shared_kernels() is None:
+        pytest.fail("the exact kernels should build on this machine")
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 500, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(as_gguf_would(linear.weight, "q8"))
+    head = TransposedLinear.from_linear(linear)
+    calls = PackedHead(lambda: head)
+    assert calls.exact_weight() is not None and calls.exact_weight().format == "q8"
+    rows = torch.randn(1, 3, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(calls(rows), head(rows))
+        head.weight_t.add_(1e-3 * torch.randn_like(head.weight_t))  # fine-tuned: no longer 8-bit blocks
+        assert calls.exact_weight() is None
+        torch.testing.assert_close(calls(rows), head(rows), rtol=0, atol=0)
+    assert PackedHead(lambda: head, exact=False).exact_weight() is None
+
+
+def test_a_node_holds_exact_weights_unless_told_not_to(bg_loop, smollm_dir):
+    from node.join_cli import join_args
+
+    assert join_args(["--no-exact"]).no_exact and not join_args([]).no_exact
+    nodes = [bg_loop.start_node(smollm_dir, 0, 2, exact=exact) for exact in (True, False)]
+    try:
+        held = [codec.unpack_metadata(node_info(node.address).metadata)["exact"] for node in nodes]
+        assert held == [{"q4": 8}, {}]
+    finally:
+        for node in nodes:
+            bg_loop.stop_node(node)
+
+
+def test_an_unwritable_cache_is_a_clear_error(tmp_path):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    with pytest.raises(KernelError, match="cannot write the kernel cache"):
+        build_kernels(blocked / "kernels")
+
+
+def test_one_row_products_take_the_thread_count_that_was_faster(kernels):
+    from node.model.exact import calibrate_threads
+
+    torch.manual_seed(0)
+    weights = [ExactWeight.of(as_gguf_would(torch.randn(256, 128), "q4"), kernels) for _ in range(4)]
+    chosen = calibrate_threads(weights, rounds=3)
+    assert chosen in {1, torch.get_num_threads()}
+    assert all(w.row_threads == chosen for w in weights)
+    x = torch.randn(1, 128)
+    torch.testing.assert_close(weights[0].product(x), weights[0].product(x, torch.get_num_threads()), rtol=0, atol=0)
