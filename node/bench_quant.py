@@ -1,4 +1,7 @@
-"""`potluck bench-quant`: what `--quant int8|nf4` saves and costs, per model family.
+"""`potluck bench-quant`: what `--quant int8|nf4` saves and costs, per model family, beside exact compact weights.
+
+Modes: `none` (dense float32, `--no-exact`), `exact` (the float32 values held in the narrow form they are exact in,
+node/model/exact.py: a node's default; dense where there is none), `int8`, `nf4`.
 
 For each model (the given folder, plus tiny random Mixtral and Qwen2 models built here) and each mode:
 - memory per layer: what placement counts (`bytes_per_layer`) and what a loaded, quantised span holds;
@@ -21,14 +24,16 @@ from rich.console import Console
 
 MARK_START = "<!-- bench:quant:start -->"
 MARK_END = "<!-- bench:quant:end -->"
-MODES = ("none", "int8", "nf4")
+MODES = ("none", "exact", "int8", "nf4")
 TINY_FAMILIES = ("mixtral", "qwen2")
 NOTES = (
     "Notes: Mixtral's experts are fused 3-D parameters and stay float (only attention is quantised: 0.92x of the "
     "float bytes). int8 decodes faster than float32 here because torch's int8 kernel runs in bfloat16 for "
     "decode-sized products (docs/quantization.md); nf4 on CPU dequantises every matrix for every product, so it "
     "decodes several times slower. The machine is shared: decode speeds vary by tens of percent between runs; "
-    "perplexities are deterministic. The random tiny models' ratios below 1 are noise, not a gain."
+    "perplexities are deterministic. The random tiny models' ratios below 1 are noise, not a gain. `exact` changes "
+    "no weight: a matrix is held narrow only if every value survives bit for bit (the random tiny models' float32 "
+    "values do not, so theirs stay dense), and its perplexity is the float model's."
 )
 
 
@@ -58,17 +63,25 @@ def tiny_model(family: str, folder: Path) -> Path:
     return folder
 
 
+def _quant(mode: str) -> str:
+    """The `--quant` mode a bench mode runs with (exact weights are float32 weights)."""
+    return "none" if mode == "exact" else mode
+
+
 def _span(folder: Path, mode: str):
+    from node.model.exact import exact_span
     from node.model.fast_linear import transpose_linears
     from node.model.loader import ModelFiles, load_span
     from node.model.quant import quantize_span
 
     files = ModelFiles.open(str(folder))
     span, _ = load_span(files, 0, files.config().num_hidden_layers, torch.device("cpu"), torch.float32)
-    if mode == "none":
+    if _quant(mode) == "none":
         transpose_linears(span)  # as a CPU node does
     span.make_lean()
-    quantize_span(span, mode)
+    quantize_span(span, _quant(mode))
+    if mode == "exact":
+        exact_span(span)
     return span
 
 
@@ -98,7 +111,7 @@ def swarm_perplexity(folder: Path, mode: str, ids: torch.Tensor, window: int, st
     from node.launcher import NodeProcess
 
     half = layers // 2
-    flags = ("--no-mdns", "--throughput", "20", "--quant", mode)
+    flags = ("--no-mdns", "--throughput", "20", "--quant", _quant(mode), *(("--no-exact",) if mode == "none" else ()))
     nodes = [NodeProcess(folder, a, b, threads=1, extra_args=flags).start() for a, b in ((0, half), (half, layers))]
     try:
         peers = tuple(node.wait_ready() for node in nodes)
@@ -138,7 +151,7 @@ def run_quant_bench(model: Path, text: str, window: int = 256, stride: int = 128
             del spans
             for mode in MODES:
                 swarm = swarm_perplexity(folder, mode, ids, window, stride, layers)
-                rows.append(QuantRow(name, config.model_type, mode, bytes_per_layer(config, torch.float32, mode),
+                rows.append(QuantRow(name, config.model_type, mode, bytes_per_layer(config, torch.float32, _quant(mode)),
                                      held[mode], speeds[mode], swarm, local))
                 console.print(f"{name} {mode}: {held[mode] / 1e6:.2f} MB/layer, {speeds[mode]:.1f} tok/s, perplexity "
                               f"{swarm:.4f} (local float {local:.4f})")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 
 import grpc
 import pytest
@@ -213,6 +214,35 @@ def test_bad_pushes_get_a_clear_status_and_the_node_keeps_serving(chain):
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "push[0] needs both an address and a session_id" in caught.value.details()
         stream.finish()
+
+
+def test_a_hop_answers_its_client_while_the_next_node_accepts_the_step(chain):
+    """The client reads every hop's result before its next step: a reply held until the next node accepted the
+    handover added a whole one-way delay per token over a WAN. Behind a 2 s latency proxy the handover takes 4 s
+    to be accepted; the first node's result must not wait for it, and the pushed step still runs downstream."""
+    from node.latency_proxy import ThreadedProxy
+
+    first, second = chain[0], chain[1]
+    torch.manual_seed(0)
+    with grpc.insecure_channel(first.address) as one, grpc.insecure_channel(second.address) as two, \
+            ThreadedProxy(second.address, 2.0) as slow:
+        upstream = HandStream(pb_grpc.PotluckStub(one), "answer-first", 0, 10)
+        downstream = HandStream(pb_grpc.PotluckStub(two), "answer-first-next", 10, 20)
+        upstream.send(pb.SessionRequest(step=a_step(torch.randn(1, 3, HIDDEN), 0, 1)))
+        downstream.send(pb.SessionRequest(step=a_step(torch.randn(1, 3, HIDDEN), 0, 1)))
+        upstream.result(), downstream.result()
+        started = time.monotonic()
+        upstream.send(pb.SessionRequest(step=a_step(torch.randn(1, 1, HIDDEN), 3, 2, address=slow.address,
+                                                    session_id="answer-first-next", timeout=30.0)))
+        result = upstream.result()
+        answered = time.monotonic() - started
+        pushed = downstream.result()  # accepted and run after the proxy's delay
+        arrived = time.monotonic() - started
+        assert (result.step_id, result.position, result.push_error) == (2, 4, "")
+        assert (pushed.step_id, pushed.position) == (2, 4) and arrived >= 2.0
+        assert answered < 1.5, f"the first hop answered after {answered:.1f} s: it waited for the handover"
+        upstream.finish()
+        downstream.finish()
 
 
 def test_push_many_accepts_or_refuses_each_step_on_its_own(chain):
