@@ -241,7 +241,7 @@ def client_probe(model, ids: torch.Tensor) -> dict[str, float]:
     hidden = model.embed_tokens(one)
     probe = {
         "embed": _median_time(lambda: model.embed_tokens(one)),
-        "head": _median_time(lambda: model.lm_head(model.norm(hidden))),
+        "head": _median_time(lambda: model.head_calls.fn(model.norm(hidden))),  # as generate() calls it
         "codec": _median_time(lambda: codec.decode_tensor(codec.encode_tensor(hidden, torch.float32)), 128),
     }
     with model.inference_session(max_length=ids.shape[1] + PROBE_STEPS + 1) as session:
@@ -253,6 +253,7 @@ def client_probe(model, ids: torch.Tensor) -> dict[str, float]:
 @torch.inference_mode()
 def hop_compute(folder: Path, spans: list[tuple[int, int]], prompt_tokens: int, tick: Callable[[str], None]) -> list[float]:
     """Each span loaded here, prefilled with `prompt_tokens`, then timed on one token at a time."""
+    from node.model.exact import exact_span
     from node.model.fast_linear import transpose_linears
     from node.model.loader import ModelFiles, load_span
 
@@ -262,6 +263,7 @@ def hop_compute(folder: Path, spans: list[tuple[int, int]], prompt_tokens: int, 
         span, _ = load_span(files, start, end, torch.device("cpu"), torch.float32)
         transpose_linears(span)  # as a node on CPU does (node/server.py)
         span.make_lean()
+        exact_span(span)  # likewise (dense where no narrow form holds a matrix)
         generator = torch.Generator().manual_seed(start)
         hidden = torch.randn(1, prompt_tokens, span.config.hidden_size, generator=generator)
         cache = span.new_cache(1, prompt_tokens + PROBE_STEPS + 1)

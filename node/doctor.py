@@ -138,6 +138,21 @@ def model_size(model: str) -> tuple[int, int | None] | None:
     return size, layers if isinstance(layers, int) and layers > 0 else None
 
 
+def kernel_check(compilers: tuple[str, ...] | None = None) -> Check:
+    """Whether the exact compact weights' kernels build here (node/model/exact.py): CPU decode of GGUF-converted
+    and bfloat16 models reads 2-5x fewer bytes with them."""
+    from node.model.exact import COMPILERS, DEFAULT_CACHE, KernelError, build_kernels
+
+    name = "exact kernels"
+    try:
+        kernels = build_kernels(DEFAULT_CACHE, compilers or COMPILERS)
+    except KernelError as error:
+        return Check(name, WARN, f"exact compact weights are off: {error}",
+                     "install a C compiler (Debian/Ubuntu: apt install gcc) so that CPU nodes can hold GGUF-converted "
+                     "and bfloat16 weights in their narrow form (docs/performance.md#exact-compact-weights)")
+    return Check(name, OK, f"built ({'AVX2 + FMA' if kernels.simd else 'portable C'}): {kernels.path}")
+
+
 def device_checks(device: str, layer_bytes: int | None = None, num_layers: int | None = None) -> list[Check]:
     """The compute device --device would resolve to, CPU RAM, and each CUDA device's free memory."""
     import torch
@@ -159,6 +174,8 @@ def device_checks(device: str, layer_bytes: int | None = None, num_layers: int |
     else:
         seen = f"{cuda} CUDA device(s)" if cuda else ("MPS" if mps else "no GPU: the node computes on the CPU")
         checks.append(Check("device", OK, f"torch {torch.__version__}, {seen}"))
+    if wanted == "cpu" or not (cuda or mps):
+        checks.append(kernel_check())
     pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 0
     checks.append(memory_check("CPU RAM", free_memory(torch.device("cpu")), pages, layer_bytes, num_layers))
     for index in range(cuda):

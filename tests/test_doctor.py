@@ -209,3 +209,12 @@ def test_doctor_checks_disk_against_a_local_model(tiny_model_dir, capsys):
         main(["doctor", "--need", "1000000TB", "--cache-dir", "/"])
     assert exit_.value.code == 1
     assert re.search(r"^FAIL +disk: .* the model needs 1000000000\.0 GB", capsys.readouterr().out, re.M)
+
+
+def test_doctor_says_whether_the_exact_kernels_build():
+    from node.doctor import kernel_check
+
+    built = kernel_check()
+    assert built.level == OK and "built (" in built.message
+    missing = kernel_check(compilers=("potluck-no-such-cc",))
+    assert missing.level == WARN and "no C compiler found" in missing.message and "apt install gcc" in missing.fix
