@@ -7,7 +7,7 @@ LLAMA_CPP ?= $(HOME)/.cache/potluck/llama.cpp
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench llamacpp protos browser clean
+.PHONY: install demo test bench llamacpp protos browser compiler clean
 
 install: $(STAMP) $(MODEL_DIR)/config.json
 
@@ -34,7 +34,14 @@ browser:
 	   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) || \
 	  echo "warning: install chromium and chromium-driver for tests/test_dashboard.py"
 
-test: install browser
+# The exact compact weights' kernels (node/model/exact.py) are built with the system's C compiler; tests need one.
+compiler:
+	@command -v cc >/dev/null || command -v gcc >/dev/null || command -v clang >/dev/null || \
+	  (command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+	   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc >/dev/null) || \
+	  echo "warning: install a C compiler (gcc) for the exact compact weights (tests/test_exact.py)"
+
+test: install browser compiler
 	POTLUCK_TEST_MODEL=$(MODEL_DIR) $(PY) -m pytest -q -ra --durations=25
 
 # bench-perf runs llama.cpp side by side when `make llamacpp` has built it
