@@ -19,6 +19,8 @@ from node.launcher import start_chain
 from node.model import gguf
 from node.model.embedded import gguf_path
 from node.model.loader import ModelFiles, ModelLoadError, config_hash, load_client_parts, load_span
+from node.rpc import codec
+from tests.swarm_fixtures import node_info
 
 CPU = torch.device("cpu")
 SPAN = (10, 20)
@@ -108,6 +110,9 @@ def test_nodes_and_client_on_the_gguf_match_transformers(smollm_gguf, smollm_ref
             expected = expected[0, ids.shape[1]:]
             assert got.tolist() == expected.tolist()
             assert tokenizer.decode(got, skip_special_tokens=True).startswith("The capital of France is Paris.")
+            # served from the file, the Q4_1 matrices and the Q8_0 head are held as the blocks they were
+            assert [codec.unpack_metadata(node_info(n.address).metadata)["exact"] for n in nodes] == [{"q4": 60}] * 2
+            assert model.head_calls.fn.exact_weight().format == "q8"
         finally:
             model.close()
     finally:
