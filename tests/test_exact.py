@@ -17,7 +17,7 @@ from node.rpc import codec
 from tests.swarm_fixtures import node_info
 from tests.test_lean import LEAN_FAMILIES, lean_span, reference_hidden
 
-GGUF_TYPES = {"q4": GGMLQuantizationType.Q4_1, "q8": GGMLQuantizationType.Q8_0}
+GGUF_TYPES = {"q4": GGMLQuantizationType.Q4_1, "q8": GGMLQuantizationType.Q8_0, "q4_0": GGMLQuantizationType.Q4_0}
 
 
 @pytest.fixture(scope="module")
@@ -33,15 +33,15 @@ def as_gguf_would(weight: torch.Tensor, fmt: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(dequantize(quantize(weight.numpy(), qtype), qtype))).float()
 
 
-@pytest.mark.parametrize("fmt", ["q4", "q8", "bf16"])
+@pytest.mark.parametrize("fmt", ["q4", "q4_0", "q8", "bf16"])
 def test_each_format_holds_gguf_weights_bit_for_bit(fmt, kernels):
     torch.manual_seed(0)
     weight = as_gguf_would(torch.randn(96, 160) * 0.05, fmt)
     exact = ExactWeight.of(weight, kernels)
-    assert exact is not None and exact.format == fmt
+    assert exact is not None and exact.format == fmt.split("_")[0]  # GGUF's Q4_0 blocks are q4 blocks too
     assert torch.equal(exact.dense(), weight)
     assert torch.equal(exact.dense(10, 20), weight[10:20])
-    assert exact.nbytes < weight.numel() * 4 / {"q4": 5, "q8": 3, "bf16": 1.9}[fmt]
+    assert exact.nbytes < weight.numel() * 4 / {"q4": 5, "q4_0": 5, "q8": 3, "bf16": 1.9}[fmt]
     bias = torch.randn(96)
     for rows in (1, 3, 8, 33):  # 33: longer than the kernels take, a dense product
         x = torch.randn(rows, 160)

@@ -2,7 +2,7 @@
 
 Many float32 checkpoints carry fewer bits than float32 can: a model converted from a GGUF file holds
 4-bit blocks (Q4_1: 16 levels per block of 32 weights, each `code * step + min` with float16 step and
-min) or 8-bit ones (Q8_0: `code * step`), and most published checkpoints are bfloat16 values. One token
+min; Q4_0: `step * (code - 8)`, the same form) or 8-bit ones (Q8_0: `code * step`), and most published checkpoints are bfloat16 values. One token
 reads every weight once, so on a CPU the bytes per weight set the speed: a node that finds its float32
 matrices are exactly such values keeps them so (`ExactWeight.of`, checked bit for bit through the kernel's
 own reconstruction) and multiplies with small C kernels (node/model/kernels/exact.c) that rebuild each
@@ -154,7 +154,10 @@ def _codes(blocks: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor, 
     steps = torch.zeros_like(top)
     codes = torch.zeros(blocks.shape, dtype=torch.float32)
     pending = torch.ones(blocks.shape[0], dtype=torch.bool)
-    for step in _round_half(top / code_range):
+    # the block's largest code is code_range when its extremes are the grid's ends (Q4_1, Q8_0); a Q4_0 block
+    # (d * (code - 8)) is sure to hold only one end, so for q4 fewer levels are tried too
+    spans = range(code_range, 7, -1) if fmt == "q4" else (code_range,)
+    for step in (candidate for levels in spans for candidate in _round_half(top / levels)):
         rows = pending.nonzero().squeeze(1)
         if rows.numel() == 0:
             break
