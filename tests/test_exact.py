@@ -134,6 +134,38 @@ def test_a_lean_span_on_exact_weights_matches_transformers(family, exact_model_d
     torch.testing.assert_close(got[real], expected[real], rtol=1e-5, atol=1e-5)
 
 
+def test_fused_matrices_whose_parts_need_different_forms_are_held_in_parts(tiny_model_dir, tmp_path, kernels):
+    """q/k in Q4_0, v in Q8_0, gate in bfloat16 and up left float32 (as a GGUF file may mix types in a layer):
+    q/k/v is held as three parts, gate/up as a bfloat16 part beside a dense one; outputs as transformers'."""
+    from node.model.exact import ExactParts
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama"), dtype=torch.float32)
+    kinds = {"q_proj": "q4_0", "k_proj": "q4_0", "v_proj": "q8", "o_proj": "q4", "gate_proj": "bf16", "down_proj": "q8"}
+    with torch.no_grad():
+        for name, module in model.model.layers.named_modules():
+            kind = kinds.get(name.rsplit(".", 1)[-1])
+            if kind is not None:
+                module.weight.copy_(as_gguf_would(module.weight, kind))
+    model.save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    span = lean_span(tmp_path, 0, 5)
+    report = exact_span(span, kernels)
+    assert report.dense == 0 and report.formats == {"q4": 15, "q8": 10, "bf16": 5}
+    layer = span.lean.layers[0]
+    assert isinstance(layer.qkv_t, ExactParts) and [type(p).__name__ for p in layer.gate_up_t.parts] == [
+        "ExactWeight", "Tensor"]
+    torch.manual_seed(0)
+    ids = torch.randint(3, model.config.vocab_size, (1, 20))
+    mask = torch.ones_like(ids)
+    expected, positions = reference_hidden(model, ids, mask, 5)
+    embeds = model.model.embed_tokens(ids).detach()
+    cache = span.new_cache(1, 32)
+    with torch.inference_mode():
+        got = torch.cat([span(embeds[:, :16], positions[:, :16], mask[:, :16], cache)] +
+                        [span(embeds[:, t: t + 1], positions[:, t: t + 1], mask[:, : t + 1], cache) for t in range(16, 20)], 1)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_random_weights_leave_a_span_dense(tiny_model_dir, kernels):
     span = lean_span(tiny_model_dir("llama"), 0, 2)
     report = exact_span(span, kernels)

@@ -283,6 +283,59 @@ class _ExactProduct(torch.autograd.Function):
         return grad_x, grad_bias, None
 
 
+class ExactParts:
+    """A fused matrix (q/k/v, gate/up) whose projections need different forms: each part held as its own exact
+    weight (or dense [in, out] where none holds it), the outputs side by side. A GGUF file may store a layer's
+    value projection in Q8_0 beside Q4_0 queries and keys."""
+
+    def __init__(self, parts: list["ExactWeight | torch.Tensor"]):
+        self.parts = parts
+        self.in_features = _part_shape(parts[0])[1]
+        self.out_features = sum(_part_shape(part)[0] for part in parts)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for part in self.parts for t in (part.tensors() if isinstance(part, ExactWeight) else [part])]
+
+    def exact(self) -> list[ExactWeight]:
+        return [part for part in self.parts if isinstance(part, ExactWeight)]
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        out = torch.cat([part.linear(x) if isinstance(part, ExactWeight) else x @ part for part in self.parts], dim=-1)
+        return out + bias if bias is not None else out
+
+
+def _part_shape(part) -> tuple[int, int]:
+    """[out, in] of an exact weight or of a dense part held as [in, out]."""
+    return part.shape if isinstance(part, ExactWeight) else (part.shape[1], part.shape[0])
+
+
+def _split_sizes(lean, name: str, out_features: int) -> list[int]:
+    """The output sizes of the projections fused into lean matrix `name` (LEAN_PROJECTIONS' order)."""
+    if name == "qkv_t":
+        return [lean.q_heads * lean.head_dim, lean.kv_heads * lean.head_dim, lean.kv_heads * lean.head_dim]
+    if name == "gate_up_t":
+        return [out_features // 2, out_features // 2]
+    return [out_features]
+
+
+def _exact_or_parts(lean, name: str, weight_t: torch.Tensor, kernels: Kernels) -> "ExactWeight | ExactParts | None":
+    """The whole fused matrix in one exact form; else its projections each in theirs; None if no part fits one."""
+    whole = ExactWeight.of(weight_t.t(), kernels)
+    sizes = _split_sizes(lean, name, weight_t.shape[1])
+    if whole is not None or len(sizes) == 1:
+        return whole
+    parts, start = [], 0
+    for size in sizes:
+        dense = weight_t[:, start: start + size]
+        parts.append(ExactWeight.of(dense.t(), kernels) or dense.contiguous())
+        start += size
+    return ExactParts(parts) if any(isinstance(part, ExactWeight) for part in parts) else None
+
+
 # -- spans ------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ExactReport:
@@ -319,17 +372,17 @@ def exact_span(span, kernels: Kernels | None = None) -> ExactReport | None:
             weight_t = getattr(layer, name)
             if not isinstance(weight_t, torch.Tensor):
                 continue  # quantised or packed already
-            exact = ExactWeight.of(weight_t.t(), kernels)
+            exact = _exact_or_parts(lean, name, weight_t, kernels)
             before += weight_t.numel() * weight_t.element_size()
             if exact is None:
                 dense += 1
                 after += weight_t.numel() * weight_t.element_size()
                 continue
             setattr(layer, name, exact)
-            formats[exact.format] = formats.get(exact.format, 0) + 1
+            for part in exact.exact() if isinstance(exact, ExactParts) else [exact]:
+                formats[part.format] = formats.get(part.format, 0) + 1
             after += exact.nbytes
-    row_threads = calibrate_threads([w for layer in lean.layers for w in (getattr(layer, n) for n in LEAN_MATRICES)
-                                     if isinstance(w, ExactWeight)])
+    row_threads = calibrate_threads(_exact_weights(lean))
     # the lean matrices are the only ones used from now on; o/down were shared with their modules, not copied
     _release(*(module for module in span.layers.modules() if isinstance(module, torch.nn.Linear) or
                hasattr(module, "weight_t")))
@@ -359,14 +412,21 @@ def calibrate_threads(weights: list[ExactWeight], rounds: int = 7) -> int:
     return best
 
 
-def exact_formats(lean) -> dict[str, int]:
-    """How many of a lean span's matrices are held in each exact format now ({} for none, or no lean span)."""
+def _exact_weights(lean) -> list[ExactWeight]:
+    """Every exact weight of a lean span (the parts of split matrices included)."""
     from node.model.lean import LEAN_MATRICES
 
-    counts: dict[str, int] = {}
+    found = []
     for layer in getattr(lean, "layers", ()):
         for name in LEAN_MATRICES:
             weight = getattr(layer, name)
-            if isinstance(weight, ExactWeight):
-                counts[weight.format] = counts.get(weight.format, 0) + 1
+            found += weight.exact() if isinstance(weight, ExactParts) else [weight] if isinstance(weight, ExactWeight) else []
+    return found
+
+
+def exact_formats(lean) -> dict[str, int]:
+    """How many of a lean span's matrices (or parts of fused ones) are held in each exact form now ({} for none)."""
+    counts: dict[str, int] = {}
+    for weight in _exact_weights(lean):
+        counts[weight.format] = counts.get(weight.format, 0) + 1
     return counts
