@@ -240,7 +240,7 @@ async def _load(node: RunningNode, span: Span) -> None:
         node.throughput = Throughput(decode=config.throughput, prefill=config.throughput * 8)
     else:
         quant = "" if config.quant == "none" else f"|{config.quant}"
-        quant += "".join(f"|{fmt}{count}" for fmt, count in sorted(exact_formats(model.lean).items()))
+        quant += "".join(f"|{fmt}{count}" for fmt, count in sorted(exact_formats(model).items()))
         key = (f"{node.record.config_hash}|{node.device}|{dtype_name(node.dtype)}{quant}|{span.start}:{span.end}|"
                f"{torch.get_num_threads()}")
         node.throughput = await asyncio.to_thread(cached_measure, model, key, progress=config.progress)

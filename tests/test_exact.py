@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM
 
 from client.combine import PackedHead
 from node.model.exact import ExactWeight, KernelError, build_kernels, exact_span, shared_kernels
-from node.model.fast_linear import TransposedLinear
+from node.model.fast_linear import TransposedLinear, transpose_linears
+from node.model.loader import ModelFiles, load_span
 from node.rpc import codec
 from tests.swarm_fixtures import node_info
 from tests.test_lean import LEAN_FAMILIES, lean_span, reference_hidden
@@ -163,6 +164,34 @@ def test_fused_matrices_whose_parts_need_different_forms_are_held_in_parts(tiny_
     with torch.inference_mode():
         got = torch.cat([span(embeds[:, :16], positions[:, :16], mask[:, :16], cache)] +
                         [span(embeds[:, t: t + 1], positions[:, t: t + 1], mask[:, : t + 1], cache) for t in range(16, 20)], 1)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+def test_families_without_a_lean_runtime_hold_exact_linears(family, tiny_model_dir, tmp_path, kernels):
+    """transformers' own layers (no lean runtime): each linear layer whose values are 8-bit blocks becomes an
+    ExactLinear (experts stored as fused 3-D parameters stay as they are); outputs as transformers'."""
+    from node.model.exact import ExactLinear, exact_formats
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir(family), dtype=torch.float32)
+    with torch.no_grad():
+        for module in model.model.layers.modules():
+            if type(module) is torch.nn.Linear and module.in_features % 32 == 0:
+                module.weight.copy_(as_gguf_would(module.weight, "q8"))
+    model.save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    span, _ = load_span(ModelFiles.open(str(tmp_path)), 0, 4, torch.device("cpu"), torch.float32)
+    transpose_linears(span)
+    assert span.make_lean() is not None  # no lean runtime for this family
+    report = exact_span(span, kernels)
+    held = sum(isinstance(m, ExactLinear) for m in span.modules())
+    assert held >= 8 and report.formats == {"q8": held} == exact_formats(span)
+    torch.manual_seed(0)
+    ids = torch.randint(3, model.config.vocab_size, (1, 12))
+    mask = torch.ones_like(ids)
+    expected, positions = reference_hidden(model, ids, mask, 4)
+    with torch.inference_mode():
+        got = span(model.model.embed_tokens(ids), positions, mask)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 

@@ -354,17 +354,66 @@ class ExactReport:
                 f"one-row products on {self.row_threads} thread(s)")
 
 
+class ExactLinear(torch.nn.Module):
+    """Drop-in for nn.Linear (or fast_linear.TransposedLinear) in transformers' own layers (families without a
+    lean runtime), with an exact narrow weight."""
+
+    def __init__(self, weight: ExactWeight, bias: torch.Tensor | None):
+        super().__init__()
+        self.exact = weight
+        self.out_features, self.in_features = weight.shape
+        self.bias = torch.nn.Parameter(bias.detach(), requires_grad=False) if bias is not None else None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense matrix, rebuilt (bit for bit) for code that reads it; products never need it."""
+        return self.exact.dense()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.exact.linear(x, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.exact.format}"
+
+
+def _exact_linears(module: torch.nn.Module, kernels: Kernels, report: dict) -> None:
+    """Replace every float32 CPU linear layer under `module` held exactly by a narrow form with an ExactLinear."""
+    from node.model.fast_linear import TransposedLinear
+
+    for name, child in list(module.named_children()):
+        if type(child) is torch.nn.Linear or isinstance(child, TransposedLinear):
+            weight = child.weight
+            if weight.is_meta or not weight.numel():
+                continue
+            size = weight.numel() * weight.element_size()
+            exact = ExactWeight.of(weight, kernels)
+            report["before"] += size
+            report["after"] += exact.nbytes if exact is not None else size
+            if exact is None:
+                report["dense"] += 1
+                continue
+            setattr(module, name, ExactLinear(exact, child.bias))
+            report["formats"][exact.format] = report["formats"].get(exact.format, 0) + 1
+        else:
+            _exact_linears(child, kernels, report)
+
+
 def exact_span(span, kernels: Kernels | None = None) -> ExactReport | None:
-    """Keep each float32 matrix of a lean CPU span (after `make_lean`) in the narrowest exact form found; None
-    where that cannot apply (no lean runtime, another dtype or device, no kernels)."""
+    """Keep each float32 matrix of a CPU span (the lean runtime's, after `make_lean`, or transformers' own layers')
+    in the narrowest exact form found; None where that cannot apply (another dtype or device, no kernels)."""
     from node.model.lean import LEAN_MATRICES, _release
 
     lean = span.lean
-    if lean is None or lean.dtype != torch.float32 or lean.device.type != "cpu":
+    if span.dtype != torch.float32 or span.device.type != "cpu":
         return None
     kernels = kernels or shared_kernels()
     if kernels is None:
         return None
+    if lean is None:
+        found = {"formats": {}, "dense": 0, "before": 0, "after": 0}
+        _exact_linears(span.layers, kernels, found)
+        row_threads = calibrate_threads(_exact_weights(span))
+        return ExactReport(found["formats"], found["dense"], found["before"], found["after"], row_threads)
     formats: dict[str, int] = {}
     dense = before = after = 0
     for layer in lean.layers:
@@ -382,7 +431,7 @@ def exact_span(span, kernels: Kernels | None = None) -> ExactReport | None:
             for part in exact.exact() if isinstance(exact, ExactParts) else [exact]:
                 formats[part.format] = formats.get(part.format, 0) + 1
             after += exact.nbytes
-    row_threads = calibrate_threads(_exact_weights(lean))
+    row_threads = calibrate_threads(_exact_weights(span))
     # the lean matrices are the only ones used from now on; o/down were shared with their modules, not copied
     _release(*(module for module in span.layers.modules() if isinstance(module, torch.nn.Linear) or
                hasattr(module, "weight_t")))
@@ -412,21 +461,25 @@ def calibrate_threads(weights: list[ExactWeight], rounds: int = 7) -> int:
     return best
 
 
-def _exact_weights(lean) -> list[ExactWeight]:
-    """Every exact weight of a lean span (the parts of split matrices included)."""
+def _exact_weights(span) -> list[ExactWeight]:
+    """Every exact weight of a span: its lean matrices (the parts of split ones included), or its ExactLinears."""
     from node.model.lean import LEAN_MATRICES
 
+    lean = getattr(span, "lean", None)
+    if lean is None:
+        return [module.exact for module in span.modules() if isinstance(module, ExactLinear)] \
+            if isinstance(span, torch.nn.Module) else []
     found = []
-    for layer in getattr(lean, "layers", ()):
+    for layer in lean.layers:
         for name in LEAN_MATRICES:
             weight = getattr(layer, name)
             found += weight.exact() if isinstance(weight, ExactParts) else [weight] if isinstance(weight, ExactWeight) else []
     return found
 
 
-def exact_formats(lean) -> dict[str, int]:
-    """How many of a lean span's matrices (or parts of fused ones) are held in each exact form now ({} for none)."""
+def exact_formats(span) -> dict[str, int]:
+    """How many of a span's matrices (or parts of fused ones) are held in each exact form now ({} for none)."""
     counts: dict[str, int] = {}
-    for weight in _exact_weights(lean):
+    for weight in _exact_weights(span):
         counts[weight.format] = counts.get(weight.format, 0) + 1
     return counts

@@ -105,7 +105,7 @@ class Executor:
 
     def exact_formats(self) -> dict[str, int]:
         """How many of the span's matrices are held in each exact narrow form (node/model/exact.py)."""
-        return exact_formats(self.lean)
+        return exact_formats(self.span)
 
     # -- validation -------------------------------------------------------------------------
     async def settled(self) -> None:
