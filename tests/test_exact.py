@@ -249,4 +249,4 @@ def test_one_row_products_take_the_thread_count_that_was_faster(kernels):
     assert chosen in {1, torch.get_num_threads()}
     assert all(w.row_threads == chosen for w in weights)
     x = torch.randn(1, 128)
-    torch.testing.assert_close(weights[0].product(x), weights[0].product(x, torch.get_num_threads()), rtol=0, atol=0)
+    torch.testing.assert_close(weights[0].product(x), weights[0].product(x, threads=torch.get_num_threads()), rtol=0, atol=0)

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from node.model.fast_linear import frozen_linear
+
 log = logging.getLogger(__name__)
 
 BLOCK = 32
@@ -241,8 +243,12 @@ class ExactWeight:
             lib.q8_dense(self.codes.data_ptr(), self.steps.data_ptr(), self.in_features, start, stop, out.data_ptr())
         return out
 
-    def product(self, x: torch.Tensor, threads: int | None = None) -> torch.Tensor:
-        """x [..., in] @ W.T in float32 (no gradient)."""
+    def product(self, x: torch.Tensor, bias: torch.Tensor | None = None, threads: int | None = None) -> torch.Tensor:
+        """x [..., in] @ W.T + bias in float32 (no gradient)."""
+        out = self._product(x, threads)
+        return out + bias if bias is not None else out
+
+    def _product(self, x: torch.Tensor, threads: int | None) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
         rows = flat.shape[0]
         if rows > KERNEL_ROWS:
@@ -261,26 +267,11 @@ class ExactWeight:
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
-            return _ExactProduct.apply(x, bias, self)
-        out = self.product(x)
-        return out + bias if bias is not None else out
+        return frozen_linear(self, x, bias)
 
-
-class _ExactProduct(torch.autograd.Function):
-    """A product that passes gradients to its input (a node's Backward); the weights stay frozen."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, weight: ExactWeight) -> torch.Tensor:
-        ctx.weight, ctx.has_bias = weight, bias is not None
-        out = weight.product(x)
-        return out + bias if bias is not None else out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        grad_x = grad @ ctx.weight.dense() if ctx.needs_input_grad[0] else None
-        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[1] else None
-        return grad_x, grad_bias, None
+    def matrix(self) -> torch.Tensor:
+        """W [out, in] (for gradients)."""
+        return self.dense()
 
 
 class ExactParts:
@@ -376,7 +367,25 @@ class ExactLinear(torch.nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.exact.format}"
 
 
-def _exact_linears(module: torch.nn.Module, kernels: Kernels, report: dict) -> None:
+class _Tally:
+    """The matrices `exact_span` looked at: held narrow by form (parts of split ones counted), left dense, bytes."""
+
+    def __init__(self) -> None:
+        self.formats: dict[str, int] = {}
+        self.dense = self.before = self.after = 0
+
+    def add(self, size: int, held: "ExactWeight | ExactParts | None") -> None:
+        self.before += size
+        if held is None:
+            self.dense += 1
+            self.after += size
+            return
+        for part in held.exact() if isinstance(held, ExactParts) else [held]:
+            self.formats[part.format] = self.formats.get(part.format, 0) + 1
+        self.after += held.nbytes
+
+
+def _exact_linears(module: torch.nn.Module, kernels: Kernels, tally: _Tally) -> None:
     """Replace every float32 CPU linear layer under `module` held exactly by a narrow form with an ExactLinear."""
     from node.model.fast_linear import TransposedLinear
 
@@ -385,23 +394,18 @@ def _exact_linears(module: torch.nn.Module, kernels: Kernels, report: dict) -> N
             weight = child.weight
             if weight.is_meta or not weight.numel():
                 continue
-            size = weight.numel() * weight.element_size()
             exact = ExactWeight.of(weight, kernels)
-            report["before"] += size
-            report["after"] += exact.nbytes if exact is not None else size
-            if exact is None:
-                report["dense"] += 1
-                continue
-            setattr(module, name, ExactLinear(exact, child.bias))
-            report["formats"][exact.format] = report["formats"].get(exact.format, 0) + 1
+            tally.add(weight.numel() * weight.element_size(), exact)
+            if exact is not None:
+                setattr(module, name, ExactLinear(exact, child.bias))
         else:
-            _exact_linears(child, kernels, report)
+            _exact_linears(child, kernels, tally)
 
 
 def exact_span(span, kernels: Kernels | None = None) -> ExactReport | None:
     """Keep each float32 matrix of a CPU span (the lean runtime's, after `make_lean`, or transformers' own layers')
     in the narrowest exact form found; None where that cannot apply (another dtype or device, no kernels)."""
-    from node.model.lean import LEAN_MATRICES, _release
+    from node.model.lean import LEAN_MATRICES, release_projections
 
     lean = span.lean
     if span.dtype != torch.float32 or span.device.type != "cpu":
@@ -409,33 +413,21 @@ def exact_span(span, kernels: Kernels | None = None) -> ExactReport | None:
     kernels = kernels or shared_kernels()
     if kernels is None:
         return None
+    tally = _Tally()
     if lean is None:
-        found = {"formats": {}, "dense": 0, "before": 0, "after": 0}
-        _exact_linears(span.layers, kernels, found)
-        row_threads = calibrate_threads(_exact_weights(span))
-        return ExactReport(found["formats"], found["dense"], found["before"], found["after"], row_threads)
-    formats: dict[str, int] = {}
-    dense = before = after = 0
-    for layer in lean.layers:
+        _exact_linears(span.layers, kernels, tally)
+    for layer in lean.layers if lean is not None else ():
         for name in LEAN_MATRICES:
             weight_t = getattr(layer, name)
             if not isinstance(weight_t, torch.Tensor):
                 continue  # quantised or packed already
             exact = _exact_or_parts(lean, name, weight_t, kernels)
-            before += weight_t.numel() * weight_t.element_size()
-            if exact is None:
-                dense += 1
-                after += weight_t.numel() * weight_t.element_size()
-                continue
-            setattr(layer, name, exact)
-            for part in exact.exact() if isinstance(exact, ExactParts) else [exact]:
-                formats[part.format] = formats.get(part.format, 0) + 1
-            after += exact.nbytes
-    row_threads = calibrate_threads(_exact_weights(span))
-    # the lean matrices are the only ones used from now on; o/down were shared with their modules, not copied
-    _release(*(module for module in span.layers.modules() if isinstance(module, torch.nn.Linear) or
-               hasattr(module, "weight_t")))
-    return ExactReport(formats, dense, before, after, row_threads)
+            tally.add(weight_t.numel() * weight_t.element_size(), exact)
+            if exact is not None:
+                setattr(layer, name, exact)
+    if lean is not None:
+        release_projections(span)
+    return ExactReport(tally.formats, tally.dense, tally.before, tally.after, calibrate_threads(_exact_weights(span)))
 
 
 def calibrate_threads(weights: list[ExactWeight], rounds: int = 7) -> int:
@@ -452,7 +444,7 @@ def calibrate_threads(weights: list[ExactWeight], rounds: int = 7) -> int:
         for threads in candidates:
             start = time.perf_counter()
             for weight, x in zip(weights, inputs):
-                weight.product(x, threads)
+                weight.product(x, threads=threads)
             if round_:  # the first round warms up
                 times[threads].append(time.perf_counter() - start)
     best = min(candidates, key=lambda threads: statistics.median(times[threads]))
@@ -469,12 +461,9 @@ def _exact_weights(span) -> list[ExactWeight]:
     if lean is None:
         return [module.exact for module in span.modules() if isinstance(module, ExactLinear)] \
             if isinstance(span, torch.nn.Module) else []
-    found = []
-    for layer in lean.layers:
-        for name in LEAN_MATRICES:
-            weight = getattr(layer, name)
-            found += weight.exact() if isinstance(weight, ExactParts) else [weight] if isinstance(weight, ExactWeight) else []
-    return found
+    weights = [getattr(layer, name) for layer in lean.layers for name in LEAN_MATRICES]
+    return [part for weight in weights if isinstance(weight, (ExactWeight, ExactParts))
+            for part in (weight.exact() if isinstance(weight, ExactParts) else [weight])]
 
 
 def exact_formats(span) -> dict[str, int]:

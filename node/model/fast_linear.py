@@ -100,9 +100,11 @@ class PackedWeight:
         return torch.ops.mkl._mkl_linear(x.contiguous(), self.packed, self._shape, bias, rows)
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
-            return _PackedProduct.apply(x, bias, self)
-        return self.product(x, bias)
+        return frozen_linear(self, x, bias)
+
+    def matrix(self) -> torch.Tensor:
+        """W [out, in] again (for gradients)."""
+        return self.unpack().t()
 
     def unpack(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Rows [start, stop) of W_t ([in, out]) again: the packed product of those rows of the identity matrix
@@ -115,15 +117,23 @@ class PackedWeight:
         return self.product(unit)
 
 
-class _PackedProduct(torch.autograd.Function):
+def frozen_linear(weight, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ W.T + bias for a frozen weight held in another layout (PackedWeight here, node/model/exact.py's
+    ExactWeight): its own `product(x, bias)`, and gradients to x and bias (a node's Backward) through `matrix()`."""
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        return _FrozenProduct.apply(x, bias, weight)
+    return weight.product(x, bias)
+
+
+class _FrozenProduct(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, weight: PackedWeight) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, weight) -> torch.Tensor:
         ctx.weight, ctx.has_bias = weight, bias is not None
         return weight.product(x, bias)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        grad_x = grad @ ctx.weight.unpack().t() if ctx.needs_input_grad[0] else None
+        grad_x = grad @ ctx.weight.matrix() if ctx.needs_input_grad[0] else None
         grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[1] else None
         return grad_x, grad_bias, None
 

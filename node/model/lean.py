@@ -140,6 +140,12 @@ def _release(*linears: nn.Module) -> None:
                 setattr(linear, name, nn.Parameter(torch.empty(0, device="meta"), requires_grad=False))
 
 
+def release_projections(span: nn.Module) -> None:
+    """Drop every projection's own weight in the span's layers once its lean matrices were re-made (quantised,
+    held exactly): they are the only ones used from then on (o/down were shared with their modules, not copied)."""
+    _release(*(module for module in span.layers.modules() if isinstance(module, nn.Linear) or hasattr(module, "weight_t")))
+
+
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """transformers' RMSNorm recipe: normalise in float32, scale in the input dtype.
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from node.model.lean import LEAN_MATRICES
+from node.model.lean import LEAN_MATRICES, release_projections
 
 QUANT_MODES = ("none", "int8", "nf4")
 NF4_BLOCK = 64
@@ -244,11 +244,7 @@ def quantize_span(span: nn.Module, mode: str) -> int:
         for name in LEAN_MATRICES:
             setattr(layer, name, quantize_weight(getattr(layer, name).t(), mode, dtype))
             count += 1
-    for module in span.layers.modules():  # the lean copies were the only users of the layers' projections
-        if _is_linear(module):
-            for name in ("weight", "weight_t"):
-                if isinstance(getattr(module, name, None), nn.Parameter):
-                    setattr(module, name, nn.Parameter(torch.empty(0, device="meta"), requires_grad=False))
+    release_projections(span)  # the lean copies were the only users of the layers' projections
     return count
 
 
