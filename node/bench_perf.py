@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from transformers.generation.streamers import BaseStreamer
 
 from node.bench import all_at_once, machine_info, prompt_ids, timed_generate, write_section
 from node.bench_llamacpp import LlamaCpp, LlamaSide, side_by_side
@@ -124,8 +125,9 @@ class PerfResult:
     local: Speed
     swarms: list[Speed] = field(default_factory=list)
     wan: list[WanResult] = field(default_factory=list)
-    concurrency: list[tuple[int, float, float]] = field(default_factory=list)  # (sessions, aggregate tok/s, steps/pass)
-    concurrency_plain: tuple[int, float, float] | None = None  # the same, 8 sessions (or the most), without convoys
+    # (sessions, aggregate tok/s, steps/pass, tok/s while every session decodes: `steady_decode`)
+    concurrency: list[tuple[int, float, float, float]] = field(default_factory=list)
+    concurrency_plain: tuple[int, float, float, float] | None = None  # the same, 8 sessions (or the most), no convoys
     concurrency_runs: dict[int, list[float]] = field(default_factory=dict)  # sessions -> aggregate tok/s of each round
     settle_s: list[float] = field(default_factory=list)  # seconds before each one-session round (settle_alone)
     prefill_local_s: float = 0.0
@@ -167,17 +169,58 @@ def prefill_seconds(model, ids: torch.Tensor, repeats: int) -> float:
     return statistics.median(timed_generate(model, ids, 2).prefill_s for _ in range(repeats))
 
 
-def concurrent_speed(model, config, sessions: int, new_tokens: int, seed: int) -> float:
-    """Aggregate new tokens/s of `sessions` generations running at once (one client thread each)."""
+class TokenTimes(BaseStreamer):
+    """When each of a generation's new tokens came (perf_counter), and how many came then."""
+
+    def __init__(self) -> None:
+        self.puts: list[tuple[float, int]] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        self.puts.append((time.perf_counter(), value.numel()))
+
+    def end(self) -> None:
+        pass
+
+    @property
+    def new(self) -> list[tuple[float, int]]:
+        return self.puts[1:]  # the first put is the prompt
+
+
+def _stamped_generate(model, ids: torch.Tensor, new_tokens: int) -> list[tuple[float, int]]:
+    clock = TokenTimes()
+    output = model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+        do_sample=False, temperature=None, top_p=None, top_k=None, streamer=clock,
+    )
+    if output.shape[1] - ids.shape[1] != new_tokens or not clock.new:
+        raise RuntimeError(f"generate returned {output.shape[1] - ids.shape[1]} tokens, expected {new_tokens}")
+    return clock.new
+
+
+def steady_decode(generations: list[list[tuple[float, int]]]) -> float:
+    """Tokens/s of all `generations` together while every one of them decodes: the tokens that came after the
+    last one's first token and up to the first one's last token, over that window (one generation: its decode
+    speed). Prompts and session opening stay out, as in a decode speed; 0.0 if the windows do not overlap."""
+    start, stop = max(g[0][0] for g in generations), min(g[-1][0] for g in generations)
+    if stop <= start:
+        return 0.0
+    return sum(count for g in generations for at, count in g if start < at <= stop) / (stop - start)
+
+
+def concurrent_speed(model, config, sessions: int, new_tokens: int, seed: int) -> tuple[float, float]:
+    """`sessions` generations at once (one client thread each): (all their new tokens / wall time, tokens/s while
+    every one of them decodes)."""
     prompts = [prompt_ids(config, 16, seed + 100 + i) for i in range(sessions)]
-    elapsed, _ = all_at_once([partial(timed_generate, model, ids, new_tokens) for ids in prompts])
-    return sessions * new_tokens / elapsed
+    elapsed, generations = all_at_once([partial(_stamped_generate, model, ids, new_tokens) for ids in prompts])
+    return sessions * new_tokens / elapsed, steady_decode(generations)
 
 
-def _median_sessions(sessions: int, runs: list[tuple[float, int, int]]) -> tuple[int, float, float]:
-    """(sessions, median aggregate tok/s, steps per pass over all runs) from runs of (aggregate, passes, steps)."""
+def _median_sessions(sessions: int, runs: list[tuple[float, int, int, float]]) -> tuple[int, float, float, float]:
+    """(sessions, median aggregate tok/s, steps per pass over all runs, median tok/s while all decode) from runs of
+    (aggregate, passes, steps, steady)."""
     passes, steps = sum(run[1] for run in runs), sum(run[2] for run in runs)
-    return sessions, statistics.median(run[0] for run in runs), steps / passes if passes else 0.0
+    return (sessions, statistics.median(run[0] for run in runs), steps / passes if passes else 0.0,
+            statistics.median(run[3] for run in runs))
 
 
 def rss_mb(pid: int, field: str = "VmHWM") -> float:
@@ -399,22 +442,23 @@ def run_benchmark(settings: PerfSettings, console: Console | None = None) -> Per
                 # one torch thread per client thread: N generate() threads with a team of OpenMP threads each
                 # would oversubscribe the cores the nodes compute on
                 torch.set_num_threads(1)
-                def sessions_at_once(client, sessions: int, seed: int) -> tuple[float, int, int]:
+                def sessions_at_once(client, sessions: int, seed: int) -> tuple[float, int, int, float]:
                     before = node_batching(chain.nodes[-1].address)
-                    aggregate = concurrent_speed(client, config, sessions, settings.concurrency_tokens, seed)
+                    aggregate, steady = concurrent_speed(client, config, sessions, settings.concurrency_tokens, seed)
                     after = node_batching(chain.nodes[-1].address)
-                    return aggregate, after[0] - before[0], after[1] - before[1]
+                    return aggregate, after[0] - before[0], after[1] - before[1], steady
 
                 # rounds over every session count, so that the machine's drift spreads over all of them; each count
                 # reports its median round
-                runs: dict[int, list[tuple[float, int, int]]] = {n: [] for n in settings.concurrency}
+                runs: dict[int, list[tuple[float, int, int, float]]] = {n: [] for n in settings.concurrency}
                 for round_ in range(settings.repeats):
                     for sessions in settings.concurrency:
                         if sessions == 1:  # a lone session on nodes at rest, not on weights laid out for many
                             result.settle_s.append(settle_alone(model, config, [n.address for n in chain.nodes],
                                                                 settings.seed + round_))
                         runs[sessions].append(sessions_at_once(model, sessions, settings.seed + round_))
-                        tick(f"{sessions} concurrent sessions, round {round_ + 1}: {runs[sessions][-1][0]:.1f} tok/s in all")
+                        tick(f"{sessions} concurrent sessions, round {round_ + 1}: {runs[sessions][-1][0]:.1f} tok/s in "
+                             f"all, {runs[sessions][-1][3]:.1f} while all decode")
                 result.concurrency = [_median_sessions(n, runs[n]) for n in settings.concurrency]
                 result.concurrency_runs = {n: [run[0] for run in runs[n]] for n in settings.concurrency}
                 most_sessions = 8 if 8 in settings.concurrency else max(settings.concurrency)

@@ -65,15 +65,20 @@ def render_markdown(result: PerfResult, plot_name: str | None = None) -> str:
                          f"{w.limit_tps:.2f} | {100 * w.share:.0f}% | {w.limit_proxied_tps:.2f} | "
                          f"{100 * w.share_proxied:.0f}% |")
     if result.concurrency:
-        base = result.concurrency[0][1]
+        base, steady_base = result.concurrency[0][1], result.concurrency[0][3]
         lines += ["", "### 3. Concurrent sessions (3 nodes, push; one client thread per session, 1 torch thread each)", "",
                   f"Each session generates {s.concurrency_tokens} tokens after a 16-token prompt; aggregate = all new "
-                  f"tokens / wall time, median of {s.repeats} round(s) (each round runs every session count once, "
-                  "in turn). Steps per pass: how many sessions' steps the last node ran in one forward "
-                  "(continuous batching), on average over the rounds.", "",
-                  "| sessions | aggregate tok/s | vs 1 session | steps per pass (last node) |", "|---:|---:|---:|---:|"]
-        for sessions, aggregate, per_pass in result.concurrency:
-            lines.append(f"| {sessions} | {aggregate:.1f} | {aggregate / base:.2f}x | {per_pass:.2f} |")
+                  f"tokens / wall time (opening, prompts and decoding), median of {s.repeats} round(s) (each round "
+                  "runs every session count once, in turn). While all decode = the new tokens that came while every "
+                  "session was decoding (from the last session's first token to the first session's last), over "
+                  "that window: the decode speed of benchmark 1, for all sessions together. Steps per pass: how many "
+                  "sessions' steps the last node ran in one forward (continuous batching), on average over the "
+                  "rounds.", "",
+                  "| sessions | aggregate tok/s | vs 1 session | while all decode, tok/s | vs 1 session | "
+                  "steps per pass (last node) |", "|---:|---:|---:|---:|---:|---:|"]
+        for sessions, aggregate, per_pass, steady in result.concurrency:
+            lines.append(f"| {sessions} | {aggregate:.1f} | {aggregate / base:.2f}x | {steady:.1f} | "
+                         f"{steady / steady_base if steady_base else 0.0:.2f}x | {per_pass:.2f} |")
         if result.concurrency_runs:
             lines += ["", "Aggregate tok/s of each round: " + "; ".join(
                 f"{n} session{'s' if n > 1 else ''} " + ", ".join(f"{x:.1f}" for x in runs)
@@ -84,7 +89,7 @@ def render_markdown(result: PerfResult, plot_name: str | None = None) -> str:
                           "which slows a lone session meanwhile; see performance.md): "
                           + ", ".join(f"{x:.1f}" for x in result.settle_s) + " s."]
         if result.concurrency_plain is not None:
-            sessions, aggregate, per_pass = result.concurrency_plain
+            sessions, aggregate, per_pass, _ = result.concurrency_plain
             lines += ["", f"The sessions step as convoys (node/runtime/convoy.py). A client without them "
                           f"(`ClientConfig(convoys=False)`), right after on the same nodes: {sessions} sessions "
                           f"{aggregate:.1f} tok/s in all ({aggregate / base:.2f}x one session), {per_pass:.2f} steps "

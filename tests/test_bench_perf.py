@@ -39,6 +39,7 @@ def test_bench_perf_writes_every_table(tiny_model_dir, tmp_path):
     assert push.decode_tps < 1 / (3 * 0.020)
     assert [c[0] for c in result.concurrency] == [1, 3] and all(c[1] > 0 for c in result.concurrency)
     assert result.concurrency[0][2] == 1.0  # one session: one step per pass
+    assert all(c[3] > 0 for c in result.concurrency)  # tokens/s while every session decodes
     assert all(c[2] >= 1.0 for c in result.concurrency)
     assert {n: len(runs) for n, runs in result.concurrency_runs.items()} == {1: 1, 3: 1}  # one round per repeat
     assert len(result.settle_s) == 1 and 0 <= result.settle_s[0] < 31  # before the one-session round
@@ -86,3 +87,16 @@ def test_settle_alone_waits_until_the_weights_are_back_in_the_one_row_layout(tin
         assert all(node_metadata(a)["packed"] == 0 for a in addresses)
     finally:
         client.close()
+
+
+def test_steady_decode_counts_the_tokens_of_the_window_where_all_generations_decode():
+    from node.bench_perf import steady_decode
+
+    # one generation: its decode speed (tokens after its first one, over the time from first to last)
+    assert steady_decode([[(1.0, 1), (1.5, 1), (2.0, 1)]]) == pytest.approx(2 / 1.0)
+    # the second starts decoding at 2.0 (its prompt ran while the first decoded) and the first ends at 3.5: only
+    # (2.0, 3.5] counts, and a draft of 3 tokens accepted at once counts 3
+    first = [(1.0, 1), (1.5, 1), (2.0, 1), (2.5, 1), (3.0, 1), (3.5, 1)]
+    second = [(2.0, 1), (2.5, 3), (3.0, 1), (4.0, 1)]
+    assert steady_decode([first, second]) == pytest.approx((3 + 4) / 1.5)
+    assert steady_decode([[(1.0, 1), (2.0, 1)], [(3.0, 1), (4.0, 1)]]) == 0.0  # never both decoding

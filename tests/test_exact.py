@@ -250,3 +250,64 @@ def test_one_row_products_take_the_thread_count_that_was_faster(kernels):
     assert all(w.row_threads == chosen for w in weights)
     x = torch.randn(1, 128)
     torch.testing.assert_close(weights[0].product(x), weights[0].product(x, threads=torch.get_num_threads()), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fmt", ["q4", "q8", "bf16"])
+def test_products_are_the_same_on_any_number_of_threads_and_callers(fmt, kernels):
+    """The kernels' own thread pool (kernels/exact.c) splits output rows between threads: every row is summed by
+    one thread in one order, so any split, hot or not, and callers on several threads at once get the same bits."""
+    import threading
+
+    torch.manual_seed(1)
+    exact = ExactWeight.of(as_gguf_would(torch.randn(300, 192) * 0.05, fmt), kernels)
+    inputs = {rows: torch.randn(rows, 192) for rows in (1, 5, 8, 32)}
+    alone = {rows: exact.product(x, threads=1) for rows, x in inputs.items()}
+    for threads in (2, 3, 7):
+        for rows, x in inputs.items():
+            assert torch.equal(exact.product(x, threads=threads), alone[rows])
+            with kernels.hot():
+                assert torch.equal(exact.product(x, threads=threads), alone[rows])
+    mismatches: list[int] = []
+
+    def caller(seed: int) -> None:
+        for _ in range(30):
+            rows = (1, 5, 8, 32)[seed % 4]
+            if not torch.equal(exact.product(inputs[rows], threads=2), alone[rows]):
+                mismatches.append(rows)
+
+    callers = [threading.Thread(target=caller, args=(seed,)) for seed in range(6)]
+    for thread in callers:
+        thread.start()
+    for thread in callers:
+        thread.join()
+    assert mismatches == []
+
+
+def test_a_small_pass_runs_torch_on_one_thread_and_products_on_all(kernels, smollm_dir):
+    """Inside `Kernels.hot` (a node's decode pass) torch's own operations run on the calling thread only, the
+    products keep torch's count, and everything is as before afterwards, errors included."""
+    from node.model import exact as module
+    from node.model.exact import KERNEL_ROWS, pass_threads
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with kernels.hot():
+            assert torch.get_num_threads() == 1 and module._pass_threads == 2
+            with kernels.hot():  # nested: still the outer count
+                assert torch.get_num_threads() == 1 and module._pass_threads == 2
+        assert torch.get_num_threads() == 2 and module._pass_threads == 0
+        with pytest.raises(RuntimeError), kernels.hot():
+            raise RuntimeError("a failing pass")
+        assert torch.get_num_threads() == 2 and module._pass_threads == 0
+
+        span, _ = load_span(ModelFiles.open(str(smollm_dir)), 0, 2, torch.device("cpu"), torch.float32)
+        span.make_lean()
+        dense_hot = pass_threads(span, 1)
+        exact_span(span, kernels)
+        with pass_threads(span, KERNEL_ROWS):
+            assert torch.get_num_threads() == 1
+        with pass_threads(span, KERNEL_ROWS + 1), dense_hot:  # a prefill, and a span without exact weights
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -19,12 +19,14 @@ from node.rpc.generated import potluck_pb2_grpc as pb_grpc
 class Recorder(pb_grpc.PotluckServicer):
     """Records every Push and PushMany; refuses the steps whose session id starts with "refuse"."""
 
-    def __init__(self, knows_push_many: bool = True):
+    def __init__(self, knows_push_many: bool = True, answer_after: float = 0.0):
         self.knows_push_many = knows_push_many
+        self.answer_after = answer_after  # seconds each call is held before its answer
         self.calls: list[tuple[str, list[str]]] = []  # (method, session ids)
 
     async def Push(self, request, context):
         self.calls.append(("Push", [request.session_id]))
+        await asyncio.sleep(self.answer_after)
         if request.session_id.startswith("refuse"):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"no room for {request.session_id}")
         return pb.PushReply()
@@ -33,6 +35,7 @@ class Recorder(pb_grpc.PotluckServicer):
         if not self.knows_push_many:
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
         self.calls.append(("PushMany", [one.session_id for one in request.steps]))
+        await asyncio.sleep(self.answer_after)
         reply = pb.PushManyReply()
         for one in request.steps:
             refused = one.session_id.startswith("refuse")
@@ -124,6 +127,40 @@ async def test_an_unreachable_node_fails_every_step_of_the_convoy():
         assert all(error.startswith("push to 127.0.0.1:9 failed [UNAVAILABLE]") for error in errors)
     finally:
         await pusher.close()
+
+
+async def test_a_handover_is_under_way_before_the_next_node_answers():
+    """`started` tells the servicer when to send its own reply to the client: once the handover (on the token's
+    path) has set off, a convoy's once all of its steps are ready, without waiting for the next node's answer."""
+    recorder = Recorder(answer_after=1.5)
+    server, address = await serve(recorder)
+    pusher = push.Pusher()
+    loop = asyncio.get_running_loop()
+    hidden = codec.encode_tensor(torch.ones(1, 1, 4))
+    try:
+        started = loop.create_future()
+        handover = asyncio.ensure_future(pusher.forward(hidden, step_to(address, "a"), None, started))
+        begun = loop.time()
+        await asyncio.wait_for(started, 1.0)
+        assert loop.time() - begun < 1.0 and not handover.done()  # the next node holds its answer 1.5 s
+        assert await handover == "" and recorder.calls == [("Push", ["a"])]
+
+        first, second = loop.create_future(), loop.create_future()
+        one = asyncio.ensure_future(pusher.forward(hidden, step_to(address, "b"), (5, 2), first))
+        await asyncio.sleep(0.001)
+        assert not first.done()  # the convoy leaves with its second step
+        two = asyncio.ensure_future(pusher.forward(hidden, step_to(address, "c"), (5, 2), second))
+        await asyncio.wait_for(asyncio.gather(first, second), 1.0)
+        assert not one.done() and not two.done()
+        assert await asyncio.gather(one, two) == ["", ""]
+        assert recorder.calls[1:] == [("PushMany", ["b", "c"])]
+
+        failed = loop.create_future()  # a handover that cannot set off does not hold the reply either
+        assert (await pusher.forward(hidden, step_to("127.0.0.1:9", "d"), None, failed)).startswith("push to")
+        assert failed.done()
+    finally:
+        await pusher.close()
+        await server.stop(None)
 
 
 def test_the_node_refuses_an_oversized_push_many(tiny_swarm):

@@ -15,6 +15,7 @@ float32 matrices."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -43,12 +44,11 @@ SOURCE = Path(__file__).with_name("kernels") / "exact.c"
 DEFAULT_CACHE = Path("~/.cache/potluck/kernels").expanduser()
 COMPILERS = ("cc", "gcc", "clang")
 FLAG_SETS = (  # tried in order: the first that builds is kept
-    ("-O3", "-march=native", "-fopenmp"),
-    ("-O3", "-march=native"),
-    ("-O3", "-fopenmp"),
-    ("-O3",),
+    ("-O3", "-march=native", "-pthread"),
+    ("-O3", "-pthread"),
 )
-ABI = 1
+ABI = 2
+_pass_threads = 0  # threads the kernels use inside `Kernels.hot` (torch's own count is 1 there); 0: outside
 
 _p, _i = ctypes.c_void_p, ctypes.c_int
 _SIGNATURES = {
@@ -57,6 +57,7 @@ _SIGNATURES = {
     "bf_gemm": [_p, _i, _i, _p, _i, _p, _i],
     "q4_dense": [_p, _p, _p, _i, _i, _i, _p],
     "q8_dense": [_p, _p, _i, _i, _i, _p],
+    "exact_hot": [_i],
 }
 
 
@@ -76,6 +77,25 @@ class Kernels:
         for name, argtypes in _SIGNATURES.items():
             function = getattr(self.lib, name)
             function.argtypes, function.restype = argtypes, None
+
+    @contextlib.contextmanager
+    def hot(self):
+        """A pass of up to KERNEL_ROWS rows (a node's decode steps) runs in this. The kernels' helper threads spin
+        between its products instead of sleeping, so each product starts on every thread at once; they sleep
+        again after it (kernels/exact.c). Products keep torch's thread count, but torch's own operations run on
+        this thread alone meanwhile: at this size waking torch's sleeping workers costs more than they gain
+        (an attention call over 8 one-token rows: 69 µs with two threads, 17 with one)."""
+        global _pass_threads
+        threads, outer = torch.get_num_threads(), _pass_threads
+        _pass_threads = outer or threads
+        torch.set_num_threads(1)
+        self.lib.exact_hot(1)
+        try:
+            yield
+        finally:
+            self.lib.exact_hot(0)
+            torch.set_num_threads(threads)
+            _pass_threads = outer
 
 
 def _machine_key(compiler: str) -> str:
@@ -255,7 +275,7 @@ class ExactWeight:
             return (flat @ self.dense().t()).reshape(*x.shape[:-1], self.out_features)
         flat = flat.to(torch.float32).contiguous()
         out = torch.empty(rows, self.out_features, dtype=torch.float32)
-        threads = threads or (rows == 1 and self.row_threads) or torch.get_num_threads()
+        threads = threads or (rows == 1 and self.row_threads) or _pass_threads or torch.get_num_threads()
         lib, args = self.kernels.lib, (flat.data_ptr(), rows, self.in_features)
         if self.format == "q4":
             lib.q4_gemm(*args, self.codes.data_ptr(), self.steps.data_ptr(), self.mins.data_ptr(), self.out_features,
@@ -431,10 +451,9 @@ def exact_span(span, kernels: Kernels | None = None) -> ExactReport | None:
 
 
 def calibrate_threads(weights: list[ExactWeight], rounds: int = 7) -> int:
-    """Time one-row products over `weights` with one thread and with torch's count, in alternating rounds, and
-    set the faster on each (returned). Waking sleeping OpenMP threads (`OMP_WAIT_POLICY=PASSIVE`, as nodes
-    sharing a machine run) costs more than small products gain from them: 10 layers of SmolLM2 took 3.1 ms
-    a pass with one thread and 4.3 with two that way, 2.7 and 1.9 with spinning threads."""
+    """Time one-row products over `weights` with one thread and with torch's count, in alternating rounds, as a
+    pass runs them (`Kernels.hot`), and set the faster on each (returned). On a busy machine a second thread may
+    not pay for the hand-off on products this small."""
     candidates = sorted({1, torch.get_num_threads()})
     if not weights or len(candidates) == 1:
         return candidates[0]
@@ -442,11 +461,12 @@ def calibrate_threads(weights: list[ExactWeight], rounds: int = 7) -> int:
     times: dict[int, list[float]] = {threads: [] for threads in candidates}
     for round_ in range(rounds + 1):
         for threads in candidates:
-            start = time.perf_counter()
-            for weight, x in zip(weights, inputs):
-                weight.product(x, threads=threads)
-            if round_:  # the first round warms up
-                times[threads].append(time.perf_counter() - start)
+            with weights[0].kernels.hot():
+                start = time.perf_counter()
+                for weight, x in zip(weights, inputs):
+                    weight.product(x, threads=threads)
+                if round_:  # the first round warms up
+                    times[threads].append(time.perf_counter() - start)
     best = min(candidates, key=lambda threads: statistics.median(times[threads]))
     for weight in weights:
         weight.row_threads = best
@@ -464,6 +484,13 @@ def _exact_weights(span) -> list[ExactWeight]:
     weights = [getattr(layer, name) for layer in lean.layers for name in LEAN_MATRICES]
     return [part for weight in weights if isinstance(weight, (ExactWeight, ExactParts))
             for part in (weight.exact() if isinstance(weight, ExactParts) else [weight])]
+
+
+def pass_threads(span, rows: int) -> contextlib.AbstractContextManager:
+    """What a pass of `rows` rows over `span` runs in: `Kernels.hot` where the span holds exact weights and the
+    kernels take the pass's products (up to KERNEL_ROWS rows); nothing special otherwise."""
+    weights = _exact_weights(span) if rows <= KERNEL_ROWS else []
+    return weights[0].kernels.hot() if weights else contextlib.nullcontext()
 
 
 def exact_formats(span) -> dict[str, int]:

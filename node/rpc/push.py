@@ -3,7 +3,8 @@
 A step that carries a push list (`Step.push`, the hops after this one) is forwarded, once this node
 has computed it, to `push[0]` with a `Push` call holding this node's output and `push[1:]`. The call
 returns as soon as the next node has accepted the step (not once it has computed it); the servicer
-answers its own client meanwhile and sends a failure notice only if the handover fails.
+answers its own client once the call is on its way (`started`: the handover is on the token's path, the
+reply is not) and sends a failure notice only if the handover fails.
 
 The outputs of one pass that go to the same node leave as a convoy (node/runtime/convoy.py): they are
 handed over together, in one `PushMany` call, once the convoy's steps are all ready (or CONVOY_FLUSH
@@ -73,24 +74,28 @@ class Pusher:
         self._single: set[str] = set()  # addresses that answered PushMany with UNIMPLEMENTED
         self.calls = 0  # Push and PushMany calls made (each PushMany counts once)
 
-    async def forward(self, hidden: pb.Tensor, step: pb.Step, convoy: tuple[int, int] | None = None) -> str:
+    async def forward(self, hidden: pb.Tensor, step: pb.Step, convoy: tuple[int, int] | None = None,
+                      started: asyncio.Future | None = None) -> str:
         """Hand `hidden` (this node's output of `step`, leaving in `convoy`) to step.push[0]; returns "" or what
         went wrong. A step in a convoy of several waits for the rest of it (CONVOY_FLUSH at most), and they go
-        in one PushMany call."""
-        target = step.push[0]
-        request = forwarded_step(hidden, step, convoy)
-        if convoy is None or convoy[1] < 2 or target.address in self._single:
-            return await self._push(target.address, request, _timeout(target))
-        key = (target.address, convoy[0])
-        handover = self._convoys.get(key)
-        if handover is None:
-            handover = self._convoys[key] = _Handover(convoy[1])
-            handover.timer = asyncio.get_running_loop().call_later(CONVOY_FLUSH, self._flush, key)
-        done = asyncio.get_running_loop().create_future()
-        handover.add(request, _timeout(target), done)
-        if handover.complete():
-            self._flush(key)
-        return await done
+        in one PushMany call. `started` (if given) is resolved once the call is under way, or has failed."""
+        try:
+            target = step.push[0]
+            request = forwarded_step(hidden, step, convoy)
+            if convoy is None or convoy[1] < 2 or target.address in self._single:
+                return await self._push(target.address, request, _timeout(target), started)
+            key = (target.address, convoy[0])
+            handover = self._convoys.get(key)
+            if handover is None:
+                handover = self._convoys[key] = _Handover(convoy[1])
+                handover.timer = asyncio.get_running_loop().call_later(CONVOY_FLUSH, self._flush, key)
+            done = asyncio.get_running_loop().create_future()
+            handover.add(request, _timeout(target), done, started)
+            if handover.complete():
+                self._flush(key)
+            return await done
+        finally:
+            _under_way(started)
 
     def _flush(self, key: tuple[str, int]) -> None:
         handover = self._convoys.pop(key, None)
@@ -100,12 +105,15 @@ class Pusher:
             self._handing.add(task)  # held until done
             task.add_done_callback(self._handing.discard)
 
-    async def _push(self, address: str, request: pb.PushRequest, timeout: float) -> str:
+    async def _push(self, address: str, request: pb.PushRequest, timeout: float,
+                    started: asyncio.Future | None = None) -> str:
         try:
             if address not in self._channels:
                 await self.security.prefetch(address)
             self.calls += 1
-            await self._stub(address).Push(request, timeout=timeout)
+            call = self._stub(address).Push(request, timeout=timeout)  # sets off on the loop's next turn
+            _under_way(started)
+            await call
         except grpc.aio.AioRpcError as error:
             return _failure(address, error.code().name, error.details())
         return ""
@@ -119,8 +127,10 @@ class Pusher:
             if address not in self._channels:
                 await self.security.prefetch(address)
             self.calls += 1
-            reply = await self._stub(address).PushMany(pb.PushManyRequest(steps=[r for r, _ in live]),
-                                                       timeout=handover.timeout)
+            call = self._stub(address).PushMany(pb.PushManyRequest(steps=[r for r, _ in live]), timeout=handover.timeout)
+            for started in handover.started:
+                _under_way(started)
+            reply = await call
             if len(reply.outcomes) != len(live):
                 raise ValueError(f"{address} answered {len(reply.outcomes)} outcomes for {len(live)} steps")
             errors = [_failure(address, o.code, o.message) if o.code else "" for o in reply.outcomes]
@@ -169,12 +179,15 @@ class _Handover:
         self.size = size
         self.requests: list[pb.PushRequest] = []
         self.waiters: list[asyncio.Future] = []
+        self.started: list[asyncio.Future | None] = []  # resolved once the PushMany call is under way
         self.timeout = 0.0  # the longest any of its steps may wait (every client's bound holds for its own step)
         self.timer: asyncio.TimerHandle | None = None
 
-    def add(self, request: pb.PushRequest, timeout: float, done: asyncio.Future) -> None:
+    def add(self, request: pb.PushRequest, timeout: float, done: asyncio.Future,
+            started: asyncio.Future | None = None) -> None:
         self.requests.append(request)
         self.waiters.append(done)
+        self.started.append(started)
         self.timeout = max(self.timeout, timeout)
 
     def complete(self) -> bool:
@@ -187,6 +200,11 @@ def _timeout(target: pb.PushTarget) -> float:
     if not (timeout > 0 and math.isfinite(timeout)):
         timeout = PUSH_TIMEOUT
     return min(timeout, MAX_TIMEOUT)
+
+
+def _under_way(started: asyncio.Future | None) -> None:
+    if started is not None and not started.done():
+        started.set_result(None)
 
 
 def _failure(address: str, code: str, message: str | None) -> str:

@@ -268,11 +268,12 @@ class PotluckServicer(pb_grpc.PotluckServicer):
     async def _run(self, executor: Executor, session: Session, step: pb.Step, context) -> None:
         """Run one step (the client's or a pushed one) and answer it; hand its output on if it carries a push list.
 
-        The handover to the next node starts first (it is on the token's path) and this hop's reply goes out
-        while the next node accepts the step, not after: the client reads every hop's result before its next
-        step, so a reply held for the handover's round trip cost a whole extra one-way delay per token over a
-        WAN (5 instead of 4 trips through 3 nodes). If the handover fails, a second, small result for the same
-        step follows, with `push_error` set: the client learns where the chain broke without a deadline."""
+        The handover to the next node sets off first (it is on the token's path; in a convoy, with the convoy's
+        other outputs) and this hop's reply goes out while the next node accepts the step, not after: the client
+        reads every hop's result before its next step, so a reply held for the handover's round trip cost a
+        whole extra one-way delay per token over a WAN (5 instead of 4 trips through 3 nodes). If the handover
+        fails, a second, small result for the same step follows, with `push_error` set: the client learns where
+        the chain broke without a deadline."""
         if step.push:
             if not self.push_enabled:
                 raise FailedPrecondition("this node does not forward pushed steps; send each hop its step")
@@ -304,9 +305,10 @@ class PotluckServicer(pb_grpc.PotluckServicer):
         if not step.push:
             await context.write(reply)
             return
-        handover = asyncio.ensure_future(self.pusher.forward(hidden, step, convoy.leaves))
+        under_way = asyncio.get_running_loop().create_future()
+        handover = asyncio.ensure_future(self.pusher.forward(hidden, step, convoy.leaves, under_way))
         try:
-            await asyncio.sleep(0)  # the handover sets off first
+            await under_way  # the handover (with the rest of its convoy) sets off first: it is on the token's path
             await context.write(reply)  # before the failure notice, which precedes later results
             error = await handover
         finally:
