@@ -35,6 +35,7 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from transformers.generation.streamers import BaseStreamer
 
 from node.bench import all_at_once, machine_info, prompt_ids, timed_generate, write_section
+from node.bench_batch_compute import BatchCompute, batch_compute
 from node.bench_llamacpp import LlamaCpp, LlamaSide, side_by_side
 from node.bench_perf_report import render_markdown, write_plot
 
@@ -130,6 +131,8 @@ class PerfResult:
     concurrency_plain: tuple[int, float, float, float] | None = None  # the same, 8 sessions (or the most), no convoys
     concurrency_runs: dict[int, list[float]] = field(default_factory=dict)  # sessions -> aggregate tok/s of each round
     settle_s: list[float] = field(default_factory=list)  # seconds before each one-session round (settle_alone)
+    # what batching gives when only the computation takes time, exact and dense (node/bench_batch_compute.py)
+    batch_compute: list[BatchCompute] = field(default_factory=list)
     prefill_local_s: float = 0.0
     prefill_swarm_s: float = 0.0
     rss_node_mb: float = 0.0
@@ -384,7 +387,7 @@ def run_benchmark(settings: PerfSettings, console: Console | None = None) -> Per
 
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, refresh_per_second=4) as progress:
-        steps = 4 + (settings.llama_cpp is not None) + len(settings.node_counts) + 3 + 2 * (len(settings.delays_ms) + 1) + len(settings.concurrency) * settings.repeats + 2
+        steps = 4 + (settings.llama_cpp is not None) + len(settings.node_counts) + 3 + 2 * (len(settings.delays_ms) + 1) + len(settings.concurrency) * settings.repeats + 3
         task = progress.add_task("local transformers", total=steps)
 
         def tick(message: str) -> None:
@@ -469,6 +472,11 @@ def run_benchmark(settings: PerfSettings, console: Console | None = None) -> Per
                     tick(f"{most_sessions} concurrent sessions without convoys: "
                          f"{result.concurrency_plain[1]:.1f} tok/s in all")
                 torch.set_num_threads(threads)
+                if most_sessions > 1:
+                    result.batch_compute = [batch_compute(settings.model, most, most_sessions, exact=exact)
+                                            for exact in (True, False)]
+                    tick(f"computation alone: {most_sessions} sessions " + " / ".join(
+                        f"{c.ratio:.2f}x" for c in result.batch_compute) + " one (exact / dense)")
                 result.rss_node_mb = rss_mb(chain.nodes[0].process.pid)
                 result.rss_node_now_mb = rss_mb(chain.nodes[0].process.pid, "VmRSS")
             finally:

@@ -79,6 +79,20 @@ def render_markdown(result: PerfResult, plot_name: str | None = None) -> str:
         for sessions, aggregate, per_pass, steady in result.concurrency:
             lines.append(f"| {sessions} | {aggregate:.1f} | {aggregate / base:.2f}x | {steady:.1f} | "
                          f"{steady / steady_base if steady_base else 0.0:.2f}x | {per_pass:.2f} |")
+        if result.batch_compute:
+            exact, dense = result.batch_compute
+            lines += ["", f"What batching gives when only the computation takes time (node/bench_batch_compute.py, "
+                          f"in this process, median of 30 alternating rounds): a node's pass over its share of the "
+                          f"layers (1/{exact.nodes}) takes {exact.pass_one_ms:.2f} ms for one session's token and "
+                          f"{exact.pass_many_ms:.2f} ms for {exact.rows} sessions' "
+                          f"({exact.pass_many_ms / exact.pass_one_ms:.1f}x), the head {exact.head_one_ms:.2f} and "
+                          f"{exact.head_many_ms:.2f} ms: {exact.rows} sessions would give **{exact.ratio:.2f}x** one "
+                          f"session. With dense float32 weights (products bound by the bytes they read, not by "
+                          f"arithmetic) the pass takes {dense.pass_one_ms:.2f} and {dense.pass_many_ms:.2f} ms, the "
+                          f"head {dense.head_one_ms:.2f} and {dense.head_many_ms:.2f}: {dense.ratio:.2f}x. Time a "
+                          f"round spends outside the computation once for all its sessions raises the measured ratio "
+                          f"above these, time each session spends lowers it; the faster the chain, the closer it "
+                          f"comes to them."]
         if result.concurrency_runs:
             lines += ["", "Aggregate tok/s of each round: " + "; ".join(
                 f"{n} session{'s' if n > 1 else ''} " + ", ".join(f"{x:.1f}" for x in runs)

@@ -40,6 +40,8 @@ def test_bench_perf_writes_every_table(tiny_model_dir, tmp_path):
     assert [c[0] for c in result.concurrency] == [1, 3] and all(c[1] > 0 for c in result.concurrency)
     assert result.concurrency[0][2] == 1.0  # one session: one step per pass
     assert all(c[3] > 0 for c in result.concurrency)  # tokens/s while every session decodes
+    assert [(c.rows, c.nodes) for c in result.batch_compute] == [(3, 2), (3, 2)]  # exact, then dense
+    assert all(0 < c.pass_one_ms and 0 < c.head_one_ms and 0 < c.ratio <= 3 * 1.5 for c in result.batch_compute)
     assert all(c[2] >= 1.0 for c in result.concurrency)
     assert {n: len(runs) for n, runs in result.concurrency_runs.items()} == {1: 1, 3: 1}  # one round per repeat
     assert len(result.settle_s) == 1 and 0 <= result.settle_s[0] < 31  # before the one-session round
@@ -100,3 +102,15 @@ def test_steady_decode_counts_the_tokens_of_the_window_where_all_generations_dec
     second = [(2.0, 1), (2.5, 3), (3.0, 1), (4.0, 1)]
     assert steady_decode([first, second]) == pytest.approx((3 + 4) / 1.5)
     assert steady_decode([[(1.0, 1), (2.0, 1)], [(3.0, 1), (4.0, 1)]]) == 0.0  # never both decoding
+
+
+def test_batch_computation_of_the_real_model(smollm_dir):
+    """On SmolLM2 (exact q4 weights) a pass over 8 sessions' tokens costs more than one session's pass but less
+    than eight of them, and the ratio is that of the rounds' costs."""
+    from node.bench_batch_compute import batch_compute
+
+    timed = batch_compute(smollm_dir, nodes=3, rows=8, rounds=5)
+    assert timed.pass_one_ms < timed.pass_many_ms < 8 * timed.pass_one_ms
+    assert timed.head_one_ms < timed.head_many_ms
+    expected = 8 * (3 * timed.pass_one_ms + timed.head_one_ms) / (3 * timed.pass_many_ms + timed.head_many_ms)
+    assert timed.ratio == pytest.approx(expected) and 1 < timed.ratio < 8
