@@ -22,6 +22,7 @@ from client.combine import Combiner, PackedHead
 from client.config import ClientConfig
 from client.draft import AdaptiveDraft, Calls, StopAwareDraft
 from client.swarm import SwarmClient, SyncSession
+from client.threads import head_threads, small_ops
 from client.verify import VerificationError, VerificationRestart
 from node.model.fast_linear import TransposedLinear
 from node.model.loader import ModelFiles, config_hash, load_client_parts, parse_dtype, resolve_device
@@ -279,13 +280,14 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         hidden = self.norm(hidden)
         keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
         hidden = hidden[:, keep, :]
-        if torch.is_grad_enabled():
-            logits = self.lm_head(hidden)
-        elif convoys:  # its next step travels with the other sessions of this product (a convoy)
-            logits, cache.session.next_convoy = self.head_calls.combined(hidden, cache.session.arrived_convoy,
-                                                                         cache.session)
-        else:
-            logits = self.head_calls(hidden)
+        with head_threads():  # inside generate (client/threads.py): the head gets torch's threads back
+            if torch.is_grad_enabled():
+                logits = self.lm_head(hidden)
+            elif convoys:  # its next step travels with the other sessions of this product (a convoy)
+                logits, cache.session.next_convoy = self.head_calls.combined(hidden, cache.session.arrived_convoy,
+                                                                             cache.session)
+            else:
+                logits = self.head_calls(hidden)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
@@ -318,7 +320,12 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
 
     @torch.inference_mode()
     def generate(self, inputs: torch.Tensor | None = None, generation_config: GenerationConfig | None = None, **kwargs):
-        """transformers' generate, with an inference session sized for the prompt plus the new tokens."""
+        """transformers' generate, with an inference session sized for the prompt plus the new tokens; torch's
+        small operations run on this thread alone meanwhile, the head on torch's threads (client/threads.py)."""
+        with small_ops():
+            return self._generate(inputs, generation_config, **kwargs)
+
+    def _generate(self, inputs: torch.Tensor | None, generation_config: GenerationConfig | None, **kwargs):
         if kwargs.get("cache") is not None or kwargs.get("use_cache") is False:
             return super().generate(inputs, generation_config, **kwargs)
         config = generation_config or self.generation_config

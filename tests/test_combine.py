@@ -77,3 +77,31 @@ def test_the_head_gets_a_packed_copy_once_products_carry_several_rows():
         for _ in range(PACK_HEAD_AFTER + 1):
             off(torch.randn(3, 64))
     assert off.packed is None
+
+
+def test_generate_runs_small_operations_on_one_thread_and_the_head_on_torchs_count():
+    """client/threads.py: inside generate torch's own small operations run on the calling thread alone, the head
+    product on the count torch had before (waking, and leaving spinning, OpenMP workers for every token's tiny
+    operations took a core from the nodes on a shared machine)."""
+    from client.threads import head_threads, small_ops
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with head_threads():  # outside generate: nothing changes
+            assert torch.get_num_threads() == 2
+        with small_ops():
+            assert torch.get_num_threads() == 1
+            with head_threads():
+                assert torch.get_num_threads() == 2
+            assert torch.get_num_threads() == 1
+            with small_ops():  # nested (generate calling generate): the head still gets the outer count
+                with head_threads():
+                    assert torch.get_num_threads() == 2
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError), small_ops():
+            raise RuntimeError("a failing generate")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

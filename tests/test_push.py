@@ -91,6 +91,41 @@ def test_push_generation_matches_transformers(model, chain, prompt_ids, expected
     assert [handovers(node) - h for node, h in zip(chain, handed)] == [steps, steps, 0]
 
 
+def test_generate_runs_torch_on_one_thread_but_the_head_on_all(model, prompt_ids, expected, monkeypatch):
+    """client/threads.py: during generate the token path's small operations see one torch thread, the head
+    products torch's count from before; afterwards the count is as it was."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class Threads(BaseStreamer):
+        def __init__(self):
+            self.seen: list[int] = []
+
+        def put(self, value):
+            self.seen.append(torch.get_num_threads())
+
+        def end(self):
+            pass
+
+    head_threads: list[int] = []
+    product = type(model.head_calls.fn).__call__
+
+    def counting(self, rows):
+        head_threads.append(torch.get_num_threads())
+        return product(self, rows)
+
+    monkeypatch.setattr(type(model.head_calls.fn), "__call__", counting)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        streamer = Threads()
+        assert generate(model, prompt_ids, streamer=streamer) == expected
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert streamer.seen and set(streamer.seen) == {1}
+    assert head_threads and set(head_threads) == {2}
+
+
 def test_no_push_is_client_driven_and_identical(smollm_dir, chain, prompt_ids, expected):
     model = client(smollm_dir, [n.address for n in chain], push=False)
     try:
