@@ -77,11 +77,11 @@ def test_a_chunk_not_handed_on_is_finished_by_the_client(folder, reference, chai
     original = pusher.forward
     calls = []
 
-    async def flaky(hidden, step, convoy=None):  # the third chunk cannot reach the next node
+    async def flaky(hidden, step, convoy=None, started=None):  # the third chunk cannot reach the next node
         calls.append(step.step_id)
         if len(calls) == 3:
             return "push to the next node failed [UNAVAILABLE]: injected by the test"
-        return await original(hidden, step, convoy)
+        return await original(hidden, step, convoy, started)
 
     pusher.forward = flaky
     model = DistributedModelForCausalLM.from_pretrained(

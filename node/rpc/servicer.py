@@ -308,7 +308,8 @@ class PotluckServicer(pb_grpc.PotluckServicer):
         under_way = asyncio.get_running_loop().create_future()
         handover = asyncio.ensure_future(self.pusher.forward(hidden, step, convoy.leaves, under_way))
         try:
-            await under_way  # the handover (with the rest of its convoy) sets off first: it is on the token's path
+            # the handover (with the rest of its convoy) sets off first: it is on the token's path
+            await asyncio.wait((under_way, handover), return_when=asyncio.FIRST_COMPLETED)
             await context.write(reply)  # before the failure notice, which precedes later results
             error = await handover
         finally:
