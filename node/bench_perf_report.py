@@ -77,8 +77,9 @@ def render_markdown(result: PerfResult, plot_name: str | None = None) -> str:
                   "| sessions | aggregate tok/s | vs 1 session | while all decode, tok/s | vs 1 session | "
                   "steps per pass (last node) |", "|---:|---:|---:|---:|---:|---:|"]
         for sessions, aggregate, per_pass, steady in result.concurrency:
-            lines.append(f"| {sessions} | {aggregate:.1f} | {aggregate / base:.2f}x | {steady:.1f} | "
-                         f"{steady / steady_base if steady_base else 0.0:.2f}x | {per_pass:.2f} |")
+            steady_cells = (f"{steady:.1f} | {steady / steady_base:.2f}x" if steady and steady_base
+                            else "n/a (the sessions never all decoded at once) | n/a")
+            lines.append(f"| {sessions} | {aggregate:.1f} | {aggregate / base:.2f}x | {steady_cells} | {per_pass:.2f} |")
         if result.batch_compute:
             exact, dense = result.batch_compute
             lines += ["", f"What batching gives when only the computation takes time (node/bench_batch_compute.py, "

@@ -39,7 +39,9 @@ def test_bench_perf_writes_every_table(tiny_model_dir, tmp_path):
     assert push.decode_tps < 1 / (3 * 0.020)
     assert [c[0] for c in result.concurrency] == [1, 3] and all(c[1] > 0 for c in result.concurrency)
     assert result.concurrency[0][2] == 1.0  # one session: one step per pass
-    assert all(c[3] > 0 for c in result.concurrency)  # tokens/s while every session decodes
+    # tokens/s while every session decodes (3 tokens each: sessions that prefilled apart may never all decode at
+    # once, which reads 0 and shows as n/a)
+    assert result.concurrency[0][3] > 0 and all(c[3] >= 0 for c in result.concurrency)
     assert [(c.rows, c.nodes) for c in result.batch_compute] == [(3, 2), (3, 2)]  # exact, then dense
     assert all(0 < c.pass_one_ms and 0 < c.head_one_ms and 0 < c.ratio <= 3 * 1.5 for c in result.batch_compute)
     assert all(c[2] >= 1.0 for c in result.concurrency)

@@ -225,6 +225,11 @@ def reason(error: grpc.aio.AioRpcError) -> str:
             return f"{error.code().name} {flag}"
     if "Concurrent RPC limit exceeded" in error.details():
         return f"{error.code().name} calls in flight"
+    if error.code() == grpc.StatusCode.INTERNAL and error.details() == "Internal error from Core":
+        # grpc's own race (grpc/grpc#36066): the client's request writer still sending into a stream the server
+        # has just refused (calls in flight) reports INTERNAL from grpc's core; a node's own errors say
+        # "internal error: <what>" (node/rpc/servicer.py)
+        return "RESOURCE_EXHAUSTED calls in flight (seen as INTERNAL from grpc's core)"
     return f"{error.code().name} {error.details()}"
 
 
@@ -278,7 +283,8 @@ def test_load_beyond_every_limit_stays_bounded(make_node, tiny_model_dir):
     print(f"\nload: warm-up {dict(warm)}; 3 rounds {dict(outcomes)}; RSS {before / 2**20:.0f} -> "
           f"{after / 2**20:.0f} MiB; peak {peak}")
     assert set(outcomes) <= {"OK", "RESOURCE_EXHAUSTED --max-sessions", "RESOURCE_EXHAUSTED --cache-tokens",
-                             "RESOURCE_EXHAUSTED calls in flight"}, outcomes
+                             "RESOURCE_EXHAUSTED calls in flight",
+                             "RESOURCE_EXHAUSTED calls in flight (seen as INTERNAL from grpc's core)"}, outcomes
     assert outcomes["OK"] >= 3 * 6, outcomes
     assert sum(outcomes.values()) - outcomes["OK"] > 0, outcomes  # the limits did refuse some
     assert peak["sessions"] <= max_sessions and peak["reserved"] <= budget, peak
