@@ -26,6 +26,7 @@ import shutil
 import statistics
 import subprocess
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +49,7 @@ FLAG_SETS = (  # tried in order: the first that builds is kept
     ("-O3", "-pthread"),
 )
 ABI = 2
-_pass_threads = 0  # threads the kernels use inside `Kernels.hot` (torch's own count is 1 there); 0: outside
+_pass = threading.local()  # .threads: what the kernels use inside `Kernels.hot` (torch's own count is 1 there)
 
 _p, _i = ctypes.c_void_p, ctypes.c_int
 _SIGNATURES = {
@@ -63,6 +64,11 @@ _SIGNATURES = {
 
 class KernelError(RuntimeError):
     """The exact kernels cannot be built or loaded here (no C compiler, a failed build, a foreign library)."""
+
+
+def pass_kernel_threads() -> int:
+    """Threads this thread's products use inside `Kernels.hot` (0: outside one)."""
+    return getattr(_pass, "threads", 0)
 
 
 @dataclass(frozen=True)
@@ -85,9 +91,8 @@ class Kernels:
         again after it (kernels/exact.c). Products keep torch's thread count, but torch's own operations run on
         this thread alone meanwhile: at this size waking torch's sleeping workers costs more than they gain
         (an attention call over 8 one-token rows: 69 µs with two threads, 17 with one)."""
-        global _pass_threads
-        threads, outer = torch.get_num_threads(), _pass_threads
-        _pass_threads = outer or threads
+        threads, outer = torch.get_num_threads(), pass_kernel_threads()
+        _pass.threads = outer or threads
         torch.set_num_threads(1)
         self.lib.exact_hot(1)
         try:
@@ -95,7 +100,7 @@ class Kernels:
         finally:
             self.lib.exact_hot(0)
             torch.set_num_threads(threads)
-            _pass_threads = outer
+            _pass.threads = outer
 
 
 def _machine_key(compiler: str) -> str:
@@ -275,7 +280,7 @@ class ExactWeight:
             return (flat @ self.dense().t()).reshape(*x.shape[:-1], self.out_features)
         flat = flat.to(torch.float32).contiguous()
         out = torch.empty(rows, self.out_features, dtype=torch.float32)
-        threads = threads or (rows == 1 and self.row_threads) or _pass_threads or torch.get_num_threads()
+        threads = threads or (rows == 1 and self.row_threads) or pass_kernel_threads() or torch.get_num_threads()
         lib, args = self.kernels.lib, (flat.data_ptr(), rows, self.in_features)
         if self.format == "q4":
             lib.q4_gemm(*args, self.codes.data_ptr(), self.steps.data_ptr(), self.mins.data_ptr(), self.out_features,
