@@ -22,10 +22,10 @@ from client.combine import Combiner, PackedHead
 from client.config import ClientConfig
 from client.draft import AdaptiveDraft, Calls, StopAwareDraft
 from client.swarm import SwarmClient, SyncSession
-from client.threads import head_threads, small_ops
 from client.verify import VerificationError, VerificationRestart
 from node.model.fast_linear import TransposedLinear
 from node.model.loader import ModelFiles, config_hash, load_client_parts, parse_dtype, resolve_device
+from node.model.torch_threads import one_torch_thread, saved_torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -280,7 +280,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         hidden = self.norm(hidden)
         keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
         hidden = hidden[:, keep, :]
-        with head_threads():  # inside generate (client/threads.py): the head gets torch's threads back
+        with saved_torch_threads():  # inside generate: the head gets torch's threads back (model/torch_threads.py)
             if torch.is_grad_enabled():
                 logits = self.lm_head(hidden)
             elif convoys:  # its next step travels with the other sessions of this product (a convoy)
@@ -321,8 +321,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
     @torch.inference_mode()
     def generate(self, inputs: torch.Tensor | None = None, generation_config: GenerationConfig | None = None, **kwargs):
         """transformers' generate, with an inference session sized for the prompt plus the new tokens; torch's
-        small operations run on this thread alone meanwhile, the head on torch's threads (client/threads.py)."""
-        with small_ops():
+        small operations run on this thread alone meanwhile, the head on torch's threads (node/model/torch_threads.py)."""
+        with one_torch_thread():
             return self._generate(inputs, generation_config, **kwargs)
 
     def _generate(self, inputs: torch.Tensor | None, generation_config: GenerationConfig | None, **kwargs):

@@ -80,27 +80,27 @@ def test_the_head_gets_a_packed_copy_once_products_carry_several_rows():
 
 
 def test_generate_runs_small_operations_on_one_thread_and_the_head_on_torchs_count():
-    """client/threads.py: inside generate torch's own small operations run on the calling thread alone, the head
-    product on the count torch had before (waking, and leaving spinning, OpenMP workers for every token's tiny
-    operations took a core from the nodes on a shared machine)."""
-    from client.threads import head_threads, small_ops
+    """node/model/torch_threads.py: inside generate torch's own small operations run on the calling thread alone,
+    the head product on the count torch had before (waking, and leaving spinning, OpenMP workers for every
+    token's tiny operations took a core from the nodes on a shared machine)."""
+    from node.model.torch_threads import one_torch_thread, saved_torch_threads
 
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        with head_threads():  # outside generate: nothing changes
+        with saved_torch_threads():  # outside generate: nothing changes
             assert torch.get_num_threads() == 2
-        with small_ops():
+        with one_torch_thread():
             assert torch.get_num_threads() == 1
-            with head_threads():
+            with saved_torch_threads():
                 assert torch.get_num_threads() == 2
             assert torch.get_num_threads() == 1
-            with small_ops():  # nested (generate calling generate): the head still gets the outer count
-                with head_threads():
+            with one_torch_thread():  # nested (generate calling generate): the head still gets the outer count
+                with saved_torch_threads():
                     assert torch.get_num_threads() == 2
             assert torch.get_num_threads() == 1
         assert torch.get_num_threads() == 2
-        with pytest.raises(RuntimeError), small_ops():
+        with pytest.raises(RuntimeError), one_torch_thread():
             raise RuntimeError("a failing generate")
         assert torch.get_num_threads() == 2
     finally:

@@ -288,25 +288,25 @@ def test_a_small_pass_runs_torch_on_one_thread_and_products_on_all(kernels, smol
     products keep torch's count, and everything is as before afterwards, errors included."""
     import threading
 
-    from node.model import exact as module
     from node.model.exact import KERNEL_ROWS, pass_threads
+    from node.model.torch_threads import saved_threads
 
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         with kernels.hot():
-            assert torch.get_num_threads() == 1 and module.pass_kernel_threads() == 2
+            assert torch.get_num_threads() == 1 and saved_threads() == 2
             with kernels.hot():  # nested: still the outer count
-                assert torch.get_num_threads() == 1 and module.pass_kernel_threads() == 2
+                assert torch.get_num_threads() == 1 and saved_threads() == 2
             seen: list[int] = []  # another thread is not in this pass
-            other = threading.Thread(target=lambda: seen.append(module.pass_kernel_threads()))
+            other = threading.Thread(target=lambda: seen.append(saved_threads()))
             other.start()
             other.join()
             assert seen == [0]
-        assert torch.get_num_threads() == 2 and module.pass_kernel_threads() == 0
+        assert torch.get_num_threads() == 2 and saved_threads() == 0
         with pytest.raises(RuntimeError), kernels.hot():
             raise RuntimeError("a failing pass")
-        assert torch.get_num_threads() == 2 and module.pass_kernel_threads() == 0
+        assert torch.get_num_threads() == 2 and saved_threads() == 0
 
         span, _ = load_span(ModelFiles.open(str(smollm_dir)), 0, 2, torch.device("cpu"), torch.float32)
         span.make_lean()

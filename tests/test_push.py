@@ -92,7 +92,7 @@ def test_push_generation_matches_transformers(model, chain, prompt_ids, expected
 
 
 def test_generate_runs_torch_on_one_thread_but_the_head_on_all(model, prompt_ids, expected, monkeypatch):
-    """client/threads.py: during generate the token path's small operations see one torch thread, the head
+    """node/model/torch_threads.py: during generate the token path's small operations see one torch thread, the head
     products torch's count from before; afterwards the count is as it was."""
     from transformers.generation.streamers import BaseStreamer
 

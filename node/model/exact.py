@@ -26,7 +26,6 @@ import shutil
 import statistics
 import subprocess
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ from pathlib import Path
 import torch
 
 from node.model.fast_linear import frozen_linear
+from node.model.torch_threads import one_torch_thread, saved_threads
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,6 @@ FLAG_SETS = (  # tried in order: the first that builds is kept
     ("-O3", "-pthread"),
 )
 ABI = 2
-_pass = threading.local()  # .threads: what the kernels use inside `Kernels.hot` (torch's own count is 1 there)
 
 _p, _i = ctypes.c_void_p, ctypes.c_int
 _SIGNATURES = {
@@ -64,11 +63,6 @@ _SIGNATURES = {
 
 class KernelError(RuntimeError):
     """The exact kernels cannot be built or loaded here (no C compiler, a failed build, a foreign library)."""
-
-
-def pass_kernel_threads() -> int:
-    """Threads this thread's products use inside `Kernels.hot` (0: outside one)."""
-    return getattr(_pass, "threads", 0)
 
 
 @dataclass(frozen=True)
@@ -88,19 +82,14 @@ class Kernels:
     def hot(self):
         """A pass of up to KERNEL_ROWS rows (a node's decode steps) runs in this. The kernels' helper threads spin
         between its products instead of sleeping, so each product starts on every thread at once; they sleep
-        again after it (kernels/exact.c). Products keep torch's thread count, but torch's own operations run on
-        this thread alone meanwhile: at this size waking torch's sleeping workers costs more than they gain
-        (an attention call over 8 one-token rows: 69 µs with two threads, 17 with one)."""
-        threads, outer = torch.get_num_threads(), pass_kernel_threads()
-        _pass.threads = outer or threads
-        torch.set_num_threads(1)
-        self.lib.exact_hot(1)
-        try:
-            yield
-        finally:
-            self.lib.exact_hot(0)
-            torch.set_num_threads(threads)
-            _pass.threads = outer
+        again after it (kernels/exact.c). Products keep torch's thread count, torch's own operations run on
+        this thread alone meanwhile (node/model/torch_threads.py)."""
+        with one_torch_thread():
+            self.lib.exact_hot(1)
+            try:
+                yield
+            finally:
+                self.lib.exact_hot(0)
 
 
 def _machine_key(compiler: str) -> str:
@@ -280,7 +269,7 @@ class ExactWeight:
             return (flat @ self.dense().t()).reshape(*x.shape[:-1], self.out_features)
         flat = flat.to(torch.float32).contiguous()
         out = torch.empty(rows, self.out_features, dtype=torch.float32)
-        threads = threads or (rows == 1 and self.row_threads) or pass_kernel_threads() or torch.get_num_threads()
+        threads = threads or (rows == 1 and self.row_threads) or saved_threads() or torch.get_num_threads()
         lib, args = self.kernels.lib, (flat.data_ptr(), rows, self.in_features)
         if self.format == "q4":
             lib.q4_gemm(*args, self.codes.data_ptr(), self.steps.data_ptr(), self.mins.data_ptr(), self.out_features,
