@@ -52,7 +52,7 @@ class BatchCompute:
 
 def batch_compute(model: Path, nodes: int, rows: int = 8, rounds: int = 30, exact: bool = True) -> BatchCompute:
     """Time the first node's span (1/nodes of the layers) and the head at 1 and `rows` rows."""
-    from node.model.exact import ExactWeight, exact_span, pass_threads, shared_kernels
+    from node.model.exact import ExactWeight, exact_span, pass_threads, shared_kernels, span_kernels
     from node.model.lean import Row
     from node.model.loader import ModelFiles, load_client_parts, load_span
 
@@ -71,7 +71,7 @@ def batch_compute(model: Path, nodes: int, rows: int = 8, rounds: int = 30, exac
     def head(x: torch.Tensor) -> torch.Tensor:
         return held.product(x) if held is not None else F.linear(x, weight)
 
-    lean, hidden = span.lean, span.config.hidden_size
+    lean, hidden, pass_kernels = span.lean, span.config.hidden_size, span_kernels(span)
 
     def sessions(count: int) -> list[Row]:
         made = []
@@ -90,7 +90,7 @@ def batch_compute(model: Path, nodes: int, rows: int = 8, rounds: int = 30, exac
         for round_ in range(rounds + 1):
             for count in (1, rows):
                 started = time.perf_counter()
-                with pass_threads(span, count):
+                with pass_threads(pass_kernels, count):
                     lean.run(steps[count], 0, end)
                 middle = time.perf_counter()
                 head(inputs[count])

@@ -288,7 +288,7 @@ def test_a_small_pass_runs_torch_on_one_thread_and_products_on_all(kernels, smol
     products keep torch's count, and everything is as before afterwards, errors included."""
     import threading
 
-    from node.model.exact import KERNEL_ROWS, pass_threads
+    from node.model.exact import KERNEL_ROWS, pass_threads, span_kernels
     from node.model.torch_threads import saved_threads
 
     before = torch.get_num_threads()
@@ -310,11 +310,13 @@ def test_a_small_pass_runs_torch_on_one_thread_and_products_on_all(kernels, smol
 
         span, _ = load_span(ModelFiles.open(str(smollm_dir)), 0, 2, torch.device("cpu"), torch.float32)
         span.make_lean()
-        dense_hot = pass_threads(span, 1)
+        assert span_kernels(span) is None
+        dense_hot = pass_threads(span_kernels(span), 1)
         exact_span(span, kernels)
-        with pass_threads(span, KERNEL_ROWS):
+        assert span_kernels(span) is kernels
+        with pass_threads(kernels, KERNEL_ROWS):
             assert torch.get_num_threads() == 1
-        with pass_threads(span, KERNEL_ROWS + 1), dense_hot:  # a prefill, and a span without exact weights
+        with pass_threads(kernels, KERNEL_ROWS + 1), dense_hot:  # a prefill, and a span without exact weights
             assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)

@@ -480,11 +480,16 @@ def _exact_weights(span) -> list[ExactWeight]:
             for part in (weight.exact() if isinstance(weight, ExactParts) else [weight])]
 
 
-def pass_threads(span, rows: int) -> contextlib.AbstractContextManager:
-    """What a pass of `rows` rows over `span` runs in: `Kernels.hot` where the span holds exact weights and the
-    kernels take the pass's products (up to KERNEL_ROWS rows); nothing special otherwise."""
-    weights = _exact_weights(span) if rows <= KERNEL_ROWS else []
-    return weights[0].kernels.hot() if weights else contextlib.nullcontext()
+def span_kernels(span) -> Kernels | None:
+    """The kernels of a span's exact weights; None if it holds none (look once: a span's forms are set at load)."""
+    weights = _exact_weights(span)
+    return weights[0].kernels if weights else None
+
+
+def pass_threads(kernels: Kernels | None, rows: int) -> contextlib.AbstractContextManager:
+    """What a pass of `rows` rows runs in, over a span whose exact weights use `kernels` (`span_kernels`):
+    `Kernels.hot` where the kernels take the pass's products (up to KERNEL_ROWS rows); nothing otherwise."""
+    return kernels.hot() if kernels is not None and rows <= KERNEL_ROWS else contextlib.nullcontext()
 
 
 def exact_formats(span) -> dict[str, int]:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from node.model.exact import exact_formats, pass_threads
+from node.model.exact import exact_formats, pass_threads, span_kernels
 from node.model.lean import Row
 from node.model.span import SpanModel
 from node.runtime.convoy import Convoy, send_off
@@ -97,7 +97,7 @@ class Executor:
         self._pass_queued = False
         # CPU float32: the weights packed for MKL while passes carry several rows (node/runtime/layout.py)
         self.layout = AdaptiveLayout.for_span(self.lean, getattr(span, "source", None)) if pack else None
-        self._threads = lambda rows: pass_threads(span, rows)  # exact kernels: threads for a pass (model/exact.py)
+        self._kernels = span_kernels(span)  # exact weights' kernels: a pass's threads (node/model/exact.py)
         self.passes = 0  # lean passes run, and the steps they carried (steps / passes = mean batch)
         self.batched_steps = 0
 
@@ -299,7 +299,7 @@ class Executor:
         """One step on the generic span (transformers' layers and DynamicCache)."""
         position_ids, mask = self._prepare(session, hidden, position_ids, attention_mask, position)
         device, dtype = self.span.device, self.span.dtype
-        with torch.inference_mode(), self._threads(hidden.shape[0] * hidden.shape[1]):
+        with torch.inference_mode(), pass_threads(self._kernels, hidden.shape[0] * hidden.shape[1]):
             out = self.span.forward_prompted(
                 hidden.to(device=device, dtype=dtype),
                 position_ids.to(device=device),
@@ -341,7 +341,7 @@ class Executor:
         for (start, end), works in groups.items():
             for chunk in _chunks(works, self.max_pass_tokens):
                 tokens = sum(work.tokens for work in chunk)
-                with self._threads(tokens):
+                with pass_threads(self._kernels, tokens):
                     self._run_pass(start, end, chunk)
                 if self.layout is not None:
                     self.layout.observe(tokens)
