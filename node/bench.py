@@ -76,6 +76,7 @@ class Run:
     prefill_s: float          # generate() called -> first new token
     decode_s: float           # first new token -> last
     tokens: list[int]
+    arrivals: list[tuple[float, int]] = field(default_factory=list)  # (perf_counter, tokens) of each put after the prompt
 
     @property
     def prefill_tps(self) -> float:
@@ -145,17 +146,20 @@ class BenchResult:
 # -- measuring ------------------------------------------------------------------------------------
 class FirstTokenClock(BaseStreamer):
     """generate() puts the prompt first, then the new tokens (one at a time, or several when a draft was
-    accepted): note when the first new ones come, and how many came with them."""
+    accepted): note when the first new ones come, and how many came with them, and when every later put came."""
 
     def __init__(self) -> None:
         self.puts = 0
         self.first_at: float | None = None
         self.first_tokens = 0
+        self.arrivals: list[tuple[float, int]] = []  # (perf_counter, tokens) of each put after the prompt
 
     def put(self, value: torch.Tensor) -> None:
         self.puts += 1
+        if self.puts >= 2:
+            self.arrivals.append((time.perf_counter(), value.numel()))
         if self.puts == 2:
-            self.first_at, self.first_tokens = time.perf_counter(), value.numel()
+            self.first_at, self.first_tokens = self.arrivals[0][0], value.numel()
 
     def end(self) -> None:
         pass
@@ -183,7 +187,7 @@ def timed_generate(model, ids: torch.Tensor, new_tokens: int) -> Run:
     tokens = output[0, ids.shape[1]:].tolist()
     if len(tokens) != new_tokens or clock.first_at is None:
         raise RuntimeError(f"generate returned {len(tokens)} tokens, expected {new_tokens}")
-    return Run(ids.shape[1], clock.first_at - started, finished - clock.first_at, tokens)
+    return Run(ids.shape[1], clock.first_at - started, finished - clock.first_at, tokens, clock.arrivals)
 
 
 def all_at_once(calls: list[Callable[[], object]]) -> tuple[float, list]:

@@ -32,7 +32,6 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-from transformers.generation.streamers import BaseStreamer
 
 from node.bench import all_at_once, machine_info, prompt_ids, timed_generate, write_section
 from node.bench_batch_compute import BatchCompute, batch_compute
@@ -172,36 +171,8 @@ def prefill_seconds(model, ids: torch.Tensor, repeats: int) -> float:
     return statistics.median(timed_generate(model, ids, 2).prefill_s for _ in range(repeats))
 
 
-class TokenTimes(BaseStreamer):
-    """When each of a generation's new tokens came (perf_counter), and how many came then."""
-
-    def __init__(self) -> None:
-        self.puts: list[tuple[float, int]] = []
-
-    def put(self, value: torch.Tensor) -> None:
-        self.puts.append((time.perf_counter(), value.numel()))
-
-    def end(self) -> None:
-        pass
-
-    @property
-    def new(self) -> list[tuple[float, int]]:
-        return self.puts[1:]  # the first put is the prompt
-
-
-def _stamped_generate(model, ids: torch.Tensor, new_tokens: int) -> list[tuple[float, int]]:
-    clock = TokenTimes()
-    output = model.generate(
-        ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-        do_sample=False, temperature=None, top_p=None, top_k=None, streamer=clock,
-    )
-    if output.shape[1] - ids.shape[1] != new_tokens or not clock.new:
-        raise RuntimeError(f"generate returned {output.shape[1] - ids.shape[1]} tokens, expected {new_tokens}")
-    return clock.new
-
-
 def steady_decode(generations: list[list[tuple[float, int]]]) -> float:
-    """Tokens/s of all `generations` together while every one of them decodes: the tokens that came after the
+    """Tokens/s of all `generations` (each its `Run.arrivals`) together while every one of them decodes: the tokens that came after the
     last one's first token and up to the first one's last token, over that window (one generation: its decode
     speed). Prompts and session opening stay out, as in a decode speed; 0.0 if the windows do not overlap."""
     start, stop = max(g[0][0] for g in generations), min(g[-1][0] for g in generations)
@@ -214,8 +185,8 @@ def concurrent_speed(model, config, sessions: int, new_tokens: int, seed: int) -
     """`sessions` generations at once (one client thread each): (all their new tokens / wall time, tokens/s while
     every one of them decodes)."""
     prompts = [prompt_ids(config, 16, seed + 100 + i) for i in range(sessions)]
-    elapsed, generations = all_at_once([partial(_stamped_generate, model, ids, new_tokens) for ids in prompts])
-    return sessions * new_tokens / elapsed, steady_decode(generations)
+    elapsed, runs = all_at_once([partial(timed_generate, model, ids, new_tokens) for ids in prompts])
+    return sessions * new_tokens / elapsed, steady_decode([run.arrivals for run in runs])
 
 
 def _median_sessions(sessions: int, runs: list[tuple[float, int, int, float]]) -> tuple[int, float, float, float]:
