@@ -321,7 +321,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
     @torch.inference_mode()
     def generate(self, inputs: torch.Tensor | None = None, generation_config: GenerationConfig | None = None, **kwargs):
         """transformers' generate, with an inference session sized for the prompt plus the new tokens; torch's
-        small operations run on this thread alone meanwhile, the head on torch's threads (node/model/torch_threads.py)."""
+        small operations run on this thread alone meanwhile, the head on torch's threads
+        (node/model/torch_threads.py)."""
         with one_torch_thread():
             return self._generate(inputs, generation_config, **kwargs)
 

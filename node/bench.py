@@ -76,7 +76,7 @@ class Run:
     prefill_s: float          # generate() called -> first new token
     decode_s: float           # first new token -> last
     tokens: list[int]
-    arrivals: list[tuple[float, int]] = field(default_factory=list)  # (perf_counter, tokens) of each put after the prompt
+    arrivals: list[tuple[float, int]] = field(default_factory=list)  # (perf_counter, tokens) of each new put
 
     @property
     def prefill_tps(self) -> float:

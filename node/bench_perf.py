@@ -174,7 +174,8 @@ def prefill_seconds(model, ids: torch.Tensor, repeats: int) -> float:
 def steady_decode(generations: list[list[tuple[float, int]]]) -> float:
     """Tokens/s of all `generations` (each its `Run.arrivals`) together while every one of them decodes: the
     tokens that came after the last one's first token and up to the first one's last token, over that window
-    (one generation: its decode speed). Prompts and session opening stay out, as in a decode speed; 0.0 if the windows do not overlap."""
+    (one generation: its decode speed). Prompts and session opening stay out, as in a decode speed; 0.0 if
+    the windows do not overlap."""
     start, stop = max(g[0][0] for g in generations), min(g[-1][0] for g in generations)
     if stop <= start:
         return 0.0

@@ -127,7 +127,8 @@ class Pusher:
             if address not in self._channels:
                 await self.security.prefetch(address)
             self.calls += 1
-            call = self._stub(address).PushMany(pb.PushManyRequest(steps=[r for r, _ in live]), timeout=handover.timeout)
+            request = pb.PushManyRequest(steps=[r for r, _ in live])
+            call = self._stub(address).PushMany(request, timeout=handover.timeout)
             for started in handover.started:
                 _under_way(started)
             reply = await call
