@@ -7,7 +7,7 @@ LLAMA_CPP ?= $(HOME)/.cache/potluck/llama.cpp
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench llamacpp protos browser compiler clean
+.PHONY: install demo test lint bench llamacpp protos browser compiler clean
 
 install: $(STAMP) $(MODEL_DIR)/config.json
 
@@ -41,8 +41,12 @@ compiler:
 	   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc >/dev/null) || \
 	  echo "warning: install a C compiler (gcc) for the exact compact weights (tests/test_exact.py)"
 
-test: install browser compiler
+# `ruff check` first (configured in pyproject.toml); `$(PY) -m pytest -m "not slow"` is the fast inner loop
+test: install browser compiler lint
 	POTLUCK_TEST_MODEL=$(MODEL_DIR) $(PY) -m pytest -q -ra --durations=25
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 # bench-perf runs llama.cpp side by side when `make llamacpp` has built it
 bench: install
@@ -57,7 +61,7 @@ llamacpp: install
 	PYTHON=$(PY) deploy/llamacpp.sh $(MODEL_DIR) $(LLAMA_CPP)
 
 protos: $(STAMP)
-	PYTHON=$(PY) protos/generate.sh node/rpc/generated
+	PYTHON=$(PY) protos/generate.sh common/wire/generated
 
 clean:
 	rm -rf $(VENV) .models .pytest_cache

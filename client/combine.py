@@ -23,9 +23,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from node.model.exact import KERNEL_ROWS, ExactWeight, shared_kernels
-from node.model.fast_linear import PACKED_ROWS, PackedWeight, TransposedLinear, mkl_packing_available
-from node.runtime.convoy import Convoy, incomplete, new_convoy_id
+from common.weights.exact import KERNEL_ROWS, ExactWeight, shared_kernels
+from common.weights.fast_linear import PACKED_ROWS, PackedWeight, TransposedLinear, mkl_packing_available
+from common.wire.convoy import Convoy, incomplete, new_convoy_id
 
 PACK_HEAD_AFTER = 4  # combined calls of several rows before the head gets its packed copy
 HEAD_WAIT = 0.01     # seconds a head product waits for the rest of the convoy its rows came in

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from node.rpc.codec import WIRE_FORMATS
+from common.wire.contract import WIRE_FORMATS
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class ClientConfig:
 
     def security(self):
         """The node.rpc.security.Security these trust fields describe (reads the key and CA files)."""
-        from node.rpc.security import load_security
+        from common.wire.security import load_security
 
         return load_security(self.swarm_key, self.tls, tls_ca=self.tls_ca, tls_server_name=self.tls_server_name)
 

@@ -23,9 +23,11 @@ from client.config import ClientConfig
 from client.draft import AdaptiveDraft, Calls, StopAwareDraft
 from client.swarm import SwarmClient, SyncSession
 from client.verify import VerificationError, VerificationRestart
-from node.model.fast_linear import TransposedLinear
-from node.model.loader import ModelFiles, config_hash, load_client_parts, parse_dtype, resolve_device
-from node.model.torch_threads import one_torch_thread, saved_torch_threads
+from common.weights.client_parts import load_client_parts
+from common.weights.dtypes import parse_dtype, resolve_device
+from common.weights.fast_linear import TransposedLinear
+from common.weights.files import ModelFiles, config_hash
+from common.weights.threads import one_torch_thread, saved_torch_threads
 
 log = logging.getLogger(__name__)
 

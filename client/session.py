@@ -26,8 +26,8 @@ import torch
 
 from client.routing import Hop
 from client.transport import Peer, PeerError
-from node.rpc import codec
-from node.rpc.generated import potluck_pb2 as pb
+from common.wire import codec
+from common.wire.generated import potluck_pb2 as pb
 
 log = logging.getLogger(__name__)
 

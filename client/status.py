@@ -10,9 +10,9 @@ from rich.console import Console
 from rich.table import Table
 
 from client.routing import PeerInfo, missing_spans
-from node.swarm.membership import Membership, SwarmConfig
-from node.swarm.placement import Server, layer_throughput
-from node.swarm.records import NodeState, PeerRecord
+from common.swarm.membership import Membership, SwarmConfig
+from common.swarm.placement import Server, layer_throughput
+from common.swarm.records import NodeState, PeerRecord
 
 BAR_CHARS = " ▁▂▃▄▅▆▇█"
 

@@ -18,15 +18,15 @@ from client.bans import BanList
 from client.config import ClientConfig
 from client.routing import Hop, MissingLayersError, PeerInfo, accepts_quant, missing_spans, plan_route
 from client.session import InferenceSession
-from client.transport import LoopThread, Peer, PeerError
 from client.training import TrainStats, remote_forward
+from client.transport import LoopThread, Peer, PeerError
 from client.verify import Verifier
-from node.rpc import codec
-from node.rpc.generated import potluck_pb2 as pb
-from node.swarm.identity import Identity, ephemeral_identity
-from node.swarm.membership import Membership, SwarmConfig
-from node.swarm.records import NodeState, PeerRecord
-from node.swarm.strikes import StrikeBook, make_strike, sign_strike
+from common.swarm.identity import Identity, ephemeral_identity
+from common.swarm.membership import Membership, SwarmConfig
+from common.swarm.records import NodeState, PeerRecord
+from common.swarm.strikes import StrikeBook, make_strike, sign_strike
+from common.wire import codec
+from common.wire.generated import potluck_pb2 as pb
 
 log = logging.getLogger(__name__)
 

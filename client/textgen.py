@@ -11,6 +11,9 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.generation.streamers import BaseStreamer
 
 from client.model import DistributedModelForCausalLM
+from common.weights import gguf
+from common.weights.errors import ModelLoadError
+from common.weights.files import ModelFiles
 
 
 @dataclass
@@ -76,12 +79,8 @@ class _TimingStreamer(BaseStreamer):
 
 
 def load_tokenizer(model: str, revision: str | None = None) -> PreTrainedTokenizerBase:
-    from node.model.loader import ModelFiles, ModelLoadError
-
     files = ModelFiles.open(model, revision=revision)
     if files.gguf is not None:  # transformers' conversion of the file's vocabulary, written next to its config once
-        from node.model import gguf
-
         gguf.ensure_tokenizer(gguf.read_header(files.gguf), files.root)
     try:
         return AutoTokenizer.from_pretrained(files.root)

@@ -16,8 +16,8 @@ import torch
 from client.routing import Hop
 from client.session import RECOVERABLE
 from client.transport import PeerError
-from node.rpc import codec
-from node.rpc.generated import potluck_pb2 as pb
+from common.wire import codec
+from common.wire.generated import potluck_pb2 as pb
 
 log = logging.getLogger(__name__)
 

@@ -12,11 +12,11 @@ from typing import TypeVar
 import grpc
 
 from client.routing import PeerInfo
-from node.rpc import codec
-from node.rpc.codec import MAX_MESSAGE_BYTES
-from node.rpc.generated import potluck_pb2 as pb
-from node.rpc.generated import potluck_pb2_grpc as pb_grpc
-from node.rpc.security import PLAINTEXT, Security
+from common.wire import codec, contract
+from common.wire.codec import MAX_MESSAGE_BYTES
+from common.wire.generated import potluck_pb2 as pb
+from common.wire.generated import potluck_pb2_grpc as pb_grpc
+from common.wire.security import PLAINTEXT, Security
 
 T = TypeVar("T")
 
@@ -86,10 +86,10 @@ class Peer:
             reply = await self.stub.Info(pb.InfoRequest(), timeout=timeout)
         except grpc.aio.AioRpcError as error:
             raise PeerError.from_rpc(self.address, error) from None
-        if reply.protocol_version != codec.PROTOCOL_VERSION:
+        if reply.protocol_version != contract.PROTOCOL_VERSION:
             raise PeerError(
                 self.address,
-                f"speaks protocol version {reply.protocol_version}, this client speaks {codec.PROTOCOL_VERSION}",
+                f"speaks protocol version {reply.protocol_version}, this client speaks {contract.PROTOCOL_VERSION}",
             )
         pinned = self.security.pinned_node(self.address)
         if pinned is not None and pinned != reply.node_id:

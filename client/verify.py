@@ -35,8 +35,8 @@ import torch
 from client.routing import Hop, MissingLayersError
 from client.session import HopStream, _merged_history
 from client.transport import PeerError
-from node.rpc import codec
-from node.rpc.generated import potluck_pb2 as pb
+from common.wire import codec
+from common.wire.generated import potluck_pb2 as pb
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ WIRE_TOLERANCE = {"float32": 1e-3, "float16": 1e-2, "bfloat16": 3e-2, "int8": 0.
 COMPUTE_TOLERANCE = {"float32": 1e-3, "float16": 0.05, "bfloat16": 0.3}
 # Quantised weights (node/model/quant.py) when the two sides' quantisations differ (the same quantisation on
 # both sides runs the same weights: only the tolerances above apply). Measured on SmolLM2, all 30 layers in one
-# hop, 256 tokens of docs/eval-text.txt against float32: int8 max 0.049, nf4 max 0.48 (docs/quantization.md).
+# hop, 256 tokens of node/bench/eval-text.txt against float32: int8 max 0.049, nf4 max 0.48 (docs/quantization.md).
 # A liar's noise below these passes unseen, so shadows with the hop's own quantisation are preferred.
 QUANT_TOLERANCE = {"int8": 0.15, "nf4": 1.0}
 SHADOW_ATTEMPTS = 3  # shadows or referees tried per check before the hop counts as unverified

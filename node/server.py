@@ -14,37 +14,29 @@ import grpc
 import torch
 from grpc_health.v1 import health, health_pb2
 
+from common.swarm.identity import Identity, load_identity
+from common.swarm.membership import Membership, SwarmConfig
+from common.swarm.placement import Server, Span, choose_span, layers_for_memory, plan_move
+from common.swarm.records import NodeState, PeerRecord
+from common.weights.dtypes import dtype_name, free_memory, resolve_device, resolve_dtype
+from common.weights.errors import ModelLoadError
+from common.weights.fast_linear import transpose_linears
+from common.weights.files import ModelFiles, config_hash
+from common.wire.codec import MAX_MESSAGE_BYTES
+from common.wire.generated import potluck_pb2 as pb
+from common.wire.security import Security, load_security
 from node.config import NodeConfig
 from node.metrics import CacheView, MetricsServer, NodeMetrics
-from node.model.loader import (
-    ModelFiles,
-    ModelLoadError,
-    bytes_per_layer,
-    config_hash,
-    dtype_name,
-    free_memory,
-    load_span,
-    own_memory,
-    resolve_device,
-    resolve_dtype,
-)
-from node.model.fast_linear import transpose_linears
-from node.model.exact import exact_formats, exact_span
+from node.model.compact import exact_formats, exact_span
+from node.model.loader import bytes_per_layer, load_span, own_memory
 from node.model.quant import quantize_span
-from node.rpc.codec import MAX_MESSAGE_BYTES
-from node.rpc.generated import potluck_pb2 as pb
 from node.rpc.handlers import add_service
 from node.rpc.probe import Prober
 from node.rpc.push import Pusher
-from node.rpc.security import Security, load_security
 from node.rpc.ratelimit import RateLimiter
 from node.rpc.servicer import NodeIdentity, PotluckServicer, Serving
 from node.runtime.executor import Executor
 from node.runtime.throughput import Throughput, cached_measure
-from node.swarm.identity import Identity, load_identity
-from node.swarm.membership import Membership, SwarmConfig
-from node.swarm.placement import Server, Span, choose_span, layers_for_memory, plan_move
-from node.swarm.records import NodeState, PeerRecord
 
 log = logging.getLogger(__name__)
 
@@ -342,8 +334,8 @@ async def start_node(config: NodeConfig) -> RunningNode:
     # registered from the descriptors: request bytes that do not parse get INVALID_ARGUMENT (node/rpc/handlers.py)
     add_service(server, pb.DESCRIPTOR.services_by_name["Potluck"], servicer, metrics.error if metrics else None)
     if config.relay:  # volunteer as a relay (node/relay/relay.py): rpc Attach, behind the same interceptors
+        from common.wire.generated import relay_pb2
         from node.relay.relay import RelayLimits, RelayServicer
-        from node.rpc.generated import relay_pb2
 
         relay = RelayServicer(RelayLimits(config.relay_max_nodes, config.relay_max_bytes), config.host,
                               address.rpartition(":")[0].strip("[]"))

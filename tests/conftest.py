@@ -1,8 +1,14 @@
-"""Session-scoped fixtures: model folders, in-process nodes and real node processes."""
+"""Session-scoped fixtures: model folders, in-process nodes and real node processes; and the `slow` marker.
+
+`slow` marks every test that starts a process (node processes, the CLI, browsers, fuzzers): the tests under
+e2e/ and bench/ and every test using the SmolLM2 chain of node processes get it here; a test elsewhere that
+starts a process without it fails (`_no_processes_unless_slow`), so `pytest -m "not slow"` stays a fast inner
+loop of unit tests and in-process swarms."""
 
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -10,15 +16,46 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
+from common.weights.embedded import prepare_embedded_model
 from node.launcher import start_chain
-from node.model.embedded import prepare_embedded_model
-from tests.families import tiny_config
-from tests.swarm_fixtures import BackgroundLoop, wait_for_full_cache
+from tests.support.families import tiny_config
+from tests.support.swarm_fixtures import BackgroundLoop, wait_for_full_cache
 
 hf_logging.disable_progress_bar()
 hf_logging.set_verbosity_error()
 
 TINY_SPANS = [(0, 2), (2, 4), (4, 6)]
+SLOW_FOLDERS = ("e2e", "bench")  # tests/<folder>/: every test there starts processes or runs a benchmark
+PROCESS_FIXTURES = ("smollm_chain",)  # fixtures that start node processes
+# processes any test may start: the C compiler that builds the exact kernels once per machine
+# (common/weights/exact.py), and what it runs to name the machine
+ALLOWED_PROGRAMS = ("cc", "gcc", "clang", "uname")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        folder = Path(str(item.fspath)).parent.name
+        if folder in SLOW_FOLDERS or any(name in item.fixturenames for name in PROCESS_FIXTURES):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True)
+def _no_processes_unless_slow(request, monkeypatch):
+    """A test not marked slow may not start a process (beyond ALLOWED_PROGRAMS)."""
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    real = subprocess.Popen
+
+    class Guarded(real):
+        def __init__(self, args, *rest, **kwargs):
+            program = os.path.basename(str(args[0] if isinstance(args, (list, tuple)) else str(args).split()[0]))
+            if not program.endswith(ALLOWED_PROGRAMS):  # test-made compilers too (broken-cc)
+                raise AssertionError(f"{request.node.nodeid} starts a process ({program}): mark it @pytest.mark.slow")
+            super().__init__(args, *rest, **kwargs)
+
+    monkeypatch.setattr(subprocess, "Popen", Guarded)
+    yield
 
 
 @pytest.fixture(scope="session")

@@ -33,11 +33,16 @@ from client.api.catalog import SwarmCatalog, load_tokenizer_for
 from client.api.dashboard import STATIC, SwarmWatch
 from client.api.engine import Completion, SamplingParams, complete
 from client.api.errors import (
-    ApiError, bad_request, from_exception, install_handlers, unauthorized, unknown_model,
+    ApiError,
+    bad_request,
+    from_exception,
+    install_handlers,
+    unauthorized,
+    unknown_model,
 )
 from client.api.models import ModelSource, ServedModel, build_registry
-from client.model import DistributedModelForCausalLM
 from client.api.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, GenerationRequest
+from client.model import DistributedModelForCausalLM
 from client.textgen import encode_prompt
 
 log = logging.getLogger(__name__)

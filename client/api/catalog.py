@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from client.config import ClientConfig
-from node.swarm.membership import Membership, SwarmConfig
-from node.swarm.records import NodeState
+from common.swarm.membership import Membership, SwarmConfig
+from common.swarm.records import NodeState
 
 log = logging.getLogger(__name__)
 

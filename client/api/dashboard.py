@@ -12,7 +12,7 @@ from pathlib import Path
 
 from client.routing import PeerInfo, missing_spans
 from client.transport import Peer, PeerError
-from node.swarm.records import PeerRecord
+from common.swarm.records import PeerRecord
 
 STATIC = Path(__file__).with_name("static")
 INFO_TIMEOUT = 2.0  # seconds per Info call: a poll every ~2 s must not pile up behind a dead peer

@@ -20,13 +20,16 @@ with transformers' DynamicCache)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from node.model.lora import lean_add, lean_plan
-from node.model.span import SpanModel
+
+if TYPE_CHECKING:
+    from node.model.span import SpanModel
 
 SUPPORTED_LAYERS = {"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer"}
 # a pass of one-token steps attends in one call per layer when its rows' caches, copied side by side for all the

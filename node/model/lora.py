@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from node.model.loader import ModelLoadError
+from common.weights.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
 

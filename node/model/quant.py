@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.weights.fast_linear import TransposedLinear
 from node.model.lean import LEAN_MATRICES, release_projections
 
 QUANT_MODES = ("none", "int8", "nf4")
@@ -214,8 +215,6 @@ class QuantLinear(nn.Module):
 
 
 def _is_linear(module: nn.Module) -> bool:
-    from node.model.fast_linear import TransposedLinear
-
     return type(module) is nn.Linear or isinstance(module, TransposedLinear)
 
 

@@ -11,6 +11,8 @@ from torch import nn
 from transformers import DynamicCache, PretrainedConfig
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
+from node.model.lean import LeanSpan, Row, lean_unsupported
+
 
 def attention_types(config: PretrainedConfig) -> list[str]:
     """The attention type of every layer, as the family's model forward decides it."""
@@ -59,8 +61,6 @@ class SpanModel(nn.Module):
         """Switch to the lean runtime (node/model/lean.py) if this family has one; returns why not, or None.
 
         The layers' own projection weights are released (the fused copies replace them)."""
-        from node.model.lean import LeanSpan, lean_unsupported
-
         reason = lean_unsupported(self)
         if reason is None:
             self.lean = LeanSpan(self)
@@ -140,8 +140,6 @@ class SpanModel(nn.Module):
 
     def _lean_forward(self, hidden, position_ids, attention_mask, cache, start: int, end: int,
                       adapter=None) -> torch.Tensor:
-        from node.model.lean import Row
-
         past = cache.length if cache is not None else 0
         tokens = hidden.shape[1]
         if cache is not None and past + tokens > cache.max_length:

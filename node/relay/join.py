@@ -14,9 +14,9 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
+from common.swarm.records import NodeState, PeerRecord
+from common.wire.security import Security
 from node.relay.link import RelayLink, RelayRefused
-from node.rpc.security import Security
-from node.swarm.records import NodeState, PeerRecord
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +29,8 @@ VIA_WAIT = 30.0         # --relay-via: seconds to keep trying a relay that does 
 async def reachability(address: str, peers: list[str], security: Security) -> tuple[bool | None, list[str]]:
     """(verdict, what each peer said): True if a peer reached `address`, False if peers answered and none
     did, None if no peer answered at all (nothing known: an old swarm, or no peers)."""
-    from node.rpc.generated import potluck_pb2 as pb
-    from node.rpc.generated import potluck_pb2_grpc as pb_grpc
+    from common.wire.generated import potluck_pb2 as pb
+    from common.wire.generated import potluck_pb2_grpc as pb_grpc
 
     async def ask(peer: str) -> tuple[bool | None, str]:
         try:

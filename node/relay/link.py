@@ -8,10 +8,10 @@ import logging
 
 import grpc
 
+from common.wire.generated import relay_pb2 as rpb
+from common.wire.generated import relay_pb2_grpc as rpb_grpc
+from common.wire.security import Security
 from node.relay.relay import CHUNK, LOST_AFTER, QUEUE_FRAMES, next_frame
-from node.rpc.generated import relay_pb2 as rpb
-from node.rpc.generated import relay_pb2_grpc as rpb_grpc
-from node.rpc.security import Security
 
 log = logging.getLogger(__name__)
 

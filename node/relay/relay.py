@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from node.rpc.generated import relay_pb2 as rpb
+from common.wire.generated import relay_pb2 as rpb
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field, replace
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from common.wire.security import PLAINTEXT, Security
 from node.rpc.checks import MAX_DETAILS_CHARS, check_address
 from node.rpc.ratelimit import RateLimiter
-from node.rpc.security import PLAINTEXT, Security
 from node.runtime.errors import Exhausted, InvalidRequest
 
 PROBE_TIMEOUT = 3.0      # seconds the health check may take

@@ -19,10 +19,10 @@ from collections import OrderedDict
 
 import grpc
 
-from node.rpc.codec import MAX_MESSAGE_BYTES
-from node.rpc.generated import potluck_pb2 as pb
-from node.rpc.generated import potluck_pb2_grpc as pb_grpc
-from node.rpc.security import PLAINTEXT, Security
+from common.wire.codec import MAX_MESSAGE_BYTES
+from common.wire.generated import potluck_pb2 as pb
+from common.wire.generated import potluck_pb2_grpc as pb_grpc
+from common.wire.security import PLAINTEXT, Security
 from node.runtime.errors import InvalidRequest
 
 PUSH_TIMEOUT = 5.0     # seconds to wait for the next node to accept a step, when the client names none

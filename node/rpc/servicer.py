@@ -10,15 +10,15 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from common.wire import codec, contract
+from common.wire.convoy import Convoy
+from common.wire.generated import potluck_pb2 as pb
+from common.wire.generated import potluck_pb2_grpc as pb_grpc
 from node.metrics import NodeMetrics
-from node.rpc import codec
-from node.rpc.generated import potluck_pb2 as pb
-from node.rpc.generated import potluck_pb2_grpc as pb_grpc
 from node.rpc import push
-from node.rpc.probe import Prober
 from node.rpc.checks import check_gossip, check_id, check_push_targets, details
+from node.rpc.probe import Prober
 from node.rpc.ratelimit import RateLimiter, peer_host
-from node.runtime.convoy import Convoy
 from node.runtime.errors import Exhausted, FailedPrecondition, InvalidRequest, NotFound, RequestError, Unavailable
 from node.runtime.executor import Executor
 from node.runtime.sessions import Session
@@ -116,7 +116,7 @@ class PotluckServicer(pb_grpc.PotluckServicer):
             await _abort(context, error, self.metrics)
         span = executor.span
         return pb.InfoReply(
-            protocol_version=codec.PROTOCOL_VERSION,
+            protocol_version=contract.PROTOCOL_VERSION,
             node_id=self.identity.node_id,
             model_id=self.identity.model_id,
             config_hash=self.identity.config_hash,

@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from node.model.exact import exact_formats, pass_threads, span_kernels
+from common.weights.exact import pass_threads
+from common.wire.convoy import Convoy, send_off
+from node.model.compact import exact_formats, span_kernels
 from node.model.lean import Row
 from node.model.span import SpanModel
-from node.runtime.convoy import Convoy, send_off
 from node.runtime.errors import Exhausted, FailedPrecondition, Full, InvalidRequest, NotFound, OutOfRange
 from node.runtime.layout import AdaptiveLayout
 from node.runtime.sessions import Session, SessionTable, kv_bytes_per_token

@@ -18,7 +18,8 @@ import logging
 
 import torch
 
-from node.model.fast_linear import PACKED_ROWS, PackedWeight, packable
+from common.weights.fast_linear import PACKED_ROWS, PackedWeight
+from node.model.compact import packable
 from node.model.lean import LEAN_MATRICES, LEAN_PROJECTIONS
 
 log = logging.getLogger(__name__)

@@ -26,7 +26,7 @@ class Session:
     busy: bool = False  # a step is being computed
     handler: object = None  # the asyncio task serving this session's stream (cancelled to evict it)
     evicted: str = ""  # why the node ended this session ("" while it is not evicted)
-    wire: str = "float32"  # wire format of the hidden states (codec.FLOAT_WIRE_DTYPES); wire_dtype is what it decodes to
+    wire: str = "float32"  # wire format of the hidden states (contract.FLOAT_WIRE_DTYPES); wire_dtype is what it decodes to
     adapter: object = None  # node/model/lora.LoraAdapter every step of this session runs with; None = the base model
 
     @property

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
+from common.progress import progress_bar
 from node.model.span import SpanModel
-from node.progress import progress_bar
 
 log = logging.getLogger(__name__)
 

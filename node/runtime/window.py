@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from node.runtime.convoy import CONVOY_WAIT, incomplete
+from common.wire.convoy import CONVOY_WAIT, incomplete
 
 BATCH_WAIT = 0.005  # seconds a pass may wait for the steps of other recently active sessions (--batch-wait-ms)
 RECENT = 1.0        # a session that sent a step within this many seconds is expected to send another

@@ -1,0 +1,251 @@
+"""The signed, expiring peer record: what a node tells the swarm about itself.
+
+A record is a msgpack map signed with the node's ed25519 key. Anyone can verify it;
+nobody but the node can make one in its name. Everything read from the network is
+validated here: unsigned, forged, expired, malformed or wrong-version records raise
+`RecordError`; unknown fields are ignored (forward compatibility)."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from enum import Enum
+
+import msgpack
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from common.wire.contract import PROTOCOL_VERSION
+
+MAX_PAYLOAD_BYTES = 4096
+MAX_CLOCK_SKEW = 60.0  # seconds a record may claim to come from the future
+MAX_TTL = 3600.0
+MAX_ADAPTERS = 32  # LoRA adapter names one record may list (node/model/lora.py)
+
+
+class RecordError(ValueError):
+    """A record that must be dropped; the message says why."""
+
+
+class NodeState(str, Enum):
+    JOINING = "JOINING"
+    ONLINE = "ONLINE"
+    DRAINING = "DRAINING"
+    OFFLINE = "OFFLINE"
+
+
+def node_id_of(public_key: bytes) -> str:
+    """A node's id: the first 20 bytes of sha256(public key), hex."""
+    return hashlib.sha256(public_key).digest()[:20].hex()
+
+
+@dataclass(frozen=True)
+class PeerRecord:
+    node_id: str
+    addresses: tuple[str, ...]
+    model_id: str
+    config_hash: str
+    num_layers: int
+    start: int
+    end: int
+    dtype: str = "float32"
+    device: str = "cpu"
+    quant: str = "none"              # weight quantisation: none | int8 | nf4 (older records: none)
+    throughput: float = 0.0          # decode tokens/s through the whole span, measured by the node
+    prefill_throughput: float = 0.0  # prefill tokens/s through the whole span
+    free_cache_tokens: int = 0
+    max_length: int = 0
+    load: float = 0.0                # open sessions
+    state: NodeState = NodeState.ONLINE
+    name: str = ""
+    issued_at: float = 0.0
+    expires_at: float = 0.0
+    seq: int = 0                     # grows with every re-announcement; the newest wins
+    started_at: float = 0.0          # when the node process started (uptime); 0 = unknown
+    adapters: tuple[str, ...] = ()   # LoRA adapters the node serves, by name (older records: none)
+    relay_slots: int = 0             # > 0: volunteers as a relay for this many nodes (docs/relay.md); older: 0
+    relay_via: str = ""              # relayed node: the node id of the relay its address goes through
+    protocol_version: int = PROTOCOL_VERSION
+
+    @property
+    def address(self) -> str:
+        return self.addresses[0]
+
+    @property
+    def short_id(self) -> str:
+        return self.node_id[:8]
+
+    def to_payload(self) -> dict:
+        data = asdict(self)
+        data["state"] = self.state.value
+        data["addresses"] = list(self.addresses)
+        data["adapters"] = list(self.adapters)
+        return data
+
+
+_SCHEMA: dict[str, tuple[type, ...]] = {
+    "node_id": (str,), "addresses": (list, tuple), "model_id": (str,), "config_hash": (str,),
+    "num_layers": (int,), "start": (int,), "end": (int,), "dtype": (str,), "device": (str,), "quant": (str,),
+    "adapters": (list, tuple),
+    "throughput": (int, float), "prefill_throughput": (int, float), "free_cache_tokens": (int,),
+    "max_length": (int,), "load": (int, float), "state": (str,), "name": (str,), "issued_at": (int, float),
+    "expires_at": (int, float), "seq": (int,), "protocol_version": (int,), "started_at": (int, float),
+    "relay_slots": (int,), "relay_via": (str,),
+}
+_REQUIRED = ("node_id", "addresses", "model_id", "config_hash", "num_layers", "start", "end", "issued_at",
+             "expires_at", "seq", "protocol_version", "state")
+
+
+@dataclass(frozen=True)
+class SignedRecord:
+    """The form records travel in (and are stored in, to pass on unchanged)."""
+
+    payload: bytes
+    public_key: bytes
+    signature: bytes
+
+
+def sign_record(record: PeerRecord, key: Ed25519PrivateKey) -> SignedRecord:
+    payload = msgpack.packb(record.to_payload(), use_bin_type=True)
+    public = key.public_key().public_bytes_raw()
+    if node_id_of(public) != record.node_id:
+        raise ValueError("the record's node_id is not this key's")
+    return SignedRecord(payload=payload, public_key=public, signature=key.sign(payload))
+
+
+def open_signed(signed: SignedRecord, max_bytes: int, kind: str = "record", error: type = RecordError) -> dict:
+    """The msgpack map inside a signed envelope (a record, a strike): signed, at most `max_bytes`, the
+    signature made by `signed.public_key`, a map of this protocol version; `error` says why not."""
+    if not signed.signature or not signed.public_key:
+        raise error(f"unsigned {kind}")
+    if len(signed.payload) > max_bytes:
+        raise error(f"{kind} of {len(signed.payload)} bytes exceeds {max_bytes}")
+    try:
+        Ed25519PublicKey.from_public_bytes(signed.public_key).verify(signed.signature, signed.payload)
+    except (InvalidSignature, ValueError):
+        raise error(f"forged {kind}: the signature does not match") from None
+    try:
+        data = msgpack.unpackb(signed.payload, raw=False, strict_map_key=True)
+    except Exception as failure:  # msgpack raises several unrelated types on garbage
+        raise error(f"malformed {kind}: {failure}") from None
+    if not isinstance(data, dict):
+        raise error(f"malformed {kind}: not a map")
+    version = data.get("protocol_version")
+    if version != PROTOCOL_VERSION:
+        raise error(f"{kind} speaks protocol version {version}, this node speaks {PROTOCOL_VERSION}")
+    return data
+
+
+def _validate(data: dict) -> PeerRecord:
+    missing = [name for name in _REQUIRED if name not in data]
+    if missing:
+        raise RecordError(f"malformed record: missing {', '.join(missing)}")
+    known = {}
+    for name, types in _SCHEMA.items():
+        if name not in data:
+            continue
+        value = data[name]
+        if isinstance(value, bool) or not isinstance(value, types):
+            raise RecordError(f"malformed record: {name} has type {type(value).__name__}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise RecordError(f"malformed record: {name} is not finite")
+        known[name] = value  # unknown fields are ignored
+    addresses = tuple(known["addresses"])
+    if not addresses or not all(isinstance(a, str) and 0 < len(a) <= 255 for a in addresses) or len(addresses) > 8:
+        raise RecordError("malformed record: addresses must be 1..8 non-empty strings")
+    known["addresses"] = addresses
+    adapters = tuple(known.get("adapters", ()))
+    if len(adapters) > MAX_ADAPTERS or not all(isinstance(a, str) and 0 < len(a) <= 64 for a in adapters):
+        raise RecordError(f"malformed record: adapters must be at most {MAX_ADAPTERS} names of 1..64 characters")
+    known["adapters"] = adapters
+    if len(known.get("relay_via", "")) > 64:
+        raise RecordError("malformed record: relay_via is longer than a node id")
+    if not 0 <= known["start"] < known["end"] <= known["num_layers"]:
+        raise RecordError(f"malformed record: span {known['start']}:{known['end']} of {known['num_layers']} layers")
+    try:
+        known["state"] = NodeState(known["state"])
+    except ValueError:
+        raise RecordError(f"malformed record: unknown state {known['state']!r}") from None
+    for name in ("throughput", "prefill_throughput", "load", "free_cache_tokens", "max_length", "seq",
+                 "relay_slots"):
+        if name in known and known[name] < 0:
+            raise RecordError(f"malformed record: {name} is negative")
+    return PeerRecord(**known)
+
+
+def verify_record(signed: SignedRecord, now: float | None = None) -> PeerRecord:
+    """The record inside `signed`, or RecordError saying why it must be dropped."""
+    now = time.time() if now is None else now
+    record = _validate(open_signed(signed, MAX_PAYLOAD_BYTES))
+    if record.node_id != node_id_of(signed.public_key):
+        raise RecordError("forged record: node_id does not belong to the signing key")
+    if record.expires_at <= now:
+        raise RecordError(f"expired record from {record.short_id} ({now - record.expires_at:.1f}s ago)")
+    if record.issued_at > now + MAX_CLOCK_SKEW or record.expires_at - record.issued_at > MAX_TTL:
+        raise RecordError(f"record from {record.short_id} has implausible times (issued in the future or TTL too long)")
+    return record
+
+
+def renewed(record: PeerRecord, ttl: float, now: float | None = None, **changes) -> PeerRecord:
+    """The next announcement of `record`: a higher seq, fresh times, and any changed fields."""
+    now = time.time() if now is None else now
+    # seq follows the clock (ms) so a restarted node's records outrank those of its previous run
+    return replace(record, issued_at=now, expires_at=now + ttl, seq=max(record.seq + 1, int(now * 1000)), **changes)
+
+
+@dataclass
+class Registry:
+    """Records by node id; the newest (highest seq) of each node wins; OFFLINE ones are tombstones."""
+
+    records: dict[str, tuple[PeerRecord, SignedRecord]] = field(default_factory=dict)
+    rejected: int = 0
+
+    def offer(self, signed: SignedRecord, now: float | None = None) -> bool:
+        """Verify and keep `signed` if it is newer than what we have; True if it changed the registry."""
+        held = self.records.get(node_id_of(signed.public_key)) if signed.public_key else None
+        if held is not None and held[1] == signed and held[0].expires_at > (time.time() if now is None else now):
+            return False  # the very bytes we already verified: no need to check the signature again
+        try:
+            record = verify_record(signed, now)
+        except RecordError:
+            self.rejected += 1
+            raise
+        held = self.records.get(record.node_id)
+        if held is not None and held[0].seq >= record.seq:
+            return False
+        self.records[record.node_id] = (record, signed)
+        return True
+
+    def offer_many(self, batch, now: float | None = None) -> tuple[int, list[str]]:
+        """Offer each record; returns (number accepted as new, reasons for the ones dropped)."""
+        accepted, problems = 0, []
+        for signed in batch:
+            try:
+                accepted += self.offer(signed, now)
+            except RecordError as error:
+                problems.append(str(error))
+        return accepted, problems
+
+    def expire(self, now: float | None = None) -> list[str]:
+        now = time.time() if now is None else now
+        gone = [node_id for node_id, (record, _) in self.records.items() if record.expires_at <= now]
+        for node_id in gone:
+            del self.records[node_id]
+        return gone
+
+    def live(self, now: float | None = None, model: str | None = None) -> list[PeerRecord]:
+        """Unexpired records that are not OFFLINE (of one config hash, if given), ordered by node id."""
+        now = time.time() if now is None else now
+        out = [
+            record
+            for record, _ in self.records.values()
+            if record.expires_at > now and record.state != NodeState.OFFLINE
+            and (model is None or record.config_hash == model)
+        ]
+        return sorted(out, key=lambda r: r.node_id)
+
+    def signed(self, now: float | None = None) -> list[SignedRecord]:
+        now = time.time() if now is None else now
+        return [signed for record, signed in self.records.values() if record.expires_at > now]

@@ -1,0 +1,144 @@
+"""llama.cpp beside the swarm, for `potluck bench-perf --llama-cpp` (issue 5 sets its bar against llama.cpp).
+
+Runs llama.cpp's own `llama-bench` on an F32 GGUF of the same weights: once in one process, and once over
+llama.cpp's RPC backend with rpc servers on loopback (one thread each, every layer on the servers). Its
+decode figure (`tg`) is tokens/s over the generated tokens only, as bench-perf's is.
+
+llama.cpp is not a dependency: `deploy/llamacpp.sh` builds it from the `llama-cpp-python` source package
+and converts the model folder to an F32 GGUF; this module only runs the binaries it made."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+RPC_SERVER_NAMES = ("ggml-rpc-server", "rpc-server")  # the name changed in 2025
+
+
+@dataclass(frozen=True)
+class LlamaCpp:
+    bench: Path        # llama-bench
+    rpc_server: Path   # ggml-rpc-server (or rpc-server in older builds)
+    gguf: Path
+
+    @classmethod
+    def find(cls, build: str | Path, gguf: str | Path) -> "LlamaCpp":
+        """The binaries under `build` (its bin/ or itself) and the model file; ValueError saying what is missing."""
+        build, gguf = Path(build).expanduser(), Path(gguf).expanduser()
+        folders = [build / "bin", build]
+        bench = next((f / "llama-bench" for f in folders if (f / "llama-bench").is_file()), None)
+        server = next((f / n for n in RPC_SERVER_NAMES for f in folders if (f / n).is_file()), None)
+        if bench is None or server is None:
+            raise ValueError(f"--llama-cpp {build}: no llama-bench and {' or '.join(RPC_SERVER_NAMES)} in it or its "
+                             "bin/ (build them with deploy/llamacpp.sh)")
+        if not gguf.is_file():
+            raise ValueError(f"--llama-gguf {gguf}: no such file (deploy/llamacpp.sh converts the model folder)")
+        return cls(bench, server, gguf)
+
+    def decode_tps(self, tokens: int, threads: int, rpc: list[str] | None = None, repeats: int = 1) -> list[float]:
+        """llama-bench's decode tokens/s, one per repeat; `rpc`: run every layer on these rpc servers."""
+        args = [str(self.bench), "-m", str(self.gguf), "-p", "0", "-n", str(tokens), "-t", str(threads),
+                "-r", str(repeats), "-o", "jsonl"]
+        if rpc:
+            args += ["--rpc", ",".join(rpc), "-ngl", "99"]
+        done = subprocess.run(args, capture_output=True, text=True, timeout=900)
+        if done.returncode != 0:
+            tail = " | ".join(done.stderr.strip().splitlines()[-3:])
+            raise RuntimeError(f"llama-bench failed (exit {done.returncode}): {tail}")
+        return decode_samples(done.stdout)
+
+
+def decode_samples(jsonl: str) -> list[float]:
+    """The per-repeat tokens/s of llama-bench's decode tests (`-o jsonl` output; prompt tests are skipped)."""
+    samples: list[float] = []
+    for line in jsonl.splitlines():
+        line = line.strip()
+        if not line.startswith("{"):
+            continue
+        record = json.loads(line)
+        if record.get("n_gen", 0) > 0 and record.get("n_prompt", 0) == 0:
+            samples += [float(x) for x in record.get("samples_ts") or [record["avg_ts"]]]
+    if not samples:
+        raise RuntimeError("llama-bench printed no decode result")
+    return samples
+
+
+class RpcServers:
+    """`count` llama.cpp rpc servers on 127.0.0.1, `threads` each; a context manager that always stops them."""
+
+    def __init__(self, binary: Path, count: int, threads: int = 1, timeout: float = 30.0):
+        from node.bench.chains import free_port
+
+        self.processes: list[subprocess.Popen] = []
+        self.addresses: list[str] = []
+        try:
+            for _ in range(count):
+                port = free_port()
+                self.processes.append(subprocess.Popen(
+                    [str(binary), "-H", "127.0.0.1", "-p", str(port), "-t", str(threads)],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                self.addresses.append(f"127.0.0.1:{port}")
+            for address, process in zip(self.addresses, self.processes):
+                _wait_listening(address, process, timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        for process in self.processes:
+            process.terminate()
+        for process in self.processes:
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+    def __enter__(self) -> "RpcServers":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+
+def _wait_listening(address: str, process: subprocess.Popen, timeout: float) -> None:
+    host, port = address.rsplit(":", 1)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the llama.cpp rpc server for {address} exited with {process.returncode}")
+        try:
+            with socket.create_connection((host, int(port)), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"the llama.cpp rpc server for {address} did not listen within {timeout:.0f} s")
+
+
+@dataclass
+class LlamaSide:
+    """Decode tokens/s of llama.cpp and of the swarm, measured in turns (swarm, one process, RPC) per repeat."""
+
+    servers: int
+    swarm_tps: list[float]
+    single_tps: list[float]
+    rpc_tps: list[float]
+
+
+def side_by_side(llama: LlamaCpp, swarm_model, ids, new_tokens: int, threads: int, servers: int,
+                 repeats: int) -> LlamaSide:
+    """`swarm_model` (a warmed-up client over `servers` nodes) against llama.cpp in one process with `threads`
+    threads and over `servers` rpc servers with one thread each, taking turns so that drift hits all three."""
+    from node.bench.basic import timed_generate
+
+    side = LlamaSide(servers, [], [], [])
+    with RpcServers(llama.rpc_server, servers, threads=1) as rpc:
+        for _ in range(repeats):
+            side.swarm_tps.append(timed_generate(swarm_model, ids, new_tokens).decode_tps)
+            side.single_tps += llama.decode_tps(new_tokens, threads)
+            side.rpc_tps += llama.decode_tps(new_tokens, threads, rpc=rpc.addresses)
+    return side

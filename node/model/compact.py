@@ -1,0 +1,163 @@
+"""A span's matrices in compact forms: exact narrow weights (common/weights/exact.py) or MKL-packed ones
+(common/weights/fast_linear.py), chosen per matrix at load; and what a span holds in them now."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from common.weights.exact import ExactLinear, ExactParts, ExactWeight, Kernels, calibrate_threads, shared_kernels
+from common.weights.fast_linear import PackedWeight, TransposedLinear, mkl_packing_available
+from node.model.lean import LEAN_MATRICES, release_projections
+
+
+def _split_sizes(lean, name: str, out_features: int) -> list[int]:
+    """The output sizes of the projections fused into lean matrix `name` (LEAN_PROJECTIONS' order)."""
+    if name == "qkv_t":
+        return [lean.q_heads * lean.head_dim, lean.kv_heads * lean.head_dim, lean.kv_heads * lean.head_dim]
+    if name == "gate_up_t":
+        return [out_features // 2, out_features // 2]
+    return [out_features]
+
+
+def _exact_or_parts(lean, name: str, weight_t: torch.Tensor, kernels: Kernels) -> "ExactWeight | ExactParts | None":
+    """The whole fused matrix in one exact form; else its projections each in theirs; None if no part fits one."""
+    whole = ExactWeight.of(weight_t.t(), kernels)
+    sizes = _split_sizes(lean, name, weight_t.shape[1])
+    if whole is not None or len(sizes) == 1:
+        return whole
+    parts, start = [], 0
+    for size in sizes:
+        dense = weight_t[:, start: start + size]
+        parts.append(ExactWeight.of(dense.t(), kernels) or dense.contiguous())
+        start += size
+    return ExactParts(parts) if any(isinstance(part, ExactWeight) for part in parts) else None
+
+
+# -- spans ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ExactReport:
+    """What `exact_span` did: matrices kept narrow by format, matrices left dense, bytes before and after."""
+
+    formats: dict[str, int]
+    dense: int
+    bytes_before: int
+    bytes_after: int
+    row_threads: int = 1  # threads one-row products run on (`calibrate_threads`)
+
+    def describe(self) -> str:
+        kept = ", ".join(f"{count} {fmt}" for fmt, count in sorted(self.formats.items())) or "none"
+        return (f"exact compact weights: {kept}; {self.dense} dense; "
+                f"{self.bytes_before / 1e6:.1f} -> {self.bytes_after / 1e6:.1f} MB; "
+                f"one-row products on {self.row_threads} thread(s)")
+
+
+class _Tally:
+    """The matrices `exact_span` looked at: held narrow by form (parts of split ones counted), left dense, bytes."""
+
+    def __init__(self) -> None:
+        self.formats: dict[str, int] = {}
+        self.dense = self.before = self.after = 0
+
+    def add(self, size: int, held: "ExactWeight | ExactParts | None") -> None:
+        self.before += size
+        if held is None:
+            self.dense += 1
+            self.after += size
+            return
+        for part in held.exact() if isinstance(held, ExactParts) else [held]:
+            self.formats[part.format] = self.formats.get(part.format, 0) + 1
+        self.after += held.nbytes
+
+
+def _exact_linears(module: torch.nn.Module, kernels: Kernels, tally: _Tally) -> None:
+    """Replace every float32 CPU linear layer under `module` held exactly by a narrow form with an ExactLinear."""
+
+
+    for name, child in list(module.named_children()):
+        if type(child) is torch.nn.Linear or isinstance(child, TransposedLinear):
+            weight = child.weight
+            if weight.is_meta or not weight.numel():
+                continue
+            exact = ExactWeight.of(weight, kernels)
+            tally.add(weight.numel() * weight.element_size(), exact)
+            if exact is not None:
+                setattr(module, name, ExactLinear(exact, child.bias))
+        else:
+            _exact_linears(child, kernels, tally)
+
+
+def exact_span(span, kernels: Kernels | None = None) -> ExactReport | None:
+    """Keep each float32 matrix of a CPU span (the lean runtime's, after `make_lean`, or transformers' own layers')
+    in the narrowest exact form found; None where that cannot apply (another dtype or device, no kernels)."""
+
+
+    lean = span.lean
+    if span.dtype != torch.float32 or span.device.type != "cpu":
+        return None
+    kernels = kernels or shared_kernels()
+    if kernels is None:
+        return None
+    tally = _Tally()
+    if lean is None:
+        _exact_linears(span.layers, kernels, tally)
+    for layer in lean.layers if lean is not None else ():
+        for name in LEAN_MATRICES:
+            weight_t = getattr(layer, name)
+            if not isinstance(weight_t, torch.Tensor):
+                continue  # quantised or packed already
+            exact = _exact_or_parts(lean, name, weight_t, kernels)
+            tally.add(weight_t.numel() * weight_t.element_size(), exact)
+            if exact is not None:
+                setattr(layer, name, exact)
+    if lean is not None:
+        release_projections(span)
+    return ExactReport(tally.formats, tally.dense, tally.before, tally.after, calibrate_threads(_exact_weights(span)))
+
+
+def _exact_weights(span) -> list[ExactWeight]:
+    """Every exact weight of a span: its lean matrices (the parts of split ones included), or its ExactLinears."""
+
+
+    lean = getattr(span, "lean", None)
+    if lean is None:
+        return [module.exact for module in span.modules() if isinstance(module, ExactLinear)] \
+            if isinstance(span, torch.nn.Module) else []
+    weights = [getattr(layer, name) for layer in lean.layers for name in LEAN_MATRICES]
+    return [part for weight in weights if isinstance(weight, (ExactWeight, ExactParts))
+            for part in (weight.exact() if isinstance(weight, ExactParts) else [weight])]
+
+
+def span_kernels(span) -> Kernels | None:
+    """The kernels of a span's exact weights; None if it holds none (look once: a span's forms are set at load)."""
+    weights = _exact_weights(span)
+    return weights[0].kernels if weights else None
+
+
+def exact_formats(span) -> dict[str, int]:
+    """How many of a span's matrices (or parts of fused ones) are held in each exact form now ({} for none)."""
+    counts: dict[str, int] = {}
+    for weight in _exact_weights(span):
+        counts[weight.format] = counts.get(weight.format, 0) + 1
+    return counts
+
+
+def packable(lean) -> bool:
+    """Whether MKL packing applies to this LeanSpan: MKL here, and every matrix a float32 CPU one (or packed)."""
+    return mkl_packing_available() and all(
+        isinstance(w, PackedWeight) or (isinstance(w, torch.Tensor) and w.dtype == torch.float32 and w.device.type == "cpu")
+        for layer in lean.layers for w in (getattr(layer, name) for name in LEAN_MATRICES))
+
+
+def pack_lean(lean) -> int:
+    """Pack every matrix of a packable LeanSpan now; returns how many (0 where MKL's packing is missing)."""
+    if not packable(lean):
+        return 0
+    count = 0
+    for layer in lean.layers:
+        for name in LEAN_MATRICES:
+            if isinstance(getattr(layer, name), torch.Tensor):
+                setattr(layer, name, PackedWeight(getattr(layer, name)))
+                count += 1
+    return count

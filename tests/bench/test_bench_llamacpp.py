@@ -1,0 +1,55 @@
+"""`potluck bench-perf --llama-cpp`: finding a llama.cpp build, reading llama-bench's output, the report.
+
+Running llama.cpp itself needs a build (deploy/llamacpp.sh, ~11 minutes on 2 cores), which the suite does not
+make; these tests cover what runs around it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from node.bench.llamacpp import LlamaCpp, LlamaSide, decode_samples
+from node.bench.perf_report import render_markdown
+from node.bench.perf_results import PerfResult, PerfSettings, Speed
+
+
+def _record(n_prompt: int, n_gen: int, samples: list[float]) -> str:
+    """One line of `llama-bench -o jsonl` (the fields it prints that matter here, plus a few it also prints)."""
+    return json.dumps({"build_commit": "0c1e570", "model_type": "llama 256M all F32", "n_threads": 2,
+                       "n_prompt": n_prompt, "n_gen": n_gen, "avg_ts": sum(samples) / len(samples),
+                       "stddev_ts": 0.5, "samples_ts": samples})
+
+
+def test_decode_samples_reads_the_decode_tests_only():
+    text = "\n".join(["some log line", _record(512, 0, [312.9, 330.1]), _record(0, 48, [29.6, 30.8, 31.1]), ""])
+    assert decode_samples(text) == [29.6, 30.8, 31.1]
+    with pytest.raises(RuntimeError, match="no decode result"):
+        decode_samples(_record(512, 0, [300.0]))
+
+
+def test_find_names_what_is_missing(tmp_path):
+    gguf = tmp_path / "model-f32.gguf"
+    gguf.write_bytes(b"GGUF")
+    with pytest.raises(ValueError, match="no llama-bench and ggml-rpc-server or rpc-server"):
+        LlamaCpp.find(tmp_path, gguf)
+    (tmp_path / "bin").mkdir()
+    for name in ("llama-bench", "rpc-server"):  # an older build's names, in bin/
+        (tmp_path / "bin" / name).write_text("")
+    with pytest.raises(ValueError, match="--llama-gguf .*nope.gguf: no such file"):
+        LlamaCpp.find(tmp_path, tmp_path / "nope.gguf")
+    found = LlamaCpp.find(tmp_path, gguf)
+    assert found.bench == tmp_path / "bin" / "llama-bench" and found.rpc_server == tmp_path / "bin" / "rpc-server"
+
+
+def test_the_report_compares_the_swarm_with_both_llama_cpp_runs(tmp_path):
+    settings = PerfSettings(model=tmp_path, repeats=2, llama_cpp=tmp_path, llama_gguf=Path("m-f32.gguf"))
+    machine = {"cpu": "cpu", "os": "os", "python": "3.11", "torch": "2", "transformers": "5", "load": "0",
+               "threads": "2"}
+    result = PerfResult(settings, machine, Speed("local transformers", [16.0, 16.0], [1, 2]))
+    result.llama = LlamaSide(3, swarm_tps=[15.0, 14.0], single_tps=[30.0, 29.0], rpc_tps=[14.0, 15.0])
+    text = render_markdown(result)
+    assert "#### llama.cpp side by side" in text and "`m-f32.gguf`" in text
+    assert "| llama.cpp F32, one process | 29.50 | 33.9 | 0.49x |" in text
+    assert "| llama.cpp F32 over RPC, 3 servers | 14.50 | 69.0 | 1.00x |" in text

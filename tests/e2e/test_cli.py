@@ -1,0 +1,92 @@
+"""`potluck join` / `python -m node join` lifecycle and the CLI's error messages."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import signal
+import subprocess
+import sys
+
+import grpc
+import pytest
+
+from common.wire.generated import potluck_pb2 as pb
+from common.wire.generated import potluck_pb2_grpc as pb_grpc
+from node.launcher import NodeProcess
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_join_prints_its_address_serves_and_exits_cleanly(tiny_model_dir, sig):
+    node = NodeProcess(tiny_model_dir("llama"), 2, 5).start()
+    try:
+        address = node.wait_ready(120)
+        assert re.fullmatch(r"127\.0\.0\.1:\d+", address)
+        with grpc.insecure_channel(address) as channel:
+            info = pb_grpc.PotluckStub(channel).Info(pb.InfoRequest(), timeout=10)
+        assert (info.start, info.end) == (2, 5)
+        node.process.send_signal(sig)
+        assert node.process.wait(30) == 0, node.log()
+        assert "Traceback" not in node.log()
+    finally:
+        node.kill()
+
+
+def test_potluck_entry_point_is_installed():
+    potluck = shutil.which("potluck", path=str(__import__("pathlib").Path(sys.executable).parent))
+    assert potluck is not None, "the `potluck` script is not installed next to this Python"
+    done = subprocess.run([potluck, "join", "--help"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "--blocks" in done.stdout
+
+
+def run_cli(capsys, *args) -> tuple[int, str]:
+    """`potluck ARGS` in this process (the same `main` the script runs, without its ~10 s of imports):
+    the exit code and what went to stderr. An uncaught exception fails the test, as a traceback would."""
+    from node.cli.main import main
+
+    capsys.readouterr()
+    code = main(list(args))
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["join", "--model", "{tiny}", "--blocks", "ten"], "--blocks 'ten': expected START:END"),
+        (["join", "--model", "{tiny}", "--blocks", "0:9"], "not within the model's 6 layers"),
+        (["join", "--model", "/nonexistent/model", "--blocks", "0:1"], "neither a model folder nor a hub id"),
+        (["join", "--model", "{tiny}", "--blocks", "0:1", "--device", "cuda"], "CUDA is not available"),
+        (["generate", "--model", "{tiny}", "--peers", "127.0.0.1:1", "--prompt", "hi"], "peer 127.0.0.1:1"),
+    ],
+)
+def test_user_errors_are_one_clear_line(tiny_model_dir, args, fragment, capsys):
+    args = [a.replace("{tiny}", str(tiny_model_dir("llama"))) for a in args]
+    code, err = run_cli(capsys, *args)
+    assert code == 2
+    assert fragment in err, err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_generate_names_missing_layers(tiny_model_dir, bg_loop, capsys):
+    folder = tiny_model_dir("llama")
+    nodes = [bg_loop.start_node(folder, 0, 2), bg_loop.start_node(folder, 4, 6)]
+    try:
+        code, err = run_cli(capsys, "generate", "--model", str(folder), "--peers", ",".join(n.address for n in nodes),
+                            "--prompt", "x")
+    finally:
+        for node in nodes:
+            bg_loop.stop_node(node)
+    assert code == 2
+    assert "no peer serves layers 2:4 of the model's 6 layers" in err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_generate_refuses_a_peer_serving_another_model(tiny_model_dir, bg_loop, capsys):
+    node = bg_loop.start_node(tiny_model_dir("qwen2"), 0, 6)
+    try:
+        code, err = run_cli(capsys, "generate", "--model", str(tiny_model_dir("llama")), "--peers", node.address,
+                            "--prompt", "x")
+    finally:
+        bg_loop.stop_node(node)
+    assert code == 2
+    assert "serves another model" in err
