@@ -27,8 +27,8 @@ class ClientConfig:
     ban_seconds: float = 5.0           # first ban of a failed node; doubles with each strike (up to 5 min)
     pack_head: bool = True             # CPU: combined LM-head calls of concurrent generations go through an MKL-packed
                                        # copy of the head (made once they occur; as much memory again as the head)
-    exact_head: bool = True            # CPU float32: an LM head whose values are exactly 8-bit blocks or bfloat16 (a GGUF
-                                       # model's, most checkpoints') multiplies from that narrow copy (node/model/exact.py)
+    exact_head: bool = True  # CPU float32: an LM head whose values are exactly 8-bit blocks or bfloat16 (a GGUF
+    # model's, most checkpoints') multiplies from that narrow copy (node/model/exact.py)
     push: bool = True                  # nodes forward each step along the chain (k+1 trips a token, not 2k)
     convoys: bool = True               # with push: concurrent generations in this process step as convoys, so that
                                        # each node runs them in one pass (node/runtime/convoy.py)

@@ -48,7 +48,8 @@ def window_starts(length: int, window: int, stride: int) -> list[tuple[int, int,
 @torch.inference_mode()
 def perplexity(model, input_ids: torch.Tensor, window: int = 512, stride: int = 256,
                advance: Callable[[float], None] | None = None) -> Perplexity:
-    """Perplexity of `model` (anything called as `model(input_ids=...).logits`) over `input_ids` [tokens] or [1, tokens]."""
+    """Perplexity of `model` (anything called as `model(input_ids=...).logits`) over `input_ids` [tokens] or [1,
+    tokens]."""
     ids = input_ids.reshape(-1).to(torch.long)
     if ids.numel() < 2:
         raise ValueError("the text must have at least 2 tokens")

@@ -44,7 +44,7 @@ def read_examples(path: str, tokenizer, max_length: int) -> list[Example]:
             raise ValueError(f"{where}: not JSON ({error.msg})") from None
         examples.append(_example(record, tokenizer, max_length, where))
     if not examples:
-        raise ValueError(f"--data {path}: no examples (expected JSON lines with \"text\", or \"prompt\" and \"completion\")")
+        raise ValueError(f'--data {path}: no examples (expected JSON lines with "text", or "prompt" and "completion")')
     return examples
 
 
@@ -52,7 +52,9 @@ def _example(record, tokenizer, max_length: int, where: str) -> Example:
     if isinstance(record, dict) and isinstance(record.get("text"), str):
         ids = tokenizer(record["text"]).input_ids[:max_length]
         labels = list(ids)
-    elif isinstance(record, dict) and isinstance(record.get("prompt"), str) and isinstance(record.get("completion"), str):
+    elif (
+        isinstance(record, dict) and isinstance(record.get("prompt"), str) and isinstance(record.get("completion"), str)
+    ):
         prompt = tokenizer(record["prompt"]).input_ids
         completion = tokenizer(record["completion"], add_special_tokens=False).input_ids
         if tokenizer.eos_token_id is not None:
@@ -62,7 +64,9 @@ def _example(record, tokenizer, max_length: int, where: str) -> Example:
     else:
         raise ValueError(f'{where}: expected an object with a "text" string, or "prompt" and "completion" strings')
     if sum(label != IGNORE for label in labels[1:]) == 0:
-        raise ValueError(f"{where}: nothing to learn (fewer than 2 tokens, or the completion is cut off by --max-length)")
+        raise ValueError(
+            f"{where}: nothing to learn (fewer than 2 tokens, or the completion is cut off by --max-length)"
+        )
     return Example(ids, labels)
 
 
@@ -123,9 +127,18 @@ def save_prompts(model, path: str, extra: dict | None = None) -> None:
     tensors = {"prompt_embeddings": model.prompt_embeddings.detach().cpu().clone()}
     if model.tuning == "deep_ptune":
         tensors["intermediate_prompts"] = model.intermediate_prompts.detach().cpu().clone()
-    torch.save({"format": FILE_FORMAT, "method": model.tuning, "num_prompt_tokens": model.prompt_embeddings.shape[0],
-                "config_hash": model.swarm.config_hash, "model": model.name_or_path, "tensors": tensors, **(extra or {})},
-               path)
+    torch.save(
+        {
+            "format": FILE_FORMAT,
+            "method": model.tuning,
+            "num_prompt_tokens": model.prompt_embeddings.shape[0],
+            "config_hash": model.swarm.config_hash,
+            "model": model.name_or_path,
+            "tensors": tensors,
+            **(extra or {}),
+        },
+        path,
+    )
 
 
 def load_prompts(model, path: str) -> dict:

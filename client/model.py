@@ -137,8 +137,13 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             swarm.close()
             raise
         head = parts.lm_head
-        if head.weight.device.type == "cpu" and type(head) is torch.nn.Linear and (
-            head.weight is not parts.embed_tokens.weight or head.weight.numel() * head.weight.element_size() <= FAST_HEAD_COPY_BYTES
+        if (
+            head.weight.device.type == "cpu"
+            and type(head) is torch.nn.Linear
+            and (
+                head.weight is not parts.embed_tokens.weight
+                or head.weight.numel() * head.weight.element_size() <= FAST_HEAD_COPY_BYTES
+            )
         ):
             head = TransposedLinear.from_linear(head)  # ~2x faster one-token logits on CPU
         instance = cls(parts.config, parts.embed_tokens, parts.norm, head, swarm)
@@ -250,7 +255,9 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
                 count = self.prompt_embeddings.shape[0]
                 position_ids = position_ids + count if position_ids is not None else None
                 if attention_mask is not None:
-                    attention_mask = torch.cat([attention_mask.new_ones(attention_mask.shape[0], count), attention_mask], 1)
+                    attention_mask = torch.cat(
+                        [attention_mask.new_ones(attention_mask.shape[0], count), attention_mask], 1
+                    )
         tokens = inputs_embeds.shape[1]
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None  # no padding: nothing to send (the nodes assume all ones)
@@ -260,7 +267,9 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
                 self.head_calls.depart(cache.session, cache.session.next_convoy, tokens)
             new_mask = attention_mask[:, -tokens:] if attention_mask is not None else None
             try:
-                if deep is not None:  # deep_ptune: the session's first step carries each hop's slice of the deep prompts
+                if (
+                    deep is not None
+                ):  # deep_ptune: the session's first step carries each hop's slice of the deep prompts
                     hidden = cache.session.step(inputs_embeds, position_ids, new_mask, deep)
                 else:
                     hidden = cache.session.step(inputs_embeds, position_ids, new_mask)
@@ -272,12 +281,15 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             if attention_mask is not None and attention_mask.shape[1] != tokens:
                 raise ValueError("without a cache, attention_mask must cover exactly the given tokens")
             if deep is not None or (torch.is_grad_enabled() and inputs_embeds.requires_grad):
-                # training (or deep prompts): differentiable hop by hop (client/training.py); inference keeps the plain pass
+                # training (or deep prompts): differentiable hop by hop (client/training.py); inference keeps the
+                # plain pass
                 hidden = self.swarm.train_forward(inputs_embeds, position_ids, attention_mask, deep)
             else:
                 hidden = self.swarm.forward(inputs_embeds, position_ids, attention_mask)
         if prompted:
-            hidden = hidden[:, self.prompt_embeddings.shape[0] :]  # outputs at the prompt's positions are not the model's
+            hidden = hidden[
+                :, self.prompt_embeddings.shape[0] :
+            ]  # outputs at the prompt's positions are not the model's
         hidden = hidden.to(device=inputs_embeds.device, dtype=self.norm.weight.dtype)
         hidden = self.norm(hidden)
         keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
@@ -341,8 +353,10 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         max_new = kwargs.get("max_new_tokens", config.max_new_tokens)
         max_length = prompt.shape[1] + max_new if max_new is not None else kwargs.get("max_length", config.max_length)
         lookup = kwargs.get("prompt_lookup_num_tokens", config.prompt_lookup_num_tokens) or 0
-        max_length += lookup  # prompt lookup may check a draft past max_length (transformers caps it there, not one less)
-        offset = self.prompt_embeddings.shape[0] if self.tuning is not None else 0  # ptune: the session holds the prompt
+        max_length += lookup
+        offset = (
+            self.prompt_embeddings.shape[0] if self.tuning is not None else 0
+        )  # ptune: the session holds the prompt
         if self.tuning == "deep_ptune" and self.swarm.config.verify != "off":
             raise NotImplementedError("verify with deep prompts (deep_ptune) is not supported yet; use verify='off'")
         with self.calls.call():
@@ -371,8 +385,9 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             with self.inference_session(max_length=max_length + offset) as session:
                 self.last_session = session
                 try:
-                    output = super().generate(inputs, generation_config, cache=RemoteCache(session, offset), streamer=guard,
-                                              **kwargs)
+                    output = super().generate(
+                        inputs, generation_config, cache=RemoteCache(session, offset), streamer=guard, **kwargs
+                    )
                     session.settle()  # spot mode: the steps after the last check
                 except VerificationRestart as error:
                     if attempt == MAX_RESTARTS:

@@ -39,7 +39,9 @@ class ModelView:
 def group_by_model(records: list[PeerRecord]) -> list[ModelView]:
     views: dict[str, ModelView] = {}
     for record in records:
-        view = views.setdefault(record.config_hash, ModelView(record.config_hash, record.model_id, record.num_layers, []))
+        view = views.setdefault(
+            record.config_hash, ModelView(record.config_hash, record.model_id, record.num_layers, [])
+        )
         view.nodes.append(record)
     for view in views.values():
         view.nodes.sort(key=lambda r: (r.start, r.end, r.node_id))
@@ -100,7 +102,9 @@ def render(views: list[ModelView], console: Console) -> None:
         console.print("[bold red]No nodes found.[/] Check --bootstrap addresses, or that mDNS reaches this network.")
         return
     for view in views:
-        table = Table(title=f"{view.model_id}  (config {view.config_hash}, {view.num_layers} layers)", title_justify="left")
+        table = Table(
+            title=f"{view.model_id}  (config {view.config_hash}, {view.num_layers} layers)", title_justify="left"
+        )
         for column in ("node", "name", "address", "span", "device", "dtype", "quant", "adapters", "tok/s", "load",
                        "free cache", "state"):
             table.add_column(column, no_wrap=column in ("node", "address", "span", "state"))

@@ -198,7 +198,9 @@ class SwarmClient:
     async def _all_answer(self, addresses: list[str]) -> bool:
         async def answers(address: str) -> bool:
             try:
-                info = await (await self._dial(address)).info(min(self.config.deadline_floor, self.config.connect_timeout))
+                info = await (await self._dial(address)).info(
+                    min(self.config.deadline_floor, self.config.connect_timeout)
+                )
             except PeerError:
                 return False
             return info.state == "ONLINE"

@@ -1,7 +1,8 @@
 """Verification of peers' outputs: recompute hops on other nodes and compare.
 
 For each hop of a session the verifier keeps a shadow: streams over the same layers on other nodes (one
-node serving them all where there is one, else a chain). At a check it sends the shadow, as one merged step, every input of the hop the shadow has
+node serving them all where there is one, else a chain). At a check it sends the shadow, as one merged step, every
+input of the hop the shadow has
 not seen yet (each hop's history, see client/session.py), and compares the shadow's outputs with what
 the hop returned for all those steps, token by token, within a tolerance set by the dtypes involved.
 So a check covers every step since the previous one, not only the step that triggered it.

@@ -9,7 +9,9 @@ from contextlib import contextmanager
 
 
 @contextmanager
-def progress_bar(enabled: bool, description: str, total: float, bytes_: bool = False) -> Iterator[Callable[[float], None]]:
+def progress_bar(
+    enabled: bool, description: str, total: float, bytes_: bool = False
+) -> Iterator[Callable[[float], None]]:
     """Yields `advance(amount)`; a no-op unless `enabled`. Thread-safe (rich locks its tasks)."""
     if not enabled:
         yield lambda amount=1: None

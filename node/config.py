@@ -91,8 +91,10 @@ class NodeConfig:
     rebalance_period: float = 30.0  # mean seconds between rebalancing checks (jittered)
     # -- limits: overload (docs/reliability.md#overload); each refusal is RESOURCE_EXHAUSTED naming its flag ---
     max_sessions: int = 256         # sessions open at once; further opens wait (admission_wait), then are refused
-    max_session_tokens: int = 0     # cache tokens one session may reserve (batch x max_length); 0 = the whole budget
-    cache_memory: int | None = None  # KV cache budget in bytes; set, it replaces cache_tokens (bytes / KV bytes a token)
+    max_session_tokens: int = 0  # cache tokens one session may reserve (batch x max_length); 0 = the whole budget
+    cache_memory: int | None = (
+        None  # KV cache budget in bytes; set, it replaces cache_tokens (bytes / KV bytes a token)
+    )
     rate_limit: float = 0.0         # requests a second per peer address (token bucket, bursts of 2 s); 0 = off
     admission_wait: float = 2.0     # seconds an open waits for cache or a session slot to free up; 0 = refuse at once
     # -- trust: private swarms and encryption (docs/reliability.md) --------------------------------

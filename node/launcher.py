@@ -32,8 +32,20 @@ class NodeProcess:
         `prefix`: a command the node runs under, e.g. ("ip", "netns", "exec", NAME) (tests/test_relay.py)."""
         blocks = ["--blocks", f"{start}:{end}"] if start is not None else []
         self.args = [
-            *prefix, sys.executable, "-m", "node", "join", "--model", str(model), *blocks, "--host", host, "--port", "0",
-            *(["--threads", str(threads)] if threads else []), *extra_args,
+            *prefix,
+            sys.executable,
+            "-m",
+            "node",
+            "join",
+            "--model",
+            str(model),
+            *blocks,
+            "--host",
+            host,
+            "--port",
+            "0",
+            *(["--threads", str(threads)] if threads else []),
+            *extra_args,
         ]
         self.start_layer, self.end_layer = start, end
         # Idle nodes must not spin: with OpenMP's busy-wait, a node that just finished its hop keeps
@@ -69,7 +81,9 @@ class NodeProcess:
         while not self._ready.wait(timeout=0.1):
             if time.monotonic() > deadline:
                 self.stop()
-                raise NodeStartError(f"node {self.start_layer}:{self.end_layer} not ready after {timeout:.0f}s:\n" + self.log())
+                raise NodeStartError(
+                    f"node {self.start_layer}:{self.end_layer} not ready after {timeout:.0f}s:\n" + self.log()
+                )
         if self.address is None:
             raise NodeStartError(f"node {self.start_layer}:{self.end_layer} exited before it was ready:\n" + self.log())
         return self.address
@@ -103,7 +117,10 @@ def even_spans(num_layers: int, parts: int) -> list[tuple[int, int]]:
 def start_chain(model: str | Path, num_layers: int, parts: int, *, threads: int = 0, timeout: float = 180.0,
                 extra_args: tuple[str, ...] = ()) -> list[NodeProcess]:
     """Start `parts` nodes covering the model, in parallel; stop them all if any fails."""
-    nodes = [NodeProcess(model, a, b, threads=threads, extra_args=extra_args).start() for a, b in even_spans(num_layers, parts)]
+    nodes = [
+        NodeProcess(model, a, b, threads=threads, extra_args=extra_args).start()
+        for a, b in even_spans(num_layers, parts)
+    ]
     try:
         for node in nodes:
             node.wait_ready(timeout)

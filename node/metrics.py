@@ -39,18 +39,28 @@ class NodeMetrics:
         self.step_seconds = Histogram("potluck_step_seconds", "Time to compute one inference step", ["kind"],
                                       buckets=STEP_BUCKETS, registry=r)
         self.forwards = Counter("potluck_forwards", "Stateless forward passes served", registry=r)
-        self.bytes_received = Counter("potluck_hidden_bytes_received", "Hidden-state bytes received in steps and forwards",
-                                      registry=r)
-        self.bytes_sent = Counter("potluck_hidden_bytes_sent", "Hidden-state bytes sent in steps and forwards", registry=r)
+        self.bytes_received = Counter(
+            "potluck_hidden_bytes_received", "Hidden-state bytes received in steps and forwards", registry=r
+        )
+        self.bytes_sent = Counter(
+            "potluck_hidden_bytes_sent", "Hidden-state bytes sent in steps and forwards", registry=r
+        )
         self.handovers = Counter("potluck_push_handovers", "Step outputs this node pushed to the next hop, by outcome",
                                  ["outcome"], registry=r)
         self.errors = Counter("potluck_errors", "Requests ended with a gRPC error status", ["code"], registry=r)
         self.sessions = Gauge("potluck_sessions_active", "Open inference sessions", registry=r)
-        self.cache_tokens = Gauge("potluck_kv_cache_tokens", "KV cache tokens: used (held), reserved, free (budget left)",
-                                  ["state"], registry=r)
-        self.cache_bytes = Gauge("potluck_kv_cache_bytes",
-                                 "KV cache bytes (estimated from the config: tokens x 2 x layers x kv heads x head dim x dtype size)",
-                                 ["state"], registry=r)
+        self.cache_tokens = Gauge(
+            "potluck_kv_cache_tokens",
+            "KV cache tokens: used (held), reserved, free (budget left)",
+            ["state"],
+            registry=r,
+        )
+        self.cache_bytes = Gauge(
+            "potluck_kv_cache_bytes",
+            "KV cache bytes (estimated from the config: tokens x 2 x layers x kv heads x head dim x dtype size)",
+            ["state"],
+            registry=r,
+        )
         # label children resolved once: the hot path does no label lookups
         self._step_count = {kind: self.steps.labels(kind=kind) for kind in ("prefill", "decode")}
         self._step_time = {kind: self.step_seconds.labels(kind=kind) for kind in ("prefill", "decode")}

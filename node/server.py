@@ -181,7 +181,9 @@ async def _choose_span(config: NodeConfig, membership: Membership, files: ModelF
     num_layers = model_config.num_hidden_layers
     if not config.auto_placed:
         if config.end > num_layers:
-            raise ModelLoadError(f"span {config.start}:{config.end} is not within the model's {num_layers} layers (0:{num_layers})")
+            raise ModelLoadError(
+                f"span {config.start}:{config.end} is not within the model's {num_layers} layers (0:{num_layers})"
+            )
         return Span(config.start, config.end)
     if config.mdns:
         await asyncio.sleep(config.discovery_wait)  # let mDNS answers and their record pulls arrive
@@ -346,10 +348,21 @@ async def start_node(config: NodeConfig) -> RunningNode:
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
     record = PeerRecord(
-        node_id=identity.node_id, addresses=(address,), model_id=files.model_id, config_hash=chash,
-        num_layers=model_config.num_hidden_layers, start=0, end=1, dtype=dtype_name(dtype), device=str(device),
-        max_length=config.max_length, free_cache_tokens=config.cache_tokens, state=NodeState.JOINING, quant=config.quant,
-        name=config.name or address, started_at=serving.started_at,
+        node_id=identity.node_id,
+        addresses=(address,),
+        model_id=files.model_id,
+        config_hash=chash,
+        num_layers=model_config.num_hidden_layers,
+        start=0,
+        end=1,
+        dtype=dtype_name(dtype),
+        device=str(device),
+        max_length=config.max_length,
+        free_cache_tokens=config.cache_tokens,
+        state=NodeState.JOINING,
+        quant=config.quant,
+        name=config.name or address,
+        started_at=serving.started_at,
         relay_slots=config.relay_max_nodes if config.relay else 0,
     )
     node = RunningNode(config=config, server=server, health=health_servicer, serving=serving, membership=membership,

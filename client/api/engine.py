@@ -180,7 +180,9 @@ def complete(
     with GATE.alone() if params.seed is not None else GATE.shared():
         if params.seed is not None:
             torch.manual_seed(params.seed)
-        output = model.generate(input_ids, streamer=tracker, stopping_criteria=StoppingCriteriaList([tracker]), **kwargs)
+        output = model.generate(
+            input_ids, streamer=tracker, stopping_criteria=StoppingCriteriaList([tracker]), **kwargs
+        )
     new_ids = output[0, input_ids.shape[1] :].tolist()
     if tracker.stopped or (new_ids and new_ids[-1] in eos_ids(model, tokenizer)):
         finish = "stop"

@@ -56,7 +56,9 @@ def from_exception(error: BaseException, model: str) -> ApiError:
     if isinstance(error, MissingLayersError):
         return ApiError(503, f"the swarm cannot run `{model}` now: {error}", type="server_error", code="missing_layers")
     if isinstance(error, PeerError):
-        return ApiError(503, f"the swarm cannot run `{model}` now: {error}", type="server_error", code="peer_unavailable")
+        return ApiError(
+            503, f"the swarm cannot run `{model}` now: {error}", type="server_error", code="peer_unavailable"
+        )
     if isinstance(error, (VerificationError, VerificationRestart)):  # nodes disagree and nothing settles it
         return ApiError(503, f"the swarm cannot give a verified answer now: {error}", type="server_error",
                         code="verification_failed")

@@ -2,7 +2,8 @@
 
 Many float32 checkpoints carry fewer bits than float32 can: a model converted from a GGUF file holds
 4-bit blocks (Q4_1: 16 levels per block of 32 weights, each `code * step + min` with float16 step and
-min; Q4_0: `step * (code - 8)`, the same form) or 8-bit ones (Q8_0: `code * step`), and most published checkpoints are bfloat16 values. One token
+min; Q4_0: `step * (code - 8)`, the same form) or 8-bit ones (Q8_0: `code * step`), and most published checkpoints
+are bfloat16 values. One token
 reads every weight once, so on a CPU the bytes per weight set the speed: a node that finds its float32
 matrices are exactly such values keeps them so (`ExactWeight.of`, checked bit for bit through the kernel's
 own reconstruction) and multiplies with small C kernels (node/model/kernels/exact.c) that rebuild each

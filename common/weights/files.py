@@ -121,6 +121,13 @@ class ModelFiles:
 def config_hash(config: PretrainedConfig) -> str:
     """A stable fingerprint of the architecture, shared by nodes and clients of one model."""
     data = config.to_dict()
-    for volatile in ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "quantization_config", "use_cache"):
+    for volatile in (
+        "_name_or_path",
+        "transformers_version",
+        "dtype",
+        "torch_dtype",
+        "quantization_config",
+        "use_cache",
+    ):
         data.pop(volatile, None)
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]

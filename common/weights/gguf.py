@@ -278,7 +278,9 @@ def load_tensors(
                 raise ModelLoadError(
                     f"{header.path.name}: {entry.name} is {entry.qtype.name}, which cannot be dequantised: {error}"
                 ) from error
-            result = processor.process(weights=values, name=entry.name, tensor_key_mapping=names, parsed_parameters=parsed)
+            result = processor.process(
+                weights=values, name=entry.name, tensor_key_mapping=names, parsed_parameters=parsed
+            )
             if result.name is not None and result.name in names:
                 parsed["tensors"][names[result.name]] = torch.from_numpy(np.copy(result.weights)).to(dtype)
             stats.tensors += 1

@@ -66,7 +66,12 @@ class _CountedSlice:
 
 
 def load_tensors(
-    files: ModelFiles, model: nn.Module, keys: list[str], weight_map: dict[str, str], device: torch.device, dtype: torch.dtype,
+    files: ModelFiles,
+    model: nn.Module,
+    keys: list[str],
+    weight_map: dict[str, str],
+    device: torch.device,
+    dtype: torch.dtype,
     advance: Callable[[float], None] | None = None,
 ) -> LoadStats:
     """Read exactly `keys` from the shards into `model` (through transformers' key conversions).
@@ -136,4 +141,6 @@ def layer_keys(weight_map: dict[str, str], prefix: str, start: int, end: int) ->
 def check_materialised(module: nn.Module, what: str) -> None:
     missing = [name for name, tensor in module.state_dict().items() if tensor.is_meta]
     if missing:
-        raise ModelLoadError(f"{what}: the checkpoint has no weights for {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
+        raise ModelLoadError(
+            f"{what}: the checkpoint has no weights for {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else "")
+        )

@@ -2,7 +2,8 @@
 
 Steps that ran in one pass leave it together and go on in one PushMany call (node/rpc/push.py),
 but the next node queues them one by one, and the client's generate threads send their next steps
-one by one after their shared LM-head product. A node that starts its pass at the first arrival splits them again, and every
+one by one after their shared LM-head product. A node that starts its pass at the first arrival splits them again,
+and every
 split costs a read of all its weights. So each step may say which convoy it belongs to and how
 many steps the convoy has (`Step.convoy`, `Step.convoy_size`): a node holds its next pass, for at
 most CONVOY_WAIT seconds, until every convoy in its queue is complete. After the pass, its outputs

@@ -279,7 +279,9 @@ def endorsed_certificate(identity: Ed25519PrivateKey) -> ServerCertificate:
     scalar = int.from_bytes(HKDF(hashes.SHA256(), 48, None, b"potluck/tls-key").derive(seed), "big")
     order = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
     tls_key = ec.derive_private_key(scalar % (order - 1) + 1, ec.SECP256R1())
-    spki = tls_key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    spki = tls_key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
     public = identity.public_key().public_bytes_raw()
     endorsement = public + identity.sign(b"potluck-tls-endorsement" + spki)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, TLS_NAME)])
@@ -444,8 +446,14 @@ def _unusable_root() -> bytes:
 PLAINTEXT = Security()
 
 
-def load_security(swarm_key: str | None = None, tls: str = "off", tls_cert: str | None = None,
-                  tls_key: str | None = None, tls_ca: str | None = None, tls_server_name: str | None = None) -> Security:
+def load_security(
+    swarm_key: str | None = None,
+    tls: str = "off",
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    tls_ca: str | None = None,
+    tls_server_name: str | None = None,
+) -> Security:
     """A Security from file names (the CLI's and NodeConfig's flags); SecurityError names what is wrong."""
     key = SwarmKey.load(swarm_key) if swarm_key else None
     if tls_cert or tls_key:

@@ -52,8 +52,11 @@ def grpc_healthy(address: str, service: str = SERVICE, tls: str = "off", timeout
         print(f"unhealthy: {address}: {error}", file=sys.stderr)
         return False
     if reply.status != health_pb2.HealthCheckResponse.SERVING:
-        print(f"unhealthy: {address} {service or '(server)'}: {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}",
-              file=sys.stderr)
+        print(
+            f"unhealthy: {address} {service or '(server)'}: "
+            f"{health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}",
+            file=sys.stderr,
+        )
         return False
     return True
 

@@ -53,7 +53,10 @@ class BenchSettings:
         checks = [
             (self.nodes >= 1, f"--nodes must be at least 1, got {self.nodes}"),
             (self.prompt_tokens >= 1, f"--prompt-tokens must be at least 1, got {self.prompt_tokens}"),
-            (self.new_tokens >= 2, f"--new-tokens must be at least 2 (one for prefill, one to decode), got {self.new_tokens}"),
+            (
+                self.new_tokens >= 2,
+                f"--new-tokens must be at least 2 (one for prefill, one to decode), got {self.new_tokens}",
+            ),
             (self.repeats >= 1, f"--repeats must be at least 1, got {self.repeats}"),
             (self.threads >= 0, f"--threads must be positive, got {self.threads}"),
         ]
@@ -217,7 +220,9 @@ def all_at_once(calls: list[Callable[[], object]]) -> tuple[float, list]:
     return elapsed, results
 
 
-def measure_system(name: str, model, ids: torch.Tensor, settings: BenchSettings, tick: Callable[[str], None]) -> SystemResult:
+def measure_system(
+    name: str, model, ids: torch.Tensor, settings: BenchSettings, tick: Callable[[str], None]
+) -> SystemResult:
     tick(f"{name}: warm-up")
     timed_generate(model, ids[:, :WARMUP_PROMPT], 2)
     runs = []
@@ -255,7 +260,9 @@ def client_probe(model, ids: torch.Tensor) -> dict[str, float]:
 
 
 @torch.inference_mode()
-def hop_compute(folder: Path, spans: list[tuple[int, int]], prompt_tokens: int, tick: Callable[[str], None]) -> list[float]:
+def hop_compute(
+    folder: Path, spans: list[tuple[int, int]], prompt_tokens: int, tick: Callable[[str], None]
+) -> list[float]:
     """Each span loaded here, prefilled with `prompt_tokens`, then timed on one token at a time."""
     from common.weights.fast_linear import transpose_linears
     from common.weights.files import ModelFiles
@@ -389,7 +396,8 @@ def render_markdown(result: BenchResult) -> str:
         "## Local transformers vs the swarm (foundation)",
         "",
         f"- date: {result.date}",
-        f"- machine: {m['cpu']}; {m['os']}; Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}; "
+        f"- machine: {m['cpu']}; {m['os']}; Python {m['python']}, torch {m['torch']}, transformers "
+        f"{m['transformers']}; "
         f"load average {m['load']} at start; OMP_WAIT_POLICY {m.get('omp', 'unknown')}",
         f"- command: `{s.command or 'potluck bench --model ' + str(s.model)}`",
         f"- settings: model `{Path(s.model).name}` fp32, greedy, {s.prompt_tokens}-token prompt (seeded random ids), "
@@ -403,7 +411,8 @@ def render_markdown(result: BenchResult) -> str:
     for system in (local, swarm):
         ratio = f"{system.prefill_tps / local.prefill_tps:.2f} / {system.decode_tps / local.decode_tps:.2f}"
         lines.append(
-            f"| {system.name} | {system.prefill_tps:.1f} | {system.decode_tps:.2f} | {1000 / system.decode_tps:.1f} | {ratio} |"
+            f"| {system.name} | {system.prefill_tps:.1f} | {system.decode_tps:.2f} | "
+            f"{1000 / system.decode_tps:.1f} | {ratio} |"
         )
     mismatch = result.first_mismatch()
     lines += [
@@ -500,7 +509,9 @@ def add_bench_parser(commands) -> None:
     bench.add_argument("--nodes", type=int, default=3, help="node processes in the swarm (default 3)")
     bench.add_argument("--prompt-tokens", type=int, default=128, help="prompt length (default 128)")
     bench.add_argument("--new-tokens", type=int, default=64, help="tokens to generate per run (default 64)")
-    bench.add_argument("--repeats", type=int, default=3, help="timed runs per system; the median is reported (default 3)")
+    bench.add_argument(
+        "--repeats", type=int, default=3, help="timed runs per system; the median is reported (default 3)"
+    )
     bench.add_argument("--threads", type=int, default=0, help="torch threads here and per node (default: every core)")
     bench.add_argument("--out", default=None, help="markdown file to write the results into (default: print only)")
     bench.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])

@@ -108,7 +108,9 @@ def run_benchmark(settings: CompileSettings, console: Console | None = None) -> 
     caches = [lean.new_cache(settings.start, end, 1, length) for _ in range(2)]
     with torch.inference_mode():
         for cache in caches:  # the same prompt in both: the eager and the compiled step see equal caches
-            lean.run([Row(prompt, torch.arange(settings.prompt_tokens, device=device)[None], 0, cache)], settings.start, end)
+            lean.run(
+                [Row(prompt, torch.arange(settings.prompt_tokens, device=device)[None], 0, cache)], settings.start, end
+            )
 
     def eager(i: int) -> torch.Tensor:
         past = settings.prompt_tokens + i
@@ -164,32 +166,37 @@ def render_markdown(result: CompileResult) -> str:
     s = result.settings
     eager, compiled = statistics.median(result.eager_ms), statistics.median(result.compiled_ms)
     command = f"potluck bench-compile --model {s.model} --blocks {result.span[0]}:{result.span[1]} --device {s.device}"
-    return "\n".join([
-        MARK_START,
-        "## torch.compile on the decode step",
-        "",
-        f"- date: {result.date}",
-        f"- machine: {result.machine}; {s.threads} torch threads",
-        f"- command: `{command} --out docs/benchmarks.md`",
-        f"- settings: layers {result.span[0]}:{result.span[1]} float32, one token after a {s.prompt_tokens}-token prompt, "
-        f"{s.steps} steps alternating eager and compiled; torch.compile(dynamic=True, "
-        + (f"mode=\"{result.mode}\")" if s.backend == "inductor" else f"backend=\"{s.backend}\")"),
-        "",
-        "| step | ms per token (median) | vs eager |",
-        "|---|---:|---:|",
-        f"| lean runtime, eager | {eager:.2f} | 1.00x |",
-        f"| torch.compile | {compiled:.2f} | {eager / compiled:.2f}x |",
-        "",
-        f"Compile time (first call): {result.compile_s:.1f} s. Largest difference between the two outputs: "
-        f"{result.max_abs_diff:.2e}.",
-        "",
-        "The node runs the eager lean runtime on every device: compile it only where this table shows a gain.",
-        MARK_END,
-    ])
+    return "\n".join(
+        [
+            MARK_START,
+            "## torch.compile on the decode step",
+            "",
+            f"- date: {result.date}",
+            f"- machine: {result.machine}; {s.threads} torch threads",
+            f"- command: `{command} --out docs/benchmarks.md`",
+            f"- settings: layers {result.span[0]}:{result.span[1]} float32, one token after a "
+            f"{s.prompt_tokens}-token prompt, "
+            f"{s.steps} steps alternating eager and compiled; torch.compile(dynamic=True, "
+            + (f'mode="{result.mode}")' if s.backend == "inductor" else f'backend="{s.backend}")'),
+            "",
+            "| step | ms per token (median) | vs eager |",
+            "|---|---:|---:|",
+            f"| lean runtime, eager | {eager:.2f} | 1.00x |",
+            f"| torch.compile | {compiled:.2f} | {eager / compiled:.2f}x |",
+            "",
+            f"Compile time (first call): {result.compile_s:.1f} s. Largest difference between the two outputs: "
+            f"{result.max_abs_diff:.2e}.",
+            "",
+            "The node runs the eager lean runtime on every device: compile it only where this table shows a gain.",
+            MARK_END,
+        ]
+    )
 
 
 def add_compile_bench_parser(commands) -> None:
-    bench = commands.add_parser("bench-compile", help="time torch.compile (CUDA graphs on a GPU) against the eager decode step")
+    bench = commands.add_parser(
+        "bench-compile", help="time torch.compile (CUDA graphs on a GPU) against the eager decode step"
+    )
     bench.add_argument("--model", required=True, help="model folder (config.json + safetensors)")
     bench.add_argument("--blocks", default=None, help="START:END layers to time (default: the first third)")
     bench.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")

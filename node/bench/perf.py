@@ -252,7 +252,15 @@ def run_benchmark(settings: PerfSettings, console: Console | None = None) -> Per
 
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, refresh_per_second=4) as progress:
-        steps = 4 + (settings.llama_cpp is not None) + len(settings.node_counts) + 3 + 2 * (len(settings.delays_ms) + 1) + len(settings.concurrency) * settings.repeats + 3
+        steps = (
+            4
+            + (settings.llama_cpp is not None)
+            + len(settings.node_counts)
+            + 3
+            + 2 * (len(settings.delays_ms) + 1)
+            + len(settings.concurrency) * settings.repeats
+            + 3
+        )
         task = progress.add_task("local transformers", total=steps)
 
         def tick(message: str) -> None:
@@ -277,11 +285,14 @@ def run_benchmark(settings: PerfSettings, console: Console | None = None) -> Per
                 result.node_span = (chain.nodes[0].start_layer, chain.nodes[0].end_layer)
                 if settings.llama_cpp is not None:
                     llama = LlamaCpp.find(settings.llama_cpp, settings.llama_gguf)
-                    result.llama = side_by_side(llama, model, ids, settings.new_tokens, threads, parts, settings.repeats)
+                    result.llama = side_by_side(
+                        llama, model, ids, settings.new_tokens, threads, parts, settings.repeats
+                    )
                     tick(f"llama.cpp: {statistics.median(result.llama.single_tps):.1f} tok/s in one process, "
                          f"{statistics.median(result.llama.rpc_tps):.1f} over RPC")
-                result.swarms.append(paired_speed(f"swarm, {parts} nodes, no push", chain.client(push=False), local_model,
-                                                  ids, settings))
+                result.swarms.append(
+                    paired_speed(f"swarm, {parts} nodes, no push", chain.client(push=False), local_model, ids, settings)
+                )
                 tick(f"no push: {result.swarms[-1].median:.1f} tok/s")
                 result.node_exact = node_metadata(chain.nodes[0].address).get("exact", {})
                 if result.node_exact:  # the same chain holding every matrix dense (node/model/exact.py), for comparison
@@ -325,15 +336,19 @@ def run_benchmark(settings: PerfSettings, console: Console | None = None) -> Per
                             result.settle_s.append(settle_alone(model, config, [n.address for n in chain.nodes],
                                                                 settings.seed + round_))
                         runs[sessions].append(sessions_at_once(model, sessions, settings.seed + round_))
-                        tick(f"{sessions} concurrent sessions, round {round_ + 1}: {runs[sessions][-1][0]:.1f} tok/s in "
-                             f"all, {runs[sessions][-1][3]:.1f} while all decode")
+                        tick(
+                            f"{sessions} concurrent sessions, round {round_ + 1}: {runs[sessions][-1][0]:.1f} tok/s in "
+                            f"all, {runs[sessions][-1][3]:.1f} while all decode"
+                        )
                 result.concurrency = [_median_sessions(n, runs[n]) for n in settings.concurrency]
                 result.concurrency_runs = {n: [run[0] for run in runs[n]] for n in settings.concurrency}
                 most_sessions = 8 if 8 in settings.concurrency else max(settings.concurrency)
                 if most_sessions > 1:  # what convoys (node/runtime/convoy.py) add: a client without them
                     plain = chain.client(convoys=False)
                     result.concurrency_plain = _median_sessions(
-                        most_sessions, [sessions_at_once(plain, most_sessions, settings.seed + r) for r in range(settings.repeats)])
+                        most_sessions,
+                        [sessions_at_once(plain, most_sessions, settings.seed + r) for r in range(settings.repeats)],
+                    )
                     tick(f"{most_sessions} concurrent sessions without convoys: "
                          f"{result.concurrency_plain[1]:.1f} tok/s in all")
                 torch.set_num_threads(threads)
@@ -377,7 +392,9 @@ def add_perf_bench_parser(commands) -> None:
     bench.add_argument("--prefill-tokens", type=int, default=512)
     bench.add_argument("--repeats", type=int, default=3)
     bench.add_argument("--nodes", type=_counts, default=(1, 2, 3), help="node counts to compare (default 1,2,3)")
-    bench.add_argument("--delays-ms", type=_floats, default=(10.0, 50.0), help="simulated one-way delays (default 10,50)")
+    bench.add_argument(
+        "--delays-ms", type=_floats, default=(10.0, 50.0), help="simulated one-way delays (default 10,50)"
+    )
     bench.add_argument("--wan-tokens", type=int, default=16)
     bench.add_argument("--wan-threads", type=int, default=1,
                        help="torch threads per node of the WAN chain (default 1: the proxies and the client share the "
@@ -390,7 +407,9 @@ def add_perf_bench_parser(commands) -> None:
     bench.add_argument("--llama-cpp", default=None, metavar="BUILD",
                        help="a llama.cpp build folder (deploy/llamacpp.sh): decode with llama-bench in one process and "
                             "over its RPC backend, side by side with the swarm (needs --llama-gguf)")
-    bench.add_argument("--llama-gguf", default=None, metavar="FILE", help="the same model as an F32 GGUF, for llama.cpp")
+    bench.add_argument(
+        "--llama-gguf", default=None, metavar="FILE", help="the same model as an F32 GGUF, for llama.cpp"
+    )
     bench.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 

@@ -15,7 +15,8 @@ def render_markdown(result: PerfResult, plot_name: str | None = None) -> str:
         "## Performance: the swarm against transformers (issue 5)",
         "",
         f"- date: {result.date}",
-        f"- machine: {m['cpu']}; {m['os']}; Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}; "
+        f"- machine: {m['cpu']}; {m['os']}; Python {m['python']}, torch {m['torch']}, transformers "
+        f"{m['transformers']}; "
         f"load average {m['load']} at start",
         f"- command: `{s.command or 'potluck bench-perf --model ' + str(s.model)}`",
         f"- settings: model `{Path(s.model).name}` fp32, greedy, {s.prompt_tokens}-token seeded random prompt, "
@@ -48,12 +49,16 @@ def render_markdown(result: PerfResult, plot_name: str | None = None) -> str:
                      f" (a chain of its own with {s.wan_threads} torch thread(s) per node: with two, a node stalls "
                      "whenever a proxy or the client takes one of the two cores, which a real WAN does not do)")
         lines += [
-            "", "### 2. Simulated WAN (latency proxy in front of every node)", "",
+            "",
+            "### 2. Simulated WAN (latency proxy in front of every node)",
+            "",
             f"The limit is 1 / (compute + trips x delay): compute is the push decode step of the same chain with no "
-            f"proxies{wan_chain}; trips per token are hops + 1 with push and 2 x hops without. The proxies are processes on the same "
+            f"proxies{wan_chain}; trips per token are hops + 1 with push and 2 x hops without. The proxies are "
+            "processes on the same "
             "2 cores, and every byte takes an extra pass through one (read, timestamp, wait, write): the last "
             "column takes compute as measured through proxies that add no delay (same push mode, same chain, "
-            "just before), so it isolates what the delay itself costs from what the simulation costs.", "",
+            "just before), so it isolates what the delay itself costs from what the simulation costs.",
+            "",
             "| one-way delay per hop | push | decode tok/s | physical limit tok/s | share of the limit | "
             "limit with 0 ms proxies, tok/s | share of that limit |",
             "|---:|---|---:|---:|---:|---:|---:|",
@@ -64,20 +69,28 @@ def render_markdown(result: PerfResult, plot_name: str | None = None) -> str:
                          f"{100 * w.share_proxied:.0f}% |")
     if result.concurrency:
         base, steady_base = result.concurrency[0][1], result.concurrency[0][3]
-        lines += ["", "### 3. Concurrent sessions (3 nodes, push; one client thread per session, 1 torch thread each)", "",
-                  f"Each session generates {s.concurrency_tokens} tokens after a 16-token prompt; aggregate = all new "
-                  f"tokens / wall time (opening, prompts and decoding), median of {s.repeats} round(s) (each round "
-                  "runs every session count once, in turn). While all decode = the new tokens that came while every "
-                  "session was decoding (from the last session's first token to the first session's last), over "
-                  "that window: the decode speed of benchmark 1, for all sessions together. Steps per pass: how many "
-                  "sessions' steps the last node ran in one forward (continuous batching), on average over the "
-                  "rounds.", "",
-                  "| sessions | aggregate tok/s | vs 1 session | while all decode, tok/s | vs 1 session | "
-                  "steps per pass (last node) |", "|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            "### 3. Concurrent sessions (3 nodes, push; one client thread per session, 1 torch thread each)",
+            "",
+            f"Each session generates {s.concurrency_tokens} tokens after a 16-token prompt; aggregate = all new "
+            f"tokens / wall time (opening, prompts and decoding), median of {s.repeats} round(s) (each round "
+            "runs every session count once, in turn). While all decode = the new tokens that came while every "
+            "session was decoding (from the last session's first token to the first session's last), over "
+            "that window: the decode speed of benchmark 1, for all sessions together. Steps per pass: how many "
+            "sessions' steps the last node ran in one forward (continuous batching), on average over the "
+            "rounds.",
+            "",
+            "| sessions | aggregate tok/s | vs 1 session | while all decode, tok/s | vs 1 session | "
+            "steps per pass (last node) |",
+            "|---:|---:|---:|---:|---:|---:|",
+        ]
         for sessions, aggregate, per_pass, steady in result.concurrency:
             steady_cells = (f"{steady:.1f} | {steady / steady_base:.2f}x" if steady and steady_base
                             else "n/a (the sessions never all decoded at once) | n/a")
-            lines.append(f"| {sessions} | {aggregate:.1f} | {aggregate / base:.2f}x | {steady_cells} | {per_pass:.2f} |")
+            lines.append(
+                f"| {sessions} | {aggregate:.1f} | {aggregate / base:.2f}x | {steady_cells} | {per_pass:.2f} |"
+            )
         if result.batch_compute:
             exact, dense = result.batch_compute
             lines += ["", f"What batching gives when only the computation takes time (node/bench_batch_compute.py, "
@@ -142,19 +155,27 @@ def _weights_lines(result: PerfResult) -> list[str]:
 def _llama_lines(result: PerfResult) -> list[str]:
     side, s = result.llama, result.settings
     swarm, single, rpc = (statistics.median(x) for x in (side.swarm_tps, side.single_tps, side.rpc_tps))
-    per_run = "; ".join(f"{a:.2f} / {b:.2f} / {c:.2f}" for a, b, c in zip(side.swarm_tps, side.single_tps, side.rpc_tps))
+    per_run = "; ".join(
+        f"{a:.2f} / {b:.2f} / {c:.2f}" for a, b, c in zip(side.swarm_tps, side.single_tps, side.rpc_tps)
+    )
     return [
-        "", "#### llama.cpp side by side", "",
+        "",
+        "#### llama.cpp side by side",
+        "",
         f"llama.cpp's `llama-bench` (decode test, {s.new_tokens} tokens) on the same weights as an F32 GGUF "
         f"(`{Path(s.llama_gguf).name}`), taking turns with the swarm in each of {s.repeats} round(s): the swarm "
-        f"({side.servers} nodes, push), llama.cpp in one process with {result.machine['threads']} threads, and llama.cpp "
-        f"over its RPC backend with {side.servers} rpc servers on loopback (one thread each, every layer on the servers).",
+        f"({side.servers} nodes, push), llama.cpp in one process with {result.machine['threads']} threads, and "
+        "llama.cpp "
+        f"over its RPC backend with {side.servers} rpc servers on loopback (one thread each, every layer on the "
+        "servers).",
         "",
-        "| system | decode tok/s | ms/token | swarm vs it |", "|---|---:|---:|---:|",
+        "| system | decode tok/s | ms/token | swarm vs it |",
+        "|---|---:|---:|---:|",
         f"| swarm, {side.servers} nodes, push | {swarm:.2f} | {1000 / swarm:.1f} | |",
         f"| llama.cpp F32, one process | {single:.2f} | {1000 / single:.1f} | {swarm / single:.2f}x |",
         f"| llama.cpp F32 over RPC, {side.servers} servers | {rpc:.2f} | {1000 / rpc:.1f} | {swarm / rpc:.2f}x |",
-        "", f"Per round (swarm / llama.cpp one process / llama.cpp RPC): {per_run}.",
+        "",
+        f"Per round (swarm / llama.cpp one process / llama.cpp RPC): {per_run}.",
     ]
 
 

@@ -155,8 +155,18 @@ def run_quant_bench(model: Path, text: str, window: int = 256, stride: int = 128
             del spans
             for mode in MODES:
                 swarm = swarm_perplexity(folder, mode, ids, window, stride, layers)
-                rows.append(QuantRow(name, config.model_type, mode, bytes_per_layer(config, torch.float32, _quant(mode)),
-                                     held[mode], speeds[mode], swarm, local))
+                rows.append(
+                    QuantRow(
+                        name,
+                        config.model_type,
+                        mode,
+                        bytes_per_layer(config, torch.float32, _quant(mode)),
+                        held[mode],
+                        speeds[mode],
+                        swarm,
+                        local,
+                    )
+                )
                 console.print(f"{name} {mode}: {held[mode] / 1e6:.2f} MB/layer, {speeds[mode]:.1f} tok/s, perplexity "
                               f"{swarm:.4f} (local float {local:.4f})")
     return rows
@@ -170,7 +180,8 @@ def render_markdown(rows: list[QuantRow], tokens: int, window: int, stride: int,
         "- memory per layer: *counted* is `bytes_per_layer(config, float32, quant)`, what placement divides the "
         "budget by; *held* is a loaded span's weight bytes (node/model/quant.py `weight_bytes`) per layer.",
         f"- decode: the whole model as one span in this process, {threads} torch thread(s), one token a step after "
-        "a 16-token prefill; 3 rounds of 16 steps alternating between the modes, the best round of each (no network; the lean runtime where the family has one).",
+        "a 16-token prefill; 3 rounds of 16 steps alternating between the modes, the best round of each (no "
+        "network; the lean runtime where the family has one).",
         f"- perplexity: node/bench/eval-text.txt ({tokens} tokens), window {window}, stride {stride} (client/eval.py), "
         "through two node processes each serving half the layers with `--quant`, against the float32 model in "
         "plain transformers. The tiny models are random (their perplexity is near their 512-token vocabulary); "
@@ -193,13 +204,19 @@ def render_markdown(rows: list[QuantRow], tokens: int, window: int, stride: int,
 def add_quant_bench_parser(commands) -> None:
     from node.bench.basic import add_output_args
 
-    bench = commands.add_parser("bench-quant", help="benchmark --quant int8/nf4: memory per layer, decode speed, perplexity")
+    bench = commands.add_parser(
+        "bench-quant", help="benchmark --quant int8/nf4: memory per layer, decode speed, perplexity"
+    )
     bench.add_argument("--model", required=True, help="model folder (config.json + safetensors)")
     bench.add_argument("--text", default=str(EVAL_TEXT), help="text to score (default node/bench/eval-text.txt)")
     bench.add_argument("--window", type=int, default=256, help="tokens per scored window (default 256)")
     bench.add_argument("--stride", type=int, default=128, help="tokens between windows (default 128)")
-    bench.add_argument("--threads", type=int, default=1,
-                       help="torch threads for the in-process decode (default 1: on a shared machine more threads spin)")
+    bench.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads for the in-process decode (default 1: on a shared machine more threads spin)",
+    )
     add_output_args(bench)
 
 

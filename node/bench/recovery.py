@@ -332,7 +332,8 @@ def render_markdown(result: RecoveryResult) -> str:
         "## Recovery after a SIGKILL mid-generation",
         "",
         f"- date: {result.date}; the whole bench took {result.seconds:.0f} s",
-        f"- machine: {m['cpu']}; {m['os']}; Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}; "
+        f"- machine: {m['cpu']}; {m['os']}; Python {m['python']}, torch {m['torch']}, transformers "
+        f"{m['transformers']}; "
         f"load average {m['load']} at start",
         f"- command: `{s.command or 'potluck bench-recovery --model ' + str(s.model)}`",
         f"- settings: model `{s.model.name}` fp32, greedy; a chain of real `potluck join` processes on loopback "
@@ -414,7 +415,8 @@ def _interpretation(result: RecoveryResult) -> str:
             reach = (TARGET_S * 1000 - fixed - replay.intercept) / replay.slope
             text += (
                 f"The rest of the stall is not tied to k (stall minus replay, median {fixed:.0f} ms: process "
-                f"teardown, one decode step, re-route); with that and the replay's slope the stall would pass {TARGET_S:g} s at about "
+                "teardown, one decode step, re-route); with that and the replay's slope the stall would pass "
+                f"{TARGET_S:g} s at about "
                 f"{reach:,.0f} tokens held on this machine, sooner in fact, since attention makes a long prefill "
                 "cost more than linearly. "
             )

@@ -230,7 +230,8 @@ def render_markdown(results: list[TaskResult], lookup: int, new_tokens: int, rou
         f"- {machine}",
         f"- command: `{command}`",
         f"- settings: SmolLM2-135M-Instruct fp32, greedy, at most {new_tokens} new tokens (EOS ends an answer), "
-        f"prompt lookup drafts of up to {lookup} tokens (`prompt_lookup_num_tokens`), 3 node processes{',' if delay_ms else ''} {where} "
+        f"prompt lookup drafts of up to {lookup} tokens (`prompt_lookup_num_tokens`), 3 node "
+        f"processes{',' if delay_ms else ''} {where} "
         f"(0:10, 10:20, 20:30, push, {threads} torch threads each, {threads} here); {rounds} round(s), each running "
         "the four systems in turn on the task; medians over the rounds, ratios taken within each round",
         "",
@@ -254,15 +255,20 @@ def render_markdown(results: list[TaskResult], lookup: int, new_tokens: int, rou
     tokens = sum(len(run.tokens) for r in results for run in r.runs["transformers"])
     lines += [
         "",
-        "Whole answers, every task and round together (prompt included): " + ", ".join(
-            f"{name} {tokens / totals[name]:.1f} tok/s" for name in SYSTEMS)
+        "Whole answers, every task and round together (prompt included): "
+        + ", ".join(f"{name} {tokens / totals[name]:.1f} tok/s" for name in SYSTEMS)
         + f"; the swarm with prompt lookup {totals['transformers'] / totals['swarm, prompt lookup']:.2f}x "
-          f"transformers, {totals['swarm'] / totals['swarm, prompt lookup']:.2f}x the swarm without it.",
+        f"transformers, {totals['swarm'] / totals['swarm, prompt lookup']:.2f}x the swarm without it.",
         "",
-        "Per round, decode tok/s (transformers / transformers lookup / swarm / swarm lookup): " + "; ".join(
-            f"{r.task.name}: " + ", ".join(
-                " / ".join(f"{r.runs[name][i].decode_tps:.1f}" for name in SYSTEMS) for i in range(len(r.runs["swarm"])))
-            for r in results) + ".",
+        "Per round, decode tok/s (transformers / transformers lookup / swarm / swarm lookup): "
+        + "; ".join(
+            f"{r.task.name}: "
+            + ", ".join(
+                " / ".join(f"{r.runs[name][i].decode_tps:.1f}" for name in SYSTEMS) for i in range(len(r.runs["swarm"]))
+            )
+            for r in results
+        )
+        + ".",
         "",
         "How to read it: a pass through the swarm checks the draft and yields one more token, so tokens per pass "
         "is 1 + the draft tokens accepted. When answers repeat the prompt (copying, correcting, answering from "

@@ -160,7 +160,9 @@ class _SimNode:
         return up + down
 
 
-def _sim_round(nodes: list[_SimNode], by_address: dict[str, _SimNode], rng: random.Random, fanout: int) -> tuple[int, int]:
+def _sim_round(
+    nodes: list[_SimNode], by_address: dict[str, _SimNode], rng: random.Random, fanout: int
+) -> tuple[int, int]:
     """One heartbeat: every node (in random order) renews its record and exchanges with its targets."""
     moved = exchanges = 0
     for node in rng.sample(nodes, len(nodes)):
@@ -171,7 +173,9 @@ def _sim_round(nodes: list[_SimNode], by_address: dict[str, _SimNode], rng: rand
     return moved, exchanges
 
 
-def simulate_gossip(nodes: int, heartbeat: float = 5.0, fanout: int = 3, seed: int = 0, max_rounds: int = 30) -> SimResult:
+def simulate_gossip(
+    nodes: int, heartbeat: float = 5.0, fanout: int = 3, seed: int = 0, max_rounds: int = 30
+) -> SimResult:
     """`nodes` nodes that all bootstrap to the first: converge, then measure one minute of heartbeats,
     then time how many heartbeats a newcomer takes to be listed everywhere."""
     rng = random.Random(seed)
@@ -466,7 +470,9 @@ def run_swarm_bench(settings: SwarmBenchSettings, console: Console | None = None
         joins = [measure_join("tiny LLaMA", tiny, (0, 6), settings.runs, tick)]
         if settings.model is not None:  # its first third of the layers, e.g. 0:10 of SmolLM2's 30
             layers = ModelFiles.open(str(settings.model)).config().num_hidden_layers
-            joins.append(measure_join(settings.model.name, settings.model, (0, max(1, layers // 3)), settings.runs, tick))
+            joins.append(
+                measure_join(settings.model.name, settings.model, (0, max(1, layers // 3)), settings.runs, tick)
+            )
         discovery = {}
         for mode in ("mdns", "gossip"):
             discovery[mode] = asyncio.run(_discovery(tiny, mode, settings.nodes, settings.runs, scratch))
@@ -491,7 +497,8 @@ def render_markdown(result: SwarmBenchResult) -> str:
         "## Swarm membership: join, discovery, gossip traffic",
         "",
         f"- date: {result.date}; the whole bench took {result.seconds:.0f} s",
-        f"- machine: {m['cpu']}; {m['os']}; Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}; "
+        f"- machine: {m['cpu']}; {m['os']}; Python {m['python']}, torch {m['torch']}, transformers "
+        f"{m['transformers']}; "
         f"load average {m['load']} at start",
         f"- command: `{s.command or 'potluck bench-swarm'}`",
         "",
@@ -508,7 +515,8 @@ def _join_lines(result: SwarmBenchResult) -> list[str]:
         f"no cached throughput, as on a first join); median of {result.settings.runs} run(s), seconds from process "
         "start. A client polls the node's Gossip RPC every 20 ms and verifies the records it gets back.",
         "",
-        "| model, span | gRPC port answers | own record visible (JOINING) | record ONLINE visible | ready line printed |",
+        "| model, span | gRPC port answers | own record visible (JOINING) | record ONLINE visible | ready line "
+        "printed |",
         "|---|---:|---:|---:|---:|",
     ]
     for join in joins:
@@ -548,7 +556,8 @@ def _discovery_lines(result: SwarmBenchResult) -> list[str]:
         "brackets). mDNS only: `--mdns-interface 127.0.0.1`, no bootstrap. Gossip only: `--no-mdns`, everyone "
         "bootstraps to the first node. Each existing node's `membership.live()` is polled every 20 ms.",
         "",
-        "| discovery | newcomer ONLINE (start_node returns) | listed by all | ONLINE for all | gone from all after it leaves |",
+        "| discovery | newcomer ONLINE (start_node returns) | listed by all | ONLINE for all | gone from all "
+        "after it leaves |",
         "|---|---:|---:|---:|---:|",
     ]
     medians = {}
@@ -564,11 +573,14 @@ def _discovery_lines(result: SwarmBenchResult) -> list[str]:
         lines += [
             "",
             "Through gossip the newcomer pulls the registry from its bootstrap node, then pushes its record to it and "
-            f"to up to {SwarmConfig().fanout} random peers it now knows, so a small swarm lists it within one exchange. Through "
-            f"mDNS its start takes {_ms(extra)} ms longer: `publish()` awaits zeroconf's service registration (probing) "
+            f"to up to {SwarmConfig().fanout} random peers it now knows, so a small swarm lists it within one "
+            "exchange. Through "
+            f"mDNS its start takes {_ms(extra)} ms longer: `publish()` awaits zeroconf's service registration "
+            "(probing) "
             "before pushing the record and before loading the span; the others pull the record when their browser "
             "resolves the service. The ONLINE record is pushed to up to that many peers the newcomer knows (on a "
-            "shared LAN some may be other swarms' nodes); the rest hear it in their next exchange. Leaving pushes an OFFLINE record to every known peer at once. A node that crashes "
+            "shared LAN some may be other swarms' nodes); the rest hear it in their next exchange. Leaving "
+            "pushes an OFFLINE record to every known peer at once. A node that crashes "
             "without leaving stays listed until its record expires (TTL, 15 s by default).",
         ]
     return lines + [""]
@@ -595,9 +607,11 @@ def _traffic_lines(result: SwarmBenchResult) -> list[str]:
         cpu = sim.checks_per_node * result.verify_s
         spread = "-" if sim.spread_rounds is None else f"{sim.spread_rounds} heartbeat(s)"
         lines.append(
-            f"| {sim.nodes} | {'yes' if sim.converged else 'NO'} ({sim.warmup_rounds}) | {sim.message_bytes / 1000:.1f} KB "
+            f"| {sim.nodes} | {'yes' if sim.converged else 'NO'} ({sim.warmup_rounds}) | "
+            f"{sim.message_bytes / 1000:.1f} KB "
             f"| {sim.median_bytes / 1000:.0f} KB/min | {sim.bootstrap_bytes / 1000:.0f} KB/min "
-            f"| {sim.total_bytes / 1e6:.1f} MB/min | {sim.checks_per_node:.0f}/min | {cpu * 1000:.0f} ms/min | {spread} |"
+            f"| {sim.total_bytes / 1e6:.1f} MB/min | {sim.checks_per_node:.0f}/min | {cpu * 1000:.0f} ms/min | "
+            f"{spread} |"
         )
     sims = {sim.nodes: sim for sim in result.sims}
     pick = sims.get(50, result.sims[len(result.sims) // 2])
@@ -608,7 +622,8 @@ def _traffic_lines(result: SwarmBenchResult) -> list[str]:
         f"({pick.message_bytes / pick.nodes:.0f} B each), so a typical node moves {pick.median_bytes / 1e6:.2f} MB "
         f"per minute ({pick.median_bytes / 60 / 1000:.1f} KB/s) and checks {pick.checks_per_node:.0f} signatures "
         f"({result.verify_s * 1e6:.0f} µs each here). From {small.nodes} to {large.nodes} nodes "
-        f"(x{large.nodes / small.nodes:g}) a typical node's traffic grows x{large.median_bytes / small.median_bytes:.1f} "
+        f"(x{large.nodes / small.nodes:g}) a typical node's traffic grows "
+        f"x{large.median_bytes / small.median_bytes:.1f} "
         f"and the whole swarm's x{large.total_bytes / small.total_bytes:.0f}: linear per node, quadratic in total, "
         "because exchanges send whole registries rather than digests. Once nodes know more peers than the fanout "
         "they stop calling their bootstrap node, which then carries "

@@ -174,7 +174,10 @@ class Chain:
                 try:
                     await call.write(pb.SessionRequest(close=pb.CloseSession()))
                     await call.done_writing()
-                except (grpc.aio.AioRpcError, asyncio.InvalidStateError):  # the node ended the stream; it frees the session anyway
+                except (
+                    grpc.aio.AioRpcError,
+                    asyncio.InvalidStateError,
+                ):  # the node ended the stream; it frees the session anyway
                     pass
                 call.cancel()
         for channel in self._channels:
@@ -187,8 +190,15 @@ def _sizes(chains: list[Chain], prefill: bool) -> tuple[int, int]:
     return round(sum(i for i, _ in rows) / len(rows)), round(sum(o for _, o in rows) / len(rows))
 
 
-async def probe_format(addresses, spans, wire: str, embed, prefill: torch.Tensor,
-                       texts: list[tuple[torch.Tensor, list[int]]], max_length: int) -> tuple[list[torch.Tensor], list[Chain]]:
+async def probe_format(
+    addresses,
+    spans,
+    wire: str,
+    embed,
+    prefill: torch.Tensor,
+    texts: list[tuple[torch.Tensor, list[int]]],
+    max_length: int,
+) -> tuple[list[torch.Tensor], list[Chain]]:
     """Final hidden states of every text prompt (+ its forced continuation), and the chains that carried them."""
     outputs, chains = [], []
     async with Chain(addresses, spans, wire, max_length) as chain:
@@ -277,11 +287,15 @@ def run_wire_bench(settings: WireSettings, console: Console | None = None) -> Wi
                         probe_format(addresses, spans, result.wire, embed, prefill, forced, longest))
                     result.prefill_in, result.prefill_out = _sizes(chains[:1], prefill=True)
                     result.decode_in, result.decode_out = _sizes(chains, prefill=False)
-                    errors = torch.cat([(a - b).abs().flatten() for a, b in zip(finals[result.wire], finals["float32"])])
+                    errors = torch.cat(
+                        [(a - b).abs().flatten() for a, b in zip(finals[result.wire], finals["float32"])]
+                    )
                     result.max_error, result.mean_error = errors.max().item(), errors.mean().item()
                     tick(f"{result.wire}: greedy generation with the client")
                     client = DistributedModelForCausalLM.from_pretrained(
-                        str(settings.model), config=ClientConfig(peers=tuple(addresses), mdns=False, wire_dtype=result.wire))
+                        str(settings.model),
+                        config=ClientConfig(peers=tuple(addresses), mdns=False, wire_dtype=result.wire),
+                    )
                     try:
                         result.tokens = [_greedy(client, ids, settings.new_tokens) for ids in chat]
                     finally:
@@ -340,7 +354,8 @@ def render_markdown(result: WireResult) -> str:
         lines.append(
             f"| {f.wire} | {f.decode_in:,} + {f.decode_out:,} | **{f.decode_per_token:,}** | {prefill:,.0f} "
             f"| {f.decode_per_token / base.decode_per_token:.2f} / {prefill / base_prefill:.2f} "
-            f"| {f.max_error:.3g} ({f.mean_error:.2g}) | {'**' if same == n else ''}{same}/{n}{'**' if same == n else ''} |"
+            f"| {f.max_error:.3g} ({f.mean_error:.2g}) | "
+            f"{'**' if same == n else ''}{same}/{n}{'**' if same == n else ''} |"
         )
     lines += ["", "\"vs float32\" is decode / prefill. " + _differences(result), "", _interpretation(result), ""]
     return "\n".join(lines)
@@ -374,9 +389,15 @@ def _interpretation(result: WireResult) -> str:
     int8 = next((f for f in result.formats if f.wire == "int8"), None)
     bf16 = next((f for f in result.formats if f.wire == "bfloat16"), None)
     if int8 is not None and result.max_hidden > 0:
-        text += (f"Here int8's largest error is {int8.max_error / result.max_hidden:.1%} of the largest hidden value"
-                 + (f", and its mean error {int8.mean_error / bf16.mean_error:.0f}x bfloat16's" if bf16 and bf16.mean_error
-                    else "") + ". ")
+        text += (
+            f"Here int8's largest error is {int8.max_error / result.max_hidden:.1%} of the largest hidden value"
+            + (
+                f", and its mean error {int8.mean_error / bf16.mean_error:.0f}x bfloat16's"
+                if bf16 and bf16.mean_error
+                else ""
+            )
+            + ". "
+        )
     return text + ("Whether an error flips a greedy token depends on how close the top two logits are, so the table "
                    "counts prompts: equality on these prompts is a measurement, not a promise.")
 

@@ -1,4 +1,5 @@
-"""`potluck api` (alias `dashboard`): its flags, and the OpenAI-compatible server (client/api/server.py) built from them."""
+"""`potluck api` (alias `dashboard`): its flags, and the OpenAI-compatible server (client/api/server.py) built from
+them."""
 
 from __future__ import annotations
 
@@ -25,9 +26,13 @@ from node.cli.args import (
 def add_api_parser(commands) -> None:
     api = commands.add_parser("api", aliases=["dashboard"],
                               help="serve an OpenAI-compatible HTTP API backed by the swarm, and its dashboard at /")
-    api.add_argument("--model", action="append", default=[],
-                     help="model folder, .gguf file or hub id (the one the nodes serve); repeat to serve several. Without "
-                          "--peers, every other model the discovered swarm covers is offered too")
+    api.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        help="model folder, .gguf file or hub id (the one the nodes serve); repeat to serve several. Without "
+        "--peers, every other model the discovered swarm covers is offered too",
+    )
     api.add_argument("--models-dir", default=None,
                      help="folder holding discovered models' folders by name (default: load them from the hub)")
     api.add_argument("--name", default=None, help="the model's name in the API (default: folder name or hub id)")
@@ -42,15 +47,21 @@ def add_api_parser(commands) -> None:
                      help=f"chat completions without max_tokens stop here (default {ApiSettings.default_max_tokens})")
     api.add_argument("--parallel", type=int, default=ApiSettings.parallel,
                      help=f"requests that generate at once; more wait their turn (default {ApiSettings.parallel})")
-    api.add_argument("--no-convoys", action="store_true",
-                     help="concurrent requests step on their own, not as convoys sharing the nodes' passes (docs/performance.md)")
+    api.add_argument(
+        "--no-convoys",
+        action="store_true",
+        help="concurrent requests step on their own, not as convoys sharing the nodes' passes (docs/performance.md)",
+    )
     api.add_argument("--prompt-lookup", type=int, default=PROMPT_LOOKUP, metavar="N",
                      help="speculative decoding by prompt lookup: each pass also checks up to N tokens that followed "
                           "the last ones earlier in the text; the same text for greedy requests and the same "
                           "distribution for sampled ones, faster when answers repeat the prompt; a request drafts "
                           f"only while it generates alone (default {PROMPT_LOOKUP}; 0: off)")
-    api.add_argument("--no-pack-head", action="store_true",
-                     help="no MKL-packed copy of the LM head for requests' shared head products (saves the head's memory)")
+    api.add_argument(
+        "--no-pack-head",
+        action="store_true",
+        help="no MKL-packed copy of the LM head for requests' shared head products (saves the head's memory)",
+    )
     add_trust_args(api)
     add_verify_args(api)
     add_logging(api)

@@ -54,15 +54,22 @@ def bootstrap_list(values: list[str]) -> tuple[str, ...]:
 
 def add_trust_args(parser: argparse.ArgumentParser, serving: bool = False) -> None:
     """--swarm-key and TLS: the same on nodes and clients of one swarm (docs/reliability.md)."""
-    parser.add_argument("--swarm-key", default=os.environ.get("POTLUCK_SWARM_KEY_FILE"),
-                        help="key file of a private swarm (env POTLUCK_SWARM_KEY_FILE; make one: potluck swarm-key new FILE)")
+    parser.add_argument(
+        "--swarm-key",
+        default=os.environ.get("POTLUCK_SWARM_KEY_FILE"),
+        help="key file of a private swarm (env POTLUCK_SWARM_KEY_FILE; make one: potluck swarm-key new FILE)",
+    )
     parser.add_argument("--tls", default="off", choices=["off", "auto", "ca"],
                         help="encrypt every call: auto = certificates endorsed by node identities; ca = --tls-ca roots")
-    parser.add_argument("--tls-ca", default=None, help="PEM roots that nodes' certificates are checked against (--tls ca)")
+    parser.add_argument(
+        "--tls-ca", default=None, help="PEM roots that nodes' certificates are checked against (--tls ca)"
+    )
     parser.add_argument("--tls-server-name", default=None,
                         help="the name nodes' certificates are issued to (default: the dialed host)")
     if serving:
-        parser.add_argument("--tls-cert", default=None, help="PEM certificate chain this node presents (implies --tls ca)")
+        parser.add_argument(
+            "--tls-cert", default=None, help="PEM certificate chain this node presents (implies --tls ca)"
+        )
         parser.add_argument("--tls-key", default=None, help="the certificate's PEM private key")
 
 
@@ -80,9 +87,13 @@ def trust_options(args: argparse.Namespace) -> dict:
 PROMPT_LOOKUP = 7
 
 
-def add_generation_args(parser: argparse.ArgumentParser, default_prompt: str | None = None, chat_default: bool = False) -> None:
+def add_generation_args(
+    parser: argparse.ArgumentParser, default_prompt: str | None = None, chat_default: bool = False
+) -> None:
     parser.add_argument("--prompt", required=default_prompt is None, default=default_prompt, help="the prompt text")
-    parser.add_argument("--chat", action="store_true", default=chat_default, help="wrap the prompt in the chat template")
+    parser.add_argument(
+        "--chat", action="store_true", default=chat_default, help="wrap the prompt in the chat template"
+    )
     parser.add_argument("--max-new-tokens", type=positive, default=64, help="tokens to generate at most (default 64)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); >0 samples")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default 1.0)")
@@ -90,10 +101,15 @@ def add_generation_args(parser: argparse.ArgumentParser, default_prompt: str | N
     parser.add_argument("--stop", action="append", default=None, help="stop when this string appears (repeatable)")
     parser.add_argument("--wire-dtype", default="float32", choices=WIRE_FORMATS,
                         help="hidden states on the wire; int8: blockwise quantised (default float32)")
-    parser.add_argument("--prompt-lookup", type=non_negative, default=PROMPT_LOOKUP, metavar="N",
-                        help="speculative decoding: each pass also checks up to N tokens that followed the last "
-                             "tokens earlier in the text; the same output (sampling: the same distribution), faster when "
-                             f"the answer repeats the prompt (default {PROMPT_LOOKUP}; 0: off)")
+    parser.add_argument(
+        "--prompt-lookup",
+        type=non_negative,
+        default=PROMPT_LOOKUP,
+        metavar="N",
+        help="speculative decoding: each pass also checks up to N tokens that followed the last "
+        "tokens earlier in the text; the same output (sampling: the same distribution), faster when "
+        f"the answer repeats the prompt (default {PROMPT_LOOKUP}; 0: off)",
+    )
 
 
 def add_verify_args(parser: argparse.ArgumentParser) -> None:

@@ -20,7 +20,9 @@ from node.launcher import start_chain
 
 def add_demo_parser(commands) -> None:
     demo = commands.add_parser("demo", help="start a local 3-node swarm on the embedded model and chat through it")
-    demo.add_argument("--model", default=None, help="model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct GGUF)")
+    demo.add_argument(
+        "--model", default=None, help="model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct GGUF)"
+    )
     demo.add_argument("--nodes", type=positive, default=3, help="number of node processes (default 3)")
     demo.add_argument("--threads", type=int, default=0, help="torch threads per node (default: cores / nodes)")
     add_generation_args(demo, default_prompt="What is the capital of France?", chat_default=True)
@@ -72,9 +74,11 @@ def run_demo(args: argparse.Namespace) -> None:
         finally:
             model.close()
         console.print(
-            f"[dim]{len(result.token_ids)} tokens in {result.total_seconds:.2f}s: prefill {result.prompt_tokens} tokens "
+            f"[dim]{len(result.token_ids)} tokens in {result.total_seconds:.2f}s: prefill "
+            f"{result.prompt_tokens} tokens "
             f"in {result.prefill_seconds * 1000:.0f} ms, decode {result.decode_tokens_per_s:.1f} tokens/s"
-            + (f", {result.passes} passes through the swarm" if args.prompt_lookup and result.passes else "") + "[/]"
+            + (f", {result.passes} passes through the swarm" if args.prompt_lookup and result.passes else "")
+            + "[/]"
         )
     finally:
         codes = [node.stop() for node in nodes]

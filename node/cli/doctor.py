@@ -371,7 +371,9 @@ def add_doctor_parser(commands) -> None:
 
     doctor = commands.add_parser("doctor", help="check this machine before joining: memory, disk, clock, reachability")
     doctor.add_argument("--model", default=None, help="model folder (checks its size and layers) or hub id")
-    doctor.add_argument("--need", default=None, help="disk the model needs, e.g. 16GB (default: a local --model's size)")
+    doctor.add_argument(
+        "--need", default=None, help="disk the model needs, e.g. 16GB (default: a local --model's size)"
+    )
     doctor.add_argument("--cache-dir", default=None, help="model cache folder (default: HF_HOME's hub cache)")
     doctor.add_argument("--device", default="auto", help="the --device the node will use (default auto)")
     doctor.add_argument("--bootstrap", action="append", default=[],

@@ -28,13 +28,17 @@ from node.config import ConfigError
 
 
 def add_eval_parser(commands) -> None:
-    parser = commands.add_parser("eval", help="perplexity of a text through the swarm (and, with --local, on this machine)")
+    parser = commands.add_parser(
+        "eval", help="perplexity of a text through the swarm (and, with --local, on this machine)"
+    )
     parser.add_argument("--model", required=True, help="model folder, .gguf file or hub id (the one the nodes serve)")
     parser.add_argument("--text", required=True, help="a UTF-8 text file to score")
     parser.add_argument("--peers", default=None, help="comma-separated HOST:PORT of nodes (default: discover them)")
     parser.add_argument("--window", type=int, default=512, help="tokens per forward pass (default 512)")
     parser.add_argument("--stride", type=int, default=256, help="tokens between window starts (default 256)")
-    parser.add_argument("--max-tokens", type=int, default=0, help="score only the first N tokens of the text (default: all)")
+    parser.add_argument(
+        "--max-tokens", type=int, default=0, help="score only the first N tokens of the text (default: all)"
+    )
     parser.add_argument("--local", action="store_true",
                         help="also score with plain transformers on this machine and print the difference")
     parser.add_argument("--wire-dtype", default="float32", choices=WIRE_FORMATS,
@@ -92,8 +96,11 @@ def run_eval_cli(args: argparse.Namespace) -> None:
         print(json.dumps({name: result.as_json() for name, result in results.items()}))
         return
     for name, result in results.items():
-        print(f"{name:6s} perplexity {result.perplexity:.4f}  (mean NLL {result.nll:.6f} nats over {result.tokens} tokens, "
-              f"{result.windows} windows of {args.window}, stride {args.stride})")
+        print(
+            f"{name:6s} perplexity {result.perplexity:.4f}  (mean NLL {result.nll:.6f} nats over "
+            f"{result.tokens} tokens, "
+            f"{result.windows} windows of {args.window}, stride {args.stride})"
+        )
     if "local" in results:
         swarm, local = results["swarm"], results["local"]
         print(f"swarm / local perplexity: {swarm.perplexity / local.perplexity:.6f} "

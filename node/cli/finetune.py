@@ -20,20 +20,29 @@ from node.config import ConfigError
 
 
 def add_finetune_parser(commands) -> None:
-    parser = commands.add_parser("finetune", help="train a soft prompt through the swarm (the nodes' layers stay frozen)")
+    parser = commands.add_parser(
+        "finetune", help="train a soft prompt through the swarm (the nodes' layers stay frozen)"
+    )
     parser.add_argument("--model", required=True, help="model folder, .gguf file or hub id (the one the nodes serve)")
-    parser.add_argument("--data", required=True,
-                        help='JSONL file: {"text": ...} or {"prompt": ..., "completion": ...} a line (docs/finetune.md)')
+    parser.add_argument(
+        "--data",
+        required=True,
+        help='JSONL file: {"text": ...} or {"prompt": ..., "completion": ...} a line (docs/finetune.md)',
+    )
     parser.add_argument("--method", default="ptune", choices=["ptune", "deep_ptune"],
                         help="ptune: prompt embeddings before the input; deep_ptune: also prompts at every layer")
     parser.add_argument("--steps", type=positive, required=True, help="optimizer steps")
-    parser.add_argument("--out", required=True, help="where to save the prompt (torch file, for generate --prompt-weights)")
+    parser.add_argument(
+        "--out", required=True, help="where to save the prompt (torch file, for generate --prompt-weights)"
+    )
     parser.add_argument("--num-prompt-tokens", type=positive, default=16, help="soft prompt tokens (default 16)")
     parser.add_argument("--lr", type=float, default=1e-2, help="AdamW learning rate (default 0.01)")
     parser.add_argument("--batch-size", type=positive, default=4, help="examples per step (default 4)")
     parser.add_argument("--max-length", type=positive, default=256, help="tokens per example at most (default 256)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompt's initialisation and the shuffling")
-    parser.add_argument("--plot", default=None, metavar="PNG", help="also draw the loss curve to this PNG (needs matplotlib)")
+    parser.add_argument(
+        "--plot", default=None, metavar="PNG", help="also draw the loss curve to this PNG (needs matplotlib)"
+    )
     parser.add_argument("--peers", default=None, help="comma-separated HOST:PORT of nodes (default: discover them)")
     parser.add_argument("--wire-dtype", default="float32", choices=WIRE_FORMATS,
                         help="activations and gradients on the wire (default float32)")

@@ -33,13 +33,21 @@ def add_generate_parser(commands) -> None:
     generate.add_argument("--json", action="store_true", help='print {"text": ..., "token_ids": [...]} at the end')
     generate.add_argument("--no-push", action="store_true",
                           help="send every hop its step from the client (default: nodes forward steps along the chain)")
-    generate.add_argument("--prefill-chunk", type=int, default=0,
-                          help="pipeline prompts of 2x this many tokens or more down the chain in chunks (default 0: off)")
+    generate.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=0,
+        help="pipeline prompts of 2x this many tokens or more down the chain in chunks (default 0: off)",
+    )
     generate.add_argument("--adapter", default=None, metavar="NAME",
                           help="run with the LoRA adapter the nodes serve as NAME (potluck join --adapter NAME=PATH); "
                                "default: the base model")
-    generate.add_argument("--prompt-weights", default=None, metavar="FILE",
-                          help="generate with a soft prompt trained by `potluck finetune --method ptune` (docs/finetune.md)")
+    generate.add_argument(
+        "--prompt-weights",
+        default=None,
+        metavar="FILE",
+        help="generate with a soft prompt trained by `potluck finetune --method ptune` (docs/finetune.md)",
+    )
     add_logging(generate)
 
 
@@ -61,7 +69,10 @@ def run_generate(args: argparse.Namespace) -> None:
         print(json.dumps(result.as_json()))
     else:
         passes = f" in {result.passes} passes" if args.prompt_lookup and result.passes else ""
-        print(f"\n[{len(result.token_ids)} tokens{passes}, {result.decode_tokens_per_s:.1f} tokens/s decode]", file=sys.stderr)
+        print(
+            f"\n[{len(result.token_ids)} tokens{passes}, {result.decode_tokens_per_s:.1f} tokens/s decode]",
+            file=sys.stderr,
+        )
 
 
 def client_config(args: argparse.Namespace, peers: list[str]):

@@ -20,8 +20,11 @@ def add_join_parser(commands) -> None:
 def add_join_args(join: argparse.ArgumentParser) -> None:
     join.add_argument("--config", default=None,
                       help="TOML file of join options (keys: these flags' names); flags given here override it")
-    join.add_argument("--model", default=None,
-                      help="model folder, .gguf file or hub id (org/name, or org/name@revision); required here or in --config")
+    join.add_argument(
+        "--model",
+        default=None,
+        help="model folder, .gguf file or hub id (org/name, or org/name@revision); required here or in --config",
+    )
     join.add_argument("--blocks", default=None,
                       help="layers to serve, START:END (half-open), e.g. 0:10; default: placement chooses")
     join.add_argument("--host", default="127.0.0.1", help="address to bind and advertise (default 127.0.0.1)")
@@ -40,11 +43,14 @@ def add_join_args(join: argparse.ArgumentParser) -> None:
                            "(default 5; 0: never wait; a lone session never waits). docs/performance.md")
     join.add_argument("--no-lean", action="store_true",
                       help="run transformers' own layers instead of the lean runtime (for comparisons)")
-    join.add_argument("--no-exact", action="store_true",
-                      help="on CPU, keep every float32 matrix dense (by default a matrix whose values are exactly 4-bit "
-                           "or 8-bit blocks, as in a model converted from GGUF, or bfloat16 values is kept so, and "
-                           "multiplied by a small C kernel built on first use: the same results, fewer bytes to read; "
-                           "docs/performance.md#exact-compact-weights)")
+    join.add_argument(
+        "--no-exact",
+        action="store_true",
+        help="on CPU, keep every float32 matrix dense (by default a matrix whose values are exactly 4-bit "
+        "or 8-bit blocks, as in a model converted from GGUF, or bfloat16 values is kept so, and "
+        "multiplied by a small C kernel built on first use: the same results, fewer bytes to read; "
+        "docs/performance.md#exact-compact-weights)",
+    )
     join.add_argument("--no-pack", action="store_true",
                       help="on CPU, never pack the lean runtime's float32 weights for MKL (by default they are packed "
                            "while most passes carry several sessions' steps: ~1.5x faster there, ~5%% slower for one)")
@@ -57,7 +63,9 @@ def add_join_args(join: argparse.ArgumentParser) -> None:
     join.add_argument("--identity", default=None,
                       help="ed25519 key file, created on first run (default: a free slot in ~/.local/share/potluck)")
     join.add_argument("--num-blocks", type=positive, default=None, help="with no --blocks: how many layers to serve")
-    join.add_argument("--memory", default=None, help="with no --blocks: memory budget, e.g. 4GB (default: half the free memory)")
+    join.add_argument(
+        "--memory", default=None, help="with no --blocks: memory budget, e.g. 4GB (default: half the free memory)"
+    )
     join.add_argument("--throughput", type=float, default=None, help="decode tokens/s to publish instead of measuring")
     join.add_argument("--heartbeat", type=float, default=5.0, help="seconds between re-announcements (default 5)")
     join.add_argument("--ttl", type=float, default=15.0, help="seconds a silent node stays listed (default 15)")
@@ -82,19 +90,28 @@ def _add_limit_args(join: argparse.ArgumentParser) -> None:
                       help="sessions open at once; more wait --admission-wait, then are refused (default 256)")
     join.add_argument("--max-session-tokens", type=int, default=0,
                       help="cache tokens one session may reserve, batch x max_length (default 0: the whole budget)")
-    join.add_argument("--cache-memory", default=None,
-                      help="KV cache budget in bytes, e.g. 2GB; replaces --cache-tokens (converted per token of the span)")
+    join.add_argument(
+        "--cache-memory",
+        default=None,
+        help="KV cache budget in bytes, e.g. 2GB; replaces --cache-tokens (converted per token of the span)",
+    )
     join.add_argument("--rate-limit", type=float, default=0.0,
                       help="requests per second per peer address, bursts of 2 s (default 0: off)")
-    join.add_argument("--admission-wait", type=float, default=2.0,
-                      help="seconds an open waits for cache or a session slot to free up (default 2; 0: refuse at once)")
+    join.add_argument(
+        "--admission-wait",
+        type=float,
+        default=2.0,
+        help="seconds an open waits for cache or a session slot to free up (default 2; 0: refuse at once)",
+    )
 
 
 def _add_relay_args(join: argparse.ArgumentParser) -> None:
     """Relays for nodes nobody can reach (docs/relay.md)."""
     join.add_argument("--relay", action="store_true",
                       help="volunteer as a relay: carry the connections of nodes that cannot be reached")
-    join.add_argument("--relay-max-nodes", type=positive, default=8, help="with --relay: nodes carried at once (default 8)")
+    join.add_argument(
+        "--relay-max-nodes", type=positive, default=8, help="with --relay: nodes carried at once (default 8)"
+    )
     join.add_argument("--relay-max-bytes", default=None,
                       help="with --relay: bytes a second each carried node may move, e.g. 10MB (default: no limit)")
     join.add_argument("--no-relay", action="store_true",
@@ -191,16 +208,43 @@ def run_join(args: argparse.Namespace) -> None:
     model, revision = split_revision(args.model, args.revision)  # org/name@revision (hub ids only)
     start, end = parse_blocks(args.blocks) if args.blocks else (None, None)
     config = NodeConfig(
-        model=model, start=start, end=end, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
-        max_length=args.max_length, cache_tokens=args.cache_tokens, threads=args.threads, revision=revision,
-        lean=not args.no_lean, exact=not args.no_exact, pack=not args.no_pack, batch_wait=args.batch_wait_ms / 1000, quant=args.quant, name=args.name, announce=args.announce, identity=args.identity, bootstrap=bootstrap_list(args.bootstrap),
-        mdns=not args.no_mdns, mdns_interface=args.mdns_interface, num_blocks=args.num_blocks,
-        memory_bytes=parse_size(args.memory) if args.memory else None, throughput=args.throughput,
-        heartbeat=args.heartbeat, ttl=args.ttl, rebalance=not args.no_rebalance,
-        rebalance_period=args.rebalance_period, drain_timeout=args.drain_timeout,
-        session_idle_timeout=args.session_idle_timeout, metrics_port=args.metrics_port or None,
-        progress=sys.stderr.isatty(), adapters=_adapter_specs(args.adapter), **trust_options(args),
-        **_limit_options(args), **_relay_options(args),
+        model=model,
+        start=start,
+        end=end,
+        host=args.host,
+        port=args.port,
+        device=args.device,
+        dtype=args.dtype,
+        max_length=args.max_length,
+        cache_tokens=args.cache_tokens,
+        threads=args.threads,
+        revision=revision,
+        lean=not args.no_lean,
+        exact=not args.no_exact,
+        pack=not args.no_pack,
+        batch_wait=args.batch_wait_ms / 1000,
+        quant=args.quant,
+        name=args.name,
+        announce=args.announce,
+        identity=args.identity,
+        bootstrap=bootstrap_list(args.bootstrap),
+        mdns=not args.no_mdns,
+        mdns_interface=args.mdns_interface,
+        num_blocks=args.num_blocks,
+        memory_bytes=parse_size(args.memory) if args.memory else None,
+        throughput=args.throughput,
+        heartbeat=args.heartbeat,
+        ttl=args.ttl,
+        rebalance=not args.no_rebalance,
+        rebalance_period=args.rebalance_period,
+        drain_timeout=args.drain_timeout,
+        session_idle_timeout=args.session_idle_timeout,
+        metrics_port=args.metrics_port or None,
+        progress=sys.stderr.isatty(),
+        adapters=_adapter_specs(args.adapter),
+        **trust_options(args),
+        **_limit_options(args),
+        **_relay_options(args),
     )
     asyncio.run(run_node(config))
 

@@ -168,7 +168,9 @@ def add_proxy_parser(commands) -> None:
     proxy = commands.add_parser("proxy", help="forward TCP to a node with an added one-way delay (simulated WAN)")
     proxy.add_argument("--target", required=True, help="HOST:PORT to forward to (a node's address)")
     proxy.add_argument("--delay-ms", type=float, required=True, help="one-way delay in milliseconds, each direction")
-    proxy.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT to listen on (default 127.0.0.1:0: a free port)")
+    proxy.add_argument(
+        "--listen", default="127.0.0.1:0", help="HOST:PORT to listen on (default 127.0.0.1:0: a free port)"
+    )
     proxy.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 

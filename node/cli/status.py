@@ -1,4 +1,5 @@
-"""`potluck status`: the swarm as a table (or JSON): nodes, spans, coverage, warnings; exit 1 while a layer is missing."""
+"""`potluck status`: the swarm as a table (or JSON): nodes, spans, coverage, warnings; exit 1 while a layer is
+missing."""
 
 from __future__ import annotations
 

@@ -146,8 +146,11 @@ def exact_formats(span) -> dict[str, int]:
 def packable(lean) -> bool:
     """Whether MKL packing applies to this LeanSpan: MKL here, and every matrix a float32 CPU one (or packed)."""
     return mkl_packing_available() and all(
-        isinstance(w, PackedWeight) or (isinstance(w, torch.Tensor) and w.dtype == torch.float32 and w.device.type == "cpu")
-        for layer in lean.layers for w in (getattr(layer, name) for name in LEAN_MATRICES))
+        isinstance(w, PackedWeight)
+        or (isinstance(w, torch.Tensor) and w.dtype == torch.float32 and w.device.type == "cpu")
+        for layer in lean.layers
+        for w in (getattr(layer, name) for name in LEAN_MATRICES)
+    )
 
 
 def pack_lean(lean) -> int:

@@ -101,7 +101,14 @@ def load_span(
     span.eval().requires_grad_(False)
     if files.gguf is None:
         span.source = WeightSource(files, prefix, dtype)
-    log.info("loaded layers %d:%d of %s: %d tensors, %.1f MB read", start, end, files.model_id, stats.tensors, stats.bytes_read / 1e6)
+    log.info(
+        "loaded layers %d:%d of %s: %d tensors, %.1f MB read",
+        start,
+        end,
+        files.model_id,
+        stats.tensors,
+        stats.bytes_read / 1e6,
+    )
     return span, stats
 
 

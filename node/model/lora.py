@@ -156,7 +156,9 @@ def _read_config(folder: Path, what: str) -> dict:
     try:
         config = json.loads((folder / CONFIG_FILE).read_text())
     except OSError:
-        raise ModelLoadError(f"{what}: no {CONFIG_FILE} in {folder} (save the adapter with peft's save_pretrained)") from None
+        raise ModelLoadError(
+            f"{what}: no {CONFIG_FILE} in {folder} (save the adapter with peft's save_pretrained)"
+        ) from None
     except json.JSONDecodeError as error:
         raise ModelLoadError(f"{what}: {CONFIG_FILE} is not valid JSON: {error}") from None
     if not isinstance(config, dict):
@@ -187,7 +189,11 @@ def load_adapter(name: str, source: str, span: nn.Module, model_id: str = "") ->
     config = _read_config(folder, what)
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
-        other = " (only safetensors: re-save it with peft's save_pretrained)" if (folder / "adapter_model.bin").exists() else ""
+        other = (
+            " (only safetensors: re-save it with peft's save_pretrained)"
+            if (folder / "adapter_model.bin").exists()
+            else ""
+        )
         raise ModelLoadError(f"{what}: no {WEIGHTS_FILE} in {folder}{other}")
     rslora = bool(config.get("use_rslora", False))
     adapter = LoraAdapter(name=name, source=source, rank=int(config["r"]), alpha=float(config["lora_alpha"]),
@@ -237,8 +243,12 @@ def _pair(what: str, span: nn.Module, layer: int, path: str, ab: dict[str, torch
     try:
         module = span.layers[layer - span.start].get_submodule(path)
     except AttributeError:
-        raise ModelLoadError(f"{where}: this model's layers have no such module (an adapter for another model?)") from None
-    if not isinstance(getattr(module, "in_features", None), int) or not isinstance(getattr(module, "out_features", None), int):
+        raise ModelLoadError(
+            f"{where}: this model's layers have no such module (an adapter for another model?)"
+        ) from None
+    if not isinstance(getattr(module, "in_features", None), int) or not isinstance(
+        getattr(module, "out_features", None), int
+    ):
         raise ModelLoadError(f"{where} is a {type(module).__name__}, not a linear projection: not supported")
     a, b = ab["A"], ab["B"]
     if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:

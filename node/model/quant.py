@@ -170,7 +170,10 @@ class BnbNF4Weight:
 
     @property
     def nbytes(self) -> int:
-        return self.packed.numel() * self.packed.element_size() + self.state.absmax.numel() * self.state.absmax.element_size()
+        return (
+            self.packed.numel() * self.packed.element_size()
+            + self.state.absmax.numel() * self.state.absmax.element_size()
+        )
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.packed, self.state.absmax]

@@ -104,7 +104,10 @@ class SpanModel(nn.Module):
             position_ids=position_ids,
             layer_idx=start,
         )
-        masks = {kind: _MASK_FUNCTIONS[kind](**mask_kwargs) for kind in set(self.layer_types[start - self.start : end - self.start])}
+        masks = {
+            kind: _MASK_FUNCTIONS[kind](**mask_kwargs)
+            for kind in set(self.layer_types[start - self.start : end - self.start])
+        }
         position_embeddings = self.rotary_emb(hidden, position_ids) if self.rotary_emb is not None else None
         for index in range(start, end):
             hidden = self.layers[index - self.start](

@@ -96,9 +96,11 @@ class Relayed:
                 continue
             self.link = link
             return address
-        raise RelayRefused("no relay took this node: " + ("; ".join(problems) if problems else
-                                                         "none is known (start a node with --relay, or give --relay-via)"),
-                           codes.pop() if len(codes) == 1 else None)
+        raise RelayRefused(
+            "no relay took this node: "
+            + ("; ".join(problems) if problems else "none is known (start a node with --relay, or give --relay-via)"),
+            codes.pop() if len(codes) == 1 else None,
+        )
 
     def start(self) -> None:
         """Watch the link from now on (after the first `attach`)."""

@@ -52,12 +52,16 @@ def check_gossip(request) -> None:
             continue
         items = getattr(request, field.name)
         if len(items) > MAX_GOSSIP_RECORDS:
-            raise InvalidRequest(f"{len(items)} {field.name} in one Gossip request exceed the limit of {MAX_GOSSIP_RECORDS}")
+            raise InvalidRequest(
+                f"{len(items)} {field.name} in one Gossip request exceed the limit of {MAX_GOSSIP_RECORDS}"
+            )
         for index, record in enumerate(items):
             for name in ("payload", "public_key", "signature"):
                 size = len(getattr(record, name))
                 if size > MAX_RECORD_FIELD_BYTES:
-                    raise InvalidRequest(f"{field.name}[{index}].{name} of {size} bytes exceeds {MAX_RECORD_FIELD_BYTES}")
+                    raise InvalidRequest(
+                        f"{field.name}[{index}].{name} of {size} bytes exceeds {MAX_RECORD_FIELD_BYTES}"
+                    )
 
 
 def details(message: str) -> str:

@@ -62,7 +62,9 @@ def _measure(span: SpanModel, prompt_tokens: int, decode_steps: int, advance) ->
     return Throughput(decode=decode, prefill=prefill)
 
 
-def cached_measure(span: SpanModel, key: str, cache_file: Path | None = DEFAULT_CACHE, progress: bool = False) -> Throughput:
+def cached_measure(
+    span: SpanModel, key: str, cache_file: Path | None = DEFAULT_CACHE, progress: bool = False
+) -> Throughput:
     """Measure once per (model, device, dtype, span, threads) key; reuse the stored figures after."""
     stored: dict = {}
     if cache_file is not None and cache_file.is_file():

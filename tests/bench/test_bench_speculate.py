@@ -14,8 +14,17 @@ from node.bench.speculate import SYSTEMS, Task, marks, render_markdown, run_spec
 @pytest.mark.timeout(240)
 def test_bench_speculate_checks_every_answer_and_writes_its_section(tiny_model_dir, tmp_path):
     tasks = (Task("random ids", None, False),)
-    results, sessions = run_speculate_bench(tiny_model_dir("llama"), lookup=4, new_tokens=12, rounds=1, threads=1,
-                                            tasks=tasks, delay_ms=2.0, sessions=(3,), console=Console(file=io.StringIO()))
+    results, sessions = run_speculate_bench(
+        tiny_model_dir("llama"),
+        lookup=4,
+        new_tokens=12,
+        rounds=1,
+        threads=1,
+        tasks=tasks,
+        delay_ms=2.0,
+        sessions=(3,),
+        console=Console(file=io.StringIO()),
+    )
     [result] = results
     [together] = sessions
     assert together.sessions == 3 and together.equal  # 3 at once, with and without lookup: transformers' tokens

@@ -73,7 +73,9 @@ def _fake_result(sims) -> SwarmBenchResult:
 def test_section_replaces_only_its_own_block(tmp_path, sim50):
     out = tmp_path / "benchmarks.md"
     foundation = f"{FOUNDATION_START}\nfoundation numbers\n{FOUNDATION_END}"
-    out.write_text(f"# Benchmarks\n\nkept above\n\n{foundation}\n\n{MARK_START}\nold swarm numbers\n{MARK_END}\n\nkept below\n")
+    out.write_text(
+        f"# Benchmarks\n\nkept above\n\n{foundation}\n\n{MARK_START}\nold swarm numbers\n{MARK_END}\n\nkept below\n"
+    )
     write_section(out, render_markdown(_fake_result([sim50])))
     text = out.read_text()
     assert "old swarm numbers" not in text

@@ -244,9 +244,13 @@ def test_bad_requests_through_the_sdk_and_raw(client, server):
     assert "n=1" in raised.value.message
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model="smollm", prompt=["one", "two"])
-    response = httpx.post(f"{server.url}/completions", content=b"{not json", headers={"content-type": "application/json"})
+    response = httpx.post(
+        f"{server.url}/completions", content=b"{not json", headers={"content-type": "application/json"}
+    )
     assert response.status_code == 400 and error_of(response)["type"] == "invalid_request_error"
-    response = httpx.post(f"{server.url}/chat/completions", json={"model": "smollm", "messages": CHAT, "max_tokens": 9000})
+    response = httpx.post(
+        f"{server.url}/chat/completions", json={"model": "smollm", "messages": CHAT, "max_tokens": 9000}
+    )
     assert response.status_code == 400 and error_of(response)["code"] == "context_length_exceeded"
     assert error_of(httpx.get(f"{server.url}/nowhere"))["message"] == "Not Found"
 
@@ -276,7 +280,9 @@ def test_stopped_middle_node_fails_the_stream_then_is_503_and_unlisted(bg_loop, 
     middle = bg_loop.start_node(smollm_dir, 10, 20, throughput=100.0)
     stopped = False
     peers = (smollm_chain[0].address, middle.address, smollm_chain[2].address)
-    model = DistributedModelForCausalLM.from_pretrained(str(smollm_dir), config=ClientConfig(peers=peers, missing_wait=1.0))
+    model = DistributedModelForCausalLM.from_pretrained(
+        str(smollm_dir), config=ClientConfig(peers=peers, missing_wait=1.0)
+    )
     api = ApiServer(create_app({"smollm": model}, tokenizer))
     try:
         client = api.client()
@@ -365,7 +371,9 @@ def test_one_api_serves_several_models(smollm_dir, smollm_chain, bg_loop, tmp_pa
         while sorted(m.id for m in client.models.list().data) != ["SmolLM2-135M-Instruct", "tiny-chat"]:
             assert time.monotonic() < deadline, "both models should be listed once their layers are covered"
             time.sleep(0.5)
-        smol = client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=CHAT, temperature=0, max_tokens=40)
+        smol = client.chat.completions.create(
+            model="SmolLM2-135M-Instruct", messages=CHAT, temperature=0, max_tokens=40
+        )
         assert smol.choices[0].message.content.strip() == "The capital of France is Paris."
         other = client.chat.completions.create(model="tiny-chat", messages=CHAT, temperature=0, max_tokens=5)
         assert other.usage.completion_tokens == 5 and other.choices[0].finish_reason == "length"
@@ -394,8 +402,17 @@ def test_models_the_swarm_covers_are_discovered_listed_and_served(smollm_dir, sm
     folders = {}
     for seed, name in enumerate(("tiny-discovered", "tiny-bare", "tiny-partial")):
         # different shapes: nodes are matched by config hash (records carry no weights fingerprint yet)
-        config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128 + 32 * seed, num_hidden_layers=4,
-                             num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+        config = LlamaConfig(
+            vocab_size=49152,
+            hidden_size=64,
+            intermediate_size=128 + 32 * seed,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=2,
+        )
         torch.manual_seed(seed)
         folders[name] = models_dir / name
         AutoModelForCausalLM.from_config(config).save_pretrained(folders[name])
@@ -424,8 +441,14 @@ def test_models_the_swarm_covers_are_discovered_listed_and_served(smollm_dir, sm
         bare = httpx.post(f"{api.url}/chat/completions", json={"model": "tiny-bare", "messages": CHAT}, timeout=60)
         assert bare.status_code == 503
         error = error_of(bare)
-        assert error["code"] == "model_unavailable" and "tiny-bare" in error["message"] and "--models-dir" in error["message"]
-        missing = httpx.post(f"{api.url}/chat/completions", json={"model": "tiny-partial", "messages": CHAT}, timeout=60)
+        assert (
+            error["code"] == "model_unavailable"
+            and "tiny-bare" in error["message"]
+            and "--models-dir" in error["message"]
+        )
+        missing = httpx.post(
+            f"{api.url}/chat/completions", json={"model": "tiny-partial", "messages": CHAT}, timeout=60
+        )
         assert missing.status_code == 404
     finally:
         api.stop()

@@ -189,7 +189,9 @@ def test_dockerfile_structure(path):
     torch_at = next(i for i, r in enumerate(runs) if "--index-url" in r and "TORCH_SPEC" in r)
     project_at = next(i for i, r in enumerate(runs) if "pip install ." in r)
     assert torch_at < project_at
-    args = {rest.split("=", 1)[0]: rest.split("=", 1)[1] for word, rest in instructions if word == "ARG" and "=" in rest}
+    args = {
+        rest.split("=", 1)[0]: rest.split("=", 1)[1] for word, rest in instructions if word == "ARG" and "=" in rest
+    }
     if path.name == "Dockerfile":
         assert "download.pytorch.org/whl/cpu" in runs[torch_at]
     else:

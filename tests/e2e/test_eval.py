@@ -15,7 +15,10 @@ from node.cli.main import main
 TEXT = Path(__file__).resolve().parents[2] / "node" / "bench" / "eval-text.txt"
 
 
-@pytest.mark.parametrize("length,window,stride", [(2, 2, 1), (10, 4, 2), (100, 32, 31), (100, 32, 7), (33, 32, 1), (496, 512, 256), (1000, 512, 256)])
+@pytest.mark.parametrize(
+    "length,window,stride",
+    [(2, 2, 1), (10, 4, 2), (100, 32, 31), (100, 32, 7), (33, 32, 1), (496, 512, 256), (1000, 512, 256)],
+)
 def test_windows_score_every_token_once(length, window, stride):
     spans = window_starts(length, window, stride)
     scored = [p for _, end, first in spans for p in range(first, end)]
@@ -65,7 +68,10 @@ def test_eval_cli_json(smollm_dir, smollm_chain, smollm_reference, text_ids, cap
 
 
 def test_eval_cli_errors(smollm_dir, tmp_path, capsys):
-    assert main(["eval", "--model", str(smollm_dir), "--text", str(tmp_path / "missing.txt"), "--peers", "127.0.0.1:1"]) == 2
+    assert (
+        main(["eval", "--model", str(smollm_dir), "--text", str(tmp_path / "missing.txt"), "--peers", "127.0.0.1:1"])
+        == 2
+    )
     assert "missing.txt" in capsys.readouterr().err
     (tmp_path / "short.txt").write_text("Hello world, this is a text.")
     assert main(["eval", "--model", str(smollm_dir), "--text", str(tmp_path / "short.txt"), "--peers", "127.0.0.1:1",

@@ -162,12 +162,19 @@ def test_malformed_backward_is_refused_and_node_keeps_serving(tiny_swarm):
     with grpc.insecure_channel(node.address) as channel:
         stub = pb_grpc.PotluckStub(channel)
         bad = [
-            (dict(grad_output=codec.encode_tensor(torch.randn(1, 4, 64)), start=2, end=4), "grad_output must have the shape"),
+            (
+                dict(grad_output=codec.encode_tensor(torch.randn(1, 4, 64)), start=2, end=4),
+                "grad_output must have the shape",
+            ),
             (dict(grad_output=hidden, start=1, end=4), "not served here"),
-            (dict(grad_output=hidden, start=2, end=4, prompts=codec.encode_tensor(torch.randn(1, 1, 2, 64))),
-             "prompts must be [2 layers"),
-            (dict(grad_output=hidden, start=2, end=4, prompts=codec.encode_tensor(torch.randn(2, 1, 6, 64))),
-             "prompts cover 6 tokens"),
+            (
+                dict(grad_output=hidden, start=2, end=4, prompts=codec.encode_tensor(torch.randn(1, 1, 2, 64))),
+                "prompts must be [2 layers",
+            ),
+            (
+                dict(grad_output=hidden, start=2, end=4, prompts=codec.encode_tensor(torch.randn(2, 1, 6, 64))),
+                "prompts cover 6 tokens",
+            ),
         ]
         for fields, message in bad:
             with pytest.raises(grpc.RpcError) as caught:
@@ -237,8 +244,12 @@ def test_node_process_killed_during_backward_is_replaced(tiny_model_dir, bg_loop
     remote = None
     try:
         victim.wait_ready(120)
-        remote = DistributedModelForCausalLM.from_pretrained(str(folder), peers=[inproc[0].address, victim.address,
-                                                             inproc[1].address], tuning="ptune", num_prompt_tokens=PROMPT)
+        remote = DistributedModelForCausalLM.from_pretrained(
+            str(folder),
+            peers=[inproc[0].address, victim.address, inproc[1].address],
+            tuning="ptune",
+            num_prompt_tokens=PROMPT,
+        )
         local = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval().requires_grad_(False)
         ids = torch.randint(3, 512, (1, 6))
         loss = remote(ids, labels=ids).loss
@@ -280,9 +291,20 @@ def test_transformers_trainer_trains_the_prompt_as_local_adamw(tiny_model_dir, t
         data = [{"input_ids": row, "labels": row} for row in ids]
         prompt, _ = local_copies(remote)
         initial = prompt.detach().clone()
-        args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2, learning_rate=1e-2,
-                                 lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0, report_to=[],
-                                 save_strategy="no", use_cpu=True, logging_strategy="no", disable_tqdm=True)
+        args = TrainingArguments(
+            output_dir=str(tmp_path),
+            max_steps=3,
+            per_device_train_batch_size=2,
+            learning_rate=1e-2,
+            lr_scheduler_type="constant",
+            max_grad_norm=0.0,
+            weight_decay=0.0,
+            report_to=[],
+            save_strategy="no",
+            use_cpu=True,
+            logging_strategy="no",
+            disable_tqdm=True,
+        )
         Trainer(model=remote, args=args, train_dataset=data).train()
         optimizer = torch.optim.AdamW([prompt], lr=1e-2, weight_decay=0.0)
         for _ in range(3):

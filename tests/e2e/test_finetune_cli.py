@@ -124,13 +124,18 @@ def test_deep_ptune_trains_and_saves_both_prompts(tiny_model_dir, tiny_swarm, tm
         save_prompts(model, str(tmp_path / "deep.pt"))
         saved = torch.load(tmp_path / "deep.pt", weights_only=True)
         assert saved["method"] == "deep_ptune" and saved["tensors"]["intermediate_prompts"].shape == (6, 4, 64)
-        loaded = DistributedModelForCausalLM.from_pretrained(str(folder), peers=[n.address for n in tiny_swarm("llama")])
+        loaded = DistributedModelForCausalLM.from_pretrained(
+            str(folder), peers=[n.address for n in tiny_swarm("llama")]
+        )
         try:
             load_prompts(loaded, str(tmp_path / "deep.pt"))
             assert loaded.tuning == "deep_ptune"
             assert torch.equal(loaded.intermediate_prompts.detach(), model.intermediate_prompts.detach())
             ids = torch.tensor([[5, 9, 17]])
-            assert loaded.generate(ids, max_new_tokens=3, do_sample=False, eos_token_id=None, pad_token_id=0).shape == (1, 6)
+            assert loaded.generate(ids, max_new_tokens=3, do_sample=False, eos_token_id=None, pad_token_id=0).shape == (
+                1,
+                6,
+            )
         finally:
             loaded.close()
     finally:

@@ -88,8 +88,15 @@ def test_decoding_any_tensor_message_gives_a_fitting_tensor_or_a_codec_error(mes
 
 
 MSGPACK_VALUES = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=8) | st.binary(max_size=8),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4) | st.integers(-9, 9), inner, max_size=4),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats()
+    | st.text(max_size=8)
+    | st.binary(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4) | st.integers(-9, 9), inner, max_size=4)
+    ),
     max_leaves=12,
 )
 
@@ -236,7 +243,9 @@ def valid_unary(method: str) -> bytes:
     if method == "Forward":
         return pb.ForwardRequest(start=0, end=3, hidden=hidden, wire_dtype="float32").SerializeToString()
     if method == "Push":
-        step = pb.Step(hidden=hidden, position=0, step_id=5, push=[pb.PushTarget(address="127.0.0.1:1", session_id="x")])
+        step = pb.Step(
+            hidden=hidden, position=0, step_id=5, push=[pb.PushTarget(address="127.0.0.1:1", session_id="x")]
+        )
         return pb.PushRequest(session_id="nobody", step=step).SerializeToString()
     if method == "Gossip":
         return pb.GossipRequest(records=[pb.SignedRecord(payload=b"\x80", public_key=b"k" * 32,
@@ -317,7 +326,9 @@ def wrong_streams(draw) -> list[bytes]:
     elif where == "position":
         decode.position = draw(st.integers(0, 2**32 - 1))
     elif where in ("position_ids", "attention_mask"):
-        values = draw(st.lists(st.integers(-(2**63), 2**63 - 1) | st.integers(-3, 20), min_size=tokens, max_size=tokens))
+        values = draw(
+            st.lists(st.integers(-(2**63), 2**63 - 1) | st.integers(-3, 20), min_size=tokens, max_size=tokens)
+        )
         message = draw(st.sampled_from([aux_tensor(values, "int64"), aux_tensor([v % 2 for v in values], "bool")])
                        | tensor_messages())
         getattr(prefill, where).CopyFrom(message)
@@ -330,8 +341,12 @@ def wrong_streams(draw) -> list[bytes]:
     requests = [pb.SessionRequest(open=pb.OpenSession(**open_fields)), pb.SessionRequest(step=prefill),
                 pb.SessionRequest(step=decode)]
     if where == "order":  # repeated, missing or empty requests
-        requests = draw(st.lists(st.sampled_from([*requests, pb.SessionRequest(), pb.SessionRequest(close=pb.CloseSession())]),
-                                 max_size=5))
+        requests = draw(
+            st.lists(
+                st.sampled_from([*requests, pb.SessionRequest(), pb.SessionRequest(close=pb.CloseSession())]),
+                max_size=5,
+            )
+        )
     return [request.SerializeToString() for request in requests]
 
 
@@ -391,10 +406,23 @@ def test_a_bounded_atheris_run_finds_no_crash(tmp_path):
     runs = 1000 * SCALE
     # the fuzzed process holds torch, transformers and a node from its first input (~2.1 GB here, just over
     # libFuzzer's 2 GB default); a leak would still show as growth past 4 GB over the run
-    done = subprocess.run([sys.executable, "-m", "tests.support.fuzz_atheris", f"-runs={runs}", "-seed=1", "-max_len=2048",
-                           "-rss_limit_mb=4096", f"-artifact_prefix={tmp_path}/"], cwd=Path(__file__).resolve().parents[2],
-                          env={**os.environ, "POTLUCK_FUZZ_DIR": str(tmp_path)}, capture_output=True, text=True,
-                          timeout=240)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tests.support.fuzz_atheris",
+            f"-runs={runs}",
+            "-seed=1",
+            "-max_len=2048",
+            "-rss_limit_mb=4096",
+            f"-artifact_prefix={tmp_path}/",
+        ],
+        cwd=Path(__file__).resolve().parents[2],
+        env={**os.environ, "POTLUCK_FUZZ_DIR": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-4000:]
     assert f"Done {runs} runs" in output, output[-2000:]

@@ -27,7 +27,11 @@ def test_node_holds_and_reads_only_its_layers(smollm_dir, smollm_reference):
     assert layer_ids == set(range(10))  # local indices 0..9 = global 10..19
     assert all(key.startswith(("layers.", "rotary_emb.")) for key in state)
     # the very same tensors as transformers' layers 10..19, nothing more
-    expected = {f"layers.{i - 10}.{k}": v for i in range(10, 20) for k, v in smollm_reference.model.layers[i].state_dict().items()}
+    expected = {
+        f"layers.{i - 10}.{k}": v
+        for i in range(10, 20)
+        for k, v in smollm_reference.model.layers[i].state_dict().items()
+    }
     params = {k: v for k, v in state.items() if k.startswith("layers.")}
     assert params.keys() == expected.keys()
     for key, value in expected.items():

@@ -273,7 +273,10 @@ def make_namespaces() -> tuple[Namespaces | None, str]:
         ns.create()
     except subprocess.CalledProcessError as error:
         ns.delete()
-        return None, f"cannot create network namespaces (`{' '.join(error.cmd)}` failed: {error.stderr.strip()}); run as root"
+        return (
+            None,
+            f"cannot create network namespaces (`{' '.join(error.cmd)}` failed: {error.stderr.strip()}); run as root",
+        )
     return ns, ""
 
 

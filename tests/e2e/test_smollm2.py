@@ -24,7 +24,9 @@ pytestmark = pytest.mark.usefixtures("chain_cache_freed")  # after every test he
 
 
 def local_generate(reference, input_ids, **kwargs):
-    return reference.generate(input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)[0, input_ids.shape[1]:].tolist()
+    return reference.generate(input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)[
+        0, input_ids.shape[1] :
+    ].tolist()
 
 
 @pytest.mark.parametrize("prompt, chat", PROMPTS)
@@ -89,7 +91,9 @@ def test_cli_generate_json(smollm_dir, smollm_chain, smollm_reference, tokenizer
     done = capsys.readouterr()
     assert code == 0, done.err
     out = json.loads(done.out.strip().splitlines()[-1])
-    expected = local_generate(smollm_reference, encode_prompt(tokenizer, CHAT_PROMPT, True), max_new_tokens=16, do_sample=False)
+    expected = local_generate(
+        smollm_reference, encode_prompt(tokenizer, CHAT_PROMPT, True), max_new_tokens=16, do_sample=False
+    )
     assert out["token_ids"] == expected
     assert out["text"].strip() == "The capital of France is Paris."
 

@@ -16,9 +16,11 @@ class LyingExecutor(Executor):
     honest_steps = 0  # set by make_liar
     scale = 0.5
     steps = 0  # steps computed
-    lies = 0   # of which returned wrong
+    lies = 0  # of which returned wrong
 
-    async def step(self, session, hidden, position_ids, attention_mask, position, prompts=None, convoy=None) -> torch.Tensor:
+    async def step(
+        self, session, hidden, position_ids, attention_mask, position, prompts=None, convoy=None
+    ) -> torch.Tensor:
         out = await super().step(session, hidden, position_ids, attention_mask, position, prompts, convoy)
         self.steps += 1
         if self.steps <= self.honest_steps:

@@ -106,15 +106,20 @@ class Target:
         for start, end in [(0, 3), (3, 4), (4, 5)]:
             requests.append(pb.SessionRequest(step=pb.Step(hidden=codec.encode_tensor(self.inputs[:, start:end]),
                                                            position=start)))
-        stream = self.channel.stream_stream("/potluck.v1.Potluck/Inference", request_serializer=pb.SessionRequest.SerializeToString,
-                                            response_deserializer=pb.SessionReply.FromString)
+        stream = self.channel.stream_stream(
+            "/potluck.v1.Potluck/Inference",
+            request_serializer=pb.SessionRequest.SerializeToString,
+            response_deserializer=pb.SessionReply.FromString,
+        )
         replies = list(stream(iter(requests), timeout=60))
         got = torch.cat([codec.decode_tensor(r.result.hidden) for r in replies[1:]], dim=1)
         torch.testing.assert_close(got, self.expected, rtol=1e-5, atol=1e-5)
 
 
 def main() -> None:
-    work = Path(os.environ.get("POTLUCK_FUZZ_DIR") or tempfile.mkdtemp(prefix="potluck-atheris-"))  # the test's tmp_path
+    work = Path(
+        os.environ.get("POTLUCK_FUZZ_DIR") or tempfile.mkdtemp(prefix="potluck-atheris-")
+    )  # the test's tmp_path
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(tiny_config("llama"), dtype=torch.float32).save_pretrained(work / "model")
     corpus = work / "corpus"

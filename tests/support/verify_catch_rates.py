@@ -38,7 +38,9 @@ def main(trials: int) -> None:
         for trial in range(trials):
             node = loop.start_node(folder, 0, 3, throughput=1e5)
             lying = make_liar(node, honest_steps=3)
-            config = ClientConfig(peers=tuple(n.address for n in [*honest, node]), verify=mode, verify_fraction=fraction)
+            config = ClientConfig(
+                peers=tuple(n.address for n in [*honest, node]), verify=mode, verify_fraction=fraction
+            )
             model = DistributedModelForCausalLM.from_pretrained(str(folder), config=config)
             try:
                 out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, pad_token_id=0,

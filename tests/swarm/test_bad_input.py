@@ -67,33 +67,81 @@ def reference_layers(tiny_model_dir, hidden):
 
 
 BAD_CASES = {
-    "wrong hidden size": (lambda: [open_request(), step_request(torch.zeros(1, 2, HIDDEN + 1))],
-                          grpc.StatusCode.INVALID_ARGUMENT, "hidden size 65"),
-    "wrong dtype": (lambda: [open_request(), step_request(torch.zeros(1, 2, HIDDEN, dtype=torch.float16))],
-                    grpc.StatusCode.INVALID_ARGUMENT, "wire dtype"),
-    "wrong rank": (lambda: [open_request(), step_request(torch.zeros(2, HIDDEN))],
-                   grpc.StatusCode.INVALID_ARGUMENT, "must be [batch, tokens, 64]"),
-    "wrong batch": (lambda: [open_request(), step_request(torch.zeros(3, 1, HIDDEN))],
-                    grpc.StatusCode.INVALID_ARGUMENT, "batch_size 1"),
+    "wrong hidden size": (
+        lambda: [open_request(), step_request(torch.zeros(1, 2, HIDDEN + 1))],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "hidden size 65",
+    ),
+    "wrong dtype": (
+        lambda: [open_request(), step_request(torch.zeros(1, 2, HIDDEN, dtype=torch.float16))],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "wire dtype",
+    ),
+    "wrong rank": (
+        lambda: [open_request(), step_request(torch.zeros(2, HIDDEN))],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "must be [batch, tokens, 64]",
+    ),
+    "wrong batch": (
+        lambda: [open_request(), step_request(torch.zeros(3, 1, HIDDEN))],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "batch_size 1",
+    ),
     "bytes do not fit the shape": (
-        lambda: [open_request(), pb.SessionRequest(step=pb.Step(hidden=pb.Tensor(data=b"\0" * 12, shape=[1, 1, HIDDEN], dtype="float32")))],
-        grpc.StatusCode.INVALID_ARGUMENT, "do not hold shape"),
+        lambda: [
+            open_request(),
+            pb.SessionRequest(step=pb.Step(hidden=pb.Tensor(data=b"\0" * 12, shape=[1, 1, HIDDEN], dtype="float32"))),
+        ],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "do not hold shape",
+    ),
     "unknown tensor dtype": (
-        lambda: [open_request(), pb.SessionRequest(step=pb.Step(hidden=pb.Tensor(data=b"", shape=[0], dtype="complex64")))],
-        grpc.StatusCode.INVALID_ARGUMENT, "unknown dtype"),
-    "bad position_ids shape": (lambda: [open_request(), step_request(torch.zeros(1, 2, HIDDEN), position_ids=torch.zeros(1, 3, dtype=torch.int64))],
-                               grpc.StatusCode.INVALID_ARGUMENT, "position_ids must have shape [1, 2]"),
-    "step before open": (lambda: [step_request(torch.zeros(1, 1, HIDDEN))],
-                         grpc.StatusCode.FAILED_PRECONDITION, "open"),
+        lambda: [
+            open_request(),
+            pb.SessionRequest(step=pb.Step(hidden=pb.Tensor(data=b"", shape=[0], dtype="complex64"))),
+        ],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "unknown dtype",
+    ),
+    "bad position_ids shape": (
+        lambda: [
+            open_request(),
+            step_request(torch.zeros(1, 2, HIDDEN), position_ids=torch.zeros(1, 3, dtype=torch.int64)),
+        ],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "position_ids must have shape [1, 2]",
+    ),
+    "step before open": (
+        lambda: [step_request(torch.zeros(1, 1, HIDDEN))],
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "open",
+    ),
     "span not served": (lambda: [open_request(start=2, end=5)], grpc.StatusCode.INVALID_ARGUMENT, "serves 0:3"),
-    "max_length past the node's limit": (lambda: [open_request(max_length=65)], grpc.StatusCode.OUT_OF_RANGE, "max_length 65"),
-    "position past max length": (lambda: [open_request(max_length=4), step_request(torch.zeros(1, 5, HIDDEN))],
-                                 grpc.StatusCode.OUT_OF_RANGE, "past the session's max_length 4"),
-    "wrong position": (lambda: [open_request(), step_request(torch.zeros(1, 1, HIDDEN), position=7)],
-                       grpc.StatusCode.INVALID_ARGUMENT, "holds 0"),
-    "cache budget exhausted": (lambda: [open_request(batch_size=8, max_length=64)],
-                               grpc.StatusCode.RESOURCE_EXHAUSTED, "of 256 are free"),
-    "unknown wire dtype": (lambda: [open_request(wire_dtype="int4")], grpc.StatusCode.INVALID_ARGUMENT, "wire dtype 'int4'"),
+    "max_length past the node's limit": (
+        lambda: [open_request(max_length=65)],
+        grpc.StatusCode.OUT_OF_RANGE,
+        "max_length 65",
+    ),
+    "position past max length": (
+        lambda: [open_request(max_length=4), step_request(torch.zeros(1, 5, HIDDEN))],
+        grpc.StatusCode.OUT_OF_RANGE,
+        "past the session's max_length 4",
+    ),
+    "wrong position": (
+        lambda: [open_request(), step_request(torch.zeros(1, 1, HIDDEN), position=7)],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "holds 0",
+    ),
+    "cache budget exhausted": (
+        lambda: [open_request(batch_size=8, max_length=64)],
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "of 256 are free",
+    ),
+    "unknown wire dtype": (
+        lambda: [open_request(wire_dtype="int4")],
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "wire dtype 'int4'",
+    ),
     "empty request": (lambda: [pb.SessionRequest()], grpc.StatusCode.INVALID_ARGUMENT, "empty SessionRequest"),
 }
 
@@ -135,7 +183,9 @@ def test_duplicate_session_id_is_refused(stub):
 
 
 def test_forward_rejects_a_span_it_does_not_serve(stub):
-    request = pb.ForwardRequest(start=1, end=4, hidden=codec.encode_tensor(torch.zeros(1, 2, HIDDEN)), wire_dtype="float32")
+    request = pb.ForwardRequest(
+        start=1, end=4, hidden=codec.encode_tensor(torch.zeros(1, 2, HIDDEN)), wire_dtype="float32"
+    )
     with pytest.raises(grpc.RpcError) as caught:
         stub.Forward(request, timeout=30)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -154,8 +204,15 @@ def test_a_step_at_an_earlier_position_rewinds_the_cache(stub, tiny_model_dir):
     """Push recovery re-sends a step a node may already have run: the node forgets what came after it."""
     torch.manual_seed(3)
     prompt, wrong, right = torch.randn(1, 4, HIDDEN), torch.randn(1, 2, HIDDEN), torch.randn(1, 1, HIDDEN)
-    replies, error = run_stream(stub, [open_request(sid="rewind"), step_request(prompt), step_request(wrong, position=4),
-                                       step_request(right, position=4)])
+    replies, error = run_stream(
+        stub,
+        [
+            open_request(sid="rewind"),
+            step_request(prompt),
+            step_request(wrong, position=4),
+            step_request(right, position=4),
+        ],
+    )
     assert error is None, error
     assert [r.result.position for r in replies[1:]] == [4, 6, 5]
     expected = reference_layers(tiny_model_dir, torch.cat([prompt, right], dim=1))[:, -1:]

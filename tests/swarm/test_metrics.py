@@ -47,7 +47,9 @@ def open_request(sid: str, max_length: int = 32):
 
 
 def step_request(tokens: int, position: int):
-    return pb.SessionRequest(step=pb.Step(hidden=codec.encode_tensor(torch.randn(1, tokens, HIDDEN)), position=position))
+    return pb.SessionRequest(
+        step=pb.Step(hidden=codec.encode_tensor(torch.randn(1, tokens, HIDDEN)), position=position)
+    )
 
 
 def test_a_session_and_a_bad_request_show_up_in_the_metrics(node):

@@ -309,7 +309,9 @@ def test_limit_flags_and_config_keys_reach_the_node_config(tmp_path):
     config = NodeConfig(model="m", **options)
     assert (config.max_sessions, config.max_rpcs) == (32, 2 * 32 + 64)
     defaults = _limit_options(join_args(["--model", "m"]))
-    assert defaults == dict(max_sessions=256, max_session_tokens=0, cache_memory=None, rate_limit=0.0, admission_wait=2.0)
+    assert defaults == dict(
+        max_sessions=256, max_session_tokens=0, cache_memory=None, rate_limit=0.0, admission_wait=2.0
+    )
     with pytest.raises(ConfigError, match="--cache-memory 'lots'"):
         _limit_options(join_args(["--model", "m", "--cache-memory", "lots"]))
     for bad, message in [(dict(max_sessions=0), "--max-sessions"), (dict(rate_limit=-1.0), "--rate-limit"),

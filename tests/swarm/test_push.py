@@ -28,7 +28,9 @@ HIDDEN = 576  # SmolLM2-135M
 
 @pytest.fixture(scope="module")
 def chain(bg_loop, smollm_dir):
-    nodes = [bg_loop.start_node(smollm_dir, a, b, metrics_port=0, throughput=50.0) for a, b in [(0, 10), (10, 20), (20, 30)]]
+    nodes = [
+        bg_loop.start_node(smollm_dir, a, b, metrics_port=0, throughput=50.0) for a, b in [(0, 10), (10, 20), (20, 30)]
+    ]
     yield nodes
     for node in nodes:
         bg_loop.stop_node(node)
@@ -55,7 +57,9 @@ def generate(model, prompt_ids, new_tokens=NEW_TOKENS, streamer=None) -> list[in
 
 def steps_served(node) -> float:
     registry = node.metrics.registry
-    return sum(registry.get_sample_value("potluck_steps_total", {"kind": kind}) or 0.0 for kind in ("prefill", "decode"))
+    return sum(
+        registry.get_sample_value("potluck_steps_total", {"kind": kind}) or 0.0 for kind in ("prefill", "decode")
+    )
 
 
 def handovers(node, outcome: str = "ok") -> float:
@@ -63,7 +67,9 @@ def handovers(node, outcome: str = "ok") -> float:
 
 
 def client(smollm_dir, addresses, **overrides) -> DistributedModelForCausalLM:
-    return DistributedModelForCausalLM.from_pretrained(str(smollm_dir), config=ClientConfig(peers=tuple(addresses), **overrides))
+    return DistributedModelForCausalLM.from_pretrained(
+        str(smollm_dir), config=ClientConfig(peers=tuple(addresses), **overrides)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -362,8 +368,12 @@ def test_concurrent_generations_travel_as_convoys_and_match_transformers(smollm_
     tokenizer = AutoTokenizer.from_pretrained(smollm_dir)
     texts = ["The three primary colours are", "Paris is the capital of", "Water boils at", "My favourite food is"]
     prompts = [tokenizer(text, return_tensors="pt")["input_ids"] for text in texts]
-    expected = [smollm_reference.generate(p, attention_mask=torch.ones_like(p), do_sample=False, max_new_tokens=NEW_TOKENS,
-                                          min_new_tokens=NEW_TOKENS)[0].tolist() for p in prompts]
+    expected = [
+        smollm_reference.generate(
+            p, attention_mask=torch.ones_like(p), do_sample=False, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS
+        )[0].tolist()
+        for p in prompts
+    ]
     model = client(smollm_dir, [n.address for n in chain], convoys=convoys)
     results: list = [None] * len(prompts)
     batching = [codec.unpack_metadata(node_info(node.address).metadata) for node in chain]
@@ -382,7 +392,9 @@ def test_concurrent_generations_travel_as_convoys_and_match_transformers(smollm_
         model.close()
     assert results == expected
     after = [codec.unpack_metadata(node_info(node.address).metadata) for node in chain]
-    per_pass = [(a["batched_steps"] - b["batched_steps"]) / (a["passes"] - b["passes"]) for a, b in zip(after, batching)]
+    per_pass = [
+        (a["batched_steps"] - b["batched_steps"]) / (a["passes"] - b["passes"]) for a, b in zip(after, batching)
+    ]
     if convoys:
         assert min(per_pass) >= 1.9, f"steps per pass at each node: {per_pass}"
         # the outputs of a pass go on to the next node in one PushMany call

@@ -191,7 +191,9 @@ def test_int8_node_in_a_swarm_with_a_float_node(smollm_dir, tokenizer):
     plain = NodeProcess(smollm_dir, 15, 30, threads=1, extra_args=("--no-exact", *flags)).start()
     try:
         peers = (quantised.wait_ready(), plain.wait_ready())
-        model = DistributedModelForCausalLM.from_pretrained(str(smollm_dir), config=ClientConfig(peers=peers, mdns=False))
+        model = DistributedModelForCausalLM.from_pretrained(
+            str(smollm_dir), config=ClientConfig(peers=peers, mdns=False)
+        )
         try:
             route = model.swarm.route()
             assert [(hop.peer.quant, hop.start, hop.end) for hop in route] == [("int8", 0, 15), ("none", 15, 30)]

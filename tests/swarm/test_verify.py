@@ -419,7 +419,9 @@ def test_cli_flags_reach_the_client_config():
     from node.cli.main import build_parser
 
     parser = build_parser()
-    args = parser.parse_args(["generate", "--model", "m", "--prompt", "p", "--verify", "spot", "--verify-fraction", "0.5"])
+    args = parser.parse_args(
+        ["generate", "--model", "m", "--prompt", "p", "--verify", "spot", "--verify-fraction", "0.5"]
+    )
     config = client_config(args, ["127.0.0.1:1"])
     assert (config.verify, config.verify_fraction) == ("spot", 0.5)
     assert parser.parse_args(["generate", "--model", "m", "--prompt", "p"]).verify == "off"
@@ -460,7 +462,9 @@ def test_prompt_lookup_in_an_honest_verified_swarm_is_exact_and_never_flagged(fo
         session, stats = model.last_session, model.last_session.verification
         assert session.steps < NEW_TOKENS, "no draft was ever accepted"
         assert rewinds.count > 0, "no draft was ever rejected"
-        assert not stats.caught and stats.compared_tokens >= len(expected) - 1  # every token that went in (not the last)
+        assert (
+            not stats.caught and stats.compared_tokens >= len(expected) - 1
+        )  # every token that went in (not the last)
     finally:
         model.close()
 

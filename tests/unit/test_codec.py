@@ -185,8 +185,10 @@ def test_int8_wire_through_a_three_node_chain(int8_remote, remote, smollm_refere
     exact = remote.swarm.forward(embeds)           # float32 wire (the Forward RPC)
     quantised = int8_remote.swarm.forward(embeds)  # int8 wire, same RPC
     error = (quantised - exact).abs()
-    print(f"int8 vs float32 wire, final hidden states: max |error| {error.max():.3g} (max |h| {exact.abs().max():.4g}), "
-          f"mean {error.mean():.3g} (mean |h| {exact.abs().mean():.3g})")
+    print(
+        f"int8 vs float32 wire, final hidden states: max |error| {error.max():.3g} (max |h| {exact.abs().max():.4g}), "
+        f"mean {error.mean():.3g} (mean |h| {exact.abs().mean():.3g})"
+    )
     assert quantised.dtype == torch.float32 and quantised.shape == exact.shape
     assert 0 < error.max() < 0.1 * exact.abs().max()
     assert error.mean() < 0.1 * exact.abs().mean()

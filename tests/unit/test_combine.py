@@ -1,4 +1,5 @@
-"""Concurrent LM-head calls combined into one product, packed for MKL when it carries several rows (client/combine.py)."""
+"""Concurrent LM-head calls combined into one product, packed for MKL when it carries several rows
+(client/combine.py)."""
 
 from __future__ import annotations
 

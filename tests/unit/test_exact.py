@@ -164,8 +164,11 @@ def test_fused_matrices_whose_parts_need_different_forms_are_held_in_parts(tiny_
     embeds = model.model.embed_tokens(ids).detach()
     cache = span.new_cache(1, 32)
     with torch.inference_mode():
-        got = torch.cat([span(embeds[:, :16], positions[:, :16], mask[:, :16], cache)] +
-                        [span(embeds[:, t: t + 1], positions[:, t: t + 1], mask[:, : t + 1], cache) for t in range(16, 20)], 1)
+        got = torch.cat(
+            [span(embeds[:, :16], positions[:, :16], mask[:, :16], cache)]
+            + [span(embeds[:, t : t + 1], positions[:, t : t + 1], mask[:, : t + 1], cache) for t in range(16, 20)],
+            1,
+        )
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -252,7 +255,9 @@ def test_one_row_products_take_the_thread_count_that_was_faster(kernels):
     assert chosen in {1, torch.get_num_threads()}
     assert all(w.row_threads == chosen for w in weights)
     x = torch.randn(1, 128)
-    torch.testing.assert_close(weights[0].product(x), weights[0].product(x, threads=torch.get_num_threads()), rtol=0, atol=0)
+    torch.testing.assert_close(
+        weights[0].product(x), weights[0].product(x, threads=torch.get_num_threads()), rtol=0, atol=0
+    )
 
 
 @pytest.mark.parametrize("fmt", ["q4", "q8", "bf16"])

@@ -51,7 +51,9 @@ def _mlp_kinds(model: nn.Module) -> list[str]:
 def test_tiny_moe_configs_route_and_mix_layer_kinds(family):
     """Several experts, top-k >= 2, and dense and sparse layers mixed, within a span and across nodes."""
     config = tiny_config(family)
-    experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None) or config.n_routed_experts
+    experts = (
+        getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None) or config.n_routed_experts
+    )
     assert experts >= 4 and config.num_experts_per_tok >= 2
     with torch.device("meta"):
         kinds = _mlp_kinds(AutoModelForCausalLM.from_config(config))
@@ -116,7 +118,9 @@ def test_bytes_per_layer_is_the_largest_sparse_layer(family):
     config = tiny_config(family)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    sizes = [sum(p.numel() * p.element_size() for p in layer.parameters()) for layer in model.model.layers]  # routers may stay float32
+    sizes = [
+        sum(p.numel() * p.element_size() for p in layer.parameters()) for layer in model.model.layers
+    ]  # routers may stay float32
     kinds = _mlp_kinds(model)
     largest = max(range(len(sizes)), key=sizes.__getitem__)
     assert "Moe" in kinds[largest] or "Sparse" in kinds[largest]
