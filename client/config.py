@@ -28,10 +28,10 @@ class ClientConfig:
     pack_head: bool = True             # CPU: combined LM-head calls of concurrent generations go through an MKL-packed
                                        # copy of the head (made once they occur; as much memory again as the head)
     exact_head: bool = True  # CPU float32: an LM head whose values are exactly 8-bit blocks or bfloat16 (a GGUF
-    # model's, most checkpoints') multiplies from that narrow copy (node/model/exact.py)
+    # model's, most checkpoints') multiplies from that narrow copy (common/weights/exact.py)
     push: bool = True                  # nodes forward each step along the chain (k+1 trips a token, not 2k)
     convoys: bool = True               # with push: concurrent generations in this process step as convoys, so that
-                                       # each node runs them in one pass (node/runtime/convoy.py)
+                                       # each node runs them in one pass (common/wire/convoy.py)
     prefill_chunk: int = 0             # with push: prompts of 2x this many tokens or more go down the chain in
                                        # chunks, pipelined across nodes (0 = off; at most 8 chunks)
     accept_quant: str = "any"          # nodes whose weights may be quantised: any | int8 (int8 or none) | none
@@ -47,7 +47,7 @@ class ClientConfig:
     tls_server_name: str | None = None  # the name those certificates are issued to (default: the dialed host)
 
     def security(self):
-        """The node.rpc.security.Security these trust fields describe (reads the key and CA files)."""
+        """The common.wire.security.Security these trust fields describe (reads the key and CA files)."""
         from common.wire.security import load_security
 
         return load_security(self.swarm_key, self.tls, tls_ca=self.tls_ca, tls_server_name=self.tls_server_name)

@@ -147,7 +147,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         ):
             head = TransposedLinear.from_linear(head)  # ~2x faster one-token logits on CPU
         instance = cls(parts.config, parts.embed_tokens, parts.norm, head, swarm)
-        instance.head_calls.fn.exact_weight()  # now rather than in the first token's time (node/model/exact.py)
+        instance.head_calls.fn.exact_weight()  # now rather than in the first token's time (common/weights/exact.py)
         instance.name_or_path = files.model_id
         if tuning is not None:
             instance.add_prompts(tuning, num_prompt_tokens)
@@ -336,7 +336,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
     def generate(self, inputs: torch.Tensor | None = None, generation_config: GenerationConfig | None = None, **kwargs):
         """transformers' generate, with an inference session sized for the prompt plus the new tokens; torch's
         small operations run on this thread alone meanwhile, the head on torch's threads
-        (node/model/torch_threads.py)."""
+        (common/weights/threads.py)."""
         with one_torch_thread():
             return self._generate(inputs, generation_config, **kwargs)
 

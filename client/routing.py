@@ -3,7 +3,7 @@
 The route is the cheapest chain covering the layers, where a hop costs its measured
 round-trip time plus its compute time (layers x per-layer time from the node's published
 throughput), inflated for loaded nodes, plus a penalty for each strike against the node
-(clients' signed reports that it returned wrong activations, node/swarm/strikes.py)."""
+(clients' signed reports that it returned wrong activations, common/swarm/strikes.py)."""
 
 from __future__ import annotations
 

@@ -238,7 +238,7 @@ class SwarmClient:
                                    prefill_chunk=self.config.prefill_chunk, adapter=self.config.adapter)
         return SyncSession(session, self._loop)
 
-    # -- verification (client/verify.py) and strikes (node/swarm/strikes.py) ----------------------------
+    # -- verification (client/verify.py) and strikes (common/swarm/strikes.py) ----------------------------
     def _trusted(self, infos: list[PeerInfo]) -> list[PeerInfo]:
         """The peers this client may route through: not caught lying, and serving its adapter (if it names one)."""
         adapter = self.config.adapter
@@ -408,7 +408,7 @@ class SyncSession:
 
     @property
     def next_convoy(self) -> tuple[int, int] | None:
-        """The convoy (id, size) the next pushed step travels in (node/runtime/convoy.py); used once."""
+        """The convoy (id, size) the next pushed step travels in (common/wire/convoy.py); used once."""
         return self._session.next_convoy
 
     @next_convoy.setter

@@ -211,7 +211,7 @@ async def _load(node: RunningNode, span: Span) -> None:
     model, _ = await asyncio.to_thread(load_span, node.files, span.start, span.end, node.device, node.dtype,
                                        config.progress)
     if node.device.type == "cpu" and config.quant == "none":
-        transpose_linears(model)  # faster one-token products on CPU (node/model/fast_linear.py)
+        transpose_linears(model)  # faster one-token products on CPU (common/weights/fast_linear.py)
     if config.lean:
         reason = model.make_lean()  # fused weights, static caches, batched decoding (node/model/lean.py)
         if reason:
@@ -220,7 +220,7 @@ async def _load(node: RunningNode, span: Span) -> None:
         count = await asyncio.to_thread(quantize_span, model, config.quant)  # node/model/quant.py
         log.info("quantised %d weight matrices to %s", count, config.quant)
     elif config.exact and node.device.type == "cpu":
-        report = await asyncio.to_thread(exact_span, model)  # node/model/exact.py: same values, fewer bytes
+        report = await asyncio.to_thread(exact_span, model)  # common/weights/exact.py: same values, fewer bytes
         if report is not None:
             log.info(report.describe())
     if node.device.type == "cpu":

@@ -212,7 +212,7 @@ class Membership:
         return True
 
     def take_strikes(self, messages) -> int:
-        """Keep the valid strikes among gossiped ones (node/swarm/strikes.py); returns how many were new."""
+        """Keep the valid strikes among gossiped ones (common/swarm/strikes.py); returns how many were new."""
         batch = messages[: 2 * self.strikes.limit]  # a book holds `limit`: more in one message is a flood
         accepted, problems = self.strikes.offer_many(codec.decode_records(batch, self.security.swarm_key))
         for problem in problems:

@@ -6,7 +6,7 @@ min; Q4_0: `step * (code - 8)`, the same form) or 8-bit ones (Q8_0: `code * step
 are bfloat16 values. One token
 reads every weight once, so on a CPU the bytes per weight set the speed: a node that finds its float32
 matrices are exactly such values keeps them so (`ExactWeight.of`, checked bit for bit through the kernel's
-own reconstruction) and multiplies with small C kernels (node/model/kernels/exact.c) that rebuild each
+own reconstruction) and multiplies with small C kernels (common/weights/kernels/exact.c) that rebuild each
 weight in float32 as the dense matrix holds it and sum in float32. Results equal the dense products up
 to float rounding (the order of the sums), as every product here does; no weight changes.
 
@@ -84,7 +84,7 @@ class Kernels:
         """A pass of up to KERNEL_ROWS rows (a node's decode steps) runs in this. The kernels' helper threads spin
         between its products instead of sleeping, so each product starts on every thread at once; they sleep
         again after it (kernels/exact.c). Products keep torch's thread count, torch's own operations run on
-        this thread alone meanwhile (node/model/torch_threads.py)."""
+        this thread alone meanwhile (common/weights/threads.py)."""
         with one_torch_thread():
             self.lib.exact_hot(1)
             try:

@@ -116,7 +116,7 @@ class PackedWeight:
 
 
 def frozen_linear(weight, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ W.T + bias for a frozen weight held in another layout (PackedWeight here, node/model/exact.py's
+    """x @ W.T + bias for a frozen weight held in another layout (PackedWeight here, common/weights/exact.py's
     ExactWeight): its own `product(x, bias)`, and gradients to x and bias (a node's Backward) through `matrix()`."""
     if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
         return _FrozenProduct.apply(x, bias, weight)

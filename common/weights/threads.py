@@ -1,6 +1,6 @@
 """torch's own small operations on one thread, while the real products keep torch's thread count.
 
-A node's decode pass (`Kernels.hot`, node/model/exact.py) and a client's `generate` (client/model.py) both
+A node's decode pass (`Kernels.hot`, common/weights/exact.py) and a client's `generate` (client/model.py) both
 run many tiny torch operations around a few heavy products. For the tiny ones torch wakes its OpenMP
 workers, which costs more than they gain (an attention call over 8 one-token rows: 69 µs with two
 PASSIVE threads, 17 with one), and under libgomp's default policy leaves them spinning afterwards: on a

@@ -20,7 +20,7 @@ import urllib.error
 import urllib.request
 
 SERVICE = "potluck.v1.Potluck"
-TLS_NAME = "potluck-node"  # the name automatic certificates are issued to (node/rpc/security.py)
+TLS_NAME = "potluck-node"  # the name automatic certificates are issued to (common/wire/security.py)
 
 
 def _channel(address: str, tls: str):

@@ -295,7 +295,7 @@ def run_benchmark(settings: PerfSettings, console: Console | None = None) -> Per
                 )
                 tick(f"no push: {result.swarms[-1].median:.1f} tok/s")
                 result.node_exact = node_metadata(chain.nodes[0].address).get("exact", {})
-                if result.node_exact:  # the same chain holding every matrix dense (node/model/exact.py), for comparison
+                if result.node_exact:  # the same chain holding every matrix dense (common/weights/exact.py), for comparison
                     dense_chain = _Chain(settings, parts, ("--no-exact",))
                     try:
                         result.swarms.append(paired_speed(f"swarm, {parts} nodes, push, dense weights (--no-exact)",
@@ -343,7 +343,7 @@ def run_benchmark(settings: PerfSettings, console: Console | None = None) -> Per
                 result.concurrency = [_median_sessions(n, runs[n]) for n in settings.concurrency]
                 result.concurrency_runs = {n: [run[0] for run in runs[n]] for n in settings.concurrency}
                 most_sessions = 8 if 8 in settings.concurrency else max(settings.concurrency)
-                if most_sessions > 1:  # what convoys (node/runtime/convoy.py) add: a client without them
+                if most_sessions > 1:  # what convoys (common/wire/convoy.py) add: a client without them
                     plain = chain.client(convoys=False)
                     result.concurrency_plain = _median_sessions(
                         most_sessions,

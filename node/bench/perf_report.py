@@ -93,7 +93,7 @@ def render_markdown(result: PerfResult, plot_name: str | None = None) -> str:
             )
         if result.batch_compute:
             exact, dense = result.batch_compute
-            lines += ["", f"What batching gives when only the computation takes time (node/bench_batch_compute.py, "
+            lines += ["", f"What batching gives when only the computation takes time (node/bench/batch_compute.py, "
                           f"in this process, median of 30 alternating rounds): a node's pass over its share of the "
                           f"layers (1/{exact.nodes}) takes {exact.pass_one_ms:.2f} ms for one session's token and "
                           f"{exact.pass_many_ms:.2f} ms for {exact.rows} sessions' "
@@ -116,7 +116,7 @@ def render_markdown(result: PerfResult, plot_name: str | None = None) -> str:
                           + ", ".join(f"{x:.1f}" for x in result.settle_s) + " s."]
         if result.concurrency_plain is not None:
             sessions, aggregate, per_pass, _ = result.concurrency_plain
-            lines += ["", f"The sessions step as convoys (node/runtime/convoy.py). A client without them "
+            lines += ["", f"The sessions step as convoys (common/wire/convoy.py). A client without them "
                           f"(`ClientConfig(convoys=False)`), right after on the same nodes: {sessions} sessions "
                           f"{aggregate:.1f} tok/s in all ({aggregate / base:.2f}x one session), {per_pass:.2f} steps "
                           "per pass."]
@@ -148,7 +148,7 @@ def _weights_lines(result: PerfResult) -> list[str]:
         return ["- node weights: dense float32"]
     held = ", ".join(f"{count} as {fmt}" for fmt, count in sorted(result.node_exact.items()))
     return [f"- node weights: the first node holds its matrices in the narrow forms their float32 values are exactly "
-            f"({held}; node/model/exact.py), the same values bit for bit, and so does the client's head where it can; "
+            f"({held}; common/weights/exact.py), the same values bit for bit, and so does the client's head where it can; "
             "the row marked `--no-exact` is the same chain with every matrix dense"]
 
 

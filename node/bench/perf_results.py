@@ -101,7 +101,7 @@ class PerfResult:
     concurrency_plain: tuple[int, float, float, float] | None = None  # the same, 8 sessions (or the most), no convoys
     concurrency_runs: dict[int, list[float]] = field(default_factory=dict)  # sessions -> aggregate tok/s of each round
     settle_s: list[float] = field(default_factory=list)  # seconds before each one-session round (settle_alone)
-    # what batching gives when only the computation takes time, exact and dense (node/bench_batch_compute.py)
+    # what batching gives when only the computation takes time, exact and dense (node/bench/batch_compute.py)
     batch_compute: list[BatchCompute] = field(default_factory=list)
     prefill_local_s: float = 0.0
     prefill_swarm_s: float = 0.0

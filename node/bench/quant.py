@@ -1,7 +1,7 @@
 """`potluck bench-quant`: what `--quant int8|nf4` saves and costs, per model family, beside exact compact weights.
 
 Modes: `none` (dense float32, `--no-exact`), `exact` (the float32 values held in the narrow form they are exact in,
-node/model/exact.py: a node's default; dense where there is none), `int8`, `nf4`.
+common/weights/exact.py: a node's default; dense where there is none), `int8`, `nf4`.
 
 For each model (the given folder, plus tiny random Mixtral and Qwen2 models built here) and each mode:
 - memory per layer: what placement counts (`bytes_per_layer`) and what a loaded, quantised span holds;

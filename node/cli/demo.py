@@ -49,7 +49,7 @@ def run_demo(args: argparse.Namespace) -> None:
     # The embedded model is served from its GGUF file as it is: each node dequantises only its span.
     model_dir = Path(args.model) if args.model else gguf_path()
     with console.status(f"Reading the config of {model_dir.name}..."):
-        # before the nodes start: a GGUF's config is built once and kept for them (node/model/gguf.py)
+        # before the nodes start: a GGUF's config is built once and kept for them (common/weights/gguf.py)
         num_layers = ModelFiles.open(str(model_dir)).config().num_hidden_layers
     threads = args.threads or default_threads()
     with console.status(f"Starting {args.nodes} nodes over {num_layers} layers..."):

@@ -139,7 +139,7 @@ def model_size(model: str) -> tuple[int, int | None] | None:
 
 
 def kernel_check(compilers: tuple[str, ...] | None = None) -> Check:
-    """Whether the exact compact weights' kernels build here (node/model/exact.py): CPU decode of GGUF-converted
+    """Whether the exact compact weights' kernels build here (common/weights/exact.py): CPU decode of GGUF-converted
     and bfloat16 models reads 2-5x fewer bytes with them."""
     from common.weights.exact import COMPILERS, DEFAULT_CACHE, KernelError, build_kernels
 

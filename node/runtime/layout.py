@@ -1,4 +1,4 @@
-"""Which layout a node's lean weights take, following its load (node/model/fast_linear.py PackedWeight).
+"""Which layout a node's lean weights take, following its load (common/weights/fast_linear.py PackedWeight).
 
 On CPU, one-row products (one session decoding) are fastest on plain [in, out] float32 matrices; products of
 2 to 32 rows (concurrent sessions sharing a pass) are ~1.6x faster on MKL-packed ones, which are ~5-10 %

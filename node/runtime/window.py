@@ -1,6 +1,6 @@
 """The batch window: how long a node's next pass waits for steps about to arrive.
 
-Steps that come in a convoy (node/runtime/convoy.py) wait, up to CONVOY_WAIT, for the rest of
+Steps that come in a convoy (common/wire/convoy.py) wait, up to CONVOY_WAIT, for the rest of
 their convoy only. Steps that come in none (a session's first step, client-driven steps) wait up
 to `batch_wait` seconds while fewer steps are queued than sessions stepped here within the last
 RECENT seconds. One session alone never waits; `batch_wait` 0 turns both off."""

@@ -98,7 +98,7 @@ def test_push_generation_matches_transformers(model, chain, prompt_ids, expected
 
 
 def test_generate_runs_torch_on_one_thread_but_the_head_on_all(model, prompt_ids, expected, monkeypatch):
-    """node/model/torch_threads.py: during generate the token path's small operations see one torch thread, the head
+    """common/weights/threads.py: during generate the token path's small operations see one torch thread, the head
     products torch's count from before; afterwards the count is as it was."""
     from transformers.generation.streamers import BaseStreamer
 
@@ -359,7 +359,7 @@ def test_sigkill_of_the_middle_node_with_push(smollm_dir, chain, prompt_ids, smo
 @pytest.mark.parametrize("convoys", [True, False])
 def test_concurrent_generations_travel_as_convoys_and_match_transformers(smollm_dir, chain, smollm_reference, convoys,
                                                                          monkeypatch):
-    """Four generations in threads of one client: each equals transformers' own. With convoys (node/runtime/convoy.py)
+    """Four generations in threads of one client: each equals transformers' own. With convoys (common/wire/convoy.py)
     their decode steps share the nodes' passes: the four sessions travel as one convoy, or as two that stay apart
     (the prefills start apart), so at least 2 steps a pass; without convoys they mostly get a pass each (~1.3 here;
     tests/test_convoy.py checks that the node and the head need the convoys for it)."""

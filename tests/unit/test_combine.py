@@ -81,7 +81,7 @@ def test_the_head_gets_a_packed_copy_once_products_carry_several_rows():
 
 
 def test_generate_runs_small_operations_on_one_thread_and_the_head_on_torchs_count():
-    """node/model/torch_threads.py: inside generate torch's own small operations run on the calling thread alone,
+    """common/weights/threads.py: inside generate torch's own small operations run on the calling thread alone,
     the head product on the count torch had before (waking, and leaving spinning, OpenMP workers for every
     token's tiny operations took a core from the nodes on a shared machine)."""
     from common.weights.threads import one_torch_thread, saved_torch_threads

@@ -1,4 +1,4 @@
-"""Convoys (node/runtime/convoy.py): steps of several sessions that left one pass together are run in one pass
+"""Convoys (common/wire/convoy.py): steps of several sessions that left one pass together are run in one pass
 again at the next node, and the client's head products and next steps keep them together."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Exact compact weights (node/model/exact.py): narrow copies that hold float32 matrices bit for bit."""
+"""Exact compact weights (common/weights/exact.py): narrow copies that hold float32 matrices bit for bit."""
 
 from __future__ import annotations
 

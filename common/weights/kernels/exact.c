@@ -1,4 +1,4 @@
-/* Products with weights kept in the narrow form they are exactly representable in (node/model/exact.py).
+/* Products with weights kept in the narrow form they are exactly representable in (common/weights/exact.py).
 
    y[M, N] = x[M, K] @ W^T for W [N, K] stored in blocks of 32 weights along K, one of:
      q4: 16 bytes of 4-bit codes per block (byte j: code of weight j in its low nibble, of weight j + 16 in its
