@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from node.cli import main as cli
-from node.cli.join import run_join
+from node.cli.join import join_args, run_join
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -59,7 +59,7 @@ def check_command(argv: list[str], configs: dict[str, Path], monkeypatch):
 
         if args.config:
             assert Path(args.config).is_file(), f"--config {args.config}: no such file in the repository"
-            args = cli.join_args(argv[1:])
+            args = join_args(argv[1:])
 
         async def fake_run_node(config):
             captured["config"] = config
@@ -81,7 +81,7 @@ def test_example_configs_are_accepted_whole(monkeypatch):
     """Every key of every example node.toml is a `join` option with a valid value."""
     for path in NODE_TOMLS:
         table = tomllib.loads(path.read_text())
-        args = cli.join_args(["--config", str(path)])
+        args = join_args(["--config", str(path)])
         for key, value in table.items():
             got = getattr(args, key.replace("-", "_"))
             assert got == value or (isinstance(value, str) and got == [value]), f"{path.name}: {key}"
