@@ -31,6 +31,8 @@ from node.rpc.generated import potluck_pb2 as pb
 
 log = logging.getLogger(__name__)
 
+MAX_REFUSALS = 50  # a step refused over a node's rate limit this many times in a row counts as that hop failing
+
 # Errors another node may not have: worth a failover. INVALID_ARGUMENT / OUT_OF_RANGE are the client's own.
 RECOVERABLE = {
     None, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
@@ -81,6 +83,7 @@ class HopStream:
         self.outputs: dict[int, pb.Tensor] | None = None  # history index -> result, kept for a verifier (None: not)
         self.sent_steps = 0  # steps this client wrote to the stream itself
         self.push_failures: set[int] = set()  # ids of steps this node said it could not hand on (notices read)
+        self.refusals = 0  # steps this node refused over its rate limit (each sent again after a wait)
         self._call = None
         self._pending: asyncio.Future | None = None  # the read in flight (see reading())
 
@@ -109,11 +112,25 @@ class HopStream:
 
     async def step(self, hidden: pb.Tensor, position_ids: pb.Tensor | None, mask: pb.Tensor | None,
                    timeout: float, step_id: int, prompts: pb.Tensor | None = None) -> pb.StepResult:
-        """Send one step and wait for its result (client-driven); `prompts`: this hop's slice of the deep prompts."""
+        """Send one step and wait for its result (client-driven); `prompts`: this hop's slice of the deep prompts.
+        A step the node refuses over its rate limit is sent again after the wait it asks for (the session is kept);
+        after MAX_REFUSALS in a row, PeerError RESOURCE_EXHAUSTED (the hop is then replaced)."""
         step = self.make_step(hidden, position_ids, mask, step_id, prompts)
-        result = await self._guarded(self._send_and_read(step), timeout)
-        self.record(step, result)
-        return result
+        for _ in range(MAX_REFUSALS):
+            result = await self._guarded(self._send_and_read(step), timeout)
+            if not result.refused:
+                self.record(step, result)
+                return result
+            await self.back_off(result)
+        raise PeerError(self.peer.address, f"step refused {MAX_REFUSALS} times in a row: {result.refused}",
+                        grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+    async def back_off(self, refusal: pb.StepResult) -> None:
+        """Wait as long as a refused step's node asks (over its rate limit), at least 10 ms, at most 5 s."""
+        self.refusals += 1
+        log.info("node %s refused step %d: %s; retrying in %d ms", self.peer.address, refusal.step_id, refusal.refused,
+                 refusal.retry_after_ms)
+        await asyncio.sleep(min(max(refusal.retry_after_ms, 10), 5000) / 1000)
 
     async def send(self, step: pb.Step, timeout: float) -> None:
         """Write a step without waiting for its result (the first hop of a pushed step)."""
@@ -431,6 +448,8 @@ class InferenceSession:
                     raise
                 await self._recover(index, error, sent, time.perf_counter())
                 return index, message
+            if result is None and index == 0:  # refused over the node's rate limit: send it again by hand
+                return index, message
             if result is None:
                 # The previous node did not hand its output on: send it ourselves (that recovers the hop if it
                 # is gone). Two nodes that cannot reach each other would cost this every token: back off.
@@ -520,7 +539,16 @@ class InferenceSession:
 
     async def _pushed_result(self, index: int, step_id: int, deadline: float) -> pb.StepResult | None:
         """Hop `index`'s result of pushed step `step_id` (by `deadline`, a perf_counter time), or None
-        if the hop before it says it could not hand the step on (a second result with push_error)."""
+        if the hop before it says it could not hand the step on (a second result with push_error), or the
+        hop refused it over its rate limit (after waiting as it asks)."""
+        stream = self.hops[index]
+        result = await self._pushed_reply(index, step_id, deadline)
+        if result is not None and result.refused:
+            await stream.back_off(result)
+            return None
+        return result
+
+    async def _pushed_reply(self, index: int, step_id: int, deadline: float) -> pb.StepResult | None:
         stream = self.hops[index]
         if index > 0:
             before = self.hops[index - 1]
