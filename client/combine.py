@@ -6,11 +6,16 @@ generate at once (the API server, a batch of `generate` calls in threads) their 
 combined: the first caller runs the head on every row queued meanwhile, the others wait for their
 share. A lone caller runs at once, with no wait.
 
-A product of several rows is where MKL's packed layout pays (node/model/fast_linear.py): on this CPU
+A product of several rows is where MKL's packed layout pays (common/weights/fast_linear.py): on this CPU
 SmolLM2's head takes ~13 ms for one row with one thread, ~24 ms for two to four rows as it is stored,
 ~15 ms packed. So once a few combined calls have carried several rows, `PackedHead` makes a packed copy
 of the head (as much memory again as the head: 113 MB for SmolLM2) and runs such calls through it; one
-row still takes the stored weight, which is faster for it. A client that never combines never packs."""
+row still takes the stored weight, which is faster for it. A client that never combines never packs.
+
+A product takes at most `max_rows` rows (KERNEL_ROWS for the model's head): where the head is held in an exact
+narrow form, a row's logits then come from the same kernel alone and combined, bit for bit the same. A leader that
+fails (any BaseException) fails only its own product and hands the queue to the next caller; a caller waits at most
+FOLLOW_WAIT for its share."""
 
 from __future__ import annotations
 
@@ -32,6 +37,7 @@ HEAD_WAIT = 0.01     # seconds a head product waits for the rest of the convoy i
 GATE_WAIT = 0.05     # seconds a session's next step waits for the other sessions of its head product
 FORGET_GATES = 1.0   # gates older than this many seconds are dropped
 MERGE_WAIT = 0.05    # seconds a head product waits for an older session on the chain (convoys merge)
+FOLLOW_WAIT = 120.0  # seconds a caller waits for the product a leader runs for it before it gives up
 
 
 class _Call:
@@ -50,7 +56,7 @@ class _Call:
 class Combiner:
     """`combiner(x)` == `fn(x)` for x [..., features]; concurrent calls share one `fn` over their rows.
 
-    With convoys (node/runtime/convoy.py), for "travelling" callers (sessions that step again):
+    With convoys (common/wire/convoy.py), for "travelling" callers (sessions that step again):
     - a product waits up to HEAD_WAIT for the rest of the convoys its rows arrived in (the last node's
       results of one pass reach their threads one by one);
     - the sessions it served send their next steps as one convoy: `depart` holds each of them, up to
@@ -59,8 +65,9 @@ class Combiner:
       on the chain. Only the younger side waits, so it drifts by up to MERGE_WAIT a token towards the
       older one until they meet (two sessions that both waited would keep their distance)."""
 
-    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]):
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], max_rows: int = KERNEL_ROWS):
         self.fn = fn
+        self.max_rows = max_rows  # rows one product takes at most (a bigger call runs alone)
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # a call was queued, or a session departed
         self._queue: list[_Call] = []
@@ -87,12 +94,23 @@ class Combiner:
             self._leading = True
             self._changed.notify_all()
         if not lead:
-            call.done.wait()
+            self._follow(call)
             if not call.lead:
                 return self._outcome(call)
-        # this caller leads: run what is queued (its own call among it), then hand over or stop
-        self._run_queued()
+        # this caller leads: run what is queued (its own call first), then hand over or stop
+        self._run_queued(call)
         return self._outcome(call)
+
+    def _follow(self, call: _Call) -> None:
+        """Wait until a leader ran `call`'s product or handed it the lead; give up after FOLLOW_WAIT."""
+        if call.done.wait(FOLLOW_WAIT):
+            return
+        with self._lock:
+            if call in self._queue:
+                self._queue.remove(call)
+            given_up = not call.lead
+        if given_up:
+            raise TimeoutError(f"no head product for this generation within {FOLLOW_WAIT:g} s (its leader hangs)")
 
     def _age(self, session: object) -> int:
         age = self._ages.get(session)
@@ -115,19 +133,49 @@ class Combiner:
             return started + MERGE_WAIT - now
         return 0.0
 
-    def _run_queued(self) -> None:
-        with self._lock:
-            started = time.monotonic()
-            while (left := self._wait_left(started, time.monotonic())) > 0:
-                self._changed.wait(left)
-            batch, self._queue = self._queue, []
+    def _take(self) -> list[_Call]:
+        """The calls of the next product, in order, up to max_rows rows (the first one whatever its size); under
+        the lock."""
+        taken, rows = 0, 0
+        for c in self._queue:
+            count = c.rows.numel() // c.rows.shape[-1]
+            if taken and rows + count > self.max_rows:
+                break
+            taken, rows = taken + 1, rows + count
+        batch, self._queue = self._queue[:taken], self._queue[taken:]
+        return batch
+
+    def _run_queued(self, own: _Call) -> None:
+        """One product over the calls queued now (the leader's `own` first); then the next caller in line leads (or
+        nobody does). Whatever escapes (any BaseException) fails this product's callers only, and the queue is
+        still handed on."""
+        batch: list[_Call] = []
+        try:
+            with self._lock:
+                started = time.monotonic()
+                while (left := self._wait_left(started, time.monotonic())) > 0:
+                    self._changed.wait(left)
+                batch = self._take()
+            self._product(batch)
+        except BaseException as error:  # noqa: B036 -- every caller of the batch sees it, and the leader raises it
+            for c in batch:
+                if c.result is None and c.error is None:
+                    c.error = error
+            with self._lock:
+                if own in self._queue:  # the leader failed before its product: nobody waits for its call
+                    self._queue.remove(own)
+            raise
+        finally:
+            self._hand_on(batch)
+
+    def _product(self, batch: list[_Call]) -> None:
         try:
             flat = torch.cat([c.rows.reshape(-1, c.rows.shape[-1]) for c in batch])
             with torch.no_grad():
                 out = self.fn(flat)
             for c, part in zip(batch, out.split([c.rows.numel() // c.rows.shape[-1] for c in batch])):
                 c.result = part.reshape(*c.rows.shape[:-1], out.shape[-1])
-        except BaseException as error:  # every caller of the batch sees it
+        except BaseException as error:  # noqa: B036 -- every caller of the batch sees it
             for c in batch:
                 c.error = error
         travellers = [c for c in batch if c.age is not None]
@@ -136,6 +184,9 @@ class Combiner:
             c.convoy.leaves = leaves
         self.calls += 1
         self.callers += len(batch)
+
+    def _hand_on(self, batch: list[_Call]) -> None:
+        """Wake the product's callers, and let the next caller in line lead the calls queued meanwhile."""
         with self._lock:
             successor = self._queue[0] if self._queue else None
             if successor is None:
@@ -176,7 +227,7 @@ class PackedHead:
     """`packed_head(rows)` == `head()(rows)` for rows [n, features] outside autograd, for a float32 CPU nn.Linear or
     TransposedLinear head (any other head is always called itself):
 
-    - when its weight is exactly held by a narrow form (`exact`; node/model/exact.py: e.g. a GGUF model's Q8_0
+    - when its weight is exactly held by a narrow form (`exact`; common/weights/exact.py: e.g. a GGUF model's Q8_0
       embeddings tied to the head), up to KERNEL_ROWS rows go through that copy: a quarter of the bytes;
     - otherwise 2 to 32 rows go through a packed copy of the weight once PACK_HEAD_AFTER such calls were seen
       (MKL here).

@@ -31,6 +31,8 @@ from common.wire.generated import potluck_pb2 as pb
 
 log = logging.getLogger(__name__)
 
+MAX_REFUSALS = 50  # a step refused over a node's rate limit this many times in a row counts as that hop failing
+
 # Errors another node may not have: worth a failover. INVALID_ARGUMENT / OUT_OF_RANGE are the client's own.
 RECOVERABLE = {
     None, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
@@ -81,6 +83,7 @@ class HopStream:
         self.outputs: dict[int, pb.Tensor] | None = None  # history index -> result, kept for a verifier (None: not)
         self.sent_steps = 0  # steps this client wrote to the stream itself
         self.push_failures: set[int] = set()  # ids of steps this node said it could not hand on (notices read)
+        self.refusals = 0  # steps this node refused over its rate limit (each sent again after a wait)
         self._call = None
         self._pending: asyncio.Future | None = None  # the read in flight (see reading())
 
@@ -109,11 +112,25 @@ class HopStream:
 
     async def step(self, hidden: pb.Tensor, position_ids: pb.Tensor | None, mask: pb.Tensor | None,
                    timeout: float, step_id: int, prompts: pb.Tensor | None = None) -> pb.StepResult:
-        """Send one step and wait for its result (client-driven); `prompts`: this hop's slice of the deep prompts."""
+        """Send one step and wait for its result (client-driven); `prompts`: this hop's slice of the deep prompts.
+        A step the node refuses over its rate limit is sent again after the wait it asks for (the session is kept);
+        after MAX_REFUSALS in a row, PeerError RESOURCE_EXHAUSTED (the hop is then replaced)."""
         step = self.make_step(hidden, position_ids, mask, step_id, prompts)
-        result = await self._guarded(self._send_and_read(step), timeout)
-        self.record(step, result)
-        return result
+        for _ in range(MAX_REFUSALS):
+            result = await self._guarded(self._send_and_read(step), timeout)
+            if not result.refused:
+                self.record(step, result)
+                return result
+            await self.back_off(result)
+        raise PeerError(self.peer.address, f"step refused {MAX_REFUSALS} times in a row: {result.refused}",
+                        grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+    async def back_off(self, refusal: pb.StepResult) -> None:
+        """Wait as long as a refused step's node asks (over its rate limit), at least 10 ms, at most 5 s."""
+        self.refusals += 1
+        log.info("node %s refused step %d: %s; retrying in %d ms", self.peer.address, refusal.step_id, refusal.refused,
+                 refusal.retry_after_ms)
+        await asyncio.sleep(min(max(refusal.retry_after_ms, 10), 5000) / 1000)
 
     async def send(self, step: pb.Step, timeout: float) -> None:
         """Write a step without waiting for its result (the first hop of a pushed step)."""
@@ -215,7 +232,9 @@ class HopStream:
             raise PeerError.from_rpc(self.peer.address, error) from None
         except TimeoutError:
             self._call.cancel()
-            raise PeerError(self.peer.address, f"no reply within {timeout:.2f}s", grpc.StatusCode.DEADLINE_EXCEEDED) from None
+            raise PeerError(
+                self.peer.address, f"no reply within {timeout:.2f}s", grpc.StatusCode.DEADLINE_EXCEEDED
+            ) from None
         except asyncio.InvalidStateError:  # the RPC had already ended (e.g. the node was unreachable)
             code, details = await self._call.code(), await self._call.details()
             raise PeerError(self.peer.address, details or "stream already closed", code) from None
@@ -326,7 +345,7 @@ class InferenceSession:
         self._push_pause = 0    # of which this many are left
         self.verifier = verifier  # client.verify.Verifier: recomputes hops on other nodes (None: trust them)
         self.prefill_chunk = prefill_chunk  # pushed prompts of 2x this many tokens or more go down the chain in chunks
-        # convoys (node/runtime/convoy.py): the one the next pushed step travels in (set by the caller, used once),
+        # convoys (common/wire/convoy.py): the one the next pushed step travels in (set by the caller, used once),
         # and the one the last step's output came back in (from the last hop; None if it came alone or by hand)
         self.next_convoy: tuple[int, int] | None = None
         self.arrived_convoy: tuple[int, int] | None = None
@@ -368,17 +387,23 @@ class InferenceSession:
         self.steps += 1
         self.arrived_convoy = None  # until the last hop says otherwise
         if self.position + tokens > self.max_length:
-            raise ValueError(f"session holds {self.position} tokens; {tokens} more exceed its max_length {self.max_length}")
+            raise ValueError(
+                f"session holds {self.position} tokens; {tokens} more exceed its max_length {self.max_length}"
+            )
         if not self.hops:
             self.batch_size = hidden.shape[0]
             await self._open()
         if prompts is not None:
             if self.verifier is not None:
                 raise NotImplementedError("verifying a session with deep prompts is not supported yet")
-            message = await self._drive(0, codec.encode_hidden(hidden, self.wire_dtype),
-                                        codec.encode_tensor(position_ids.to(torch.int64)) if position_ids is not None else None,
-                                        codec.encode_tensor(attention_mask.to(torch.int64)) if attention_mask is not None else None,
-                                        tokens, prompts)
+            message = await self._drive(
+                0,
+                codec.encode_hidden(hidden, self.wire_dtype),
+                codec.encode_tensor(position_ids.to(torch.int64)) if position_ids is not None else None,
+                codec.encode_tensor(attention_mask.to(torch.int64)) if attention_mask is not None else None,
+                tokens,
+                prompts,
+            )
             self.position += tokens
             return codec.decode_tensor(message, "hidden").clone()
         if self.pushing and self.verifier is None and tokens >= 2 * self.prefill_chunk > 0:
@@ -430,6 +455,8 @@ class InferenceSession:
                 if error.code not in RECOVERABLE:
                     raise
                 await self._recover(index, error, sent, time.perf_counter())
+                return index, message
+            if result is None and index == 0:  # refused over the node's rate limit: send it again by hand
                 return index, message
             if result is None:
                 # The previous node did not hand its output on: send it ourselves (that recovers the hop if it
@@ -520,7 +547,16 @@ class InferenceSession:
 
     async def _pushed_result(self, index: int, step_id: int, deadline: float) -> pb.StepResult | None:
         """Hop `index`'s result of pushed step `step_id` (by `deadline`, a perf_counter time), or None
-        if the hop before it says it could not hand the step on (a second result with push_error)."""
+        if the hop before it says it could not hand the step on (a second result with push_error), or the
+        hop refused it over its rate limit (after waiting as it asks)."""
+        stream = self.hops[index]
+        result = await self._pushed_reply(index, step_id, deadline)
+        if result is not None and result.refused:
+            await stream.back_off(result)
+            return None
+        return result
+
+    async def _pushed_reply(self, index: int, step_id: int, deadline: float) -> pb.StepResult | None:
         stream = self.hops[index]
         if index > 0:
             before = self.hops[index - 1]

@@ -304,7 +304,7 @@ class _Run:
         if kind != "start":  # generation ended before it could signal its start: keep what came
             events.put_nowait((kind, value))
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        return StreamingResponse(self._sse(events), media_type="text/event-stream", headers=headers)
+        return _Streaming(self._sse(events), self.cancelled, media_type="text/event-stream", headers=headers)
 
     async def _sse(self, events: asyncio.Queue) -> AsyncIterator[str]:
         try:
@@ -342,6 +342,22 @@ class _Run:
             choice = {"index": 0, "text": result.text}
         choice.update(logprobs=None, finish_reason=result.finish_reason)
         return {**self._head(chunk=False), "choices": [choice], "usage": _usage(result)}
+
+
+class _Streaming(StreamingResponse):
+    """A streamed answer that stops its generation however the response ends: sent in full, the client gone
+    before its first byte (the body's generator then never starts, so its own `finally` never runs), or the
+    server's task cancelled."""
+
+    def __init__(self, content: AsyncIterator[str], cancelled: threading.Event, **kwargs):
+        super().__init__(content, **kwargs)
+        self.cancelled = cancelled
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.cancelled.set()  # a no-op after "done"; otherwise the client went away
 
 
 def _usage(result: Completion) -> dict:

@@ -295,7 +295,9 @@ def run_benchmark(settings: PerfSettings, console: Console | None = None) -> Per
                 )
                 tick(f"no push: {result.swarms[-1].median:.1f} tok/s")
                 result.node_exact = node_metadata(chain.nodes[0].address).get("exact", {})
-                if result.node_exact:  # the same chain holding every matrix dense (common/weights/exact.py), for comparison
+                if (
+                    result.node_exact
+                ):  # the same chain holding every matrix dense (common/weights/exact.py), for comparison
                     dense_chain = _Chain(settings, parts, ("--no-exact",))
                     try:
                         result.swarms.append(paired_speed(f"swarm, {parts} nodes, push, dense weights (--no-exact)",

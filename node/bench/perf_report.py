@@ -147,9 +147,11 @@ def _weights_lines(result: PerfResult) -> list[str]:
     if not result.node_exact:
         return ["- node weights: dense float32"]
     held = ", ".join(f"{count} as {fmt}" for fmt, count in sorted(result.node_exact.items()))
-    return [f"- node weights: the first node holds its matrices in the narrow forms their float32 values are exactly "
-            f"({held}; common/weights/exact.py), the same values bit for bit, and so does the client's head where it can; "
-            "the row marked `--no-exact` is the same chain with every matrix dense"]
+    return [
+        f"- node weights: the first node holds its matrices in the narrow forms their float32 values are exactly "
+        f"({held}; common/weights/exact.py), the same values bit for bit, and so does the client's head where it can; "
+        "the row marked `--no-exact` is the same chain with every matrix dense"
+    ]
 
 
 def _llama_lines(result: PerfResult) -> list[str]:

@@ -5,7 +5,13 @@ Clients are threads sharing one client model (its generate is safe to call from 
 each call opens its own session). Each request greedily extends one of a fixed set of prompts whose
 answers transformers computed beforehand; some requests are abandoned part-way on purpose (the
 client closes its session, as a browser tab that goes away). Half-way through, one node is killed
-with SIGKILL and started again on the same address; sessions wait for it and replay."""
+with SIGKILL and started again on the same address; sessions wait for it and replay.
+
+A second phase (`--chaos-seconds`) keeps steady clients running while others cancel at random (they
+abandon their request after a random number of tokens) and client processes are SIGKILLed at a random
+moment of their generation (their streams end while their steps wait in, or run through, the nodes'
+passes): every steady answer must still be transformers', none may be stranded, and every node's cache
+must be free afterwards."""
 
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ import argparse
 import logging
 import random
 import shlex
+import subprocess
 import sys
 import tempfile
 import threading
@@ -70,6 +77,8 @@ class SoakSettings:
     threads: int = 0
     seed: int = 0
     command: str = ""
+    chaos_seconds: float = 60.0   # the phase with random cancels and killed client processes (0: none)
+    chaos_killers: int = 2        # client processes at a time that get SIGKILLed mid-generation
 
 
 @dataclass
@@ -87,6 +96,21 @@ class SoakResult:
     cache_budget: int = 0
     restart_seconds: float = 0.0  # from the kill to the restarted node being ready
     failovers: int = 0
+    chaos: "ChaosResult | None" = None
+
+
+@dataclass
+class ChaosResult:
+    """The phase with random cancels and client processes killed mid-generation."""
+
+    seconds: float = 0.0
+    completed: int = 0
+    wrong: int = 0
+    cancelled: int = 0   # requests abandoned at a random token (sessions closed mid-generation)
+    killed: int = 0      # client processes SIGKILLed mid-generation
+    failed: int = 0
+    stranded: int = 0    # steady requests still unanswered 60 s after the phase ended
+    failures: list[str] = field(default_factory=list)
 
 
 CACHE_TOKENS = 65536  # each node's --cache-tokens here
@@ -200,6 +224,9 @@ def run_soak(settings: SoakSettings, console: Console | None = None) -> SoakResu
             time.sleep(0.5)
         result.elapsed = time.monotonic() - started
         result.failovers = failovers.count
+        if settings.chaos_seconds > 0:
+            console.print(f"chaos phase: random cancels and killed client processes for {settings.chaos_seconds:g} s")
+            result.chaos = _chaos(model, prompts, answers, addresses, settings)
         model.close()
         time.sleep(3.0)  # streams closed by the client end on the nodes
         result.cache_budget = CACHE_TOKENS
@@ -212,6 +239,88 @@ def run_soak(settings: SoakSettings, console: Console | None = None) -> SoakResu
         for node in nodes:
             node.stop()
     return result
+
+
+# a client process that generates until it is killed (its argv: model, peers, prompt ids)
+_DOOMED_CLIENT = """
+import sys, torch
+from client import ClientConfig, DistributedModelForCausalLM
+model = DistributedModelForCausalLM.from_pretrained(sys.argv[1], peers=sys.argv[2].split(","))
+ids = torch.tensor([[int(t) for t in sys.argv[3].split(",")]])
+print("ready", flush=True)
+while True:
+    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=48, do_sample=False)
+"""
+
+
+def _chaos(model, prompts, answers, addresses: list[str], settings: SoakSettings) -> ChaosResult:
+    """Steady clients (half the threads) answer exactly while the other half cancel at a random token and
+    `chaos_killers` client processes are SIGKILLed at random moments of their generations."""
+    chaos = ChaosResult()
+    lock = threading.Lock()
+    stop_at = time.monotonic() + settings.chaos_seconds
+    started = time.monotonic()
+
+    def steady(index: int, cancels: bool) -> None:
+        rng = random.Random(settings.seed * 7919 + index)
+        while time.monotonic() < stop_at:
+            which = rng.randrange(len(prompts))
+            ids = prompts[which]
+            streamer = _AbandonAfter(rng.randrange(1, settings.new_tokens)) if cancels else None
+            try:
+                out = model.generate(
+                    ids, attention_mask=torch.ones_like(ids), max_new_tokens=settings.new_tokens,
+                    min_new_tokens=settings.new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
+                    streamer=streamer)
+            except Abandon:
+                with lock:
+                    chaos.cancelled += 1
+                continue
+            except Exception as error:  # counted and reported; the phase goes on
+                with lock:
+                    chaos.failed += 1
+                    chaos.failures.append(f"{type(error).__name__}: {error}"[:300])
+                continue
+            with lock:
+                chaos.completed += 1
+                chaos.wrong += out[0, ids.shape[1]:].tolist() != answers[which]
+
+    def killer(index: int) -> None:
+        rng = random.Random(settings.seed * 104729 + index)
+        while time.monotonic() < stop_at:
+            ids = prompts[rng.randrange(len(prompts))][0].tolist()
+            process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-c",
+                    _DOOMED_CLIENT,
+                    str(settings.model),
+                    ",".join(addresses),
+                    ",".join(map(str, ids)),
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+            )
+            try:
+                if process.stdout.readline().strip() == "ready":
+                    time.sleep(rng.uniform(0.3, 2.0))  # somewhere in its generations
+                    with lock:
+                        chaos.killed += 1
+            finally:
+                process.kill()
+                process.wait()
+
+    half = max(settings.clients // 2, 1)
+    workers = [threading.Thread(target=steady, args=(i, i >= half), daemon=True) for i in range(settings.clients)]
+    workers += [threading.Thread(target=killer, args=(i,), daemon=True) for i in range(settings.chaos_killers)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(max(stop_at - time.monotonic(), 0) + 60)
+    chaos.stranded = sum(worker.is_alive() for worker in workers)
+    chaos.seconds = time.monotonic() - started
+    return chaos
 
 
 def render_markdown(result: SoakResult) -> str:
@@ -239,6 +348,24 @@ def render_markdown(result: SoakResult) -> str:
         lines.append(f"| {label} | {peak:.0f} | {result.reserved_after.get(label, -1)} |")
     if result.failures:
         lines += ["", "Failures (first 5):", ""] + [f"- `{f}`" for f in result.failures[:5]]
+    if result.chaos is not None:
+        c = result.chaos
+        lines += [
+            "",
+            f"Then {c.seconds:.0f} s of random cancels and disconnects under load: "
+            f"{s.clients - max(s.clients // 2, 1)} "
+            f"steady client threads answering exactly, {max(s.clients // 2, 1)} that abandon each request at a random "
+            f"token, and {s.chaos_killers} client processes at a time SIGKILLed at a random moment of their "
+            f"generation (their streams end while their steps wait in, or run through, the nodes' passes). A steady "
+            f"request counts as stranded if it is still unanswered 60 s after the phase.",
+            "",
+            "| steady requests completed | wrong answers | stranded | cancelled at random | client processes killed "
+            "| failed |",
+            "|---:|---:|---:|---:|---:|---:|",
+            f"| {c.completed} | **{c.wrong}** | **{c.stranded}** | {c.cancelled} | {c.killed} | {c.failed} |",
+        ]
+        if c.failures:
+            lines += ["", "Failures (first 5):", ""] + [f"- `{f}`" for f in c.failures[:5]]
     return "\n".join(lines) + "\n"
 
 
@@ -251,6 +378,12 @@ def add_soak_bench_parser(commands) -> None:
     bench.add_argument("--seconds", type=float, default=300.0, help="how long (default 300)")
     bench.add_argument("--new-tokens", type=int, default=12, help="tokens per answer (default 12)")
     bench.add_argument("--threads", type=int, default=0, help="torch threads per node (default: all cores)")
+    bench.add_argument(
+        "--chaos-seconds",
+        type=float,
+        default=60.0,
+        help="then random cancels and killed client processes under load for this long (default 60; 0: off)",
+    )
     add_output_args(bench)
 
 
@@ -261,6 +394,7 @@ def run_soak_bench_cli(args: argparse.Namespace) -> None:
     if args.clients < 1 or args.seconds <= 0 or args.new_tokens < 2:
         raise ValueError("need --clients >= 1, --seconds > 0 and --new-tokens >= 2")
     settings = SoakSettings(model=model, clients=args.clients, seconds=args.seconds, new_tokens=args.new_tokens,
-                            threads=args.threads, command=shlex.join(["potluck", *sys.argv[1:]]))
+                            threads=args.threads, chaos_seconds=args.chaos_seconds,
+                            command=shlex.join(["potluck", *sys.argv[1:]]))
     section = render_markdown(run_soak(settings))
     publish(section, args.out, MARK_START, MARK_END)

@@ -10,8 +10,8 @@ arithmetic with fewer, larger operations:
 - a static KV cache per session (`StaticKV`: preallocated [layers, batch, kv_heads, max_length,
   head_dim]; nothing is re-allocated per step, a rewind is just a smaller position);
 - the decode steps of several sessions in one pass (`run` with many rows): every weight is read
-  once for all of them, attention runs per session over its own cache (one-token steps with short
-  caches in one call, their caches side by side).
+  once for all of them, attention runs per session over its own cache, with the very call that
+  session would make alone (so a row's attention never depends on the others' caches).
 
 The results equal transformers' up to float rounding; tests/test_lean.py checks them against the
 family's own `XForCausalLM`. Other families run on the generic span (`SpanModel.forward`
@@ -32,9 +32,6 @@ if TYPE_CHECKING:
     from node.model.span import SpanModel
 
 SUPPORTED_LAYERS = {"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer"}
-# a pass of one-token steps attends in one call per layer when its rows' caches, copied side by side for all the
-# pass's layers (padded to the longest), take at most this many bytes: cheap for short caches, not for long ones
-SHARED_ATTENTION_BYTES = 64 * 2**20
 
 
 class StaticKV:
@@ -53,7 +50,9 @@ class StaticKV:
     def get_seq_length(self) -> int:
         return self.length
 
-    def write(self, layer: int, past: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def write(
+        self, layer: int, past: int, keys: torch.Tensor, values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store keys and values [batch, kv_heads, tokens, head_dim] of `layer` at positions [past, past + tokens);
         returns that layer's keys and values up to there (views)."""
         batch, total = keys.shape[0], past + keys.shape[2]
@@ -130,8 +129,12 @@ def _fuse(linears: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None]:
     biases = [getattr(linear, "bias", None) for linear in linears]
     if all(b is None for b in biases):
         return fused, None
-    bias = torch.cat([b if b is not None else torch.zeros(_weight_t(lin).shape[1], dtype=fused.dtype, device=fused.device)
-                      for b, lin in zip(biases, linears)])
+    bias = torch.cat(
+        [
+            b if b is not None else torch.zeros(_weight_t(lin).shape[1], dtype=fused.dtype, device=fused.device)
+            for b, lin in zip(biases, linears)
+        ]
+    )
     return fused, bias
 
 
@@ -146,7 +149,9 @@ def _release(*linears: nn.Module) -> None:
 def release_projections(span: nn.Module) -> None:
     """Drop every projection's own weight in the span's layers once its lean matrices were re-made (quantised,
     held exactly): they are the only ones used from then on (o/down were shared with their modules, not copied)."""
-    _release(*(module for module in span.layers.modules() if isinstance(module, nn.Linear) or hasattr(module, "weight_t")))
+    _release(
+        *(module for module in span.layers.modules() if isinstance(module, nn.Linear) or hasattr(module, "weight_t"))
+    )
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -226,7 +231,9 @@ class LeanSpan:
     def _lean_layer(self, layer: nn.Module) -> LeanLayer:
         attention, mlp = layer.self_attn, layer.mlp
         q_norm, k_norm = getattr(attention, "q_norm", None), getattr(attention, "k_norm", None)
-        fused = {name: _fuse([layer.get_submodule(p) for p in projections]) for name, projections in LEAN_PROJECTIONS.items()}
+        fused = {
+            name: _fuse([layer.get_submodule(p) for p in projections]) for name, projections in LEAN_PROJECTIONS.items()
+        }
         lean = LeanLayer(
             input_norm=layer.input_layernorm.weight, post_norm=layer.post_attention_layernorm.weight,
             qkv_t=fused["qkv_t"][0], qkv_bias=fused["qkv_t"][1],
@@ -257,7 +264,6 @@ class LeanSpan:
         masks = {kind: [self._attention_mask(row, self.window if kind == "sliding_attention" else None) for row in rows]
                  for kind in kinds}
         q_size, kv_size = self.q_heads * self.head_dim, self.kv_heads * self.head_dim
-        shared = self._shared_caches(rows, masks, end - start)  # one attention call for all rows (None: per row)
         lora = lean_plan(rows, sizes, self.device)  # LoRA: rows grouped by adapter ([] if none has one)
         prompted, offset = [], 0
         for row, size in zip(rows, sizes):
@@ -285,9 +291,7 @@ class LeanSpan:
                          layer.qk_eps)
                 q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
             layer_masks = masks[self.layer_types[index - self.start]]
-            if shared is not None:
-                attended = self._attend_shared(shared, index - start, q, k, v, layer.scaling)
-            elif len(rows) == 1:
+            if len(rows) == 1:
                 attended = self._attend(rows[0], index - start, q, k, v, layer_masks[0], layer.scaling)
             else:
                 attended = torch.empty(x.shape[0], hidden, dtype=x.dtype, device=x.device)
@@ -310,8 +314,6 @@ class LeanSpan:
             if lora:
                 lean_add(lora, down, mid, index, "down")
             x = x + down
-        if shared is not None:
-            shared.store(rows)
         outputs, offset = [], 0
         for row, size in zip(rows, sizes):
             outputs.append(x[offset : offset + size].view(row.hidden.shape))
@@ -348,28 +350,6 @@ class LeanSpan:
         additive = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
         return additive.masked_fill_(~allowed, torch.finfo(self.dtype).min)
 
-    def _shared_caches(self, rows: list[Row], masks: dict, layers: int) -> "SharedCaches | None":
-        """For a pass of several sessions' one-token steps with short caches and plain causal attention: their
-        caches side by side (SharedCaches); None otherwise (attention row by row)."""
-        if len(rows) < 2 or any(mask is not None for row_masks in masks.values() for mask in row_masks):
-            return None
-        if any(row.cache is None or row.hidden.shape[:2] != (1, 1) for row in rows):
-            return None
-        longest = max(row.past for row in rows) + 1
-        if 2 * layers * len(rows) * self.kv_heads * longest * self.head_dim * self.dtype.itemsize > SHARED_ATTENTION_BYTES:
-            return None
-        return SharedCaches(rows, layers, longest)
-
-    def _attend_shared(self, shared: "SharedCaches", layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       scaling: float) -> torch.Tensor:
-        """Every row's one new token attends over its own cache, in one call. Equal to `_attend` row by row up to
-        float rounding."""
-        count, d, groups = q.shape[0], self.head_dim, self.q_heads // self.kv_heads
-        keys, values = shared.add(layer, k, v)
-        out = F.scaled_dot_product_attention(q.reshape(count, self.kv_heads, groups, d), keys, values,
-                                             attn_mask=shared.mask, scale=scaling)
-        return out.reshape(count, self.q_heads * d)
-
     def _attend(self, row: Row, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
         batch, tokens = row.hidden.shape[:2]
@@ -388,41 +368,3 @@ class LeanSpan:
                                              enable_gqa=groups > 1)
         return out.transpose(1, 2).reshape(batch * tokens, self.q_heads * d)
 
-
-class SharedCaches:
-    """The caches of a pass's rows side by side, for all the pass's layers: [layers, rows, kv_heads, longest,
-    head_dim], padded with zeros to the longest and masked, so that each layer attends in one call.
-
-    Each row's cache is copied in once per pass (one copy for all layers), each layer's new keys and values go in
-    with one indexed write, and `store` puts every row's new token back into its own cache at the end: a handful
-    of operations per row and pass, instead of several per row and layer."""
-
-    def __init__(self, rows: list[Row], layers: int, longest: int):
-        first = rows[0].cache.keys
-        shape = (layers, len(rows), first.shape[2], longest, first.shape[4])
-        self.keys = torch.zeros(shape, dtype=first.dtype, device=first.device)
-        self.values = torch.zeros_like(self.keys)
-        for i, row in enumerate(rows):
-            if row.past:
-                self.keys[:, i, :, : row.past] = row.cache.keys[:layers, 0, :, : row.past]
-                self.values[:, i, :, : row.past] = row.cache.values[:layers, 0, :, : row.past]
-        self.rows = torch.arange(len(rows), device=first.device)
-        self.positions = torch.tensor([row.past for row in rows], device=first.device)
-        hidden = torch.arange(longest, device=first.device)[None, :] > self.positions[:, None]
-        # additive mask [rows, 1, 1, longest] hiding the padding of the shorter caches
-        self.mask = torch.zeros(len(rows), 1, 1, longest, dtype=first.dtype, device=first.device).masked_fill_(
-            hidden[:, None, None, :], torch.finfo(first.dtype).min)
-
-    def add(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Put each row's new key and value ([rows, kv_heads, head_dim]) of `layer` at its position; returns the
-        layer's keys and values [rows, kv_heads, longest, head_dim]."""
-        self.keys[layer, self.rows, :, self.positions] = keys
-        self.values[layer, self.rows, :, self.positions] = values
-        return self.keys[layer], self.values[layer]
-
-    def store(self, rows: list[Row]) -> None:
-        """Write each row's new token, every layer, into its own cache."""
-        layers = self.keys.shape[0]
-        for i, row in enumerate(rows):
-            row.cache.keys[:layers, 0, :, row.past] = self.keys[:, i, :, row.past]
-            row.cache.values[:layers, 0, :, row.past] = self.values[:, i, :, row.past]

@@ -6,7 +6,7 @@ returns as soon as the next node has accepted the step (not once it has computed
 answers its own client once the call is on its way (`started`: the handover is on the token's path, the
 reply is not) and sends a failure notice only if the handover fails.
 
-The outputs of one pass that go to the same node leave as a convoy (node/runtime/convoy.py): they are
+The outputs of one pass that go to the same node leave as a convoy (common/wire/convoy.py): they are
 handed over together, in one `PushMany` call, once the convoy's steps are all ready (or CONVOY_FLUSH
 after the first, if some never come). A node that does not know PushMany answers UNIMPLEMENTED; its
 steps then go one `Push` each, from then on."""
@@ -49,7 +49,7 @@ def check_targets(targets) -> None:
 
 def forwarded_step(hidden: pb.Tensor, step: pb.Step, convoy: tuple[int, int] | None = None) -> pb.PushRequest:
     """The Push to step.push[0]: this node's output in place of the input, the rest of the list, the same ids,
-    and the convoy the output leaves in (node/runtime/convoy.py)."""
+    and the convoy the output leaves in (common/wire/convoy.py)."""
     target = step.push[0]
     out = pb.Step(hidden=hidden, position=step.position, step_id=step.step_id, push=step.push[1:])
     if convoy is not None:

@@ -2,7 +2,8 @@
 
 Every request costs one token: a unary call (Info, Forward, Push, Gossip), an `open` or a `step` on an
 Inference stream. A pushed step is charged to the client that opened the session, not to the node that
-handed it over, so a chain's first hop does not use up the next hop's allowance."""
+handed it over, so a chain's first hop does not use up the next hop's allowance. A refused call gets
+RESOURCE_EXHAUSTED; a refused `step` only its own refusal (the servicer answers it, the session lives on)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,15 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 from node.runtime.errors import Exhausted
+
+
+class RateLimited(Exhausted):
+    """A request over its peer's rate limit; `retry_after`: seconds until the peer's bucket holds a token again."""
+
+    def __init__(self, message: str, retry_after: float):
+        super().__init__(message)
+        self.retry_after = retry_after
+
 
 MAX_PEERS = 4096  # buckets kept (least recently seen dropped first: a dropped peer starts with a full bucket)
 
@@ -39,15 +49,15 @@ class RateLimiter:
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # host -> (tokens, last refill)
 
     def charge(self, host: str, what: str = "request") -> None:
-        """Take one token from `host`'s bucket; Exhausted (RESOURCE_EXHAUSTED) if it has none left."""
+        """Take one token from `host`'s bucket; RateLimited (RESOURCE_EXHAUSTED) if it has none left."""
         now = self.clock()
         tokens, last = self._buckets.pop(host, (self.burst, now))
         tokens = min(self.burst, tokens + (now - last) * self.rate)
         if tokens < 1:
             self._buckets[host] = (tokens, now)
             self.refused += 1
-            raise Exhausted(f"{what} refused: {host} is over this node's rate limit of {self.rate:g} requests/s "
-                            f"(--rate-limit); slow down")
+            raise RateLimited(f"{what} refused: {host} is over this node's rate limit of {self.rate:g} requests/s "
+                              f"(--rate-limit); slow down", (1 - tokens) / self.rate)
         self._buckets[host] = (tokens - 1, now)  # most recently seen last
         while len(self._buckets) > self.max_peers:
             self._buckets.popitem(last=False)

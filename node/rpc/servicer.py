@@ -18,7 +18,7 @@ from node.metrics import NodeMetrics
 from node.rpc import push
 from node.rpc.checks import check_gossip, check_id, check_push_targets, details
 from node.rpc.probe import Prober
-from node.rpc.ratelimit import RateLimiter, peer_host
+from node.rpc.ratelimit import RateLimited, RateLimiter, peer_host
 from node.runtime.errors import Exhausted, FailedPrecondition, InvalidRequest, NotFound, RequestError, Unavailable
 from node.runtime.executor import Executor
 from node.runtime.sessions import Session
@@ -218,9 +218,8 @@ class PotluckServicer(pb_grpc.PotluckServicer):
                     continue
                 request = item
                 kind = request.WhichOneof("kind")
-                if kind in ("open", "step"):
-                    self._charge(stream.peer, kind)
                 if kind == "open":
+                    self._charge(stream.peer, kind)
                     if stream.session is not None:
                         raise InvalidRequest("this stream already has an open session")
                     opened = request.open
@@ -244,7 +243,8 @@ class PotluckServicer(pb_grpc.PotluckServicer):
                 elif kind == "step":
                     if stream.session is None:
                         raise FailedPrecondition("send `open` before the first step")
-                    await self._run(executor, stream.session, request.step, context)
+                    if not await self._refused(stream, request.step, context):
+                        await self._run(executor, stream.session, request.step, context)
                 else:
                     raise InvalidRequest("empty SessionRequest: set one of open, step, close")
         except asyncio.CancelledError:
@@ -252,7 +252,9 @@ class PotluckServicer(pb_grpc.PotluckServicer):
             if session is None or not session.evicted:
                 raise  # the client went away
             # evicted (drain, idle): end the stream with a status the client fails over on
-            await _abort(context, Unavailable(f"session evicted: {session.evicted}; move it to another node"), self.metrics)
+            await _abort(
+                context, Unavailable(f"session evicted: {session.evicted}; move it to another node"), self.metrics
+            )
         except Exception as error:
             await _abort(context, error, self.metrics)
         finally:
@@ -264,6 +266,27 @@ class PotluckServicer(pb_grpc.PotluckServicer):
             if reader is not None:
                 reader.cancel()
                 await asyncio.gather(reader, return_exceptions=True)
+
+    async def _refused(self, stream: "_Stream", step: pb.Step, context) -> bool:
+        """Charge a client's step to the rate limit. Over it, the step is refused with a result of its own (`refused`,
+        `retry_after_ms`) and the session lives on unchanged: the client backs off and sends it again. So are the
+        steps queued behind a refused one that no longer fit the session's cache. Returns whether it was refused."""
+        session = stream.session
+        try:
+            if stream.refusing and step.position > session.position:
+                raise RateLimited(f"step {step.step_id} refused: an earlier step of this session was refused "
+                                  f"(--rate-limit); the session holds {session.position} tokens", stream.refusing)
+            self._charge(stream.peer, "step")
+        except RateLimited as refusal:
+            stream.refusing = max(refusal.retry_after, 0.001)
+            if self.metrics is not None:
+                self.metrics.error(grpc.StatusCode.RESOURCE_EXHAUSTED.name)
+            await context.write(pb.SessionReply(result=pb.StepResult(
+                step_id=step.step_id, position=session.position, refused=details(refusal.message),
+                retry_after_ms=max(1, round(refusal.retry_after * 1000)))))
+            return True
+        stream.refusing = 0.0
+        return False
 
     async def _run(self, executor: Executor, session: Session, step: pb.Step, context) -> None:
         """Run one step (the client's or a pushed one) and answer it; hand its output on if it carries a push list.
@@ -341,7 +364,9 @@ class PotluckServicer(pb_grpc.PotluckServicer):
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this node does not accept pushed steps")
         try:
             if len(request.steps) > push.MAX_PUSH_MANY:
-                raise InvalidRequest(f"{len(request.steps)} steps in one PushMany exceed the limit of {push.MAX_PUSH_MANY}")
+                raise InvalidRequest(
+                    f"{len(request.steps)} steps in one PushMany exceed the limit of {push.MAX_PUSH_MANY}"
+                )
             executor = self._executor()
         except Exception as error:
             await _abort(context, error, self.metrics)
@@ -373,7 +398,7 @@ class PotluckServicer(pb_grpc.PotluckServicer):
             raise FailedPrecondition(
                 f"stale step {step.step_id}: session {request.session_id!r} has already seen step {stream.last_step_id}"
             )
-        if stream.inbox.full():
+        if stream.inbox.full() or stream.queueing:  # a client's step waiting for room goes first
             raise Exhausted(f"session {request.session_id!r} already has {MAX_QUEUED_STEPS} steps waiting")
         if step.position > stream.next_position:  # refused here, so the session itself lives on
             raise FailedPrecondition(
@@ -411,6 +436,8 @@ class _Stream:
         self.inbox: asyncio.Queue[tuple[str, object]] = asyncio.Queue(MAX_QUEUED_STEPS)  # bounded: memory too
         self.last_step_id = -1  # highest step id seen; a pushed step must be above it (older ones are stale)
         self.next_position = 0  # tokens the session holds once the steps queued so far have run
+        self.queueing = False  # the reader waits for room in the inbox (a full one) to queue a client's request
+        self.refusing = 0.0  # after a step refused over the rate limit: its retry_after (0: none refused)
         self.closed = False
 
 
@@ -420,10 +447,14 @@ async def _read(requests: AsyncIterator[pb.SessionRequest], stream: _Stream) -> 
         async for request in requests:
             if request.WhichOneof("kind") == "close":
                 break
-            if request.WhichOneof("kind") == "step":
+            # a full inbox stops reading (gRPC flow control holds the client); no pushed step may pass this one
+            # meanwhile
+            stream.queueing = True
+            await stream.inbox.put(("request", request))
+            stream.queueing = False
+            if request.WhichOneof("kind") == "step":  # only once queued: a pushed step checked against it comes after
                 stream.last_step_id = max(stream.last_step_id, request.step.step_id)
                 stream.next_position = request.step.position + _tokens(request.step)
-            await stream.inbox.put(("request", request))  # a full inbox stops reading: gRPC flow control holds the client
     except Exception as error:  # the handler raises it, in order, after the requests before it
         await stream.inbox.put(("error", error))
         return
@@ -445,7 +476,8 @@ def _tokens(step: pb.Step) -> int:
 
 
 def _check_unprompted(step: pb.Step) -> None:
-    """Deep prompts are one hop's slice: a step that carries them is not handed on (the client sends each hop its own)."""
+    """Deep prompts are one hop's slice: a step that carries them is not handed on (the client sends each hop its
+    own)."""
     if step.HasField("prompts"):
         raise InvalidRequest("a step with prompts cannot be pushed: send each hop its own step with its slice")
 

@@ -2,10 +2,17 @@
 
 On the lean path (node/model/lean.py) the steps that arrive while the compute thread is busy are
 run together in its next pass (continuous batching over sessions of different lengths); on the
-generic path they run one at a time.
+generic path they run one at a time. Over exact compact weights (common/weights/exact.py) a pass of
+several steps holds at most KERNEL_ROWS tokens, so that each step's products take the same kernel
+alone and batched: a session's outputs are then the same bits whoever shares its passes.
+
+Under load: a step cancelled while it waits for a pass never runs (its session's cache stays as it
+was), one cancelled while its pass runs is computed and dropped, and every other step of the pass
+gets its result. Whatever fails on the compute thread fails the steps it concerns (and is logged);
+a closed session's cache tokens go back to the budget only once no pass uses its cache any more.
 
 A batch window (node/runtime/window.py) gathers the steps of concurrent sessions before a pass:
-convoys of steps that left one pass together (node/runtime/convoy.py) are run in one pass again, so
+convoys of steps that left one pass together (common/wire/convoy.py) are run in one pass again, so
 every weight is read once per convoy instead of once per session."""
 
 from __future__ import annotations
@@ -19,18 +26,21 @@ from dataclasses import dataclass, field
 
 import torch
 
-from common.weights.exact import pass_threads
+from common.weights.exact import KERNEL_ROWS, pass_threads
 from common.wire.convoy import Convoy, send_off
 from node.model.compact import exact_formats, span_kernels
 from node.model.lean import Row
 from node.model.span import SpanModel
-from node.runtime.errors import Exhausted, FailedPrecondition, Full, InvalidRequest, NotFound, OutOfRange
+from node.runtime.errors import Exhausted, FailedPrecondition, Full, InvalidRequest, NotFound, OutOfRange, Unavailable
 from node.runtime.layout import AdaptiveLayout
 from node.runtime.sessions import Session, SessionTable, kv_bytes_per_token
 from node.runtime.window import BATCH_WAIT, BatchWindow
 
 log = logging.getLogger(__name__)
 
+
+class ComputeError(RuntimeError):
+    """Something other than an Exception (a BaseException) ended a pass on the compute thread."""
 
 
 @dataclass
@@ -98,15 +108,21 @@ class Executor:
         self._pass_queued = False
         # CPU float32: the weights packed for MKL while passes carry several rows (node/runtime/layout.py)
         self.layout = AdaptiveLayout.for_span(self.lean, getattr(span, "source", None)) if pack else None
-        self._kernels = span_kernels(span)  # exact weights' kernels: a pass's threads (node/model/exact.py)
+        self._kernels = span_kernels(span)  # exact weights' kernels: a pass's threads (common/weights/exact.py)
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop steps come from (set by the first step)
         self.passes = 0  # lean passes run, and the steps they carried (steps / passes = mean batch)
         self.batched_steps = 0
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+        with self._lock:  # steps queued for a pass that will not run now
+            pending, self._pending = self._pending, []
+        for work in pending:
+            if work.future.set_running_or_notify_cancel():
+                work.future.set_exception(Unavailable("this node stopped serving these layers; re-route the session"))
 
     def exact_formats(self) -> dict[str, int]:
-        """How many of the span's matrices are held in each exact narrow form (node/model/exact.py)."""
+        """How many of the span's matrices are held in each exact narrow form (common/weights/exact.py)."""
         return exact_formats(self.span)
 
     # -- validation -------------------------------------------------------------------------
@@ -123,7 +139,9 @@ class Executor:
     def check_hidden(self, hidden: torch.Tensor, batch_size: int | None, wire_dtype: torch.dtype) -> None:
         """Hidden states fit this model (and the session's batch and wire dtype); InvalidRequest if not."""
         if hidden.dim() != 3:
-            raise InvalidRequest(f"hidden states must be [batch, tokens, {self.hidden_size}], got shape {list(hidden.shape)}")
+            raise InvalidRequest(
+                f"hidden states must be [batch, tokens, {self.hidden_size}], got shape {list(hidden.shape)}"
+            )
         if hidden.shape[2] != self.hidden_size:
             raise InvalidRequest(f"hidden size {hidden.shape[2]} does not match the model's {self.hidden_size}")
         if batch_size is not None and hidden.shape[0] != batch_size:
@@ -190,7 +208,9 @@ class Executor:
             except Full as error:
                 left = deadline - loop.time()
                 if left <= 0:
-                    waited = f"; waited {self.admission_wait:g}s for room (--admission-wait)" if self.admission_wait else ""
+                    waited = (
+                        f"; waited {self.admission_wait:g}s for room (--admission-wait)" if self.admission_wait else ""
+                    )
                     raise Full(error.message + waited) from None
             waiter = loop.create_future()
             self._room_waiters.add(waiter)
@@ -200,11 +220,42 @@ class Executor:
                 self._room_waiters.discard(waiter)
 
     def _drop(self, session_id: str) -> None:
-        """Forget a session and wake the opens waiting for room (each tries again)."""
+        """Forget a session; its cache tokens go back to the budget (waking the opens waiting for room) now, or
+        once the compute thread is done with its steps (a cancelled step's pass may still write its cache)."""
         with self._lock:
             self.window.forget(session_id)  # a pass need not wait for it any more
-        if self.sessions.pop(session_id) is None:
+            session = self.sessions.retire(session_id)
+            if session is None:
+                return
+            session.closed = True
+            if session.computing:
+                return  # `_computed` releases it
+        self._release(session)
+
+    def _track(self, session: Session, future: Future) -> None:
+        """`future` is a step of `session` on the compute thread: its cache is in use until the future is done
+        (run, failed, or cancelled before it ran). Called on the event loop."""
+        self._loop = asyncio.get_running_loop()
+        with self._lock:
+            session.computing += 1
+        future.add_done_callback(lambda _: self._computed(session))
+
+    def _computed(self, session: Session) -> None:
+        """One of `session`'s steps is done with its cache (any thread): release a closed session's tokens once
+        none is left."""
+        with self._lock:
+            session.computing -= 1
+            last = session.closed and not session.computing
+        if not last:
             return
+        if self._loop.is_closed():  # nothing waits for room any more
+            self.sessions.release(session)
+        else:
+            self._loop.call_soon_threadsafe(self._release, session)
+
+    def _release(self, session: Session) -> None:
+        """A closed session's cache tokens go back to the budget; the opens waiting for room try again."""
+        self.sessions.release(session)
         for waiter in self._room_waiters:
             if not waiter.done():
                 waiter.set_result(None)
@@ -256,9 +307,9 @@ class Executor:
         try:
             if self.lean is not None:
                 return await self._batched(session, hidden, position_ids, attention_mask, position, prompts, convoy)
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._pool, self._run_step, session, hidden, position_ids, attention_mask,
-                                              position, prompts)
+            future = self._pool.submit(self._run_step, session, hidden, position_ids, attention_mask, position, prompts)
+            self._track(session, future)
+            return await asyncio.wrap_future(future)
         except Exception:
             self._drop(session.session_id)  # its cache may be half-updated: never reuse it
             raise
@@ -319,6 +370,7 @@ class Executor:
                        prompts: torch.Tensor | None = None, convoy: Convoy | None = None) -> torch.Tensor:
         """Queue the step; the compute thread runs every queued step of the same layers in one pass."""
         work = _Work(session, hidden, position_ids, attention_mask, position, prompts, convoy)
+        self._track(session, work.future)
         with self._lock:
             self._pending.append(work)
             self.window.stepped(session.session_id, time.monotonic())
@@ -330,24 +382,44 @@ class Executor:
         return await asyncio.wrap_future(work.future)
 
     def _run_pending(self) -> None:
+        """The compute thread's job: run every queued step. It never raises (the pool would keep the error where
+        nobody looks): a failure fails the steps it concerns, with the error, and is logged."""
         with self._lock:
             started = time.monotonic()
             while (left := self.window.left(self._pending, time.monotonic(), started)) > 0:
                 self._arrived.wait(left)
             pending, self._pending = self._pending, []
             self._pass_queued = False
+        # a step cancelled while it waited (its stream ended) is not run; the others can no longer be cancelled
+        works = [work for work in pending if work.future.set_running_or_notify_cancel()]
+        try:
+            self._run_works(works)
+            while self.layout is not None and not self._pending and self.layout.convert_one():
+                pass  # idle: move the weights toward the layout the load asks for, one matrix at a time
+        except BaseException as error:  # noqa: B036 -- logged, and every step it concerns fails with it
+            log.exception("the compute thread failed; failing the %d steps of its passes", len(works))
+            if not isinstance(error, Exception):
+                error = ComputeError(f"the node's compute thread was interrupted: {type(error).__name__}: {error}")
+            for work in works:
+                if not work.future.done():
+                    work.future.set_exception(error)
+
+    def _pass_limit(self) -> int:
+        """The most tokens a pass of several steps takes. Over exact weights, KERNEL_ROWS: a step's products then
+        run the same kernel alone and batched (a longer step runs alone), so batching never changes its bits."""
+        return min(self.max_pass_tokens, KERNEL_ROWS) if self._kernels is not None else self.max_pass_tokens
+
+    def _run_works(self, works: list[_Work]) -> None:
         groups: dict[tuple[int, int], list[_Work]] = {}
-        for work in pending:
+        for work in works:
             groups.setdefault((work.session.start, work.session.end), []).append(work)
-        for (start, end), works in groups.items():
-            for chunk in _chunks(works, self.max_pass_tokens):
+        for (start, end), group in groups.items():
+            for chunk in _chunks(group, self._pass_limit()):
                 tokens = sum(work.tokens for work in chunk)
                 with pass_threads(self._kernels, tokens):
                     self._run_pass(start, end, chunk)
                 if self.layout is not None:
                     self.layout.observe(tokens)
-        while self.layout is not None and not self._pending and self.layout.convert_one():
-            pass  # idle: move the weights toward the layout the load asks for, one matrix at a time
 
     def _run_pass(self, start: int, end: int, works: list[_Work]) -> None:
         """One forward over several sessions' steps; a failing pass is retried step by step so that one
@@ -371,7 +443,9 @@ class Executor:
         rows = []
         for work in works:
             session = work.session
-            position_ids, mask = self._prepare(session, work.hidden, work.position_ids, work.attention_mask, work.position)
+            position_ids, mask = self._prepare(
+                session, work.hidden, work.position_ids, work.attention_mask, work.position
+            )
             prompts = (work.prompts.to(device=self.span.device, dtype=self.span.dtype)
                        if work.prompts is not None else None)
             rows.append(Row(work.hidden, position_ids, session.position, session.cache, mask, session.adapter, prompts))
@@ -398,7 +472,8 @@ class Executor:
     def _check_pass(self, start: int, end: int, hidden: torch.Tensor, position_ids: torch.Tensor | None,
                     attention_mask: torch.Tensor | None, wire_dtype: torch.dtype, max_tokens: int,
                     prompts: torch.Tensor | None) -> None:
-        """A stateless pass (Forward, Backward) fits this node: layers, shapes, length, memory; InvalidRequest if not."""
+        """A stateless pass (Forward, Backward) fits this node: layers, shapes, length, memory; InvalidRequest if
+        not."""
         self.check_subspan(start, end)
         self.check_hidden(hidden, None, wire_dtype)
         batch, tokens = hidden.shape[:2]
@@ -415,7 +490,9 @@ class Executor:
         if prompts is not None:
             self._check_prompts(prompts, end - start, batch, tokens, wire_dtype)
 
-    def _check_prompts(self, prompts: torch.Tensor, layers: int, batch: int, tokens: int, wire_dtype: torch.dtype) -> None:
+    def _check_prompts(
+        self, prompts: torch.Tensor, layers: int, batch: int, tokens: int, wire_dtype: torch.dtype
+    ) -> None:
         """Deep prompts [layers, batch, prompt_tokens, hidden] fit a pass or step of `tokens` tokens."""
         if prompts.dim() != 4 or tuple(prompts.shape[:2]) != (layers, batch) or prompts.shape[3] != self.hidden_size:
             raise InvalidRequest(f"prompts must be [{layers} layers, {batch} batch, prompt_tokens, "
@@ -490,8 +567,9 @@ class Executor:
             if deep is not None:
                 inputs.append(deep.detach().clone().requires_grad_(True))
             with torch.enable_grad():
-                out = self.span.forward_prompted(inputs[0], pos, mask, start, end, inputs[1] if deep is not None else None,
-                                                 adapter=lora)
+                out = self.span.forward_prompted(
+                    inputs[0], pos, mask, start, end, inputs[1] if deep is not None else None, adapter=lora
+                )
                 grads = torch.autograd.grad(out, inputs, grad_output.to(device=out.device, dtype=out.dtype),
                                             allow_unused=True)
             grads = [g if g is not None else torch.zeros_like(i) for g, i in zip(grads, inputs)]

@@ -26,8 +26,12 @@ class Session:
     busy: bool = False  # a step is being computed
     handler: object = None  # the asyncio task serving this session's stream (cancelled to evict it)
     evicted: str = ""  # why the node ended this session ("" while it is not evicted)
-    wire: str = "float32"  # wire format of the hidden states (contract.FLOAT_WIRE_DTYPES); wire_dtype is what it decodes to
+    wire: str = (
+        "float32"  # wire format of the hidden states (contract.FLOAT_WIRE_DTYPES); wire_dtype is what it decodes to
+    )
     adapter: object = None  # node/model/lora.LoraAdapter every step of this session runs with; None = the base model
+    computing: int = 0  # its steps queued on or running in the compute thread (under the executor's lock)
+    closed: bool = False  # out of the table; its cache tokens are released once `computing` is back to 0
 
     @property
     def reserved_tokens(self) -> int:
@@ -111,11 +115,14 @@ class SessionTable:
         session.last_used = time.monotonic()
         return session
 
-    def pop(self, session_id: str) -> Session | None:
-        session = self._sessions.pop(session_id, None)
-        if session is not None:
-            self._reserved -= session.reserved_tokens
-        return session
+    def retire(self, session_id: str) -> Session | None:
+        """Take a session out of the table; its cache tokens stay reserved until `release` (the compute thread may
+        still write its cache)."""
+        return self._sessions.pop(session_id, None)
+
+    def release(self, session: Session) -> None:
+        """Give a retired session's cache tokens back to the budget."""
+        self._reserved -= session.reserved_tokens
 
     def all(self) -> list[Session]:
         return list(self._sessions.values())

@@ -144,11 +144,18 @@ def test_rate_limit_refuses_a_peer_past_its_bucket_and_refills(make_node, tiny_m
         assert codes[-1] == EXHAUSTED and set(codes) == {grpc.StatusCode.OK, EXHAUSTED}
         time.sleep(0.8)  # 4 tokens back
         stub.Info(pb.InfoRequest(), timeout=10)
-        # steps on a stream count too: 3 tokens left, and the stream asks for 1 open + 5 steps
+        # steps on a stream count too: 3 tokens left, and the stream asks for 1 open + 5 steps. A refused step gets
+        # a refusal of its own (the session and its stream live on), and so do the steps queued behind it
         steps = [step_request(torch.zeros(1, 1, HIDDEN), position=i) for i in range(5)]
         replies, error = run_stream(stub, [open_request(sid="fast", max_length=8), *steps])
-        assert error is not None and error.code() == EXHAUSTED and "step refused" in error.details()
-        assert 1 <= len(replies) <= 4  # opened, then the steps the bucket still paid for
+        assert error is None, error
+        results = [reply.result for reply in replies[1:]]
+        assert len(results) == 5 and any(r.refused for r in results) and not results[0].refused
+        ran = next(i for i, r in enumerate(results) if r.refused)  # the steps the bucket still paid for ran
+        assert [r.position for r in results[:ran]] == list(range(1, ran + 1))
+        for result in results[ran:]:
+            assert result.refused and "refused" in result.refused and "--rate-limit" in result.refused
+            assert result.position == ran and result.retry_after_ms > 0 and not result.HasField("hidden")
         assert node.servicer.limiter.refused >= 9
 
 

@@ -81,18 +81,8 @@ def test_families_without_a_lean_path_say_why(tiny_model_dir):
     assert span.lean is None
 
 
-@pytest.mark.parametrize("shared_attention", [True, False], ids=["one-attention-call", "attention-per-row"])
-def test_concurrent_sessions_are_decoded_in_shared_passes(tiny_model_dir, monkeypatch, shared_attention):
-    """Sessions of different lengths stepping at once share passes, and each gets transformers' answer: with
-    their one-token steps attending in one call (caches side by side, padded) and, past
-    SHARED_ATTENTION_BYTES, row by row."""
-    from node.model import lean
-
-    calls = []
-    original = lean.LeanSpan._attend_shared
-    monkeypatch.setattr(lean.LeanSpan, "_attend_shared", lambda *a: calls.append(1) or original(*a))
-    if not shared_attention:
-        monkeypatch.setattr(lean, "SHARED_ATTENTION_BYTES", 0)
+def test_concurrent_sessions_are_decoded_in_shared_passes(tiny_model_dir):
+    """Sessions of different lengths stepping at once share passes, and each gets transformers' answer."""
     folder = tiny_model_dir("llama")
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     executor = Executor(lean_span(folder, 0, 6), cache_tokens=4096, max_length=64)
@@ -121,7 +111,6 @@ def test_concurrent_sessions_are_decoded_in_shared_passes(tiny_model_dir, monkey
     steps = executor.batched_steps
     assert steps == 4 * 7
     assert executor.passes - passes_before < steps, "no two sessions ever shared a pass"
-    assert bool(calls) == shared_attention
     for ids, got in zip(sequences, results):
         torch.testing.assert_close(got, all_layers(model, ids), rtol=1e-5, atol=1e-5)
     assert executor.sessions.reserved_tokens == 0
@@ -256,24 +245,3 @@ def test_a_node_can_be_told_never_to_pack(tiny_model_dir):
     assert Executor(span, cache_tokens=64, max_length=32, pack=False).layout is None
     assert (Executor(span, cache_tokens=64, max_length=32, pack=True).layout is not None) == mkl_packing_available()
 
-
-def test_side_by_side_caches_stay_within_their_byte_budget(tiny_model_dir, monkeypatch):
-    """A pass of one-token steps attends in one call only while its rows' caches, side by side for all the
-    pass's layers and padded to the longest, fit in SHARED_ATTENTION_BYTES; past that, row by row."""
-    from node.model import lean
-
-    span = lean_span(tiny_model_dir("llama"), 0, 3)
-    runtime = span.lean
-    hidden = runtime.q_heads * runtime.head_dim
-    caches = [runtime.new_cache(0, 3, 1, 64) for _ in range(2)]
-    rows = [lean.Row(hidden=torch.zeros(1, 1, hidden), position_ids=torch.tensor([[past]]), past=past, cache=cache)
-            for past, cache in zip((5, 20), caches)]
-    masks = {"full_attention": [None, None]}
-    # 2 (keys, values) x 3 layers x 2 rows x kv heads x 21 positions (the longest) x head_dim x 4 bytes
-    needed = 2 * 3 * 2 * runtime.kv_heads * 21 * runtime.head_dim * 4
-    monkeypatch.setattr(lean, "SHARED_ATTENTION_BYTES", needed)
-    shared = runtime._shared_caches(rows, masks, 3)
-    assert shared is not None and tuple(shared.keys.shape) == (3, 2, runtime.kv_heads, 21, runtime.head_dim)
-    monkeypatch.setattr(lean, "SHARED_ATTENTION_BYTES", needed - 1)
-    assert runtime._shared_caches(rows, masks, 3) is None
-    assert runtime._shared_caches(rows[:1], masks, 3) is None  # one row: nothing to share

@@ -182,19 +182,19 @@ static inline float hsum(__m256 s) {
     const uint16_t *c = q + (b) * 32;                                                                       \
     __m256 w0 = BF8(c), w1 = BF8(c + 8), w2 = BF8(c + 16), w3 = BF8(c + 24);
 
-/* one output row n (its blocks start at block index `first`) against every row of x */
+/* one output row n (its blocks start at block index `first`) against every row of x. Every row of x is summed
+   in the same order whatever M is (one block's 32 products, then block after block), so a row's result does not
+   depend on the other rows of the product: a session's step gives the same bits alone and batched with others. */
+#define BLOCK_SUM(xb) _mm256_fmadd_ps(w3, _mm256_loadu_ps((xb) + 24), _mm256_fmadd_ps(w2, _mm256_loadu_ps((xb) + 16), \
+                      _mm256_fmadd_ps(w1, _mm256_loadu_ps((xb) + 8), _mm256_mul_ps(w0, _mm256_loadu_ps(xb)))))
 #define ROW_DOT(LOAD)                                                                                       \
     if (M == 1) {                                                                                           \
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                         \
+        __m256 a = _mm256_setzero_ps();                                                                     \
         for (size_t b = first; b < first + nb; b++) {                                                       \
             LOAD(b)                                                                                         \
-            const float *xb = x + (b - first) * 32;                                                         \
-            a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xb), a0);                                              \
-            a1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xb + 8), a1);                                          \
-            a2 = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xb + 16), a2);                                         \
-            a3 = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xb + 24), a3);                                         \
+            a = _mm256_add_ps(a, BLOCK_SUM(x + (b - first) * 32));                                          \
         }                                                                                                   \
-        y[n] = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));                           \
+        y[n] = hsum(a);                                                                                     \
         continue;                                                                                           \
     }                                                                                                       \
     for (int r0 = 0; r0 < M; r0 += 8) {                                                                     \
@@ -204,12 +204,7 @@ static inline float hsum(__m256 s) {
         for (size_t b = first; b < first + nb; b++) {                                                       \
             LOAD(b)                                                                                         \
             for (int r = 0; r < R; r++) {                                                                   \
-                const float *xb = x + (size_t)(r0 + r) * K + (b - first) * 32;                              \
-                __m256 s = _mm256_mul_ps(w0, _mm256_loadu_ps(xb));                                          \
-                s = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xb + 8), s);                                        \
-                s = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xb + 16), s);                                       \
-                s = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xb + 24), s);                                       \
-                a[r] = _mm256_add_ps(a[r], s);                                                              \
+                a[r] = _mm256_add_ps(a[r], BLOCK_SUM(x + (size_t)(r0 + r) * K + (b - first) * 32));          \
             }                                                                                               \
         }                                                                                                   \
         for (int r = 0; r < R; r++) y[(size_t)(r0 + r) * N + n] = hsum(a[r]);                                \

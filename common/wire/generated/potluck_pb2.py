@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#common/wire/generated/potluck.proto\x12\npotluck.v1\"4\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\"\r\n\x0bInfoRequest\"\x82\x02\n\tInfoReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12\x13\n\x0b\x63onfig_hash\x18\x04 \x01(\t\x12\r\n\x05start\x18\x05 \x01(\r\x12\x0b\n\x03\x65nd\x18\x06 \x01(\r\x12\x12\n\nnum_layers\x18\x07 \x01(\r\x12\x13\n\x0bhidden_size\x18\x08 \x01(\r\x12\r\n\x05\x64type\x18\t \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\n \x01(\t\x12\x19\n\x11\x66ree_cache_tokens\x18\x0b \x01(\x04\x12\x12\n\nmax_length\x18\x0c \x01(\r\x12\x10\n\x08metadata\x18\r \x01(\x0c\"\x8b\x01\n\x0bOpenSession\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0b\n\x03\x65nd\x18\x03 \x01(\r\x12\x12\n\nmax_length\x18\x04 \x01(\r\x12\x12\n\nbatch_size\x18\x05 \x01(\r\x12\x12\n\nwire_dtype\x18\x06 \x01(\t\x12\x10\n\x08metadata\x18\x07 \x01(\x0c\"\x93\x02\n\x04Step\x12\"\n\x06hidden\x18\x01 \x01(\x0b\x32\x12.potluck.v1.Tensor\x12(\n\x0cposition_ids\x18\x02 \x01(\x0b\x32\x12.potluck.v1.Tensor\x12*\n\x0e\x61ttention_mask\x18\x03 \x01(\x0b\x32\x12.potluck.v1.Tensor\x12\x10\n\x08position\x18\x04 \x01(\r\x12\x0f\n\x07step_id\x18\x05 \x01(\x04\x12$\n\x04push\x18\x06 \x03(\x0b\x32\x16.potluck.v1.PushTarget\x12#\n\x07prompts\x18\x07 \x01(\x0b\x32\x12.potluck.v1.Tensor\x12\x0e\n\x06\x63onvoy\x18\x08 \x01(\x04\x12\x13\n\x0b\x63onvoy_size\x18\t \x01(\r\"B\n\nPushTarget\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x0f\n\x07timeout\x18\x03 \x01(\x02\"\x0e\n\x0c\x43loseSession\"\x8e\x01\n\x0eSessionRequest\x12\'\n\x04open\x18\x01 \x01(\x0b\x32\x17.potluck.v1.OpenSessionH\x00\x12 \n\x04step\x18\x02 \x01(\x0b\x32\x10.potluck.v1.StepH\x00\x12)\n\x05\x63lose\x18\x03 \x01(\x0b\x32\x18.potluck.v1.CloseSessionH\x00\x42\x06\n\x04kind\">\n\x06Opened\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nmax_length\x18\x02 \x01(\r\x12\x0c\n\x04push\x18\x03 \x01(\x08\"\xa0\x01\n\nStepResult\x12\"\n\x06hidden\x18\x01 \x01(\x0b\x32\x12.potluck.v1.Tensor\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12\x10\n\x08position\x18\x03 \x01(\r\x12\x12\n\ncompute_ms\x18\x04 \x01(\x02\x12\x12\n\npush_error\x18\x05 \x01(\t\x12\x0e\n\x06\x63onvoy\x18\x06 \x01(\x04\x12\x13\n\x0b\x63onvoy_size\x18\x07 \x01(\r\"f\n\x0cSessionReply\x12$\n\x06opened\x18\x01 \x01(\x0b\x32\x12.potluck.v1.OpenedH\x00\x12(\n\x06result\x18\x02 \x01(\x0b\x32\x16.potluck.v1.StepResultH\x00\x42\x06\n\x04kind\"\xf1\x01\n\x0e\x46orwardRequest\x12\r\n\x05start\x18\x01 \x01(\r\x12\x0b\n\x03\x65nd\x18\x02 \x01(\r\x12\"\n\x06hidden\x18\x03 \x01(\x0b\x32\x12.potluck.v1.Tensor\x12(\n\x0cposition_ids\x18\x04 \x01(\x0b\x32\x12.potluck.v1.Tensor\x12*\n\x0e\x61ttention_mask\x18\x05 \x01(\x0b\x32\x12.potluck.v1.Tensor\x12\x12\n\nwire_dtype\x18\x06 \x01(\t\x12\x10\n\x08metadata\x18\x07 \x01(\x0c\x12#\n\x07prompts\x18\x08 \x01(\x0b\x32\x12.potluck.v1.Tensor\"2\n\x0c\x46orwardReply\x12\"\n\x06hidden\x18\x01 \x01(\x0b\x32\x12.potluck.v1.Tensor\"\x9b\x02\n\x0f\x42\x61\x63kwardRequest\x12\r\n\x05start\x18\x01 \x01(\r\x12\x0b\n\x03\x65nd\x18\x02 \x01(\r\x12\"\n\x06hidden\x18\x03 \x01(\x0b\x32\x12.potluck.v1.Tensor\x12\'\n\x0bgrad_output\x18\x04 \x01(\x0b\x32\x12.potluck.v1.Tensor\x12(\n\x0cposition_ids\x18\x05 \x01(\x0b\x32\x12.potluck.v1.Tensor\x12*\n\x0e\x61ttention_mask\x18\x06 \x01(\x0b\x32\x12.potluck.v1.Tensor\x12#\n\x07prompts\x18\x07 \x01(\x0b\x32\x12.potluck.v1.Tensor\x12\x12\n\nwire_dtype\x18\x08 \x01(\t\x12\x10\n\x08metadata\x18\t \x01(\x0c\"a\n\rBackwardReply\x12&\n\ngrad_input\x18\x01 \x01(\x0b\x32\x12.potluck.v1.Tensor\x12(\n\x0cgrad_prompts\x18\x02 \x01(\x0b\x32\x12.potluck.v1.Tensor\"A\n\x0bPushRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x1e\n\x04step\x18\x02 \x01(\x0b\x32\x10.potluck.v1.Step\"\x0b\n\tPushReply\"9\n\x0fPushManyRequest\x12&\n\x05steps\x18\x01 \x03(\x0b\x32\x17.potluck.v1.PushRequest\",\n\x0bPushOutcome\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\":\n\rPushManyReply\x12)\n\x08outcomes\x18\x01 \x03(\x0b\x32\x17.potluck.v1.PushOutcome\"F\n\x0cSignedRecord\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x12\n\npublic_key\x18\x02 \x01(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c\"e\n\rGossipRequest\x12)\n\x07records\x18\x01 \x03(\x0b\x32\x18.potluck.v1.SignedRecord\x12)\n\x07strikes\x18\x02 \x03(\x0b\x32\x18.potluck.v1.SignedRecord\"c\n\x0bGossipReply\x12)\n\x07records\x18\x01 \x03(\x0b\x32\x18.potluck.v1.SignedRecord\x12)\n\x07strikes\x18\x02 \x03(\x0b\x32\x18.potluck.v1.SignedRecord\"\x1f\n\x0cProbeRequest\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\"=\n\nProbeReply\x12\x11\n\treachable\x18\x01 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\x12\x0c\n\x04time\x18\x03 \x01(\x01\x32\x82\x04\n\x07Potluck\x12\x36\n\x04Info\x12\x17.potluck.v1.InfoRequest\x1a\x15.potluck.v1.InfoReply\x12?\n\x07\x46orward\x12\x1a.potluck.v1.ForwardRequest\x1a\x18.potluck.v1.ForwardReply\x12\x42\n\x08\x42\x61\x63kward\x12\x1b.potluck.v1.BackwardRequest\x1a\x19.potluck.v1.BackwardReply\x12\x45\n\tInference\x12\x1a.potluck.v1.SessionRequest\x1a\x18.potluck.v1.SessionReply(\x01\x30\x01\x12\x36\n\x04Push\x12\x17.potluck.v1.PushRequest\x1a\x15.potluck.v1.PushReply\x12\x42\n\x08PushMany\x12\x1b.potluck.v1.PushManyRequest\x1a\x19.potluck.v1.PushManyReply\x12<\n\x06Gossip\x12\x19.potluck.v1.GossipRequest\x1a\x17.potluck.v1.GossipReply\x12\x39\n\x05Probe\x12\x18.potluck.v1.ProbeRequest\x1a\x16.potluck.v1.ProbeReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#common/wire/generated/potluck.proto\x12\npotluck.v1\"4\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\"\r\n\x0bInfoRequest\"\x82\x02\n\tInfoReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12\x13\n\x0b\x63onfig_hash\x18\x04 \x01(\t\x12\r\n\x05start\x18\x05 \x01(\r\x12\x0b\n\x03\x65nd\x18\x06 \x01(\r\x12\x12\n\nnum_layers\x18\x07 \x01(\r\x12\x13\n\x0bhidden_size\x18\x08 \x01(\r\x12\r\n\x05\x64type\x18\t \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\n \x01(\t\x12\x19\n\x11\x66ree_cache_tokens\x18\x0b \x01(\x04\x12\x12\n\nmax_length\x18\x0c \x01(\r\x12\x10\n\x08metadata\x18\r \x01(\x0c\"\x8b\x01\n\x0bOpenSession\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0b\n\x03\x65nd\x18\x03 \x01(\r\x12\x12\n\nmax_length\x18\x04 \x01(\r\x12\x12\n\nbatch_size\x18\x05 \x01(\r\x12\x12\n\nwire_dtype\x18\x06 \x01(\t\x12\x10\n\x08metadata\x18\x07 \x01(\x0c\"\x93\x02\n\x04Step\x12\"\n\x06hidden\x18\x01 \x01(\x0b\x32\x12.potluck.v1.Tensor\x12(\n\x0cposition_ids\x18\x02 \x01(\x0b\x32\x12.potluck.v1.Tensor\x12*\n\x0e\x61ttention_mask\x18\x03 \x01(\x0b\x32\x12.potluck.v1.Tensor\x12\x10\n\x08position\x18\x04 \x01(\r\x12\x0f\n\x07step_id\x18\x05 \x01(\x04\x12$\n\x04push\x18\x06 \x03(\x0b\x32\x16.potluck.v1.PushTarget\x12#\n\x07prompts\x18\x07 \x01(\x0b\x32\x12.potluck.v1.Tensor\x12\x0e\n\x06\x63onvoy\x18\x08 \x01(\x04\x12\x13\n\x0b\x63onvoy_size\x18\t \x01(\r\"B\n\nPushTarget\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x0f\n\x07timeout\x18\x03 \x01(\x02\"\x0e\n\x0c\x43loseSession\"\x8e\x01\n\x0eSessionRequest\x12\'\n\x04open\x18\x01 \x01(\x0b\x32\x17.potluck.v1.OpenSessionH\x00\x12 \n\x04step\x18\x02 \x01(\x0b\x32\x10.potluck.v1.StepH\x00\x12)\n\x05\x63lose\x18\x03 \x01(\x0b\x32\x18.potluck.v1.CloseSessionH\x00\x42\x06\n\x04kind\">\n\x06Opened\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nmax_length\x18\x02 \x01(\r\x12\x0c\n\x04push\x18\x03 \x01(\x08\"\xc9\x01\n\nStepResult\x12\"\n\x06hidden\x18\x01 \x01(\x0b\x32\x12.potluck.v1.Tensor\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12\x10\n\x08position\x18\x03 \x01(\r\x12\x12\n\ncompute_ms\x18\x04 \x01(\x02\x12\x12\n\npush_error\x18\x05 \x01(\t\x12\x0e\n\x06\x63onvoy\x18\x06 \x01(\x04\x12\x13\n\x0b\x63onvoy_size\x18\x07 \x01(\r\x12\x0f\n\x07refused\x18\x08 \x01(\t\x12\x16\n\x0eretry_after_ms\x18\t \x01(\r\"f\n\x0cSessionReply\x12$\n\x06opened\x18\x01 \x01(\x0b\x32\x12.potluck.v1.OpenedH\x00\x12(\n\x06result\x18\x02 \x01(\x0b\x32\x16.potluck.v1.StepResultH\x00\x42\x06\n\x04kind\"\xf1\x01\n\x0e\x46orwardRequest\x12\r\n\x05start\x18\x01 \x01(\r\x12\x0b\n\x03\x65nd\x18\x02 \x01(\r\x12\"\n\x06hidden\x18\x03 \x01(\x0b\x32\x12.potluck.v1.Tensor\x12(\n\x0cposition_ids\x18\x04 \x01(\x0b\x32\x12.potluck.v1.Tensor\x12*\n\x0e\x61ttention_mask\x18\x05 \x01(\x0b\x32\x12.potluck.v1.Tensor\x12\x12\n\nwire_dtype\x18\x06 \x01(\t\x12\x10\n\x08metadata\x18\x07 \x01(\x0c\x12#\n\x07prompts\x18\x08 \x01(\x0b\x32\x12.potluck.v1.Tensor\"2\n\x0c\x46orwardReply\x12\"\n\x06hidden\x18\x01 \x01(\x0b\x32\x12.potluck.v1.Tensor\"\x9b\x02\n\x0f\x42\x61\x63kwardRequest\x12\r\n\x05start\x18\x01 \x01(\r\x12\x0b\n\x03\x65nd\x18\x02 \x01(\r\x12\"\n\x06hidden\x18\x03 \x01(\x0b\x32\x12.potluck.v1.Tensor\x12\'\n\x0bgrad_output\x18\x04 \x01(\x0b\x32\x12.potluck.v1.Tensor\x12(\n\x0cposition_ids\x18\x05 \x01(\x0b\x32\x12.potluck.v1.Tensor\x12*\n\x0e\x61ttention_mask\x18\x06 \x01(\x0b\x32\x12.potluck.v1.Tensor\x12#\n\x07prompts\x18\x07 \x01(\x0b\x32\x12.potluck.v1.Tensor\x12\x12\n\nwire_dtype\x18\x08 \x01(\t\x12\x10\n\x08metadata\x18\t \x01(\x0c\"a\n\rBackwardReply\x12&\n\ngrad_input\x18\x01 \x01(\x0b\x32\x12.potluck.v1.Tensor\x12(\n\x0cgrad_prompts\x18\x02 \x01(\x0b\x32\x12.potluck.v1.Tensor\"A\n\x0bPushRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x1e\n\x04step\x18\x02 \x01(\x0b\x32\x10.potluck.v1.Step\"\x0b\n\tPushReply\"9\n\x0fPushManyRequest\x12&\n\x05steps\x18\x01 \x03(\x0b\x32\x17.potluck.v1.PushRequest\",\n\x0bPushOutcome\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\":\n\rPushManyReply\x12)\n\x08outcomes\x18\x01 \x03(\x0b\x32\x17.potluck.v1.PushOutcome\"F\n\x0cSignedRecord\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x12\n\npublic_key\x18\x02 \x01(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c\"e\n\rGossipRequest\x12)\n\x07records\x18\x01 \x03(\x0b\x32\x18.potluck.v1.SignedRecord\x12)\n\x07strikes\x18\x02 \x03(\x0b\x32\x18.potluck.v1.SignedRecord\"c\n\x0bGossipReply\x12)\n\x07records\x18\x01 \x03(\x0b\x32\x18.potluck.v1.SignedRecord\x12)\n\x07strikes\x18\x02 \x03(\x0b\x32\x18.potluck.v1.SignedRecord\"\x1f\n\x0cProbeRequest\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\"=\n\nProbeReply\x12\x11\n\treachable\x18\x01 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\x12\x0c\n\x04time\x18\x03 \x01(\x01\x32\x82\x04\n\x07Potluck\x12\x36\n\x04Info\x12\x17.potluck.v1.InfoRequest\x1a\x15.potluck.v1.InfoReply\x12?\n\x07\x46orward\x12\x1a.potluck.v1.ForwardRequest\x1a\x18.potluck.v1.ForwardReply\x12\x42\n\x08\x42\x61\x63kward\x12\x1b.potluck.v1.BackwardRequest\x1a\x19.potluck.v1.BackwardReply\x12\x45\n\tInference\x12\x1a.potluck.v1.SessionRequest\x1a\x18.potluck.v1.SessionReply(\x01\x30\x01\x12\x36\n\x04Push\x12\x17.potluck.v1.PushRequest\x1a\x15.potluck.v1.PushReply\x12\x42\n\x08PushMany\x12\x1b.potluck.v1.PushManyRequest\x1a\x19.potluck.v1.PushManyReply\x12<\n\x06Gossip\x12\x19.potluck.v1.GossipRequest\x1a\x17.potluck.v1.GossipReply\x12\x39\n\x05Probe\x12\x18.potluck.v1.ProbeRequest\x1a\x16.potluck.v1.ProbeReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -50,37 +50,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_OPENED']._serialized_start=1030
   _globals['_OPENED']._serialized_end=1092
   _globals['_STEPRESULT']._serialized_start=1095
-  _globals['_STEPRESULT']._serialized_end=1255
-  _globals['_SESSIONREPLY']._serialized_start=1257
-  _globals['_SESSIONREPLY']._serialized_end=1359
-  _globals['_FORWARDREQUEST']._serialized_start=1362
-  _globals['_FORWARDREQUEST']._serialized_end=1603
-  _globals['_FORWARDREPLY']._serialized_start=1605
-  _globals['_FORWARDREPLY']._serialized_end=1655
-  _globals['_BACKWARDREQUEST']._serialized_start=1658
-  _globals['_BACKWARDREQUEST']._serialized_end=1941
-  _globals['_BACKWARDREPLY']._serialized_start=1943
-  _globals['_BACKWARDREPLY']._serialized_end=2040
-  _globals['_PUSHREQUEST']._serialized_start=2042
-  _globals['_PUSHREQUEST']._serialized_end=2107
-  _globals['_PUSHREPLY']._serialized_start=2109
-  _globals['_PUSHREPLY']._serialized_end=2120
-  _globals['_PUSHMANYREQUEST']._serialized_start=2122
-  _globals['_PUSHMANYREQUEST']._serialized_end=2179
-  _globals['_PUSHOUTCOME']._serialized_start=2181
-  _globals['_PUSHOUTCOME']._serialized_end=2225
-  _globals['_PUSHMANYREPLY']._serialized_start=2227
-  _globals['_PUSHMANYREPLY']._serialized_end=2285
-  _globals['_SIGNEDRECORD']._serialized_start=2287
-  _globals['_SIGNEDRECORD']._serialized_end=2357
-  _globals['_GOSSIPREQUEST']._serialized_start=2359
-  _globals['_GOSSIPREQUEST']._serialized_end=2460
-  _globals['_GOSSIPREPLY']._serialized_start=2462
-  _globals['_GOSSIPREPLY']._serialized_end=2561
-  _globals['_PROBEREQUEST']._serialized_start=2563
-  _globals['_PROBEREQUEST']._serialized_end=2594
-  _globals['_PROBEREPLY']._serialized_start=2596
-  _globals['_PROBEREPLY']._serialized_end=2657
-  _globals['_POTLUCK']._serialized_start=2660
-  _globals['_POTLUCK']._serialized_end=3174
+  _globals['_STEPRESULT']._serialized_end=1296
+  _globals['_SESSIONREPLY']._serialized_start=1298
+  _globals['_SESSIONREPLY']._serialized_end=1400
+  _globals['_FORWARDREQUEST']._serialized_start=1403
+  _globals['_FORWARDREQUEST']._serialized_end=1644
+  _globals['_FORWARDREPLY']._serialized_start=1646
+  _globals['_FORWARDREPLY']._serialized_end=1696
+  _globals['_BACKWARDREQUEST']._serialized_start=1699
+  _globals['_BACKWARDREQUEST']._serialized_end=1982
+  _globals['_BACKWARDREPLY']._serialized_start=1984
+  _globals['_BACKWARDREPLY']._serialized_end=2081
+  _globals['_PUSHREQUEST']._serialized_start=2083
+  _globals['_PUSHREQUEST']._serialized_end=2148
+  _globals['_PUSHREPLY']._serialized_start=2150
+  _globals['_PUSHREPLY']._serialized_end=2161
+  _globals['_PUSHMANYREQUEST']._serialized_start=2163
+  _globals['_PUSHMANYREQUEST']._serialized_end=2220
+  _globals['_PUSHOUTCOME']._serialized_start=2222
+  _globals['_PUSHOUTCOME']._serialized_end=2266
+  _globals['_PUSHMANYREPLY']._serialized_start=2268
+  _globals['_PUSHMANYREPLY']._serialized_end=2326
+  _globals['_SIGNEDRECORD']._serialized_start=2328
+  _globals['_SIGNEDRECORD']._serialized_end=2398
+  _globals['_GOSSIPREQUEST']._serialized_start=2400
+  _globals['_GOSSIPREQUEST']._serialized_end=2501
+  _globals['_GOSSIPREPLY']._serialized_start=2503
+  _globals['_GOSSIPREPLY']._serialized_end=2602
+  _globals['_PROBEREQUEST']._serialized_start=2604
+  _globals['_PROBEREQUEST']._serialized_end=2635
+  _globals['_PROBEREPLY']._serialized_start=2637
+  _globals['_PROBEREPLY']._serialized_end=2698
+  _globals['_POTLUCK']._serialized_start=2701
+  _globals['_POTLUCK']._serialized_end=3215
 # @@protoc_insertion_point(module_scope)

@@ -125,7 +125,7 @@ class Opened(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., max_length: _Optional[int] = ..., push: _Optional[bool] = ...) -> None: ...
 
 class StepResult(_message.Message):
-    __slots__ = ("hidden", "step_id", "position", "compute_ms", "push_error", "convoy", "convoy_size")
+    __slots__ = ("hidden", "step_id", "position", "compute_ms", "push_error", "convoy", "convoy_size", "refused", "retry_after_ms")
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
@@ -133,6 +133,8 @@ class StepResult(_message.Message):
     PUSH_ERROR_FIELD_NUMBER: _ClassVar[int]
     CONVOY_FIELD_NUMBER: _ClassVar[int]
     CONVOY_SIZE_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
     hidden: Tensor
     step_id: int
     position: int
@@ -140,7 +142,9 @@ class StepResult(_message.Message):
     push_error: str
     convoy: int
     convoy_size: int
-    def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ..., step_id: _Optional[int] = ..., position: _Optional[int] = ..., compute_ms: _Optional[float] = ..., push_error: _Optional[str] = ..., convoy: _Optional[int] = ..., convoy_size: _Optional[int] = ...) -> None: ...
+    refused: str
+    retry_after_ms: int
+    def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ..., step_id: _Optional[int] = ..., position: _Optional[int] = ..., compute_ms: _Optional[float] = ..., push_error: _Optional[str] = ..., convoy: _Optional[int] = ..., convoy_size: _Optional[int] = ..., refused: _Optional[str] = ..., retry_after_ms: _Optional[int] = ...) -> None: ...
 
 class SessionReply(_message.Message):
     __slots__ = ("opened", "result")
