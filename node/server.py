@@ -14,6 +14,7 @@ import grpc
 import torch
 from grpc_health.v1 import health, health_pb2
 
+from common.ports import ensure_free
 from common.swarm.identity import Identity, load_identity
 from common.swarm.membership import Membership, SwarmConfig
 from common.swarm.placement import Server, Span, choose_span, layers_for_memory, plan_move
@@ -44,6 +45,7 @@ SERVICE_NAME = "potluck.v1.Potluck"
 GRPC_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.so_reuseport", 0),  # a second node on a taken port must fail to bind, not share it (common/ports.py)
 ]
 
 
@@ -300,6 +302,7 @@ def _warn_plaintext(config: NodeConfig, security: Security) -> None:
 
 async def start_node(config: NodeConfig) -> RunningNode:
     """Bind, join, load, serve. Returns once the node is ONLINE (its span loaded and announced)."""
+    ensure_free(config.host, config.port)  # before any loading: a taken port is the user's to fix, in one line
     device = resolve_device(config.device)
     torch.set_num_threads(compute_threads(config.threads, device))
     dtype = resolve_dtype(config.dtype, device)
@@ -316,9 +319,13 @@ async def start_node(config: NodeConfig) -> RunningNode:
     on_reject = (lambda reason: metrics.error("UNAUTHENTICATED")) if metrics is not None else None
     server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=security.server_interceptors(on_reject),
                              maximum_concurrent_rpcs=config.max_rpcs)  # past it: RESOURCE_EXHAUSTED from grpc
-    port = security.add_port(server, format_address(config.host, config.port))
+    try:
+        port = security.add_port(server, format_address(config.host, config.port))
+    except RuntimeError:  # grpc: "Failed to bind to address ..." (a node started at the same time, say)
+        port = 0
     if port == 0:
         identity.release()
+        ensure_free(config.host, config.port)
         raise OSError(f"cannot bind {format_address(config.host, config.port)}")
     address = config.announce or format_address(advertised_host(config.host), port)
     swarm = SwarmConfig(bootstrap=config.bootstrap, mdns=config.mdns, mdns_interface=_mdns_interface(config),

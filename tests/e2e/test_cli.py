@@ -90,3 +90,32 @@ def test_generate_refuses_a_peer_serving_another_model(tiny_model_dir, bg_loop, 
         bg_loop.stop_node(node)
     assert code == 2
     assert "serves another model" in err
+
+
+def test_join_refuses_a_port_another_node_listens_on(tiny_model_dir, bg_loop):
+    """gRPC binds with SO_REUSEPORT by default: a second node on the port would share it with the first."""
+    folder = tiny_model_dir("llama")
+    node = bg_loop.start_node(folder, 0, 2)
+    port = node.address.rpartition(":")[2]
+    try:
+        done = subprocess.run([sys.executable, "-m", "node", "join", "--model", str(folder), "--blocks", "2:4",
+                               "--port", port, "--no-mdns"], capture_output=True, text=True, timeout=90)
+    finally:
+        bg_loop.stop_node(node)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.strip() == (f"potluck join: error: port {port} on 127.0.0.1 is in use (another node or "
+                                   f"program listens there); choose another --port, or --port 0 for a free one")
+    assert "serving layers" not in done.stdout
+
+
+def test_api_refuses_a_port_in_use(tiny_model_dir, bg_loop, capsys):
+    folder = tiny_model_dir("llama")
+    node = bg_loop.start_node(folder, 0, 6)
+    port = node.address.rpartition(":")[2]
+    try:
+        code, err = run_cli(capsys, "api", "--model", str(folder), "--peers", node.address, "--port", port)
+    finally:
+        bg_loop.stop_node(node)
+    assert code == 2
+    assert err.strip() == (f"potluck api: error: port {port} on 127.0.0.1 is in use (another node or program "
+                           f"listens there); choose another --port, or --port 0 for a free one")
