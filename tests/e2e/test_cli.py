@@ -119,3 +119,13 @@ def test_api_refuses_a_port_in_use(tiny_model_dir, bg_loop, capsys):
     assert code == 2
     assert err.strip() == (f"potluck api: error: port {port} on 127.0.0.1 is in use (another node or program "
                            f"listens there); choose another --port, or --port 0 for a free one")
+
+
+def test_a_peer_that_is_down_is_said_once_in_plain_words(tiny_model_dir):
+    """Not gRPC's `[UNAVAILABLE] failed to connect to all addresses; ... ipv4:...`, and not twice (a warning first)."""
+    done = subprocess.run([sys.executable, "-m", "node", "generate", "--model", str(tiny_model_dir("llama")),
+                           "--peers", "127.0.0.1:1", "--prompt", "hi", "--no-mdns"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip() == ("potluck generate: error: peer 127.0.0.1:1: connection refused: no node listens "
+                                   "there (is it running, and is this the port it printed?)"), done.stderr
