@@ -8,6 +8,7 @@ import os
 import random
 import signal
 import socket
+import sys
 from dataclasses import dataclass, field, replace
 
 import grpc
@@ -423,11 +424,16 @@ async def run_node(config: NodeConfig, announce=print) -> None:
     )
     try:
         await signals.get()
-        log.info("draining (at most %.0fs; signal again to stop now)", config.drain_timeout)
+        sessions = len(node.executor.sessions) if node.executor is not None else 0
+        # on stderr, so that the stop is never silent (stdout keeps only the ready line)
+        print(f"potluck node: draining {sessions} session{'' if sessions == 1 else 's'} (at most "
+              f"{config.drain_timeout:g}s; signal again to stop now)...", file=sys.stderr, flush=True)
         drain = asyncio.ensure_future(node.drain(config.drain_timeout))
         again = asyncio.ensure_future(signals.get())
         await asyncio.wait({drain, again}, return_when=asyncio.FIRST_COMPLETED)
         drain.cancel()
         again.cancel()
+        print("potluck node: leaving the swarm, finishing calls in flight...", file=sys.stderr, flush=True)
     finally:
         await node.stop(config.grace_seconds)
+    print("potluck node: done", file=sys.stderr, flush=True)

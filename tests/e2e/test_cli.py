@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import grpc
 import pytest
@@ -27,6 +28,13 @@ def test_join_prints_its_address_serves_and_exits_cleanly(tiny_model_dir, sig):
         assert (info.start, info.end) == (2, 5)
         node.process.send_signal(sig)
         assert node.process.wait(30) == 0, node.log()
+        deadline = time.monotonic() + 5  # the launcher's reader thread takes the last lines after the exit
+        while not node.log().endswith("potluck node: done") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        lines = node.log().splitlines()
+        # the drain is never silent: it says what it waits for, and when it is over
+        assert lines[-3].startswith("potluck node: draining 0 sessions (at most 30s"), node.log()
+        assert lines[-2:] == ["potluck node: leaving the swarm, finishing calls in flight...", "potluck node: done"]
         assert "Traceback" not in node.log()
     finally:
         node.kill()
