@@ -60,7 +60,6 @@ def run_cli(capsys, *args) -> tuple[int, str]:
 @pytest.mark.parametrize(
     "args, fragment",
     [
-        (["join", "--model", "{tiny}", "--blocks", "ten"], "--blocks 'ten': expected START:END"),
         (["join", "--model", "{tiny}", "--blocks", "0:9"], "not within the model's 6 layers"),
         (["join", "--model", "/nonexistent/model", "--blocks", "0:1"], "neither a model folder nor a hub id"),
         (["join", "--model", "{tiny}", "--blocks", "0:1", "--device", "cuda"], "CUDA is not available"),
@@ -137,3 +136,31 @@ def test_a_peer_that_is_down_is_said_once_in_plain_words(tiny_model_dir):
     assert done.returncode == 2
     assert done.stderr.strip() == ("potluck generate: error: peer 127.0.0.1:1: connection refused: no node listens "
                                    "there (is it running, and is this the port it printed?)"), done.stderr
+
+
+# What `potluck ARGS` imports before it answers: measured in a fresh process, as a user's shell would start it
+IMPORTS_AT_PARSE = """
+import sys
+from node.cli.main import main
+try:
+    code = main(sys.argv[1:])
+except SystemExit as exit_:
+    code = exit_.code
+heavy = sorted(name for name in ("torch", "transformers", "grpc") if name in sys.modules)
+print("IMPORTED", code, ",".join(heavy) or "-", file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("args, code, fragment", [
+    (["--help"], 0, "serve a span of a model's layers"),  # the commands' summaries, no command's module
+    (["join", "--help"], 0, "--blocks"),
+    (["join", "--blocks", "10:5", "--model", "x"], 2, "argument --blocks: '10:5': need 0 <= START < END"),
+    (["join", "--blocks", "ten", "--model", "x"], 2, "argument --blocks: 'ten': expected START:END"),
+    (["nonsense"], 2, "invalid choice: 'nonsense'"),
+])
+def test_help_and_argument_errors_import_nothing_heavy(args, code, fragment):
+    """`potluck --help`, `potluck join --help` and argument errors answer in a fraction of a second: without
+    torch, transformers or grpc (5-10 s of imports on a small machine)."""
+    done = subprocess.run([sys.executable, "-c", IMPORTS_AT_PARSE, *args], capture_output=True, text=True, timeout=60)
+    assert fragment in done.stdout + done.stderr, done.stdout + done.stderr
+    assert done.stderr.strip().splitlines()[-1] == f"IMPORTED {code} -", done.stderr
