@@ -7,9 +7,10 @@ Data: one JSON object a line, either {"text": ...} (loss on every token) or {"pr
 from __future__ import annotations
 
 import json
-import pickle
 import random
+import re
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,13 +145,32 @@ def save_prompts(model, path: str, extra: dict | None = None) -> None:
 def load_prompts(model, path: str) -> dict:
     """Put the prompts of the file at `path` on `model` (for generation; ptune or deep_ptune). ValueError with a
     one-line reason if the file is not a prompt file or was trained for another model."""
+    return apply_prompts(model, read_prompts(path), path)
+
+
+def read_prompts(path: str) -> dict:
+    """The prompt file at `path`, checked to be one (before any connection: a wrong file is said at once).
+    ValueError with a one-line reason otherwise: never torch's paragraphs on weights_only."""
     where = f"--prompt-weights {path}"
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError) as error:
-        raise ValueError(f"{where}: cannot read it ({str(error).splitlines()[0]})") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on pickle protocols: the error below says what matters
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as error:
+        raise ValueError(f"{where}: cannot read it ({error.strerror or error})") from None
+    except Exception as error:  # what torch's unpickler raises on other files: UnpicklingError, EOFError, KeyError...
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+        what = f"it holds a {found.group(1)}, not only tensors" if found else "not a file written by torch.save"
+        raise ValueError(f"{where}: cannot read it: {what} (a prompt file comes from `potluck finetune --out`)") \
+            from None
     if not isinstance(saved, dict) or saved.get("format") != FILE_FORMAT:
         raise ValueError(f"{where}: not a prompt file written by `potluck finetune`")
+    return saved
+
+
+def apply_prompts(model, saved: dict, path: str) -> dict:
+    """Put the prompts `read_prompts(path)` returned on `model`; ValueError if they were trained for another model."""
+    where = f"--prompt-weights {path}"
     if saved["config_hash"] != model.swarm.config_hash:
         raise ValueError(f"{where}: trained for another model ({saved.get('model')}, config {saved['config_hash']}), "
                          f"not {model.name_or_path} (config {model.swarm.config_hash})")

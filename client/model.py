@@ -66,6 +66,25 @@ class RemoteCache:
             self.session.rewind(self.session.position + tokens_to_remove)
 
 
+class _PipelineCheck(logging.Filter):
+    """Drops one record: transformers' text-generation pipeline checks a model's class *name* against its fixed
+    list (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES; AutoModelForCausalLM.register does not reach that list since
+    transformers 5) and logs an error naming ~200 classes for any other, though the pipeline only needs
+    `generate`, which this model has. Every other record passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (isinstance(record.msg, str)
+                    and record.msg.startswith("The model 'DistributedModelForCausalLM' is not supported for"))
+
+
+def _welcome_in_pipelines() -> None:
+    """`transformers.pipeline("text-generation", model=<this model>)` works; make it say nothing about it (once,
+    when the first model is made: nothing happens at import)."""
+    logger = logging.getLogger("transformers.pipelines.base")
+    if not any(isinstance(existing, _PipelineCheck) for existing in logger.filters):
+        logger.addFilter(_PipelineCheck())
+
+
 class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
     """`from_pretrained(path_or_id, peers=[...])` (or no peers: discovery), then `generate(...)` or `model(...)`."""
 
@@ -86,6 +105,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         self.head_calls = Combiner(PackedHead(lambda: self.lm_head, enabled=swarm.config.pack_head,
                                               exact=swarm.config.exact_head))
         self.swarm = swarm
+        _welcome_in_pipelines()
         self.last_session: SyncSession | None = None
         self.calls = Calls()  # generate calls running now (prompt lookup drafts only while one is alone)
 

@@ -172,27 +172,29 @@ class SwarmClient:
             return reply
 
         replies = await asyncio.gather(*(timed(a) for a in addresses), return_exceptions=True)
-        infos, problems = [], []
+        infos, failed = [], []  # failed: PeerErrors, one a peer that cannot be used
         for address, reply in zip(addresses, replies):
-            if isinstance(reply, BaseException):
-                problems.append(str(reply))
+            if isinstance(reply, PeerError):
+                failed.append(reply)
+            elif isinstance(reply, BaseException):
+                failed.append(PeerError(address, str(reply)))
             elif reply.config_hash != self.config_hash or reply.num_layers != self.num_layers:
-                problems.append(
-                    f"peer {address} serves another model ({reply.model_id}, config {reply.config_hash}; "
-                    f"expected config {self.config_hash})"
-                )
+                failed.append(PeerError(address, f"serves another model ({reply.model_id}, config "
+                                                 f"{reply.config_hash}; expected config {self.config_hash})"))
             elif reply.state != "ONLINE":
-                problems.append(f"peer {address} is {reply.state}")
+                failed.append(PeerError(address, f"is {reply.state}"))
             elif not accepts_quant(reply.quant, self.config.accept_quant):
-                problems.append(f"peer {address} serves {reply.quant}-quantised weights; this client accepts "
-                                f"{self.config.accept_quant} (--accept-quant)")
+                failed.append(PeerError(address, f"serves {reply.quant}-quantised weights; this client accepts "
+                                                 f"{self.config.accept_quant} (--accept-quant)"))
             else:
                 infos.append(reply)
-        for problem in problems:
-            log.warning("%s", problem)
-        if not infos and problems:
-            raise PeerError(",".join(addresses), "no usable peer: " + "; ".join(problems))
-        self._problems = problems
+        if not infos and failed:  # said once, by the error; no warnings repeating it first
+            if len(failed) == 1:
+                raise failed[0]
+            raise PeerError(",".join(addresses), "no usable peer: " + "; ".join(map(str, failed)))
+        for error in failed:
+            log.warning("%s", error)
+        self._problems = [str(error) for error in failed]
         return infos
 
     async def _all_answer(self, addresses: list[str]) -> bool:

@@ -29,15 +29,33 @@ CHANNEL_OPTIONS = [
 class PeerError(RuntimeError):
     """A call to a peer failed; `code` is the gRPC status code (or None for a local failure)."""
 
-    def __init__(self, address: str, message: str, code: grpc.StatusCode | None = None):
+    def __init__(self, address: str, message: str, code: grpc.StatusCode | None = None, *, label: bool = True):
         self.address = address
         self.code = code
-        label = f" [{code.name}]" if code is not None else ""
+        self.reason = message  # what went wrong, without the peer's address
+        label = f" [{code.name}]" if code is not None and label else ""
         super().__init__(f"peer {address}{label}: {message}")
 
     @classmethod
     def from_rpc(cls, address: str, error: grpc.aio.AioRpcError) -> "PeerError":
-        return cls(address, error.details() or str(error.code()), error.code())
+        details = error.details() or str(error.code())
+        plain = _unreachable(details) if error.code() == grpc.StatusCode.UNAVAILABLE else None
+        if plain is not None:  # said in words: the status name and gRPC's text would only repeat it
+            return cls(address, plain, error.code(), label=False)
+        return cls(address, details, error.code())
+
+
+def _unreachable(details: str) -> str | None:
+    """gRPC's text for a connection that never opened (`failed to connect to all addresses; last error: UNKNOWN:
+    ipv4:127.0.0.1:5001: Failed to connect to remote host: Connection refused`) as one plain phrase; None if
+    the call failed otherwise."""
+    if "Connection refused" in details:
+        return "connection refused: no node listens there (is it running, and is this the port it printed?)"
+    if "DNS resolution failed" in details:
+        return "cannot resolve the host name"
+    if "failed to connect to all addresses" in details:
+        return f"cannot connect ({details.rsplit(': ', 1)[-1].strip()})"
+    return None
 
 
 class LoopThread:

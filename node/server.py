@@ -8,12 +8,14 @@ import os
 import random
 import signal
 import socket
+import sys
 from dataclasses import dataclass, field, replace
 
 import grpc
 import torch
 from grpc_health.v1 import health, health_pb2
 
+from common.ports import ensure_free
 from common.swarm.identity import Identity, load_identity
 from common.swarm.membership import Membership, SwarmConfig
 from common.swarm.placement import Server, Span, choose_span, layers_for_memory, plan_move
@@ -44,6 +46,7 @@ SERVICE_NAME = "potluck.v1.Potluck"
 GRPC_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.so_reuseport", 0),  # a second node on a taken port must fail to bind, not share it (common/ports.py)
 ]
 
 
@@ -300,6 +303,7 @@ def _warn_plaintext(config: NodeConfig, security: Security) -> None:
 
 async def start_node(config: NodeConfig) -> RunningNode:
     """Bind, join, load, serve. Returns once the node is ONLINE (its span loaded and announced)."""
+    ensure_free(config.host, config.port)  # before any loading: a taken port is the user's to fix, in one line
     device = resolve_device(config.device)
     torch.set_num_threads(compute_threads(config.threads, device))
     dtype = resolve_dtype(config.dtype, device)
@@ -316,9 +320,13 @@ async def start_node(config: NodeConfig) -> RunningNode:
     on_reject = (lambda reason: metrics.error("UNAUTHENTICATED")) if metrics is not None else None
     server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=security.server_interceptors(on_reject),
                              maximum_concurrent_rpcs=config.max_rpcs)  # past it: RESOURCE_EXHAUSTED from grpc
-    port = security.add_port(server, format_address(config.host, config.port))
+    try:
+        port = security.add_port(server, format_address(config.host, config.port))
+    except RuntimeError:  # grpc: "Failed to bind to address ..." (a node started at the same time, say)
+        port = 0
     if port == 0:
         identity.release()
+        ensure_free(config.host, config.port)
         raise OSError(f"cannot bind {format_address(config.host, config.port)}")
     address = config.announce or format_address(advertised_host(config.host), port)
     swarm = SwarmConfig(bootstrap=config.bootstrap, mdns=config.mdns, mdns_interface=_mdns_interface(config),
@@ -416,11 +424,16 @@ async def run_node(config: NodeConfig, announce=print) -> None:
     )
     try:
         await signals.get()
-        log.info("draining (at most %.0fs; signal again to stop now)", config.drain_timeout)
+        sessions = len(node.executor.sessions) if node.executor is not None else 0
+        # on stderr, so that the stop is never silent (stdout keeps only the ready line)
+        print(f"potluck node: draining {sessions} session{'' if sessions == 1 else 's'} (at most "
+              f"{config.drain_timeout:g}s; signal again to stop now)...", file=sys.stderr, flush=True)
         drain = asyncio.ensure_future(node.drain(config.drain_timeout))
         again = asyncio.ensure_future(signals.get())
         await asyncio.wait({drain, again}, return_when=asyncio.FIRST_COMPLETED)
         drain.cancel()
         again.cancel()
+        print("potluck node: leaving the swarm, finishing calls in flight...", file=sys.stderr, flush=True)
     finally:
         await node.stop(config.grace_seconds)
+    print("potluck node: done", file=sys.stderr, flush=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import signal
 import socket
 import threading
@@ -16,6 +17,7 @@ from client.api.catalog import SwarmCatalog
 from client.config import ClientConfig
 from client.model import DistributedModelForCausalLM
 from client.textgen import load_tokenizer
+from common.ports import PortInUseError, ensure_free
 from common.weights.files import ModelFiles
 
 
@@ -28,6 +30,7 @@ def serve(model: str | list[str], host: str = "127.0.0.1", port: int = 8000, *, 
     tokenizers are loaded now; the models on start-up, in the background (and again on requests if the
     swarm did not cover them yet). Without fixed peers, the other models the swarm covers are offered
     too (client parts from `models_dir/<model id>` or the hub, on first use)."""
+    ensure_free(host, port)  # before the tokenizers load: a taken port is said at once, in one line
     models = [model] if isinstance(model, str) else list(model)
     if name is not None and len(models) != 1:
         raise ValueError("--name needs exactly one --model")
@@ -42,7 +45,12 @@ def serve(model: str | list[str], host: str = "127.0.0.1", port: int = 8000, *, 
     name = ", ".join(sources) or "the models the swarm covers"
     app = create_app(sources, tokenizers, api_key=api_key, settings=settings, catalog=catalog)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    listener = socket.create_server((host, port), family=family)  # bound here: port 0 works, the real port is shown
+    try:
+        listener = socket.create_server((host, port), family=family)  # bound here: port 0 works, the real port is shown
+    except OSError as error:
+        if error.errno == errno.EADDRINUSE:
+            raise PortInUseError(host, port) from None
+        raise
     bound_host, bound_port = listener.getsockname()[:2]
     shown = f"[{bound_host}]" if family == socket.AF_INET6 else bound_host
     print(f"potluck api serving {name} on http://{shown}:{bound_port}/v1", flush=True)

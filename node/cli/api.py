@@ -14,6 +14,7 @@ from common.wire.contract import WIRE_FORMATS
 from node.cli.args import (
     PROMPT_LOOKUP,
     add_logging,
+    add_peers_arg,
     add_swarm_args,
     add_trust_args,
     add_verify_args,
@@ -39,7 +40,7 @@ def add_api_parser(commands) -> None:
     api.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     api.add_argument("--port", type=int, default=8000, help="port to listen on; 0 picks a free one (default 8000)")
     api.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on every request")
-    api.add_argument("--peers", default=None, help="comma-separated HOST:PORT of nodes (default: discover them)")
+    add_peers_arg(api)
     add_swarm_args(api)
     api.add_argument("--wire-dtype", default="float32", choices=WIRE_FORMATS,
                      help="dtype of activations on the wire (default float32)")
@@ -74,7 +75,7 @@ def run_api_cli(args: argparse.Namespace) -> None:
         raise ValueError("--parallel must be at least 1")
     if args.prompt_lookup < 0:
         raise ValueError("--prompt-lookup must be 0 (off) or more")
-    peers = tuple(p.strip() for p in (args.peers or "").split(",") if p.strip())
+    peers = args.peers
     config = ClientConfig(peers=peers, bootstrap=bootstrap_list(args.bootstrap), mdns=not args.no_mdns,
                           mdns_interface=args.mdns_interface, wire_dtype=args.wire_dtype,
                           convoys=not args.no_convoys, pack_head=not args.no_pack_head,

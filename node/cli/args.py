@@ -28,6 +28,28 @@ def non_negative(text: str) -> int:
     return value
 
 
+def peer_list(text: str) -> tuple[str, ...]:
+    """--peers: comma-separated HOST:PORT (IPv6 as [HOST]:PORT). A host without a port is refused: gRPC
+    would dial port 443 and report a refused connection there."""
+    peers = []
+    for peer in (p.strip() for p in text.split(",")):
+        if not peer:
+            continue
+        host, colon, port = peer.rpartition(":")
+        if not colon or not host or host.count(":") and not (host.startswith("[") and host.endswith("]")):
+            raise argparse.ArgumentTypeError(f"{peer!r} is not HOST:PORT (give the port the node printed, "
+                                             "e.g. 127.0.0.1:5001; IPv6: [::1]:5001)")
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise argparse.ArgumentTypeError(f"{peer!r}: the port {port!r} is not a number from 1 to 65535")
+        peers.append(peer)
+    return tuple(peers)
+
+
+def add_peers_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--peers", type=peer_list, default=(), metavar="HOST:PORT,...",
+                        help="comma-separated HOST:PORT of nodes (default: discover them)")
+
+
 def add_swarm_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bootstrap", action="append", default=[],
                         help="HOST:PORT of a known node, or a file with one per line (repeatable)")
@@ -82,6 +104,20 @@ def trust_options(args: argparse.Namespace) -> dict:
     return options
 
 
+def temperature(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or value == float("inf"):  # NaN too
+        raise argparse.ArgumentTypeError(f"{text} is not 0 (greedy) or a positive number")
+    return value
+
+
+def top_p(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:  # NaN too
+        raise argparse.ArgumentTypeError(f"{text} is not within (0, 1]")
+    return value
+
+
 # speculative decoding's longest draft by default: exact, and a pass of up to 8 tokens costs about one of 1 on CPU
 # nodes (docs/performance.md); the draft length adapts, so answers that repeat nothing lose nothing measurable
 PROMPT_LOOKUP = 7
@@ -95,8 +131,8 @@ def add_generation_args(
         "--chat", action="store_true", default=chat_default, help="wrap the prompt in the chat template"
     )
     parser.add_argument("--max-new-tokens", type=positive, default=64, help="tokens to generate at most (default 64)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); >0 samples")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default 1.0)")
+    parser.add_argument("--temperature", type=temperature, default=0.0, help="0 = greedy (default); >0 samples")
+    parser.add_argument("--top-p", type=top_p, default=1.0, help="nucleus sampling threshold, in (0, 1] (default 1.0)")
     parser.add_argument("--seed", type=int, default=None, help="seed for sampling")
     parser.add_argument("--stop", action="append", default=None, help="stop when this string appears (repeatable)")
     parser.add_argument("--wire-dtype", default="float32", choices=WIRE_FORMATS,

@@ -17,6 +17,7 @@ from common.progress import progress_bar
 from common.wire.contract import WIRE_FORMATS
 from node.cli.args import (
     add_logging,
+    add_peers_arg,
     add_swarm_args,
     add_trust_args,
     add_verify_args,
@@ -33,7 +34,7 @@ def add_eval_parser(commands) -> None:
     )
     parser.add_argument("--model", required=True, help="model folder, .gguf file or hub id (the one the nodes serve)")
     parser.add_argument("--text", required=True, help="a UTF-8 text file to score")
-    parser.add_argument("--peers", default=None, help="comma-separated HOST:PORT of nodes (default: discover them)")
+    add_peers_arg(parser)
     parser.add_argument("--window", type=int, default=512, help="tokens per forward pass (default 512)")
     parser.add_argument("--stride", type=int, default=256, help="tokens between window starts (default 256)")
     parser.add_argument(
@@ -76,7 +77,7 @@ def run_eval_cli(args: argparse.Namespace) -> None:
         window_starts(ids.numel(), args.window, args.stride)
     except ValueError as error:
         raise ConfigError(str(error)) from None
-    peers = tuple(p.strip() for p in (args.peers or "").split(",") if p.strip())
+    peers = args.peers
     config = ClientConfig(peers=peers, bootstrap=bootstrap_list(args.bootstrap), mdns=not args.no_mdns,
                           mdns_interface=args.mdns_interface, wire_dtype=args.wire_dtype, adapter=args.adapter,
                           **trust_options(args), **verify_options(args))

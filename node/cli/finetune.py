@@ -15,7 +15,15 @@ from client.finetune import plot_losses, read_examples, save_prompts, train
 from client.model import DistributedModelForCausalLM
 from client.textgen import load_tokenizer
 from common.wire.contract import WIRE_FORMATS
-from node.cli.args import add_logging, add_swarm_args, add_trust_args, bootstrap_list, positive, trust_options
+from node.cli.args import (
+    add_logging,
+    add_peers_arg,
+    add_swarm_args,
+    add_trust_args,
+    bootstrap_list,
+    positive,
+    trust_options,
+)
 from node.config import ConfigError
 
 
@@ -43,7 +51,7 @@ def add_finetune_parser(commands) -> None:
     parser.add_argument(
         "--plot", default=None, metavar="PNG", help="also draw the loss curve to this PNG (needs matplotlib)"
     )
-    parser.add_argument("--peers", default=None, help="comma-separated HOST:PORT of nodes (default: discover them)")
+    add_peers_arg(parser)
     parser.add_argument("--wire-dtype", default="float32", choices=WIRE_FORMATS,
                         help="activations and gradients on the wire (default float32)")
     parser.add_argument("--quiet", action="store_true", help="print only the summary, not the loss of every step")
@@ -81,7 +89,7 @@ def run_finetune_cli(args: argparse.Namespace) -> None:
     except ValueError as error:
         raise ConfigError(str(error)) from None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    peers = tuple(p.strip() for p in (args.peers or "").split(",") if p.strip())
+    peers = args.peers
     config = ClientConfig(peers=peers, bootstrap=bootstrap_list(args.bootstrap), mdns=not args.no_mdns,
                           mdns_interface=args.mdns_interface, wire_dtype=args.wire_dtype, **trust_options(args))
     model = DistributedModelForCausalLM.from_pretrained(args.model, config=config)

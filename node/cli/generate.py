@@ -7,12 +7,13 @@ import json
 import sys
 
 from client.config import ClientConfig
-from client.finetune import load_prompts
+from client.finetune import apply_prompts, read_prompts
 from client.model import DistributedModelForCausalLM
 from client.textgen import generate_text, load_tokenizer
 from node.cli.args import (
     add_generation_args,
     add_logging,
+    add_peers_arg,
     add_swarm_args,
     add_trust_args,
     add_verify_args,
@@ -25,7 +26,7 @@ from node.cli.args import (
 def add_generate_parser(commands) -> None:
     generate = commands.add_parser("generate", help="generate text through a chain of nodes")
     generate.add_argument("--model", required=True, help="model folder, .gguf file or hub id (the one the nodes serve)")
-    generate.add_argument("--peers", default=None, help="comma-separated HOST:PORT of nodes (default: discover them)")
+    add_peers_arg(generate)
     add_swarm_args(generate)
     add_trust_args(generate)
     add_verify_args(generate)
@@ -52,11 +53,12 @@ def add_generate_parser(commands) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> None:
-    peers = [p.strip() for p in (args.peers or "").split(",") if p.strip()]
+    peers = args.peers
+    prompts = read_prompts(args.prompt_weights) if args.prompt_weights else None  # a wrong file: said before dialing
     model = DistributedModelForCausalLM.from_pretrained(args.model, config=client_config(args, peers))
     try:
-        if args.prompt_weights:
-            load_prompts(model, args.prompt_weights)
+        if prompts is not None:
+            apply_prompts(model, prompts, args.prompt_weights)
         tokenizer = load_tokenizer(args.model)
         result = generate_text(
             model, tokenizer, args.prompt, chat=args.chat, max_new_tokens=args.max_new_tokens,
@@ -75,7 +77,7 @@ def run_generate(args: argparse.Namespace) -> None:
         )
 
 
-def client_config(args: argparse.Namespace, peers: list[str]):
+def client_config(args: argparse.Namespace, peers: tuple[str, ...]):
     return ClientConfig(peers=tuple(peers), bootstrap=bootstrap_list(args.bootstrap), mdns=not args.no_mdns,
                         mdns_interface=args.mdns_interface, wire_dtype=args.wire_dtype, push=not args.no_push,
                         prefill_chunk=args.prefill_chunk, adapter=getattr(args, "adapter", None), **trust_options(args),

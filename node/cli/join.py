@@ -17,6 +17,15 @@ def add_join_parser(commands) -> None:
     add_join_args(commands.add_parser("join", help="serve a span of a model's layers"))
 
 
+def blocks(text: str) -> str:
+    """--blocks START:END, checked as it is parsed: a wrong span is said before anything heavy is imported."""
+    try:
+        parse_blocks(text)
+    except ConfigError as error:
+        raise argparse.ArgumentTypeError(str(error).removeprefix("--blocks ")) from None
+    return text
+
+
 def add_join_args(join: argparse.ArgumentParser) -> None:
     join.add_argument("--config", default=None,
                       help="TOML file of join options (keys: these flags' names); flags given here override it")
@@ -25,7 +34,7 @@ def add_join_args(join: argparse.ArgumentParser) -> None:
         default=None,
         help="model folder, .gguf file or hub id (org/name, or org/name@revision); required here or in --config",
     )
-    join.add_argument("--blocks", default=None,
+    join.add_argument("--blocks", type=blocks, default=None,
                       help="layers to serve, START:END (half-open), e.g. 0:10; default: placement chooses")
     join.add_argument("--host", default="127.0.0.1", help="address to bind and advertise (default 127.0.0.1)")
     join.add_argument("--port", type=int, default=0, help="port to bind; 0 picks a free one (default)")
@@ -158,8 +167,10 @@ def _file_value(action: argparse.Action, key: str, value, where: str):
     if action.type is not None:
         try:
             value = action.type(str(value))
-        except (ValueError, argparse.ArgumentTypeError):
-            raise bad("an integer" if action.type in (int, positive) else "a number") from None
+        except (ValueError, argparse.ArgumentTypeError) as error:
+            if action.type in (int, positive, float):
+                raise bad("an integer" if action.type in (int, positive) else "a number") from None
+            raise ConfigError(f"{where}: {key}: {error}") from None
     else:
         value = str(value)
     if action.choices is not None and value not in action.choices:

@@ -25,6 +25,7 @@ class Command:
 
     names: tuple[str, ...]
     load: Callable[[], tuple[Callable, dict[str, Runner]]]
+    summary: str  # its line in `potluck --help` (which loads no command's module)
 
 
 def _join():
@@ -166,35 +167,40 @@ def _finetune():
 
 
 COMMANDS = (
-    Command(("join",), _join),
-    Command(("generate",), _generate),
-    Command(("demo",), _demo),
-    Command(("status",), _status),
-    Command(("swarm-key",), _swarm_key),
-    Command(("prepare-model",), _prepare),
-    Command(("bench",), _bench),
-    Command(("bench-perf",), _bench_perf),
-    Command(("bench-swarm",), _bench_swarm),
-    Command(("bench-recovery",), _bench_recovery),
-    Command(("bench-wire",), _bench_wire),
-    Command(("proxy",), _proxy),
-    Command(("bench-trust",), _bench_trust),
-    Command(("bench-relay",), _bench_relay),
-    Command(("bench-soak",), _bench_soak),
-    Command(("bench-prefill",), _bench_prefill),
-    Command(("bench-quant",), _bench_quant),
-    Command(("bench-compile",), _bench_compile),
-    Command(("bench-speculate",), _bench_speculate),
-    Command(("api", "dashboard"), _api),
-    Command(("doctor",), _doctor),
-    Command(("eval",), _eval),
-    Command(("finetune",), _finetune),
+    Command(("join",), _join, "serve a span of a model's layers"),
+    Command(("generate",), _generate, "generate text through a chain of nodes"),
+    Command(("demo",), _demo, "start a local 3-node swarm on the embedded model and chat through it"),
+    Command(("status",), _status, "show the swarm: nodes, spans, coverage, warnings"),
+    Command(("swarm-key",), _swarm_key, "make a private swarm's key"),
+    Command(("prepare-model",), _prepare, "write the embedded SmolLM2 model as a safetensors folder"),
+    Command(("bench",), _bench, "benchmark local transformers vs a local swarm, same run"),
+    Command(("bench-perf",), _bench_perf, "decode, WAN, concurrency, prefill and memory against transformers"),
+    Command(("bench-swarm",), _bench_swarm, "benchmark joining, discovery and gossip traffic"),
+    Command(("bench-recovery",), _bench_recovery, "benchmark recovery after a node is SIGKILLed mid-generation"),
+    Command(("bench-wire",), _bench_wire, "benchmark wire formats: bytes per token per hop, error, exactness"),
+    Command(("proxy",), _proxy, "forward TCP to a node with an added one-way delay (simulated WAN)"),
+    Command(("bench-trust",), _bench_trust, "benchmark the cost of a swarm key and TLS on decode speed"),
+    Command(("bench-relay",), _bench_relay, "benchmark decode speed through a relay against direct"),
+    Command(("bench-soak",), _bench_soak, "soak a 3-node swarm: concurrent clients, disconnects, a restart"),
+    Command(("bench-prefill",), _bench_prefill, "benchmark pipelined (chunked) prefill against one step"),
+    Command(("bench-quant",), _bench_quant, "benchmark --quant int8/nf4: memory per layer, decode speed, perplexity"),
+    Command(("bench-compile",), _bench_compile,
+            "time torch.compile (CUDA graphs on a GPU) against the eager decode step"),
+    Command(("bench-speculate",), _bench_speculate,
+            "benchmark speculative decoding by prompt lookup: swarm vs transformers"),
+    Command(("api", "dashboard"), _api,
+            "serve an OpenAI-compatible HTTP API backed by the swarm, and its dashboard at /"),
+    Command(("doctor",), _doctor, "check this machine before joining: memory, disk, clock, reachability"),
+    Command(("eval",), _eval, "perplexity of a text through the swarm (and, with --local, on this machine)"),
+    Command(("finetune",), _finetune, "train a soft prompt through the swarm (the nodes' layers stay frozen)"),
 )
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """Every command's parser; with `command`, the other commands get an empty parser, so that `potluck join`
-    imports neither the benchmarks nor the API (~1.5 s a process)."""
+    """Every command's parser; with `command`, only that one's (the others get an empty parser with their summary),
+    so that `potluck join` imports neither the benchmarks nor the API, and `potluck --help` (command "") no
+    command's module at all. A command's module defines its flags without importing torch, transformers or grpc
+    (those come with its run function), so parsing and its errors take a fraction of a second."""
     parser = argparse.ArgumentParser(prog="potluck", description="Peer-to-peer LLM inference on pooled hardware.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for entry in COMMANDS:
@@ -202,8 +208,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             add_parser, _ = entry.load()
             add_parser(commands)
         else:
-            for name in entry.names[:1]:  # aliases come with their command's own parser
-                commands.add_parser(name)
+            commands.add_parser(entry.names[0], aliases=list(entry.names[1:]), help=entry.summary)
     return parser
 
 
@@ -232,7 +237,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def main(argv: list[str] | None = None) -> int:
     words = [word for word in (sys.argv[1:] if argv is None else argv) if not word.startswith("-")]
-    parser = build_parser(words[0] if words else None)
+    parser = build_parser(words[0] if words else "")
     args = parser.parse_args(argv)
     if args.command == "join" and args.config:
         from node.cli.join import join_args
