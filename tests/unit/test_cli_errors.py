@@ -65,3 +65,15 @@ def test_a_bad_prompt_file_is_one_line(tmp_path, content, fragment):
     message = str(error.value)
     assert message.startswith(f"--prompt-weights {path}: ") and fragment in message, message
     assert "\n" not in message and "\x1b" not in message and "weights only" not in message.lower(), message
+
+
+def test_each_commands_summary_is_the_same_in_the_table_and_in_its_parser():
+    """`potluck --help` lists COMMANDS' summaries without loading the commands; each command's own parser
+    carries its help too: the two must not drift apart."""
+    import argparse
+
+    from node.cli.main import COMMANDS, build_parser
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    helps = {action.dest: action.help for action in commands._choices_actions}
+    assert {entry.names[0]: entry.summary for entry in COMMANDS} == {name: helps[name] for name in helps}
