@@ -48,7 +48,8 @@ test: install browser compiler lint
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-# bench-perf runs llama.cpp side by side when `make llamacpp` has built it
+# bench-perf runs llama.cpp side by side when `make llamacpp` has built it: on the Q4_1 GGUF the demo model was made
+# from (the file the swarm serves, value for value), then on the F32 conversion as a second line
 bench: install
 	$(VENV)/bin/potluck bench --model $(MODEL_DIR) --out docs/benchmarks.md
 	$(VENV)/bin/potluck bench-perf --model $(MODEL_DIR) --out docs/benchmarks.md \

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build llama.cpp (CPU, with its RPC backend) from the llama-cpp-python source package, and convert a model
-# folder to an F32 GGUF, for `potluck bench-perf --llama-cpp BUILD --llama-gguf FILE` (docs/performance.md).
+# folder to an F32 GGUF, for `potluck bench-perf --llama-cpp BUILD [--llama-gguf FILE]` (docs/performance.md):
+# bench-perf runs llama.cpp on the GGUF file the folder was made from first (the demo's Q4_1 file), then on FILE.
 #
 # usage: deploy/llamacpp.sh MODEL_DIR [OUT_DIR]      (OUT_DIR default: ~/.cache/potluck/llama.cpp)
 #   PYTHON: a python with torch, transformers and safetensors (the converter's needs); default: python3

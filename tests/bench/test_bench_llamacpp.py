@@ -43,13 +43,34 @@ def test_find_names_what_is_missing(tmp_path):
     assert found.bench == tmp_path / "bin" / "llama-bench" and found.rpc_server == tmp_path / "bin" / "rpc-server"
 
 
-def test_the_report_compares_the_swarm_with_both_llama_cpp_runs(tmp_path):
-    settings = PerfSettings(model=tmp_path, repeats=2, llama_cpp=tmp_path, llama_gguf=Path("m-f32.gguf"))
+def test_the_report_compares_the_swarm_with_llama_cpp_on_the_file_it_serves_first(tmp_path):
+    served, f32 = Path("SmolLM2-135M-Instruct.Q4_1.gguf"), Path("m-f32.gguf")
+    settings = PerfSettings(model=tmp_path, repeats=2, llama_cpp=tmp_path, llama_gguf=(served, f32),
+                            llama_served=served)
     machine = {"cpu": "cpu", "os": "os", "python": "3.11", "torch": "2", "transformers": "5", "load": "0",
                "threads": "2"}
     result = PerfResult(settings, machine, Speed("local transformers", [16.0, 16.0], [1, 2]))
-    result.llama = LlamaSide(3, swarm_tps=[15.0, 14.0], single_tps=[30.0, 29.0], rpc_tps=[14.0, 15.0])
+    result.llama = [
+        LlamaSide(3, [15.0, 14.0], [120.0, 130.0], [70.0, 80.0], served.name, "Q4_1", served=True),
+        LlamaSide(3, [15.0, 14.0], [30.0, 29.0], [14.0, 15.0], f32.name, "F32"),
+    ]
     text = render_markdown(result)
-    assert "#### llama.cpp side by side" in text and "`m-f32.gguf`" in text
-    assert "| llama.cpp F32, one process | 29.50 | 33.9 | 0.49x |" in text
-    assert "| llama.cpp F32 over RPC, 3 servers | 14.50 | 69.0 | 1.00x |" in text
+    assert "#### llama.cpp side by side" in text
+    q4 = text.index("| llama.cpp Q4_1 (the file the swarm serves), one process | `SmolLM2-135M-Instruct.Q4_1.gguf` "
+                    "| 125.00 | 8.0 | 0.12x |")
+    assert "| llama.cpp Q4_1 (the file the swarm serves) over RPC, 3 servers | `SmolLM2-135M-Instruct.Q4_1.gguf` " \
+           "| 75.00 | 13.3 | 0.19x |" in text
+    assert q4 < text.index("| llama.cpp F32, one process | `m-f32.gguf` | 29.50 | 33.9 | 0.49x |")
+    assert "| llama.cpp F32 over RPC, 3 servers | `m-f32.gguf` | 14.50 | 69.0 | 1.00x |" in text
+
+
+def test_llama_cpp_runs_the_file_the_model_folder_was_made_from(smollm_dir, tmp_path):
+    """bench-perf's default GGUF for llama.cpp is the demo's own Q4_1 file (the nodes hold its values bit for
+    bit), not a conversion; any other folder has none."""
+    from common.weights.embedded import gguf_path, source_gguf
+    from node.bench.llamacpp import gguf_kind
+
+    assert source_gguf(smollm_dir) == gguf_path()
+    assert gguf_kind(gguf_path()) == "Q4_1"
+    (tmp_path / "config.json").write_text('{"_model_name_or_path": "another model"}')
+    assert source_gguf(tmp_path) is None

@@ -62,7 +62,7 @@ def test_bench_perf_rejects_bad_settings(tmp_path):
         PerfSettings(model=tmp_path, new_tokens=1)
     with pytest.raises(ValueError, match="--concurrency"):
         PerfSettings(model=tmp_path, concurrency=(0,))
-    with pytest.raises(ValueError, match="--llama-cpp and --llama-gguf go together"):
+    with pytest.raises(ValueError, match="--llama-cpp needs a GGUF file"):
         PerfSettings(model=tmp_path, llama_cpp=tmp_path)
 
 
