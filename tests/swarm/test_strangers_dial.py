@@ -17,7 +17,7 @@ from client import DistributedModelForCausalLM
 from client.config import ClientConfig
 from common.wire.generated import potluck_pb2 as pb
 from common.wire.generated import potluck_pb2_grpc as pb_grpc
-from common.wire.security import SwarmKey
+from common.wire.security import AUTH_METADATA, SwarmKey
 from node.rpc.dialing import REFUSED
 from node.rpc.push import REFUSED_TARGET
 from node.rpc.ratelimit import RateLimiter
@@ -192,4 +192,24 @@ def test_failed_dials_tell_the_caller_no_transport_text(bg_loop, lab, folder, tm
     finally:
         web.close()
         bg_loop.stop_node(private)
+
+
+def test_a_token_stamped_far_in_the_future_is_refused(bg_loop, folder, tmp_path):
+    key_file = tmp_path / "swarm.key"
+    key = SwarmKey.generate()
+    key.write(key_file)
+    node = bg_loop.start_node(folder, 0, 6, swarm_key=str(key_file))
+    method = "/potluck.v1.Potluck/Info"
+    try:
+        with grpc.insecure_channel(node.address) as channel:
+            stub = pb_grpc.PotluckStub(channel)
+            ahead = ((AUTH_METADATA, key.token(method, now=time.time() + 5)),)  # clocks a few seconds apart
+            assert stub.Info(pb.InfoRequest(), metadata=ahead, timeout=10).node_id == node.identity.node_id
+            for seconds in (60, 119):
+                future = ((AUTH_METADATA, key.token(method, now=time.time() + seconds)),)
+                with pytest.raises(grpc.RpcError) as caught:
+                    stub.Info(pb.InfoRequest(), metadata=future, timeout=10)
+                assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED, seconds
+    finally:
+        bg_loop.stop_node(node)
 
