@@ -4,6 +4,8 @@ nodes still gets exactly transformers' tokens."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import socket
 import threading
 import time
@@ -15,6 +17,8 @@ from transformers import AutoModelForCausalLM
 
 from client import DistributedModelForCausalLM
 from client.config import ClientConfig
+from common.swarm.records import NodeState, PeerRecord, node_id_of, renewed, sign_record
+from common.wire import codec
 from common.wire.generated import potluck_pb2 as pb
 from common.wire.generated import potluck_pb2_grpc as pb_grpc
 from common.wire.security import AUTH_METADATA, SwarmKey
@@ -213,3 +217,72 @@ def test_a_token_stamped_far_in_the_future_is_refused(bg_loop, folder, tmp_path)
     finally:
         bg_loop.stop_node(node)
 
+
+def test_a_gossiped_model_id_cannot_lead_the_api_out_of_its_models_folder(bg_loop, lab, tmp_path):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from client.api.catalog import SwarmCatalog
+
+    a, _ = lab
+    models_dir, outside = tmp_path / "models", tmp_path / "outside"
+    models_dir.mkdir()
+    outside.mkdir()
+    (outside / "config.json").write_text("{}")
+    bad_ids = ["../outside", str(outside), "a/../../outside", "..", "org/name/../../../outside", "x\\..\\outside"]
+    records = []
+    for index, model_id in enumerate(bad_ids):  # a stranger announces nodes that cover every layer of these
+        key = Ed25519PrivateKey.generate()
+        public = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        record = renewed(PeerRecord(node_id=node_id_of(public), addresses=(f"203.0.113.{index + 1}:7000",),
+                                    model_id=model_id, config_hash=f"h{index}", num_layers=2, start=0, end=2,
+                                    state=NodeState.ONLINE), ttl=60)
+        records.append(sign_record(record, key))
+    with grpc.insecure_channel(a.address) as channel:  # gossiped to an honest node, which passes them on
+        pb_grpc.PotluckStub(channel).Gossip(pb.GossipRequest(records=codec.encode_records(records)), timeout=10)
+
+    async def listed():
+        catalog = SwarmCatalog(ClientConfig(bootstrap=(a.address,), mdns=False), models_dir)
+        try:
+            seen = [m.model_id for m in await catalog.models()]
+            live = {r.model_id for r in catalog.membership.live()}
+            sources = {}
+            for model_id in bad_ids:
+                try:
+                    sources[model_id] = catalog.source(model_id)
+                except LookupError:
+                    sources[model_id] = None
+            return seen, live, sources
+        finally:
+            await catalog.close()
+
+    seen, live, sources = asyncio.run(listed())
+    assert set(bad_ids) <= live  # the catalog heard them
+    assert not set(bad_ids) & set(seen)
+    assert all(source is None for source in sources.values()), sources
+
+
+def test_the_api_refuses_a_huge_body_before_tokenizing_it():
+    from fastapi.testclient import TestClient
+
+    from client.api.app import MAX_BODY_BYTES, create_app
+
+    class Tokenizer:
+        used = 0
+
+        def __getattr__(self, name):
+            Tokenizer.used += 1
+            raise AttributeError(name)
+
+    app = create_app({"m": lambda: None}, {"m": Tokenizer()})
+    client = TestClient(app)
+    huge = {"model": "m", "messages": [{"role": "user", "content": "x" * (1 << 20)}]}
+    for send in ({"json": huge}, {"content": iter([json.dumps(huge).encode()])}):  # with Content-Length, chunked
+        reply = client.post("/v1/chat/completions", **send)
+        assert reply.status_code == 413
+        error = reply.json()["error"]
+        assert error["code"] == "request_too_large" and str(MAX_BODY_BYTES) in error["message"]
+    assert Tokenizer.used == 0
+    small = {"model": "other", "messages": [{"role": "user", "content": "hi"}]}
+    small = client.post("/v1/chat/completions", json=small)
+    assert small.status_code == 404  # bodies under the limit reach the app as they were
