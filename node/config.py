@@ -110,6 +110,10 @@ class NodeConfig:
     relay_max_bytes: int = 0        # bytes a second each relayed node may move (both ways); 0 = no limit
     relay_fallback: bool = True     # if peers cannot call this node back, serve through a relay (--no-relay: off)
     relay_via: str | None = None    # HOST:PORT of a relay to serve through, without checking reachability
+    # -- what the node dials on a caller's behalf: push targets, probes (node/rpc/dialing.py) ---------
+    swarm_scope: str = "auto"       # auto | local (--local-swarm: loopback/private peers may be dialed) | public
+                                    # (--public-swarm: global addresses only); auto: local when the node's own
+                                    # address and every bootstrap node's are loopback or private
 
     def __post_init__(self) -> None:
         if (self.start is None) != (self.end is None):
@@ -138,6 +142,8 @@ class NodeConfig:
             raise ConfigError("--relay-max-nodes must be at least 1 and --relay-max-bytes >= 0")
         if self.relay and self.relay_via:
             raise ConfigError("a relay (--relay) serves on its own address; drop --relay-via")
+        if self.swarm_scope not in ("auto", "local", "public"):
+            raise ConfigError(f"swarm_scope {self.swarm_scope!r}: expected auto, local or public")
         if self.tls not in ("off", "auto", "ca"):
             raise ConfigError(f"--tls {self.tls!r}: expected off, auto or ca")
         if (self.tls_cert is None) != (self.tls_key is None):

@@ -32,6 +32,7 @@ from node.metrics import CacheView, MetricsServer, NodeMetrics
 from node.model.compact import exact_formats, exact_span
 from node.model.loader import bytes_per_layer, load_span, own_memory
 from node.model.quant import quantize_span
+from node.rpc.dialing import DialPolicy, lab_swarm, members_of
 from node.rpc.handlers import add_service
 from node.rpc.probe import Prober
 from node.rpc.push import Pusher
@@ -339,8 +340,11 @@ async def start_node(config: NodeConfig) -> RunningNode:
         metrics.watch(_cache_view(serving))
     limiter = RateLimiter(config.rate_limit) if config.rate_limit else None
     servicer = PotluckServicer(serving, node_identity, membership, metrics, limiter=limiter)
-    servicer.pusher = Pusher(security=security)
-    servicer.prober = Prober(security=security)  # Probe dials as this node does (TLS, swarm key)
+    # what strangers may have this node dial (node/rpc/dialing.py): in a swarm, pushes go to members only
+    policy = DialPolicy(local=lab_swarm(address, config.bootstrap, config.swarm_scope))
+    members = members_of(membership) if config.bootstrap or config.mdns else None
+    servicer.pusher = Pusher(security=security, policy=policy, members=members)
+    servicer.prober = Prober(security=security, policy=policy)  # Probe dials as this node does (TLS, swarm key)
     # registered from the descriptors: request bytes that do not parse get INVALID_ARGUMENT (node/rpc/handlers.py)
     add_service(server, pb.DESCRIPTOR.services_by_name["Potluck"], servicer, metrics.error if metrics else None)
     if config.relay:  # volunteer as a relay (node/relay/relay.py): rpc Attach, behind the same interceptors

@@ -48,11 +48,15 @@ from client.textgen import encode_prompt
 log = logging.getLogger(__name__)
 
 
+MAX_BODY_BYTES = 512 * 1024  # ~128k tokens of text: more than any context the API serves needs
+
+
 @dataclass(frozen=True)
 class ApiSettings:
     default_max_tokens: int = 512  # chat completions that give no max_tokens (capped by the context)
     parallel: int = 8              # requests that generate at once (more wait their turn, in arrival order)
     prompt_lookup: int = 0         # speculative decoding by prompt lookup, drafts of up to this many tokens (0: off)
+    max_body_bytes: int = MAX_BODY_BYTES  # a larger request body is refused (413) before it is parsed or tokenized
 
 
 def create_app(models: dict[str, ModelSource], tokenizers: PreTrainedTokenizerBase | dict[str, PreTrainedTokenizerBase],
@@ -87,6 +91,7 @@ def create_app(models: dict[str, ModelSource], tokenizers: PreTrainedTokenizerBa
     install_handlers(app)
     if api_key:
         app.add_middleware(_RequireKey, key=api_key)
+    app.add_middleware(_LimitBody, limit=settings.max_body_bytes)  # added last: runs first, before the key check
     app.mount("/dashboard", StaticFiles(directory=STATIC), name="dashboard")
 
     @app.get("/", include_in_schema=False)
@@ -187,8 +192,8 @@ class _State:
                 covered = await self.catalog.find(name)
                 if covered is None:
                     raise unknown_model(name)
-                source = self.catalog.source(name)
                 try:
+                    source = self.catalog.source(name)
                     tokenizer = await load_tokenizer_for(name, source)
                 except LookupError as error:
                     raise ApiError(503, str(error), type="server_error", code="model_unavailable") from None
@@ -387,3 +392,43 @@ class _RequireKey:
                 await unauthorized(bool(given)).response()(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+class _LimitBody:
+    """ASGI middleware: a request body over `limit` bytes is answered 413 (the API's JSON error shape) before the
+    app parses it. A declared Content-Length over the limit is refused unread; otherwise the body is read up to
+    the limit, then handed to the app as it came."""
+
+    def __init__(self, app, limit: int):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdigit() and int(declared) > self.limit:
+            await self._refuse(scope, receive, send)
+            return
+        messages, size = [], 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            size += len(message.get("body", b""))
+            if size > self.limit:
+                await self._refuse(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+
+        async def replay():
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope, receive, send) -> None:
+        error = ApiError(413, f"the request body exceeds {self.limit} bytes", code="request_too_large")
+        await error.response()(scope, receive, send)

@@ -3,7 +3,11 @@
 `GET /v1/models` lists every model whose layers the swarm's ONLINE nodes cover completely. The
 client parts (embeddings, norm, head, tokenizer) of such a model are loaded on its first request,
 from `--models-dir/<model id>` when that folder exists, else from the Hugging Face hub (cache
-first; offline mode and tokens as huggingface_hub reads them)."""
+first; offline mode and tokens as huggingface_hub reads them).
+
+A model id comes from records anyone can sign, so only ids that name a folder inside `--models-dir` or a hub
+repository are listed (`safe_model_id`): an absolute path, a `..` component, a backslash or a control character
+would make the API read whatever folder a stranger chose."""
 
 from __future__ import annotations
 
@@ -20,6 +24,18 @@ from common.swarm.records import NodeState
 log = logging.getLogger(__name__)
 
 REFRESH_SECONDS = 2.0  # at most one pull from the swarm per this many seconds of listing
+MAX_MODEL_ID_CHARS = 200  # longest model id listed (hub ids are at most 96 characters)
+
+
+def safe_model_id(model_id: str) -> bool:
+    """Whether a gossiped model id names a hub repository (`org/name`) or a folder's name, and nothing else: a
+    relative path of one or two plain components, none of them `.`, `..` or hidden."""
+    if not model_id or len(model_id) > MAX_MODEL_ID_CHARS or not model_id.isprintable():
+        return False
+    if "\\" in model_id or ":" in model_id or model_id.startswith(("/", "~")):
+        return False
+    parts = model_id.split("/")
+    return len(parts) <= 2 and all(part and not part.startswith(".") and part.strip() == part for part in parts)
 
 
 @dataclass(frozen=True)
@@ -34,7 +50,7 @@ def covered_models(records) -> list[CoveredModel]:
     """The models whose every layer some ONLINE record serves (pure: records in, models out)."""
     by_model: dict[tuple[str, str], list] = {}
     for record in records:
-        if record.state == NodeState.ONLINE:
+        if record.state == NodeState.ONLINE and safe_model_id(record.model_id):
             by_model.setdefault((record.model_id, record.config_hash), []).append(record)
     models = []
     for (model_id, config_hash), group in by_model.items():
@@ -76,10 +92,15 @@ class SwarmCatalog:
         return None
 
     def source(self, model_id: str) -> str:
-        """Where the client parts of `model_id` are read from: the models folder's copy, else the hub id."""
+        """Where the client parts of `model_id` are read from: the models folder's copy, else the hub id.
+        LookupError for an id that could name a path outside the models folder (never listed either)."""
+        if not safe_model_id(model_id):
+            raise LookupError(f"the swarm announces the model id {model_id[:MAX_MODEL_ID_CHARS]!r}, which is not a "
+                              "hub id or a folder name: refused")
         if self.models_dir is not None:
             candidate = self.models_dir / model_id
-            if (candidate / "config.json").is_file():
+            inside = candidate.resolve().is_relative_to(self.models_dir.resolve())
+            if inside and (candidate / "config.json").is_file():
                 return str(candidate)
         return model_id
 

@@ -38,7 +38,9 @@ log = logging.getLogger(__name__)
 
 KEY_PREFIX = "potluck-swarm-key-v1:"
 AUTH_METADATA = "potluck-auth"          # the call token's metadata key
-TOKEN_WINDOW = 120.0                    # seconds a token stays valid either side of the node's clock
+TOKEN_WINDOW = 120.0                    # seconds a token stays valid after the time it is stamped with
+TOKEN_FUTURE = 30.0                     # seconds a token may be stamped ahead of the node's clock (clock skew;
+                                        # `potluck doctor` warns past 30 s); later stamps are refused
 UNAUTHENTICATED_MESSAGE = "this node serves a private swarm: calls need the swarm's key (--swarm-key)"
 OPEN_METHODS = ("/grpc.health.v1.Health/",)  # health says nothing about the swarm; probes need no key
 TLS_NAME = "potluck-node"                # the name automatic certificates are issued to (and checked for)
@@ -127,9 +129,11 @@ class SwarmKey:
 class TokenChecker:
     """The node's side: a token must be well formed, fresh, made with the key for this method, and new."""
 
-    def __init__(self, key: SwarmKey, window: float = TOKEN_WINDOW, max_nonces: int = 1_000_000):
+    def __init__(self, key: SwarmKey, window: float = TOKEN_WINDOW, max_nonces: int = 1_000_000,
+                 future: float = TOKEN_FUTURE):
         self.key = key
         self.window = window
+        self.future = min(future, window)  # a token lives at most window + future: its nonce is kept that long
         self.max_nonces = max_nonces
         self._seen: OrderedDict[str, float] = OrderedDict()  # nonce -> when it may be forgotten
         self._lock = threading.Lock()
@@ -143,8 +147,10 @@ class TokenChecker:
             return "malformed swarm token"
         stamp, nonce, mac = int(parts[1]), parts[2], parts[3]
         now = time.time() if now is None else now
-        if abs(now - stamp / 1000) > self.window:
+        if now - stamp / 1000 > self.window:
             return "stale swarm token (or clocks more than %.0fs apart)" % self.window
+        if stamp / 1000 - now > self.future:
+            return "swarm token stamped in the future (or clocks more than %.0fs apart)" % self.future
         if not hmac.compare_digest(mac, self.key._mac(method, stamp, nonce)):
             return "wrong swarm key"
         with self._lock:

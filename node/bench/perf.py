@@ -185,8 +185,9 @@ class _Chain:
 
         self.settings = settings
         self.layers = ModelFiles.open(str(settings.model)).config().num_hidden_layers
+        # explicit peers, no discovery: a node in a swarm pushes only to members' addresses, not to the proxies
         self.nodes = start_chain(settings.model, self.layers, parts, threads=settings.torch_threads,
-                                 extra_args=extra_args)
+                                 extra_args=("--no-mdns", *extra_args))
         self.models: list = []
 
     def client(self, peers: list[str] | None = None, push: bool = True, convoys: bool = True, exact_head: bool = True):

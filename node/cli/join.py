@@ -90,6 +90,12 @@ def add_join_args(join: argparse.ArgumentParser) -> None:
     add_swarm_args(join)
     add_trust_args(join, serving=True)
     _add_relay_args(join)
+    join.add_argument("--local-swarm", action="store_true",
+                      help="a lab swarm: push targets and probes may be loopback or private addresses (default: "
+                           "when this node's and its bootstrap nodes' addresses all are; docs/operators-config.md)")
+    join.add_argument("--public-swarm", action="store_true",
+                      help="a public swarm: push targets and probes must be global addresses (default: when this "
+                           "node's or a bootstrap node's address is)")
     add_logging(join)
 
 
@@ -256,8 +262,15 @@ def run_join(args: argparse.Namespace) -> None:
         **trust_options(args),
         **_limit_options(args),
         **_relay_options(args),
+        swarm_scope=_swarm_scope(args),
     )
     asyncio.run(run_node(config))
+
+
+def _swarm_scope(args: argparse.Namespace) -> str:
+    if args.local_swarm and args.public_swarm:
+        raise ConfigError("--local-swarm and --public-swarm contradict each other: give one of them")
+    return "local" if args.local_swarm else "public" if args.public_swarm else "auto"
 
 
 def _adapter_specs(values: list[str]) -> tuple[tuple[str, str], ...]:

@@ -9,13 +9,20 @@ reply is not) and sends a failure notice only if the handover fails.
 The outputs of one pass that go to the same node leave as a convoy (common/wire/convoy.py): they are
 handed over together, in one `PushMany` call, once the convoy's steps are all ready (or CONVOY_FLUSH
 after the first, if some never come). A node that does not know PushMany answers UNIMPLEMENTED; its
-steps then go one `Push` each, from then on."""
+steps then go one `Push` each, from then on.
+
+A push list names addresses the client chose, so the node dials only what node/rpc/dialing.py allows: in a
+swarm (bootstrap nodes or mDNS), the address of a live member's record; always, an address the node's dial
+policy allows (resolved once, then dialed as resolved). A refused target gets the fixed `push_error`
+REFUSED_TARGET; a failed handover names only the status, and the next node's own message when it is a Potluck
+refusal (stale step, no such session), never the transport's text."""
 
 from __future__ import annotations
 
 import asyncio
 import math
 from collections import OrderedDict
+from collections.abc import Callable
 
 import grpc
 
@@ -23,6 +30,7 @@ from common.wire.codec import MAX_MESSAGE_BYTES
 from common.wire.generated import potluck_pb2 as pb
 from common.wire.generated import potluck_pb2_grpc as pb_grpc
 from common.wire.security import PLAINTEXT, Security
+from node.rpc.dialing import DialPolicy, DialRefused, name_options
 from node.runtime.errors import InvalidRequest
 
 PUSH_TIMEOUT = 5.0     # seconds to wait for the next node to accept a step, when the client names none
@@ -31,6 +39,18 @@ MAX_CHANNELS = 64      # channels to push targets kept open (least recently used
 MAX_PUSH_HOPS = 256    # longest push list a step may carry
 MAX_PUSH_MANY = 256    # most steps one PushMany call may carry
 CONVOY_FLUSH = 0.005   # seconds a convoy's first ready step waits for the others before they go without them
+MAX_RESOLVED = 4 * MAX_CHANNELS  # vetted push targets remembered with the address they are dialed at
+REFUSED_TARGET = "push target refused: not a live member of this node's swarm at an address it may dial"
+MAX_REMOTE_DETAILS = 200  # characters of the next node's own refusal passed on to the client
+# statuses whose message is the next node's (Potluck's) own refusal; any other status is told by its name only
+NODE_REFUSALS = {"INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION", "RESOURCE_EXHAUSTED", "OUT_OF_RANGE",
+                 "ALREADY_EXISTS"}
+TRANSPORT = {  # what a failed handover is told instead of the transport's text
+    "UNAVAILABLE": "the next node could not be reached",
+    "DEADLINE_EXCEEDED": "the next node did not accept the step in time",
+    "UNAUTHENTICATED": "the next node refused this node's calls",
+    "PERMISSION_DENIED": "the next node refused this node's calls",
+}
 
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -64,9 +84,13 @@ def forwarded_step(hidden: pb.Tensor, step: pb.Step, convoy: tuple[int, int] | N
 class Pusher:
     """Forwards pushed steps; owns the channels to push targets. Use it on the server's event loop."""
 
-    def __init__(self, max_channels: int = MAX_CHANNELS, security: Security = PLAINTEXT):
+    def __init__(self, max_channels: int = MAX_CHANNELS, security: Security = PLAINTEXT,
+                 policy: DialPolicy = DialPolicy(), members: Callable[[str], bool] | None = None):
         self.max_channels = max_channels
         self.security = security  # how to dial the next node (swarm token, TLS)
+        self.policy = policy  # which addresses may be dialed (start_node: the node's own; tests: a lab swarm)
+        self.members = members  # is an address a live swarm member's? None: the node is in no swarm
+        self._dialed: OrderedDict[str, str] = OrderedDict()  # vetted target -> the address it is dialed at
         self._channels: OrderedDict[str, tuple[grpc.aio.Channel, pb_grpc.PotluckStub]] = OrderedDict()
         self._closing: set[asyncio.Task] = set()
         self._convoys: dict[tuple[str, int], _Handover] = {}  # (address, convoy id) -> its steps ready so far
@@ -81,6 +105,8 @@ class Pusher:
         in one PushMany call. `started` (if given) is resolved once the call is under way, or has failed."""
         try:
             target = step.push[0]
+            if not await self._vet(target.address):
+                return REFUSED_TARGET
             request = forwarded_step(hidden, step, convoy)
             if convoy is None or convoy[1] < 2 or target.address in self._single:
                 return await self._push(target.address, request, _timeout(target), started)
@@ -97,6 +123,21 @@ class Pusher:
         finally:
             _under_way(started)
 
+    async def _vet(self, address: str) -> bool:
+        """Whether `address` may be pushed to: a member's (in a swarm), and allowed by the policy (resolved once)."""
+        if self.members is not None and not self.members(address):
+            return False
+        if address in self._dialed:
+            self._dialed.move_to_end(address)
+            return True
+        try:
+            self._dialed[address] = await self.policy.resolve(address)
+        except DialRefused:
+            return False
+        while len(self._dialed) > MAX_RESOLVED:
+            self._dialed.popitem(last=False)
+        return True
+
     def _flush(self, key: tuple[str, int]) -> None:
         handover = self._convoys.pop(key, None)
         if handover is not None:
@@ -109,7 +150,7 @@ class Pusher:
                     started: asyncio.Future | None = None) -> str:
         try:
             if address not in self._channels:
-                await self.security.prefetch(address)
+                await self.security.prefetch(self._dialed.get(address, address))
             self.calls += 1
             call = self._stub(address).Push(request, timeout=timeout)  # sets off on the loop's next turn
             _under_way(started)
@@ -125,7 +166,7 @@ class Pusher:
             return
         try:
             if address not in self._channels:
-                await self.security.prefetch(address)
+                await self.security.prefetch(self._dialed.get(address, address))
             self.calls += 1
             request = pb.PushManyRequest(steps=[r for r, _ in live])
             call = self._stub(address).PushMany(request, timeout=handover.timeout)
@@ -141,8 +182,9 @@ class Pusher:
                 errors = await asyncio.gather(*(self._push(address, r, handover.timeout) for r, _ in live))
             else:
                 errors = [_failure(address, error.code().name, error.details())] * len(live)
-        except Exception as error:  # a malformed reply: the steps are not known to be accepted
-            errors = [_failure(address, "INTERNAL", str(error))] * len(live)
+        except Exception:  # a malformed reply: the steps are not known to be accepted
+            errors = [_failure(address, "INTERNAL", "the next node answered something that is not PushMany's reply")
+                      ] * len(live)
         for (_, done), error in zip(live, errors):
             if not done.done():
                 done.set_result(error)
@@ -150,7 +192,9 @@ class Pusher:
     def _stub(self, address: str) -> pb_grpc.PotluckStub:
         entry = self._channels.pop(address, None)
         if entry is None:
-            channel = self.security.channel(address, options=CHANNEL_OPTIONS)
+            dialed = self._dialed.get(address, address)  # the address as resolved when it was vetted
+            channel = self.security.channel(dialed, options=CHANNEL_OPTIONS + name_options(address, dialed,
+                                                                                          self.security))
             entry = (channel, pb_grpc.PotluckStub(channel))
         self._channels[address] = entry  # most recently used last
         while len(self._channels) > self.max_channels:
@@ -209,4 +253,10 @@ def _under_way(started: asyncio.Future | None) -> None:
 
 
 def _failure(address: str, code: str, message: str | None) -> str:
-    return f"push to {address} failed [{code}]: {message or code}"
+    """What the client is told of a failed handover to `address` (the address it gave): the status, and the next
+    node's message only when it is a node's refusal of the step; never the transport's own text."""
+    if code in NODE_REFUSALS and message:
+        told = message if len(message) <= MAX_REMOTE_DETAILS else message[: MAX_REMOTE_DETAILS - 3] + "..."
+    else:
+        told = TRANSPORT.get(code, "the handover failed")
+    return f"push to {address} failed [{code}]: {told}"

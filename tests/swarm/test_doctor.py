@@ -138,12 +138,13 @@ def test_probe_through_tls_and_swarm_key(bg_loop, tiny_model_dir, tmp_path):
 
 # -- pure checks --------------------------------------------------------------------------------------------
 def test_probe_targets_on_the_nodes_own_loopback_are_for_local_callers_only():
-    check_probe_target("127.0.0.1:5000", "127.0.0.1")
-    check_probe_target("10.1.2.3:5000", "10.0.0.9")
+    assert asyncio.run(check_probe_target("127.0.0.1:5000", "127.0.0.1")) == "127.0.0.1:5000"
+    assert asyncio.run(check_probe_target("10.1.2.3:5000", "10.0.0.9")) == "10.1.2.3:5000"  # a lab swarm's LAN
     for target in ("127.0.0.1:5000", "localhost:5000", "[::1]:5000", "169.254.169.254:80", "0.0.0.0:22",
-                   "[::ffff:127.0.0.1]:22"):
+                   "[::ffff:127.0.0.1]:22", "127.1:22", "0:22", "2130706433:22", "0x7f000001:22", "0177.0.0.1:22",
+                   "[::127.0.0.1]:22"):
         with pytest.raises(InvalidRequest):
-            check_probe_target(target, "10.0.0.9")
+            asyncio.run(check_probe_target(target, "10.0.0.9"))
 
 
 def test_clock_check_flags_a_simulated_skew():
