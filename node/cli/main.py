@@ -226,7 +226,7 @@ _USER_ERRORS = (
     ("node.config", "ConfigError"), ("common.weights.errors", "ModelLoadError"), ("client.transport", "PeerError"),
     ("client.routing", "MissingLayersError"), ("node.launcher", "NodeStartError"),
     ("common.swarm.identity", "IdentityError"), ("common.wire.security", "SecurityError"),
-    ("client.verify", "VerificationError"),
+    ("client.verify", "VerificationError"), ("common.swarm.dht", "DhtUnavailable"),
 )
 
 
