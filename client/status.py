@@ -55,11 +55,18 @@ def coverage_bar(view: ModelView) -> str:
     return "".join(BAR_CHARS[0] if t <= 0 else BAR_CHARS[max(1, round(t / top * (len(BAR_CHARS) - 1)))] for t in totals)
 
 
-async def collect(config: SwarmConfig, wait: float, security=None) -> list[PeerRecord]:
-    membership = Membership(config, security=security) if security is not None else Membership(config)
+async def collect(config: SwarmConfig, wait: float, security=None, dht=None) -> list[PeerRecord]:
+    """Every live record, from gossip and mDNS, or (`dht`: a common.swarm.dht.DhtConfig) from the DHT's keys."""
+    if dht is not None:
+        from common.swarm.dht import DhtDiscovery
+
+        membership = DhtDiscovery(dht, security=security) if security is not None else DhtDiscovery(dht)
+    else:
+        membership = Membership(config, security=security) if security is not None else Membership(config)
     try:
         await membership.start()
-        await asyncio.sleep(wait)  # mDNS answers and their pulls
+        if dht is None:
+            await asyncio.sleep(wait)  # mDNS answers and their pulls
         await membership.pull_all()
         records = membership.live()
         if not records and membership.refused:

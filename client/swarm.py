@@ -21,6 +21,7 @@ from client.session import InferenceSession
 from client.training import TrainStats, remote_forward
 from client.transport import LoopThread, Peer, PeerError
 from client.verify import Verifier
+from common.swarm.dht import DhtDiscovery, make_discovery
 from common.swarm.identity import Identity, ephemeral_identity
 from common.swarm.membership import Membership, SwarmConfig
 from common.swarm.records import NodeState, PeerRecord
@@ -55,7 +56,7 @@ class SwarmClient:
         self.rtts: dict[str, float] = {}
         self._rng = random.Random()
         self.bans = BanList(base=config.ban_seconds)
-        self.membership: Membership | None = None
+        self.membership: Membership | DhtDiscovery | None = None
         self.security = config.security()
         # Nodes this client caught returning wrong activations (client/verify.py) are never used again;
         # strikes (clients' signed reports of such nodes, pulled with gossip) make routing avoid nodes.
@@ -64,8 +65,13 @@ class SwarmClient:
         self.train_stats = TrainStats()  # calls and bytes of differentiable passes (client/training.py)
         if not config.peers:
             swarm = SwarmConfig(bootstrap=config.bootstrap, mdns=config.mdns, mdns_interface=config.mdns_interface)
-            self.membership = Membership(swarm, security=self.security)
-            self._loop.run(self.membership.start())
+            self.membership = make_discovery(swarm, config.dht_config(), security=self.security,
+                                             watch={config_hash: num_layers})  # the DHT: only this model's keys
+            try:
+                self._loop.run(self.membership.start())
+            except BaseException:
+                self._loop.close()
+                raise
         self.strikes = self.membership.strikes if self.membership is not None else StrikeBook()
 
     def _peer(self, address: str) -> Peer:
@@ -144,6 +150,8 @@ class SwarmClient:
             known = self.membership.live()
             other = f" ({len(known)} nodes serve other models)" if known else ""
             how = ", ".join(filter(None, ["mDNS" if self.config.mdns else "", *self.config.bootstrap]))
+            if self.config.uses_dht:
+                how = f"the DHT (initial peers {', '.join(self.config.initial_peers)})"
             self._problems = [f"no node serving this model was found through {how}{other}"]
         await self._measure_rtts(candidates)
         return candidates

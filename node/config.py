@@ -87,6 +87,11 @@ class NodeConfig:
     heartbeat: float = 5.0          # seconds between re-announcements
     ttl: float = 15.0               # record lifetime; a silent node disappears after it
     discovery_wait: float = 1.5     # seconds to listen for the swarm before choosing a span
+    discovery: str = "auto"         # gossip (bootstrap + mDNS) | dht (hivemind DHT) | auto: dht with initial_peers
+    initial_peers: tuple[str, ...] = ()  # DHT: multiaddrs of peers to join through; none = start a new DHT
+    dht_port: int = 0               # DHT: the TCP port its libp2p peer listens on (0 = any; give one to be an
+                                    # initial peer others can name)
+    dht_refresh: float = 30.0       # DHT: seconds between re-stores of this node's keys; they live 3x as long
     rebalance: bool = True          # move to a better span when coverage becomes uneven (auto-placed nodes)
     rebalance_period: float = 30.0  # mean seconds between rebalancing checks (jittered)
     # -- limits: overload (docs/reliability.md#overload); each refusal is RESOURCE_EXHAUSTED naming its flag ---
@@ -136,6 +141,12 @@ class NodeConfig:
             raise ConfigError("--num-blocks must be at least 1")
         if not 0 < self.heartbeat < self.ttl:
             raise ConfigError("need 0 < --heartbeat < --ttl")
+        if self.discovery not in ("auto", "gossip", "dht"):
+            raise ConfigError(f"--discovery {self.discovery!r}: expected auto, gossip or dht")
+        if self.initial_peers and self.discovery == "gossip":
+            raise ConfigError("--initial-peers are DHT peers: drop them, or use --discovery dht (or auto)")
+        if not 0 <= self.dht_port <= 65535 or not 0 < self.dht_refresh <= 1200:
+            raise ConfigError("--dht-port must be within 0..65535 and --dht-refresh within (0, 1200] seconds")
         self._check_limits()
         self._check_adapters()
         if self.relay_max_nodes < 1 or self.relay_max_bytes < 0:
@@ -184,6 +195,11 @@ class NodeConfig:
         """Calls in flight at once (gRPC refuses more): a stream per session, a push beside each, and room
         for short calls (Info, Gossip, health)."""
         return 2 * self.max_sessions + 64
+
+    @property
+    def uses_dht(self) -> bool:
+        """Discovery through the hivemind DHT (common/swarm/dht.py) rather than gossip and mDNS."""
+        return self.discovery == "dht" or (self.discovery == "auto" and bool(self.initial_peers))
 
     @property
     def auto_placed(self) -> bool:

@@ -16,6 +16,7 @@ import torch
 from grpc_health.v1 import health, health_pb2
 
 from common.ports import ensure_free
+from common.swarm.dht import DhtConfig, DhtDiscovery, make_discovery, tcp_maddr
 from common.swarm.identity import Identity, load_identity
 from common.swarm.membership import Membership, SwarmConfig
 from common.swarm.placement import Server, Span, choose_span, layers_for_memory, plan_move
@@ -82,7 +83,7 @@ class RunningNode:
     server: grpc.aio.Server
     health: health.aio.HealthServicer
     serving: Serving
-    membership: Membership
+    membership: Membership | DhtDiscovery  # gossip, or the DHT (common/swarm/dht.py)
     identity: Identity
     address: str  # the address others dial
     files: ModelFiles
@@ -171,7 +172,7 @@ def _cache_view(serving: Serving) -> CacheView:
     )
 
 
-def _servers(membership: Membership, config_hash: str) -> list[Server]:
+def _servers(membership: Membership | DhtDiscovery, config_hash: str) -> list[Server]:
     """The nodes placement counts: those serving (or about to serve) this model."""
     return [
         Server(r.node_id, r.start, r.end, r.throughput)
@@ -180,8 +181,8 @@ def _servers(membership: Membership, config_hash: str) -> list[Server]:
     ]
 
 
-async def _choose_span(config: NodeConfig, membership: Membership, files: ModelFiles, model_config, chash: str,
-                       device: torch.device, dtype: torch.dtype) -> Span:
+async def _choose_span(config: NodeConfig, membership: Membership | DhtDiscovery, files: ModelFiles, model_config,
+                       chash: str, device: torch.device, dtype: torch.dtype) -> Span:
     num_layers = model_config.num_hidden_layers
     if not config.auto_placed:
         if config.end > num_layers:
@@ -189,7 +190,7 @@ async def _choose_span(config: NodeConfig, membership: Membership, files: ModelF
                 f"span {config.start}:{config.end} is not within the model's {num_layers} layers (0:{num_layers})"
             )
         return Span(config.start, config.end)
-    if config.mdns:
+    if config.mdns and not config.uses_dht:
         await asyncio.sleep(config.discovery_wait)  # let mDNS answers and their record pulls arrive
         await membership.pull_all()
     if config.num_blocks is not None:
@@ -302,6 +303,17 @@ def _warn_plaintext(config: NodeConfig, security: Security) -> None:
                 "(use --tls auto, or --tls-cert/--tls-key)", config.host)
 
 
+def _dht_config(config: NodeConfig) -> DhtConfig | None:
+    """The DHT peer of a node with --discovery dht: it listens on the node's host, --dht-port."""
+    if not config.uses_dht:
+        return None
+    announce = ()
+    if config.announce and config.dht_port:
+        announce = (tcp_maddr(config.announce.rpartition(":")[0], config.dht_port),)
+    return DhtConfig(initial_peers=config.initial_peers, host_maddrs=(tcp_maddr(config.host, config.dht_port),),
+                     announce_maddrs=announce, refresh=config.dht_refresh, ttl=3 * config.dht_refresh)
+
+
 async def start_node(config: NodeConfig) -> RunningNode:
     """Bind, join, load, serve. Returns once the node is ONLINE (its span loaded and announced)."""
     ensure_free(config.host, config.port)  # before any loading: a taken port is the user's to fix, in one line
@@ -332,7 +344,8 @@ async def start_node(config: NodeConfig) -> RunningNode:
     address = config.announce or format_address(advertised_host(config.host), port)
     swarm = SwarmConfig(bootstrap=config.bootstrap, mdns=config.mdns, mdns_interface=_mdns_interface(config),
                         heartbeat=config.heartbeat, ttl=config.ttl)
-    membership = Membership(swarm, identity, stats=lambda: _stats(serving), security=security)
+    membership = make_discovery(swarm, _dht_config(config), identity, stats=lambda: _stats(serving),
+                                security=security, watch={chash: model_config.num_hidden_layers})
     node_identity = NodeIdentity(node_id=identity.node_id, name=config.name or address, model_id=files.model_id,
                                  config_hash=chash, num_layers=model_config.num_hidden_layers,
                                  dtype=dtype_name(dtype), device=str(device), quant=config.quant)
@@ -426,6 +439,9 @@ async def run_node(config: NodeConfig, announce=print) -> None:
         f"of {config.model} on {node.address}",
         flush=True,
     )
+    if config.uses_dht:  # on stderr: stdout keeps only the ready line
+        print(f"potluck node: DHT peer at {','.join(node.membership.visible_maddrs())} (others join with "
+              "--initial-peers set to it)", file=sys.stderr, flush=True)
     try:
         await signals.get()
         sessions = len(node.executor.sessions) if node.executor is not None else 0

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from client.config import ClientConfig
-from common.swarm.membership import Membership, SwarmConfig
+from common.swarm.dht import make_discovery
+from common.swarm.membership import SwarmConfig
 from common.swarm.records import NodeState
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ class SwarmCatalog:
         self.config = config
         self.models_dir = models_dir
         swarm = SwarmConfig(bootstrap=config.bootstrap, mdns=config.mdns, mdns_interface=config.mdns_interface)
-        self.membership = Membership(swarm, security=config.security())
+        self.membership = make_discovery(swarm, config.dht_config(), security=config.security())  # DHT: every model
         self._started = False
         self._pulled = 0.0
 

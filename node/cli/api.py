@@ -19,6 +19,7 @@ from node.cli.args import (
     add_trust_args,
     add_verify_args,
     bootstrap_list,
+    discovery_options,
     trust_options,
     verify_options,
 )
@@ -76,7 +77,8 @@ def run_api_cli(args: argparse.Namespace) -> None:
     if args.prompt_lookup < 0:
         raise ValueError("--prompt-lookup must be 0 (off) or more")
     peers = args.peers
-    config = ClientConfig(peers=peers, bootstrap=bootstrap_list(args.bootstrap), mdns=not args.no_mdns,
+    config = ClientConfig(peers=peers, bootstrap=bootstrap_list(args.bootstrap), **discovery_options(args),
+                          mdns=not args.no_mdns,
                           mdns_interface=args.mdns_interface, wire_dtype=args.wire_dtype,
                           convoys=not args.no_convoys, pack_head=not args.no_pack_head,
                           **trust_options(args), **verify_options(args))

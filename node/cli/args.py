@@ -1,5 +1,6 @@
 """The flags several commands share, each defined once: --log-level, integer types, the swarm (--bootstrap,
-mDNS), trust (--swarm-key, TLS), verification and generation (--wire-dtype from the wire contract's list)."""
+mDNS, --discovery and the DHT's --initial-peers), trust (--swarm-key, TLS), verification and generation
+(--wire-dtype from the wire contract's list)."""
 
 from __future__ import annotations
 
@@ -55,6 +56,26 @@ def add_swarm_args(parser: argparse.ArgumentParser) -> None:
                         help="HOST:PORT of a known node, or a file with one per line (repeatable)")
     parser.add_argument("--no-mdns", action="store_true", help="turn LAN discovery (zeroconf) off")
     parser.add_argument("--mdns-interface", default=None, help="address of the interface for mDNS")
+    parser.add_argument("--discovery", default="auto", choices=["auto", "gossip", "dht"],
+                        help="how to find the swarm: gossip (--bootstrap, mDNS: a LAN), dht (the public swarm's "
+                             "hivemind DHT, --initial-peers); auto (default) = dht when --initial-peers is given")
+    parser.add_argument("--initial-peers", type=multiaddr_list, default=(), metavar="MULTIADDR,...",
+                        help="comma-separated multiaddrs of DHT peers to join through (a node prints its own)")
+
+
+def multiaddr_list(text: str) -> tuple[str, ...]:
+    """--initial-peers: comma-separated libp2p multiaddrs, e.g. /ip4/203.0.113.5/tcp/31337/p2p/12D3KooW..."""
+    peers = tuple(p.strip() for p in text.split(",") if p.strip())
+    for peer in peers:
+        if not peer.startswith("/") or "/tcp/" not in peer and "/udp/" not in peer:
+            raise argparse.ArgumentTypeError(f"{peer!r} is not a multiaddr (like /ip4/203.0.113.5/tcp/31337/p2p/"
+                                             "12D3KooW...; a node prints its own on start)")
+    return peers
+
+
+def discovery_options(args: argparse.Namespace) -> dict:
+    """--discovery and --initial-peers as keyword arguments of NodeConfig and ClientConfig."""
+    return {"discovery": args.discovery, "initial_peers": tuple(args.initial_peers)}
 
 
 def bootstrap_list(values: list[str]) -> tuple[str, ...]:

@@ -22,6 +22,7 @@ from node.cli.args import (
     add_trust_args,
     add_verify_args,
     bootstrap_list,
+    discovery_options,
     trust_options,
     verify_options,
 )
@@ -78,7 +79,8 @@ def run_eval_cli(args: argparse.Namespace) -> None:
     except ValueError as error:
         raise ConfigError(str(error)) from None
     peers = args.peers
-    config = ClientConfig(peers=peers, bootstrap=bootstrap_list(args.bootstrap), mdns=not args.no_mdns,
+    config = ClientConfig(peers=peers, bootstrap=bootstrap_list(args.bootstrap), **discovery_options(args),
+                          mdns=not args.no_mdns,
                           mdns_interface=args.mdns_interface, wire_dtype=args.wire_dtype, adapter=args.adapter,
                           **trust_options(args), **verify_options(args))
     results = {}

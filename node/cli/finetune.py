@@ -21,6 +21,7 @@ from node.cli.args import (
     add_swarm_args,
     add_trust_args,
     bootstrap_list,
+    discovery_options,
     positive,
     trust_options,
 )
@@ -90,7 +91,8 @@ def run_finetune_cli(args: argparse.Namespace) -> None:
         raise ConfigError(str(error)) from None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     peers = args.peers
-    config = ClientConfig(peers=peers, bootstrap=bootstrap_list(args.bootstrap), mdns=not args.no_mdns,
+    config = ClientConfig(peers=peers, bootstrap=bootstrap_list(args.bootstrap), **discovery_options(args),
+                          mdns=not args.no_mdns,
                           mdns_interface=args.mdns_interface, wire_dtype=args.wire_dtype, **trust_options(args))
     model = DistributedModelForCausalLM.from_pretrained(args.model, config=config)
     try:

@@ -18,6 +18,7 @@ from node.cli.args import (
     add_trust_args,
     add_verify_args,
     bootstrap_list,
+    discovery_options,
     trust_options,
     verify_options,
 )
@@ -78,7 +79,8 @@ def run_generate(args: argparse.Namespace) -> None:
 
 
 def client_config(args: argparse.Namespace, peers: tuple[str, ...]):
-    return ClientConfig(peers=tuple(peers), bootstrap=bootstrap_list(args.bootstrap), mdns=not args.no_mdns,
+    return ClientConfig(peers=tuple(peers), bootstrap=bootstrap_list(args.bootstrap), **discovery_options(args),
+                          mdns=not args.no_mdns,
                         mdns_interface=args.mdns_interface, wire_dtype=args.wire_dtype, push=not args.no_push,
                         prefill_chunk=args.prefill_chunk, adapter=getattr(args, "adapter", None), **trust_options(args),
                         **verify_options(args))

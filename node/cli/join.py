@@ -7,7 +7,15 @@ import argparse
 import asyncio
 import sys
 
-from node.cli.args import add_logging, add_swarm_args, add_trust_args, bootstrap_list, positive, trust_options
+from node.cli.args import (
+    add_logging,
+    add_swarm_args,
+    add_trust_args,
+    bootstrap_list,
+    discovery_options,
+    positive,
+    trust_options,
+)
 from node.config import ConfigError, NodeConfig, parse_blocks, read_config_file
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -88,6 +96,11 @@ def add_join_args(join: argparse.ArgumentParser) -> None:
                       help="serve Prometheus metrics at http://HOST:PORT/metrics (default 0: off)")
     _add_limit_args(join)
     add_swarm_args(join)
+    join.add_argument("--dht-port", type=int, default=0,
+                      help="with the DHT: TCP port of its DHT peer (default 0: any; fix it for an initial peer)")
+    join.add_argument("--dht-refresh", type=float, default=30.0,
+                      help="with the DHT: seconds between re-stores of this node's record; it lives 3x as long "
+                           "(default 30)")
     add_trust_args(join, serving=True)
     _add_relay_args(join)
     join.add_argument("--local-swarm", action="store_true",
@@ -247,6 +260,9 @@ def run_join(args: argparse.Namespace) -> None:
         bootstrap=bootstrap_list(args.bootstrap),
         mdns=not args.no_mdns,
         mdns_interface=args.mdns_interface,
+        dht_port=args.dht_port,
+        dht_refresh=args.dht_refresh,
+        **discovery_options(args),
         num_blocks=args.num_blocks,
         memory_bytes=parse_size(args.memory) if args.memory else None,
         throughput=args.throughput,

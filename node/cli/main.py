@@ -82,6 +82,12 @@ def _bench_swarm():
     return swarm.add_swarm_bench_parser, {"bench-swarm": swarm.run_swarm_bench_cli}
 
 
+def _bench_dht():
+    from node.bench import dht
+
+    return dht.add_dht_bench_parser, {"bench-dht": dht.run_dht_bench_cli}
+
+
 def _bench_recovery():
     from node.bench import recovery
 
@@ -176,6 +182,7 @@ COMMANDS = (
     Command(("bench",), _bench, "benchmark local transformers vs a local swarm, same run"),
     Command(("bench-perf",), _bench_perf, "decode, WAN, concurrency, prefill and memory against transformers"),
     Command(("bench-swarm",), _bench_swarm, "benchmark joining, discovery and gossip traffic"),
+    Command(("bench-dht",), _bench_dht, "benchmark the DHT backend's cost per node with real DHT peers"),
     Command(("bench-recovery",), _bench_recovery, "benchmark recovery after a node is SIGKILLed mid-generation"),
     Command(("bench-wire",), _bench_wire, "benchmark wire formats: bytes per token per hop, error, exactness"),
     Command(("proxy",), _proxy, "forward TCP to a node with an added one-way delay (simulated WAN)"),
@@ -226,7 +233,7 @@ _USER_ERRORS = (
     ("node.config", "ConfigError"), ("common.weights.errors", "ModelLoadError"), ("client.transport", "PeerError"),
     ("client.routing", "MissingLayersError"), ("node.launcher", "NodeStartError"),
     ("common.swarm.identity", "IdentityError"), ("common.wire.security", "SecurityError"),
-    ("client.verify", "VerificationError"),
+    ("client.verify", "VerificationError"), ("common.swarm.dht", "DhtUnavailable"),
 )
 
 

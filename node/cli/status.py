@@ -9,10 +9,18 @@ import json
 
 from rich.console import Console
 
+from client.config import ClientConfig
 from client.status import as_json, collect, group_by_model, render
 from common.swarm.membership import SwarmConfig
 from common.wire.security import load_security
-from node.cli.args import add_logging, add_swarm_args, add_trust_args, bootstrap_list, trust_options
+from node.cli.args import (
+    add_logging,
+    add_swarm_args,
+    add_trust_args,
+    bootstrap_list,
+    discovery_options,
+    trust_options,
+)
 from node.config import ConfigError
 
 
@@ -27,11 +35,14 @@ def add_status_parser(commands) -> None:
 
 def run_status(args: argparse.Namespace) -> None:
     bootstrap = bootstrap_list(args.bootstrap)
-    if args.no_mdns and not bootstrap:
-        raise ConfigError("--no-mdns needs at least one --bootstrap address")
+    dht = None
+    if args.discovery == "dht" or (args.discovery == "auto" and args.initial_peers):
+        dht = ClientConfig(mdns=False, **discovery_options(args)).dht_config()
+    if args.no_mdns and not bootstrap and dht is None:
+        raise ConfigError("--no-mdns needs at least one --bootstrap address (or DHT --initial-peers)")
     config = SwarmConfig(bootstrap=bootstrap, mdns=not args.no_mdns, mdns_interface=args.mdns_interface)
     security = load_security(**trust_options(args))
-    views = group_by_model(asyncio.run(collect(config, args.wait, security)))
+    views = group_by_model(asyncio.run(collect(config, args.wait, security, dht)))
     if args.json:
         print(json.dumps(as_json(views), indent=1))
     else:
