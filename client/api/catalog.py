@@ -99,9 +99,10 @@ class SwarmCatalog:
             raise LookupError(f"the swarm announces the model id {model_id[:MAX_MODEL_ID_CHARS]!r}, which is not a "
                               "hub id or a folder name: refused")
         if self.models_dir is not None:
+            # a safe id is one or two plain names, so the candidate is an entry of the models folder (or of a
+            # folder in it); an entry may be a link the operator made to a model kept elsewhere
             candidate = self.models_dir / model_id
-            inside = candidate.resolve().is_relative_to(self.models_dir.resolve())
-            if inside and (candidate / "config.json").is_file():
+            if (candidate / "config.json").is_file():
                 return str(candidate)
         return model_id
 
