@@ -26,7 +26,7 @@ from pathlib import Path
 
 import grpc
 
-from common.wire.security import TOKEN_WINDOW, Security
+from common.wire.security import TOKEN_FUTURE, TOKEN_WINDOW, Security
 from node.config import ConfigError, parse_size
 
 OK, WARN, FAIL, SKIP = "OK", "WARN", "FAIL", "SKIP"
@@ -34,7 +34,7 @@ GB = 1e9
 MIN_MEMORY = 512 * 2**20      # below this free, a node cannot hold even a tiny span and its cache
 LOW_MEMORY = 2 * 2**30        # below this free, only small models or few layers
 LOW_DISK = 10 * GB            # with no model size known: less than this free holds small models only
-CLOCK_WARN = 30.0             # seconds of skew worth fixing before it grows to TOKEN_WINDOW
+CLOCK_WARN = 10.0             # seconds of skew worth fixing before it reaches TOKEN_FUTURE (30 s ahead)
 CALL_TIMEOUT = 5.0            # seconds for each call to a bootstrap node (a probe gets its own few more)
 NTP_FIX = "sync the clock with NTP (timedatectl set-ntp true, or run chrony/ntpd)"
 
@@ -88,12 +88,16 @@ def disk_check(path: str | Path, free: int, need: int | None = None) -> Check:
     return Check(name, OK, found)
 
 
-def clock_check(address: str, skew: float, rtt: float, window: float = TOKEN_WINDOW) -> Check:
-    """This machine's clock against a node's: `skew` = theirs - ours in seconds, measured over a call of `rtt`."""
+def clock_check(address: str, skew: float, rtt: float, window: float = TOKEN_WINDOW,
+                future: float = TOKEN_FUTURE) -> Check:
+    """This machine's clock against a node's: `skew` = theirs - ours in seconds, measured over a call of `rtt`.
+    A clock behind the node's stamps tokens that look `skew` old (valid for `window` seconds); one ahead stamps
+    tokens from the node's future (accepted up to `future` seconds ahead)."""
     name = f"clock vs {address}"
     found = f"{skew:+.2f} s (±{rtt / 2:.2f} s)"
-    if abs(skew) > window:
-        return Check(name, FAIL, found + f": more than the {window:.0f} s swarm tokens allow; calls will be refused",
+    limit = window if skew > 0 else future
+    if abs(skew) > limit:
+        return Check(name, FAIL, found + f": more than the {limit:.0f} s swarm tokens allow; calls will be refused",
                      NTP_FIX)
     if abs(skew) > CLOCK_WARN:
         return Check(name, WARN, found + f": within the {window:.0f} s swarm tokens allow, but drifting", NTP_FIX)

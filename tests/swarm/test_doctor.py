@@ -149,7 +149,10 @@ def test_probe_targets_on_the_nodes_own_loopback_are_for_local_callers_only():
 
 def test_clock_check_flags_a_simulated_skew():
     assert clock_check("n:1", 0.2, 0.01).level == OK
-    assert clock_check("n:1", -45.0, 0.01).level == WARN
+    assert clock_check("n:1", 45.0, 0.01).level == WARN  # behind the node: tokens look 45 s old, still valid
+    assert clock_check("n:1", -25.0, 0.01).level == WARN
+    ahead = clock_check("n:1", -45.0, 0.01)  # ahead of the node by more than the 30 s a token may come early
+    assert ahead.level == FAIL and "30 s" in ahead.message
     late = clock_check("n:1", 300.0, 0.01)
     assert late.level == FAIL and "+300.00 s" in late.message and "NTP" in late.fix
     assert clock_check("n:1", -121.0, 0.01).level == FAIL
