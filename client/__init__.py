@@ -1,8 +1,22 @@
-"""Potluck client SDK: run a model whose layers are served by a swarm of nodes."""
+"""Potluck client SDK: run a model whose layers are served by a swarm of nodes.
 
-from client.config import ClientConfig
-from client.model import DistributedModelForCausalLM
-from client.routing import MissingLayersError
-from client.transport import PeerError
+`from client import DistributedModelForCausalLM` works as always; the names load on first use, so that a
+submodule (client.config, say) can be imported without torch (the command line's flags and errors)."""
 
-__all__ = ["ClientConfig", "DistributedModelForCausalLM", "MissingLayersError", "PeerError"]
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "ClientConfig": "client.config",
+    "DistributedModelForCausalLM": "client.model",
+    "MissingLayersError": "client.routing",
+    "PeerError": "client.transport",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'client' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -18,7 +18,6 @@ import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -42,21 +41,15 @@ from client.api.errors import (
 )
 from client.api.models import ModelSource, ServedModel, build_registry
 from client.api.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, GenerationRequest
+from client.api.settings import ApiSettings
 from client.model import DistributedModelForCausalLM
 from client.textgen import encode_prompt
 
 log = logging.getLogger(__name__)
 
 
-MAX_BODY_BYTES = 512 * 1024  # ~128k tokens of text: more than any context the API serves needs
 
 
-@dataclass(frozen=True)
-class ApiSettings:
-    default_max_tokens: int = 512  # chat completions that give no max_tokens (capped by the context)
-    parallel: int = 8              # requests that generate at once (more wait their turn, in arrival order)
-    prompt_lookup: int = 0         # speculative decoding by prompt lookup, drafts of up to this many tokens (0: off)
-    max_body_bytes: int = MAX_BODY_BYTES  # a larger request body is refused (413) before it is parsed or tokenized
 
 
 def create_app(models: dict[str, ModelSource], tokenizers: PreTrainedTokenizerBase | dict[str, PreTrainedTokenizerBase],

@@ -7,9 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from client.api import server
-from client.api.app import ApiSettings
-from client.config import ClientConfig
+from client.api.settings import ApiSettings
 from common.wire.contract import WIRE_FORMATS
 from node.cli.args import (
     PROMPT_LOOKUP,
@@ -70,6 +68,9 @@ def add_api_parser(commands) -> None:
 
 
 def run_api_cli(args: argparse.Namespace) -> None:
+    from client.api import server
+    from client.config import ClientConfig
+
     if args.default_max_tokens < 1:
         raise ValueError("--default-max-tokens must be at least 1")
     if args.parallel < 1:

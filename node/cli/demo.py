@@ -8,14 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from rich.console import Console
-
-from client.model import DistributedModelForCausalLM
-from client.textgen import generate_text, load_tokenizer
-from common.weights.embedded import DEFAULT_DIR, gguf_path, prepare_embedded_model
-from common.weights.files import ModelFiles
 from node.cli.args import add_generation_args, add_logging, positive
-from node.launcher import start_chain
 
 
 def add_demo_parser(commands) -> None:
@@ -36,6 +29,8 @@ def add_prepare_parser(commands) -> None:
 
 
 def run_prepare(args: argparse.Namespace) -> None:
+    from common.weights.embedded import DEFAULT_DIR, prepare_embedded_model
+
     print(prepare_embedded_model(Path(args.out) if args.out else DEFAULT_DIR))
 
 
@@ -45,6 +40,14 @@ def default_threads() -> int:
 
 
 def run_demo(args: argparse.Namespace) -> None:
+    from rich.console import Console
+
+    from client.model import DistributedModelForCausalLM
+    from client.textgen import generate_text, load_tokenizer
+    from common.weights.embedded import gguf_path
+    from common.weights.files import ModelFiles
+    from node.launcher import start_chain
+
     console = Console(stderr=True)
     # The embedded model is served from its GGUF file as it is: each node dequantises only its span.
     model_dir = Path(args.model) if args.model else gguf_path()

@@ -7,13 +7,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
-from client.config import ClientConfig
-from client.eval import perplexity, window_starts
-from client.model import DistributedModelForCausalLM
-from client.textgen import load_tokenizer
-from common.progress import progress_bar
 from common.wire.contract import WIRE_FORMATS
 from node.cli.args import (
     add_logging,
@@ -56,6 +49,7 @@ def add_eval_parser(commands) -> None:
 
 def _local_model(model: str):
     """The same weights in plain transformers (folder, hub id or .gguf file)."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     path = Path(model).expanduser()
@@ -65,6 +59,12 @@ def _local_model(model: str):
 
 
 def run_eval_cli(args: argparse.Namespace) -> None:
+    from client.config import ClientConfig
+    from client.eval import perplexity, window_starts
+    from client.model import DistributedModelForCausalLM
+    from client.textgen import load_tokenizer
+    from common.progress import progress_bar
+
     try:
         text = Path(args.text).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:

@@ -8,12 +8,6 @@ import math
 import sys
 from contextlib import contextmanager
 
-import torch
-
-from client.config import ClientConfig
-from client.finetune import plot_losses, read_examples, save_prompts, train
-from client.model import DistributedModelForCausalLM
-from client.textgen import load_tokenizer
 from common.wire.contract import WIRE_FORMATS
 from node.cli.args import (
     add_logging,
@@ -77,6 +71,13 @@ def _loss_bar(enabled: bool, total: int):
 
 
 def run_finetune_cli(args: argparse.Namespace) -> None:
+    import torch
+
+    from client.config import ClientConfig
+    from client.finetune import plot_losses, read_examples, save_prompts, train
+    from client.model import DistributedModelForCausalLM
+    from client.textgen import load_tokenizer
+
     if args.plot:
         try:
             import matplotlib  # noqa: F401

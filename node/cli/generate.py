@@ -6,10 +6,6 @@ import argparse
 import json
 import sys
 
-from client.config import ClientConfig
-from client.finetune import apply_prompts, read_prompts
-from client.model import DistributedModelForCausalLM
-from client.textgen import generate_text, load_tokenizer
 from node.cli.args import (
     add_generation_args,
     add_logging,
@@ -54,6 +50,10 @@ def add_generate_parser(commands) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> None:
+    from client.finetune import apply_prompts, read_prompts
+    from client.model import DistributedModelForCausalLM
+    from client.textgen import generate_text, load_tokenizer
+
     peers = args.peers
     prompts = read_prompts(args.prompt_weights) if args.prompt_weights else None  # a wrong file: said before dialing
     model = DistributedModelForCausalLM.from_pretrained(args.model, config=client_config(args, peers))
@@ -79,6 +79,8 @@ def run_generate(args: argparse.Namespace) -> None:
 
 
 def client_config(args: argparse.Namespace, peers: tuple[str, ...]):
+    from client.config import ClientConfig
+
     return ClientConfig(peers=tuple(peers), bootstrap=bootstrap_list(args.bootstrap), **discovery_options(args),
                           mdns=not args.no_mdns,
                         mdns_interface=args.mdns_interface, wire_dtype=args.wire_dtype, push=not args.no_push,

@@ -7,12 +7,6 @@ import argparse
 import asyncio
 import json
 
-from rich.console import Console
-
-from client.config import ClientConfig
-from client.status import as_json, collect, group_by_model, render
-from common.swarm.membership import SwarmConfig
-from common.wire.security import load_security
 from node.cli.args import (
     add_logging,
     add_swarm_args,
@@ -34,6 +28,13 @@ def add_status_parser(commands) -> None:
 
 
 def run_status(args: argparse.Namespace) -> None:
+    from rich.console import Console
+
+    from client.config import ClientConfig
+    from client.status import as_json, collect, group_by_model, render
+    from common.swarm.membership import SwarmConfig
+    from common.wire.security import load_security
+
     bootstrap = bootstrap_list(args.bootstrap)
     dht = None
     if args.discovery == "dht" or (args.discovery == "auto" and args.initial_peers):

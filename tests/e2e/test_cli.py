@@ -157,6 +157,13 @@ print("IMPORTED", code, ",".join(heavy) or "-", file=sys.stderr)
     (["join", "--blocks", "10:5", "--model", "x"], 2, "argument --blocks: '10:5': need 0 <= START < END"),
     (["join", "--blocks", "ten", "--model", "x"], 2, "argument --blocks: 'ten': expected START:END"),
     (["nonsense"], 2, "invalid choice: 'nonsense'"),
+    (["generate", "--help"], 0, "--prompt-lookup"),
+    (["generate", "--model", "m", "--prompt", "p", "--temperature", "-1"], 2, "--temperature"),
+    (["api", "--help"], 0, "--default-max-tokens"),
+    (["eval", "--help"], 0, "--window"),
+    (["finetune", "--help"], 0, "--num-prompt-tokens"),
+    (["status", "--help"], 0, "--wait"),
+    (["demo", "--help"], 0, "--nodes"),
 ])
 def test_help_and_argument_errors_import_nothing_heavy(args, code, fragment):
     """`potluck --help`, `potluck join --help` and argument errors answer in a fraction of a second: without

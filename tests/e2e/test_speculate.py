@@ -96,7 +96,7 @@ def test_api_serves_greedy_requests_with_prompt_lookup(remote, tokenizer, smollm
     from concurrent.futures import ThreadPoolExecutor
 
     from client.api import create_app
-    from client.api.app import ApiSettings
+    from client.api.settings import ApiSettings
     from tests.e2e.test_api import ApiServer
 
     expected = tokenizer.decode(greedy(smollm_reference, encode_prompt(tokenizer, COPY_PROMPT, True)),
@@ -131,7 +131,7 @@ def test_api_samples_with_prompt_lookup_as_transformers_does(remote, tokenizer, 
     it equals the token sampled at its place, so the text follows the model's distribution. With transformers'
     fixed draft length, the same seed gives the same text as transformers' own generate with prompt lookup."""
     from client.api import create_app
-    from client.api.app import ApiSettings
+    from client.api.settings import ApiSettings
     from tests.e2e.test_api import ApiServer
 
     monkeypatch.setattr(remote, "draft_schedule", "fixed")  # as transformers drafts: the same random draws

@@ -265,7 +265,8 @@ def test_a_gossiped_model_id_cannot_lead_the_api_out_of_its_models_folder(bg_loo
 def test_the_api_refuses_a_huge_body_before_tokenizing_it():
     from fastapi.testclient import TestClient
 
-    from client.api.app import MAX_BODY_BYTES, create_app
+    from client.api.app import create_app
+    from client.api.settings import MAX_BODY_BYTES
 
     class Tokenizer:
         used = 0
