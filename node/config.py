@@ -74,6 +74,7 @@ class NodeConfig:
     grace_seconds: float = 5.0      # how long the final stop waits for calls in flight
     drain_timeout: float = 30.0     # SIGTERM: longest wait for open sessions to move away before exiting
     session_idle_timeout: float = 600.0  # a session with no step for this long is closed (its client is gone)
+    session_open_timeout: float = 10.0  # a session opened this long ago that never stepped is closed
     progress: bool = False          # progress bars on stderr while loading and measuring (the CLI: when a terminal)
     metrics_port: int | None = None  # Prometheus /metrics on host:this port; None = off, 0 = any free port
     # -- swarm ------------------------------------------------------------------------------------
@@ -97,6 +98,9 @@ class NodeConfig:
     )
     rate_limit: float = 0.0         # requests a second per peer address (token bucket, bursts of 2 s); 0 = off
     admission_wait: float = 2.0     # seconds an open waits for cache or a session slot to free up; 0 = refuse at once
+    max_peer_sessions: int = 32     # sessions one peer (caller address) may hold open here; 0 = only --max-sessions
+    max_peer_tokens: int = 0        # cache tokens one peer may hold here (reserved as its sessions step); 0 = half
+                                    # the cache budget
     # -- trust: private swarms and encryption (docs/reliability.md) --------------------------------
     swarm_key: str | None = None    # swarm key file: every call must prove it; None = the public swarm
     tls: str = "off"                # off | auto (certificate endorsed by the identity) | ca (--tls-cert/--tls-key)
@@ -172,6 +176,10 @@ class NodeConfig:
             raise ConfigError("--rate-limit must be >= 0 requests/s (0: off)")
         if not (0 <= self.admission_wait <= 3600):
             raise ConfigError("--admission-wait must be within 0..3600 seconds")
+        if self.max_peer_sessions < 0 or self.max_peer_tokens < 0:
+            raise ConfigError("--max-peer-sessions and --max-peer-tokens must be >= 0 (0: the default share)")
+        if not 0 < self.session_open_timeout < float("inf"):
+            raise ConfigError("--session-open-timeout must be a positive number of seconds")
 
     @property
     def max_rpcs(self) -> int:

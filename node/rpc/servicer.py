@@ -233,6 +233,7 @@ class PotluckServicer(pb_grpc.PotluckServicer):
                         opened.max_length,
                         codec.wire_dtype(opened.wire_dtype or "float32"),
                         _adapter(metadata),
+                        peer=stream.peer,  # the per-peer quotas count it against its caller
                     )
                     session.wire = opened.wire_dtype or "float32"
                     session.handler = asyncio.current_task()
