@@ -111,7 +111,7 @@ class NodeConfig:
     # -- relays: nodes nobody can reach serve through a reachable peer (docs/relay.md) ----------------
     relay: bool = False             # volunteer as a relay: carry unreachable nodes' connections
     relay_max_nodes: int = 8        # nodes relayed at once; more get RESOURCE_EXHAUSTED
-    relay_max_bytes: int = 0        # bytes a second each relayed node may move (both ways); 0 = no limit
+    relay_max_bytes: int = 16 * 2**20  # bytes a second each relayed node may move (both ways); 0 = no limit
     relay_fallback: bool = True     # if peers cannot call this node back, serve through a relay (--no-relay: off)
     relay_via: str | None = None    # HOST:PORT of a relay to serve through, without checking reachability
 

@@ -409,7 +409,8 @@ async def _relay_if_needed(node: RunningNode, port: int):
     local_host = "127.0.0.1" if node.config.host in ("0.0.0.0", "") else "::1" if node.config.host == "::" \
         else node.config.host
     return await relay_if_needed(node.config, node.membership, node.security, node.address,
-                                 format_address(local_host, port), moved)
+                                 format_address(local_host, port), moved, record=lambda: node.record,
+                                 callers=node.servicer.tunneled)
 
 
 async def run_node(config: NodeConfig, announce=print) -> None:

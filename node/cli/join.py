@@ -128,7 +128,8 @@ def _add_relay_args(join: argparse.ArgumentParser) -> None:
         "--relay-max-nodes", type=positive, default=8, help="with --relay: nodes carried at once (default 8)"
     )
     join.add_argument("--relay-max-bytes", default=None,
-                      help="with --relay: bytes a second each carried node may move, e.g. 10MB (default: no limit)")
+                      help="with --relay: bytes a second each carried node may move, e.g. 10MB (default 16MiB; "
+                           "0: no limit)")
     join.add_argument("--no-relay", action="store_true",
                       help="never serve through a relay, even if the swarm cannot reach this node")
     join.add_argument("--relay-via", default=None, metavar="HOST:PORT",
@@ -139,7 +140,8 @@ def _relay_options(args: argparse.Namespace) -> dict:
     from node.config import parse_size
 
     return dict(relay=args.relay, relay_max_nodes=args.relay_max_nodes, relay_fallback=not args.no_relay,
-                relay_max_bytes=parse_size(args.relay_max_bytes, "--relay-max-bytes") if args.relay_max_bytes else 0,
+                relay_max_bytes=(parse_size(args.relay_max_bytes, "--relay-max-bytes")
+                                 if args.relay_max_bytes is not None else 16 * 2**20),
                 relay_via=args.relay_via)
 
 
