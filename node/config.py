@@ -74,6 +74,7 @@ class NodeConfig:
     grace_seconds: float = 5.0      # how long the final stop waits for calls in flight
     drain_timeout: float = 30.0     # SIGTERM: longest wait for open sessions to move away before exiting
     session_idle_timeout: float = 600.0  # a session with no step for this long is closed (its client is gone)
+    session_open_timeout: float = 10.0  # a session opened this long ago that never stepped is closed
     progress: bool = False          # progress bars on stderr while loading and measuring (the CLI: when a terminal)
     metrics_port: int | None = None  # Prometheus /metrics on host:this port; None = off, 0 = any free port
     # -- swarm ------------------------------------------------------------------------------------
@@ -102,6 +103,9 @@ class NodeConfig:
     )
     rate_limit: float = 0.0         # requests a second per peer address (token bucket, bursts of 2 s); 0 = off
     admission_wait: float = 2.0     # seconds an open waits for cache or a session slot to free up; 0 = refuse at once
+    max_peer_sessions: int = 32     # sessions one peer (caller address) may hold open here; 0 = only --max-sessions
+    max_peer_tokens: int = 0        # cache tokens one peer may hold here (reserved as its sessions step); 0 = half
+                                    # the cache budget
     # -- trust: private swarms and encryption (docs/reliability.md) --------------------------------
     swarm_key: str | None = None    # swarm key file: every call must prove it; None = the public swarm
     tls: str = "off"                # off | auto (certificate endorsed by the identity) | ca (--tls-cert/--tls-key)
@@ -112,7 +116,7 @@ class NodeConfig:
     # -- relays: nodes nobody can reach serve through a reachable peer (docs/relay.md) ----------------
     relay: bool = False             # volunteer as a relay: carry unreachable nodes' connections
     relay_max_nodes: int = 8        # nodes relayed at once; more get RESOURCE_EXHAUSTED
-    relay_max_bytes: int = 0        # bytes a second each relayed node may move (both ways); 0 = no limit
+    relay_max_bytes: int = 16 * 2**20  # bytes a second each relayed node may move (both ways); 0 = no limit
     relay_fallback: bool = True     # if peers cannot call this node back, serve through a relay (--no-relay: off)
     relay_via: str | None = None    # HOST:PORT of a relay to serve through, without checking reachability
     # -- what the node dials on a caller's behalf: push targets, probes (node/rpc/dialing.py) ---------
@@ -189,6 +193,10 @@ class NodeConfig:
             raise ConfigError("--rate-limit must be >= 0 requests/s (0: off)")
         if not (0 <= self.admission_wait <= 3600):
             raise ConfigError("--admission-wait must be within 0..3600 seconds")
+        if self.max_peer_sessions < 0 or self.max_peer_tokens < 0:
+            raise ConfigError("--max-peer-sessions and --max-peer-tokens must be >= 0 (0: the default share)")
+        if not 0 < self.session_open_timeout < float("inf"):
+            raise ConfigError("--session-open-timeout must be a positive number of seconds")
 
     @property
     def max_rpcs(self) -> int:

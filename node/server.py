@@ -248,6 +248,8 @@ async def _load(node: RunningNode, span: Span) -> None:
                                      max_batch=config.max_batch, cache_memory=config.cache_memory,
                                      max_sessions=config.max_sessions, max_session_tokens=config.max_session_tokens,
                                      admission_wait=config.admission_wait, adapters=adapters,
+                                     max_peer_sessions=config.max_peer_sessions,
+                                     max_peer_tokens=config.max_peer_tokens, peer_share=0.5,
                                      batch_wait=config.batch_wait, pack=config.pack and node.device.type == "cpu")
     if old is not None:
         old.shutdown()
@@ -263,11 +265,13 @@ async def _load(node: RunningNode, span: Span) -> None:
 async def _janitor(node: RunningNode) -> None:
     """Close sessions whose client went silent (a cancelled stream is freed at once; this catches the rest)."""
     timeout = node.config.session_idle_timeout
+    unstepped = min(node.config.session_open_timeout, timeout)
     while True:
-        await asyncio.sleep(min(timeout / 4, 30.0))
+        await asyncio.sleep(min(unstepped / 4, 30.0))
         executor = node.serving.executor
         if executor is not None:
-            evicted = executor.evict(executor.sessions.idle(timeout), f"idle for over {timeout:.0f}s")
+            idle = executor.sessions.idle(timeout, unstepped)
+            evicted = executor.evict(idle, f"idle for over {timeout:.0f}s (or never stepped in {unstepped:g}s)")
             if evicted:
                 log.info("closed %d idle sessions", evicted)
 
@@ -422,7 +426,8 @@ async def _relay_if_needed(node: RunningNode, port: int):
     local_host = "127.0.0.1" if node.config.host in ("0.0.0.0", "") else "::1" if node.config.host == "::" \
         else node.config.host
     return await relay_if_needed(node.config, node.membership, node.security, node.address,
-                                 format_address(local_host, port), moved)
+                                 format_address(local_host, port), moved, record=lambda: node.record,
+                                 callers=node.servicer.tunneled)
 
 
 async def run_node(config: NodeConfig, announce=print) -> None:

@@ -90,6 +90,8 @@ def add_join_args(join: argparse.ArgumentParser) -> None:
                       help="SIGTERM: seconds to wait for sessions to move away before exiting (default 30)")
     join.add_argument("--session-idle-timeout", type=float, default=600.0,
                       help="close a session after this many seconds without a step (default 600)")
+    join.add_argument("--session-open-timeout", type=float, default=10.0,
+                      help="close a session that has not stepped this many seconds after opening (default 10)")
     join.add_argument("--no-rebalance", action="store_true", help="never move to other layers on its own")
     join.add_argument("--rebalance-period", type=float, default=30.0, help="mean seconds between re-balancing checks")
     join.add_argument("--metrics-port", type=int, default=0,
@@ -131,6 +133,10 @@ def _add_limit_args(join: argparse.ArgumentParser) -> None:
         default=2.0,
         help="seconds an open waits for cache or a session slot to free up (default 2; 0: refuse at once)",
     )
+    join.add_argument("--max-peer-sessions", type=int, default=32,
+                      help="sessions one peer (caller address) may hold open on this node (default 32; 0: no limit)")
+    join.add_argument("--max-peer-tokens", type=int, default=0,
+                      help="cache tokens one peer may hold on this node (default 0: half the cache budget)")
 
 
 def _add_relay_args(join: argparse.ArgumentParser) -> None:
@@ -141,7 +147,8 @@ def _add_relay_args(join: argparse.ArgumentParser) -> None:
         "--relay-max-nodes", type=positive, default=8, help="with --relay: nodes carried at once (default 8)"
     )
     join.add_argument("--relay-max-bytes", default=None,
-                      help="with --relay: bytes a second each carried node may move, e.g. 10MB (default: no limit)")
+                      help="with --relay: bytes a second each carried node may move, e.g. 10MB (default 16MiB; "
+                           "0: no limit)")
     join.add_argument("--no-relay", action="store_true",
                       help="never serve through a relay, even if the swarm cannot reach this node")
     join.add_argument("--relay-via", default=None, metavar="HOST:PORT",
@@ -152,7 +159,8 @@ def _relay_options(args: argparse.Namespace) -> dict:
     from node.config import parse_size
 
     return dict(relay=args.relay, relay_max_nodes=args.relay_max_nodes, relay_fallback=not args.no_relay,
-                relay_max_bytes=parse_size(args.relay_max_bytes, "--relay-max-bytes") if args.relay_max_bytes else 0,
+                relay_max_bytes=(parse_size(args.relay_max_bytes, "--relay-max-bytes")
+                                 if args.relay_max_bytes is not None else 16 * 2**20),
                 relay_via=args.relay_via)
 
 
@@ -162,7 +170,8 @@ def _limit_options(args: argparse.Namespace) -> dict:
 
     return dict(max_sessions=args.max_sessions, max_session_tokens=args.max_session_tokens,
                 cache_memory=parse_size(args.cache_memory, "--cache-memory") if args.cache_memory else None,
-                rate_limit=args.rate_limit, admission_wait=args.admission_wait)
+                rate_limit=args.rate_limit, admission_wait=args.admission_wait,
+                max_peer_sessions=args.max_peer_sessions, max_peer_tokens=args.max_peer_tokens)
 
 
 def _file_value(action: argparse.Action, key: str, value, where: str):
@@ -272,6 +281,7 @@ def run_join(args: argparse.Namespace) -> None:
         rebalance_period=args.rebalance_period,
         drain_timeout=args.drain_timeout,
         session_idle_timeout=args.session_idle_timeout,
+        session_open_timeout=args.session_open_timeout,
         metrics_port=args.metrics_port or None,
         progress=sys.stderr.isatty(),
         adapters=_adapter_specs(args.adapter),

@@ -14,9 +14,10 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
-from common.swarm.records import NodeState, PeerRecord
+from common.swarm.records import NodeState, PeerRecord, renewed, sign_record
 from common.wire.security import Security
 from node.relay.link import RelayLink, RelayRefused
+from node.relay.relay import attach_proof
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +62,27 @@ def relay_candidates(records: list[PeerRecord], own_id: str, avoid: set[str], rn
     return found
 
 
+def prover(membership, record: Callable[[], PeerRecord]):
+    """Answers a relay's challenge: our current record, freshly signed, and our key's signature (relay.py)."""
+
+    def prove(challenge: bytes):
+        key = membership.identity.key
+        return attach_proof(key, sign_record(renewed(record(), membership.config.ttl), key), challenge)
+
+    return prove
+
+
 class Relayed:
-    """Keeps this node attached to some relay; `on_moved(address, relay_node_id)` announces each new address."""
+    """Keeps this node attached to some relay; `on_moved(address, relay_node_id)` announces each new address.
+
+    `record()`: this node's record (signed as proof of membership on each attach); `callers`: the servicer's
+    map of tunneled connections to their real callers (RelayLink)."""
 
     def __init__(self, membership, security: Security, local: str, via: str | None,
-                 on_moved: Callable[[str, str], Awaitable[None]], rng: random.Random | None = None):
+                 on_moved: Callable[[str, str], Awaitable[None]], rng: random.Random | None = None,
+                 record: Callable[[], PeerRecord] | None = None, callers: dict[str, str] | None = None):
+        self.prove = prover(membership, record) if record is not None else None
+        self.callers = callers
         self.membership = membership
         self.security = security
         self.local = local          # our own server, as the link dials it
@@ -87,7 +104,7 @@ class Relayed:
                        if a not in candidates]
         problems, codes = [], set()
         for relay in candidates:
-            link = RelayLink(relay, self.local, self.security)
+            link = RelayLink(relay, self.local, self.security, self.prove, self.callers)
             try:
                 address = await link.attach()
             except RelayRefused as error:
@@ -139,7 +156,9 @@ class Relayed:
 
 
 async def relay_if_needed(config, membership, security: Security, address: str, local: str,
-                          on_moved: Callable[[str, str], Awaitable[None]]) -> Relayed | None:
+                          on_moved: Callable[[str, str], Awaitable[None]],
+                          record: Callable[[], PeerRecord] | None = None,
+                          callers: dict[str, str] | None = None) -> Relayed | None:
     """A `Relayed` (attached, its address announced through `on_moved`) when this node must serve through
     a relay: --relay-via, or peers answered that they cannot reach `address` (unless --no-relay)."""
     if not config.relay_via:
@@ -155,7 +174,7 @@ async def relay_if_needed(config, membership, security: Security, address: str, 
                 log.info("could not check whether the swarm reaches %s: %s", address, "; ".join(said))
             return None
         log.warning("not reachable at %s from the swarm (%s)", address, "; ".join(said))
-    relayed = Relayed(membership, security, local, config.relay_via, on_moved)
+    relayed = Relayed(membership, security, local, config.relay_via, on_moved, record=record, callers=callers)
     give_up = asyncio.get_running_loop().time() + (VIA_WAIT if config.relay_via else 0.0)
     while True:
         try:

@@ -1,17 +1,23 @@
 """The relayed node's side of `rpc Attach`: one outbound stream to a relay; each connection the relay
-accepts for us becomes a connection to our own gRPC port, and bytes are copied both ways unread."""
+accepts for us becomes a connection to our own gRPC port, and bytes are copied both ways unread.
+
+Attaching answers the relay's challenge with our signed record (`prove`). Every connection we open to our own
+port is noted in `callers` (its own end, as our server names the peer -> the address the relay says it came
+from): the servicer charges that caller, not 127.0.0.1. Only this link opens those connections, so nobody else
+can claim an address."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 import grpc
 
 from common.wire.generated import relay_pb2 as rpb
 from common.wire.generated import relay_pb2_grpc as rpb_grpc
 from common.wire.security import Security
-from node.relay.relay import CHUNK, LOST_AFTER, QUEUE_FRAMES, next_frame
+from node.relay.relay import CHUNK, LOST_AFTER, QUEUE_FRAMES, grpc_peer, next_frame
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +37,18 @@ class RelayRefused(ConnectionError):
 
 
 class RelayLink:
-    """Attached to the relay at `relay` on behalf of our own server at `local` (HOST:PORT we dial)."""
+    """Attached to the relay at `relay` on behalf of our own server at `local` (HOST:PORT we dial).
 
-    def __init__(self, relay: str, local: str, security: Security):
+    `prove(challenge)`: the frame answering the relay's challenge (node/relay/relay.py attach_proof); `callers`:
+    where the real caller of each tunneled connection is noted (the servicer's `tunneled`)."""
+
+    def __init__(self, relay: str, local: str, security: Security,
+                 prove: Callable[[bytes], rpb.Frame] | None = None, callers: dict[str, str] | None = None):
         self.relay = relay
         self.local = local
         self.security = security
+        self.prove = prove or (lambda challenge: rpb.Frame())
+        self.callers = callers if callers is not None else {}
         self.address: str | None = None  # what the relay listens on for us, once attached
         self._outgoing: asyncio.Queue = asyncio.Queue(QUEUE_FRAMES)
         self._writers: dict[int, asyncio.StreamWriter] = {}
@@ -50,6 +62,9 @@ class RelayLink:
         self._channel = self.security.channel(self.relay, options=CHANNEL_OPTIONS)
         self._call = rpb_grpc.RelayStub(self._channel).Attach(self._frames())
         try:
+            challenge = await asyncio.wait_for(self._call.read(), ATTACH_TIMEOUT)
+            if challenge is not grpc.aio.EOF:
+                await self._outgoing.put(self.prove(challenge.challenge))
             first = await asyncio.wait_for(self._call.read(), ATTACH_TIMEOUT)
         except asyncio.TimeoutError:
             await self.close()
@@ -85,7 +100,7 @@ class RelayLink:
 
     async def _on_frame(self, frame: rpb.Frame) -> None:
         if frame.open:
-            await self._open(frame.conn)
+            await self._open(frame.conn, frame.peer)
             return
         writer = self._writers.get(frame.conn)
         if writer is None:
@@ -100,7 +115,7 @@ class RelayLink:
             self._writers.pop(frame.conn, None)
             writer.close()
 
-    async def _open(self, conn: int) -> None:
+    async def _open(self, conn: int, caller: str) -> None:
         host, _, port = self.local.rpartition(":")
         try:
             reader, writer = await asyncio.open_connection(host.strip("[]"), int(port))
@@ -109,11 +124,14 @@ class RelayLink:
             await self._outgoing.put(rpb.Frame(conn=conn, close=True))
             return
         self._writers[conn] = writer
-        task = asyncio.ensure_future(self._pump(conn, reader, writer))
+        own = grpc_peer(writer.get_extra_info("sockname"))  # what our server's context.peer() says
+        if caller:
+            self.callers[own] = caller
+        task = asyncio.ensure_future(self._pump(conn, reader, writer, own))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _pump(self, conn: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pump(self, conn: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, own: str) -> None:
         """Our server's bytes for `conn`, onto the stream, until it closes the connection."""
         try:
             while data := await reader.read(CHUNK):
@@ -122,6 +140,7 @@ class RelayLink:
             pass
         finally:
             ours = self._writers.pop(conn, None) is not None
+            self.callers.pop(own, None)
             writer.close()
         if ours:
             await self._outgoing.put(rpb.Frame(conn=conn, close=True))

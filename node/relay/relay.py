@@ -1,21 +1,30 @@
 """The relay's side: `rpc Attach` (protos/relay.proto).
 
 For each attached node the relay listens on a fresh TCP port of its own host and carries every
-connection accepted there over the node's stream as frames. It reads nothing of the bytes (TLS between
-client and node stays end to end). Limits: how many nodes at once (`--relay-max-nodes`) and how many
-bytes a second each node's connections may move (`--relay-max-bytes`, both directions together)."""
+connection accepted there over the node's stream as frames, each opened with the address it came from (the
+node's limits charge that caller). It reads nothing of the bytes (TLS between client and node stays end to
+end). Only swarm members attach: the node's first frame carries its signed peer record and its key's signature
+over a fresh challenge. Limits: attaches per address (ATTACH_RATE), how many nodes at once
+(`--relay-max-nodes`) and how many bytes a second each node's connections may move (`--relay-max-bytes`, both
+directions together)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
 import grpc
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from common.swarm.records import RecordError, SignedRecord, verify_record
 from common.wire.generated import relay_pb2 as rpb
+from node.rpc.ratelimit import RateLimited, RateLimiter, peer_host
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +32,47 @@ CHUNK = 64 * 1024          # bytes read from a tunneled connection per frame
 QUEUE_FRAMES = 64          # frames waiting for the stream at most (then reading the sockets pauses)
 KEEPALIVE = 10.0           # seconds between keepalive frames each way
 LOST_AFTER = 3 * KEEPALIVE  # silence after which the other side counts as gone
+ATTACH_RATE = 0.1          # attaches a second per address (one every 10 s), in bursts of ATTACH_BURST
+ATTACH_BURST = 3
+PROOF_WAIT = 5.0           # seconds for a node's proof of membership after the challenge
+ATTACH_CONTEXT = b"potluck-relay-attach"  # what the proof signs, before the challenge
+
+
+class ProofError(ValueError):
+    """An Attach without a valid proof of swarm membership; the message says what is wrong."""
+
+
+def attach_proof(key, signed: SignedRecord, challenge: bytes) -> rpb.Frame:
+    """The relayed node's answer to a challenge: its signed record and its key's signature over the challenge."""
+    frame = rpb.Frame(proof=key.sign(ATTACH_CONTEXT + challenge))
+    frame.record.payload, frame.record.public_key, frame.record.signature = (signed.payload, signed.public_key,
+                                                                             signed.signature)
+    return frame
+
+
+def check_proof(frame: rpb.Frame, challenge: bytes) -> str:
+    """The node id a first frame proves (a valid, unexpired signed record, and the same key's signature over the
+    challenge); ProofError otherwise."""
+    if not frame.HasField("record") or not frame.proof:
+        raise ProofError("Attach needs the node's signed peer record and its signature over the challenge "
+                         "(only swarm members attach)")
+    signed = SignedRecord(frame.record.payload, frame.record.public_key, frame.record.signature)
+    try:
+        record = verify_record(signed)
+        Ed25519PublicKey.from_public_bytes(signed.public_key).verify(frame.proof, ATTACH_CONTEXT + challenge)
+    except RecordError as error:
+        raise ProofError(f"Attach: {error}") from None
+    except (InvalidSignature, ValueError):
+        raise ProofError("Attach: the proof is not the record's key's signature over this relay's challenge") from None
+    return record.node_id
+
+
+def grpc_peer(peername) -> str:
+    """A socket's peer ((host, port, ...)) as gRPC names peers: "ipv4:1.2.3.4:5", "ipv6:[::1]:5"."""
+    if not peername:
+        return ""
+    host, port = peername[0], peername[1]
+    return f"ipv6:[{host}]:{port}" if ":" in host else f"ipv4:{host}:{port}"
 
 
 async def next_frame(outgoing: asyncio.Queue) -> rpb.Frame | None:
@@ -58,7 +108,7 @@ class ByteBucket:
 @dataclass(frozen=True)
 class RelayLimits:
     max_nodes: int = 8          # nodes attached at once; more get RESOURCE_EXHAUSTED
-    max_bytes: int = 0          # bytes a second per node (both directions); 0 = no limit
+    max_bytes: int = 16 * 2**20  # bytes a second per node (both directions); 0 = no limit
 
 
 @dataclass
@@ -67,6 +117,7 @@ class Tunnel:
 
     peer: str
     bucket: ByteBucket
+    node_id: str = ""  # the identity it proved
     outgoing: asyncio.Queue = field(default_factory=lambda: asyncio.Queue(QUEUE_FRAMES))
     writers: dict[int, asyncio.StreamWriter] = field(default_factory=dict)
     ids: itertools.count = field(default_factory=lambda: itertools.count(1))
@@ -81,7 +132,7 @@ class Tunnel:
         task = asyncio.current_task()
         self.tasks.add(task)
         try:
-            await self.outgoing.put(rpb.Frame(conn=conn, open=True))
+            await self.outgoing.put(rpb.Frame(conn=conn, open=True, peer=grpc_peer(writer.get_extra_info("peername"))))
             try:
                 while data := await reader.read(CHUNK):
                     await self.bucket.take(len(data))
@@ -134,14 +185,39 @@ class RelayServicer:
         self.public_host = public_host    # the host in the addresses handed out (the relay's advertised host)
         self.tunnels: dict[int, Tunnel] = {}
         self._ids = itertools.count(1)
+        self.attaches = RateLimiter(ATTACH_RATE, ATTACH_BURST)  # per address
 
     async def Attach(self, requests, context: grpc.aio.ServicerContext):
+        try:
+            self.attaches.charge(peer_host(context.peer()), "Attach")
+        except RateLimited as error:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{error.message} (attaches to a relay: "
+                                f"{ATTACH_RATE:g}/s per address)")
         if len(self.tunnels) >= self.limits.max_nodes:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"this relay carries {len(self.tunnels)} nodes already, its limit "
                                 f"(--relay-max-nodes {self.limits.max_nodes}); attach to another relay")
+        challenge = os.urandom(32)
+        yield rpb.Frame(challenge=challenge)
+        iterator = requests.__aiter__()
+        try:
+            node_id = check_proof(await asyncio.wait_for(iterator.__anext__(), PROOF_WAIT), challenge)
+        except (StopAsyncIteration, asyncio.TimeoutError):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"Attach: no proof of swarm membership within "
+                                f"{PROOF_WAIT:g}s of the challenge")
+        except ProofError as error:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(error))
+        for old in [t for t in self.tunnels.values() if t.node_id == node_id]:  # the same node attaching again
+            old.close()
+            with contextlib.suppress(asyncio.QueueFull):  # else its stream ends once its queued frames are out
+                old.outgoing.put_nowait(None)
+        if len(self.tunnels) >= self.limits.max_nodes:  # filled while this one proved itself
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"this relay carries {len(self.tunnels)} nodes already, its limit "
+                                f"(--relay-max-nodes {self.limits.max_nodes}); attach to another relay")
         key = next(self._ids)
-        tunnel = self.tunnels[key] = Tunnel(peer=context.peer(), bucket=ByteBucket(self.limits.max_bytes))
+        tunnel = self.tunnels[key] = Tunnel(peer=context.peer(), bucket=ByteBucket(self.limits.max_bytes),
+                                            node_id=node_id)
         reader = None
         try:
             tunnel.listener = await asyncio.start_server(tunnel.accept, host=self.bind_host, port=0)
@@ -149,7 +225,7 @@ class RelayServicer:
             address = f"[{self.public_host}]:{port}" if ":" in self.public_host else f"{self.public_host}:{port}"
             log.info("relaying for %s on %s (%d nodes attached)", tunnel.peer, address, len(self.tunnels))
             yield rpb.Frame(address=address)
-            reader = asyncio.ensure_future(self._read(requests, tunnel))
+            reader = asyncio.ensure_future(self._read(iterator, tunnel))
             while True:
                 frame = await next_frame(tunnel.outgoing)
                 if frame is None:
@@ -162,10 +238,9 @@ class RelayServicer:
             del self.tunnels[key]
             log.info("stopped relaying for %s (%d bytes in, %d out)", tunnel.peer, tunnel.bytes_in, tunnel.bytes_out)
 
-    async def _read(self, requests, tunnel: Tunnel) -> None:
+    async def _read(self, iterator, tunnel: Tunnel) -> None:
         """The node's frames, until its stream ends or falls silent; then end the reply stream too."""
         try:
-            iterator = requests.__aiter__()
             while True:
                 frame = await asyncio.wait_for(iterator.__anext__(), LOST_AFTER)
                 await tunnel.deliver(frame)

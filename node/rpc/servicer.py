@@ -86,12 +86,20 @@ class PotluckServicer(pb_grpc.PotluckServicer):
         self.pusher = push.Pusher()
         self._streams: dict[str, _Stream] = {}  # session id -> its open stream, for Push
         self.prober = Prober()  # Probe: dials through the node's Security (set by start_node)
+        # connections our relay link opened to this server (their peer as gRPC names it) -> the caller the relay
+        # saw; filled only by node/relay/link.py, so a caller behind a relay is charged as itself, not as loopback
+        self.tunneled: dict[str, str] = {}
 
     def _executor(self) -> Executor:
         executor = self.serving.executor
         if executor is None:
             raise Unavailable("this node is joining (loading its layers); try again shortly")
         return executor
+
+    def _caller(self, context) -> str:
+        """The calling host: the real caller for a connection tunneled through our relay, else the socket's peer."""
+        peer = context.peer()
+        return peer_host(self.tunneled.get(peer, peer))
 
     def _charge(self, host: str, what: str) -> None:
         """One request from `host` against the per-peer rate limit (RESOURCE_EXHAUSTED past it)."""
@@ -102,7 +110,7 @@ class PotluckServicer(pb_grpc.PotluckServicer):
         if self.membership is None:
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this node does not gossip")
         try:
-            self._charge(peer_host(context.peer()), "Gossip")
+            self._charge(self._caller(context), "Gossip")
             check_gossip(request)
         except Exception as error:
             await _abort(context, error, self.metrics)
@@ -110,7 +118,7 @@ class PotluckServicer(pb_grpc.PotluckServicer):
 
     async def Info(self, request: pb.InfoRequest, context) -> pb.InfoReply:
         try:
-            self._charge(peer_host(context.peer()), "Info")
+            self._charge(self._caller(context), "Info")
             executor = self._executor()
         except Exception as error:
             await _abort(context, error, self.metrics)
@@ -141,7 +149,7 @@ class PotluckServicer(pb_grpc.PotluckServicer):
 
     async def Forward(self, request: pb.ForwardRequest, context) -> pb.ForwardReply:
         try:
-            self._charge(peer_host(context.peer()), "Forward")
+            self._charge(self._caller(context), "Forward")
             executor = self._executor()
             dtype = codec.wire_dtype(request.wire_dtype or request.hidden.dtype)
             out = await executor.forward(
@@ -165,7 +173,7 @@ class PotluckServicer(pb_grpc.PotluckServicer):
     async def Backward(self, request: pb.BackwardRequest, context) -> pb.BackwardReply:
         """Training: recompute a stateless pass with autograd on its inputs; return their gradients."""
         try:
-            self._charge(peer_host(context.peer()), "Backward")
+            self._charge(self._caller(context), "Backward")
             executor = self._executor()
             wire = request.wire_dtype or request.hidden.dtype
             grad_input, grad_prompts = await executor.backward(
@@ -196,7 +204,7 @@ class PotluckServicer(pb_grpc.PotluckServicer):
 
         Replies go out with `context.write` rather than from a generator: a cancellation while a reply
         is being sent then lands in this coroutine, and `finally` frees the session at once."""
-        stream = _Stream(peer_host(context.peer()))
+        stream = _Stream(self._caller(context))
         executor = None
         reader = None
         try:
@@ -233,6 +241,7 @@ class PotluckServicer(pb_grpc.PotluckServicer):
                         opened.max_length,
                         codec.wire_dtype(opened.wire_dtype or "float32"),
                         _adapter(metadata),
+                        peer=stream.peer,  # the per-peer quotas count it against its caller
                     )
                     session.wire = opened.wire_dtype or "float32"
                     session.handler = asyncio.current_task()
@@ -413,7 +422,7 @@ class PotluckServicer(pb_grpc.PotluckServicer):
         """`potluck doctor`: does `address` answer a gRPC health check from here? (node/rpc/probe.py)"""
         arrived = time.time()
         try:
-            caller = peer_host(context.peer())
+            caller = self._caller(context)
             self._charge(caller, "Probe")
             if not request.address:
                 return pb.ProbeReply(time=arrived)

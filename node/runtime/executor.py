@@ -81,7 +81,8 @@ class Executor:
     def __init__(self, span: SpanModel, cache_tokens: int, max_length: int, max_batch: int = 64,
                  max_pass_tokens: int = 4096, *, cache_memory: int | None = None, max_sessions: int = 0,
                  max_session_tokens: int = 0, admission_wait: float = 0.0, adapters: dict | None = None,
-                 batch_wait: float = BATCH_WAIT, pack: bool = False):
+                 batch_wait: float = BATCH_WAIT, pack: bool = False, max_peer_sessions: int = 0,
+                 max_peer_tokens: int = 0, peer_share: float = 1.0):
         self.span = span
         self.adapters = adapters or {}  # LoRA adapters by name (node/model/lora.py), loaded for this span
         self.kv_bytes_per_token = kv_bytes_per_token(span.config, span.end - span.start, span.dtype)  # an estimate
@@ -91,8 +92,11 @@ class Executor:
             if budget < 1:
                 raise ValueError(f"--cache-memory {cache_memory} bytes hold no token of this span's KV cache "
                                  f"({self.kv_bytes_per_token} bytes a token)")
-        self.sessions = SessionTable(budget, max_sessions, max_session_tokens, flag)
-        self.admission_wait = admission_wait  # seconds an open waits for room before RESOURCE_EXHAUSTED
+        # one peer's cache tokens: max_peer_tokens, else a share of the budget (node/config.py: half)
+        max_peer_tokens = max_peer_tokens or max(1, int(budget * peer_share))
+        self.sessions = SessionTable(budget, max_sessions, max_session_tokens, flag, max_peer_sessions,
+                                     max_peer_tokens)
+        self.admission_wait = admission_wait  # seconds an open (or a step's cache) waits for room: RESOURCE_EXHAUSTED
         self._room_waiters: set[asyncio.Future] = set()  # opens waiting for a session to close
         self.max_length = max_length
         self.max_batch = max_batch
@@ -181,7 +185,8 @@ class Executor:
 
     # -- sessions ---------------------------------------------------------------------------
     def open(self, session_id: str, start: int, end: int, batch_size: int, max_length: int, wire_dtype: torch.dtype,
-             adapter: str | None = None) -> Session:
+             adapter: str | None = None, peer: str = "") -> Session:
+        """A new session of `peer` (the caller, for the per-peer quotas); it reserves cache only as it steps."""
         if not session_id:
             raise InvalidRequest("session_id is empty")
         self.check_subspan(start, end)
@@ -190,21 +195,27 @@ class Executor:
             raise InvalidRequest(f"batch_size {batch_size} is not within 1..{self.max_batch}")
         if not 1 <= max_length <= self.max_length:
             raise OutOfRange(f"max_length {max_length} is not within 1..{self.max_length} (this node's limit)")
-        self.sessions.check_room(session_id, batch_size, max_length)  # before the cache takes any memory
+        self.sessions.check_room(session_id, batch_size, max_length, peer)  # before the cache takes any memory
         cache = self.span.new_cache(batch_size, max_length, start, end)
-        session = Session(session_id, start, end, batch_size, max_length, wire_dtype, cache, adapter=lora)
+        session = Session(session_id, start, end, batch_size, max_length, wire_dtype, cache, adapter=lora, peer=peer)
         self.sessions.add(session)
         return session
 
     async def admit(self, session_id: str, start: int, end: int, batch_size: int, max_length: int,
-                    wire_dtype: torch.dtype, adapter: str | None = None) -> Session:
+                    wire_dtype: torch.dtype, adapter: str | None = None, peer: str = "") -> Session:
         """`open`, waiting up to `admission_wait` seconds for room (other sessions closing) when the node is
         full; RESOURCE_EXHAUSTED at once when the session could never fit."""
+        return await self._when_room(lambda: self.open(session_id, start, end, batch_size, max_length, wire_dtype,
+                                                       adapter, peer))
+
+    async def _when_room(self, attempt):
+        """`attempt()`, tried again whenever a session's cache is released, for up to `admission_wait` seconds while
+        it raises Full (then that Full, saying how long it waited)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.admission_wait
         while True:
             try:
-                return self.open(session_id, start, end, batch_size, max_length, wire_dtype, adapter)
+                return attempt()
             except Full as error:
                 left = deadline - loop.time()
                 if left <= 0:
@@ -305,6 +316,8 @@ class Executor:
         self._check_aux("attention_mask", attention_mask, (session.batch_size, tokens))
         session.busy = True
         try:
+            if position + tokens > session.reserved:  # the cache it reaches, reserved as it grows
+                await self._when_room(lambda: self.sessions.reserve(session, position + tokens))
             if self.lean is not None:
                 return await self._batched(session, hidden, position_ids, attention_mask, position, prompts, convoy)
             future = self._pool.submit(self._run_step, session, hidden, position_ids, attention_mask, position, prompts)

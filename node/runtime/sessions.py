@@ -1,4 +1,8 @@
-"""Per-session state on a node (KV cache, padding mask, position) and the cache budget."""
+"""Per-session state on a node (KV cache, padding mask, position) and the cache budget.
+
+A session reserves cache tokens as it steps (batch x the length its steps reach), not the batch x max_length it
+declares on opening: opening sessions costs a peer nothing it could hoard. Each peer (the caller's address, as
+the servicer resolves it) may hold a share of the sessions and of the budget: one peer never starves the others."""
 
 from __future__ import annotations
 
@@ -32,10 +36,12 @@ class Session:
     adapter: object = None  # node/model/lora.LoraAdapter every step of this session runs with; None = the base model
     computing: int = 0  # its steps queued on or running in the compute thread (under the executor's lock)
     closed: bool = False  # out of the table; its cache tokens are released once `computing` is back to 0
+    peer: str = ""  # who opened it (the caller's host): what the per-peer quotas count
+    reserved: int = 0  # tokens per sequence reserved so far: the furthest length its steps reached (0: none yet)
 
     @property
     def reserved_tokens(self) -> int:
-        return self.batch_size * self.max_length
+        return self.batch_size * self.reserved
 
 
 def kv_bytes_per_token(config: PretrainedConfig, layers: int, dtype: torch.dtype) -> int:
@@ -57,16 +63,21 @@ def kv_bytes_per_token(config: PretrainedConfig, layers: int, dtype: torch.dtype
 
 class SessionTable:
     """Open sessions and the cache tokens they reserve, within a fixed budget (and the node's limits:
-    how many sessions at once, how many tokens one session may reserve)."""
+    how many sessions at once, how many tokens one session may reserve, how many sessions and tokens one
+    peer may hold)."""
 
     def __init__(self, budget_tokens: int, max_sessions: int = 0, max_session_tokens: int = 0,
-                 budget_flag: str = "--cache-tokens"):
+                 budget_flag: str = "--cache-tokens", max_peer_sessions: int = 0, max_peer_tokens: int = 0):
         self.budget_tokens = budget_tokens
         self.max_sessions = max_sessions  # 0: no limit but the budget
         self.max_session_tokens = max_session_tokens or budget_tokens  # 0: the whole budget
         self.budget_flag = budget_flag  # the option that set the budget, named in errors
+        self.max_peer_sessions = max_peer_sessions  # 0: no per-peer limit but max_sessions
+        self.max_peer_tokens = max_peer_tokens or budget_tokens  # 0: the whole budget
         self._sessions: dict[str, Session] = {}
         self._reserved = 0  # kept as a sum: read by the metrics thread without walking the dict
+        self._peer_sessions: dict[str, int] = {}  # peer -> sessions in the table
+        self._peer_tokens: dict[str, int] = {}  # peer -> cache tokens reserved (until released)
 
     @property
     def reserved_tokens(self) -> int:
@@ -84,9 +95,16 @@ class SessionTable:
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def check_room(self, session_id: str, batch_size: int, max_length: int) -> None:
+    def peer_sessions(self, peer: str) -> int:
+        return self._peer_sessions.get(peer, 0)
+
+    def peer_tokens(self, peer: str) -> int:
+        return self._peer_tokens.get(peer, 0)
+
+    def check_room(self, session_id: str, batch_size: int, max_length: int, peer: str = "") -> None:
         """Raise unless a session of this size may open now: Exhausted if it never can, Full if it can once
-        other sessions close. Called before its cache is allocated, and again by `add`."""
+        other sessions close. Called before its cache is allocated, and again by `add`. No cache tokens are
+        reserved yet (`reserve`, as it steps)."""
         if session_id in self._sessions:
             raise AlreadyExists(f"session {session_id!r} is already open on this node")
         tokens = batch_size * max_length
@@ -99,13 +117,32 @@ class SessionTable:
                             f"(--max-session-tokens)")
         if self.max_sessions and len(self._sessions) >= self.max_sessions:
             raise Full(f"this node already holds {len(self._sessions)} sessions, its limit (--max-sessions)")
-        if tokens > self.free_tokens:
-            raise Full(f"{needs} but only {self.free_tokens} of {self.budget_tokens} are free ({self.budget_flag})")
+        if self.max_peer_sessions and self.peer_sessions(peer) >= self.max_peer_sessions:
+            raise Full(f"{peer or 'this peer'} already holds {self.peer_sessions(peer)} sessions on this node, "
+                       f"the limit per peer (--max-peer-sessions)")
+
+    def reserve(self, session: Session, length: int) -> None:
+        """Reserve cache tokens for `session` up to `length` tokens per sequence (what its next step reaches);
+        Full if the budget or its peer's share has no room now (a rewind keeps what it reserved)."""
+        more = session.batch_size * (length - session.reserved)
+        if more <= 0:
+            return
+        peer = session.peer
+        held = self.peer_tokens(peer)
+        if held + more > self.max_peer_tokens:
+            raise Full(f"step needs {more} more cache tokens but {peer or 'this peer'} already holds {held} of its "
+                       f"{self.max_peer_tokens} on this node (--max-peer-tokens)")
+        if more > self.free_tokens:
+            raise Full(f"step needs {more} more cache tokens but only {self.free_tokens} of {self.budget_tokens} "
+                       f"are free ({self.budget_flag})")
+        session.reserved = length
+        self._reserved += more
+        self._peer_tokens[peer] = held + more
 
     def add(self, session: Session) -> None:
-        self.check_room(session.session_id, session.batch_size, session.max_length)
+        self.check_room(session.session_id, session.batch_size, session.max_length, session.peer)
         self._sessions[session.session_id] = session
-        self._reserved += session.reserved_tokens
+        self._peer_sessions[session.peer] = self.peer_sessions(session.peer) + 1
 
     def get(self, session_id: str) -> Session:
         try:
@@ -118,16 +155,32 @@ class SessionTable:
     def retire(self, session_id: str) -> Session | None:
         """Take a session out of the table; its cache tokens stay reserved until `release` (the compute thread may
         still write its cache)."""
-        return self._sessions.pop(session_id, None)
+        session = self._sessions.pop(session_id, None)
+        if session is not None:
+            _decrease(self._peer_sessions, session.peer, 1)
+        return session
 
     def release(self, session: Session) -> None:
-        """Give a retired session's cache tokens back to the budget."""
+        """Give a retired session's cache tokens back to the budget (and to its peer's share)."""
         self._reserved -= session.reserved_tokens
+        _decrease(self._peer_tokens, session.peer, session.reserved_tokens)
 
     def all(self) -> list[Session]:
         return list(self._sessions.values())
 
-    def idle(self, max_idle: float, now: float | None = None) -> list[Session]:
-        """Sessions that have not stepped for `max_idle` seconds (their client is probably gone)."""
+    def idle(self, max_idle: float, max_unstepped: float | None = None, now: float | None = None) -> list[Session]:
+        """Sessions that have not stepped for `max_idle` seconds (their client is probably gone), and those opened
+        more than `max_unstepped` seconds ago that never stepped (an open that only holds a slot)."""
         now = time.monotonic() if now is None else now
-        return [s for s in self._sessions.values() if not s.busy and now - s.last_used > max_idle]
+        unstepped = max_idle if max_unstepped is None else max_unstepped
+        return [s for s in self._sessions.values()
+                if not s.busy and now - s.last_used > (unstepped if not s.reserved else max_idle)]
+
+
+def _decrease(counts: dict[str, int], key: str, by: int) -> None:
+    """Lower a per-peer count, forgetting peers at 0 (the dicts stay as small as the open sessions)."""
+    left = counts.get(key, 0) - by
+    if left > 0:
+        counts[key] = left
+    else:
+        counts.pop(key, None)

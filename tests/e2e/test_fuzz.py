@@ -362,7 +362,7 @@ def test_the_node_serves_after_the_fuzzing(channel, node, healthy):
     time.sleep(0.2)  # a healthy round or two more
     sessions = node.executor.sessions
     assert [s.session_id for s in sessions.all()] == ["s-healthy"]
-    assert sessions.reserved_tokens == 16
+    assert sessions.reserved_tokens == 12  # reserved as far as its steps reached (12 of its max_length 16)
 
 
 def test_bytes_that_do_not_parse_get_invalid_argument_naming_the_message(channel):

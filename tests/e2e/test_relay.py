@@ -84,6 +84,103 @@ def _attach(address: str):
     return refused.value
 
 
+def member_proof(sign_with=None, ttl: float = 15.0):
+    """A relayed node's answer to a relay's challenge: a fresh identity's signed record, the proof signed by
+    `sign_with` (default: the same key)."""
+    from common.swarm.identity import ephemeral_identity
+    from common.swarm.records import renewed, sign_record
+    from node.relay.relay import attach_proof
+
+    identity = ephemeral_identity()
+    record = renewed(PeerRecord(node_id=identity.node_id, addresses=("127.0.0.1:1",), model_id="m", config_hash="h",
+                                num_layers=2, start=0, end=1), ttl)
+    signed = sign_record(record, identity.key)
+    return lambda challenge: attach_proof(sign_with or identity.key, signed, challenge)
+
+
+def test_attach_needs_proof_of_membership_and_is_rate_limited_per_address(bg_loop, tiny_model_dir):
+    """Issue 25: anyone could Attach to a public relay and get a port that tunnels any TCP. Now the attaching node
+    proves it holds the key of a valid signed record, and each address gets a few attaches in a burst."""
+    from common.swarm.identity import ephemeral_identity
+    from node.relay.link import RelayLink, RelayRefused
+    from node.relay.relay import ProofError, check_proof
+
+    relay = bg_loop.start_node(tiny_model_dir("llama"), 0, 3, relay=True, throughput=100.0)
+
+    async def attach(prove):
+        link = RelayLink(relay.address, "127.0.0.1:1", PLAINTEXT, prove)
+        try:
+            return await link.attach()
+        except RelayRefused as error:
+            return error
+        finally:
+            await link.close()
+
+    try:
+        assert isinstance(bg_loop.run(attach(member_proof())), str)  # a member: an address
+        for prove, said in [(None, "only swarm members attach"),
+                            (member_proof(sign_with=ephemeral_identity().key), "not the record's key's signature")]:
+            refused = bg_loop.run(attach(prove))
+            assert isinstance(refused, RelayRefused) and refused.code == grpc.StatusCode.UNAUTHENTICATED, refused
+            assert said in str(refused)
+        refused = bg_loop.run(attach(member_proof()))  # a 4th attach from 127.0.0.1 at once
+        assert refused.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "attaches to a relay" in str(refused)
+    finally:
+        bg_loop.stop_node(relay)
+    from common.wire.generated import relay_pb2 as rpb
+
+    expired = member_proof(ttl=-1.0)(b"c")
+    with pytest.raises(ProofError, match="expired record"):
+        check_proof(expired, b"c")
+    with pytest.raises(ProofError, match="not the record's key's signature"):
+        check_proof(member_proof()(b"c"), b"another challenge")
+    with pytest.raises(ProofError, match="only swarm members"):
+        check_proof(rpb.Frame(), b"c")
+
+
+def test_a_caller_behind_a_relay_is_charged_as_itself(bg_loop, tiny_model_dir, expected):
+    """Issue 25: a relayed node dialed its own server on 127.0.0.1, so every caller through the relay shared one
+    rate-limit bucket (and looked local to Probe). An attacker from 127.0.0.2 empties its own bucket through the
+    relay; an honest client through the same relay still gets transformers' tokens, in bounded time."""
+    import time
+
+    from common.wire.generated import potluck_pb2 as pb
+    from common.wire.generated import potluck_pb2_grpc as pb_grpc
+    from node.bench.masquerade import Masquerade
+
+    llama = tiny_model_dir("llama")
+    relay = bg_loop.start_node(llama, 0, 3, relay=True, throughput=100.0)
+    relayed = bg_loop.start_node(llama, 3, 6, relay_via=relay.address, bootstrap=(relay.address,), throughput=100.0,
+                                 rate_limit=20.0)  # bursts of 40
+    masquerade = Masquerade(relayed.address, "127.0.0.2")  # the attacker dials the relay's port for the node
+    bg_loop.run(masquerade.start())
+    try:
+        codes = []
+        with grpc.insecure_channel(masquerade.address) as channel:
+            stub = pb_grpc.PotluckStub(channel)
+            for _ in range(60):
+                try:
+                    stub.Info(pb.InfoRequest(), timeout=10)
+                    codes.append("OK")
+                except grpc.RpcError as error:
+                    codes.append(error.code().name)
+        assert "RESOURCE_EXHAUSTED" in codes and codes.count("OK") >= 40, codes
+        assert "127.0.0.2" in relayed.servicer.limiter._buckets, "the relayed node never saw the real caller"
+        started = time.monotonic()
+        model = DistributedModelForCausalLM.from_pretrained(str(llama), peers=[relay.address, relayed.address])
+        try:
+            assert greedy(model, torch.tensor(PROMPT)) == expected
+        finally:
+            model.close()
+        assert time.monotonic() - started < 30
+        assert not relayed.servicer.tunneled or all(v.startswith("ipv4:127.0.0.1:")
+                                                    for v in relayed.servicer.tunneled.values())
+    finally:
+        bg_loop.run(masquerade.close())
+        bg_loop.stop_node(relayed)
+        bg_loop.stop_node(relay)
+
+
 def test_relay_refuses_a_node_past_its_limit(chain):
     """relay_max_nodes 1 and one node attached: the next Attach gets RESOURCE_EXHAUSTED naming the flag."""
     refused = _attach(chain[0].address)
@@ -155,7 +252,8 @@ def test_byte_limit_paces_a_tunnel():
                     RelayServicer(RelayLimits(max_nodes=2, max_bytes=100_000), "127.0.0.1", "127.0.0.1"))
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
-        link = RelayLink(f"127.0.0.1:{port}", f"127.0.0.1:{target.sockets[0].getsockname()[1]}", PLAINTEXT)
+        link = RelayLink(f"127.0.0.1:{port}", f"127.0.0.1:{target.sockets[0].getsockname()[1]}", PLAINTEXT,
+                         member_proof())
         host, _, tunnel_port = (await link.attach()).rpartition(":")
         carrying = asyncio.ensure_future(link.run())
         began = time.monotonic()

@@ -32,6 +32,7 @@ def make_node(bg_loop, tiny_model_dir):
 
     def make(**limits):
         limits.setdefault("max_length", 64)
+        limits.setdefault("max_peer_tokens", 10**9)  # every client here is 127.0.0.1: test the node-wide budget
         node = bg_loop.start_node(tiny_model_dir("llama"), 0, 3, throughput=10.0, **limits)
         started.append(node)
         return node
@@ -48,16 +49,21 @@ def stub_for(node):
 
 
 @contextmanager
-def held_open(stub, **open_fields):
-    """A session that stays open (its stream idle) until the block ends."""
+def held_open(stub, tokens: int = 0, **open_fields):
+    """A session that stays open (its stream idle, after a first step of `tokens` tokens if given) until the block
+    ends."""
     release = threading.Event()
 
     def requests():
         yield open_request(**open_fields)
+        if tokens:
+            yield step_request(torch.zeros(open_fields.get("batch_size", 1), tokens, HIDDEN))
         release.wait(60)
 
     call = stub.Inference(requests(), timeout=60)
     assert next(call).WhichOneof("kind") == "opened"
+    if tokens:
+        assert next(call).result.position == tokens
     try:
         yield call
     finally:
@@ -117,8 +123,9 @@ def test_cache_memory_sets_the_budget_in_bytes(make_node):
     assert node.executor.kv_bytes_per_token == per_token
     with stub_for(node) as stub:
         assert stub.Info(pb.InfoRequest(), timeout=10).free_cache_tokens == 100
-        with held_open(stub, sid="first", max_length=60):
-            error = refused(stub, [open_request(sid="second", max_length=60)])
+        with held_open(stub, tokens=60, sid="first", max_length=60):  # a session reserves what its steps reach
+            error = refused(stub, [open_request(sid="second", max_length=60),
+                                   step_request(torch.zeros(1, 60, HIDDEN))])
             assert "only 40 of 100 are free (--cache-memory)" in error.details()
         error = refused(stub, [open_request(sid="too-big", batch_size=2, max_length=60)])
         assert "whole cache budget is smaller (--cache-memory)" in error.details()
@@ -309,20 +316,23 @@ def test_limit_flags_and_config_keys_reach_the_node_config(tmp_path):
 
     path = tmp_path / "node.toml"
     path.write_text('model = "m"\nmax-sessions = 32\nmax_session_tokens = 4096\ncache-memory = "2GiB"\n'
-                    'rate-limit = 50\nadmission-wait = 0.5\n')
+                    'rate-limit = 50\nadmission-wait = 0.5\nmax-peer-sessions = 4\nmax-peer-tokens = 512\n')
     options = _limit_options(join_args(["--config", str(path), "--rate-limit", "7.5"]))
     assert options == dict(max_sessions=32, max_session_tokens=4096, cache_memory=2 * 2**30, rate_limit=7.5,
-                           admission_wait=0.5)
+                           admission_wait=0.5, max_peer_sessions=4, max_peer_tokens=512)
     config = NodeConfig(model="m", **options)
     assert (config.max_sessions, config.max_rpcs) == (32, 2 * 32 + 64)
     defaults = _limit_options(join_args(["--model", "m"]))
     assert defaults == dict(
-        max_sessions=256, max_session_tokens=0, cache_memory=None, rate_limit=0.0, admission_wait=2.0
+        max_sessions=256, max_session_tokens=0, cache_memory=None, rate_limit=0.0, admission_wait=2.0,
+        max_peer_sessions=32, max_peer_tokens=0,
     )
     with pytest.raises(ConfigError, match="--cache-memory 'lots'"):
         _limit_options(join_args(["--model", "m", "--cache-memory", "lots"]))
     for bad, message in [(dict(max_sessions=0), "--max-sessions"), (dict(rate_limit=-1.0), "--rate-limit"),
                          (dict(admission_wait=float("nan")), "--admission-wait"),
-                         (dict(max_session_tokens=-5), "--max-session-tokens")]:
+                         (dict(max_session_tokens=-5), "--max-session-tokens"),
+                         (dict(max_peer_tokens=-1), "--max-peer-tokens"),
+                         (dict(session_open_timeout=0.0), "--session-open-timeout")]:
         with pytest.raises(ConfigError, match=message):
             NodeConfig(model="m", **bad)

@@ -22,17 +22,18 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from common.wire.generated import potluck_pb2 as common_dot_wire_dot_generated_dot_potluck__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!common/wire/generated/relay.proto\x12\x10potluck.relay.v1\"Q\n\x05\x46rame\x12\x0c\n\x04\x63onn\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0c\n\x04open\x18\x03 \x01(\x08\x12\r\n\x05\x63lose\x18\x04 \x01(\x08\x12\x0f\n\x07\x61\x64\x64ress\x18\x05 \x01(\t2G\n\x05Relay\x12>\n\x06\x41ttach\x12\x17.potluck.relay.v1.Frame\x1a\x17.potluck.relay.v1.Frame(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!common/wire/generated/relay.proto\x12\x10potluck.relay.v1\x1a#common/wire/generated/potluck.proto\"\xab\x01\n\x05\x46rame\x12\x0c\n\x04\x63onn\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0c\n\x04open\x18\x03 \x01(\x08\x12\r\n\x05\x63lose\x18\x04 \x01(\x08\x12\x0f\n\x07\x61\x64\x64ress\x18\x05 \x01(\t\x12\x0c\n\x04peer\x18\x06 \x01(\t\x12\x11\n\tchallenge\x18\x07 \x01(\x0c\x12(\n\x06record\x18\x08 \x01(\x0b\x32\x18.potluck.v1.SignedRecord\x12\r\n\x05proof\x18\t \x01(\x0c\x32G\n\x05Relay\x12>\n\x06\x41ttach\x12\x17.potluck.relay.v1.Frame\x1a\x17.potluck.relay.v1.Frame(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'common.wire.generated.relay_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FRAME']._serialized_start=55
-  _globals['_FRAME']._serialized_end=136
-  _globals['_RELAY']._serialized_start=138
-  _globals['_RELAY']._serialized_end=209
+  _globals['_FRAME']._serialized_start=93
+  _globals['_FRAME']._serialized_end=264
+  _globals['_RELAY']._serialized_start=266
+  _globals['_RELAY']._serialized_end=337
 # @@protoc_insertion_point(module_scope)
