@@ -70,6 +70,7 @@ class RouteCosts:
     load_penalty: float = 0.25          # compute cost grows by this fraction per open session
     jitter: float = 0.05                # random spread (fraction) so clients share equal replicas
     strike_penalty: float = 1.0         # seconds added to a hop per strike against its node (distinct reporters)
+    unproven_layer_seconds: float = 0.002  # the fastest a node is believed per layer per token until measured
 
 
 @dataclass(frozen=True)
@@ -82,13 +83,17 @@ class Hop:
 
 
 def missing_spans(peers: list[PeerInfo], num_layers: int) -> list[tuple[int, int]]:
-    """Half-open spans of layers no peer covers."""
-    covered = [False] * num_layers
+    """Half-open spans of layers no peer covers (a difference array: O(peers + layers))."""
+    delta = [0] * (num_layers + 1)
     for peer in peers:
-        for layer in range(max(peer.start, 0), min(peer.end, num_layers)):
-            covered[layer] = True
-    gaps, start = [], None
-    for layer, ok in enumerate(covered + [True]):
+        a, b = max(peer.start, 0), min(peer.end, num_layers)
+        if a < b:
+            delta[a] += 1
+            delta[b] -= 1
+    gaps, start, depth = [], None, 0
+    for layer in range(num_layers + 1):
+        depth += delta[layer] if layer < num_layers else 0
+        ok = layer == num_layers or depth > 0
         if not ok and start is None:
             start = layer
         elif ok and start is not None:
@@ -97,9 +102,21 @@ def missing_spans(peers: list[PeerInfo], num_layers: int) -> list[tuple[int, int
     return gaps
 
 
-def hop_cost(peer: PeerInfo, start: int, end: int, rtt: float | None, costs: RouteCosts, strikes: int = 0) -> float:
-    layer_seconds = peer.layer_seconds or costs.default_layer_seconds
-    compute = (end - start) * layer_seconds * (1.0 + costs.load_penalty * max(peer.load, 0.0))
+def layer_seconds(peer: PeerInfo, costs: RouteCosts, measured: dict[str, float] | None = None) -> float:
+    """Seconds per token per layer that routing believes of `peer`.
+
+    `measured` (address -> seconds per layer, what this client saw) wins; without it, the node's own
+    claim is believed as is when `measured` is None (plain data, as in tests), and otherwise only down
+    to `costs.unproven_layer_seconds`: an unmeasured stranger cannot buy traffic by advertising speed."""
+    if measured is not None and peer.address in measured:
+        return measured[peer.address]
+    claimed = peer.layer_seconds or costs.default_layer_seconds
+    return claimed if measured is None else max(claimed, costs.unproven_layer_seconds)
+
+
+def hop_cost(peer: PeerInfo, start: int, end: int, rtt: float | None, costs: RouteCosts, strikes: int = 0,
+             measured: dict[str, float] | None = None) -> float:
+    compute = (end - start) * layer_seconds(peer, costs, measured) * (1.0 + costs.load_penalty * max(peer.load, 0.0))
     return (costs.default_rtt if rtt is None else rtt) + compute + costs.strike_penalty * max(strikes, 0)
 
 
@@ -112,39 +129,75 @@ def plan_route(
     costs: RouteCosts = RouteCosts(),
     rng: random.Random | None = None,
     strikes: dict[str, int] | None = None,
+    measured: dict[str, float] | None = None,
 ) -> list[Hop]:
     """The cheapest chain of hops covering `[start, end)` exactly.
 
     Hops change peers only at span boundaries (with per-layer costs constant within a peer,
     an optimal switch point is always one). Equal costs prefer fewer hops, then longer first
     hops. `rng` adds a little noise to each peer's cost, so clients spread over replicas. `strikes`
-    (node id -> reporters) makes struck nodes dearer: used only when avoiding them costs more."""
+    (node id -> reporters) makes struck nodes dearer: used only when avoiding them costs more.
+    `measured` (address -> seconds per layer seen by this client): see `layer_seconds`.
+
+    A hop on peer p from cut a to cut b costs C_p + (b - a) r_p (a fixed part: RTT and strikes; a
+    per-layer part). Among peers of one span only those no other beats on both parts can be on a
+    cheapest chain (a Pareto front), and a backward pass over the cuts keeps, per peer, the best
+    `b r_p + best[b]` seen so far: O(peers + spans x cuts in span), no cuts x peers x cuts loop."""
     end = num_layers if end is None else end
+    if end <= start:
+        return []
     gaps = [(a, b) for a, b in missing_spans(peers, num_layers) if a < end and b > start]
     if gaps:
         raise MissingLayersError([(max(a, start), min(b, end)) for a, b in gaps], num_layers)
     rtts = rtts or {}
     strikes = strikes or {}
-    noise = {p.address: 1.0 + (rng.random() * costs.jitter if rng else 0.0) for p in peers}
     cuts = sorted({start, end} | {b for p in peers for b in (p.start, p.end) if start < b < end})
-    # best[x] = (cost, hops, -first hop end, hop) of the cheapest chain from cut x to `end`
-    best: dict[int, tuple[float, int, int, Hop | None]] = {end: (0.0, 0, 0, None)}
-    for a in reversed(cuts[:-1]):
+    index = {cut: i for i, cut in enumerate(cuts)}
+    fronts: dict[tuple[int, int], list[tuple[float, float, PeerInfo]]] = {}
+    default_rtt, load_penalty, strike_penalty = costs.default_rtt, costs.load_penalty, costs.strike_penalty
+    for peer in peers:  # the one loop over every peer: kept lean (hop_cost, unrolled)
+        a, b = max(peer.start, start), min(peer.end, end)
+        if a >= b:
+            continue
+        noise = 1.0 + rng.random() * costs.jitter if rng else 1.0
+        struck = strikes.get(peer.node_id, 0) if strikes and peer.node_id else 0
+        rtt = rtts.get(peer.address, default_rtt)
+        fixed = (rtt + strike_penalty * max(struck, 0)) * noise
+        rate = layer_seconds(peer, costs, measured) * (1.0 + load_penalty * max(peer.load, 0.0)) * noise
+        fronts.setdefault((index[a], index[b]), []).append((fixed, rate, peer))
+    starting: dict[int, list[list]] = {}  # cut index -> peers whose span ends there: [fixed, rate, peer, i0, best]
+    for (i0, i1), group in fronts.items():
+        group.sort(key=lambda item: (item[0], item[1]))
+        lowest = float("inf")
+        for fixed, rate, peer in group:
+            if rate < lowest:  # not beaten on both parts by a peer of the same span
+                lowest = rate
+                starting.setdefault(i1, []).append([fixed, rate, peer, i0, None])
+    last = len(cuts) - 1
+    # best[i] = (cost, hops, -first hop end, first hop's end index, peer) of the cheapest chain from cuts[i] to `end`
+    best: list[tuple | None] = [None] * len(cuts)
+    best[last] = (0.0, 0, 0, last, None)
+    active: list[list] = []
+    for i in range(last - 1, -1, -1):
+        active.extend(starting.get(i + 1, ()))
+        active = [entry for entry in active if entry[3] <= i]
         options = []
-        for peer in peers:
-            if not peer.start <= a < peer.end:
-                continue
-            for b in cuts:
-                if a < b <= min(peer.end, end) and b in best:
-                    rest = best[b]
-                    struck = strikes.get(peer.node_id, 0) if peer.node_id else 0
-                    cost = hop_cost(peer, a, b, rtts.get(peer.address), costs, struck) * noise[peer.address] + rest[0]
-                    options.append((round(cost, 12), rest[1] + 1, -b, Hop(peer, a, b)))
+        for entry in active:
+            fixed, rate, peer, _, kept = entry
+            after = best[i + 1]
+            if after is not None:  # b = cuts[i + 1] becomes reachable for this peer
+                offer = (round(cuts[i + 1] * rate + after[0], 12), after[1], -cuts[i + 1], i + 1)
+                if kept is None or offer < kept:
+                    entry[4] = kept = offer
+            if kept is not None:
+                j = kept[3]
+                cost = fixed + (cuts[j] - cuts[i]) * rate + best[j][0]
+                options.append((round(cost, 12), best[j][1] + 1, -cuts[j], j, peer))
         if options:
-            best[a] = min(options, key=lambda option: option[:3])
-    hops, layer = [], start
-    while layer < end:
-        hop = best[layer][3]
-        hops.append(hop)
-        layer = hop.end
+            best[i] = min(options, key=lambda option: option[:3])
+    hops, i = [], 0
+    while i < last:
+        _, _, _, j, peer = best[i]
+        hops.append(Hop(peer, cuts[i], cuts[j]))
+        i = j
     return hops

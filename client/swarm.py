@@ -16,7 +16,16 @@ import torch
 
 from client.bans import BanList
 from client.config import ClientConfig
-from client.routing import Hop, MissingLayersError, PeerInfo, accepts_quant, missing_spans, plan_route
+from client.routing import (
+    Hop,
+    MissingLayersError,
+    PeerInfo,
+    RouteCosts,
+    accepts_quant,
+    hop_cost,
+    missing_spans,
+    plan_route,
+)
 from client.session import InferenceSession
 from client.training import TrainStats, remote_forward
 from client.transport import LoopThread, Peer, PeerError
@@ -30,6 +39,16 @@ from common.wire import codec
 from common.wire.generated import potluck_pb2 as pb
 
 log = logging.getLogger(__name__)
+
+VET_ROUNDS = 8      # rounds of pings before a route is planned over what answered so far
+PROBE_PER_SPAN = 2  # runners-up pinged per hop of the planned chain, each round
+
+
+def address_host(address: str) -> str:
+    """The host of "host:port" or "[v6]:port" (the address itself if it has no port)."""
+    if address.startswith("["):
+        return address[1 : address.find("]")] if "]" in address else address
+    return address.rsplit(":", 1)[0] if address.count(":") == 1 else address
 
 
 def info_from_record(record: PeerRecord) -> PeerInfo:
@@ -55,7 +74,10 @@ class SwarmClient:
         self.infos: list[PeerInfo] = []
         self.rtts: dict[str, float] = {}
         self._rng = random.Random()
-        self.bans = BanList(base=config.ban_seconds)
+        self.bans = BanList(base=config.ban_seconds)  # keys: addresses, "id:" node ids, "host:" address hosts
+        # Seconds per layer per token this client measured of a peer (address): routing believes a stranger's
+        # advertised speed only down to RouteCosts.unproven_layer_seconds until it is in here.
+        self.measured: dict[str, float] = {}
         self.membership: Membership | DhtDiscovery | None = None
         self.security = config.security()
         # Nodes this client caught returning wrong activations (client/verify.py) are never used again;
@@ -98,8 +120,9 @@ class SwarmClient:
         return max(config.deadline_floor, config.deadline_factor * expected)
 
     async def reroute(self, start: int, end: int, failed: str) -> list[Hop]:
-        """Ban `failed`, then the cheapest chain over `[start, end)` without it; wait for one if none exists."""
-        self.bans.ban(failed, time.monotonic())
+        """Rule out `failed` (its address, node id and host), then the cheapest vetted chain over `[start, end)`
+        without it; wait for one if none exists."""
+        self._fail(failed, next((i.node_id for i in self.infos if i.address == failed), ""))
         give_up = time.monotonic() + self.config.missing_wait
         while True:
             try:
@@ -107,18 +130,16 @@ class SwarmClient:
             except PeerError:
                 infos = []
             self.infos = infos
-            banned = self.bans.banned(time.monotonic())
-            usable = [i for i in infos if i.address not in banned]
-            strikes = self._strike_counts()
             try:
-                return plan_route(usable, self.num_layers, start, end, rtts=self.rtts, rng=self._rng, strikes=strikes)
+                return await self._vetted_route(self._trusted(infos), start, end, forgive=False)
             except MissingLayersError as error:
                 missing = error
             try:  # nobody else covers those layers: forgive banned nodes, if they still answer
-                route = plan_route(infos, self.num_layers, start, end, rtts=self.rtts, rng=self._rng, strikes=strikes)
+                banned = self.bans.banned(time.monotonic())
+                route = self._plan(self._trusted(infos), start, end)
                 if await self._all_answer([hop.peer.address for hop in route if hop.peer.address in banned]):
                     for hop in route:
-                        self.bans.forgive(hop.peer.address)
+                        self._forgive(hop.peer)
                     return route
             except MissingLayersError:
                 pass
@@ -127,6 +148,89 @@ class SwarmClient:
                 missing.args = (f"{missing.args[0]} (waited {self.config.missing_wait:.0f}s for a replacement)",)
                 raise missing
             await asyncio.sleep(0.25)
+
+    # -- ruling out failed peers and vetting strangers ---------------------------------------------
+    def _fail(self, address: str, node_id: str = "") -> None:
+        """`address` failed this client: ban it, its node id and its host (one liar's many identities share
+        hosts; honest neighbours on that host stay usable when nobody else serves their layers: `_usable`)."""
+        now = time.monotonic()
+        for key in (address, f"id:{node_id}" if node_id else "", f"host:{address_host(address)}"):
+            if key:
+                self.bans.ban(key, now)
+
+    def _forgive(self, peer: PeerInfo) -> None:
+        for key in (peer.address, f"id:{peer.node_id}", f"host:{address_host(peer.address)}"):
+            self.bans.forgive(key)
+
+    def _usable(self, infos: list[PeerInfo], start: int, end: int) -> list[PeerInfo]:
+        """`infos` less the banned: by address, node id and host if the rest still covers `[start, end)`, else by
+        address and node id only (a host's other nodes forgiven), else MissingLayersError."""
+        banned = self.bans.banned(time.monotonic())
+        strict = [i for i in infos if i.address not in banned and f"id:{i.node_id}" not in banned]
+        for usable in ([i for i in strict if f"host:{address_host(i.address)}" not in banned], strict):
+            if not [gap for gap in missing_spans(usable, self.num_layers) if gap[0] < end and gap[1] > start]:
+                return usable
+        plan_route(strict, self.num_layers, start, end)  # raises MissingLayersError naming the gap
+        return strict
+
+    def _plan(self, infos: list[PeerInfo], start: int = 0, end: int | None = None) -> list[Hop]:
+        return plan_route(infos, self.num_layers, start, end, rtts=self.rtts, rng=self._rng,
+                          strikes=self._strike_counts(), measured=self.measured)
+
+    async def _vetted_route(self, infos: list[PeerInfo], start: int = 0, end: int | None = None,
+                            forgive: bool = True) -> list[Hop]:
+        """The cheapest chain whose every hop answered a ping (Info: alive, this model, ONLINE; its RTT measured).
+
+        Candidates are ranked from their records, not by calling every node: each round pings the planned
+        chain's unpinged hops and the next `config.probe_per_span` cheapest unpinged peers of each of their
+        spans (so a lie costs one round, not one per identity); a peer that fails is ruled out (`_fail`) and the
+        chain is planned again. With `forgive`, banned peers are used when nobody else covers some layers."""
+        end = self.num_layers if end is None else end
+        for _ in range(VET_ROUNDS):
+            try:
+                usable = self._usable(infos, start, end)
+            except MissingLayersError:
+                if not forgive:
+                    raise
+                usable = infos  # forgive: banned nodes are better than no route (liars are not: _trusted)
+            route = self._plan(usable, start, end)
+            unpinged = [hop.peer for hop in route if hop.peer.address not in self.rtts]
+            if not unpinged:
+                return route
+            await self._ping(unpinged + self._runners_up(usable, route))
+        return self._plan(self._usable(infos, start, end), start, end)
+
+    def _runners_up(self, infos: list[PeerInfo], route: list[Hop]) -> list[PeerInfo]:
+        """The next cheapest unpinged peers covering each hop of `route` (by their records, capped speeds)."""
+        per_hop = PROBE_PER_SPAN
+        chosen, seen = [], {hop.peer.address for hop in route}
+        for hop in route:
+            covering = [i for i in infos if i.start <= hop.start and hop.end <= i.end and i.address not in seen
+                        and i.address not in self.rtts]
+            covering.sort(key=lambda i: hop_cost(i, hop.start, hop.end, None, RouteCosts(), 0, self.measured))
+            for info in covering[:per_hop]:
+                seen.add(info.address)
+                chosen.append(info)
+        return chosen
+
+    async def _ping(self, infos: list[PeerInfo]) -> None:
+        """Info from each, in parallel: RTT measured if alive, serving this model and ONLINE; else ruled out."""
+        async def ping(info: PeerInfo) -> None:
+            started = time.perf_counter()
+            try:
+                reply = await (await self._dial(info.address)).info(self.config.connect_timeout)
+            except PeerError as error:
+                log.info("ruled out %s: %s", info.address, error)
+                self._fail(info.address, info.node_id)
+                return
+            if reply.config_hash != self.config_hash or reply.state != "ONLINE" or (
+                    info.node_id and reply.node_id != info.node_id):
+                log.info("ruled out %s: not what its record says", info.address)
+                self._fail(info.address, info.node_id)
+                return
+            self.rtts[info.address] = time.perf_counter() - started
+
+        await asyncio.gather(*(ping(info) for info in infos))
 
     # -- peers and route --------------------------------------------------------------------------
     def refresh(self) -> list[PeerInfo]:
@@ -153,24 +257,12 @@ class SwarmClient:
             if self.config.uses_dht:
                 how = f"the DHT (initial peers {', '.join(self.config.initial_peers)})"
             self._problems = [f"no node serving this model was found through {how}{other}"]
-        await self._measure_rtts(candidates)
-        return candidates
+        return candidates  # no Info call to every node: route() pings only the chain and its runners-up
 
     def _candidates(self) -> list[PeerInfo]:
         return self._trusted([info_from_record(r) for r in self.membership.live(self.config_hash)
                               if r.state == NodeState.ONLINE and accepts_quant(r.quant, self.config.accept_quant)])
 
-
-    async def _measure_rtts(self, infos: list[PeerInfo]) -> None:
-        async def ping(info: PeerInfo) -> None:
-            started = time.perf_counter()
-            try:
-                await (await self._dial(info.address)).info(self.config.connect_timeout)
-            except PeerError:
-                return
-            self.rtts[info.address] = time.perf_counter() - started
-
-        await asyncio.gather(*(ping(info) for info in infos if info.address not in self.rtts))
 
     async def _from_info(self, addresses: list[str]) -> list[PeerInfo]:
         async def timed(address: str):
@@ -218,16 +310,11 @@ class SwarmClient:
         return all(await asyncio.gather(*(answers(a) for a in addresses)))
 
     def route(self, refresh: bool = False) -> list[Hop]:
-        """The cheapest chain now (RTT + compute from published throughput + load)."""
+        """The cheapest vetted chain now (RTT + compute from measured, else capped published, throughput + load)."""
         if refresh or not self.infos:
             self.refresh()
-        banned = self.bans.banned(time.monotonic())
-        trusted = self._trusted(self.infos)
-        usable = [i for i in trusted if i.address not in banned]
         try:
-            if missing_spans(usable, self.num_layers):
-                usable = trusted  # forgive: banned nodes are better than no route (liars are not)
-            return plan_route(usable, self.num_layers, rtts=self.rtts, rng=self._rng, strikes=self._strike_counts())
+            return self._loop.run(self._vetted_route(self._trusted(self.infos)))
         except MissingLayersError as error:
             self._adapter_problem(error)
             if self._problems:
@@ -283,8 +370,7 @@ class SwarmClient:
         usable = [i for i in self._trusted(self.infos) if i.address not in avoid and i.address not in banned]
         whole = [i for i in usable if i.start <= start and end <= i.end]
         same = [i for i in whole if quant is not None and i.quant == quant]
-        return plan_route(same or whole or usable, self.num_layers, start, end, rtts=self.rtts, rng=self._rng,
-                          strikes=self._strike_counts())
+        return self._plan(same or whole or usable, start, end)
 
     async def convict(self, hop: Hop, reason: str) -> None:
         """`hop`'s node returned wrong activations: never route through it again; report a signed strike to

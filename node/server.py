@@ -192,7 +192,6 @@ async def _choose_span(config: NodeConfig, membership: Membership | DhtDiscovery
         return Span(config.start, config.end)
     if config.mdns and not config.uses_dht:
         await asyncio.sleep(config.discovery_wait)  # let mDNS answers and their record pulls arrive
-        await membership.pull_all()
     if config.num_blocks is not None:
         length = min(config.num_blocks, num_layers)
     else:
@@ -201,8 +200,9 @@ async def _choose_span(config: NodeConfig, membership: Membership | DhtDiscovery
         length = layers_for_memory(budget, per_layer, num_layers)
         if length < 1:
             raise MemoryError(f"not even one layer of {files.model_id} fits in {budget / 1e9:.2f} GB")
+    await membership.pull_all()  # re-read the swarm just before choosing: the freshest view herds least
     servers = _servers(membership, chash)
-    span = choose_span(servers, num_layers, length)
+    span = choose_span(servers, num_layers, length, random.Random())  # a random near-best window: no herd
     log.info("placement chose layers %d:%d (%d known nodes)", span.start, span.end, len(servers))
     return span
 
@@ -281,7 +281,9 @@ async def _rebalance_loop(node: RunningNode, rng: random.Random) -> None:
     num_layers = node.record.num_layers
     while True:
         await asyncio.sleep(period * rng.uniform(0.5, 1.5))  # jitter: nodes do not all move at once
-        target = plan_move(_servers(node.membership, node.record.config_hash), node.record.node_id, num_layers)
+        await node.membership.pull_all()  # decide on the freshest view
+        target = plan_move(_servers(node.membership, node.record.config_hash), node.record.node_id, num_layers,
+                           rng=rng)
         if target is None:
             continue
         log.warning("re-balancing: moving from layers %d:%d to %d:%d", node.record.start, node.record.end,

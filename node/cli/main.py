@@ -142,6 +142,12 @@ def _bench_compile():
     return compile_bench.add_compile_bench_parser, {"bench-compile": compile_bench.run_compile_bench_cli}
 
 
+def _bench_placement():
+    from node.bench import placement_sim
+
+    return placement_sim.add_placement_bench_parser, {"bench-placement": placement_sim.run_placement_bench_cli}
+
+
 def _bench_speculate():
     from node.bench import speculate
 
@@ -195,6 +201,8 @@ COMMANDS = (
             "time torch.compile (CUDA graphs on a GPU) against the eager decode step"),
     Command(("bench-speculate",), _bench_speculate,
             "benchmark speculative decoding by prompt lookup: swarm vs transformers"),
+    Command(("bench-placement",), _bench_placement,
+            "simulate 100 nodes joining at once: herding, reloads, coverage; time routing"),
     Command(("api", "dashboard"), _api,
             "serve an OpenAI-compatible HTTP API backed by the swarm, and its dashboard at /"),
     Command(("doctor",), _doctor, "check this machine before joining: memory, disk, clock, reachability"),

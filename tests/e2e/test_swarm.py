@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from client import DistributedModelForCausalLM
-from common.swarm.placement import Server, choose_span
+from common.swarm.placement import Server, candidate_spans, layer_throughput
 from common.swarm.records import NodeState, RecordError, verify_record
 from common.wire import codec
 from common.wire.generated import potluck_pb2 as pb
@@ -133,14 +133,14 @@ def test_auto_placement_follows_the_placement_function(swarm_model, reference, p
     servers: list[Server] = []
     first = None
     for num_blocks, throughput in joins:
-        predicted = choose_span(servers, 6, int(num_blocks))
+        allowed = {(span.start, span.end) for span, _ in candidate_spans(servers, 6, int(num_blocks))}
         bootstrap = ("--bootstrap", first.address) if first else ()
         node = processes(swarm_model, None, "--no-mdns", "--num-blocks", num_blocks, "--throughput", throughput,
                          "--no-rebalance", *bootstrap)
         first = first or node
-        assert (node.start_layer, node.end_layer) == (predicted.start, predicted.end)
-        servers.append(Server(node.address, predicted.start, predicted.end, float(throughput)))
-    assert [(s.start, s.end) for s in servers] == [(0, 3), (3, 5), (4, 6)]  # what the function predicted, whole model
+        assert (node.start_layer, node.end_layer) in allowed  # one of the near-best windows, picked at random
+        servers.append(Server(node.address, node.start_layer, node.end_layer, float(throughput)))
+    assert min(layer_throughput(servers, 6)) > 0  # each joiner saw the others: the three cover the model
     model = DistributedModelForCausalLM.from_pretrained(str(swarm_model), bootstrap=[first.address], mdns=False)
     try:
         generate_and_compare(model, reference)
@@ -152,19 +152,25 @@ def test_leaving_failing_and_rebalancing(swarm_model, reference, processes):
     common = ("--no-mdns", "--num-blocks", "2", "--throughput", "100", "--rebalance-period", "1")
     first = processes(swarm_model, None, *common)
     nodes = [first] + [processes(swarm_model, None, *common, "--bootstrap", first.address) for _ in range(3)]
-    assert [(n.start_layer, n.end_layer) for n in nodes] == [(0, 2), (2, 4), (4, 6), (0, 2)]
-    wait_until(lambda: len(live_spans(first.address)) == 4, 15)
+    # Placement picks among near-best windows at random; rebalancing closes any hole that chance leaves.
+    covered = lambda spans: len(spans) == 4 and min(layer_throughput(  # noqa: E731
+        [Server(a, *span, 1.0) for a, span in spans.items()], 6)) > 0
+    assert wait_until(lambda: covered(live_spans(first.address)), 30)
+    spans = live_spans(first.address)
 
     # SIGTERM: the node announces OFFLINE before it exits; every registry drops it within a heartbeat.
-    leaving = nodes[1]
+    # The one leaving alone serves some layer (4 spans of 2 over 6 layers: some node does), so it opens a hole.
+    sole = lambda node: any(  # noqa: E731
+        sum(a <= layer < b for a, b in spans.values()) == 1 for layer in range(*spans[node.address]))
+    leaving = next(node for node in nodes[1:] if sole(node))
     assert leaving.stop() == 0
     left_at = time.monotonic()
-    survivors = [nodes[0], nodes[2], nodes[3]]
+    survivors = [node for node in nodes if node is not leaving]
     for node in survivors:
         wait_until(lambda n=node: leaving.address not in live_spans(n.address), HEARTBEAT)
     assert time.monotonic() - left_at <= HEARTBEAT + 0.5
 
-    # One of the two nodes on 0:2 moves into the hole; the other stays, so nothing gets uncovered.
+    # A node whose layers others also serve moves into the hole; nothing else gets uncovered.
     moved = wait_until(lambda: sorted(live_spans(first.address).values()) == [(0, 2), (2, 4), (4, 6)], 30)
     assert moved
     model = DistributedModelForCausalLM.from_pretrained(str(swarm_model), bootstrap=[first.address], mdns=False)
@@ -174,10 +180,10 @@ def test_leaving_failing_and_rebalancing(swarm_model, reference, processes):
         model.close()
 
     # SIGKILL: no goodbye, so the node stays listed until its record's TTL runs out.
-    victim = nodes[2]
+    victim = survivors[1]
     victim.kill()
     killed_at = time.monotonic()
     assert victim.address in live_spans(nodes[0].address)
-    for node in (nodes[0], nodes[3]):
+    for node in (survivors[0], survivors[2]):
         wait_until(lambda n=node: victim.address not in live_spans(n.address), TTL + 2 * HEARTBEAT + 1)
     assert time.monotonic() - killed_at >= TTL - 2 * HEARTBEAT - 0.5  # it went by expiry, not by announcement

@@ -147,26 +147,26 @@ def test_sole_server_of_its_span_stays_even_with_a_hole():
     assert plan_move(servers, "c", 30) is None
 
 
-def test_moves_when_the_weakest_layer_gains_enough():
-    # now: 0:10 at 20 tokens/s, 10:20 at 1; moving c to 10:20 gives 10 and 11: a 10x gain
+def test_moves_when_the_weakest_layer_is_far_below_what_rebalancing_reaches():
+    # now: 0:10 at 20 tokens/s, 10:20 at 1; re-placing reaches 10 and 11: now is 0.1 of that
     servers = [Server("a", 0, 10, 10.0), Server("b", 10, 20, 1.0), Server("c", 0, 10, 10.0)]
     assert plan_move(servers, "c", 20) == Span(10, 20)
-    assert plan_move(servers, "c", 20, min_gain=9.0) == Span(10, 20)
-    assert plan_move(servers, "c", 20, min_gain=11.0) is None
+    assert plan_move(servers, "c", 20, balance_quality=0.11) == Span(10, 20)
+    assert plan_move(servers, "c", 20, balance_quality=0.09) is None
 
 
-def test_gain_threshold_is_respected_on_both_sides():
-    # now: 0:10 at 4, 10:20 at 2 (weakest 2); after c moves: 3 and 3 (weakest 3) -> gain 1.5
+def test_balance_quality_is_the_hysteresis():
+    # now: 0:10 at 4, 10:20 at 2 (weakest 2); after c moves: 3 and 3 (weakest 3): now is 2/3 of reachable
     servers = [Server("a", 0, 10, 3.0), Server("b", 10, 20, 2.0), Server("c", 0, 10, 1.0)]
-    assert plan_move(servers, "c", 20, min_gain=1.4) == Span(10, 20)
-    assert plan_move(servers, "c", 20, min_gain=1.6) is None
-    assert plan_move(servers, "c", 20, min_gain=1.5) is None  # must strictly exceed
+    assert plan_move(servers, "c", 20, balance_quality=0.7) == Span(10, 20)
+    assert plan_move(servers, "c", 20, balance_quality=0.6) is None
+    assert plan_move(servers, "c", 20, balance_quality=2 / 3) is None  # must be strictly below
 
 
 def test_a_move_that_does_not_raise_the_weakest_layer_is_not_made():
     # moving c from 0:10 to 10:20 only shifts the weakness to 0:10
     servers = [Server("a", 0, 10, 1.0), Server("b", 10, 20, 1.0), Server("c", 0, 10, 1.0)]
-    assert plan_move(servers, "c", 20, min_gain=1.0) is None
+    assert plan_move(servers, "c", 20, balance_quality=1.0) is None
 
 
 def test_a_move_keeps_the_span_length():
