@@ -63,7 +63,8 @@ class SwarmClient:
         self._identity: Identity | None = None  # signs this client's strikes (made on first use)
         self.train_stats = TrainStats()  # calls and bytes of differentiable passes (client/training.py)
         if not config.peers:
-            swarm = SwarmConfig(bootstrap=config.bootstrap, mdns=config.mdns, mdns_interface=config.mdns_interface)
+            swarm = SwarmConfig(bootstrap=config.bootstrap, mdns=config.mdns, mdns_interface=config.mdns_interface,
+                                model=config_hash or "")
             self.membership = Membership(swarm, security=self.security)
             self._loop.run(self.membership.start())
         self.strikes = self.membership.strikes if self.membership is not None else StrikeBook()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from common.swarm.records import TTL_CAP
+
 
 class ConfigError(ValueError):
     """A configuration value that cannot work; the message says which and why."""
@@ -84,8 +86,8 @@ class NodeConfig:
     num_blocks: int | None = None   # with no --blocks: how many layers to serve (default: what memory allows)
     memory_bytes: int | None = None  # with no --blocks: memory budget for weights + cache (default: free memory)
     throughput: float | None = None  # decode tokens/s to publish instead of measuring
-    heartbeat: float = 5.0          # seconds between re-announcements
-    ttl: float = 15.0               # record lifetime; a silent node disappears after it
+    heartbeat: float = 30.0         # seconds between re-announcements
+    ttl: float = 90.0               # record lifetime; a silent node disappears after it (at most 180)
     discovery_wait: float = 1.5     # seconds to listen for the swarm before choosing a span
     rebalance: bool = True          # move to a better span when coverage becomes uneven (auto-placed nodes)
     rebalance_period: float = 30.0  # mean seconds between rebalancing checks (jittered)
@@ -132,6 +134,8 @@ class NodeConfig:
             raise ConfigError("--num-blocks must be at least 1")
         if not 0 < self.heartbeat < self.ttl:
             raise ConfigError("need 0 < --heartbeat < --ttl")
+        if self.ttl > TTL_CAP:
+            raise ConfigError(f"--ttl {self.ttl:g}: at most {TTL_CAP:g} s (nodes cut longer TTLs to that)")
         self._check_limits()
         self._check_adapters()
         if self.relay_max_nodes < 1 or self.relay_max_bytes < 0:

@@ -330,7 +330,7 @@ async def start_node(config: NodeConfig) -> RunningNode:
         raise OSError(f"cannot bind {format_address(config.host, config.port)}")
     address = config.announce or format_address(advertised_host(config.host), port)
     swarm = SwarmConfig(bootstrap=config.bootstrap, mdns=config.mdns, mdns_interface=_mdns_interface(config),
-                        heartbeat=config.heartbeat, ttl=config.ttl)
+                        heartbeat=config.heartbeat, ttl=config.ttl, model=chash)
     membership = Membership(swarm, identity, stats=lambda: _stats(serving), security=security)
     node_identity = NodeIdentity(node_id=identity.node_id, name=config.name or address, model_id=files.model_id,
                                  config_hash=chash, num_layers=model_config.num_hidden_layers,
