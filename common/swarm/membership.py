@@ -237,7 +237,7 @@ class Membership:
             if self.registry.is_proven(record.node_id):
                 if news:
                     self._spawn(self._push([signed], self._peers(self.config.fanout, avoid=record.node_id)))
-            elif self.scope in ("", record.config_hash) or self.own is None:
+            else:  # other models' records too: a node may be another model's bootstrap node
                 self._prove_soon(record.node_id, forward=news)
         if accepted:
             self._digest = (-1, b"")
