@@ -101,6 +101,7 @@ class Membership:
         self._proving: dict[str, asyncio.Future] = {}  # node id -> its proof in flight
         self._proof_slots = asyncio.Semaphore(config.proofs)
         self._digest: tuple[int, bytes] = (-1, b"")
+        self._peer_list: tuple[int, list[tuple[str, str]]] = (-1, [])  # registry version, proven live peers
         self.changed = asyncio.Event()  # set whenever the registry gains something
 
     @property
@@ -272,9 +273,11 @@ class Membership:
     # -- the caller's side ----------------------------------------------------------------------------
     def _peers(self, count: int, avoid: str = "") -> set[str]:
         """`count` random proven live peers (their first address)."""
-        own = self.own.node_id if self.own is not None else ""
-        peers = [r.address for r in self.registry.live(now=self.clock(), model=self.scope or None, proven=True)
-                 if r.node_id not in (own, avoid)]
+        if self._peer_list[0] != self.registry.version:  # rebuilt when the registry changes (expiry included)
+            own = self.own.node_id if self.own is not None else ""
+            live = self.registry.live(now=self.clock(), model=self.scope or None, proven=True)
+            self._peer_list = (self.registry.version, [(r.node_id, r.address) for r in live if r.node_id != own])
+        peers = [address for node_id, address in self._peer_list[1] if node_id != avoid]
         return set(self._rng.sample(peers, min(count, len(peers))))
 
     def _own_digest(self) -> bytes:
