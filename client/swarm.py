@@ -86,7 +86,8 @@ class SwarmClient:
         self._identity: Identity | None = None  # signs this client's strikes (made on first use)
         self.train_stats = TrainStats()  # calls and bytes of differentiable passes (client/training.py)
         if not config.peers:
-            swarm = SwarmConfig(bootstrap=config.bootstrap, mdns=config.mdns, mdns_interface=config.mdns_interface)
+            swarm = SwarmConfig(bootstrap=config.bootstrap, mdns=config.mdns, mdns_interface=config.mdns_interface,
+                                model=config_hash or "")
             self.membership = make_discovery(swarm, config.dht_config(), security=self.security,
                                              watch={config_hash: num_layers})  # the DHT: only this model's keys
             try:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from common.swarm.records import TTL_CAP
+
 
 class ConfigError(ValueError):
     """A configuration value that cannot work; the message says which and why."""
@@ -85,8 +87,8 @@ class NodeConfig:
     num_blocks: int | None = None   # with no --blocks: how many layers to serve (default: what memory allows)
     memory_bytes: int | None = None  # with no --blocks: memory budget for weights + cache (default: free memory)
     throughput: float | None = None  # decode tokens/s to publish instead of measuring
-    heartbeat: float = 5.0          # seconds between re-announcements
-    ttl: float = 15.0               # record lifetime; a silent node disappears after it
+    heartbeat: float = 30.0         # seconds between re-announcements
+    ttl: float = 90.0               # record lifetime; a silent node disappears after it (at most 180)
     discovery_wait: float = 1.5     # seconds to listen for the swarm before choosing a span
     discovery: str = "auto"         # gossip (bootstrap + mDNS) | dht (hivemind DHT) | auto: dht with initial_peers
     initial_peers: tuple[str, ...] = ()  # DHT: multiaddrs of peers to join through; none = start a new DHT
@@ -151,6 +153,8 @@ class NodeConfig:
             raise ConfigError("--initial-peers are DHT peers: drop them, or use --discovery dht (or auto)")
         if not 0 <= self.dht_port <= 65535 or not 0 < self.dht_refresh <= 1200:
             raise ConfigError("--dht-port must be within 0..65535 and --dht-refresh within (0, 1200] seconds")
+        if self.ttl > TTL_CAP:
+            raise ConfigError(f"--ttl {self.ttl:g}: at most {TTL_CAP:g} s (nodes cut longer TTLs to that)")
         self._check_limits()
         self._check_adapters()
         if self.relay_max_nodes < 1 or self.relay_max_bytes < 0:

@@ -349,7 +349,7 @@ async def start_node(config: NodeConfig) -> RunningNode:
         raise OSError(f"cannot bind {format_address(config.host, config.port)}")
     address = config.announce or format_address(advertised_host(config.host), port)
     swarm = SwarmConfig(bootstrap=config.bootstrap, mdns=config.mdns, mdns_interface=_mdns_interface(config),
-                        heartbeat=config.heartbeat, ttl=config.ttl)
+                        heartbeat=config.heartbeat, ttl=config.ttl, model=chash)
     membership = make_discovery(swarm, _dht_config(config), identity, stats=lambda: _stats(serving),
                                 security=security, watch={chash: model_config.num_hidden_layers})
     node_identity = NodeIdentity(node_id=identity.node_id, name=config.name or address, model_id=files.model_id,

@@ -22,6 +22,7 @@ from common.wire.contract import PROTOCOL_VERSION
 MAX_PAYLOAD_BYTES = 4096
 MAX_CLOCK_SKEW = 60.0  # seconds a record may claim to come from the future
 MAX_TTL = 3600.0
+TTL_CAP = 180.0  # seconds a swarm member keeps a record at most (honest nodes announce 90 by default)
 MAX_ADAPTERS = 32  # LoRA adapter names one record may list (node/model/lora.py)
 
 
@@ -195,35 +196,122 @@ def renewed(record: PeerRecord, ttl: float, now: float | None = None, **changes)
     return replace(record, issued_at=now, expires_at=now + ttl, seq=max(record.seq + 1, int(now * 1000)), **changes)
 
 
+class CapError(RecordError):
+    """A valid record refused because a registry cap is reached (common/swarm/records.py Limits)."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a registry holds at most: strangers' records must not grow a node's state without bound."""
+
+    per_model: int = 16384   # records of one config hash
+    total: int = 32768       # records of all models
+    pending: int = 512       # records not yet proven (their address has not answered with their node id)
+    per_source: int = 120    # new identities one source (the gRPC peer host that pushed them) may add per minute
+    max_ttl: float = MAX_TTL  # a record's lifetime is cut to this (honest nodes use less)
+
+
 @dataclass
 class Registry:
-    """Records by node id; the newest (highest seq) of each node wins; OFFLINE ones are tombstones."""
+    """Records by node id; the newest (highest seq) of each node wins; OFFLINE ones are tombstones.
+
+    Bounded (`limits`): a new identity past a cap is refused (CapError), TTLs are cut to `limits.max_ttl`.
+    `proven` holds the node ids whose advertised address answered with their id: only those are passed
+    on and routed through."""
 
     records: dict[str, tuple[PeerRecord, SignedRecord]] = field(default_factory=dict)
     rejected: int = 0
+    limits: Limits = field(default_factory=Limits)
+    proven: set[str] = field(default_factory=set)
+    refused: int = 0   # valid records refused for a cap
+    version: int = 0   # grows with every change (caches of digests key on it)
+    _models: dict[str, int] = field(default_factory=dict)  # config hash -> records held
+    _sources: dict[str, list[float]] = field(default_factory=dict)  # source -> when it added new identities
 
-    def offer(self, signed: SignedRecord, now: float | None = None) -> bool:
-        """Verify and keep `signed` if it is newer than what we have; True if it changed the registry."""
+    def _verify(self, signed: SignedRecord, now: float | None) -> PeerRecord:
+        return verify_record(signed, now)
+
+    def offer(self, signed: SignedRecord, now: float | None = None, source: str | None = None) -> bool:
+        """Verify and keep `signed` if it is newer than what we have; True if it changed the registry.
+        `source`: who pushed it to us (None: we pulled it), for the per-source limit on new identities."""
+        now = time.time() if now is None else now
         held = self.records.get(node_id_of(signed.public_key)) if signed.public_key else None
-        if held is not None and held[1] == signed and held[0].expires_at > (time.time() if now is None else now):
+        if held is not None and held[1] == signed and held[0].expires_at > now:
             return False  # the very bytes we already verified: no need to check the signature again
         try:
-            record = verify_record(signed, now)
+            record = self._verify(signed, now)
         except RecordError:
             self.rejected += 1
             raise
+        if record.expires_at - record.issued_at > self.limits.max_ttl:
+            record = replace(record, expires_at=record.issued_at + self.limits.max_ttl)
+            if record.expires_at <= now:
+                self.rejected += 1
+                raise RecordError(f"record from {record.short_id} outlived the TTL cap of {self.limits.max_ttl:g}s")
         held = self.records.get(record.node_id)
         if held is not None and held[0].seq >= record.seq:
             return False
+        if held is None:
+            self._admit(record, now, source)
+        else:
+            self._count(held[0].config_hash, -1)
+            if held[0].addresses[:1] != record.addresses[:1]:
+                self.proven.discard(record.node_id)  # a new address must answer for the node again
+        self._count(record.config_hash, 1)
         self.records[record.node_id] = (record, signed)
+        self.version += 1
         return True
 
-    def offer_many(self, batch, now: float | None = None) -> tuple[int, list[str]]:
+    def _admit(self, record: PeerRecord, now: float, source: str | None) -> None:
+        """A new identity: refused (CapError) past a cap."""
+        limits = self.limits
+        if len(self.records) >= limits.total or self._models.get(record.config_hash, 0) >= limits.per_model \
+                or len(self.records) - len(self.proven) >= limits.pending:
+            self.expire(now)
+        problem = None
+        if len(self.records) >= limits.total:
+            problem = f"the registry holds its cap of {limits.total} records"
+        elif self._models.get(record.config_hash, 0) >= limits.per_model:
+            problem = f"the registry holds its cap of {limits.per_model} records for model {record.config_hash[:12]}"
+        elif len(self.records) - len(self.proven) >= limits.pending:
+            problem = f"the registry holds its cap of {limits.pending} unproven records"
+        elif source is not None:
+            times = [t for t in self._sources.get(source, ()) if t > now - 60.0]
+            if len(times) >= limits.per_source:
+                problem = f"{source} announced more than {limits.per_source} new nodes in a minute"
+            else:
+                times.append(now)
+            self._sources[source] = times
+            if len(self._sources) > 4 * limits.pending:  # forget quiet sources
+                self._sources = {s: t for s, t in self._sources.items() if t and t[-1] > now - 60.0}
+        if problem is not None:
+            self.refused += 1
+            raise CapError(f"record from {record.short_id} refused: {problem}")
+
+    def _count(self, model: str, delta: int) -> None:
+        left = self._models.get(model, 0) + delta
+        if left > 0:
+            self._models[model] = left
+        else:
+            self._models.pop(model, None)
+
+    def prove(self, node_id: str) -> bool:
+        """Mark `node_id` proven (its address answered with its id); False if we hold no record of it."""
+        if node_id not in self.records or node_id in self.proven:
+            return False
+        self.proven.add(node_id)
+        self.version += 1
+        return True
+
+    def is_proven(self, node_id: str) -> bool:
+        return node_id in self.proven
+
+    def offer_many(self, batch, now: float | None = None, source: str | None = None) -> tuple[int, list[str]]:
         """Offer each record; returns (number accepted as new, reasons for the ones dropped)."""
         accepted, problems = 0, []
         for signed in batch:
             try:
-                accepted += self.offer(signed, now)
+                accepted += self.offer(signed, now, source)
             except RecordError as error:
                 problems.append(str(error))
         return accepted, problems
@@ -232,20 +320,26 @@ class Registry:
         now = time.time() if now is None else now
         gone = [node_id for node_id, (record, _) in self.records.items() if record.expires_at <= now]
         for node_id in gone:
-            del self.records[node_id]
+            self._count(self.records.pop(node_id)[0].config_hash, -1)
+            self.proven.discard(node_id)
+        if gone:
+            self.version += 1
         return gone
 
-    def live(self, now: float | None = None, model: str | None = None) -> list[PeerRecord]:
-        """Unexpired records that are not OFFLINE (of one config hash, if given), ordered by node id."""
+    def live(self, now: float | None = None, model: str | None = None, proven: bool = False) -> list[PeerRecord]:
+        """Unexpired records that are not OFFLINE (of one config hash, if given; only proven ones, if asked),
+        ordered by node id."""
         now = time.time() if now is None else now
         out = [
             record
             for record, _ in self.records.values()
             if record.expires_at > now and record.state != NodeState.OFFLINE
-            and (model is None or record.config_hash == model)
+            and (model is None or record.config_hash == model) and (not proven or record.node_id in self.proven)
         ]
         return sorted(out, key=lambda r: r.node_id)
 
-    def signed(self, now: float | None = None) -> list[SignedRecord]:
+    def signed(self, now: float | None = None, model: str | None = None,
+               proven: bool = False) -> list[SignedRecord]:
         now = time.time() if now is None else now
-        return [signed for record, signed in self.records.values() if record.expires_at > now]
+        return [signed for record, signed in self.records.values() if record.expires_at > now
+                and (model is None or record.config_hash == model) and (not proven or record.node_id in self.proven)]

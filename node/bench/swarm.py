@@ -644,13 +644,25 @@ def add_swarm_bench_parser(commands) -> None:
     bench = commands.add_parser("bench-swarm", help="benchmark joining, discovery and gossip traffic")
     bench.add_argument("--model", default=None,
                        help="a model folder to time joins on too (default: only a tiny random LLaMA built on the fly)")
-    bench.add_argument("--nodes", type=int, default=3, help="existing nodes a newcomer must reach (default 3)")
+    bench.add_argument("--nodes", type=int, default=3,
+                       help="existing nodes a newcomer must reach (default 3); with --json: the simulated swarm's size")
+    bench.add_argument("--json", action="store_true",
+                       help="simulate a gossip swarm of --nodes nodes in simulated time (node/bench/gossip_sim.py) and "
+                            "print one JSON object per run")
     bench.add_argument("--runs", type=int, default=3, help="joins per model and trials per discovery mode (default 3)")
     bench.add_argument("--out", default=None, help="markdown file to write the results into (default: print only)")
     bench.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 
 def run_swarm_bench_cli(args: argparse.Namespace) -> None:
+    if args.json:
+        from node.bench.gossip_sim import SimSettings, simulate_swarm
+
+        if args.nodes < 2 or args.runs < 1:
+            raise ValueError("--json needs --nodes of at least 2 and --runs of at least 1")
+        for run in range(args.runs):
+            print(json.dumps(simulate_swarm(SimSettings(nodes=args.nodes, seed=run))), flush=True)
+        return
     model = Path(args.model).expanduser() if args.model else None
     if model is not None and not model.is_dir():
         raise ValueError(f"--model {args.model}: not a folder (bench-swarm needs a local model folder)")

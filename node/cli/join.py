@@ -84,8 +84,9 @@ def add_join_args(join: argparse.ArgumentParser) -> None:
         "--memory", default=None, help="with no --blocks: memory budget, e.g. 4GB (default: half the free memory)"
     )
     join.add_argument("--throughput", type=float, default=None, help="decode tokens/s to publish instead of measuring")
-    join.add_argument("--heartbeat", type=float, default=5.0, help="seconds between re-announcements (default 5)")
-    join.add_argument("--ttl", type=float, default=15.0, help="seconds a silent node stays listed (default 15)")
+    join.add_argument("--heartbeat", type=float, default=30.0, help="seconds between re-announcements (default 30)")
+    join.add_argument("--ttl", type=float, default=90.0,
+                      help="seconds a silent node stays listed (default 90, at most 180)")
     join.add_argument("--drain-timeout", type=float, default=30.0,
                       help="SIGTERM: seconds to wait for sessions to move away before exiting (default 30)")
     join.add_argument("--session-idle-timeout", type=float, default=600.0,

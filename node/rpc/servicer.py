@@ -114,7 +114,8 @@ class PotluckServicer(pb_grpc.PotluckServicer):
             check_gossip(request)
         except Exception as error:
             await _abort(context, error, self.metrics)
-        return self.membership.handle(request)
+        context.set_compression(grpc.Compression.Gzip)
+        return self.membership.handle(request, source=peer_host(context.peer()))
 
     async def Info(self, request: pb.InfoRequest, context) -> pb.InfoReply:
         try:

@@ -10,6 +10,7 @@ from common.swarm.records import (
     MAX_CLOCK_SKEW,
     MAX_PAYLOAD_BYTES,
     MAX_TTL,
+    Limits,
     NodeState,
     PeerRecord,
     RecordError,
@@ -452,3 +453,58 @@ def test_registry_live_filters(key, other_key):
     # and a stale ONLINE record cannot resurrect the node
     assert registry.offer(sign_record(c, third_key), now=NOW + 1) is False
     assert registry.live(now=NOW + 1, model="cfg-a") == [a]
+
+
+# --- caps: strangers cannot grow a registry without bound -----------------------------------------
+def _strangers(count: int, **changes) -> list:
+    keys = [Ed25519PrivateKey.generate() for _ in range(count)]
+    return [sign_record(make_record(k, **changes), k) for k in keys]
+
+
+def test_registry_caps_new_identities_per_source_per_minute():
+    registry = Registry(limits=Limits(per_source=5))
+    accepted, problems = registry.offer_many(_strangers(8), now=NOW, source="203.0.113.7")
+    assert accepted == 5 and len(problems) == 3 and "in a minute" in problems[0]
+    assert registry.refused == 3 and registry.rejected == 0  # valid records refused, not invalid ones
+    assert registry.offer_many(_strangers(2), now=NOW, source="198.51.100.1")[0] == 2  # another source
+    later = _strangers(2, issued_at=NOW + 60, expires_at=NOW + 120)
+    assert registry.offer_many(later, now=NOW + 61, source="203.0.113.7")[0] == 2  # a minute later
+    assert registry.offer_many(_strangers(3), now=NOW)[0] == 3  # pulled by us: no source, no such limit
+
+
+def test_registry_caps_per_model_in_total_and_unproven():
+    per_model = Registry(limits=Limits(per_model=3))
+    assert per_model.offer_many(_strangers(5), now=NOW)[0] == 3
+    assert per_model.offer_many(_strangers(2, config_hash="cfg-b"), now=NOW)[0] == 2
+    total = Registry(limits=Limits(total=4))
+    assert total.offer_many(_strangers(3) + _strangers(3, config_hash="cfg-b"), now=NOW)[0] == 4
+    pending = Registry(limits=Limits(pending=2))
+    first = _strangers(2)
+    assert pending.offer_many(first, now=NOW)[0] == 2
+    assert pending.offer_many(_strangers(1), now=NOW)[0] == 0  # two unproven already
+    assert pending.prove(node_id_of(first[0].public_key))
+    assert pending.offer_many(_strangers(1), now=NOW)[0] == 1  # proving one made room
+    # expired records make room again
+    assert per_model.offer_many(_strangers(1, issued_at=NOW + 190, expires_at=NOW + 250), now=NOW + 200)[0] == 1
+
+
+def test_registry_cuts_ttls_to_its_cap(key):
+    registry = Registry(limits=Limits(max_ttl=90.0))
+    long = make_record(key, expires_at=NOW + 3599)
+    assert registry.offer(sign_record(long, key), now=NOW)
+    assert registry.records[long.node_id][0].expires_at == NOW + 90
+    assert registry.live(now=NOW + 91) == []
+
+
+def test_registry_proofs_and_a_moved_address(key):
+    registry = Registry()
+    record = make_record(key)
+    registry.offer(sign_record(record, key), now=NOW)
+    assert registry.live(now=NOW, proven=True) == [] and registry.live(now=NOW) == [record]
+    assert registry.prove(record.node_id) and registry.live(now=NOW, proven=True) == [record]
+    renewal = renewed(record, ttl=60, now=NOW + 1)
+    registry.offer(sign_record(renewal, key), now=NOW + 1)
+    assert registry.is_proven(record.node_id)  # same address: still proven
+    moved = renewed(renewal, ttl=60, now=NOW + 2, addresses=("10.0.0.9:5000",))
+    registry.offer(sign_record(moved, key), now=NOW + 2)
+    assert not registry.is_proven(record.node_id)  # the new address must answer for the node again

@@ -253,20 +253,34 @@ class SignedRecord(_message.Message):
     def __init__(self, payload: _Optional[bytes] = ..., public_key: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class GossipRequest(_message.Message):
-    __slots__ = ("records", "strikes")
+    __slots__ = ("records", "strikes", "anti_entropy", "digest", "model", "push_only")
     RECORDS_FIELD_NUMBER: _ClassVar[int]
     STRIKES_FIELD_NUMBER: _ClassVar[int]
+    ANTI_ENTROPY_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PUSH_ONLY_FIELD_NUMBER: _ClassVar[int]
     records: _containers.RepeatedCompositeFieldContainer[SignedRecord]
     strikes: _containers.RepeatedCompositeFieldContainer[SignedRecord]
-    def __init__(self, records: _Optional[_Iterable[_Union[SignedRecord, _Mapping]]] = ..., strikes: _Optional[_Iterable[_Union[SignedRecord, _Mapping]]] = ...) -> None: ...
+    anti_entropy: bool
+    digest: bytes
+    model: str
+    push_only: bool
+    def __init__(self, records: _Optional[_Iterable[_Union[SignedRecord, _Mapping]]] = ..., strikes: _Optional[_Iterable[_Union[SignedRecord, _Mapping]]] = ..., anti_entropy: _Optional[bool] = ..., digest: _Optional[bytes] = ..., model: _Optional[str] = ..., push_only: _Optional[bool] = ...) -> None: ...
 
 class GossipReply(_message.Message):
-    __slots__ = ("records", "strikes")
+    __slots__ = ("records", "strikes", "wanted", "more", "node_id")
     RECORDS_FIELD_NUMBER: _ClassVar[int]
     STRIKES_FIELD_NUMBER: _ClassVar[int]
+    WANTED_FIELD_NUMBER: _ClassVar[int]
+    MORE_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
     records: _containers.RepeatedCompositeFieldContainer[SignedRecord]
     strikes: _containers.RepeatedCompositeFieldContainer[SignedRecord]
-    def __init__(self, records: _Optional[_Iterable[_Union[SignedRecord, _Mapping]]] = ..., strikes: _Optional[_Iterable[_Union[SignedRecord, _Mapping]]] = ...) -> None: ...
+    wanted: bytes
+    more: bool
+    node_id: str
+    def __init__(self, records: _Optional[_Iterable[_Union[SignedRecord, _Mapping]]] = ..., strikes: _Optional[_Iterable[_Union[SignedRecord, _Mapping]]] = ..., wanted: _Optional[bytes] = ..., more: _Optional[bool] = ..., node_id: _Optional[str] = ...) -> None: ...
 
 class ProbeRequest(_message.Message):
     __slots__ = ("address",)
