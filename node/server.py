@@ -25,6 +25,7 @@ from common.weights.dtypes import dtype_name, free_memory, resolve_device, resol
 from common.weights.errors import ModelLoadError
 from common.weights.fast_linear import transpose_linears
 from common.weights.files import ModelFiles, config_hash
+from common.weights.fingerprint import weights_fingerprint
 from common.wire.codec import MAX_MESSAGE_BYTES
 from common.wire.generated import potluck_pb2 as pb
 from common.wire.security import Security, load_security
@@ -314,6 +315,16 @@ def _dht_config(config: NodeConfig) -> DhtConfig | None:
                      announce_maddrs=announce, refresh=config.dht_refresh, ttl=3 * config.dht_refresh)
 
 
+async def _fingerprint(files: ModelFiles) -> str:
+    """The model's weights fingerprint for the record (common/weights/fingerprint.py); "" when unreadable."""
+    try:
+        return await asyncio.to_thread(weights_fingerprint, files)
+    except (ModelLoadError, OSError, ValueError, KeyError) as error:
+        log.warning("%s: no weights fingerprint (%s); clients matching fingerprints will not route here",
+                    files.model_id, error)
+        return ""
+
+
 async def start_node(config: NodeConfig) -> RunningNode:
     """Bind, join, load, serve. Returns once the node is ONLINE (its span loaded and announced)."""
     ensure_free(config.host, config.port)  # before any loading: a taken port is the user's to fix, in one line
@@ -323,6 +334,7 @@ async def start_node(config: NodeConfig) -> RunningNode:
     files = ModelFiles.open(config.model, revision=config.revision)
     model_config = files.config()
     chash = config_hash(model_config)
+    fingerprint = await _fingerprint(files)
     security = load_security(config.swarm_key, config.tls, config.tls_cert, config.tls_key, config.tls_ca,
                              config.tls_server_name)
     identity = load_identity(config.identity)
@@ -389,6 +401,7 @@ async def start_node(config: NodeConfig) -> RunningNode:
         name=config.name or address,
         started_at=serving.started_at,
         relay_slots=config.relay_max_nodes if config.relay else 0,
+        weights=fingerprint,
     )
     node = RunningNode(config=config, server=server, health=health_servicer, serving=serving, membership=membership,
                        identity=identity, address=address, files=files, record=record, device=device, dtype=dtype,
