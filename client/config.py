@@ -43,6 +43,7 @@ class ClientConfig:
     weights: str = "match"             # match: only nodes announcing the model's weights fingerprint (from the
                                        # client's files; without them: most nodes') | any: the config hash only
     unfingerprinted: bool = False      # with match: also nodes whose records carry no fingerprint (older nodes)
+    model_cache: str = "~/.cache/potluck/models"  # client files fetched from nodes, by fingerprint (client/fetch.py)
     verify: str = "off"                # recompute hops on other nodes: off | spot (some steps) | full (every step)
     verify_fraction: float = 0.25      # spot: the share of steps that trigger a check (client/verify.py)
     # -- trust (docs/reliability.md) ----------------------------------------------------------------

@@ -21,6 +21,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from client.combine import Combiner, PackedHead
 from client.config import ClientConfig
 from client.draft import AdaptiveDraft, Calls, StopAwareDraft
+from client.fetch import from_swarm
 from client.swarm import SwarmClient, SyncSession
 from client.verify import VerificationError, VerificationRestart
 from common.weights.client_parts import load_client_parts
@@ -149,7 +150,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             dtype=dtype, wire_dtype=wire_dtype, push=push, swarm_key=swarm_key, tls=tls, tls_ca=tls_ca, verify=verify,
             adapter=adapter,
         )
-        files = ModelFiles.open(model, revision=revision)
+        # a model id the swarm serves needs neither its files nor the hub: nodes serve them (client/fetch.py)
+        files = from_swarm(model, config, revision) or ModelFiles.open(model, revision=revision)
         parts = load_client_parts(files, resolve_device(config.device), parse_dtype(config.dtype))
         fingerprint = weights_fingerprint(files) if config.weights == "match" and not config.peers else ""
         swarm = SwarmClient(config, parts.config.num_hidden_layers, parts.config.hidden_size, config_hash(parts.config),

@@ -36,6 +36,7 @@ from node.model.loader import bytes_per_layer, load_span, own_memory
 from node.model.quant import quantize_span
 from node.rpc.dialing import DialPolicy, lab_swarm, members_of
 from node.rpc.handlers import add_service
+from node.rpc.model_files import ModelFileServer
 from node.rpc.probe import Prober
 from node.rpc.push import Pusher
 from node.rpc.ratelimit import RateLimiter
@@ -370,6 +371,7 @@ async def start_node(config: NodeConfig) -> RunningNode:
     members = members_of(membership) if config.bootstrap or config.mdns else None
     servicer.pusher = Pusher(security=security, policy=policy, members=members)
     servicer.prober = Prober(security=security, policy=policy)  # Probe dials as this node does (TLS, swarm key)
+    servicer.model_files = ModelFileServer(files)  # rpc ModelFile: config, tokenizer, client parts
     # registered from the descriptors: request bytes that do not parse get INVALID_ARGUMENT (node/rpc/handlers.py)
     add_service(server, pb.DESCRIPTOR.services_by_name["Potluck"], servicer, metrics.error if metrics else None)
     if config.relay:  # volunteer as a relay (node/relay/relay.py): rpc Attach, behind the same interceptors

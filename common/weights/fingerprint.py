@@ -20,6 +20,12 @@ from common.weights import gguf
 from common.weights.errors import ModelLoadError
 from common.weights.files import ModelFiles, config_hash
 
+# What a node serves a client that lacks the model's files (rpc ModelFile, node/rpc/model_files.py): these
+# metadata files, and CLIENT_PARTS_FILE, a safetensors file of the client parts (checked by the fingerprint).
+SHARED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+                "vocab.json", "merges.txt", "tokenizer.model")
+CLIENT_PARTS_FILE = "client_parts.safetensors"
 FINGERPRINT_CHARS = 32  # hex characters of a fingerprint (128 bits)
 _CHUNK = 8 << 20
 _LAYER_KEY = re.compile(r"(^|\.)(layers|h|blocks|block)\.\d+\.")  # a decoder layer's tensor ("model.layers.3.")
@@ -43,19 +49,35 @@ def _digest_range(handle, begin: int, end: int, head: bytes) -> str:
     return digest.hexdigest()
 
 
+def read_safetensors_header(handle) -> tuple[dict, int]:
+    """A safetensors file's header (name -> dtype, shape, data_offsets) and where its data starts."""
+    (length,) = struct.unpack("<Q", handle.read(8))
+    if length > 100 << 20:
+        raise ModelLoadError(f"{handle.name}: a safetensors header of {length} bytes")
+    return json.loads(handle.read(length)), 8 + length
+
+
+def client_tensors(files: ModelFiles) -> dict[str, list[str]]:
+    """shard file name -> the names of its tensors outside the decoder layers (safetensors only)."""
+    by_shard: dict[str, list[str]] = {}
+    for name, shard in files.weight_map().items():
+        if is_client_key(name):
+            by_shard.setdefault(shard, []).append(name)
+    return by_shard
+
+
 def safetensors_digests(path: Path, names: Iterable[str]) -> dict[str, str]:
     """name -> sha256 of (dtype, shape, raw bytes) of each named tensor of one safetensors file."""
     out = {}
     with open(path, "rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(length))
+        header, data_start = read_safetensors_header(handle)
         for name in names:
             entry = header.get(name)
             if not isinstance(entry, dict):
                 raise ModelLoadError(f"{path.name} has no tensor {name!r}")
             begin, end = entry["data_offsets"]
             head = f"{entry['dtype']}{entry['shape']}".encode()
-            out[name] = _digest_range(handle, 8 + length + begin, 8 + length + end, head)
+            out[name] = _digest_range(handle, data_start + begin, data_start + end, head)
     return out
 
 
@@ -67,12 +89,8 @@ def client_digests(files: ModelFiles) -> dict[str, str]:
             return {entry.name: _digest_range(handle, entry.offset, entry.offset + entry.nbytes,
                                               f"{entry.qtype.name}{list(entry.shape)}".encode())
                     for entry in header.tensors.values() if gguf.layer_of(entry.name) is None}
-    by_shard: dict[str, list[str]] = {}
-    for name, shard in files.weight_map().items():
-        if is_client_key(name):
-            by_shard.setdefault(shard, []).append(name)
     out: dict[str, str] = {}
-    for shard, names in sorted(by_shard.items()):
+    for shard, names in sorted(client_tensors(files).items()):
         out.update(safetensors_digests(files.fetch(shard), names))
     return out
 

@@ -86,6 +86,7 @@ class PotluckServicer(pb_grpc.PotluckServicer):
         self.pusher = push.Pusher()
         self._streams: dict[str, _Stream] = {}  # session id -> its open stream, for Push
         self.prober = Prober()  # Probe: dials through the node's Security (set by start_node)
+        self.model_files = None  # ModelFile: a node/rpc/model_files.ModelFileServer (set by start_node)
 
     def _executor(self) -> Executor:
         executor = self.serving.executor
@@ -421,6 +422,18 @@ class PotluckServicer(pb_grpc.PotluckServicer):
         except Exception as error:
             await _abort(context, error, self.metrics)
         return pb.ProbeReply(reachable=reachable, detail=detail, time=arrived)
+
+    async def ModelFile(self, request: pb.ModelFileRequest, context) -> AsyncIterator[pb.ModelFileChunk]:
+        """The client's files (config, tokenizer, client parts) from this node's folder (node/rpc/model_files.py)."""
+        try:
+            self._charge(peer_host(context.peer()), "ModelFile")
+            if self.model_files is None:
+                raise NotFound("this node serves no model files")
+            size, chunks = self.model_files.open(request.name)
+        except Exception as error:
+            await _abort(context, error, self.metrics)
+        async for data in chunks:
+            yield pb.ModelFileChunk(data=data, size=size)
 
     async def close(self) -> None:
         """Close the channels to push targets (after the server has stopped)."""
