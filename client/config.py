@@ -40,6 +40,10 @@ class ClientConfig:
                                        # (only exact, unquantised nodes); docs/quantization.md
     adapter: str | None = None         # LoRA adapter the nodes apply (one they serve: `potluck join --adapter`);
                                        # None = the base model. Routing uses only nodes that serve it
+    weights: str = "match"             # match: only nodes announcing the model's weights fingerprint (from the
+                                       # client's files; without them: most nodes') | any: the config hash only
+    unfingerprinted: bool = False      # with match: also nodes whose records carry no fingerprint (older nodes)
+    model_cache: str = "~/.cache/potluck/models"  # client files fetched from nodes, by fingerprint (client/fetch.py)
     verify: str = "off"                # recompute hops on other nodes: off | spot (some steps) | full (every step)
     verify_fraction: float = 0.25      # spot: the share of steps that trigger a check (client/verify.py)
     # -- trust (docs/reliability.md) ----------------------------------------------------------------
@@ -74,6 +78,8 @@ class ClientConfig:
             raise ValueError(f"accept_quant {self.accept_quant!r} is not one of any, int8, none")
         if self.adapter is not None and (not isinstance(self.adapter, str) or not 0 < len(self.adapter) <= 64):
             raise ValueError(f"adapter {self.adapter!r}: give the name a node serves it under (1-64 characters)")
+        if self.weights not in ("match", "any"):
+            raise ValueError(f"weights {self.weights!r} is not one of match, any")
         if self.verify not in ("off", "spot", "full"):
             raise ValueError(f"verify {self.verify!r} is not one of off, spot, full")
         if not 0 < self.verify_fraction <= 1:

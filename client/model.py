@@ -21,12 +21,14 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from client.combine import Combiner, PackedHead
 from client.config import ClientConfig
 from client.draft import AdaptiveDraft, Calls, StopAwareDraft
+from client.fetch import from_swarm
 from client.swarm import SwarmClient, SyncSession
 from client.verify import VerificationError, VerificationRestart
 from common.weights.client_parts import load_client_parts
 from common.weights.dtypes import parse_dtype, resolve_device
 from common.weights.fast_linear import TransposedLinear
 from common.weights.files import ModelFiles, config_hash
+from common.weights.fingerprint import weights_fingerprint
 from common.weights.threads import one_torch_thread, saved_torch_threads
 
 log = logging.getLogger(__name__)
@@ -148,9 +150,12 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             dtype=dtype, wire_dtype=wire_dtype, push=push, swarm_key=swarm_key, tls=tls, tls_ca=tls_ca, verify=verify,
             adapter=adapter,
         )
-        files = ModelFiles.open(model, revision=revision)
+        # a model id the swarm serves needs neither its files nor the hub: nodes serve them (client/fetch.py)
+        files = from_swarm(model, config, revision) or ModelFiles.open(model, revision=revision)
         parts = load_client_parts(files, resolve_device(config.device), parse_dtype(config.dtype))
-        swarm = SwarmClient(config, parts.config.num_hidden_layers, parts.config.hidden_size, config_hash(parts.config))
+        fingerprint = weights_fingerprint(files) if config.weights == "match" and not config.peers else ""
+        swarm = SwarmClient(config, parts.config.num_hidden_layers, parts.config.hidden_size, config_hash(parts.config),
+                            weights=fingerprint)
         try:
             swarm.route()  # fail now, with a clear message, if the peers do not cover the model
         except BaseException:
@@ -182,7 +187,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         swarm client is its own (routing only through nodes serving `adapter`). MissingLayersError if no chain
         of such nodes covers the model. Close it like any model."""
         swarm = SwarmClient(replace(self.swarm.config, adapter=adapter), self.swarm.num_layers, self.swarm.hidden_size,
-                            self.swarm.config_hash)
+                            self.swarm.config_hash, weights=self.swarm.weights)
         try:
             swarm.route()
         except BaseException:

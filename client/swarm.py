@@ -30,6 +30,7 @@ from client.session import InferenceSession
 from client.training import TrainStats, remote_forward
 from client.transport import LoopThread, Peer, PeerError
 from client.verify import Verifier
+from client.weights import same_weights
 from common.swarm.dht import DhtDiscovery, make_discovery
 from common.swarm.identity import Identity, ephemeral_identity
 from common.swarm.membership import Membership, SwarmConfig
@@ -63,8 +64,10 @@ def info_from_record(record: PeerRecord) -> PeerInfo:
 
 
 class SwarmClient:
-    def __init__(self, config: ClientConfig, num_layers: int, hidden_size: int, config_hash: str):
+    def __init__(self, config: ClientConfig, num_layers: int, hidden_size: int, config_hash: str, weights: str = ""):
         self.config = config
+        self.weights = weights  # the model's weights fingerprint (client/weights.py); "" = the swarm's majority
+        self._weights_note = ""  # why nodes of this config were refused for their weights, as of the last refresh
         self.num_layers = num_layers
         self.hidden_size = hidden_size
         self.config_hash = config_hash
@@ -251,18 +254,22 @@ class SwarmClient:
             covered = lambda: not missing_spans(self._candidates(), self.num_layers)  # noqa: E731
             await self.membership.wait_for(covered, self.config.discovery_timeout)
         candidates = self._candidates()
+        self._problems = [self._weights_note] if self._weights_note else []
         if not candidates:
             known = self.membership.live()
             other = f" ({len(known)} nodes serve other models)" if known else ""
             how = ", ".join(filter(None, ["mDNS" if self.config.mdns else "", *self.config.bootstrap]))
             if self.config.uses_dht:
                 how = f"the DHT (initial peers {', '.join(self.config.initial_peers)})"
-            self._problems = [f"no node serving this model was found through {how}{other}"]
+            self._problems = [f"no node serving this model was found through {how}{other}", *self._problems]
         return candidates  # no Info call to every node: route() pings only the chain and its runners-up
 
     def _candidates(self) -> list[PeerInfo]:
-        return self._trusted([info_from_record(r) for r in self.membership.live(self.config_hash)
-                              if r.state == NodeState.ONLINE and accepts_quant(r.quant, self.config.accept_quant)])
+        records = [r for r in self.membership.live(self.config_hash)
+                   if r.state == NodeState.ONLINE and accepts_quant(r.quant, self.config.accept_quant)]
+        if self.config.weights == "match":
+            records, self._weights_note = same_weights(records, self.weights, self.config.unfingerprinted)
+        return self._trusted([info_from_record(r) for r in records])
 
 
     async def _from_info(self, addresses: list[str]) -> list[PeerInfo]:

@@ -25,6 +25,7 @@ from common.weights.dtypes import dtype_name, free_memory, resolve_device, resol
 from common.weights.errors import ModelLoadError
 from common.weights.fast_linear import transpose_linears
 from common.weights.files import ModelFiles, config_hash
+from common.weights.fingerprint import weights_fingerprint
 from common.wire.codec import MAX_MESSAGE_BYTES
 from common.wire.generated import potluck_pb2 as pb
 from common.wire.security import Security, load_security
@@ -35,6 +36,7 @@ from node.model.loader import bytes_per_layer, load_span, own_memory
 from node.model.quant import quantize_span
 from node.rpc.dialing import DialPolicy, lab_swarm, members_of
 from node.rpc.handlers import add_service
+from node.rpc.model_files import ModelFileServer
 from node.rpc.probe import Prober
 from node.rpc.push import Pusher
 from node.rpc.ratelimit import RateLimiter
@@ -320,6 +322,16 @@ def _dht_config(config: NodeConfig) -> DhtConfig | None:
                      announce_maddrs=announce, refresh=config.dht_refresh, ttl=3 * config.dht_refresh)
 
 
+async def _fingerprint(files: ModelFiles) -> str:
+    """The model's weights fingerprint for the record (common/weights/fingerprint.py); "" when unreadable."""
+    try:
+        return await asyncio.to_thread(weights_fingerprint, files)
+    except (ModelLoadError, OSError, ValueError, KeyError) as error:
+        log.warning("%s: no weights fingerprint (%s); clients matching fingerprints will not route here",
+                    files.model_id, error)
+        return ""
+
+
 async def start_node(config: NodeConfig) -> RunningNode:
     """Bind, join, load, serve. Returns once the node is ONLINE (its span loaded and announced)."""
     ensure_free(config.host, config.port)  # before any loading: a taken port is the user's to fix, in one line
@@ -329,6 +341,7 @@ async def start_node(config: NodeConfig) -> RunningNode:
     files = ModelFiles.open(config.model, revision=config.revision)
     model_config = files.config()
     chash = config_hash(model_config)
+    fingerprint = await _fingerprint(files)
     security = load_security(config.swarm_key, config.tls, config.tls_cert, config.tls_key, config.tls_ca,
                              config.tls_server_name)
     identity = load_identity(config.identity)
@@ -364,6 +377,7 @@ async def start_node(config: NodeConfig) -> RunningNode:
     members = members_of(membership) if config.bootstrap or config.mdns else None
     servicer.pusher = Pusher(security=security, policy=policy, members=members)
     servicer.prober = Prober(security=security, policy=policy)  # Probe dials as this node does (TLS, swarm key)
+    servicer.model_files = ModelFileServer(files)  # rpc ModelFile: config, tokenizer, client parts
     # registered from the descriptors: request bytes that do not parse get INVALID_ARGUMENT (node/rpc/handlers.py)
     add_service(server, pb.DESCRIPTOR.services_by_name["Potluck"], servicer, metrics.error if metrics else None)
     if config.relay:  # volunteer as a relay (node/relay/relay.py): rpc Attach, behind the same interceptors
@@ -395,6 +409,7 @@ async def start_node(config: NodeConfig) -> RunningNode:
         name=config.name or address,
         started_at=serving.started_at,
         relay_slots=config.relay_max_nodes if config.relay else 0,
+        weights=fingerprint,
     )
     node = RunningNode(config=config, server=server, health=health_servicer, serving=serving, membership=membership,
                        identity=identity, address=address, files=files, record=record, device=device, dtype=dtype,

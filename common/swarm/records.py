@@ -68,6 +68,7 @@ class PeerRecord:
     adapters: tuple[str, ...] = ()   # LoRA adapters the node serves, by name (older records: none)
     relay_slots: int = 0             # > 0: volunteers as a relay for this many nodes (docs/relay.md); older: 0
     relay_via: str = ""              # relayed node: the node id of the relay its address goes through
+    weights: str = ""                # the model's weights fingerprint (common/weights/fingerprint.py); "" = unknown
     protocol_version: int = PROTOCOL_VERSION
 
     @property
@@ -93,7 +94,7 @@ _SCHEMA: dict[str, tuple[type, ...]] = {
     "throughput": (int, float), "prefill_throughput": (int, float), "free_cache_tokens": (int,),
     "max_length": (int,), "load": (int, float), "state": (str,), "name": (str,), "issued_at": (int, float),
     "expires_at": (int, float), "seq": (int,), "protocol_version": (int,), "started_at": (int, float),
-    "relay_slots": (int,), "relay_via": (str,),
+    "relay_slots": (int,), "relay_via": (str,), "weights": (str,),
 }
 _REQUIRED = ("node_id", "addresses", "model_id", "config_hash", "num_layers", "start", "end", "issued_at",
              "expires_at", "seq", "protocol_version", "state")
@@ -163,6 +164,8 @@ def _validate(data: dict) -> PeerRecord:
     known["adapters"] = adapters
     if len(known.get("relay_via", "")) > 64:
         raise RecordError("malformed record: relay_via is longer than a node id")
+    if len(known.get("weights", "")) > 64:
+        raise RecordError("malformed record: weights is longer than a fingerprint")
     if not 0 <= known["start"] < known["end"] <= known["num_layers"]:
         raise RecordError(f"malformed record: span {known['start']}:{known['end']} of {known['num_layers']} layers")
     try:

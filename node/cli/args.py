@@ -175,6 +175,11 @@ def add_verify_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--accept-quant", default="any", choices=["any", "int8", "none"],
                         help="route through nodes with quantised weights: any (default), int8 (int8 or none), "
                              "none (only unquantised nodes: outputs exact to transformers')")
+    parser.add_argument("--weights", default="match", choices=["match", "any"],
+                        help="match (default): route only through nodes announcing the model's weights fingerprint "
+                             "(docs/swarm.md); any: every node of the model's config")
+    parser.add_argument("--allow-unfingerprinted", action="store_true",
+                        help="with --weights match: also route through nodes announcing no fingerprint (older nodes)")
     parser.add_argument("--verify", default="off", choices=["off", "spot", "full"],
                         help="recompute hops on other nodes serving the same layers and ban nodes caught lying: "
                              "spot = a random share of steps, full = every step (default off)")
@@ -183,4 +188,5 @@ def add_verify_args(parser: argparse.ArgumentParser) -> None:
 
 
 def verify_options(args: argparse.Namespace) -> dict:
-    return {"verify": args.verify, "verify_fraction": args.verify_fraction, "accept_quant": args.accept_quant}
+    return {"verify": args.verify, "verify_fraction": args.verify_fraction, "accept_quant": args.accept_quant,
+            "weights": args.weights, "unfingerprinted": args.allow_unfingerprinted}

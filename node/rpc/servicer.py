@@ -89,6 +89,7 @@ class PotluckServicer(pb_grpc.PotluckServicer):
         # connections our relay link opened to this server (their peer as gRPC names it) -> the caller the relay
         # saw; filled only by node/relay/link.py, so a caller behind a relay is charged as itself, not as loopback
         self.tunneled: dict[str, str] = {}
+        self.model_files = None  # ModelFile: a node/rpc/model_files.ModelFileServer (set by start_node)
 
     def _executor(self) -> Executor:
         executor = self.serving.executor
@@ -431,6 +432,18 @@ class PotluckServicer(pb_grpc.PotluckServicer):
         except Exception as error:
             await _abort(context, error, self.metrics)
         return pb.ProbeReply(reachable=reachable, detail=detail, time=arrived)
+
+    async def ModelFile(self, request: pb.ModelFileRequest, context) -> AsyncIterator[pb.ModelFileChunk]:
+        """The client's files (config, tokenizer, client parts) from this node's folder (node/rpc/model_files.py)."""
+        try:
+            self._charge(peer_host(context.peer()), "ModelFile")
+            if self.model_files is None:
+                raise NotFound("this node serves no model files")
+            size, chunks = self.model_files.open(request.name)
+        except Exception as error:
+            await _abort(context, error, self.metrics)
+        async for data in chunks:
+            yield pb.ModelFileChunk(data=data, size=size)
 
     async def close(self) -> None:
         """Close the channels to push targets (after the server has stopped)."""

@@ -297,3 +297,17 @@ class ProbeReply(_message.Message):
     detail: str
     time: float
     def __init__(self, reachable: _Optional[bool] = ..., detail: _Optional[str] = ..., time: _Optional[float] = ...) -> None: ...
+
+class ModelFileRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class ModelFileChunk(_message.Message):
+    __slots__ = ("data", "size")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    size: int
+    def __init__(self, data: _Optional[bytes] = ..., size: _Optional[int] = ...) -> None: ...

@@ -74,6 +74,11 @@ class PotluckStub:
                 request_serializer=common_dot_wire_dot_generated_dot_potluck__pb2.ProbeRequest.SerializeToString,
                 response_deserializer=common_dot_wire_dot_generated_dot_potluck__pb2.ProbeReply.FromString,
                 _registered_method=True)
+        self.ModelFile = channel.unary_stream(
+                '/potluck.v1.Potluck/ModelFile',
+                request_serializer=common_dot_wire_dot_generated_dot_potluck__pb2.ModelFileRequest.SerializeToString,
+                response_deserializer=common_dot_wire_dot_generated_dot_potluck__pb2.ModelFileChunk.FromString,
+                _registered_method=True)
 
 
 class PotluckServicer:
@@ -127,6 +132,12 @@ class PotluckServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ModelFile(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PotluckServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -169,6 +180,11 @@ def add_PotluckServicer_to_server(servicer, server):
                     servicer.Probe,
                     request_deserializer=common_dot_wire_dot_generated_dot_potluck__pb2.ProbeRequest.FromString,
                     response_serializer=common_dot_wire_dot_generated_dot_potluck__pb2.ProbeReply.SerializeToString,
+            ),
+            'ModelFile': grpc.unary_stream_rpc_method_handler(
+                    servicer.ModelFile,
+                    request_deserializer=common_dot_wire_dot_generated_dot_potluck__pb2.ModelFileRequest.FromString,
+                    response_serializer=common_dot_wire_dot_generated_dot_potluck__pb2.ModelFileChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -387,6 +403,33 @@ class Potluck:
             '/potluck.v1.Potluck/Probe',
             common_dot_wire_dot_generated_dot_potluck__pb2.ProbeRequest.SerializeToString,
             common_dot_wire_dot_generated_dot_potluck__pb2.ProbeReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ModelFile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/potluck.v1.Potluck/ModelFile',
+            common_dot_wire_dot_generated_dot_potluck__pb2.ModelFileRequest.SerializeToString,
+            common_dot_wire_dot_generated_dot_potluck__pb2.ModelFileChunk.FromString,
             options,
             channel_credentials,
             insecure,
