@@ -20,7 +20,7 @@ from common.swarm.identity import Identity
 from common.swarm.mdns import MdnsDiscovery
 from common.swarm.records import NodeState, PeerRecord, Registry, SignedRecord, renewed, sign_record
 from common.swarm.strikes import StrikeBook
-from common.wire import codec
+from common.wire import record_codec as codec
 from common.wire.generated import potluck_pb2 as pb
 from common.wire.generated import potluck_pb2_grpc as pb_grpc
 from common.wire.security import PLAINTEXT, Security

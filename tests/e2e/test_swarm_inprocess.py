@@ -100,6 +100,27 @@ def test_status_warns_loudly_about_uncovered_layers(bg_loop, tiny_model_dir):
     assert node.address in done.stdout and "ONLINE" in done.stdout
 
 
+def test_status_stops_listening_once_the_swarm_is_complete(bg_loop, tiny_model_dir):
+    import asyncio
+
+    from client.status import collect
+    from common.swarm.membership import SwarmConfig
+
+    llama = tiny_model_dir("llama")
+    first = bg_loop.start_node(llama, 0, 3)
+    second = bg_loop.start_node(llama, 3, 6, bootstrap=(first.address,))
+    try:
+        config = SwarmConfig(bootstrap=(first.address,), mdns=False)
+        started = time.monotonic()
+        records = asyncio.run(collect(config, 20.0))  # --wait 20: the most it may listen
+        took = time.monotonic() - started
+        assert {r.node_id for r in records} == {first.identity.node_id, second.identity.node_id}
+        assert took < 5, took  # both halves heard: no need to wait the 20 s
+    finally:
+        bg_loop.stop_node(second)
+        bg_loop.stop_node(first)
+
+
 def test_identity_is_persistent_private_and_exclusive(tmp_path):
     path = tmp_path / "id" / "node.pem"
     first = load_identity(path)
