@@ -44,6 +44,7 @@ class PeerInfo:
     state: str = "ONLINE"
     started_at: float = 0.0  # when the node started (0 = unknown)
     adapters: tuple[str, ...] = ()  # LoRA adapters the node serves (node/model/lora.py)
+    exact: tuple[tuple[str, int], ...] = ()  # (form, matrices) held in exact narrow forms (common/weights/exact.py)
 
     @property
     def layer_seconds(self) -> float | None:

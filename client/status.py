@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from rich.console import Console
+from rich.console import Console, Group, RenderableType
 from rich.table import Table
+from rich.text import Text
 
 from client.routing import PeerInfo, missing_spans
 from common.swarm.membership import Membership, SwarmConfig
@@ -15,6 +17,7 @@ from common.swarm.placement import Server, layer_throughput
 from common.swarm.records import NodeState, PeerRecord
 
 BAR_CHARS = " ▁▂▃▄▅▆▇█"
+PIPE_WIDTH = 400  # the console width when stdout is not a terminal: every column, every value whole
 
 
 @dataclass
@@ -55,27 +58,96 @@ def coverage_bar(view: ModelView) -> str:
     return "".join(BAR_CHARS[0] if t <= 0 else BAR_CHARS[max(1, round(t / top * (len(BAR_CHARS) - 1)))] for t in totals)
 
 
-async def collect(config: SwarmConfig, wait: float, security=None, dht=None) -> list[PeerRecord]:
-    """Every live record, from gossip and mDNS, or (`dht`: a common.swarm.dht.DhtConfig) from the DHT's keys."""
+def complete(records: list[PeerRecord]) -> bool:
+    """Whether what we heard could be the whole swarm: some records, and every model's layers all served."""
+    return bool(records) and not any(view.missing() for view in group_by_model(records))
+
+
+async def listen(membership, wait: float) -> None:
+    """Listen for nodes (mDNS answers, gossip pulls) until the records are `complete` and one more pull from
+    every known node brings nothing new, or at most `wait` seconds (a swarm with a gap waits them all)."""
+    deadline = time.monotonic() + wait
+    while True:
+        records = membership.live()
+        if complete(records):
+            before = {(r.node_id, r.seq) for r in records}
+            await asyncio.gather(*(membership.exchange(r.address, push=False) for r in records))
+            if {(r.node_id, r.seq) for r in membership.live()} <= before:
+                return
+            continue
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        membership.changed.clear()
+        try:
+            await asyncio.wait_for(membership.changed.wait(), min(left, 0.5))
+        except asyncio.TimeoutError:
+            await membership.pull_all()
+
+
+def open_membership(config: SwarmConfig, security=None, dht=None):
+    """A membership that only listens: gossip and mDNS, or (`dht`: a common.swarm.dht.DhtConfig) the DHT."""
     if dht is not None:
         from common.swarm.dht import DhtDiscovery
 
-        membership = DhtDiscovery(dht, security=security) if security is not None else DhtDiscovery(dht)
-    else:
-        membership = Membership(config, security=security) if security is not None else Membership(config)
+        return DhtDiscovery(dht, security=security) if security is not None else DhtDiscovery(dht)
+    return Membership(config, security=security) if security is not None else Membership(config)
+
+
+def _records(membership) -> list[PeerRecord]:
+    records = membership.live()
+    if not records and membership.refused:
+        raise PermissionError(
+            f"{', '.join(sorted(membership.refused))} refused the call (UNAUTHENTICATED): a private swarm; "
+            "give its key with --swarm-key (and the same --tls as its nodes)")
+    return records
+
+
+async def collect(config: SwarmConfig, wait: float, security=None, dht=None) -> list[PeerRecord]:
+    """Every live record, from gossip and mDNS, or (`dht`) from the DHT's keys."""
+    membership = open_membership(config, security, dht)
     try:
         await membership.start()
         if dht is None:
-            await asyncio.sleep(wait)  # mDNS answers and their pulls
+            await listen(membership, wait)
         await membership.pull_all()
-        records = membership.live()
-        if not records and membership.refused:
-            raise PermissionError(
-                f"{', '.join(sorted(membership.refused))} refused the call (UNAUTHENTICATED): a private swarm; "
-                "give its key with --swarm-key (and the same --tls as its nodes)")
-        return records
+        return _records(membership)
     finally:
         await membership.close()
+
+
+async def watch(config: SwarmConfig, wait: float, interval: float, console: Console, security=None, dht=None,
+                rounds: int | None = None) -> None:
+    """Redraw the swarm every `interval` seconds until cancelled (Ctrl-C), or after `rounds` frames."""
+    membership = open_membership(config, security, dht)
+    try:
+        await membership.start()
+        if dht is None:
+            await listen(membership, wait)
+        await watch_frames(membership, interval, console, rounds)
+    finally:
+        await membership.close()
+
+
+async def watch_frames(membership, interval: float, console: Console, rounds: int | None = None) -> None:
+    """The --watch loop over an open membership: pull, redraw in place (rich Live), sleep."""
+    from rich.live import Live
+
+    shown = 0
+    with Live(console=console, auto_refresh=False, screen=False) as live:
+        while rounds is None or shown < rounds:
+            await membership.pull_all()
+            live.update(watch_frame(group_by_model(_records(membership)), console.width, interval), refresh=True)
+            shown += 1
+            if rounds is None or shown < rounds:
+                await asyncio.sleep(interval)
+
+
+def watch_frame(views: list[ModelView], width: int, interval: float, now: float | None = None) -> RenderableType:
+    """One --watch frame: a header line with the time, then the same tables as `potluck status`."""
+    stamp = time.strftime("%H:%M:%S", time.localtime(time.time() if now is None else now))
+    header = Text(f"potluck status  {stamp}  (every {interval:g} s; Ctrl-C to stop)", style="dim")
+    return Group(header, frame(views, width))
 
 
 def as_json(views: list[ModelView]) -> dict:
@@ -104,26 +176,88 @@ def as_json(views: list[ModelView]) -> dict:
     }
 
 
-def render(views: list[ModelView], console: Console) -> None:
+@dataclass(frozen=True)
+class Column:
+    name: str
+    priority: int          # 0 = always shown; at a narrow width the highest numbers are dropped first
+    cell: Callable[[PeerRecord], str]
+
+
+_STATE_STYLE = {"ONLINE": "green", "JOINING": "yellow", "DRAINING": "yellow", "OFFLINE": "red"}
+
+COLUMNS = (  # in display order; `priority` says which to drop first when the terminal is narrow
+    Column("node", 0, lambda n: n.short_id),
+    Column("name", 5, lambda n: n.name),
+    Column("address", 1, lambda n: n.address),
+    Column("span", 0, lambda n: f"{n.start}:{n.end}"),
+    Column("device", 6, lambda n: n.device),
+    Column("dtype", 8, lambda n: n.dtype),
+    Column("quant", 7, lambda n: n.quant),
+    Column("adapters", 9, lambda n: ",".join(n.adapters) or "-"),
+    Column("tok/s", 2, lambda n: f"{n.throughput:.1f}"),
+    Column("load", 3, lambda n: f"{n.load:.0f}"),
+    Column("free cache", 4, lambda n: str(n.free_cache_tokens)),
+    Column("state", 0, lambda n: n.state.value),
+)
+
+
+def fit_columns(views: list[ModelView], width: int, columns=COLUMNS) -> list[Column]:
+    """The columns to show at `width` characters: every one that fits with every value whole, dropping the
+    least important (highest priority number) first; priority-0 columns always stay."""
+    nodes = [n for view in views for n in view.nodes]
+    natural = {c.name: max([len(c.name), *(len(c.cell(n)) for n in nodes)]) for c in columns}
+    shown = list(columns)
+    # rich's default box: a border before each column and after the last, one space of padding each side
+    while sum(natural[c.name] + 3 for c in shown) + 1 > width:
+        droppable = [c for c in shown if c.priority > 0]
+        if not droppable:
+            break
+        shown.remove(max(droppable, key=lambda c: c.priority))
+    return shown
+
+
+def _table(view: ModelView, columns: list[Column]) -> Table:
+    table = Table(
+        title=f"{view.model_id}  (config {view.config_hash}, {view.num_layers} layers)", title_justify="left"
+    )
+    for column in columns:
+        table.add_column(column.name, no_wrap=True)
+    for n in view.nodes:
+        style = _STATE_STYLE[n.state.value]
+        table.add_row(*(Text(c.cell(n), style=style if c.name == "state" else "") for c in columns))
+    return table
+
+
+def frame(views: list[ModelView], width: int) -> RenderableType:
+    """Everything `potluck status` prints, as one renderable for a console `width` characters wide."""
     if not views:
-        console.print("[bold red]No nodes found.[/] Check --bootstrap addresses, or that mDNS reaches this network.")
-        return
+        return Text.from_markup(
+            "[bold red]No nodes found.[/] Check --bootstrap addresses, or that mDNS reaches this network.")
+    columns = fit_columns(views, width)
+    parts: list[RenderableType] = []
     for view in views:
-        table = Table(
-            title=f"{view.model_id}  (config {view.config_hash}, {view.num_layers} layers)", title_justify="left"
-        )
-        for column in ("node", "name", "address", "span", "device", "dtype", "quant", "adapters", "tok/s", "load",
-                       "free cache", "state"):
-            table.add_column(column, no_wrap=column in ("node", "address", "span", "state"))
-        for n in view.nodes:
-            style = {"ONLINE": "green", "JOINING": "yellow", "DRAINING": "yellow", "OFFLINE": "red"}[n.state.value]
-            table.add_row(n.short_id, n.name, n.address, f"{n.start}:{n.end}", n.device, n.dtype, n.quant,
-                          ",".join(n.adapters) or "-", f"{n.throughput:.1f}",
-                          f"{n.load:.0f}", str(n.free_cache_tokens), f"[{style}]{n.state.value}[/]")
-        console.print(table)
-        console.print(f"coverage [{coverage_bar(view)}] 0..{view.num_layers}")
+        parts.append(_table(view, columns))
+        parts.append(Text(f"coverage [{coverage_bar(view)}] 0..{view.num_layers}"))
         missing = view.missing()
         if missing:
             spans = ", ".join(f"{a}:{b}" for a, b in missing)
-            console.print(f"[bold red]WARNING: no node serves layers {spans}: this model cannot generate now.[/]")
-        console.print()
+            parts.append(Text(f"WARNING: no node serves layers {spans}: this model cannot generate now.",
+                              style="bold red"))
+        parts.append(Text(""))
+    hidden = [c.name for c in COLUMNS if c not in columns]
+    if hidden:
+        parts.append(Text(f"hidden at {width} columns: {', '.join(hidden)} (widen the terminal, or pipe the "
+                          "output, to see them)", style="dim"))
+    return Group(*parts)
+
+
+def render(views: list[ModelView], console: Console) -> None:
+    console.print(frame(views, console.width))
+
+
+def status_console(file=None) -> Console:
+    """The terminal's width on a terminal; PIPE_WIDTH (every column, values whole) when piped to a file."""
+    import sys
+
+    file = file or sys.stdout
+    return Console(file=file) if file.isatty() else Console(file=file, width=PIPE_WIDTH)

@@ -114,6 +114,7 @@ class Peer:
             raise PeerError(self.address, f"presents the certificate of node {pinned[:12]} but says it is node "
                             f"{reply.node_id[:12]}: not trusted", grpc.StatusCode.UNAUTHENTICATED)
         extra = codec.unpack_metadata(reply.metadata)
+        exact = extra.get("exact") if isinstance(extra.get("exact"), dict) else {}
         return PeerInfo(
             address=self.address,
             node_id=reply.node_id,
@@ -123,6 +124,7 @@ class Peer:
             state=str(extra.get("state", "ONLINE")),
             started_at=float(extra.get("started_at", 0.0) or 0.0),
             adapters=tuple(a for a in extra.get("adapters", ()) if isinstance(a, str)),
+            exact=tuple(sorted((str(form), n) for form, n in exact.items() if isinstance(n, int) and n > 0)),
             start=reply.start,
             end=reply.end,
             model_id=reply.model_id,

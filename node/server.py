@@ -290,8 +290,20 @@ async def _rebalance_loop(node: RunningNode, rng: random.Random) -> None:
             continue
         log.warning("re-balancing: moving from layers %d:%d to %d:%d", node.record.start, node.record.end,
                     target.start, target.end)
+        before = node.span
         await node.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
         await _load(node, target)
+        print(serving_line(node, moved_from=before), flush=True)
+
+
+def serving_line(node: RunningNode, moved_from: Span | None = None) -> str:
+    """The line a node prints on stdout when it is ready (node/launcher.py's READY parses it), and again, with
+    "now" and where it came from, each time it moves to another span."""
+    span = f"layers {node.record.start}:{node.record.end} of {node.config.model} on {node.address}"
+    if moved_from is None:
+        return f"potluck node {node.identity.node_id[:8]} serving {span}"
+    return (f"potluck node {node.identity.node_id[:8]} now serving {span} "
+            f"(moved from {moved_from.start}:{moved_from.end})")
 
 
 def compute_threads(requested: int, device: torch.device) -> int:
@@ -456,11 +468,7 @@ async def run_node(config: NodeConfig, announce=print) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):  # before the ready line: a signal right after it must drain
         loop.add_signal_handler(sig, signals.put_nowait, sig)
-    announce(
-        f"potluck node {node.identity.node_id[:8]} serving layers {node.record.start}:{node.record.end} "
-        f"of {config.model} on {node.address}",
-        flush=True,
-    )
+    announce(serving_line(node), flush=True)
     if config.uses_dht:  # on stderr: stdout keeps only the ready line
         print(f"potluck node: DHT peer at {','.join(node.membership.visible_maddrs())} (others join with "
               "--initial-peers set to it)", file=sys.stderr, flush=True)

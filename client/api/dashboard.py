@@ -7,6 +7,7 @@ server's loop); with discovery, the swarm client's membership registry is read. 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from pathlib import Path
 
@@ -16,6 +17,26 @@ from common.swarm.records import PeerRecord
 
 STATIC = Path(__file__).with_name("static")
 INFO_TIMEOUT = 2.0  # seconds per Info call: a poll every ~2 s must not pile up behind a dead peer
+# a node's colour on the page: picked by a hash of its id, so it stays the same when other nodes come and go
+PALETTE = ("#3b7dd8", "#d8643b", "#2e9e6a", "#9b59b6", "#c9a227", "#d84a7a", "#1f9fb0", "#7a8b2e",
+           "#b5542d", "#5566d4", "#3aa33a", "#a0568f")
+
+
+def node_color(key: str) -> str:
+    """The palette colour of the node with this id (or address, when its id is unknown): stable across polls,
+    server restarts and other nodes leaving."""
+    return PALETTE[int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big") % len(PALETTE)]
+
+
+def stored_form(dtype: str, quant: str, exact: tuple[tuple[str, int], ...] = ()) -> str:
+    """How a node holds its weights, for people: quantised (int8, nf4), exact narrow forms with how many matrices
+    each (q4, q8, bf16: the same values in fewer bytes), or plainly its dtype."""
+    if quant and quant != "none":
+        return f"{quant} (quantised)" + (f", computes in {dtype}" if dtype else "")
+    if exact:
+        forms = ", ".join(f"{form} ×{count}" for form, count in sorted(exact, key=lambda item: -item[1]))
+        return f"{forms} (exact)" + (f", rest and compute {dtype}" if dtype else "")
+    return dtype
 
 
 def node_from_info(info: PeerInfo, rtt: float | None) -> dict:
@@ -25,7 +46,8 @@ def node_from_info(info: PeerInfo, rtt: float | None) -> dict:
         "prefill_throughput": info.prefill_throughput, "load": info.load, "free_cache_tokens": info.free_cache_tokens,
         "max_length": info.max_length, "state": info.state, "config_hash": info.config_hash,
         "rtt_ms": None if rtt is None else round(rtt * 1000, 1), "announced_s_ago": None, "error": None,
-        "uptime_s": _uptime(info.started_at, time.time()),
+        "uptime_s": _uptime(info.started_at, time.time()), "quant": info.quant,
+        "stored": stored_form(info.dtype, info.quant, info.exact),
     }
 
 
@@ -40,7 +62,8 @@ def node_from_record(record: PeerRecord, now: float) -> dict:
         "prefill_throughput": record.prefill_throughput, "load": record.load,
         "free_cache_tokens": record.free_cache_tokens, "max_length": record.max_length, "state": record.state.value,
         "config_hash": record.config_hash, "rtt_ms": None, "announced_s_ago": round(max(now - record.issued_at, 0), 1),
-        "error": None, "uptime_s": _uptime(record.started_at, now),
+        "error": None, "uptime_s": _uptime(record.started_at, now), "quant": record.quant,
+        "stored": stored_form(record.dtype, record.quant),
     }
 
 
@@ -48,7 +71,7 @@ def unreachable_node(address: str, error: str) -> dict:
     return {"address": address, "node_id": "", "name": "", "start": None, "end": None, "device": "", "dtype": "",
             "throughput": 0.0, "prefill_throughput": 0.0, "load": 0.0, "free_cache_tokens": 0, "max_length": 0,
             "state": "UNREACHABLE", "config_hash": "", "rtt_ms": None, "announced_s_ago": None, "error": error,
-            "uptime_s": None}
+            "uptime_s": None, "quant": "", "stored": ""}
 
 
 def model_state(name: str, num_layers: int, config_hash: str, nodes: list[dict], discovery: bool) -> dict:
@@ -72,6 +95,7 @@ def model_state(name: str, num_layers: int, config_hash: str, nodes: list[dict],
     if single and not missing:
         spans = ", ".join(f"{a}:{b}" for a, b in single)
         warnings.append({"level": "info", "text": f"layers {spans} have one node only: no failover if it leaves"})
+    nodes = [{**n, "color": node_color(n.get("node_id") or n["address"])} for n in nodes]
     nodes = sorted(nodes, key=lambda n: (n["start"] is None, n["start"] or 0, n["end"] or 0, n["address"]))
     return {"name": name, "status": "ready" if not missing else "incomplete", "num_layers": num_layers,
             "config_hash": config_hash, "discovery": "swarm" if discovery else "peers", "nodes": nodes,

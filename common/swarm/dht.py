@@ -22,7 +22,7 @@ from functools import partial
 from common.swarm.identity import Identity
 from common.swarm.records import MAX_TTL, NodeState, PeerRecord, Registry, SignedRecord, renewed, sign_record
 from common.swarm.strikes import StrikeBook
-from common.wire import codec
+from common.wire import record_codec as codec
 from common.wire.generated import potluck_pb2 as pb
 from common.wire.security import PLAINTEXT, Security
 

@@ -33,7 +33,7 @@ from common.swarm.records import (
 )
 from common.swarm.strikes import StrikeBook
 from common.swarm.transport import GrpcTransport, TransportError
-from common.wire import codec
+from common.wire import record_codec as codec
 from common.wire.generated import potluck_pb2 as pb
 from common.wire.security import PLAINTEXT, Security
 

@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"potluck join: error: {error}", file=sys.stderr)
             return 2
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.log_level != "DEBUG" and args.command not in ("proxy", "swarm-key"):  # the two that need no transformers
+    if args.log_level != "DEBUG" and args.command not in ("proxy", "swarm-key", "status"):  # need no transformers
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()

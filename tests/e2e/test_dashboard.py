@@ -15,8 +15,9 @@ from transformers import AutoTokenizer
 
 from client import DistributedModelForCausalLM
 from client.api import create_app
-from client.api.dashboard import SwarmWatch, model_state, unreachable_node
+from client.api.dashboard import PALETTE, SwarmWatch, model_state, node_from_info, node_from_record, unreachable_node
 from client.config import ClientConfig
+from client.routing import PeerInfo
 from client.transport import LoopThread
 from common.swarm.records import NodeState, PeerRecord
 from tests.e2e.test_api import CHAT_PROMPT, ApiServer
@@ -52,6 +53,29 @@ def test_state_notes_layers_without_a_replica():
     assert [w["level"] for w in state["warnings"]] == ["error", "info"]
     assert "x:1 serves another model" in state["warnings"][0]["text"]
     assert "layers 0:10, 20:30 have one node only" in state["warnings"][1]["text"]
+
+
+def test_a_nodes_colour_follows_its_id_when_another_node_leaves():
+    ids = [f"{i:02x}" * 32 for i in range(1, 7)]
+    nodes = [{**node(f"n{i}:1", 5 * i, 5 * i + 5), "node_id": node_id} for i, node_id in enumerate(ids)]
+    colours = {n["node_id"]: n["color"] for n in model_state("m", 30, "h", nodes, discovery=True)["nodes"]}
+    assert set(colours.values()) <= set(PALETTE) and len(set(colours.values())) > 1
+    for leaving in (0, 2):  # the first node (every other shifts position) and one in the middle
+        rest = model_state("m", 30, "h", nodes[:leaving] + nodes[leaving + 1:], discovery=True)["nodes"]
+        assert {n["node_id"]: n["color"] for n in rest} == {k: v for k, v in colours.items() if k != ids[leaving]}
+    unknown = model_state("m", 30, "h", [unreachable_node("d:1", "refused")], discovery=False)["nodes"][0]
+    assert unknown["color"] in PALETTE  # no id yet: by its address
+
+
+def test_the_stored_form_of_the_weights_is_shown_not_only_the_compute_dtype():
+    info = PeerInfo("a:1", 0, 10, dtype="float32", exact=(("q8", 12), ("q4", 84)))
+    assert node_from_info(info, 0.01)["stored"] == "q4 ×84, q8 ×12 (exact), rest and compute float32"
+    now = time.time()
+    record = PeerRecord(node_id="ab" * 32, addresses=("b:1",), model_id="m", config_hash="h", num_layers=8,
+                        start=0, end=8, dtype="float32", quant="nf4", issued_at=now, expires_at=now + 60)
+    shown = node_from_record(record, now)
+    assert shown["stored"] == "nf4 (quantised), computes in float32" and shown["quant"] == "nf4"
+    assert node_from_info(PeerInfo("c:1", 0, 10, dtype="bfloat16"), None)["stored"] == "bfloat16"
 
 
 async def test_discovered_records_are_read_on_the_swarm_loop():
@@ -141,7 +165,12 @@ def test_dashboard_shows_the_chain_and_streams_a_chat_answer(browser, server, sm
     assert rows == {n.address: f"{n.address}\n{n.start_layer}:{n.end_layer}" for n in smollm_chain}
     cards = browser.find_elements(By.CSS_SELECTOR, ".node-card")
     assert [c.get_attribute("data-address") for c in cards] == [n.address for n in smollm_chain]
-    assert all("ONLINE" in c.text and "cpu" in c.text for c in cards)
+    assert all("ONLINE" in c.text and "cpu" in c.text and "weights" in c.text for c in cards)
+    listed = httpx.get(server.url + "/swarm", headers={"Authorization": f"Bearer {KEY}"}).json()["models"][0]["nodes"]
+    colours = {n["address"]: n["color"] for n in listed}
+    colour_of = "return arguments[0].style.getPropertyValue('--c')"
+    shown = {c.get_attribute("data-address"): browser.execute_script(colour_of, c) for c in cards}
+    assert shown == colours  # each card in its node's own colour (by id), not its position's
 
     # record every text the answer shows while it streams
     browser.execute_script("""
@@ -159,6 +188,8 @@ def test_dashboard_shows_the_chain_and_streams_a_chat_answer(browser, server, sm
     answer = WebDriverWait(browser, 60, poll_frequency=0.1).until(
         lambda b: b.find_elements(By.CSS_SELECTOR, ".msg.assistant[data-done='1']"))[0]
     assert "Paris" in answer.text, answer.text
+    meta = find(By.CSS_SELECTOR, ".msg-meta").text
+    assert " tokens in " in meta and "tokens/s" in meta and "piece" not in meta, meta
     assert "error" not in answer.get_attribute("class")
     seen = browser.execute_script("return window.seen")
     assert len(seen) >= 3 and seen[-1].strip() == answer.text.strip(), f"the answer did not stream in pieces: {seen}"

@@ -102,6 +102,27 @@ def test_status_warns_loudly_about_uncovered_layers(bg_loop, tiny_model_dir):
     assert node.address in done.stdout and "ONLINE" in done.stdout
 
 
+def test_status_stops_listening_once_the_swarm_is_complete(bg_loop, tiny_model_dir):
+    import asyncio
+
+    from client.status import collect
+    from common.swarm.membership import SwarmConfig
+
+    llama = tiny_model_dir("llama")
+    first = bg_loop.start_node(llama, 0, 3)
+    second = bg_loop.start_node(llama, 3, 6, bootstrap=(first.address,))
+    try:
+        config = SwarmConfig(bootstrap=(first.address,), mdns=False)
+        started = time.monotonic()
+        records = asyncio.run(collect(config, 20.0))  # --wait 20: the most it may listen
+        took = time.monotonic() - started
+        assert {r.node_id for r in records} == {first.identity.node_id, second.identity.node_id}
+        assert took < 5, took  # both halves heard: no need to wait the 20 s
+    finally:
+        bg_loop.stop_node(second)
+        bg_loop.stop_node(first)
+
+
 def test_identity_is_persistent_private_and_exclusive(tmp_path):
     path = tmp_path / "id" / "node.pem"
     first = load_identity(path)
@@ -131,3 +152,29 @@ def test_record_of_a_running_node_is_signed_and_describes_it(bg_loop, tiny_model
         assert record.expires_at - record.issued_at == pytest.approx(node.config.ttl)
     finally:
         bg_loop.stop_node(node)
+
+
+def test_a_node_that_moves_says_so_in_a_serving_line_like_its_first(bg_loop, tiny_model_dir, capsys):
+    """An auto-placed node alone on 0:3 of 6 layers; a fixed node joins on 0:3: the first moves to the hole 3:6
+    and prints a `now serving` line at the default log level, not only a WARNING in the log."""
+    from node.launcher import READY
+    from node.server import serving_line
+
+    llama = tiny_model_dir("llama")
+    mover = bg_loop.start_node(llama, None, None, num_blocks=3, throughput=10.0, rebalance_period=0.2)
+    assert (mover.record.start, mover.record.end) == (0, 3)
+    ready = serving_line(mover)
+    assert READY.search(ready).groups() == ("0", "3", mover.address)
+    fixed = bg_loop.start_node(llama, 0, 3, throughput=10.0, bootstrap=(mover.address,))
+    try:
+        printed, deadline = "", time.monotonic() + 30
+        while "now serving" not in printed and time.monotonic() < deadline:
+            printed += capsys.readouterr().out
+            time.sleep(0.05)
+    finally:
+        bg_loop.stop_node(fixed)
+        bg_loop.stop_node(mover)
+    expected = (f"potluck node {mover.identity.node_id[:8]} now serving layers 3:6 of {llama} on {mover.address} "
+                f"(moved from 0:3)")
+    assert expected in printed.splitlines(), printed
+    assert READY.search(expected) is None  # a launcher waiting for the ready line does not take a move for it

@@ -41,7 +41,6 @@ const duration = (seconds) => {
   if (s < 3600) return `${Math.floor(s / 60)} min ${s % 60} s`;
   return `${Math.floor(s / 3600)} h ${Math.floor((s % 3600) / 60)} min`;
 };
-const colorOf = (i) => `hsl(${(i * 137.5 + 210) % 360}, 55%, 48%)`;
 let pollTimer = null;
 
 async function poll() {
@@ -83,18 +82,18 @@ function renderModel(model) {
     ...model.warnings.map((w) => el("li", { class: w.level }, w.text)));
   const parts = [head, warnings];
   if (model.num_layers) parts.push(renderLayers(model));
-  parts.push(el("div", { class: "cards" }, ...model.nodes.map((n, i) => renderCard(n, i))));
+  parts.push(el("div", { class: "cards" }, ...model.nodes.map(renderCard)));
   return el("div", { class: "model", dataset: { model: model.name } }, ...parts);
 }
 
 function renderLayers(model) {
   const n = model.num_layers;
   const pct = (layer) => (layer / n) * 100 + "%";
-  const rows = model.nodes.filter((node) => node.start !== null).map((node, i) => {
+  const rows = model.nodes.filter((node) => node.start !== null).map((node) => {
     const seg = el("div", {
       class: "seg" + (node.state === "ONLINE" ? "" : " not-online"),
       title: `${node.address}: layers ${node.start}:${node.end} (${node.state})`,
-      style: { left: pct(node.start), width: pct(node.end - node.start), background: colorOf(i) },
+      style: { left: pct(node.start), width: pct(node.end - node.start), background: node.color },
     }, `${node.start}:${node.end}`);
     return el("div", { class: "lrow node-row", dataset: { address: node.address } },
       el("div", { class: "label", title: node.address }, node.name || node.address),
@@ -117,10 +116,10 @@ function renderLayers(model) {
     el("div", { class: "lrow" }, el("div", { class: "label" }, "layer"), el("div", { class: "axis" }, ...ticks)));
 }
 
-function renderCard(node, i) {
+function renderCard(node) {
   const rows = [
     ["layers", node.start === null ? "–" : `${node.start}:${node.end} (${node.end - node.start})`],
-    ["device", node.device || "–"], ["dtype", node.dtype || "–"],
+    ["device", node.device || "–"], ["weights", node.stored || node.dtype || "–"],
     ["decode", node.throughput ? fmt(node.throughput) + " tok/s" : "–"],
     ["prefill", node.prefill_throughput ? fmt(node.prefill_throughput, 0) + " tok/s" : "–"],
     ["load", `${fmt(node.load, 0)} session${node.load === 1 ? "" : "s"}`],
@@ -130,7 +129,7 @@ function renderCard(node, i) {
   if (node.rtt_ms !== null) rows.push(["rtt", fmt(node.rtt_ms) + " ms"]);
   if (node.announced_s_ago !== null) rows.push(["announced", fmt(node.announced_s_ago, 0) + " s ago"]);
   const title = node.name || (node.node_id ? "node " + node.node_id.slice(0, 8) : node.address);
-  return el("div", { class: "node-card", dataset: { address: node.address }, style: { "--c": colorOf(i) } },
+  return el("div", { class: "node-card", dataset: { address: node.address }, style: { "--c": node.color } },
     el("div", { class: "top" }, el("span", { class: "title", title: node.node_id }, title),
       el("span", { class: "badge " + node.state }, node.state)),
     el("div", { class: "addr" }, node.address),
@@ -195,10 +194,11 @@ async function send(text) {
   controller = new AbortController();
   setBusy(true);
   const started = performance.now();
-  let answer = "", pieces = 0, firstAt = null, finish = null;
+  let answer = "", tokens = 0, firstAt = null, finish = null;
   try {
     const body = {
       model: $("chat-model").value, messages: [...history, user], stream: true,
+      stream_options: { include_usage: true },  // the last chunk counts the tokens (a chunk may hold several)
       temperature: Number($("temperature").value), max_tokens: Number($("max-tokens").value),
     };
     const res = await fetch("/v1/chat/completions", {
@@ -212,19 +212,20 @@ async function send(text) {
     for await (const event of sseEvents(res.body)) {
       if (event.error) throw new Error(event.error.message);
       const choice = event.choices?.[0];
-      const piece = choice?.delta?.content;
-      if (piece) {
-        answer += piece; pieces++;
+      const text = choice?.delta?.content;
+      if (text) {
+        answer += text; tokens++;
         firstAt ??= performance.now();
         out.textContent = answer;
         $("messages").scrollTop = $("messages").scrollHeight;
       }
       if (choice?.finish_reason) finish = choice.finish_reason;
+      if (event.usage) tokens = event.usage.completion_tokens;
     }
     history.push(user, { role: "assistant", content: answer });
     const seconds = (performance.now() - started) / 1000;
-    const rate = firstAt && pieces > 1 ? ` · ${fmt((pieces - 1) / ((performance.now() - firstAt) / 1000))} pieces/s` : "";
-    meta.textContent = `${pieces} pieces in ${fmt(seconds)} s${rate}` + (finish ? ` · finish: ${finish}` : "");
+    const rate = firstAt && tokens > 1 ? ` · ${fmt((tokens - 1) / ((performance.now() - firstAt) / 1000))} tokens/s` : "";
+    meta.textContent = `${tokens} tokens in ${fmt(seconds)} s${rate}` + (finish ? ` · finish: ${finish}` : "");
   } catch (error) {
     if (error.name === "AbortError") {
       meta.textContent = "stopped";
