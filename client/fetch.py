@@ -91,6 +91,7 @@ async def _download(address: str, folder: Path, security: Security, timeout: flo
             try:
                 await _one_file(peer, name, target, timeout)
             except grpc.aio.AioRpcError as error:
+                target.unlink(missing_ok=True)  # an optional file the node does not have leaves no empty file
                 if error.code() != grpc.StatusCode.NOT_FOUND or name in (CLIENT_PARTS_FILE, "config.json"):
                     raise
     finally:

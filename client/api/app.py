@@ -186,7 +186,7 @@ class _State:
                 if covered is None:
                     raise unknown_model(name)
                 try:
-                    source = self.catalog.source(name)
+                    source = await self.catalog.source(name)
                     tokenizer = await load_tokenizer_for(name, source)
                 except LookupError as error:
                     raise ApiError(503, str(error), type="server_error", code="model_unavailable") from None

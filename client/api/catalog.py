@@ -2,8 +2,10 @@
 
 `GET /v1/models` lists every model whose layers the swarm's ONLINE nodes cover completely. The
 client parts (embeddings, norm, head, tokenizer) of such a model are loaded on its first request,
-from `--models-dir/<model id>` when that folder exists, else from the Hugging Face hub (cache
-first; offline mode and tokens as huggingface_hub reads them).
+from `--models-dir/<model id>` when that folder exists, else from the swarm's own nodes (rpc ModelFile,
+checked against the weights fingerprint the nodes announce, cached under ~/.cache/potluck/models; see
+client/fetch.py), else from the Hugging Face hub (cache first; offline mode and tokens as huggingface_hub
+reads them). So `potluck api --bootstrap HOST:PORT` needs nothing but an address.
 
 A model id comes from records anyone can sign, so only ids that name a folder inside `--models-dir` or a hub
 repository are listed (`safe_model_id`): an absolute path, a `..` component, a backslash or a control character
@@ -18,9 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from client.config import ClientConfig
+from client.fetch import fetch_model
 from common.swarm.dht import make_discovery
 from common.swarm.membership import SwarmConfig
 from common.swarm.records import NodeState
+from common.weights.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +96,10 @@ class SwarmCatalog:
                 return model
         return None
 
-    def source(self, model_id: str) -> str:
-        """Where the client parts of `model_id` are read from: the models folder's copy, else the hub id.
-        LookupError for an id that could name a path outside the models folder (never listed either)."""
+    async def source(self, model_id: str) -> str:
+        """Where the client parts of `model_id` are read from: the models folder's copy, else the files the
+        swarm's nodes serve (fetched and verified once, then cached), else the hub id. LookupError for an id
+        that could name a path outside the models folder (never listed either)."""
         if not safe_model_id(model_id):
             raise LookupError(f"the swarm announces the model id {model_id[:MAX_MODEL_ID_CHARS]!r}, which is not a "
                               "hub id or a folder name: refused")
@@ -104,7 +109,14 @@ class SwarmCatalog:
             candidate = self.models_dir / model_id
             if (candidate / "config.json").is_file():
                 return str(candidate)
-        return model_id
+        try:
+            folder = await fetch_model(model_id, self.membership.live(), self.config.security(),
+                                       Path(self.config.model_cache))
+        except ModelLoadError as error:
+            log.warning("the client files of %s could not be fetched from the swarm (%s); trying the hub",
+                        model_id, error)
+            return model_id
+        return str(folder)
 
     async def close(self) -> None:
         if self._started:

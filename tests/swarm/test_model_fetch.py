@@ -70,3 +70,44 @@ def test_a_node_serving_other_client_parts_is_refused(bg_loop, folders, tmp_path
     finally:
         bg_loop.stop_node(honest)
         bg_loop.stop_node(liar)
+
+
+def test_the_api_with_nothing_but_an_address_serves_the_swarms_model(bg_loop, smollm_dir, tmp_path):
+    """`potluck api --bootstrap HOST:PORT` with no --model and no --models-dir: /v1/models lists the swarm's model,
+    its tokenizer and client parts come from the node (verified, cached), and a completion equals transformers'."""
+    import shutil
+
+    from transformers import AutoTokenizer, LlamaConfig
+
+    from client.api.app import create_app
+    from client.api.catalog import SwarmCatalog
+    from tests.e2e.test_api import ApiServer
+
+    folder = tmp_path / "tiny-chat"
+    torch.manual_seed(3)
+    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):  # SmolLM2's tokenizer
+        if (smollm_dir / name).exists():
+            shutil.copy(smollm_dir / name, folder / name)
+    nodes = [bg_loop.start_node(folder, 0, 2), bg_loop.start_node(folder, 2, 4)]
+    cache = tmp_path / "cache"
+    bootstrap = tuple(node.address for node in nodes)
+    catalog = SwarmCatalog(ClientConfig(bootstrap=bootstrap, mdns=False, model_cache=str(cache)))
+    api = ApiServer(create_app({}, {}, catalog=catalog))
+    try:
+        client = api.client()
+        assert [m.id for m in client.models.list().data] == ["tiny-chat"]
+        prompt = [5, 17, 99, 1024]
+        got = client.completions.create(model="tiny-chat", prompt=prompt, temperature=0, max_tokens=6)
+        reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        ids = torch.tensor([prompt])
+        expected = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
+        assert got.choices[0].text == AutoTokenizer.from_pretrained(folder).decode(expected[0, 4:])
+        cached = cache / nodes[0].record.weights
+        assert (cached / "tokenizer.json").is_file() and (cached / "model.safetensors").is_file()
+    finally:
+        api.stop()
+        for node in nodes:
+            bg_loop.stop_node(node)
