@@ -94,8 +94,10 @@ def create_app(models: dict[str, ModelSource], tokenizers: PreTrainedTokenizerBa
     @app.get("/v1/swarm")
     async def swarm_state() -> dict:
         """Each served model's nodes, coverage and warnings (what the dashboard polls)."""
-        views = await asyncio.gather(*(watch.state(m.name, m.loaded) for m in state.models.values()))
-        return {"object": "swarm", "time": time.time(), "models": list(views)}
+        views = list(await asyncio.gather(*(watch.state(m.name, m.loaded) for m in state.models.values())))
+        if catalog is not None:  # models the swarm covers that no request has loaded yet: shown from records
+            views += await catalog.views(exclude=set(state.models))
+        return {"object": "swarm", "time": time.time(), "models": views}
 
     @app.get("/v1/models")
     async def list_models() -> dict:

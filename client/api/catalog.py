@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from client.api.dashboard import model_state, node_from_record
 from client.config import ClientConfig
 from client.fetch import fetch_model
 from common.swarm.dht import make_discovery
@@ -117,6 +118,16 @@ class SwarmCatalog:
                         model_id, error)
             return model_id
         return str(folder)
+
+    async def views(self, exclude: set[str]) -> list[dict]:
+        """The dashboard's view (client/api/dashboard.py) of every covered model not in `exclude`, from the
+        records alone: what the chat menu offers before a request loads the model."""
+        now = time.time()
+        records = self.membership.live()
+        return [model_state(m.model_id, m.num_layers, m.config_hash,
+                            [node_from_record(r, now) for r in records
+                             if r.model_id == m.model_id and r.config_hash == m.config_hash], True)
+                for m in await self.models() if m.model_id not in exclude]
 
     async def close(self) -> None:
         if self._started:

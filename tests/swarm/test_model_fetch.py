@@ -99,6 +99,11 @@ def test_the_api_with_nothing_but_an_address_serves_the_swarms_model(bg_loop, sm
     try:
         client = api.client()
         assert [m.id for m in client.models.list().data] == ["tiny-chat"]
+        # the dashboard shows (and its chat menu offers) what /v1/models lists, before any request loads it
+        import httpx
+
+        view = httpx.get(f"{api.url}/swarm", timeout=30).json()["models"]
+        assert [(m["name"], m["status"], len(m["nodes"])) for m in view] == [("tiny-chat", "ready", 2)]
         prompt = [5, 17, 99, 1024]
         got = client.completions.create(model="tiny-chat", prompt=prompt, temperature=0, max_tokens=6)
         reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
