@@ -22,16 +22,14 @@ from common.swarm.placement import Server, Span, choose_span, layers_for_memory,
 from common.swarm.records import NodeState, PeerRecord
 from common.weights.dtypes import dtype_name, free_memory, resolve_device, resolve_dtype
 from common.weights.errors import ModelLoadError
-from common.weights.fast_linear import transpose_linears
 from common.weights.files import ModelFiles, config_hash
 from common.wire.codec import MAX_MESSAGE_BYTES
 from common.wire.generated import potluck_pb2 as pb
 from common.wire.security import Security, load_security
 from node.config import NodeConfig
 from node.metrics import CacheView, MetricsServer, NodeMetrics
-from node.model.compact import exact_formats, exact_span
-from node.model.loader import bytes_per_layer, load_span, own_memory
-from node.model.quant import quantize_span
+from node.model.compact import exact_formats
+from node.model.loader import SpanForm, bytes_per_layer, load_span
 from node.rpc.handlers import add_service
 from node.rpc.probe import Prober
 from node.rpc.push import Pusher
@@ -211,23 +209,10 @@ async def _load(node: RunningNode, span: Span) -> None:
     node.record = replace(node.record, start=span.start, end=span.end, state=NodeState.JOINING)
     await node.membership.publish(node.record, mdns_address=node.address)
     node.serving.state = NodeState.JOINING.value
+    form = SpanForm(lean=config.lean, quant=config.quant, exact=config.exact and node.device.type == "cpu",
+                    transpose=node.device.type == "cpu")  # each layer made into its final form as it is read
     model, _ = await asyncio.to_thread(load_span, node.files, span.start, span.end, node.device, node.dtype,
-                                       config.progress)
-    if node.device.type == "cpu" and config.quant == "none":
-        transpose_linears(model)  # faster one-token products on CPU (common/weights/fast_linear.py)
-    if config.lean:
-        reason = model.make_lean()  # fused weights, static caches, batched decoding (node/model/lean.py)
-        if reason:
-            log.info("no lean runtime for this family (%s); using transformers' layers", reason)
-    if config.quant != "none":
-        count = await asyncio.to_thread(quantize_span, model, config.quant)  # node/model/quant.py
-        log.info("quantised %d weight matrices to %s", count, config.quant)
-    elif config.exact and node.device.type == "cpu":
-        report = await asyncio.to_thread(exact_span, model)  # common/weights/exact.py: same values, fewer bytes
-        if report is not None:
-            log.info(report.describe())
-    if node.device.type == "cpu":
-        own_memory(model)  # the shard's memory map can go now (node/model/loader.py)
+                                       config.progress, form)
     adapters = {}
     if config.adapters:  # LoRA adapters: this span's part of each (node/model/lora.py)
         from node.model.lora import load_adapters

@@ -31,6 +31,7 @@ class LoadStats:
     tensors: int = 0
     bytes_read: int = 0
     shards: set[str] = field(default_factory=set)
+    notes: list[str] = field(default_factory=list)  # what the loader made of the weights (forms, sizes), to log
 
 
 def skeleton(config: PretrainedConfig, dtype: torch.dtype) -> nn.Module:
@@ -76,8 +77,15 @@ def load_tensors(
 ) -> LoadStats:
     """Read exactly `keys` from the shards into `model` (through transformers' key conversions).
 
-    `advance(nbytes)` is called as each tensor is read (for a progress bar)."""
+    `advance(nbytes)` is called as each tensor is read (for a progress bar). Keys that name the model's own
+    parameters are read one at a time, each copied out of its shard's mapping into `dtype` before the next
+    (a narrower stored form is never held whole in `dtype` beside its mapped pages); others go through
+    transformers' conversions."""
     stats = LoadStats()
+    if placeable(model, keys):
+        for key, tensor in read_layer(files, weight_map, keys, stats, advance, one_at_a_time=True):
+            place(model, key, owned(tensor, dtype, device, tensor))
+        return stats
     by_shard: dict[str, list[str]] = {}
     for key in keys:
         by_shard.setdefault(weight_map[key], []).append(key)
@@ -131,6 +139,61 @@ def bytes_of(files: ModelFiles, weight_map: dict[str, str], keys: list[str]) -> 
                     numel *= size
                 total += numel * itemsize(piece.get_dtype())
     return total
+
+
+def read_layer(
+    files: ModelFiles, weight_map: dict[str, str], keys: list[str], stats: LoadStats,
+    advance: Callable[[float], None] | None = None, one_at_a_time: bool = False,
+):
+    """`keys` (one layer's) as stored (their own dtype), each shard's mapping closed once its keys are read: a dict,
+    or with `one_at_a_time` an iterator of (key, tensor) that reads each tensor only when the last was used.
+
+    The tensors may still be views of a shard's mapped pages: the caller makes them into their final form and
+    drops them, and the pages go with them (a node reading layer by layer never has more than one layer mapped)."""
+    tensors = _read(files, weight_map, keys, stats, advance)
+    return tensors if one_at_a_time else dict(tensors)
+
+
+def _read(files, weight_map, keys, stats, advance):
+    by_shard: dict[str, list[str]] = {}
+    for key in keys:
+        by_shard.setdefault(weight_map[key], []).append(key)
+    for shard, shard_keys in sorted(by_shard.items()):
+        stats.shards.add(shard)
+        with safe_open(files.fetch(shard), framework="pt", device="cpu") as handle:
+            for key in shard_keys:
+                tensor = handle.get_tensor(key)
+                nbytes = tensor.numel() * tensor.element_size()
+                stats.tensors += 1
+                stats.bytes_read += nbytes
+                if advance is not None:
+                    advance(nbytes)
+                yield key, tensor
+                del tensor
+
+
+def placeable(model: nn.Module, keys: list[str]) -> bool:
+    """Whether every key names a parameter or buffer of `model` as it is (no conversion: renamed or fused keys)."""
+    names = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
+    return all(key in names for key in keys)
+
+
+def place(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
+    """Put `tensor` as it is at parameter or buffer `key` of `model` (no gradient)."""
+    path, _, leaf = key.rpartition(".")
+    module = model.get_submodule(path) if path else model
+    if leaf in module._parameters:
+        module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+    else:
+        module._buffers[leaf] = tensor
+
+
+def owned(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device, source: torch.Tensor) -> torch.Tensor:
+    """`tensor` in `dtype` on `device`, in memory of its own: never a view of `source`'s (a mapped shard's) pages."""
+    out = tensor.to(device=device, dtype=dtype)
+    if out.device.type == "cpu" and out.untyped_storage().data_ptr() == source.untyped_storage().data_ptr():
+        out = out.clone()
+    return out
 
 
 def layer_keys(weight_map: dict[str, str], prefix: str, start: int, end: int) -> list[str]:

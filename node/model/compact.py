@@ -7,9 +7,19 @@ from dataclasses import dataclass
 
 import torch
 
-from common.weights.exact import ExactLinear, ExactParts, ExactWeight, Kernels, calibrate_threads, shared_kernels
+from common.weights.exact import (
+    BLOCK,
+    PROBE_ROWS,
+    ExactLinear,
+    ExactParts,
+    ExactWeight,
+    Kernels,
+    calibrate_threads,
+    shared_kernels,
+)
 from common.weights.fast_linear import PackedWeight, TransposedLinear, mkl_packing_available
 from node.model.lean import LEAN_MATRICES, release_projections
+from node.model.quant import quantize_weight
 
 
 def _split_sizes(lean, name: str, out_features: int) -> list[int]:
@@ -21,10 +31,10 @@ def _split_sizes(lean, name: str, out_features: int) -> list[int]:
     return [out_features]
 
 
-def _exact_or_parts(lean, name: str, weight_t: torch.Tensor, kernels: Kernels) -> "ExactWeight | ExactParts | None":
-    """The whole fused matrix in one exact form; else its projections each in theirs; None if no part fits one."""
+def _exact_or_parts(sizes: list[int], weight_t: torch.Tensor, kernels: Kernels) -> "ExactWeight | ExactParts | None":
+    """The whole fused matrix in one exact form; else its projections (of `sizes` outputs) each in theirs; None if
+    no part fits one."""
     whole = ExactWeight.of(weight_t.t(), kernels)
-    sizes = _split_sizes(lean, name, weight_t.shape[1])
     if whole is not None or len(sizes) == 1:
         return whole
     parts, start = [], 0
@@ -107,13 +117,73 @@ def exact_span(span, kernels: Kernels | None = None) -> ExactReport | None:
             weight_t = getattr(layer, name)
             if not isinstance(weight_t, torch.Tensor):
                 continue  # quantised or packed already
-            exact = _exact_or_parts(lean, name, weight_t, kernels)
+            exact = _exact_or_parts(_split_sizes(lean, name, weight_t.shape[1]), weight_t, kernels)
             tally.add(weight_t.numel() * weight_t.element_size(), exact)
             if exact is not None:
                 setattr(layer, name, exact)
     if lean is not None:
         release_projections(span)
     return ExactReport(tally.formats, tally.dense, tally.before, tally.after, calibrate_threads(_exact_weights(span)))
+
+
+class HeldForms:
+    """Makes each lean matrix straight into its final form from its projections' weights as read (node/model/lean.py
+    `Held`), one matrix at a time: quantised (`quant`), exact compact (`kernels`: float32 CPU spans), or dense
+    [in, out] in `dtype`. The forms and values are those `quantize_span` / `exact_span` make of a float32 span;
+    a bfloat16 matrix becomes its bf16 exact form from its own bytes, never widened to float32 first."""
+
+    def __init__(self, dtype: torch.dtype, quant: str = "none", kernels: Kernels | None = None):
+        self.dtype, self.quant, self.kernels = dtype, quant, kernels if dtype == torch.float32 else None
+        self.tally = _Tally()
+
+    def __call__(self, name: str, weights: list[torch.Tensor]):
+        if self.quant != "none":
+            fused = weights[0] if len(weights) == 1 else torch.cat(weights)  # [out, in] as stored
+            return quantize_weight(fused, self.quant, self.dtype)
+        size = sum(w.shape[0] for w in weights) * weights[0].shape[1] * torch.finfo(self.dtype).bits // 8
+        if self.kernels is not None and weights[0].device.type == "cpu":
+            held = self._bf16(weights)
+            if held is None:
+                weight_t = self._dense(weights)
+                held = _exact_or_parts([w.shape[0] for w in weights], weight_t, self.kernels)
+                held = held if held is not None else weight_t
+            self.tally.add(size, held if not isinstance(held, torch.Tensor) else None)
+            return held
+        return self._dense(weights)
+
+    def _dense(self, weights: list[torch.Tensor]) -> torch.Tensor:
+        """[in, sum(out)] in the compute dtype, contiguous, in memory of its own."""
+        if len(weights) == 1:
+            out = weights[0].to(self.dtype).t().contiguous()
+        else:
+            out = torch.cat([w.to(self.dtype).t() for w in weights], dim=1).contiguous()
+        if out.untyped_storage().data_ptr() == weights[0].untyped_storage().data_ptr():
+            out = out.clone()  # never a view of a mapped shard
+        return out
+
+    def _bf16(self, weights: list[torch.Tensor]) -> ExactWeight | None:
+        """bfloat16 weights as the bf16 exact form (what `ExactWeight.of` keeps of their float32 values unless a
+        narrower form holds them: that is checked on the first rows, as it does); None where that does not apply."""
+        if any(w.dtype != torch.bfloat16 for w in weights) or weights[0].shape[1] % BLOCK:
+            return None
+        if ExactWeight.of(weights[0][:PROBE_ROWS].float(), self.kernels, formats=("q4", "q8")) is not None:
+            return None  # a narrower form may hold it: the float32 path decides
+        codes = torch.cat(weights) if len(weights) > 1 else weights[0].clone()
+        shape = (codes.shape[0], codes.shape[1])
+        return ExactWeight("bf16", shape, codes.view(torch.int16), None, None, self.kernels)
+
+    def report(self, span) -> ExactReport | None:
+        """What was held exactly (threads calibrated on the span's exact weights); None without kernels."""
+        if self.kernels is None:
+            return None
+        tally = self.tally
+        return ExactReport(tally.formats, tally.dense, tally.before, tally.after,
+                           calibrate_threads(_exact_weights(span)))
+
+
+def exact_layer(layer: torch.nn.Module, kernels: Kernels, tally: _Tally) -> None:
+    """`exact_span` for one of transformers' layers (families without a lean runtime), as a loader reads it."""
+    _exact_linears(layer, kernels, tally)
 
 
 def _exact_weights(span) -> list[ExactWeight]:

@@ -19,6 +19,7 @@ with transformers' DynamicCache)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -126,16 +127,27 @@ def _fuse(linears: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None]:
     if len(linears) == 1:
         return _weight_t(linears[0]).contiguous(), getattr(linears[0], "bias", None)
     fused = torch.cat([_weight_t(linear) for linear in linears], dim=1).contiguous()
+    return fused, _fused_bias(linears, fused.dtype, fused.device)
+
+
+def _fused_bias(linears: list[nn.Module], dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+    """The projections' biases side by side (zeros for those without one); None if none has one."""
     biases = [getattr(linear, "bias", None) for linear in linears]
     if all(b is None for b in biases):
-        return fused, None
-    bias = torch.cat(
+        return None
+    if len(linears) == 1:
+        return biases[0]
+    return torch.cat(
         [
-            b if b is not None else torch.zeros(_weight_t(lin).shape[1], dtype=fused.dtype, device=fused.device)
+            b if b is not None else torch.zeros(_weight_t(lin).shape[1], dtype=dtype, device=device)
             for b, lin in zip(biases, linears)
         ]
     )
-    return fused, bias
+
+
+# Held(name, weights) -> a lean matrix: the projections' weights [out_i, in] as read (their stored dtype) made into
+# the final form of LEAN_MATRICES' `name` (a [in, out] tensor, or an object with `linear`: node/model/compact.py)
+Held = Callable[[str, list[torch.Tensor]], object]
 
 
 def _release(*linears: nn.Module) -> None:
@@ -205,13 +217,17 @@ def lean_unsupported(span: SpanModel) -> str | None:
 class LeanSpan:
     """The same layers as a SpanModel, run with fused weights and static caches."""
 
-    def __init__(self, span: SpanModel):
+    def __init__(self, span: SpanModel, held: Held | None = None, build: bool = True,
+                 device: torch.device | None = None):
+        """`held`: how each matrix is made from its projections' weights (None: fused as they are, in the layers'
+        dtype); `build`: make every layer now (else `add_layer` makes them one by one, as a loader reads them, on
+        `device`: the span's layers are still on the meta device then)."""
         reason = lean_unsupported(span)
         if reason:
             raise ValueError(reason)
         config = span.config
         self.start, self.end = span.start, span.end
-        self.dtype, self.device = span.dtype, span.device
+        self.dtype, self.device = span.dtype, device or span.device
         first = span.layers[0].self_attn
         self.head_dim = first.head_dim
         self.q_heads = config.num_attention_heads
@@ -219,7 +235,15 @@ class LeanSpan:
         self.window = self._window(span)
         self.layer_types = span.layer_types
         self.rotary = span.rotary_emb
-        self.layers = [self._lean_layer(layer) for layer in span.layers]
+        self._held = held
+        self.layers: list[LeanLayer] = []
+        for layer in span.layers if build else ():
+            self.add_layer(layer)
+
+    def add_layer(self, layer: nn.Module) -> LeanLayer:
+        """Make the next layer's lean form from its (loaded) module, and drop the module's projection weights."""
+        self.layers.append(self._lean_layer(layer))
+        return self.layers[-1]
 
     @staticmethod
     def _window(span: SpanModel) -> int | None:
@@ -231,9 +255,14 @@ class LeanSpan:
     def _lean_layer(self, layer: nn.Module) -> LeanLayer:
         attention, mlp = layer.self_attn, layer.mlp
         q_norm, k_norm = getattr(attention, "q_norm", None), getattr(attention, "k_norm", None)
-        fused = {
-            name: _fuse([layer.get_submodule(p) for p in projections]) for name, projections in LEAN_PROJECTIONS.items()
-        }
+        fused = {}
+        for name, projections in LEAN_PROJECTIONS.items():
+            linears = [layer.get_submodule(p) for p in projections]
+            if self._held is None:
+                fused[name] = _fuse(linears)
+            else:
+                fused[name] = (self._held(name, [linear.weight for linear in linears]),
+                               _fused_bias(linears, self.dtype, self.device))
         lean = LeanLayer(
             input_norm=layer.input_layernorm.weight, post_norm=layer.post_attention_layernorm.weight,
             qkv_t=fused["qkv_t"][0], qkv_bias=fused["qkv_t"][1],
@@ -246,6 +275,8 @@ class LeanSpan:
             scaling=attention.scaling, act=mlp.act_fn,
         )
         _release(attention.q_proj, attention.k_proj, attention.v_proj, mlp.gate_proj, mlp.up_proj)
+        if self._held is not None:  # o and down were made anew too
+            _release(attention.o_proj, mlp.down_proj)
         return lean
 
     def new_cache(self, start: int, end: int, batch: int, max_length: int) -> StaticKV:

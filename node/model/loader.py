@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,8 @@ from transformers import PretrainedConfig
 from common.progress import progress_bar
 from common.weights import gguf
 from common.weights.errors import ModelLoadError
+from common.weights.exact import shared_kernels
+from common.weights.fast_linear import transpose_linears
 from common.weights.files import ModelFiles
 from common.weights.reading import (
     LoadStats,
@@ -26,9 +29,15 @@ from common.weights.reading import (
     decoder_layers,
     layer_keys,
     load_tensors,
+    owned,
+    place,
+    placeable,
+    read_layer,
     skeleton,
 )
-from node.model.quant import layer_bytes
+from node.model.compact import HeldForms, exact_layer
+from node.model.lean import LEAN_MATRICES, LEAN_PROJECTIONS, LeanSpan, lean_unsupported
+from node.model.quant import check_mode, layer_bytes, quantize_linears, weight_bytes
 from node.model.span import SpanModel
 
 log = logging.getLogger(__name__)
@@ -73,57 +82,151 @@ class WeightSource:
         return torch.cat(parts, dim=1).contiguous() if len(parts) > 1 else parts[0].contiguous()
 
 
-def load_span(
-    files: ModelFiles, start: int, end: int, device: torch.device, dtype: torch.dtype, progress: bool = False
-) -> tuple[SpanModel, LoadStats]:
-    """Layers `[start, end)` of the model, on `device` in `dtype`; nothing else is read or kept.
+@dataclass(frozen=True)
+class SpanForm:
+    """What a span's matrices become as each layer is read (the defaults: transformers' layers in the compute dtype).
 
-    `progress`: show a bar of bytes read on stderr."""
+    The loader makes every layer into this form before it reads the next one, so a node never holds its span in a
+    wider form than the final one, nor more than one layer's mapped shard pages."""
+
+    lean: bool = False       # the lean runtime's fused matrices (node/model/lean.py), where the family has one
+    quant: str = "none"      # node/model/quant.py: none | int8 | nf4
+    exact: bool = False      # exact compact forms of float32 CPU matrices (node/model/compact.py)
+    transpose: bool = False  # transformers' own linears stored transposed (common/weights/fast_linear.py)
+
+
+def load_span(
+    files: ModelFiles, start: int, end: int, device: torch.device, dtype: torch.dtype, progress: bool = False,
+    form: SpanForm = SpanForm(),
+) -> tuple[SpanModel, LoadStats]:
+    """Layers `[start, end)` of the model, on `device` in `dtype`, in `form`; nothing else is read or kept.
+
+    The layers are read one at a time, each tensor copied out of its shard's mapping straight into its final form
+    (`form`) before the next layer is read; `progress`: show a bar of bytes read on stderr."""
     config = files.config()
     n = config.num_hidden_layers
     if not 0 <= start < end <= n:
         raise ModelLoadError(f"span {start}:{end} is not within the model's {n} layers (0:{n})")
+    check_mode(form.quant)
     model = skeleton(config, dtype)
     prefix, layers = decoder_layers(model, n)
+    span = SpanModel(config, start, end, nn.ModuleList(list(layers)[start:end]), _fresh_rotary(model, config, device))
+    span.eval().requires_grad_(False)
+    builder = _Builder(span, form, device, dtype)
     if files.gguf is not None:
-        stats = _load_gguf_span(files, model, start, end, device, dtype, progress)
+        header = gguf.read_header(files.gguf)
+        total = gguf.span_bytes(header, start, end) if progress else 0
+        read = _gguf_reader(header, model, builder)
     else:
         weight_map = files.weight_map()
         keys = layer_keys(weight_map, prefix, start, end)
         if not keys:
             raise ModelLoadError(f"{files.model_id}: no weights found for layers {start}:{end} under {prefix!r}")
         total = bytes_of(files, weight_map, keys) if progress else 0
-        with progress_bar(progress, f"loading layers {start}:{end}", total, bytes_=True) as advance:
-            stats = load_tensors(files, model, keys, weight_map, device, dtype, advance if progress else None)
-    span_layers = nn.ModuleList(list(layers)[start:end])
-    check_materialised(span_layers, f"layers {start}:{end}")
-    span = SpanModel(config, start, end, span_layers, _fresh_rotary(model, config, device))
-    span.eval().requires_grad_(False)
+        read = _safetensors_reader(files, model, weight_map, prefix, keys, builder)
+    stats = LoadStats()
+    with progress_bar(progress, f"loading layers {start}:{end}", total, bytes_=True) as advance:
+        for index in range(start, end):
+            read(index, stats, advance if progress else None)
+            check_materialised(layers[index], f"layer {index}")
+            builder.finish(layers[index])
+    if not stats.tensors:
+        where = files.gguf.name if files.gguf is not None else prefix
+        raise ModelLoadError(f"{files.model_id}: no weights found for layers {start}:{end} in {where}")
+    builder.done(stats)
     if files.gguf is None:
         span.source = WeightSource(files, prefix, dtype)
-    log.info(
-        "loaded layers %d:%d of %s: %d tensors, %.1f MB read",
-        start,
-        end,
-        files.model_id,
-        stats.tensors,
-        stats.bytes_read / 1e6,
-    )
+    log.info("loaded layers %d:%d of %s: %d tensors, %.1f MB read%s", start, end, files.model_id, stats.tensors,
+             stats.bytes_read / 1e6, "".join(f"; {note}" for note in stats.notes))
     return span, stats
 
 
-def _load_gguf_span(
-    files: ModelFiles, model: nn.Module, start: int, end: int, device: torch.device, dtype: torch.dtype, progress: bool
-) -> LoadStats:
-    """Dequantise only the `blk.{start..end-1}.*` tensors of the GGUF file."""
-    header = gguf.read_header(files.gguf)
-    total = gguf.span_bytes(header, start, end) if progress else 0
-    with progress_bar(progress, f"loading layers {start}:{end}", total, bytes_=True) as advance:
-        wanted = lambda name: (i := gguf.layer_of(name)) is not None and start <= i < end  # noqa: E731
-        stats = gguf.load_tensors(header, model, wanted, device, dtype, advance if progress else None)
-    if not stats.tensors:
-        raise ModelLoadError(f"{files.model_id}: no weights found for layers {start}:{end} in {files.gguf.name}")
-    return stats
+def _safetensors_reader(files: ModelFiles, model: nn.Module, weight_map: dict[str, str], prefix: str,
+                        keys: list[str], builder: "_Builder"):
+    """read(index, stats, advance): put layer `index`'s tensors into `model`, one tensor at a time."""
+    pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.")
+    by_layer: dict[int, list[str]] = {}
+    for key in keys:
+        by_layer.setdefault(int(pattern.match(key).group(1)), []).append(key)
+    direct = placeable(model, keys)
+
+    def read(index: int, stats: LoadStats, advance) -> None:
+        wanted = by_layer.get(index, [])
+        if not direct:  # renamed or fused keys: transformers' conversions, in the compute dtype
+            loaded = load_tensors(files, model, wanted, weight_map, builder.device, builder.dtype, advance)
+            stats.tensors, stats.bytes_read = stats.tensors + loaded.tensors, stats.bytes_read + loaded.bytes_read
+            stats.shards |= loaded.shards
+            return
+        for key, tensor in read_layer(files, weight_map, wanted, stats, advance, one_at_a_time=True):
+            builder.put(model, key, tensor)
+
+    return read
+
+
+def _gguf_reader(header, model: nn.Module, builder: "_Builder"):
+    """read(index, stats, advance): dequantise layer `index`'s tensors of the GGUF file into `model`."""
+    mapping = gguf.tensor_mapping(model, header)
+
+    def read(index: int, stats: LoadStats, advance) -> None:
+        tensors = gguf.read_tensors(header, mapping, lambda name: gguf.layer_of(name) == index, stats, advance)
+        for key in list(tensors):
+            builder.put(model, key, tensors.pop(key))
+
+    return read
+
+
+class _Builder:
+    """Makes each loaded layer into the span's final form (`SpanForm`) before the next is read."""
+
+    def __init__(self, span: SpanModel, form: SpanForm, device: torch.device, dtype: torch.dtype):
+        self.span, self.form, self.device, self.dtype = span, form, device, dtype
+        self.kernels = None
+        if form.exact and form.quant == "none" and device.type == "cpu" and dtype == torch.float32:
+            self.kernels = shared_kernels()
+        self.quantised = 0
+        self.lean: LeanSpan | None = None
+        self.held = HeldForms(dtype, form.quant, self.kernels)
+        if form.lean:
+            reason = lean_unsupported(span)
+            if reason is None:
+                self.lean = LeanSpan(span, held=self.held, build=False, device=device)
+            else:
+                log.info("no lean runtime for this family (%s); using transformers' layers", reason)
+        self._projections = tuple(f".{p}.weight" for names in LEAN_PROJECTIONS.values() for p in names)
+
+    def put(self, model: nn.Module, key: str, tensor: torch.Tensor) -> None:
+        """A read tensor into the model: as stored when it is a lean projection (`HeldForms` makes its form from
+        it), else in the compute dtype in memory of its own."""
+        if self.lean is not None and key.endswith(self._projections):
+            place(model, key, tensor.to(self.device))
+        else:
+            place(model, key, owned(tensor, self.dtype, self.device, tensor))
+
+    def finish(self, layer: nn.Module) -> None:
+        if self.lean is not None:
+            self.lean.add_layer(layer)
+        else:
+            if self.form.transpose and self.form.quant == "none" and self.device.type == "cpu":
+                transpose_linears(layer)
+            if self.form.quant != "none":
+                self.quantised += quantize_linears(layer, self.form.quant, self.dtype)
+            elif self.kernels is not None:
+                exact_layer(layer, self.kernels, self.held.tally)
+        if self.device.type == "cpu":
+            own_memory(layer)
+
+    def done(self, stats: LoadStats) -> None:
+        span = self.span
+        if self.lean is not None:
+            span.lean = self.lean
+            if self.form.quant != "none":
+                self.quantised = len(self.lean.layers) * len(LEAN_MATRICES)
+        report = self.held.report(span)
+        if self.quantised:
+            stats.notes.append(f"quantised {self.quantised} weight matrices to {self.form.quant}")
+        if report is not None:
+            stats.notes.append(report.describe())
+        stats.notes.append(f"{weight_bytes(span) / 1e6:.1f} MB of weights held")
 
 
 def own_memory(module: nn.Module, max_bytes: int = 32 * 1024 * 1024) -> int:
