@@ -7,8 +7,8 @@ arithmetic with fewer, larger operations:
 
 - q/k/v fused into one product and gate/up into another, weights stored transposed ([in, out],
   contiguous: ~25 % faster one-row products on CPU, see fast_linear.py);
-- a static KV cache per session (`StaticKV`: preallocated [layers, batch, kv_heads, max_length,
-  head_dim]; nothing is re-allocated per step, a rewind is just a smaller position);
+- a static KV cache per session (`StaticKV`: [layers, batch, kv_heads, length, head_dim], grown KV_CHUNK
+  tokens at a time as the session grows; a rewind is just a smaller position);
 - the decode steps of several sessions in one pass (`run` with many rows): every weight is read
   once for all of them, attention runs per session over its own cache, with the very call that
   session would make alone (so a row's attention never depends on the others' caches).
@@ -19,6 +19,7 @@ with transformers' DynamicCache)."""
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -35,18 +36,62 @@ if TYPE_CHECKING:
 SUPPORTED_LAYERS = {"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer"}
 
 
-class StaticKV:
-    """Keys and values of one session over its layers, preallocated for its whole max_length.
+KV_CHUNK = 256  # tokens a StaticKV grows by: memory follows a session's length, not its max_length
 
-    On CPU `torch.empty` only reserves address space: pages are committed as tokens are written."""
+
+class KVMeter:
+    """The bytes the StaticKV caches made with it hold now (a cache's bytes go back when it is collected)."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+
+    def _release(self, held: list[int]) -> None:
+        self.bytes -= held[0]
+        held[0] = 0
+
+
+class StaticKV:
+    """Keys and values of one session over its layers, up to its max_length.
+
+    The memory grows with the session, KV_CHUNK tokens at a time (a write past the allocation moves the cache
+    into a larger one); `reserved_bytes` is what it holds now. A rewind keeps the allocation."""
 
     def __init__(self, layers: int, batch: int, kv_heads: int, max_length: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device):
-        shape = (layers, batch, kv_heads, max_length, head_dim)
-        self.keys = torch.empty(shape, dtype=dtype, device=device)
-        self.values = torch.empty(shape, dtype=dtype, device=device)
+                 dtype: torch.dtype, device: torch.device, chunk: int = KV_CHUNK, meter: KVMeter | None = None):
+        self._meter, self._held = meter, [0]  # bytes counted in `meter` (a list: the finaliser reads it)
+        if meter is not None:
+            weakref.finalize(self, meter._release, self._held)
+        self._shape = (layers, batch, kv_heads, 0, head_dim)
+        self._dtype, self._device, self._chunk = dtype, device, chunk
+        self.keys = torch.empty(self._shape, dtype=dtype, device=device)
+        self.values = torch.empty(self._shape, dtype=dtype, device=device)
         self.max_length = max_length
         self.length = 0  # tokens written so far (per sequence)
+
+    @property
+    def capacity(self) -> int:
+        """Tokens (per sequence) the allocation holds now."""
+        return self.keys.shape[3]
+
+    @property
+    def reserved_bytes(self) -> int:
+        return 2 * self.keys.numel() * self.keys.element_size()
+
+    def _grow(self, tokens: int) -> None:
+        """Hold at least `tokens` positions: the next multiple of the chunk, at most max_length."""
+        capacity = min(self.max_length, max(tokens, -(-tokens // self._chunk) * self._chunk))
+        layers, batch, heads, _, dim = self._shape
+        shape = (layers, batch, heads, capacity, dim)
+        keys = torch.empty(shape, dtype=self._dtype, device=self._device)
+        values = torch.empty(shape, dtype=self._dtype, device=self._device)
+        kept = min(self.length, self.capacity)
+        if kept:
+            keys[:, :, :, :kept] = self.keys[:, :, :, :kept]
+            values[:, :, :, :kept] = self.values[:, :, :, :kept]
+        self.keys, self.values = keys, values
+        if self._meter is not None:
+            self._meter.bytes += self.reserved_bytes - self._held[0]
+            self._held[0] = self.reserved_bytes
 
     def get_seq_length(self) -> int:
         return self.length
@@ -57,6 +102,8 @@ class StaticKV:
         """Store keys and values [batch, kv_heads, tokens, head_dim] of `layer` at positions [past, past + tokens);
         returns that layer's keys and values up to there (views)."""
         batch, total = keys.shape[0], past + keys.shape[2]
+        if total > self.capacity:
+            self._grow(total)
         self.keys[layer, :batch, :, past:total] = keys
         self.values[layer, :batch, :, past:total] = values
         return self.keys[layer, :batch, :, :total], self.values[layer, :batch, :, :total]
@@ -235,6 +282,7 @@ class LeanSpan:
         self.window = self._window(span)
         self.layer_types = span.layer_types
         self.rotary = span.rotary_emb
+        self.kv = KVMeter()  # bytes its sessions' caches hold now
         self._held = held
         self.layers: list[LeanLayer] = []
         for layer in span.layers if build else ():
@@ -280,7 +328,8 @@ class LeanSpan:
         return lean
 
     def new_cache(self, start: int, end: int, batch: int, max_length: int) -> StaticKV:
-        return StaticKV(end - start, batch, self.kv_heads, max_length, self.head_dim, self.dtype, self.device)
+        return StaticKV(end - start, batch, self.kv_heads, max_length, self.head_dim, self.dtype, self.device,
+                        meter=self.kv)
 
     def run(self, rows: list[Row], start: int, end: int) -> list[torch.Tensor]:
         """Layers [start, end) over every row in one pass; returns each row's output hidden states.
