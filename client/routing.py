@@ -44,6 +44,7 @@ class PeerInfo:
     state: str = "ONLINE"
     started_at: float = 0.0  # when the node started (0 = unknown)
     adapters: tuple[str, ...] = ()  # LoRA adapters the node serves (node/model/lora.py)
+    memory: tuple[tuple[str, int], ...] = ()  # bytes by part: weights, kv_cache, baseline, resident, peak
 
     @property
     def layer_seconds(self) -> float | None:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from rich.console import Console
 from rich.table import Table
@@ -14,6 +15,7 @@ from common.swarm.membership import Membership, SwarmConfig
 from common.swarm.placement import Server, layer_throughput
 from common.swarm.records import NodeState, PeerRecord
 
+log = logging.getLogger(__name__)
 BAR_CHARS = " ▁▂▃▄▅▆▇█"
 
 
@@ -23,6 +25,7 @@ class ModelView:
     model_id: str
     num_layers: int
     nodes: list[PeerRecord]
+    memory: dict[str, dict[str, int]] = field(default_factory=dict)  # node_id -> bytes by part (`ask_memory`)
 
     @property
     def serving(self) -> list[PeerRecord]:
@@ -71,6 +74,37 @@ async def collect(config: SwarmConfig, wait: float, security=None) -> list[PeerR
         await membership.close()
 
 
+async def ask_memory(views: list[ModelView], security=None, timeout: float = 3.0) -> None:
+    """Fill each view's `memory` from its nodes' Info (a node that does not answer has none)."""
+    from client.transport import Peer
+
+    async def one(view: ModelView, record: PeerRecord) -> None:
+        peer = Peer(record.address, security) if security is not None else Peer(record.address)
+        try:
+            info = await peer.info(timeout)
+            if info.memory:
+                view.memory[record.node_id] = dict(info.memory)
+        except Exception as error:  # status shows what it can: an unreachable node has no memory column
+            log.debug("no memory from %s: %s", record.address, error)
+        finally:
+            await peer.close()
+
+    await asyncio.gather(*(one(view, record) for view in views for record in view.nodes))
+
+
+def _mib(value: int) -> str:
+    return f"{value / 2**20:.0f}"
+
+
+def memory_cell(memory: dict[str, int] | None) -> str:
+    """resident MiB (peak), then weights + cache + runtime baseline."""
+    if not memory:
+        return "-"
+    return (f"{_mib(memory.get('resident', 0))} MiB (peak {_mib(memory.get('peak', 0))}): "
+            f"{_mib(memory.get('weights', 0))} weights + {_mib(memory.get('kv_cache', 0))} cache + "
+            f"{_mib(memory.get('baseline', 0))} runtime")
+
+
 def as_json(views: list[ModelView]) -> dict:
     now = time.time()
     return {
@@ -87,7 +121,7 @@ def as_json(views: list[ModelView]) -> dict:
                         "device": n.device, "dtype": n.dtype, "quant": n.quant, "adapters": list(n.adapters),
                         "throughput": n.throughput, "load": n.load,
                         "free_cache_tokens": n.free_cache_tokens, "state": n.state.value,
-                        "expires_in": round(n.expires_at - now, 1),
+                        "expires_in": round(n.expires_at - now, 1), "memory": v.memory.get(n.node_id, {}),
                     }
                     for n in v.nodes
                 ],
@@ -106,13 +140,14 @@ def render(views: list[ModelView], console: Console) -> None:
             title=f"{view.model_id}  (config {view.config_hash}, {view.num_layers} layers)", title_justify="left"
         )
         for column in ("node", "name", "address", "span", "device", "dtype", "quant", "adapters", "tok/s", "load",
-                       "free cache", "state"):
+                       "free cache", "memory", "state"):
             table.add_column(column, no_wrap=column in ("node", "address", "span", "state"))
         for n in view.nodes:
             style = {"ONLINE": "green", "JOINING": "yellow", "DRAINING": "yellow", "OFFLINE": "red"}[n.state.value]
             table.add_row(n.short_id, n.name, n.address, f"{n.start}:{n.end}", n.device, n.dtype, n.quant,
                           ",".join(n.adapters) or "-", f"{n.throughput:.1f}",
-                          f"{n.load:.0f}", str(n.free_cache_tokens), f"[{style}]{n.state.value}[/]")
+                          f"{n.load:.0f}", str(n.free_cache_tokens), memory_cell(view.memory.get(n.node_id)),
+                          f"[{style}]{n.state.value}[/]")
         console.print(table)
         console.print(f"coverage [{coverage_bar(view)}] 0..{view.num_layers}")
         missing = view.missing()

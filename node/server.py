@@ -27,9 +27,10 @@ from common.wire.codec import MAX_MESSAGE_BYTES
 from common.wire.generated import potluck_pb2 as pb
 from common.wire.security import Security, load_security
 from node.config import NodeConfig
-from node.metrics import CacheView, MetricsServer, NodeMetrics
+from node.metrics import CacheView, MemoryView, MetricsServer, NodeMetrics, process_memory
 from node.model.compact import exact_formats
 from node.model.loader import SpanForm, bytes_per_layer, load_span
+from node.model.quant import weight_bytes
 from node.rpc.handlers import add_service
 from node.rpc.probe import Prober
 from node.rpc.push import Pusher
@@ -93,6 +94,7 @@ class RunningNode:
     security: Security | None = None  # swarm key and TLS as this node uses them (its certificate included)
     tasks: list[asyncio.Task] = field(default_factory=list)
     relay: object | None = None  # node.relay.join.Relayed while serving through a relay (docs/relay.md)
+    baseline: int = 0  # resident bytes before any weight was read (node/metrics.py MemoryView)
 
     @property
     def executor(self) -> Executor | None:
@@ -168,6 +170,20 @@ def _cache_view(serving: Serving) -> CacheView:
     )
 
 
+def _memory_view(serving: Serving, weights: int, baseline: int) -> MemoryView:
+    """The node's memory parts (node/metrics.py): KV bytes as the lean caches hold them, else as transformers'
+    caches hold their tokens."""
+
+    def kv_cache() -> int:
+        executor = serving.executor
+        if executor is None:
+            return 0
+        lean = executor.span.lean
+        return lean.kv.bytes if lean is not None else executor.sessions.used_tokens * executor.kv_bytes_per_token
+
+    return MemoryView(weights=lambda: weights, kv_cache=kv_cache, baseline=baseline)
+
+
 def _servers(membership: Membership, config_hash: str) -> list[Server]:
     """The nodes placement counts: those serving (or about to serve) this model."""
     return [
@@ -209,6 +225,8 @@ async def _load(node: RunningNode, span: Span) -> None:
     node.record = replace(node.record, start=span.start, end=span.end, state=NodeState.JOINING)
     await node.membership.publish(node.record, mdns_address=node.address)
     node.serving.state = NodeState.JOINING.value
+    if not node.baseline:
+        node.baseline = process_memory()[0]
     form = SpanForm(lean=config.lean, quant=config.quant, exact=config.exact and node.device.type == "cpu",
                     transpose=node.device.type == "cpu")  # each layer made into its final form as it is read
     model, _ = await asyncio.to_thread(load_span, node.files, span.start, span.end, node.device, node.dtype,
@@ -234,6 +252,7 @@ async def _load(node: RunningNode, span: Span) -> None:
                                      batch_wait=config.batch_wait, pack=config.pack and node.device.type == "cpu")
     if old is not None:
         old.shutdown()
+    node.serving.memory = _memory_view(node.serving, weight_bytes(model), node.baseline).snapshot
     node.record = replace(node.record, state=NodeState.ONLINE, throughput=node.throughput.decode,
                           prefill_throughput=node.throughput.prefill, adapters=tuple(sorted(adapters)),
                           **_stats(node.serving))
@@ -322,6 +341,7 @@ async def start_node(config: NodeConfig) -> RunningNode:
                                  dtype=dtype_name(dtype), device=str(device), quant=config.quant)
     if metrics is not None:
         metrics.watch(_cache_view(serving))
+        metrics.watch_memory(lambda: serving.memory() if serving.memory is not None else {})
     limiter = RateLimiter(config.rate_limit) if config.rate_limit else None
     servicer = PotluckServicer(serving, node_identity, membership, metrics, limiter=limiter)
     servicer.pusher = Pusher(security=security)

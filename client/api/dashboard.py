@@ -25,7 +25,7 @@ def node_from_info(info: PeerInfo, rtt: float | None) -> dict:
         "prefill_throughput": info.prefill_throughput, "load": info.load, "free_cache_tokens": info.free_cache_tokens,
         "max_length": info.max_length, "state": info.state, "config_hash": info.config_hash,
         "rtt_ms": None if rtt is None else round(rtt * 1000, 1), "announced_s_ago": None, "error": None,
-        "uptime_s": _uptime(info.started_at, time.time()),
+        "uptime_s": _uptime(info.started_at, time.time()), "memory": dict(info.memory),
     }
 
 

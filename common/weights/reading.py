@@ -5,6 +5,7 @@ keys load as they do in `from_pretrained`); everything else stays on meta and co
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -78,13 +79,12 @@ def load_tensors(
     """Read exactly `keys` from the shards into `model` (through transformers' key conversions).
 
     `advance(nbytes)` is called as each tensor is read (for a progress bar). Keys that name the model's own
-    parameters are read one at a time, each copied out of its shard's mapping into `dtype` before the next
-    (a narrower stored form is never held whole in `dtype` beside its mapped pages); others go through
-    transformers' conversions."""
+    parameters are read one at a time with plain file reads (no shard mapping) and put in `dtype` before the
+    next; others go through transformers' conversions."""
     stats = LoadStats()
     if placeable(model, keys):
-        for key, tensor in read_layer(files, weight_map, keys, stats, advance, one_at_a_time=True):
-            place(model, key, owned(tensor, dtype, device, tensor))
+        for key, tensor in read_layer(files, weight_map, keys, stats, advance):
+            place(model, key, tensor.to(device=device, dtype=dtype))
         return stats
     by_shard: dict[str, list[str]] = {}
     for key in keys:
@@ -141,35 +141,84 @@ def bytes_of(files: ModelFiles, weight_map: dict[str, str], keys: list[str]) -> 
     return total
 
 
+_TORCH_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+class ShardReader:
+    """Tensors of safetensors shards read with plain file reads into memory of their own: no mapping, so no
+    shard page ever counts in the process's memory; each shard's header is parsed once."""
+
+    def __init__(self, files: ModelFiles, weight_map: dict[str, str], stats: LoadStats,
+                 advance: Callable[[float], None] | None = None):
+        self.files, self.weight_map, self.stats, self.advance = files, weight_map, stats, advance
+        self._headers: dict[str, tuple[dict, int, str]] = {}
+
+    def entry(self, key: str) -> tuple[str, torch.dtype, tuple[int, ...], int, int]:
+        """(path, dtype, shape, offset, nbytes) of `key`."""
+        shard = self.weight_map[key]
+        if shard not in self._headers:
+            path = self.files.fetch(shard)
+            with open(path, "rb") as handle:
+                size = int.from_bytes(handle.read(8), "little")
+                self._headers[shard] = (json.loads(handle.read(size)), 8 + size, str(path))
+            self.stats.shards.add(shard)
+        header, base, path = self._headers[shard]
+        info = header[key]
+        begin, stop = info["data_offsets"]
+        dtype = _TORCH_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise ModelLoadError(f"{shard}: {key} is stored as {info['dtype']}, which cannot be read")
+        return path, dtype, tuple(info["shape"]), base + begin, stop - begin
+
+    def read(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """`key` as stored; into `out` (a contiguous CPU tensor of its dtype and shape) when given."""
+        path, dtype, shape, offset, nbytes = self.entry(key)
+        if out is None:
+            out = torch.empty(shape, dtype=dtype)
+        if tuple(out.shape) != shape or out.dtype != dtype or not out.is_contiguous():
+            raise ValueError(f"{key}: cannot read {dtype} {list(shape)} into {out.dtype} {list(out.shape)}")
+        view = memoryview(out.view(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
+        with open(path, "rb", buffering=0) as handle:
+            handle.seek(offset)
+            done = 0
+            while done < nbytes:
+                count = handle.readinto(view[done:])
+                if not count:
+                    raise ModelLoadError(f"{path}: {key} is cut short (truncated shard?)")
+                done += count
+        self.stats.tensors += 1
+        self.stats.bytes_read += nbytes
+        if self.advance is not None:
+            self.advance(nbytes)
+        return out
+
+    def read_rows(self, keys: list[str]) -> torch.Tensor:
+        """Several [out_i, in] tensors of one dtype read straight into one [sum(out), in] tensor (a fused matrix
+        as stored: no part is held twice)."""
+        entries = [self.entry(key) for key in keys]
+        dtypes, widths = {e[1] for e in entries}, {e[2][1:] for e in entries}
+        if len(dtypes) != 1 or len(widths) != 1 or any(len(e[2]) != 2 for e in entries):
+            return torch.cat([self.read(key) for key in keys])
+        rows = [e[2][0] for e in entries]
+        out = torch.empty((sum(rows), *widths.pop()), dtype=dtypes.pop())
+        start = 0
+        for key, count in zip(keys, rows):
+            self.read(key, out[start : start + count])
+            start += count
+        return out
+
+
 def read_layer(
     files: ModelFiles, weight_map: dict[str, str], keys: list[str], stats: LoadStats,
-    advance: Callable[[float], None] | None = None, one_at_a_time: bool = False,
+    advance: Callable[[float], None] | None = None,
 ):
-    """`keys` (one layer's) as stored (their own dtype), each shard's mapping closed once its keys are read: a dict,
-    or with `one_at_a_time` an iterator of (key, tensor) that reads each tensor only when the last was used.
-
-    The tensors may still be views of a shard's mapped pages: the caller makes them into their final form and
-    drops them, and the pages go with them (a node reading layer by layer never has more than one layer mapped)."""
-    tensors = _read(files, weight_map, keys, stats, advance)
-    return tensors if one_at_a_time else dict(tensors)
-
-
-def _read(files, weight_map, keys, stats, advance):
-    by_shard: dict[str, list[str]] = {}
-    for key in keys:
-        by_shard.setdefault(weight_map[key], []).append(key)
-    for shard, shard_keys in sorted(by_shard.items()):
-        stats.shards.add(shard)
-        with safe_open(files.fetch(shard), framework="pt", device="cpu") as handle:
-            for key in shard_keys:
-                tensor = handle.get_tensor(key)
-                nbytes = tensor.numel() * tensor.element_size()
-                stats.tensors += 1
-                stats.bytes_read += nbytes
-                if advance is not None:
-                    advance(nbytes)
-                yield key, tensor
-                del tensor
+    """(key, tensor) for each of `keys`, as stored, read one at a time when asked for (memory of their own)."""
+    reader = ShardReader(files, weight_map, stats, advance)
+    for key in sorted(keys, key=lambda k: (weight_map[k], k)):
+        yield key, reader.read(key)
 
 
 def placeable(model: nn.Module, keys: list[str]) -> bool:
@@ -186,14 +235,6 @@ def place(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
         module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
     else:
         module._buffers[leaf] = tensor
-
-
-def owned(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device, source: torch.Tensor) -> torch.Tensor:
-    """`tensor` in `dtype` on `device`, in memory of its own: never a view of `source`'s (a mapped shard's) pages."""
-    out = tensor.to(device=device, dtype=dtype)
-    if out.device.type == "cpu" and out.untyped_storage().data_ptr() == source.untyped_storage().data_ptr():
-        out = out.clone()
-    return out
 
 
 def layer_keys(weight_map: dict[str, str], prefix: str, start: int, end: int) -> list[str]:

@@ -9,7 +9,7 @@ import json
 
 from rich.console import Console
 
-from client.status import as_json, collect, group_by_model, render
+from client.status import as_json, ask_memory, collect, group_by_model, render
 from common.swarm.membership import SwarmConfig
 from common.wire.security import load_security
 from node.cli.args import add_logging, add_swarm_args, add_trust_args, bootstrap_list, trust_options
@@ -25,13 +25,20 @@ def add_status_parser(commands) -> None:
     add_logging(status)
 
 
+async def _views(config: SwarmConfig, wait: float, security) -> list:
+    """The swarm's models and nodes, with each node's memory from its Info (docs/memory.md)."""
+    views = group_by_model(await collect(config, wait, security))
+    await ask_memory(views, security)
+    return views
+
+
 def run_status(args: argparse.Namespace) -> None:
     bootstrap = bootstrap_list(args.bootstrap)
     if args.no_mdns and not bootstrap:
         raise ConfigError("--no-mdns needs at least one --bootstrap address")
     config = SwarmConfig(bootstrap=bootstrap, mdns=not args.no_mdns, mdns_interface=args.mdns_interface)
     security = load_security(**trust_options(args))
-    views = group_by_model(asyncio.run(collect(config, args.wait, security)))
+    views = asyncio.run(_views(config, args.wait, security))
     if args.json:
         print(json.dumps(as_json(views), indent=1))
     else:

@@ -137,40 +137,39 @@ class HeldForms:
         self.tally = _Tally()
 
     def __call__(self, name: str, weights: list[torch.Tensor]):
+        """The lean matrix `name` of these projection weights ([out_i, in] each, as stored)."""
+        return self.make(weights[0] if len(weights) == 1 else torch.cat(weights), [w.shape[0] for w in weights])
+
+    def make(self, fused: torch.Tensor, sizes: list[int]):
+        """The final form of `fused` [sum(sizes), in] (projections side by side as rows, as stored, in memory of its
+        own: a bf16 exact form keeps this very memory)."""
         if self.quant != "none":
-            fused = weights[0] if len(weights) == 1 else torch.cat(weights)  # [out, in] as stored
             return quantize_weight(fused, self.quant, self.dtype)
-        size = sum(w.shape[0] for w in weights) * weights[0].shape[1] * torch.finfo(self.dtype).bits // 8
-        if self.kernels is not None and weights[0].device.type == "cpu":
-            held = self._bf16(weights)
-            if held is None:
-                weight_t = self._dense(weights)
-                held = _exact_or_parts([w.shape[0] for w in weights], weight_t, self.kernels)
-                held = held if held is not None else weight_t
-            self.tally.add(size, held if not isinstance(held, torch.Tensor) else None)
-            return held
-        return self._dense(weights)
+        if self.kernels is None or fused.device.type != "cpu":
+            return self._dense(fused)
+        held = self._bf16(fused)
+        if held is None:
+            weight_t = self._dense(fused)
+            held = _exact_or_parts(sizes, weight_t, self.kernels)
+            held = held if held is not None else weight_t
+        self.tally.add(fused.numel() * 4, held if not isinstance(held, torch.Tensor) else None)
+        return held
 
-    def _dense(self, weights: list[torch.Tensor]) -> torch.Tensor:
-        """[in, sum(out)] in the compute dtype, contiguous, in memory of its own."""
-        if len(weights) == 1:
-            out = weights[0].to(self.dtype).t().contiguous()
-        else:
-            out = torch.cat([w.to(self.dtype).t() for w in weights], dim=1).contiguous()
-        if out.untyped_storage().data_ptr() == weights[0].untyped_storage().data_ptr():
-            out = out.clone()  # never a view of a mapped shard
-        return out
+    def _dense(self, fused: torch.Tensor) -> torch.Tensor:
+        """[in, out] in the compute dtype, contiguous."""
+        out = fused.to(self.dtype).t().contiguous()
+        return out.clone() if out.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr() else out
 
-    def _bf16(self, weights: list[torch.Tensor]) -> ExactWeight | None:
-        """bfloat16 weights as the bf16 exact form (what `ExactWeight.of` keeps of their float32 values unless a
-        narrower form holds them: that is checked on the first rows, as it does); None where that does not apply."""
-        if any(w.dtype != torch.bfloat16 for w in weights) or weights[0].shape[1] % BLOCK:
+    def _bf16(self, fused: torch.Tensor) -> ExactWeight | None:
+        """A bfloat16 matrix as the bf16 exact form, in its own memory (what `ExactWeight.of` keeps of its float32
+        values unless a narrower form holds them: that is checked on its first rows, as `of` does); None where
+        that does not apply."""
+        if fused.dtype != torch.bfloat16 or fused.dim() != 2 or fused.shape[1] % BLOCK or not fused.is_contiguous():
             return None
-        if ExactWeight.of(weights[0][:PROBE_ROWS].float(), self.kernels, formats=("q4", "q8")) is not None:
+        if ExactWeight.of(fused[:PROBE_ROWS].float(), self.kernels, formats=("q4", "q8")) is not None:
             return None  # a narrower form may hold it: the float32 path decides
-        codes = torch.cat(weights) if len(weights) > 1 else weights[0].clone()
-        shape = (codes.shape[0], codes.shape[1])
-        return ExactWeight("bf16", shape, codes.view(torch.int16), None, None, self.kernels)
+        return ExactWeight("bf16", (fused.shape[0], fused.shape[1]), fused.view(torch.int16), None, None,
+                           self.kernels)
 
     def report(self, span) -> ExactReport | None:
         """What was held exactly (threads calibrated on the span's exact weights); None without kernels."""

@@ -24,15 +24,13 @@ from common.weights.fast_linear import transpose_linears
 from common.weights.files import ModelFiles
 from common.weights.reading import (
     LoadStats,
+    ShardReader,
     bytes_of,
-    check_materialised,
     decoder_layers,
     layer_keys,
     load_tensors,
-    owned,
     place,
     placeable,
-    read_layer,
     skeleton,
 )
 from node.model.compact import HeldForms, exact_layer
@@ -128,7 +126,7 @@ def load_span(
     with progress_bar(progress, f"loading layers {start}:{end}", total, bytes_=True) as advance:
         for index in range(start, end):
             read(index, stats, advance if progress else None)
-            check_materialised(layers[index], f"layer {index}")
+            builder.check(layers[index], f"layer {index}")
             builder.finish(layers[index])
     if not stats.tensors:
         where = files.gguf.name if files.gguf is not None else prefix
@@ -143,7 +141,8 @@ def load_span(
 
 def _safetensors_reader(files: ModelFiles, model: nn.Module, weight_map: dict[str, str], prefix: str,
                         keys: list[str], builder: "_Builder"):
-    """read(index, stats, advance): put layer `index`'s tensors into `model`, one tensor at a time."""
+    """read(index, stats, advance): put layer `index`'s tensors into `model`, one tensor at a time (a lean span's
+    projections are left to the builder, which reads each fused matrix straight into one buffer)."""
     pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.")
     by_layer: dict[int, list[str]] = {}
     for key in keys:
@@ -157,8 +156,12 @@ def _safetensors_reader(files: ModelFiles, model: nn.Module, weight_map: dict[st
             stats.tensors, stats.bytes_read = stats.tensors + loaded.tensors, stats.bytes_read + loaded.bytes_read
             stats.shards |= loaded.shards
             return
-        for key, tensor in read_layer(files, weight_map, wanted, stats, advance, one_at_a_time=True):
-            builder.put(model, key, tensor)
+        reader = ShardReader(files, weight_map, stats, advance)
+        for key in sorted(wanted, key=lambda k: (weight_map[k], k)):
+            if builder.is_projection(key):
+                builder.defer(model.get_parameter(key), key, reader)
+            else:
+                builder.put(model, key, reader.read(key))
 
     return read
 
@@ -185,22 +188,51 @@ class _Builder:
             self.kernels = shared_kernels()
         self.quantised = 0
         self.lean: LeanSpan | None = None
-        self.held = HeldForms(dtype, form.quant, self.kernels)
+        self.forms = HeldForms(dtype, form.quant, self.kernels)
+        self._deferred: dict[int, tuple[str, ShardReader]] = {}  # id(meta parameter) -> its key, its reader
         if form.lean:
             reason = lean_unsupported(span)
             if reason is None:
-                self.lean = LeanSpan(span, held=self.held, build=False, device=device)
+                self.lean = LeanSpan(span, held=self._held, build=False, device=device)
             else:
                 log.info("no lean runtime for this family (%s); using transformers' layers", reason)
         self._projections = tuple(f".{p}.weight" for names in LEAN_PROJECTIONS.values() for p in names)
 
+    def is_projection(self, key: str) -> bool:
+        """Whether the builder makes this tensor (a lean projection weight) into its form itself."""
+        return self.lean is not None and key.endswith(self._projections)
+
+    def defer(self, parameter: torch.Tensor, key: str, reader: ShardReader) -> None:
+        """Leave a lean projection's (meta) parameter unread: `_held` reads it when its matrix is made."""
+        self._deferred[id(parameter)] = (key, reader)
+
     def put(self, model: nn.Module, key: str, tensor: torch.Tensor) -> None:
-        """A read tensor into the model: as stored when it is a lean projection (`HeldForms` makes its form from
-        it), else in the compute dtype in memory of its own."""
-        if self.lean is not None and key.endswith(self._projections):
+        """A read tensor (memory of its own) into the model: as stored when it is a lean projection (`HeldForms`
+        makes its form from it), else in the compute dtype."""
+        if self.is_projection(key):
             place(model, key, tensor.to(self.device))
         else:
-            place(model, key, owned(tensor, self.dtype, self.device, tensor))
+            place(model, key, tensor.to(device=self.device, dtype=self.dtype))
+
+    def _held(self, name: str, weights: list[torch.Tensor]):
+        """A lean matrix in its final form: deferred projections read as one fused buffer first."""
+        sizes = [w.shape[0] for w in weights]
+        deferred = [self._deferred.pop(id(w), None) for w in weights]
+        if all(d is not None for d in deferred):
+            fused = deferred[0][1].read_rows([key for key, _ in deferred]).to(self.device)
+        elif any(d is not None for d in deferred):
+            raise ModelLoadError(f"layer projections {name} are partly missing")
+        else:
+            fused = weights[0] if len(weights) == 1 else torch.cat(weights)
+        return self.forms.make(fused, sizes)
+
+    def check(self, layer: nn.Module, what: str) -> None:
+        """Every tensor of the layer is read, or deferred to `_held`."""
+        missing = [name for name, tensor in layer.state_dict(keep_vars=True).items()
+                   if tensor.is_meta and id(tensor) not in self._deferred]
+        if missing:
+            raise ModelLoadError(f"{what}: the checkpoint has no weights for {', '.join(missing[:5])}"
+                                 + (" ..." if len(missing) > 5 else ""))
 
     def finish(self, layer: nn.Module) -> None:
         if self.lean is not None:
@@ -211,7 +243,7 @@ class _Builder:
             if self.form.quant != "none":
                 self.quantised += quantize_linears(layer, self.form.quant, self.dtype)
             elif self.kernels is not None:
-                exact_layer(layer, self.kernels, self.held.tally)
+                exact_layer(layer, self.kernels, self.forms.tally)
         if self.device.type == "cpu":
             own_memory(layer)
 
@@ -221,7 +253,7 @@ class _Builder:
             span.lean = self.lean
             if self.form.quant != "none":
                 self.quantised = len(self.lean.layers) * len(LEAN_MATRICES)
-        report = self.held.report(span)
+        report = self.forms.report(span)
         if self.quantised:
             stats.notes.append(f"quantised {self.quantised} weight matrices to {self.form.quant}")
         if report is not None:
