@@ -225,12 +225,12 @@ async def _load(node: RunningNode, span: Span) -> None:
     node.record = replace(node.record, start=span.start, end=span.end, state=NodeState.JOINING)
     await node.membership.publish(node.record, mdns_address=node.address)
     node.serving.state = NodeState.JOINING.value
-    if not node.baseline:
-        node.baseline = process_memory()[0]
     form = SpanForm(lean=config.lean, quant=config.quant, exact=config.exact and node.device.type == "cpu",
                     transpose=node.device.type == "cpu")  # each layer made into its final form as it is read
-    model, _ = await asyncio.to_thread(load_span, node.files, span.start, span.end, node.device, node.dtype,
-                                       config.progress, form)
+    model, stats = await asyncio.to_thread(load_span, node.files, span.start, span.end, node.device, node.dtype,
+                                           config.progress, form)
+    if not node.baseline:  # the runtime without weights: measured by the loader just before it read any
+        node.baseline = stats.resident_before or process_memory()[0]
     adapters = {}
     if config.adapters:  # LoRA adapters: this span's part of each (node/model/lora.py)
         from node.model.lora import load_adapters

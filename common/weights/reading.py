@@ -33,6 +33,7 @@ class LoadStats:
     bytes_read: int = 0
     shards: set[str] = field(default_factory=set)
     notes: list[str] = field(default_factory=list)  # what the loader made of the weights (forms, sizes), to log
+    resident_before: int = 0  # the process's resident bytes just before the first tensor was read (0: unknown)
 
 
 def skeleton(config: PretrainedConfig, dtype: torch.dtype) -> nn.Module:

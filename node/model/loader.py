@@ -122,7 +122,7 @@ def load_span(
             raise ModelLoadError(f"{files.model_id}: no weights found for layers {start}:{end} under {prefix!r}")
         total = bytes_of(files, weight_map, keys) if progress else 0
         read = _safetensors_reader(files, model, weight_map, prefix, keys, builder)
-    stats = LoadStats()
+    stats = LoadStats(resident_before=_resident())  # the skeleton, the kernels, the family's code: all but weights
     with progress_bar(progress, f"loading layers {start}:{end}", total, bytes_=True) as advance:
         for index in range(start, end):
             read(index, stats, advance if progress else None)
@@ -259,6 +259,15 @@ class _Builder:
         if report is not None:
             stats.notes.append(report.describe())
         stats.notes.append(f"{weight_bytes(span) / 1e6:.1f} MB of weights held")
+
+
+def _resident() -> int:
+    """This process's resident bytes (VmRSS); 0 where /proc is missing."""
+    try:
+        with open("/proc/self/status") as status:
+            return next((int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:")), 0)
+    except OSError:
+        return 0
 
 
 def own_memory(module: nn.Module, max_bytes: int = 32 * 1024 * 1024) -> int:
