@@ -29,7 +29,7 @@ from common.wire.security import Security, load_security
 from node.config import NodeConfig
 from node.metrics import CacheView, MemoryView, MetricsServer, NodeMetrics, process_memory
 from node.model.compact import exact_formats
-from node.model.loader import SpanForm, bytes_per_layer, load_span
+from node.model.loader import SpanForm, bytes_per_layer, load_span, loading_bytes, stored_dtype
 from node.model.quant import weight_bytes
 from node.rpc.handlers import add_service
 from node.rpc.probe import Prober
@@ -42,6 +42,7 @@ from node.runtime.throughput import Throughput, cached_measure
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "potluck.v1.Potluck"
+CACHE_FRACTION = 0.2  # the share of --memory placement leaves for KV caches (layers_for_memory's default)
 GRPC_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -184,6 +185,35 @@ def _memory_view(serving: Serving, weights: int, baseline: int) -> MemoryView:
     return MemoryView(weights=lambda: weights, kv_cache=kv_cache, baseline=baseline)
 
 
+def _layer_need(config: NodeConfig, files: ModelFiles, model_config, device: torch.device,
+                dtype: torch.dtype) -> tuple[int, int]:
+    """(bytes a layer is held in, bytes loading holds for a moment): docs/memory.md."""
+    stored = stored_dtype(model_config) if files.gguf is None else None
+    exact = config.exact and device.type == "cpu"
+    return (bytes_per_layer(model_config, dtype, config.quant, stored, exact),
+            loading_bytes(model_config, stored))
+
+
+def _check_fits(config: NodeConfig, files: ModelFiles, model_config, span: Span, device: torch.device,
+                dtype: torch.dtype) -> None:
+    """MemoryError, before anything is loaded, if the span's peak does not fit in --memory (with a fifth of it left
+    for caches, as placement leaves) or, without --memory, in the memory free now."""
+    per_layer, loading = _layer_need(config, files, model_config, device, dtype)
+    weights = per_layer * (span.end - span.start)
+    runtime = process_memory()[0]
+    if config.memory_bytes:
+        room, where = int(config.memory_bytes * (1 - CACHE_FRACTION)) - runtime, (
+            f"--memory {config.memory_bytes / 1e9:.2f} GB (a fifth kept for caches, {runtime / 1e9:.2f} GB runtime)")
+    else:
+        room, where = free_memory(device), f"the {free_memory(device) / 1e9:.2f} GB free on {device}"
+    if weights + loading > room:
+        fits = max(0, (room - loading) // per_layer)
+        raise MemoryError(
+            f"layers {span.start}:{span.end} of {files.model_id} need {(weights + loading) / 1e9:.2f} GB at peak "
+            f"({weights / 1e9:.2f} GB of weights + {loading / 1e9:.2f} GB while loading), more than {where}: "
+            f"serve at most {fits} layers here, or use --quant int8")
+
+
 def _servers(membership: Membership, config_hash: str) -> list[Server]:
     """The nodes placement counts: those serving (or about to serve) this model."""
     return [
@@ -201,7 +231,9 @@ async def _choose_span(config: NodeConfig, membership: Membership, files: ModelF
             raise ModelLoadError(
                 f"span {config.start}:{config.end} is not within the model's {num_layers} layers (0:{num_layers})"
             )
-        return Span(config.start, config.end)
+        span = Span(config.start, config.end)
+        await asyncio.to_thread(_check_fits, config, files, model_config, span, device, dtype)
+        return span
     if config.mdns:
         await asyncio.sleep(config.discovery_wait)  # let mDNS answers and their record pulls arrive
         await membership.pull_all()
@@ -209,10 +241,12 @@ async def _choose_span(config: NodeConfig, membership: Membership, files: ModelF
         length = min(config.num_blocks, num_layers)
     else:
         budget = config.memory_bytes or free_memory(device) // 2
-        per_layer = await asyncio.to_thread(bytes_per_layer, model_config, dtype, config.quant)  # quantised size
-        length = layers_for_memory(budget, per_layer, num_layers)
+        per_layer, loading = await asyncio.to_thread(_layer_need, config, files, model_config, device, dtype)
+        # the peak counts: the runtime now, one layer as read while loading, then the layers as held
+        length = layers_for_memory(budget, per_layer, num_layers, fixed_bytes=process_memory()[0] + loading)
         if length < 1:
-            raise MemoryError(f"not even one layer of {files.model_id} fits in {budget / 1e9:.2f} GB")
+            raise MemoryError(f"not even one layer of {files.model_id} fits in {budget / 1e9:.2f} GB (with the "
+                              f"runtime's {process_memory()[0] / 1e9:.2f} GB and {loading / 1e9:.2f} GB while loading)")
     servers = _servers(membership, chash)
     span = choose_span(servers, num_layers, length)
     log.info("placement chose layers %d:%d (%d known nodes)", span.start, span.end, len(servers))

@@ -288,11 +288,33 @@ def own_memory(module: nn.Module, max_bytes: int = 32 * 1024 * 1024) -> int:
     return copied
 
 
-def bytes_per_layer(config: PretrainedConfig, dtype: torch.dtype, quant: str = "none") -> int:
-    """The largest decoder layer's weight bytes in `dtype` (measured on a meta skeleton); with `quant`
-    (node/model/quant.py) its linear projections count at their quantised size."""
+def stored_dtype(config: PretrainedConfig) -> torch.dtype | None:
+    """The dtype a safetensors checkpoint's config says its weights are stored in (None: not said)."""
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(value, str):
+        value = getattr(torch, value, None)
+    return value if isinstance(value, torch.dtype) else None
+
+
+def bytes_per_layer(config: PretrainedConfig, dtype: torch.dtype, quant: str = "none",
+                    stored: torch.dtype | None = None, exact: bool = False) -> int:
+    """The largest decoder layer's weight bytes as a node holds them (measured on a meta skeleton): in `dtype`; with
+    `quant` (node/model/quant.py) its linear projections at their quantised size; with `exact` (float32 CPU spans)
+    and bfloat16 `stored` weights, its projections at 2 bytes a weight (their bf16 exact form)."""
     model = skeleton(config, dtype)
     _, layers = decoder_layers(model, config.num_hidden_layers)
+    if exact and quant == "none" and dtype == torch.float32 and stored == torch.bfloat16:
+        return max(layer_bytes(layer, "none") - _projection_numel(layer) * 2 for layer in layers)
     return max(layer_bytes(layer, quant) for layer in layers)
 
 
+def _projection_numel(layer: nn.Module) -> int:
+    return sum(m.weight.numel() for m in layer.modules() if type(m) is nn.Linear)
+
+
+def loading_bytes(config: PretrainedConfig, stored: torch.dtype | None) -> int:
+    """What loading holds for a moment beside the span (one fused matrix as read, before its final form is made):
+    at most one layer's weights as stored (float32 where the stored dtype is not known)."""
+    model = skeleton(config, stored or torch.float32)
+    _, layers = decoder_layers(model, config.num_hidden_layers)
+    return max(sum(p.numel() * p.element_size() for p in layer.parameters()) for layer in layers)
