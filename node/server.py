@@ -29,7 +29,14 @@ from common.wire.security import Security, load_security
 from node.config import NodeConfig
 from node.metrics import CacheView, MemoryView, MetricsServer, NodeMetrics, process_memory
 from node.model.compact import exact_formats
-from node.model.loader import SpanForm, bytes_per_layer, load_span, loading_bytes, stored_dtype
+from node.model.loader import (
+    SpanForm,
+    bytes_per_layer,
+    load_span,
+    loading_bytes,
+    release_free_heap,
+    stored_dtype,
+)
 from node.model.quant import weight_bytes
 from node.rpc.handlers import add_service
 from node.rpc.probe import Prober
@@ -306,6 +313,7 @@ async def _janitor(node: RunningNode) -> None:
             evicted = executor.evict(executor.sessions.idle(timeout), f"idle for over {timeout:.0f}s")
             if evicted:
                 log.info("closed %d idle sessions", evicted)
+        release_free_heap()  # passes' freed temporaries (prefills' activations, dequantised weights) go back
 
 
 async def _rebalance_loop(node: RunningNode, rng: random.Random) -> None:

@@ -148,6 +148,8 @@ class HeldForms:
         if self.kernels is None or fused.device.type != "cpu":
             return self._dense(fused)
         held = self._bf16(fused)
+        if held is None and fused.dim() == 2:
+            held = _exact_in_rows(fused.float().contiguous(), self.kernels)
         if held is None:
             weight_t = self._dense(fused)
             held = _exact_or_parts(sizes, weight_t, self.kernels)
@@ -178,6 +180,32 @@ class HeldForms:
         tally = self.tally
         return ExactReport(tally.formats, tally.dense, tally.before, tally.after,
                            calibrate_threads(_exact_weights(span)))
+
+
+ROWS_AT_ONCE = 256  # rows of a matrix encoded at a time: bounds the encoder's temporaries to a few such row blocks
+
+
+def _exact_in_rows(weight: torch.Tensor, kernels: Kernels) -> ExactWeight | None:
+    """`ExactWeight.of(weight)`, encoded ROWS_AT_ONCE rows at a time (each row's blocks are encoded on their own,
+    so the result is the same: the first block of rows picks the narrowest form holding it, every other block must
+    be held in it too); None where that form does not hold every block (the whole-matrix path decides then)."""
+    out_features = weight.shape[0]
+    first = ExactWeight.of(weight[:ROWS_AT_ONCE], kernels)
+    if first is None or out_features <= ROWS_AT_ONCE:
+        return first
+    pieces = [first]
+    for start in range(ROWS_AT_ONCE, out_features, ROWS_AT_ONCE):
+        piece = ExactWeight.of(weight[start : start + ROWS_AT_ONCE], kernels, formats=(first.format,))
+        if piece is None:
+            return None
+        pieces.append(piece)
+
+    def joined(name: str) -> torch.Tensor | None:
+        parts = [getattr(piece, name) for piece in pieces]
+        return None if parts[0] is None else torch.cat(parts)
+
+    return ExactWeight(first.format, (out_features, weight.shape[1]), joined("codes"), joined("steps"),
+                       joined("mins"), kernels)
 
 
 def exact_layer(layer: torch.nn.Module, kernels: Kernels, tally: _Tally) -> None:

@@ -6,6 +6,8 @@ everything else stays on meta and costs no memory."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import functools
 import logging
 import re
@@ -128,6 +130,7 @@ def load_span(
             read(index, stats, advance if progress else None)
             builder.check(layers[index], f"layer {index}")
             builder.finish(layers[index])
+            release_free_heap()  # this layer's temporaries (read buffers, float copies) leave the process now
     if not stats.tensors:
         where = files.gguf.name if files.gguf is not None else prefix
         raise ModelLoadError(f"{files.model_id}: no weights found for layers {start}:{end} in {where}")
@@ -259,6 +262,24 @@ class _Builder:
         if report is not None:
             stats.notes.append(report.describe())
         stats.notes.append(f"{weight_bytes(span) / 1e6:.1f} MB of weights held")
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+def release_free_heap() -> None:
+    """Give the C heap's free pages back to the system (glibc's malloc_trim; nothing elsewhere). Freed temporaries
+    under glibc's mmap threshold (up to 32 MB once it adapts) otherwise stay resident: ~100 MB after quantising
+    a 190 MB span."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def _resident() -> int:
