@@ -2,7 +2,9 @@
 
 The model skeleton is built on the meta device from the config; only the span's tensors are read
 (common/weights/reading.py for safetensors, common/weights/gguf.py for GGUF, dequantised), and
-everything else stays on meta and costs no memory."""
+everything else stays on meta and costs no memory. The span is read layer by layer, each layer made into its
+final form (`SpanForm`: lean fused matrices, exact compact forms, int8/nf4) before the next is read, so a node's
+peak is its final memory plus one layer as stored (docs/memory.md)."""
 
 from __future__ import annotations
 
@@ -101,8 +103,8 @@ def load_span(
 ) -> tuple[SpanModel, LoadStats]:
     """Layers `[start, end)` of the model, on `device` in `dtype`, in `form`; nothing else is read or kept.
 
-    The layers are read one at a time, each tensor copied out of its shard's mapping straight into its final form
-    (`form`) before the next layer is read; `progress`: show a bar of bytes read on stderr."""
+    The layers are read one at a time (plain file reads: no shard is mapped), each tensor straight into its final
+    form (`form`) before the next layer is read; `progress`: show a bar of bytes read on stderr."""
     config = files.config()
     n = config.num_hidden_layers
     if not 0 <= start < end <= n:
