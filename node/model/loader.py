@@ -9,7 +9,6 @@ peak is its final memory plus one layer as stored (docs/memory.md)."""
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 import logging
 import re
@@ -268,11 +267,13 @@ class _Builder:
 
 @functools.lru_cache(maxsize=1)
 def _libc():
+    """The C library's symbols as loaded in this process (no lookup that starts a process: find_library runs
+    ldconfig); None where there is no malloc_trim (not glibc)."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") else None
+        libc = ctypes.CDLL(None)
     except OSError:
         return None
+    return libc if hasattr(libc, "malloc_trim") else None
 
 
 def release_free_heap() -> None:
