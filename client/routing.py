@@ -45,6 +45,7 @@ class PeerInfo:
     started_at: float = 0.0  # when the node started (0 = unknown)
     adapters: tuple[str, ...] = ()  # LoRA adapters the node serves (node/model/lora.py)
     exact: tuple[tuple[str, int], ...] = ()  # (form, matrices) held in exact narrow forms (common/weights/exact.py)
+    memory: tuple[tuple[str, int], ...] = ()  # bytes by part: weights, kv_cache, baseline, resident, peak
 
     @property
     def layer_seconds(self) -> float | None:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from rich.console import Console, Group, RenderableType
 from rich.table import Table
@@ -16,6 +17,7 @@ from common.swarm.membership import Membership, SwarmConfig
 from common.swarm.placement import Server, layer_throughput
 from common.swarm.records import NodeState, PeerRecord
 
+log = logging.getLogger(__name__)
 BAR_CHARS = " ▁▂▃▄▅▆▇█"
 PIPE_WIDTH = 400  # the console width when stdout is not a terminal: every column, every value whole
 
@@ -26,6 +28,7 @@ class ModelView:
     model_id: str
     num_layers: int
     nodes: list[PeerRecord]
+    memory: dict[str, dict[str, int]] = field(default_factory=dict)  # node_id -> bytes by part (`ask_memory`)
 
     @property
     def serving(self) -> list[PeerRecord]:
@@ -150,6 +153,37 @@ def watch_frame(views: list[ModelView], width: int, interval: float, now: float 
     return Group(header, frame(views, width))
 
 
+async def ask_memory(views: list[ModelView], security=None, timeout: float = 3.0) -> None:
+    """Fill each view's `memory` from its nodes' Info (a node that does not answer has none)."""
+    from client.transport import Peer
+
+    async def one(view: ModelView, record: PeerRecord) -> None:
+        peer = Peer(record.address, security) if security is not None else Peer(record.address)
+        try:
+            info = await peer.info(timeout)
+            if info.memory:
+                view.memory[record.node_id] = dict(info.memory)
+        except Exception as error:  # status shows what it can: an unreachable node has no memory column
+            log.debug("no memory from %s: %s", record.address, error)
+        finally:
+            await peer.close()
+
+    await asyncio.gather(*(one(view, record) for view in views for record in view.nodes))
+
+
+def _mib(value: int) -> str:
+    return f"{value / 2**20:.0f}"
+
+
+def memory_cell(memory: dict[str, int] | None) -> str:
+    """resident MiB (peak), then weights + cache + runtime baseline."""
+    if not memory:
+        return "-"
+    return (f"{_mib(memory.get('resident', 0))} MiB (peak {_mib(memory.get('peak', 0))}): "
+            f"{_mib(memory.get('weights', 0))} weights + {_mib(memory.get('kv_cache', 0))} cache + "
+            f"{_mib(memory.get('baseline', 0))} runtime")
+
+
 def as_json(views: list[ModelView]) -> dict:
     now = time.time()
     return {
@@ -166,7 +200,7 @@ def as_json(views: list[ModelView]) -> dict:
                         "device": n.device, "dtype": n.dtype, "quant": n.quant, "adapters": list(n.adapters),
                         "throughput": n.throughput, "load": n.load,
                         "free_cache_tokens": n.free_cache_tokens, "state": n.state.value,
-                        "expires_in": round(n.expires_at - now, 1),
+                        "expires_in": round(n.expires_at - now, 1), "memory": v.memory.get(n.node_id, {}),
                     }
                     for n in v.nodes
                 ],
@@ -180,32 +214,33 @@ def as_json(views: list[ModelView]) -> dict:
 class Column:
     name: str
     priority: int          # 0 = always shown; at a narrow width the highest numbers are dropped first
-    cell: Callable[[PeerRecord], str]
+    cell: Callable[[ModelView, PeerRecord], str]  # (the node's model view, the node) -> the cell's text
 
 
 _STATE_STYLE = {"ONLINE": "green", "JOINING": "yellow", "DRAINING": "yellow", "OFFLINE": "red"}
 
 COLUMNS = (  # in display order; `priority` says which to drop first when the terminal is narrow
-    Column("node", 0, lambda n: n.short_id),
-    Column("name", 5, lambda n: n.name),
-    Column("address", 1, lambda n: n.address),
-    Column("span", 0, lambda n: f"{n.start}:{n.end}"),
-    Column("device", 6, lambda n: n.device),
-    Column("dtype", 8, lambda n: n.dtype),
-    Column("quant", 7, lambda n: n.quant),
-    Column("adapters", 9, lambda n: ",".join(n.adapters) or "-"),
-    Column("tok/s", 2, lambda n: f"{n.throughput:.1f}"),
-    Column("load", 3, lambda n: f"{n.load:.0f}"),
-    Column("free cache", 4, lambda n: str(n.free_cache_tokens)),
-    Column("state", 0, lambda n: n.state.value),
+    Column("node", 0, lambda v, n: n.short_id),
+    Column("name", 5, lambda v, n: n.name),
+    Column("address", 1, lambda v, n: n.address),
+    Column("span", 0, lambda v, n: f"{n.start}:{n.end}"),
+    Column("device", 6, lambda v, n: n.device),
+    Column("dtype", 8, lambda v, n: n.dtype),
+    Column("quant", 7, lambda v, n: n.quant),
+    Column("adapters", 9, lambda v, n: ",".join(n.adapters) or "-"),
+    Column("tok/s", 2, lambda v, n: f"{n.throughput:.1f}"),
+    Column("load", 3, lambda v, n: f"{n.load:.0f}"),
+    Column("free cache", 4, lambda v, n: str(n.free_cache_tokens)),
+    Column("memory", 10, lambda v, n: memory_cell(v.memory.get(n.node_id))),
+    Column("state", 0, lambda v, n: n.state.value),
 )
 
 
 def fit_columns(views: list[ModelView], width: int, columns=COLUMNS) -> list[Column]:
     """The columns to show at `width` characters: every one that fits with every value whole, dropping the
     least important (highest priority number) first; priority-0 columns always stay."""
-    nodes = [n for view in views for n in view.nodes]
-    natural = {c.name: max([len(c.name), *(len(c.cell(n)) for n in nodes)]) for c in columns}
+    nodes = [(view, n) for view in views for n in view.nodes]
+    natural = {c.name: max([len(c.name), *(len(c.cell(v, n)) for v, n in nodes)]) for c in columns}
     shown = list(columns)
     # rich's default box: a border before each column and after the last, one space of padding each side
     while sum(natural[c.name] + 3 for c in shown) + 1 > width:
@@ -224,7 +259,7 @@ def _table(view: ModelView, columns: list[Column]) -> Table:
         table.add_column(column.name, no_wrap=True)
     for n in view.nodes:
         style = _STATE_STYLE[n.state.value]
-        table.add_row(*(Text(c.cell(n), style=style if c.name == "state" else "") for c in columns))
+        table.add_row(*(Text(c.cell(view, n), style=style if c.name == "state" else "") for c in columns))
     return table
 
 

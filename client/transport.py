@@ -90,6 +90,18 @@ class LoopThread:
         await asyncio.gather(*pending, return_exceptions=True)
 
 
+MEMORY_PARTS = ("weights", "kv_cache", "baseline", "resident", "peak")
+
+
+def memory_parts(value) -> tuple[tuple[str, int], ...]:
+    """A node's reported memory (Info metadata "memory": bytes by part), the known parts with whole-number values."""
+    if not isinstance(value, dict):
+        return ()
+    return tuple((part, int(value[part])) for part in MEMORY_PARTS
+                 if isinstance(value.get(part), (int, float)) and not isinstance(value.get(part), bool)
+                 and 0 <= value[part] < 1 << 62)
+
+
 class Peer:
     """A channel and stub to one node. Create and use it on the client's loop."""
 
@@ -125,6 +137,7 @@ class Peer:
             started_at=float(extra.get("started_at", 0.0) or 0.0),
             adapters=tuple(a for a in extra.get("adapters", ()) if isinstance(a, str)),
             exact=tuple(sorted((str(form), n) for form, n in exact.items() if isinstance(n, int) and n > 0)),
+            memory=memory_parts(extra.get("memory")),
             start=reply.start,
             end=reply.end,
             model_id=reply.model_id,

@@ -29,6 +29,39 @@ class CacheView:
     bytes_per_token: Callable[[], int]  # KV bytes of one token over the span's layers
 
 
+def process_memory(pid: int | str = "self") -> tuple[int, int]:
+    """(resident, peak resident) bytes of a process: VmRSS and VmHWM of /proc/<pid>/status; (0, 0) where there is
+    no such file (not Linux, or the process is gone)."""
+    values = {}
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith(("VmRSS:", "VmHWM:")):
+                    name, amount, *_ = line.split()
+                    values[name] = int(amount) * 1024
+    except OSError:
+        return 0, 0
+    return values.get("VmRSS:", 0), values.get("VmHWM:", 0)
+
+
+@dataclass(frozen=True)
+class MemoryView:
+    """A node's memory in its parts: the span's weights as held, its KV caches as allocated, and the runtime's
+    baseline (resident before the weights were read); with the process's resident and peak bytes now."""
+
+    weights: Callable[[], int]   # bytes the span's weights hold (their stored forms)
+    kv_cache: Callable[[], int]  # bytes the sessions' KV caches hold now (they grow with use)
+    baseline: int                # resident bytes of the process before it read any weight
+
+    def snapshot(self) -> dict[str, int]:
+        resident, peak = process_memory()
+        return {"weights": self.weights(), "kv_cache": self.kv_cache(), "baseline": self.baseline,
+                "resident": resident, "peak": peak}
+
+
+MEMORY_PARTS = ("weights", "kv_cache", "baseline", "resident", "peak")
+
+
 class NodeMetrics:
     """The node's metrics in its own registry; the servicer records, `serve` exposes them over HTTP."""
 
@@ -61,6 +94,12 @@ class NodeMetrics:
             ["state"],
             registry=r,
         )
+        self.memory = Gauge(
+            "potluck_memory_bytes",
+            "Node memory: weights (as held), kv_cache (allocated), baseline (runtime before weights), resident, peak",
+            ["part"],
+            registry=r,
+        )
         # label children resolved once: the hot path does no label lookups
         self._step_count = {kind: self.steps.labels(kind=kind) for kind in ("prefill", "decode")}
         self._step_time = {kind: self.step_seconds.labels(kind=kind) for kind in ("prefill", "decode")}
@@ -91,6 +130,11 @@ class NodeMetrics:
         for state, read in tokens.items():
             self.cache_tokens.labels(state=state).set_function(read)
             self.cache_bytes.labels(state=state).set_function(lambda read=read: read() * view.bytes_per_token())
+
+    def watch_memory(self, read: Callable[[], dict[str, int]]) -> None:
+        """Memory gauges read from `read()` (MemoryView.snapshot, or {} before the span is loaded) at scrape time."""
+        for part in MEMORY_PARTS:
+            self.memory.labels(part=part).set_function(lambda part=part: read().get(part, 0))
 
     # -- exposition --------------------------------------------------------------------------
     def serve(self, host: str, port: int) -> MetricsServer:

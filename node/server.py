@@ -23,17 +23,23 @@ from common.swarm.placement import Server, Span, choose_span, layers_for_memory,
 from common.swarm.records import NodeState, PeerRecord
 from common.weights.dtypes import dtype_name, free_memory, resolve_device, resolve_dtype
 from common.weights.errors import ModelLoadError
-from common.weights.fast_linear import transpose_linears
 from common.weights.files import ModelFiles, config_hash
 from common.weights.fingerprint import weights_fingerprint
 from common.wire.codec import MAX_MESSAGE_BYTES
 from common.wire.generated import potluck_pb2 as pb
 from common.wire.security import Security, load_security
 from node.config import NodeConfig
-from node.metrics import CacheView, MetricsServer, NodeMetrics
-from node.model.compact import exact_formats, exact_span
-from node.model.loader import bytes_per_layer, load_span, own_memory
-from node.model.quant import quantize_span
+from node.metrics import CacheView, MemoryView, MetricsServer, NodeMetrics, process_memory
+from node.model.compact import exact_formats
+from node.model.loader import (
+    SpanForm,
+    bytes_per_layer,
+    load_span,
+    loading_bytes,
+    release_free_heap,
+    stored_dtype,
+)
+from node.model.quant import weight_bytes
 from node.rpc.dialing import DialPolicy, lab_swarm, members_of
 from node.rpc.handlers import add_service
 from node.rpc.model_files import ModelFileServer
@@ -47,6 +53,7 @@ from node.runtime.throughput import Throughput, cached_measure
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "potluck.v1.Potluck"
+CACHE_FRACTION = 0.2  # the share of --memory placement leaves for KV caches (layers_for_memory's default)
 GRPC_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -99,6 +106,7 @@ class RunningNode:
     security: Security | None = None  # swarm key and TLS as this node uses them (its certificate included)
     tasks: list[asyncio.Task] = field(default_factory=list)
     relay: object | None = None  # node.relay.join.Relayed while serving through a relay (docs/relay.md)
+    baseline: int = 0  # resident bytes before any weight was read (node/metrics.py MemoryView)
 
     @property
     def executor(self) -> Executor | None:
@@ -174,6 +182,49 @@ def _cache_view(serving: Serving) -> CacheView:
     )
 
 
+def _memory_view(serving: Serving, weights: int, baseline: int) -> MemoryView:
+    """The node's memory parts (node/metrics.py): KV bytes as the lean caches hold them, else as transformers'
+    caches hold their tokens."""
+
+    def kv_cache() -> int:
+        executor = serving.executor
+        if executor is None:
+            return 0
+        lean = executor.span.lean
+        return lean.kv.bytes if lean is not None else executor.sessions.used_tokens * executor.kv_bytes_per_token
+
+    return MemoryView(weights=lambda: weights, kv_cache=kv_cache, baseline=baseline)
+
+
+def _layer_need(config: NodeConfig, files: ModelFiles, model_config, device: torch.device,
+                dtype: torch.dtype) -> tuple[int, int]:
+    """(bytes a layer is held in, bytes loading holds for a moment): docs/memory.md."""
+    stored = stored_dtype(model_config) if files.gguf is None else None
+    exact = config.exact and device.type == "cpu"
+    return (bytes_per_layer(model_config, dtype, config.quant, stored, exact),
+            loading_bytes(model_config, stored))
+
+
+def _check_fits(config: NodeConfig, files: ModelFiles, model_config, span: Span, device: torch.device,
+                dtype: torch.dtype) -> None:
+    """MemoryError, before anything is loaded, if the span's peak does not fit in --memory (with a fifth of it left
+    for caches, as placement leaves) or, without --memory, in the memory free now."""
+    per_layer, loading = _layer_need(config, files, model_config, device, dtype)
+    weights = per_layer * (span.end - span.start)
+    runtime = process_memory()[0]
+    if config.memory_bytes:
+        room, where = int(config.memory_bytes * (1 - CACHE_FRACTION)) - runtime, (
+            f"--memory {config.memory_bytes / 1e9:.2f} GB (a fifth kept for caches, {runtime / 1e9:.2f} GB runtime)")
+    else:
+        room, where = free_memory(device), f"the {free_memory(device) / 1e9:.2f} GB free on {device}"
+    if weights + loading > room:
+        fits = max(0, (room - loading) // per_layer)
+        raise MemoryError(
+            f"layers {span.start}:{span.end} of {files.model_id} need {(weights + loading) / 1e9:.2f} GB at peak "
+            f"({weights / 1e9:.2f} GB of weights + {loading / 1e9:.2f} GB while loading), more than {where}: "
+            f"serve at most {fits} layers here, or use --quant int8")
+
+
 def _servers(membership: Membership | DhtDiscovery, config_hash: str) -> list[Server]:
     """The nodes placement counts: those serving (or about to serve) this model."""
     return [
@@ -191,17 +242,21 @@ async def _choose_span(config: NodeConfig, membership: Membership | DhtDiscovery
             raise ModelLoadError(
                 f"span {config.start}:{config.end} is not within the model's {num_layers} layers (0:{num_layers})"
             )
-        return Span(config.start, config.end)
+        span = Span(config.start, config.end)
+        await asyncio.to_thread(_check_fits, config, files, model_config, span, device, dtype)
+        return span
     if config.mdns and not config.uses_dht:
         await asyncio.sleep(config.discovery_wait)  # let mDNS answers and their record pulls arrive
     if config.num_blocks is not None:
         length = min(config.num_blocks, num_layers)
     else:
         budget = config.memory_bytes or free_memory(device) // 2
-        per_layer = await asyncio.to_thread(bytes_per_layer, model_config, dtype, config.quant)  # quantised size
-        length = layers_for_memory(budget, per_layer, num_layers)
+        per_layer, loading = await asyncio.to_thread(_layer_need, config, files, model_config, device, dtype)
+        # the peak counts: the runtime now, one layer as read while loading, then the layers as held
+        length = layers_for_memory(budget, per_layer, num_layers, fixed_bytes=process_memory()[0] + loading)
         if length < 1:
-            raise MemoryError(f"not even one layer of {files.model_id} fits in {budget / 1e9:.2f} GB")
+            raise MemoryError(f"not even one layer of {files.model_id} fits in {budget / 1e9:.2f} GB (with the "
+                              f"runtime's {process_memory()[0] / 1e9:.2f} GB and {loading / 1e9:.2f} GB while loading)")
     await membership.pull_all()  # re-read the swarm just before choosing: the freshest view herds least
     servers = _servers(membership, chash)
     span = choose_span(servers, num_layers, length, random.Random())  # a random near-best window: no herd
@@ -215,23 +270,12 @@ async def _load(node: RunningNode, span: Span) -> None:
     node.record = replace(node.record, start=span.start, end=span.end, state=NodeState.JOINING)
     await node.membership.publish(node.record, mdns_address=node.address)
     node.serving.state = NodeState.JOINING.value
-    model, _ = await asyncio.to_thread(load_span, node.files, span.start, span.end, node.device, node.dtype,
-                                       config.progress)
-    if node.device.type == "cpu" and config.quant == "none":
-        transpose_linears(model)  # faster one-token products on CPU (common/weights/fast_linear.py)
-    if config.lean:
-        reason = model.make_lean()  # fused weights, static caches, batched decoding (node/model/lean.py)
-        if reason:
-            log.info("no lean runtime for this family (%s); using transformers' layers", reason)
-    if config.quant != "none":
-        count = await asyncio.to_thread(quantize_span, model, config.quant)  # node/model/quant.py
-        log.info("quantised %d weight matrices to %s", count, config.quant)
-    elif config.exact and node.device.type == "cpu":
-        report = await asyncio.to_thread(exact_span, model)  # common/weights/exact.py: same values, fewer bytes
-        if report is not None:
-            log.info(report.describe())
-    if node.device.type == "cpu":
-        own_memory(model)  # the shard's memory map can go now (node/model/loader.py)
+    form = SpanForm(lean=config.lean, quant=config.quant, exact=config.exact and node.device.type == "cpu",
+                    transpose=node.device.type == "cpu")  # each layer made into its final form as it is read
+    model, stats = await asyncio.to_thread(load_span, node.files, span.start, span.end, node.device, node.dtype,
+                                           config.progress, form)
+    if not node.baseline:  # the runtime without weights: measured by the loader just before it read any
+        node.baseline = stats.resident_before or process_memory()[0]
     adapters = {}
     if config.adapters:  # LoRA adapters: this span's part of each (node/model/lora.py)
         from node.model.lora import load_adapters
@@ -255,6 +299,7 @@ async def _load(node: RunningNode, span: Span) -> None:
                                      batch_wait=config.batch_wait, pack=config.pack and node.device.type == "cpu")
     if old is not None:
         old.shutdown()
+    node.serving.memory = _memory_view(node.serving, weight_bytes(model), node.baseline).snapshot
     node.record = replace(node.record, state=NodeState.ONLINE, throughput=node.throughput.decode,
                           prefill_throughput=node.throughput.prefill, adapters=tuple(sorted(adapters)),
                           **_stats(node.serving))
@@ -276,6 +321,7 @@ async def _janitor(node: RunningNode) -> None:
             evicted = executor.evict(idle, f"idle for over {timeout:.0f}s (or never stepped in {unstepped:g}s)")
             if evicted:
                 log.info("closed %d idle sessions", evicted)
+        release_free_heap()  # passes' freed temporaries (prefills' activations, dequantised weights) go back
 
 
 async def _rebalance_loop(node: RunningNode, rng: random.Random) -> None:
@@ -382,6 +428,7 @@ async def start_node(config: NodeConfig) -> RunningNode:
                                  dtype=dtype_name(dtype), device=str(device), quant=config.quant)
     if metrics is not None:
         metrics.watch(_cache_view(serving))
+        metrics.watch_memory(lambda: serving.memory() if serving.memory is not None else {})
     limiter = RateLimiter(config.rate_limit) if config.rate_limit else None
     servicer = PotluckServicer(serving, node_identity, membership, metrics, limiter=limiter)
     # what strangers may have this node dial (node/rpc/dialing.py): in a swarm, pushes go to members only

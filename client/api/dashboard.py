@@ -47,7 +47,7 @@ def node_from_info(info: PeerInfo, rtt: float | None) -> dict:
         "max_length": info.max_length, "state": info.state, "config_hash": info.config_hash,
         "rtt_ms": None if rtt is None else round(rtt * 1000, 1), "announced_s_ago": None, "error": None,
         "uptime_s": _uptime(info.started_at, time.time()), "quant": info.quant,
-        "stored": stored_form(info.dtype, info.quant, info.exact),
+        "stored": stored_form(info.dtype, info.quant, info.exact), "memory": dict(info.memory),
     }
 
 

@@ -127,11 +127,13 @@ def _rebalanced_minimum(spans: tuple[tuple[int, int, float], ...], num_layers: i
     return min(totals)
 
 
-def layers_for_memory(memory_bytes: int, bytes_per_layer: int, num_layers: int, cache_fraction: float = 0.2) -> int:
-    """How many layers fit in `memory_bytes`, leaving `cache_fraction` of it for KV caches."""
+def layers_for_memory(memory_bytes: int, bytes_per_layer: int, num_layers: int, cache_fraction: float = 0.2,
+                      fixed_bytes: int = 0) -> int:
+    """How many layers fit in `memory_bytes`, leaving `cache_fraction` of it for KV caches, after `fixed_bytes`
+    (what the node needs besides its layers at its peak: the runtime and what loading holds for a moment)."""
     if bytes_per_layer <= 0:
         raise ValueError("bytes_per_layer must be positive")
-    usable = int(memory_bytes * (1.0 - cache_fraction))
+    usable = int(memory_bytes * (1.0 - cache_fraction)) - fixed_bytes
     return max(0, min(num_layers, usable // bytes_per_layer))
 
 

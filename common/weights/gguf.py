@@ -251,20 +251,22 @@ def layer_of(gguf_name: str) -> int | None:
     return int(parts[1]) if parts[0] == "blk" and len(parts) > 2 and parts[1].isdigit() else None
 
 
-def load_tensors(
-    header: GgufHeader, model: nn.Module, wanted: Callable[[str], bool], device: torch.device, dtype: torch.dtype,
+def tensor_mapping(model: nn.Module, header: GgufHeader):
+    """transformers' tensor processor and GGUF -> transformers name map for `model` (build once per load)."""
+    return _processor_and_names(model, header)
+
+
+def read_tensors(
+    header: GgufHeader, mapping, wanted: Callable[[str], bool], stats: LoadStats,
     advance: Callable[[float], None] | None = None,
-) -> LoadStats:
-    """Dequantise the file's tensors whose GGUF name passes `wanted` into `model`, one at a time.
+) -> dict:
+    """The file's tensors whose GGUF name passes `wanted`, dequantised (float32, memory of their own) one at a
+    time, by transformers name; the file is mapped for this call only (its pages go when it returns).
 
     Tensors transformers does not map (e.g. llama 3's `rope_freqs`) are neither read nor counted."""
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import convert_and_load_state_dict_in_model
-    from transformers.modeling_utils import LoadStateDictConfig
-
-    processor, names = _processor_and_names(model, header)
+    processor, names = mapping
     chosen = [entry for name, entry in header.tensors.items() if name in names and wanted(name)]
-    stats = LoadStats(shards={header.path.name})
+    stats.shards.add(header.path.name)
     parsed: dict = {"tensors": {}}
     blob = np.memmap(header.path, mode="r", dtype=np.uint8)
     try:
@@ -278,22 +280,50 @@ def load_tensors(
                 raise ModelLoadError(
                     f"{header.path.name}: {entry.name} is {entry.qtype.name}, which cannot be dequantised: {error}"
                 ) from error
+            del rows, raw
             result = processor.process(
                 weights=values, name=entry.name, tensor_key_mapping=names, parsed_parameters=parsed
             )
             if result.name is not None and result.name in names:
-                parsed["tensors"][names[result.name]] = torch.from_numpy(np.copy(result.weights)).to(dtype)
+                weights = np.ascontiguousarray(result.weights)
+                if np.shares_memory(weights, blob):
+                    weights = np.copy(weights)
+                parsed["tensors"][names[result.name]] = torch.from_numpy(weights)
             stats.tensors += 1
             stats.bytes_read += entry.nbytes
             if advance is not None:
                 advance(entry.nbytes)
     finally:
         del blob  # our tensors are copies: the mapping (and its pages in RSS) goes now
+    return parsed["tensors"]
+
+
+def load_tensors(
+    header: GgufHeader, model: nn.Module, wanted: Callable[[str], bool], device: torch.device, dtype: torch.dtype,
+    advance: Callable[[float], None] | None = None,
+) -> LoadStats:
+    """Dequantise the file's tensors whose GGUF name passes `wanted` into `model` in `dtype`, one at a time
+    (each put in place as it is read: one float32 tensor at a time beside the result)."""
+    from common.weights.reading import place, placeable
+
+    stats = LoadStats()
+    mapping = tensor_mapping(model, header)
+    keys = [mapping[1][name] for name in header.tensors if name in mapping[1] and wanted(name)]
+    if placeable(model, keys):
+        for name in (name for name in header.tensors if name in mapping[1] and wanted(name)):
+            for key, tensor in read_tensors(header, mapping, lambda n, name=name: n == name, stats, advance).items():
+                place(model, key, tensor.to(device=device, dtype=dtype))
+        return stats
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import convert_and_load_state_dict_in_model
+    from transformers.modeling_utils import LoadStateDictConfig
+
+    tensors = {key: tensor.to(dtype) for key, tensor in read_tensors(header, mapping, wanted, stats, advance).items()}
     load_config = LoadStateDictConfig(
         device_map={"": device}, dtype=dtype, dtype_plan=model._get_dtype_plan(dtype),
         weight_mapping=get_model_conversion_mapping(model),
     )
-    convert_and_load_state_dict_in_model(model=model, state_dict=parsed["tensors"], load_config=load_config)
+    convert_and_load_state_dict_in_model(model=model, state_dict=tensors, load_config=load_config)
     return stats
 
 

@@ -5,6 +5,7 @@ keys load as they do in `from_pretrained`); everything else stays on meta and co
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +32,8 @@ class LoadStats:
     tensors: int = 0
     bytes_read: int = 0
     shards: set[str] = field(default_factory=set)
+    notes: list[str] = field(default_factory=list)  # what the loader made of the weights (forms, sizes), to log
+    resident_before: int = 0  # the process's resident bytes just before the first tensor was read (0: unknown)
 
 
 def skeleton(config: PretrainedConfig, dtype: torch.dtype) -> nn.Module:
@@ -76,8 +79,14 @@ def load_tensors(
 ) -> LoadStats:
     """Read exactly `keys` from the shards into `model` (through transformers' key conversions).
 
-    `advance(nbytes)` is called as each tensor is read (for a progress bar)."""
+    `advance(nbytes)` is called as each tensor is read (for a progress bar). Keys that name the model's own
+    parameters are read one at a time with plain file reads (no shard mapping) and put in `dtype` before the
+    next; others go through transformers' conversions."""
     stats = LoadStats()
+    if placeable(model, keys):
+        for key, tensor in read_layer(files, weight_map, keys, stats, advance):
+            place(model, key, tensor.to(device=device, dtype=dtype))
+        return stats
     by_shard: dict[str, list[str]] = {}
     for key in keys:
         by_shard.setdefault(weight_map[key], []).append(key)
@@ -131,6 +140,102 @@ def bytes_of(files: ModelFiles, weight_map: dict[str, str], keys: list[str]) -> 
                     numel *= size
                 total += numel * itemsize(piece.get_dtype())
     return total
+
+
+_TORCH_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+class ShardReader:
+    """Tensors of safetensors shards read with plain file reads into memory of their own: no mapping, so no
+    shard page ever counts in the process's memory; each shard's header is parsed once."""
+
+    def __init__(self, files: ModelFiles, weight_map: dict[str, str], stats: LoadStats,
+                 advance: Callable[[float], None] | None = None):
+        self.files, self.weight_map, self.stats, self.advance = files, weight_map, stats, advance
+        self._headers: dict[str, tuple[dict, int, str]] = {}
+
+    def entry(self, key: str) -> tuple[str, torch.dtype, tuple[int, ...], int, int]:
+        """(path, dtype, shape, offset, nbytes) of `key`."""
+        shard = self.weight_map[key]
+        if shard not in self._headers:
+            path = self.files.fetch(shard)
+            with open(path, "rb") as handle:
+                size = int.from_bytes(handle.read(8), "little")
+                self._headers[shard] = (json.loads(handle.read(size)), 8 + size, str(path))
+            self.stats.shards.add(shard)
+        header, base, path = self._headers[shard]
+        info = header[key]
+        begin, stop = info["data_offsets"]
+        dtype = _TORCH_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise ModelLoadError(f"{shard}: {key} is stored as {info['dtype']}, which cannot be read")
+        return path, dtype, tuple(info["shape"]), base + begin, stop - begin
+
+    def read(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """`key` as stored; into `out` (a contiguous CPU tensor of its dtype and shape) when given."""
+        path, dtype, shape, offset, nbytes = self.entry(key)
+        if out is None:
+            out = torch.empty(shape, dtype=dtype)
+        if tuple(out.shape) != shape or out.dtype != dtype or not out.is_contiguous():
+            raise ValueError(f"{key}: cannot read {dtype} {list(shape)} into {out.dtype} {list(out.shape)}")
+        view = memoryview(out.view(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
+        with open(path, "rb", buffering=0) as handle:
+            handle.seek(offset)
+            done = 0
+            while done < nbytes:
+                count = handle.readinto(view[done:])
+                if not count:
+                    raise ModelLoadError(f"{path}: {key} is cut short (truncated shard?)")
+                done += count
+        self.stats.tensors += 1
+        self.stats.bytes_read += nbytes
+        if self.advance is not None:
+            self.advance(nbytes)
+        return out
+
+    def read_rows(self, keys: list[str]) -> torch.Tensor:
+        """Several [out_i, in] tensors of one dtype read straight into one [sum(out), in] tensor (a fused matrix
+        as stored: no part is held twice)."""
+        entries = [self.entry(key) for key in keys]
+        dtypes, widths = {e[1] for e in entries}, {e[2][1:] for e in entries}
+        if len(dtypes) != 1 or len(widths) != 1 or any(len(e[2]) != 2 for e in entries):
+            return torch.cat([self.read(key) for key in keys])
+        rows = [e[2][0] for e in entries]
+        out = torch.empty((sum(rows), *widths.pop()), dtype=dtypes.pop())
+        start = 0
+        for key, count in zip(keys, rows):
+            self.read(key, out[start : start + count])
+            start += count
+        return out
+
+
+def read_layer(
+    files: ModelFiles, weight_map: dict[str, str], keys: list[str], stats: LoadStats,
+    advance: Callable[[float], None] | None = None,
+):
+    """(key, tensor) for each of `keys`, as stored, read one at a time when asked for (memory of their own)."""
+    reader = ShardReader(files, weight_map, stats, advance)
+    for key in sorted(keys, key=lambda k: (weight_map[k], k)):
+        yield key, reader.read(key)
+
+
+def placeable(model: nn.Module, keys: list[str]) -> bool:
+    """Whether every key names a parameter or buffer of `model` as it is (no conversion: renamed or fused keys)."""
+    names = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
+    return all(key in names for key in keys)
+
+
+def place(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
+    """Put `tensor` as it is at parameter or buffer `key` of `model` (no gradient)."""
+    path, _, leaf = key.rpartition(".")
+    module = model.get_submodule(path) if path else model
+    if leaf in module._parameters:
+        module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+    else:
+        module._buffers[leaf] = tensor
 
 
 def layer_keys(weight_map: dict[str, str], prefix: str, start: int, end: int) -> list[str]:

@@ -136,6 +136,12 @@ def _bench_quant():
     return quant.add_quant_bench_parser, {"bench-quant": quant.run_quant_bench_cli}
 
 
+def _bench_memory():
+    from node.bench import memory
+
+    return memory.add_memory_bench_parser, {"bench-memory": memory.run_memory_bench_cli}
+
+
 def _bench_compile():
     from node.bench import compile as compile_bench
 
@@ -197,6 +203,8 @@ COMMANDS = (
     Command(("bench-soak",), _bench_soak, "soak a 3-node swarm: concurrent clients, disconnects, a restart"),
     Command(("bench-prefill",), _bench_prefill, "benchmark pipelined (chunked) prefill against one step"),
     Command(("bench-quant",), _bench_quant, "benchmark --quant int8/nf4: memory per layer, decode speed, perplexity"),
+    Command(("bench-memory",), _bench_memory,
+            "benchmark a node's memory: weights, cache, baseline, peak and final, per model and span"),
     Command(("bench-compile",), _bench_compile,
             "time torch.compile (CUDA graphs on a GPU) against the eager decode step"),
     Command(("bench-speculate",), _bench_speculate,

@@ -31,9 +31,18 @@ def add_status_parser(commands) -> None:
     add_logging(status)
 
 
+async def _views(config, wait: float, security, dht=None) -> list:
+    """The swarm's models and nodes, with each node's memory from its Info (docs/memory.md)."""
+    from client.status import ask_memory, collect, group_by_model
+
+    views = group_by_model(await collect(config, wait, security, dht))
+    await ask_memory(views, security)
+    return views
+
+
 def run_status(args: argparse.Namespace) -> None:
     from client.config import ClientConfig
-    from client.status import as_json, collect, group_by_model, render, status_console, watch
+    from client.status import as_json, render, status_console, watch
     from common.swarm.membership import SwarmConfig
     from common.wire.security import load_security
 
@@ -55,7 +64,7 @@ def run_status(args: argparse.Namespace) -> None:
         except KeyboardInterrupt:
             pass
         return
-    views = group_by_model(asyncio.run(collect(config, args.wait, security, dht)))
+    views = asyncio.run(_views(config, args.wait, security, dht))
     if args.json:
         print(json.dumps(as_json(views), indent=1))
     else:

@@ -7,9 +7,19 @@ from dataclasses import dataclass
 
 import torch
 
-from common.weights.exact import ExactLinear, ExactParts, ExactWeight, Kernels, calibrate_threads, shared_kernels
+from common.weights.exact import (
+    BLOCK,
+    PROBE_ROWS,
+    ExactLinear,
+    ExactParts,
+    ExactWeight,
+    Kernels,
+    calibrate_threads,
+    shared_kernels,
+)
 from common.weights.fast_linear import PackedWeight, TransposedLinear, mkl_packing_available
 from node.model.lean import LEAN_MATRICES, release_projections
+from node.model.quant import quantize_weight
 
 
 def _split_sizes(lean, name: str, out_features: int) -> list[int]:
@@ -21,10 +31,10 @@ def _split_sizes(lean, name: str, out_features: int) -> list[int]:
     return [out_features]
 
 
-def _exact_or_parts(lean, name: str, weight_t: torch.Tensor, kernels: Kernels) -> "ExactWeight | ExactParts | None":
-    """The whole fused matrix in one exact form; else its projections each in theirs; None if no part fits one."""
+def _exact_or_parts(sizes: list[int], weight_t: torch.Tensor, kernels: Kernels) -> "ExactWeight | ExactParts | None":
+    """The whole fused matrix in one exact form; else its projections (of `sizes` outputs) each in theirs; None if
+    no part fits one."""
     whole = ExactWeight.of(weight_t.t(), kernels)
-    sizes = _split_sizes(lean, name, weight_t.shape[1])
     if whole is not None or len(sizes) == 1:
         return whole
     parts, start = [], 0
@@ -107,13 +117,100 @@ def exact_span(span, kernels: Kernels | None = None) -> ExactReport | None:
             weight_t = getattr(layer, name)
             if not isinstance(weight_t, torch.Tensor):
                 continue  # quantised or packed already
-            exact = _exact_or_parts(lean, name, weight_t, kernels)
+            exact = _exact_or_parts(_split_sizes(lean, name, weight_t.shape[1]), weight_t, kernels)
             tally.add(weight_t.numel() * weight_t.element_size(), exact)
             if exact is not None:
                 setattr(layer, name, exact)
     if lean is not None:
         release_projections(span)
     return ExactReport(tally.formats, tally.dense, tally.before, tally.after, calibrate_threads(_exact_weights(span)))
+
+
+class HeldForms:
+    """Makes each lean matrix straight into its final form from its projections' weights as read (node/model/lean.py
+    `Held`), one matrix at a time: quantised (`quant`), exact compact (`kernels`: float32 CPU spans), or dense
+    [in, out] in `dtype`. The forms and values are those `quantize_span` / `exact_span` make of a float32 span;
+    a bfloat16 matrix becomes its bf16 exact form from its own bytes, never widened to float32 first."""
+
+    def __init__(self, dtype: torch.dtype, quant: str = "none", kernels: Kernels | None = None):
+        self.dtype, self.quant, self.kernels = dtype, quant, kernels if dtype == torch.float32 else None
+        self.tally = _Tally()
+
+    def __call__(self, name: str, weights: list[torch.Tensor]):
+        """The lean matrix `name` of these projection weights ([out_i, in] each, as stored)."""
+        return self.make(weights[0] if len(weights) == 1 else torch.cat(weights), [w.shape[0] for w in weights])
+
+    def make(self, fused: torch.Tensor, sizes: list[int]):
+        """The final form of `fused` [sum(sizes), in] (projections side by side as rows, as stored, in memory of its
+        own: a bf16 exact form keeps this very memory)."""
+        if self.quant != "none":
+            return quantize_weight(fused, self.quant, self.dtype)
+        if self.kernels is None or fused.device.type != "cpu":
+            return self._dense(fused)
+        held = self._bf16(fused)
+        if held is None and fused.dim() == 2:
+            held = _exact_in_rows(fused.float().contiguous(), self.kernels)
+        if held is None:
+            weight_t = self._dense(fused)
+            held = _exact_or_parts(sizes, weight_t, self.kernels)
+            held = held if held is not None else weight_t
+        self.tally.add(fused.numel() * 4, held if not isinstance(held, torch.Tensor) else None)
+        return held
+
+    def _dense(self, fused: torch.Tensor) -> torch.Tensor:
+        """[in, out] in the compute dtype, contiguous."""
+        out = fused.to(self.dtype).t().contiguous()
+        return out.clone() if out.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr() else out
+
+    def _bf16(self, fused: torch.Tensor) -> ExactWeight | None:
+        """A bfloat16 matrix as the bf16 exact form, in its own memory (what `ExactWeight.of` keeps of its float32
+        values unless a narrower form holds them: that is checked on its first rows, as `of` does); None where
+        that does not apply."""
+        if fused.dtype != torch.bfloat16 or fused.dim() != 2 or fused.shape[1] % BLOCK or not fused.is_contiguous():
+            return None
+        if ExactWeight.of(fused[:PROBE_ROWS].float(), self.kernels, formats=("q4", "q8")) is not None:
+            return None  # a narrower form may hold it: the float32 path decides
+        return ExactWeight("bf16", (fused.shape[0], fused.shape[1]), fused.view(torch.int16), None, None,
+                           self.kernels)
+
+    def report(self, span) -> ExactReport | None:
+        """What was held exactly (threads calibrated on the span's exact weights); None without kernels."""
+        if self.kernels is None:
+            return None
+        tally = self.tally
+        return ExactReport(tally.formats, tally.dense, tally.before, tally.after,
+                           calibrate_threads(_exact_weights(span)))
+
+
+ROWS_AT_ONCE = 256  # rows of a matrix encoded at a time: bounds the encoder's temporaries to a few such row blocks
+
+
+def _exact_in_rows(weight: torch.Tensor, kernels: Kernels) -> ExactWeight | None:
+    """`ExactWeight.of(weight)`, encoded ROWS_AT_ONCE rows at a time (each row's blocks are encoded on their own,
+    so the result is the same: the first block of rows picks the narrowest form holding it, every other block must
+    be held in it too); None where that form does not hold every block (the whole-matrix path decides then)."""
+    out_features = weight.shape[0]
+    first = ExactWeight.of(weight[:ROWS_AT_ONCE], kernels)
+    if first is None or out_features <= ROWS_AT_ONCE:
+        return first
+    pieces = [first]
+    for start in range(ROWS_AT_ONCE, out_features, ROWS_AT_ONCE):
+        piece = ExactWeight.of(weight[start : start + ROWS_AT_ONCE], kernels, formats=(first.format,))
+        if piece is None:
+            return None
+        pieces.append(piece)
+
+    def joined(name: str) -> torch.Tensor | None:
+        parts = [getattr(piece, name) for piece in pieces]
+        return None if parts[0] is None else torch.cat(parts)
+
+    return ExactWeight(first.format, (out_features, weight.shape[1]), joined("codes"), joined("steps"),
+                       joined("mins"), kernels)
+
+
+def exact_layer(layer: torch.nn.Module, kernels: Kernels, tally: _Tally) -> None:
+    """`exact_span` for one of transformers' layers (families without a lean runtime), as a loader reads it."""
+    _exact_linears(layer, kernels, tally)
 
 
 def _exact_weights(span) -> list[ExactWeight]:

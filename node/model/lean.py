@@ -7,8 +7,8 @@ arithmetic with fewer, larger operations:
 
 - q/k/v fused into one product and gate/up into another, weights stored transposed ([in, out],
   contiguous: ~25 % faster one-row products on CPU, see fast_linear.py);
-- a static KV cache per session (`StaticKV`: preallocated [layers, batch, kv_heads, max_length,
-  head_dim]; nothing is re-allocated per step, a rewind is just a smaller position);
+- a static KV cache per session (`StaticKV`: [layers, batch, kv_heads, length, head_dim], grown KV_CHUNK
+  tokens at a time as the session grows; a rewind is just a smaller position);
 - the decode steps of several sessions in one pass (`run` with many rows): every weight is read
   once for all of them, attention runs per session over its own cache, with the very call that
   session would make alone (so a row's attention never depends on the others' caches).
@@ -19,6 +19,8 @@ with transformers' DynamicCache)."""
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -34,18 +36,62 @@ if TYPE_CHECKING:
 SUPPORTED_LAYERS = {"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer"}
 
 
-class StaticKV:
-    """Keys and values of one session over its layers, preallocated for its whole max_length.
+KV_CHUNK = 256  # tokens a StaticKV grows by: memory follows a session's length, not its max_length
 
-    On CPU `torch.empty` only reserves address space: pages are committed as tokens are written."""
+
+class KVMeter:
+    """The bytes the StaticKV caches made with it hold now (a cache's bytes go back when it is collected)."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+
+    def _release(self, held: list[int]) -> None:
+        self.bytes -= held[0]
+        held[0] = 0
+
+
+class StaticKV:
+    """Keys and values of one session over its layers, up to its max_length.
+
+    The memory grows with the session, KV_CHUNK tokens at a time (a write past the allocation moves the cache
+    into a larger one); `reserved_bytes` is what it holds now. A rewind keeps the allocation."""
 
     def __init__(self, layers: int, batch: int, kv_heads: int, max_length: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device):
-        shape = (layers, batch, kv_heads, max_length, head_dim)
-        self.keys = torch.empty(shape, dtype=dtype, device=device)
-        self.values = torch.empty(shape, dtype=dtype, device=device)
+                 dtype: torch.dtype, device: torch.device, chunk: int = KV_CHUNK, meter: KVMeter | None = None):
+        self._meter, self._held = meter, [0]  # bytes counted in `meter` (a list: the finaliser reads it)
+        if meter is not None:
+            weakref.finalize(self, meter._release, self._held)
+        self._shape = (layers, batch, kv_heads, 0, head_dim)
+        self._dtype, self._device, self._chunk = dtype, device, chunk
+        self.keys = torch.empty(self._shape, dtype=dtype, device=device)
+        self.values = torch.empty(self._shape, dtype=dtype, device=device)
         self.max_length = max_length
         self.length = 0  # tokens written so far (per sequence)
+
+    @property
+    def capacity(self) -> int:
+        """Tokens (per sequence) the allocation holds now."""
+        return self.keys.shape[3]
+
+    @property
+    def reserved_bytes(self) -> int:
+        return 2 * self.keys.numel() * self.keys.element_size()
+
+    def _grow(self, tokens: int) -> None:
+        """Hold at least `tokens` positions: the next multiple of the chunk, at most max_length."""
+        capacity = min(self.max_length, max(tokens, -(-tokens // self._chunk) * self._chunk))
+        layers, batch, heads, _, dim = self._shape
+        shape = (layers, batch, heads, capacity, dim)
+        keys = torch.empty(shape, dtype=self._dtype, device=self._device)
+        values = torch.empty(shape, dtype=self._dtype, device=self._device)
+        kept = min(self.length, self.capacity)
+        if kept:
+            keys[:, :, :, :kept] = self.keys[:, :, :, :kept]
+            values[:, :, :, :kept] = self.values[:, :, :, :kept]
+        self.keys, self.values = keys, values
+        if self._meter is not None:
+            self._meter.bytes += self.reserved_bytes - self._held[0]
+            self._held[0] = self.reserved_bytes
 
     def get_seq_length(self) -> int:
         return self.length
@@ -56,6 +102,8 @@ class StaticKV:
         """Store keys and values [batch, kv_heads, tokens, head_dim] of `layer` at positions [past, past + tokens);
         returns that layer's keys and values up to there (views)."""
         batch, total = keys.shape[0], past + keys.shape[2]
+        if total > self.capacity:
+            self._grow(total)
         self.keys[layer, :batch, :, past:total] = keys
         self.values[layer, :batch, :, past:total] = values
         return self.keys[layer, :batch, :, :total], self.values[layer, :batch, :, :total]
@@ -126,16 +174,27 @@ def _fuse(linears: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None]:
     if len(linears) == 1:
         return _weight_t(linears[0]).contiguous(), getattr(linears[0], "bias", None)
     fused = torch.cat([_weight_t(linear) for linear in linears], dim=1).contiguous()
+    return fused, _fused_bias(linears, fused.dtype, fused.device)
+
+
+def _fused_bias(linears: list[nn.Module], dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+    """The projections' biases side by side (zeros for those without one); None if none has one."""
     biases = [getattr(linear, "bias", None) for linear in linears]
     if all(b is None for b in biases):
-        return fused, None
-    bias = torch.cat(
+        return None
+    if len(linears) == 1:
+        return biases[0]
+    return torch.cat(
         [
-            b if b is not None else torch.zeros(_weight_t(lin).shape[1], dtype=fused.dtype, device=fused.device)
+            b if b is not None else torch.zeros(_weight_t(lin).shape[1], dtype=dtype, device=device)
             for b, lin in zip(biases, linears)
         ]
     )
-    return fused, bias
+
+
+# Held(name, weights) -> a lean matrix: the projections' weights [out_i, in] as read (their stored dtype) made into
+# the final form of LEAN_MATRICES' `name` (a [in, out] tensor, or an object with `linear`: node/model/compact.py)
+Held = Callable[[str, list[torch.Tensor]], object]
 
 
 def _release(*linears: nn.Module) -> None:
@@ -205,13 +264,17 @@ def lean_unsupported(span: SpanModel) -> str | None:
 class LeanSpan:
     """The same layers as a SpanModel, run with fused weights and static caches."""
 
-    def __init__(self, span: SpanModel):
+    def __init__(self, span: SpanModel, held: Held | None = None, build: bool = True,
+                 device: torch.device | None = None):
+        """`held`: how each matrix is made from its projections' weights (None: fused as they are, in the layers'
+        dtype); `build`: make every layer now (else `add_layer` makes them one by one, as a loader reads them, on
+        `device`: the span's layers are still on the meta device then)."""
         reason = lean_unsupported(span)
         if reason:
             raise ValueError(reason)
         config = span.config
         self.start, self.end = span.start, span.end
-        self.dtype, self.device = span.dtype, span.device
+        self.dtype, self.device = span.dtype, device or span.device
         first = span.layers[0].self_attn
         self.head_dim = first.head_dim
         self.q_heads = config.num_attention_heads
@@ -219,7 +282,16 @@ class LeanSpan:
         self.window = self._window(span)
         self.layer_types = span.layer_types
         self.rotary = span.rotary_emb
-        self.layers = [self._lean_layer(layer) for layer in span.layers]
+        self.kv = KVMeter()  # bytes its sessions' caches hold now
+        self._held = held
+        self.layers: list[LeanLayer] = []
+        for layer in span.layers if build else ():
+            self.add_layer(layer)
+
+    def add_layer(self, layer: nn.Module) -> LeanLayer:
+        """Make the next layer's lean form from its (loaded) module, and drop the module's projection weights."""
+        self.layers.append(self._lean_layer(layer))
+        return self.layers[-1]
 
     @staticmethod
     def _window(span: SpanModel) -> int | None:
@@ -231,9 +303,14 @@ class LeanSpan:
     def _lean_layer(self, layer: nn.Module) -> LeanLayer:
         attention, mlp = layer.self_attn, layer.mlp
         q_norm, k_norm = getattr(attention, "q_norm", None), getattr(attention, "k_norm", None)
-        fused = {
-            name: _fuse([layer.get_submodule(p) for p in projections]) for name, projections in LEAN_PROJECTIONS.items()
-        }
+        fused = {}
+        for name, projections in LEAN_PROJECTIONS.items():
+            linears = [layer.get_submodule(p) for p in projections]
+            if self._held is None:
+                fused[name] = _fuse(linears)
+            else:
+                fused[name] = (self._held(name, [linear.weight for linear in linears]),
+                               _fused_bias(linears, self.dtype, self.device))
         lean = LeanLayer(
             input_norm=layer.input_layernorm.weight, post_norm=layer.post_attention_layernorm.weight,
             qkv_t=fused["qkv_t"][0], qkv_bias=fused["qkv_t"][1],
@@ -246,10 +323,13 @@ class LeanSpan:
             scaling=attention.scaling, act=mlp.act_fn,
         )
         _release(attention.q_proj, attention.k_proj, attention.v_proj, mlp.gate_proj, mlp.up_proj)
+        if self._held is not None:  # o and down were made anew too
+            _release(attention.o_proj, mlp.down_proj)
         return lean
 
     def new_cache(self, start: int, end: int, batch: int, max_length: int) -> StaticKV:
-        return StaticKV(end - start, batch, self.kv_heads, max_length, self.head_dim, self.dtype, self.device)
+        return StaticKV(end - start, batch, self.kv_heads, max_length, self.head_dim, self.dtype, self.device,
+                        meter=self.kv)
 
     def run(self, rows: list[Row], start: int, end: int) -> list[torch.Tensor]:
         """Layers [start, end) over every row in one pass; returns each row's output hidden states.

@@ -221,14 +221,15 @@ def _is_linear(module: nn.Module) -> bool:
     return type(module) is nn.Linear or isinstance(module, TransposedLinear)
 
 
-def _quantize_linears(module: nn.Module, mode: str, dtype: torch.dtype) -> int:
+def quantize_linears(module: nn.Module, mode: str, dtype: torch.dtype) -> int:
+    """Replace every linear layer under `module` by a QuantLinear; returns how many."""
     count = 0
     for name, child in list(module.named_children()):
         if _is_linear(child) and not child.weight.is_meta and child.weight.numel():
             setattr(module, name, QuantLinear(quantize_weight(child.weight, mode, dtype), child.bias))
             count += 1
         else:
-            count += _quantize_linears(child, mode, dtype)
+            count += quantize_linears(child, mode, dtype)
     return count
 
 
@@ -240,7 +241,7 @@ def quantize_span(span: nn.Module, mode: str) -> int:
         return 0
     dtype = span.dtype
     if span.lean is None:
-        return _quantize_linears(span.layers, mode, dtype)
+        return quantize_linears(span.layers, mode, dtype)
     count = 0
     for layer in span.lean.layers:
         for name in LEAN_MATRICES:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -37,6 +37,7 @@ class Serving:
     throughput: float = 0.0
     prefill_throughput: float = 0.0
     started_at: float = field(default_factory=time.time)  # for uptime in Info and records
+    memory: Callable[[], dict] | None = None  # node/metrics.MemoryView.snapshot once the span is loaded
 
     @property
     def draining(self) -> bool:
@@ -146,6 +147,7 @@ class PotluckServicer(pb_grpc.PotluckServicer):
                 "adapters": sorted(executor.adapters),
                 "packed": executor.layout.packed_share() if executor.layout is not None else 0.0,
                 "exact": executor.exact_formats(),  # matrices held in each exact narrow form (model/exact.py)
+                "memory": self.serving.memory() if self.serving.memory is not None else {},  # bytes, node/metrics.py
             }),
         )
 

@@ -128,3 +128,39 @@ def test_forward_counts_bytes_and_errors_by_code():
     assert get("potluck_hidden_bytes_received_total") == 100
     assert get("potluck_hidden_bytes_sent_total") == 60
     assert get("potluck_errors_total", {"code": "OUT_OF_RANGE"}) == 2
+
+
+def test_memory_parts_in_info_and_metrics_follow_the_span_and_its_caches(node):
+    """Info's "memory" and the potluck_memory_bytes gauges: the weights as held (the span's own count), the KV
+    cache as allocated (a session's first chunk while it is open, nothing after), the runtime baseline."""
+    from client.transport import memory_parts
+    from node.model.lean import KV_CHUNK
+    from node.model.quant import weight_bytes
+    from tests.support.swarm_fixtures import node_info
+
+    def memory() -> dict:
+        return dict(memory_parts(codec.unpack_metadata(node_info(node.address).metadata).get("memory")))
+
+    assert KV_CHUNK > 64
+    kv_chunk_bytes = 64 * kv_bytes_per_token(tiny_config("llama"), 3, torch.float32)  # a chunk, cut at max_length
+    before = memory()
+    assert before["weights"] == weight_bytes(node.executor.span) > 0
+    assert before["kv_cache"] == 0
+    assert 0 < before["baseline"] <= before["peak"] and 0 < before["resident"] <= before["peak"]
+    with grpc.insecure_channel(node.address) as channel:
+        outbox: queue.Queue = queue.Queue()
+        replies = pb_grpc.PotluckStub(channel).Inference(iter(outbox.get, None), timeout=30)
+        for request in (open_request("memory", max_length=64), step_request(3, 0)):
+            outbox.put(request)
+            next(replies)
+        assert memory()["kv_cache"] == kv_chunk_bytes  # 3 tokens written: one chunk, not the budget
+        gauges = scrape(node)
+        assert gauges[("potluck_memory_bytes", (("part", "kv_cache"),))] == kv_chunk_bytes
+        assert gauges[("potluck_memory_bytes", (("part", "weights"),))] == before["weights"]
+        outbox.put(pb.SessionRequest(close=pb.CloseSession()))
+        outbox.put(None)
+        assert list(replies) == []
+    import gc
+
+    gc.collect()
+    assert memory()["kv_cache"] == 0

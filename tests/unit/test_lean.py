@@ -245,3 +245,29 @@ def test_a_node_can_be_told_never_to_pack(tiny_model_dir):
     assert Executor(span, cache_tokens=64, max_length=32, pack=False).layout is None
     assert (Executor(span, cache_tokens=64, max_length=32, pack=True).layout is not None) == mkl_packing_available()
 
+
+
+def test_static_cache_memory_grows_with_the_session_in_chunks():
+    """A session's cache holds KV_CHUNK-token chunks as its length grows, not its whole max_length upfront; the
+    span's meter counts what is held, and gets it back when the cache goes. Values survive each growth."""
+    import gc
+
+    from node.model.lean import KV_CHUNK, KVMeter, StaticKV
+
+    meter = KVMeter()
+    layers, heads, dim = 3, 2, 8
+    per_token = 2 * layers * heads * dim * 4  # keys + values, float32, batch 1
+    cache = StaticKV(layers, 1, heads, 4 * KV_CHUNK, dim, torch.float32, torch.device("cpu"), meter=meter)
+    assert meter.bytes == 0
+    first = torch.randn(1, heads, 5, dim)
+    for layer in range(layers):
+        cache.write(layer, 0, first, -first)
+    cache.length = 5
+    assert cache.capacity == KV_CHUNK and meter.bytes == KV_CHUNK * per_token
+    more = torch.randn(1, heads, KV_CHUNK, dim)
+    keys, values = cache.write(0, 5, more, -more)
+    assert cache.capacity == 2 * KV_CHUNK and meter.bytes == 2 * KV_CHUNK * per_token
+    assert torch.equal(keys, torch.cat([first, more], dim=2)) and torch.equal(values, -keys)
+    del cache, keys, values
+    gc.collect()
+    assert meter.bytes == 0

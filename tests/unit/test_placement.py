@@ -189,3 +189,9 @@ def test_following_plan_move_converges_to_full_coverage():
             break
     assert all(t > 0 for t in layer_throughput(servers, 30))
     assert sorted(spans_of(servers).values()) == [(0, 10), (10, 20), (20, 30)]
+
+
+def test_layers_for_memory_counts_the_fixed_part_of_the_peak_first():
+    """The runtime and what loading holds for a moment come out of the budget before layers are counted."""
+    assert layers_for_memory(100 * 2**30, 2**30, 200, fixed_bytes=10 * 2**30) == 70
+    assert layers_for_memory(10 * 2**30, 2**30, 200, fixed_bytes=9 * 2**30) == 0

@@ -329,3 +329,20 @@ def test_missing_spans_are_exactly_the_uncovered_layers(swarm):
     assert {layer for a, b in gaps for layer in range(a, b)} == uncovered
     assert all(a < b for a, b in gaps)
     assert all(b1 < a2 for (_, b1), (a2, _) in itertools.pairwise(gaps))  # maximal, sorted, disjoint
+
+
+def test_a_nodes_reported_memory_is_kept_only_as_known_whole_byte_counts():
+    """Info's "memory" is untrusted: known parts with numbers in range are kept (as ints), anything else dropped;
+    `potluck status` shows them as MiB."""
+    from client.status import memory_cell
+    from client.transport import memory_parts
+
+    reported = {"weights": 25 * 2**20, "kv_cache": 2**20, "baseline": 478 * 2**20, "resident": 505 * 2**20,
+                "peak": 510.5 * 2**20, "extra": 1}
+    assert dict(memory_parts(reported)) == {"weights": 25 * 2**20, "kv_cache": 2**20, "baseline": 478 * 2**20,
+                                            "resident": 505 * 2**20, "peak": int(510.5 * 2**20)}
+    assert memory_parts({"weights": -1, "kv_cache": "1", "baseline": True, "peak": 2**70}) == ()
+    assert memory_parts(["weights", 1]) == () and memory_parts(None) == ()
+    cell = memory_cell(dict(memory_parts(reported)))
+    assert cell == "505 MiB (peak 510): 25 weights + 1 cache + 478 runtime"
+    assert memory_cell({}) == "-"

@@ -52,7 +52,8 @@ def _render(width, file=None):
 
 
 def _cells(record):
-    return {column.name: column.cell(record) for column in COLUMNS}
+    view = next(v for v in group_by_model(_swarm()) if record in v.nodes)
+    return {column.name: column.cell(view, record) for column in COLUMNS}
 
 
 def test_at_80_columns_columns_are_dropped_and_every_shown_value_is_whole():

@@ -125,6 +125,12 @@ function renderCard(node) {
     ["load", `${fmt(node.load, 0)} session${node.load === 1 ? "" : "s"}`],
     ["free cache", node.free_cache_tokens ? node.free_cache_tokens.toLocaleString() + " tokens" : "–"],
   ];
+  if (node.memory && node.memory.resident) {  // bytes by part (docs/memory.md)
+    const mb = (b) => fmt((b || 0) / 1048576, 0) + " MiB";
+    rows.push(["memory", `${mb(node.memory.resident)} (peak ${mb(node.memory.peak)})`]);
+    rows.push(["held", `weights ${mb(node.memory.weights)}, cache ${mb(node.memory.kv_cache)}, ` +
+      `runtime ${mb(node.memory.baseline)}`]);
+  }
   if (node.uptime_s !== null && node.uptime_s !== undefined) rows.push(["uptime", duration(node.uptime_s)]);
   if (node.rtt_ms !== null) rows.push(["rtt", fmt(node.rtt_ms) + " ms"]);
   if (node.announced_s_ago !== null) rows.push(["announced", fmt(node.announced_s_ago, 0) + " s ago"]);
