@@ -53,6 +53,7 @@ async def _converge(count: int) -> tuple[float | None, int]:
     return done, failures
 
 
+@pytest.mark.slow  # about a minute: 270 nodes forming a swarm in one process
 @pytest.mark.timeout(120)
 def test_a_swarm_past_the_old_256_record_limit_converges():
     loop = VirtualLoop()

@@ -11,6 +11,7 @@ from rich.console import Console
 
 from client.status import (
     COLUMNS,
+    ModelView,
     complete,
     fit_columns,
     group_by_model,
@@ -52,7 +53,7 @@ def _render(width, file=None):
 
 
 def _cells(record):
-    view = next(v for v in group_by_model(_swarm()) if record in v.nodes)
+    view = ModelView(record.config_hash, record.model_id, record.num_layers, [record])
     return {column.name: column.cell(view, record) for column in COLUMNS}
 
 
