@@ -202,8 +202,10 @@ class Membership:
             return pb.GossipReply(node_id=own_id)
         now = self.clock()
         model = request.model or None
+        # an exchange scoped to one model carries that model's records, and every relay's: relays carry the
+        # nodes of any model (a node behind NAT must find one in a swarm whose relays serve another model)
         held = {r.node_id: s for r, s in self.registry.records.values()
-                if r.expires_at > now and (model is None or r.config_hash == model)}
+                if r.expires_at > now and (model is None or r.config_hash == model or r.relay_slots > 0)}
         proven = [(node_id, self.registry.records[node_id][0].seq) for node_id in held
                   if self.registry.is_proven(node_id)]
         if request.anti_entropy:

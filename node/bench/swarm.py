@@ -6,9 +6,8 @@
 2. Discovery: in-process nodes (heartbeat 1 s); a new node joins an existing swarm through
    mDNS only, then through gossip only; each existing node's registry is polled until it
    lists the newcomer (JOINING, then ONLINE), and again after it leaves.
-3. Gossip traffic: a simulated swarm of `Membership` objects with ephemeral identities,
-   exchanging by calling `handle()` directly (no sockets) with the default heartbeat and
-   fanout; bytes are protobuf sizes of the requests and replies, as `Membership` counts them.
+3. Gossip traffic at scale: `--nodes N --json` runs the anti-entropy simulation instead
+   (node/bench/gossip_sim.py: N real `Membership` objects in simulated time).
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ import argparse
 import asyncio
 import json
 import os
-import random
 import shlex
 import statistics
 import subprocess
@@ -34,8 +32,6 @@ MARK_START = "<!-- bench:swarm:start -->"
 MARK_END = "<!-- bench:swarm:end -->"
 POLL_S = 0.02              # how often a registry or a node's Gossip RPC is polled
 DISCOVERY_TIMEOUT = 20.0   # give up on one discovery trial after this many seconds
-SIM_SIZES = (10, 50, 100)  # simulated swarm sizes for the traffic table
-SIM_TTL = 600.0            # simulated records live long: the simulation is not paced by real time
 
 
 @dataclass(frozen=True)
@@ -43,179 +39,14 @@ class SwarmBenchSettings:
     model: Path | None = None       # a real model folder to time joins on too (None: only the tiny LLaMA)
     nodes: int = 3                  # existing nodes the newcomer must reach (discovery part)
     runs: int = 3                   # join runs per model and discovery trials per mode; medians reported
-    heartbeat: float = 5.0          # simulated heartbeat (seconds), the node default
-    fanout: int = 3                 # simulated fanout, the node default
-    sizes: tuple[int, ...] = SIM_SIZES  # simulated swarm sizes
     out: Path | None = None         # markdown file whose bench:swarm section is (re)written
     command: str = ""               # the command line, quoted in the report
-    seed: int = 0                   # seed of the simulation's random choices
 
     def __post_init__(self) -> None:
-        if self.nodes < 1 or self.runs < 1 or self.fanout < 1 or self.heartbeat <= 0:
-            raise ValueError("--nodes, --runs and the fanout must be at least 1, the heartbeat positive")
-        if not self.sizes or min(self.sizes) < 2:
-            raise ValueError("simulated swarms need at least 2 nodes")
+        if self.nodes < 1 or self.runs < 1:
+            raise ValueError("--nodes and --runs must be at least 1")
         if self.out is not None and (self.out.is_dir() or not self.out.parent.is_dir()):
             raise ValueError(f"--out {self.out}: give a markdown file in an existing folder")
-
-
-# -- 3. gossip traffic, simulated --------------------------------------------------------------------
-@dataclass
-class SimResult:
-    nodes: int
-    heartbeat: float
-    fanout: int
-    warmup_rounds: int             # heartbeats until every registry listed every node
-    converged: bool
-    live_counts: list[int]          # live records in each registry at the end
-    bytes_per_node: list[float]     # sent + received per node per minute (protobuf bytes)
-    bootstrap_bytes: float          # the same for the bootstrap node
-    message_bytes: float            # mean size of one request (or reply) in the measured minute
-    checks_per_node: float          # records offered (each a signature check) per node per minute
-    spread_rounds: int | None       # heartbeats until a newcomer is listed by every registry
-
-    @property
-    def median_bytes(self) -> float:
-        return statistics.median(self.bytes_per_node)
-
-    @property
-    def total_bytes(self) -> float:
-        return sum(self.bytes_per_node) / 2  # every byte is sent by one node and received by another
-
-
-def _cached_registry(verified: dict):
-    """A Registry that checks each distinct signed record once for the whole simulation.
-
-    Every copy of a record is otherwise verified again by every node that receives it, which
-    costs the simulation minutes; sizes and contents of the exchanges are unchanged."""
-    from common.swarm.records import RecordError, Registry, verify_record
-
-    class CachedRegistry(Registry):
-        def offer(self, signed, now=None) -> bool:
-            record = verified.get(signed)
-            if record is None:
-                try:
-                    record = verified[signed] = verify_record(signed, now)
-                except RecordError:
-                    self.rejected += 1
-                    raise
-            elif record.expires_at <= (time.time() if now is None else now):
-                self.rejected += 1
-                raise RecordError("expired record")
-            held = self.records.get(record.node_id)
-            if held is not None and held[0].seq >= record.seq:
-                return False
-            self.records[record.node_id] = (record, signed)
-            return True
-
-    return CachedRegistry()
-
-
-class _SimNode:
-    """One simulated node: a real Membership (its `handle` answers exchanges) and its own record."""
-
-    def __init__(self, index: int, fanout: int, heartbeat: float, bootstrap: tuple[str, ...], verified: dict):
-        from common.swarm.identity import ephemeral_identity
-        from common.swarm.membership import Membership, SwarmConfig
-        from common.swarm.records import NodeState, PeerRecord
-
-        self.identity = ephemeral_identity()
-        self.address = f"10.0.{index // 250}.{index % 250 + 1}:31337"
-        self.bootstrap = bootstrap
-        config = SwarmConfig(bootstrap=bootstrap, mdns=False, heartbeat=heartbeat, ttl=SIM_TTL, fanout=fanout)
-        self.membership = Membership(config, self.identity)
-        self.membership.registry = _cached_registry(verified)
-        self.record = PeerRecord(  # the field sizes a SmolLM2 node on a LAN announces
-            node_id=self.identity.node_id, addresses=(self.address,), model_id="HuggingFaceTB/SmolLM2-135M-Instruct",
-            config_hash="0123456789abcdef", num_layers=30, start=0, end=10, throughput=51.3, prefill_throughput=410.7,
-            free_cache_tokens=65536, max_length=8192, state=NodeState.ONLINE, name=self.address,
-        )
-        self.sent = self.received = self.checks = 0
-
-    def renew(self) -> None:
-        from common.swarm.records import renewed, sign_record
-
-        self.record = renewed(self.record, SIM_TTL)
-        self.membership.registry.offer(sign_record(self.record, self.identity.key))
-
-    def targets(self, rng: random.Random, fanout: int) -> set[str]:
-        """The real policy (membership.gossip_targets): `fanout` random live peers; bootstrap nodes only
-        while few peers are known."""
-        from common.swarm.membership import gossip_targets
-
-        peers = [r.address for r in self.membership.live()]
-        return gossip_targets(peers, self.bootstrap, fanout, {self.address}, rng)
-
-    def exchange(self, peer: "_SimNode") -> int:
-        """A push-pull exchange with `peer` as Membership.exchange does it, minus the network; bytes moved."""
-        from common.wire import codec
-        from common.wire.generated import potluck_pb2 as pb
-
-        request = pb.GossipRequest(records=codec.encode_records(self.membership.signed_records()))
-        reply = peer.membership.handle(request)
-        self.membership.registry.offer_many(codec.decode_records(reply.records))
-        up, down = request.ByteSize(), reply.ByteSize()
-        self.sent, self.received, self.checks = self.sent + up, self.received + down, self.checks + len(reply.records)
-        peer.sent, peer.received, peer.checks = peer.sent + down, peer.received + up, peer.checks + len(request.records)
-        return up + down
-
-
-def _sim_round(
-    nodes: list[_SimNode], by_address: dict[str, _SimNode], rng: random.Random, fanout: int
-) -> tuple[int, int]:
-    """One heartbeat: every node (in random order) renews its record and exchanges with its targets."""
-    moved = exchanges = 0
-    for node in rng.sample(nodes, len(nodes)):
-        node.renew()
-        for address in sorted(node.targets(rng, fanout)):
-            moved += node.exchange(by_address[address])
-            exchanges += 1
-    return moved, exchanges
-
-
-def simulate_gossip(
-    nodes: int, heartbeat: float = 5.0, fanout: int = 3, seed: int = 0, max_rounds: int = 30
-) -> SimResult:
-    """`nodes` nodes that all bootstrap to the first: converge, then measure one minute of heartbeats,
-    then time how many heartbeats a newcomer takes to be listed everywhere."""
-    rng = random.Random(seed)
-    verified: dict = {}
-    first = _SimNode(0, fanout, heartbeat, (), verified)
-    swarm = [first] + [_SimNode(i, fanout, heartbeat, (first.address,), verified) for i in range(1, nodes)]
-    by_address = {n.address: n for n in swarm}
-
-    def everywhere(count: int, members) -> bool:
-        return all(len(n.membership.live()) >= count for n in members)
-
-    warmup = 0
-    while warmup < max_rounds and not (warmup and everywhere(nodes, swarm)):
-        _sim_round(swarm, by_address, rng, fanout)
-        warmup += 1
-    converged = everywhere(nodes, swarm)
-    for node in swarm:
-        node.sent = node.received = node.checks = 0
-    rounds = max(1, round(60.0 / heartbeat))
-    moved = exchanges = 0
-    for _ in range(rounds):
-        step = _sim_round(swarm, by_address, rng, fanout)
-        moved, exchanges = moved + step[0], exchanges + step[1]
-    scale = 60.0 / (rounds * heartbeat)  # per minute, should rounds not divide a minute evenly
-    per_node = [(n.sent + n.received) * scale for n in swarm]
-    result = SimResult(
-        nodes=nodes, heartbeat=heartbeat, fanout=fanout, warmup_rounds=warmup, converged=converged,
-        live_counts=[len(n.membership.live()) for n in swarm], bytes_per_node=per_node, bootstrap_bytes=per_node[0],
-        message_bytes=moved / (2 * exchanges), checks_per_node=statistics.mean(n.checks for n in swarm) * scale,
-        spread_rounds=None,
-    )
-    newcomer = _SimNode(nodes, fanout, heartbeat, (first.address,), verified)
-    by_address[newcomer.address] = newcomer
-    swarm.append(newcomer)
-    for spread in range(1, max_rounds + 1):
-        _sim_round(swarm, by_address, rng, fanout)
-        if all(newcomer.identity.node_id in {r.node_id for r in n.membership.live()} for n in swarm):
-            result.spread_rounds = spread
-            break
-    return result
 
 
 def verify_cost(samples: int = 300) -> float:
@@ -284,7 +115,6 @@ def probe_phases(model: Path, span: tuple[int, int]) -> dict[str, float]:
         "open model + load span": marks["loaded"] - marks["imported"],
         "throughput measurement (first join only)": marks["measured"] - marks["loaded"],
     }
-
 
 
 async def _watch_join(address: str, started: float, timeout: float) -> dict[str, float]:
@@ -433,7 +263,6 @@ class SwarmBenchResult:
     settings: SwarmBenchSettings
     joins: list[JoinResult]
     discovery: dict[str, list[DiscoveryTrial]]
-    sims: list[SimResult]
     verify_s: float
     machine: dict[str, str]
     seconds: float = 0.0
@@ -478,11 +307,7 @@ def run_swarm_bench(settings: SwarmBenchSettings, console: Console | None = None
             discovery[mode] = asyncio.run(_discovery(tiny, mode, settings.nodes, settings.runs, scratch))
             tick(f"discovery via {mode}: seen ONLINE by all after "
                  f"{statistics.median(t.all_online for t in discovery[mode]) * 1000:.0f} ms")
-    sims = []
-    for size in settings.sizes:
-        sims.append(simulate_gossip(size, settings.heartbeat, settings.fanout, settings.seed))
-        tick(f"simulated {size} nodes: {sims[-1].median_bytes / 1000:.0f} KB per node per minute")
-    return SwarmBenchResult(settings, joins, discovery, sims, verify_cost(), machine,
+    return SwarmBenchResult(settings, joins, discovery, verify_cost(), machine,
                             seconds=time.monotonic() - began)
 
 
@@ -503,7 +328,10 @@ def render_markdown(result: SwarmBenchResult) -> str:
         f"- command: `{s.command or 'potluck bench-swarm'}`",
         "",
     ]
-    return "\n".join(lines + _join_lines(result) + _discovery_lines(result) + _traffic_lines(result))
+    traffic = ["### Gossip traffic", "",
+               "Measured by the anti-entropy simulation: `potluck bench-swarm --nodes N --json` "
+               "(node/bench/gossip_sim.py, its own section below).", ""]
+    return "\n".join(lines + _join_lines(result) + _discovery_lines(result) + traffic)
 
 
 def _join_lines(result: SwarmBenchResult) -> list[str]:
@@ -584,54 +412,6 @@ def _discovery_lines(result: SwarmBenchResult) -> list[str]:
             "without leaving stays listed until its record expires (TTL, 15 s by default).",
         ]
     return lines + [""]
-
-
-def _traffic_lines(result: SwarmBenchResult) -> list[str]:
-    s = result.settings
-    lines = [
-        f"### Gossip traffic (simulated, heartbeat {s.heartbeat:g} s, fanout {s.fanout})",
-        "",
-        "Simulated nodes (real `Membership` objects, ephemeral identities, no sockets): every heartbeat each node "
-        "renews its record and does a push-pull exchange with `fanout` random live peers (and its bootstrap node "
-        "while it knows no more peers than that; here all bootstrap to the first), by calling the peer's "
-        "`handle()`; both sides send every record they "
-        "hold. Bytes are protobuf sizes of GossipRequest + GossipReply, as `Membership.bytes_sent`/`bytes_received` "
-        "count them (gRPC, HTTP/2 and TCP framing come on top), sent + received, per node per minute in steady "
-        "state. Signature-check CPU is records received x the measured cost of one `verify_record`.",
-        "",
-        "| nodes | converged (heartbeats) | one message | median node | bootstrap node | whole swarm | "
-        "records checked per node | signature-check CPU per node | newcomer listed by all |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for sim in result.sims:
-        cpu = sim.checks_per_node * result.verify_s
-        spread = "-" if sim.spread_rounds is None else f"{sim.spread_rounds} heartbeat(s)"
-        lines.append(
-            f"| {sim.nodes} | {'yes' if sim.converged else 'NO'} ({sim.warmup_rounds}) | "
-            f"{sim.message_bytes / 1000:.1f} KB "
-            f"| {sim.median_bytes / 1000:.0f} KB/min | {sim.bootstrap_bytes / 1000:.0f} KB/min "
-            f"| {sim.total_bytes / 1e6:.1f} MB/min | {sim.checks_per_node:.0f}/min | {cpu * 1000:.0f} ms/min | "
-            f"{spread} |"
-        )
-    sims = {sim.nodes: sim for sim in result.sims}
-    pick = sims.get(50, result.sims[len(result.sims) // 2])
-    small, large = result.sims[0], result.sims[-1]
-    lines += [
-        "",
-        f"With {pick.nodes} nodes every message carries all {pick.nodes} records "
-        f"({pick.message_bytes / pick.nodes:.0f} B each), so a typical node moves {pick.median_bytes / 1e6:.2f} MB "
-        f"per minute ({pick.median_bytes / 60 / 1000:.1f} KB/s) and checks {pick.checks_per_node:.0f} signatures "
-        f"({result.verify_s * 1e6:.0f} µs each here). From {small.nodes} to {large.nodes} nodes "
-        f"(x{large.nodes / small.nodes:g}) a typical node's traffic grows "
-        f"x{large.median_bytes / small.median_bytes:.1f} "
-        f"and the whole swarm's x{large.total_bytes / small.total_bytes:.0f}: linear per node, quadratic in total, "
-        "because exchanges send whole registries rather than digests. Once nodes know more peers than the fanout "
-        "they stop calling their bootstrap node, which then carries "
-        f"{pick.bootstrap_bytes / pick.median_bytes:.1f}x a typical node's traffic at {pick.nodes} nodes and "
-        f"{large.bootstrap_bytes / large.median_bytes:.1f}x at {large.nodes}.",
-        "",
-    ]
-    return lines
 
 
 def write_section(path: Path, section: str) -> None:

@@ -118,6 +118,12 @@ def _bench_relay():
     return relay.add_relay_bench_parser, {"bench-relay": relay.run_relay_bench_cli}
 
 
+def _bench_abuse():
+    from node.bench import abuse
+
+    return abuse.add_abuse_bench_parser, {"bench-abuse": abuse.run_abuse_bench_cli}
+
+
 def _bench_soak():
     from node.bench import soak
 
@@ -200,6 +206,8 @@ COMMANDS = (
     Command(("proxy",), _proxy, "forward TCP to a node with an added one-way delay (simulated WAN)"),
     Command(("bench-trust",), _bench_trust, "benchmark the cost of a swarm key and TLS on decode speed"),
     Command(("bench-relay",), _bench_relay, "benchmark decode speed through a relay against direct"),
+    Command(("bench-abuse",), _bench_abuse,
+            "an honest client's latency with and without strangers attacking"),
     Command(("bench-soak",), _bench_soak, "soak a 3-node swarm: concurrent clients, disconnects, a restart"),
     Command(("bench-prefill",), _bench_prefill, "benchmark pipelined (chunked) prefill against one step"),
     Command(("bench-quant",), _bench_quant, "benchmark --quant int8/nf4: memory per layer, decode speed, perplexity"),
