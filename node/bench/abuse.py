@@ -141,9 +141,11 @@ def _gossip_junk(node_address: str, disguised: str, count: int, tally: AttackTal
     with grpc.insecure_channel(node_address) as channel:
         reply = pb_grpc.PotluckStub(channel).Gossip(pb.GossipRequest(), timeout=10)
     template = next(verify_record(r) for r in codec.decode_records(reply.records))
+    junk = junk_records(template, count)
     with grpc.insecure_channel(disguised) as channel:
-        pb_grpc.PotluckStub(channel).Gossip(pb.GossipRequest(records=codec.encode_records(
-            junk_records(template, count))), timeout=30)
+        for page in range(0, len(junk), 200):  # as many calls as the node's per-request limit needs
+            pb_grpc.PotluckStub(channel).Gossip(pb.GossipRequest(records=codec.encode_records(
+                junk[page: page + 200])), timeout=30)
         reply = pb_grpc.PotluckStub(channel).Gossip(pb.GossipRequest(), timeout=30)
     live = [verify_record(r) for r in codec.decode_records(reply.records)]
     tally.junk_routable = sum(1 for r in live if r.addresses[0].startswith(ATTACKER))
@@ -214,9 +216,9 @@ def render(phases: list[Phase], tally: AttackTally, machine: dict, command: str,
                      f"{tps / base:.2f}x | {sum(phase.exact)}/{len(phase.exact)} |")
     lines += [
         "",
-        f"Per node and round the attackers got {tally.hogs_opened} cache-hog sessions open (reserving nothing "
-        f"until they step; closed by --session-open-timeout) and {tally.flood_opened} flood sessions (the "
-        f"per-peer quota refused the rest: {tally.refused} refusals per round in all); of the {junk} junk "
+        f"Each round the attackers got {tally.hogs_opened} cache-hog sessions open over the three nodes (reserving "
+        f"nothing until they step; closed by --session-open-timeout) and {tally.flood_opened} flood sessions (the "
+        f"per-peer session quota refused the rest: {tally.refused} refusals a round); of the {junk} junk "
         f"records, {tally.junk_routable} were passed on (a record's address must answer with its node id first).",
     ]
     return "\n".join(lines)
