@@ -37,7 +37,10 @@ def test_a_node_peaks_near_its_final_memory_and_holds_its_span_in_stored_form(bf
     assert 0.99 * stored <= case.weights <= 1.1 * stored  # bf16 exact forms: the stored bytes, not float32's
     assert case.kv_cache > 0
     assert case.peak <= 1.15 * case.final, case
-    assert case.final <= 1.1 * stored + case.kv_cache + case.baseline, case
+    # the baseline is read just before the first tensor; the runtime still allocates a little after it (the
+    # server's threads and buffers, the allocator's arenas): a fresh-clone run measured final 5 MB over the sum
+    runtime_after_baseline = 16 * 2**20
+    assert case.final <= 1.1 * stored + case.kv_cache + case.baseline + runtime_after_baseline, case
     # a float32 copy of the span (2x stored) at any time during the load would show in the peak
     assert case.peak - case.baseline <= 1.5 * stored + case.kv_cache + 32 * 2**20, case
 
