@@ -1,9 +1,10 @@
 """Session-scoped fixtures: model folders, in-process nodes and real node processes; and the `slow` marker.
 
-`slow` marks every test that starts a process (node processes, the CLI, browsers, fuzzers): the tests under
-e2e/ and bench/ and every test using the SmolLM2 chain of node processes get it here; a test elsewhere that
-starts a process without it fails (`_no_processes_unless_slow`), so `pytest -m "not slow"` stays a fast inner
-loop of unit tests and in-process swarms."""
+`slow` marks every test that starts a process (node processes, the CLI, browsers, fuzzers) and every test that
+starts in-process nodes: the tests under swarm/, e2e/ and bench/ and every test using the SmolLM2 chain of node
+processes get it here; a test elsewhere that starts a process without it fails (`_no_processes_unless_slow`), so
+`pytest -m "not slow"` stays the sub-minute inner loop of unit tests (about 30 s on 2 cores; with the in-process
+swarms of tests/swarm/ it took about 2 minutes)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ hf_logging.disable_progress_bar()
 hf_logging.set_verbosity_error()
 
 TINY_SPANS = [(0, 2), (2, 4), (4, 6)]
-SLOW_FOLDERS = ("e2e", "bench")  # tests/<folder>/: every test there starts processes or runs a benchmark
+SLOW_FOLDERS = ("swarm", "e2e", "bench")  # tests/<folder>/: nodes in-process or in processes, or benchmarks
 PROCESS_FIXTURES = ("smollm_chain",)  # fixtures that start node processes
 # processes any test may start: the C compiler that builds the exact kernels once per machine
 # (common/weights/exact.py), and what it runs to name the machine
