@@ -40,6 +40,21 @@ def layer_throughput(servers: list[Server], num_layers: int) -> list[float]:
     return totals
 
 
+def _slivers_after(totals: list[float], start: int, length: int) -> int:
+    """Uncovered runs next to the window [start, start + length) that would be left shorter than `length`: holes no
+    later node of the same length can fill without overlapping (2:12 of an empty 30-layer model leaves 0:2)."""
+    def run(layers) -> int:
+        count = 0
+        for layer in layers:
+            if totals[layer] > 0:
+                break
+            count += 1
+        return count
+
+    left, right = run(range(start - 1, -1, -1)), run(range(start + length, len(totals)))
+    return sum(1 for size in (left, right) if 0 < size < length)
+
+
 def candidate_spans(servers: list[Server], num_layers: int, length: int,
                     tolerance: float = 0.15) -> list[tuple[Span, float]]:
     """The near-best windows of `length` layers, each with the weight of a random pick among them.
@@ -56,6 +71,10 @@ def candidate_spans(servers: list[Server], num_layers: int, length: int,
     most = max(uncovered)
     if most > 0:
         near = [s for s in starts if uncovered[s] == most]
+        # of those, the ones that leave no sliver (`_slivers_after`), where any do: a sliver stays a hole, as moves
+        # never uncover a layer; the rest still spread a wave of joiners over several windows
+        clean = [s for s in near if _slivers_after(totals, s, length) == 0]
+        near = clean or near
     else:
         weakest = [min(totals[s : s + length]) for s in starts]
         floor = min(weakest) * (1.0 + tolerance)
