@@ -34,8 +34,8 @@ if [ ! -x "$OUT/build/bin/llama-bench" ]; then
     cmake -S "$SRC" -B "$OUT/build" -DCMAKE_BUILD_TYPE=Release -DGGML_RPC=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
         -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF >/dev/null
     # the rpc server's target is ggml-rpc-server in recent llama.cpp, rpc-server before
-    cmake --build "$OUT/build" --config Release -j "$(nproc)" --target llama-bench ggml-rpc-server \
-        || cmake --build "$OUT/build" --config Release -j "$(nproc)" --target llama-bench rpc-server
+    cmake --build "$OUT/build" --config Release -j "$(nproc)" --target llama-bench llama-batched-bench ggml-rpc-server \
+        || cmake --build "$OUT/build" --config Release -j "$(nproc)" --target llama-bench llama-batched-bench rpc-server
 fi
 
 GGUF="$OUT/$(basename "$MODEL")-f32.gguf"

@@ -29,6 +29,7 @@ class LlamaCpp:
     bench: Path        # llama-bench
     rpc_server: Path   # ggml-rpc-server (or rpc-server in older builds)
     gguf: Path
+    batched: Path | None = None  # llama-batched-bench (builds before 2026-12 lack it)
 
     @classmethod
     def find(cls, build: str | Path, gguf: str | Path) -> "LlamaCpp":
@@ -42,7 +43,8 @@ class LlamaCpp:
                              "bin/ (build them with deploy/llamacpp.sh)")
         if not gguf.is_file():
             raise ValueError(f"--llama-gguf {gguf}: no such file (deploy/llamacpp.sh converts the model folder)")
-        return cls(bench, server, gguf)
+        batched = next((f / "llama-batched-bench" for f in folders if (f / "llama-batched-bench").is_file()), None)
+        return cls(bench, server, gguf, batched)
 
     def decode_tps(self, tokens: int, threads: int, rpc: list[str] | None = None, repeats: int = 1) -> list[float]:
         """llama-bench's decode tokens/s, one per repeat; `rpc`: run every layer on these rpc servers."""
@@ -55,6 +57,58 @@ class LlamaCpp:
             tail = " | ".join(done.stderr.strip().splitlines()[-3:])
             raise RuntimeError(f"llama-bench failed (exit {done.returncode}): {tail}")
         return decode_samples(done.stdout)
+
+
+    def batched_decode(self, sessions: tuple[int, ...], prompt: int, tokens: int,
+                       threads: int) -> dict[int, "BatchedRun"]:
+        """llama-batched-bench: `n` sequences decoding together in one context, for each n in `sessions`, each
+        after its own `prompt`-token prompt; None when this build has no llama-batched-bench."""
+        if self.batched is None:
+            raise ValueError("this llama.cpp build has no llama-batched-bench (rebuild with deploy/llamacpp.sh)")
+        context = max(sessions) * (prompt + tokens) + 64
+        args = [str(self.batched), "-m", str(self.gguf), "-c", str(context), "-b", "2048", "-ub", "512",
+                "-npp", str(prompt), "-ntg", str(tokens), "-npl", ",".join(map(str, sessions)), "-t", str(threads),
+                "--output-format", "jsonl"]
+        done = subprocess.run(args, capture_output=True, text=True, timeout=900)
+        if done.returncode != 0:
+            tail = " | ".join(done.stderr.strip().splitlines()[-3:])
+            raise RuntimeError(f"llama-batched-bench failed (exit {done.returncode}): {tail}")
+        return batched_runs(done.stdout)
+
+
+@dataclass(frozen=True)
+class BatchedRun:
+    """One llama-batched-bench line: `sessions` sequences, each `prompt` tokens then `tokens` new ones."""
+
+    sessions: int
+    prompt: int
+    tokens: int
+    prefill_s: float   # all prompts
+    decode_s: float    # all new tokens
+
+    @property
+    def aggregate_tps(self) -> float:
+        """New tokens over the whole run (prompts included in the time), as bench-perf's aggregate."""
+        return self.sessions * self.tokens / (self.prefill_s + self.decode_s)
+
+    @property
+    def decode_tps(self) -> float:
+        """New tokens over the decode time only (llama.cpp's S_TG), as bench-perf's "while all decode"."""
+        return self.sessions * self.tokens / self.decode_s
+
+
+def batched_runs(jsonl: str) -> dict[int, BatchedRun]:
+    """llama-batched-bench's `--output-format jsonl` lines, by sequence count."""
+    runs: dict[int, BatchedRun] = {}
+    for line in jsonl.splitlines():
+        line = line.strip()
+        if line.startswith("{"):
+            r = json.loads(line)
+            runs[int(r["pl"])] = BatchedRun(int(r["pl"]), int(r["pp"]), int(r["tg"]), float(r["t_pp"]),
+                                            float(r["t_tg"]))
+    if not runs:
+        raise RuntimeError("llama-batched-bench printed no result")
+    return runs
 
 
 def gguf_kind(path: Path) -> str:

@@ -235,6 +235,17 @@ def simulated_wan(chain: "_Chain", parts: int, compute: float, ids: torch.Tensor
                 proxy.stop()
 
 
+def batched_llama(settings: PerfSettings, threads: int) -> dict:
+    """llama-batched-bench on the file the swarm serves, the sessions and tokens of the concurrency rounds ({} when
+    there is no llama.cpp, no served file or no llama-batched-bench in the build)."""
+    if settings.llama_cpp is None or settings.llama_served is None:
+        return {}
+    llama = LlamaCpp.find(settings.llama_cpp, settings.llama_served)
+    if llama.batched is None:
+        return {}
+    return llama.batched_decode(settings.concurrency, 16, settings.concurrency_tokens, threads)
+
+
 def run_benchmark(settings: PerfSettings, console: Console | None = None) -> PerfResult:
     from transformers import AutoModelForCausalLM
 
@@ -260,7 +271,7 @@ def run_benchmark(settings: PerfSettings, console: Console | None = None) -> Per
             + len(settings.node_counts)
             + 3
             + 2 * (len(settings.delays_ms) + 1)
-            + len(settings.concurrency) * settings.repeats
+            + (len(settings.concurrency) + (settings.llama_cpp is not None)) * settings.repeats
             + 3
         )
         task = progress.add_task("local transformers", total=steps)
@@ -344,6 +355,12 @@ def run_benchmark(settings: PerfSettings, console: Console | None = None) -> Per
                             f"{sessions} concurrent sessions, round {round_ + 1}: {runs[sessions][-1][0]:.1f} tok/s in "
                             f"all, {runs[sessions][-1][3]:.1f} while all decode"
                         )
+                    batched = batched_llama(settings, threads)
+                    for sessions, run in batched.items():
+                        result.llama_batched.setdefault(sessions, []).append(run)
+                    if batched:
+                        tick("llama-batched-bench: " + ", ".join(
+                            f"{n} x {r.aggregate_tps:.1f}" for n, r in batched.items()) + " tok/s in all")
                 result.concurrency = [_median_sessions(n, runs[n]) for n in settings.concurrency]
                 result.concurrency_runs = {n: [run[0] for run in runs[n]] for n in settings.concurrency}
                 most_sessions = 8 if 8 in settings.concurrency else max(settings.concurrency)

@@ -91,6 +91,8 @@ def render_markdown(result: PerfResult, plot_name: str | None = None) -> str:
             lines.append(
                 f"| {sessions} | {aggregate:.1f} | {aggregate / base:.2f}x | {steady_cells} | {per_pass:.2f} |"
             )
+        if result.llama_batched:
+            lines += _llama_batched_lines(result)
         if result.batch_compute:
             exact, dense = result.batch_compute
             lines += ["", f"What batching gives when only the computation takes time (node/bench/batch_compute.py, "
@@ -152,6 +154,30 @@ def _weights_lines(result: PerfResult) -> list[str]:
         f"({held}; common/weights/exact.py), the same values bit for bit, and so does the client's head where it can; "
         "the row marked `--no-exact` is the same chain with every matrix dense"
     ]
+
+
+def _llama_batched_lines(result: PerfResult) -> list[str]:
+    """The concurrency table's peer: llama-batched-bench on the served file, in the same rounds."""
+    s = result.settings
+    served = s.llama_served.name if s.llama_served else "?"
+    lines = ["", f"llama.cpp's `llama-batched-bench` on the file the swarm serves (`{served}`), one process with "
+                 f"{result.machine['threads']} threads, N sequences in one context, each a 16-token prompt then "
+                 f"{s.concurrency_tokens} new tokens (`-npp 16 -ntg {s.concurrency_tokens} -npl "
+                 f"{','.join(map(str, s.concurrency))}`), once per round, taking turns with the swarm's rounds; "
+                 "medians. Aggregate: new tokens over the whole run (prompts included), as the swarm's; decode: "
+                 "new tokens over llama.cpp's decode time (its S_TG), beside the swarm's while-all-decode figure.",
+             "", "| sessions | swarm aggregate tok/s | llama.cpp aggregate tok/s | swarm / llama.cpp | "
+                 "swarm while all decode | llama.cpp decode (S_TG) | swarm / llama.cpp |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
+    for sessions, aggregate, _, steady in result.concurrency:
+        runs = result.llama_batched.get(sessions)
+        if not runs:
+            continue
+        agg = statistics.median(r.aggregate_tps for r in runs)
+        dec = statistics.median(r.decode_tps for r in runs)
+        steady_cells = f"{steady:.1f} | {dec:.1f} | {steady / dec:.2f}x" if steady else f"n/a | {dec:.1f} | n/a"
+        lines.append(f"| {sessions} | {aggregate:.1f} | {agg:.1f} | **{aggregate / agg:.2f}x** | {steady_cells} |")
+    return lines
 
 
 def _llama_lines(result: PerfResult) -> list[str]:

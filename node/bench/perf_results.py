@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from node.bench.batch_compute import BatchCompute
-from node.bench.llamacpp import LlamaSide
+from node.bench.llamacpp import BatchedRun, LlamaSide
 
 
 @dataclass(frozen=True)
@@ -102,6 +102,8 @@ class PerfResult:
     # (sessions, aggregate tok/s, steps/pass, tok/s while every session decodes: `steady_decode`)
     concurrency: list[tuple[int, float, float, float]] = field(default_factory=list)
     concurrency_plain: tuple[int, float, float, float] | None = None  # the same, 8 sessions (or the most), no convoys
+    # llama-batched-bench on the served file, a run per round (sessions -> runs), taking turns with the swarm's rounds
+    llama_batched: dict[int, list[BatchedRun]] = field(default_factory=dict)
     concurrency_runs: dict[int, list[float]] = field(default_factory=dict)  # sessions -> aggregate tok/s of each round
     settle_s: list[float] = field(default_factory=list)  # seconds before each one-session round (settle_alone)
     # what batching gives when only the computation takes time, exact and dense (node/bench/batch_compute.py)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from node.bench.llamacpp import LlamaCpp, LlamaSide, decode_samples
+from node.bench.llamacpp import BatchedRun, LlamaCpp, LlamaSide, batched_runs, decode_samples
 from node.bench.perf_report import render_markdown
 from node.bench.perf_results import PerfResult, PerfSettings, Speed
 
@@ -27,6 +27,18 @@ def test_decode_samples_reads_the_decode_tests_only():
     assert decode_samples(text) == [29.6, 30.8, 31.1]
     with pytest.raises(RuntimeError, match="no decode result"):
         decode_samples(_record(512, 0, [300.0]))
+
+
+def test_batched_runs_read_llama_batched_bench_per_sequence_count():
+    line = ('{"n_kv_max": 1024, "n_batch": 2048, "n_ubatch": 512, "flash_attn": 0, "is_pp_shared": 0, '
+            '"n_gpu_layers": 0, "n_threads": 2, "n_threads_batch": 2, "pp": 16, "tg": 24, "pl": %d, "n_kv": 320, '
+            '"t_pp": %f, "speed_pp": 1.0, "t_tg": %f, "speed_tg": 1.0, "t": 1.0, "speed": 1.0}')
+    runs = batched_runs("main: log line\n" + line % (1, 0.1, 0.2) + "\n" + line % (8, 0.4, 1.2) + "\n")
+    assert sorted(runs) == [1, 8]
+    assert runs[8] == BatchedRun(8, 16, 24, 0.4, 1.2)
+    assert runs[8].aggregate_tps == pytest.approx(8 * 24 / 1.6) and runs[8].decode_tps == pytest.approx(8 * 24 / 1.2)
+    with pytest.raises(RuntimeError, match="no result"):
+        batched_runs("nothing")
 
 
 def test_find_names_what_is_missing(tmp_path):
@@ -62,6 +74,13 @@ def test_the_report_compares_the_swarm_with_llama_cpp_on_the_file_it_serves_firs
            "| 75.00 | 13.3 | 0.19x |" in text
     assert q4 < text.index("| llama.cpp F32, one process | `m-f32.gguf` | 29.50 | 33.9 | 0.49x |")
     assert "| llama.cpp F32 over RPC, 3 servers | `m-f32.gguf` | 14.50 | 69.0 | 1.00x |" in text
+    assert "llama-batched-bench" not in text  # no batched runs, no table
+    result.concurrency = [(1, 40.0, 1.0, 45.0), (8, 120.0, 6.0, 150.0)]
+    result.llama_batched = {1: [BatchedRun(1, 16, 24, 0.1, 0.5), BatchedRun(1, 16, 24, 0.1, 0.3)],
+                            8: [BatchedRun(8, 16, 24, 0.3, 1.3)]}
+    text = render_markdown(result)
+    assert "| 1 | 40.0 | 50.0 | **0.80x** | 45.0 | 64.0 | 0.70x |" in text
+    assert "| 8 | 120.0 | 120.0 | **1.00x** | 150.0 | 147.7 | 1.02x |" in text
 
 
 def test_llama_cpp_runs_the_file_the_model_folder_was_made_from(smollm_dir, tmp_path):
