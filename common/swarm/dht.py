@@ -4,7 +4,8 @@ The same small interface as gossip `Membership` (start, publish, live, wait_for,
 handle), so that nodes and clients use either. What goes into the DHT is ours: each record is the node's
 signed record (common/swarm/records.py), stored under one key per (model config hash, block) that the node
 serves, with the node id as subkey and the record's expiry as the entry's. Readers verify every record as
-gossip does: DHT entries are untrusted data, anyone may write any key. One more key, `potluck/models`, holds
+gossip does: DHT entries are untrusted data, anyone may write any key, and the storing peers refuse an entry
+that is not its subkey owner's signed record (common/swarm/dht_validation.py). One more key, `potluck/models`, holds
 one record per config hash, so that a reader that watches no model (`potluck status`) can find the models.
 
 hivemind is an optional dependency (the `dht` extra): imported only when a DHT backend starts."""
@@ -110,8 +111,11 @@ class DhtDiscovery:
     async def start(self) -> None:
         hivemind = _load_hivemind()
         config = self.config
+        from common.swarm.dht_validation import RecordOwnerValidator
+
         options = dict(initial_peers=list(config.initial_peers), host_maddrs=list(config.host_maddrs),
-                       client_mode=config.client_mode, start=True, await_ready=False)
+                       client_mode=config.client_mode, start=True, await_ready=False,
+                       record_validators=[RecordOwnerValidator(self.security.swarm_key)])
         if config.announce_maddrs:
             options["announce_maddrs"] = list(config.announce_maddrs)
         try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from transformers import AutoModelForCausalLM
 from client import DistributedModelForCausalLM
 from client.config import ClientConfig
 from common.swarm.dht import DhtConfig, DhtDiscovery, block_key
-from common.swarm.records import NodeState
+from common.swarm.records import NodeState, node_id_of
 
 pytest.importorskip("hivemind")
 pytestmark = pytest.mark.slow
@@ -73,6 +74,53 @@ def test_a_client_finds_the_chain_through_the_dht_and_generates_exactly(dht_swar
     reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     expected = reference.generate(ids, max_new_tokens=6, do_sample=False)
     assert torch.equal(out, expected)
+
+
+def test_a_stranger_cannot_overwrite_a_nodes_entries(bg_loop, dht_swarm):
+    """The attack: a DHT peer without potluck's validator writes junk, and its own valid record, under an honest
+    node's subkeys with an expiry an hour away (hivemind keeps the entry that expires last). The storing peers
+    refuse both (common/swarm/dht_validation.py), so the node stays visible past several TTLs and a client
+    still generates exactly."""
+    import hivemind
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from common.swarm.dht import MODELS_KEY
+    from common.swarm.records import renewed, sign_record
+    from common.wire import codec
+
+    folder, peers, nodes = dht_swarm
+    victim = nodes[0].record
+    attacker = hivemind.DHT(initial_peers=list(peers), host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
+    discovery = reader(bg_loop, peers, nodes)
+    try:
+        key = Ed25519PrivateKey.generate()
+        own = renewed(replace(victim, node_id=node_id_of(key.public_key().public_bytes_raw()),
+                              addresses=("127.0.0.1:9",)), 60.0)
+        own_value = codec.encode_records([sign_record(own, key)])[0].SerializeToString()
+        later = time.time() + 3600  # hivemind.utils.get_dht_time() is time.time()
+        targets = [(block_key(victim.config_hash, b), victim.node_id) for b in range(victim.start, victim.end)]
+        targets.append((MODELS_KEY, victim.config_hash))
+        for dht_key, subkey in targets:
+            for value in (b"junk", own_value):
+                attacker.store(dht_key, value, later, subkey=subkey)
+        attacked = time.time()
+        while time.time() - attacked < 3 * 3.0 + 1:  # three record lifetimes
+            bg_loop.run(discovery.pull_all())
+            assert victim.node_id in {r.node_id for r in discovery.live()}
+            time.sleep(0.5)
+        assert own.node_id not in {r.node_id for r in discovery.live()}  # not under a subkey that is not its own
+    finally:
+        bg_loop.run(discovery.close())
+        attacker.shutdown()
+    config = ClientConfig(initial_peers=peers, mdns=False)
+    model = DistributedModelForCausalLM.from_pretrained(str(folder), config=config)
+    try:
+        ids = torch.randint(3, 512, (1, 7), generator=torch.Generator().manual_seed(2))
+        out = model.generate(ids, max_new_tokens=4, do_sample=False)
+    finally:
+        model.close()
+    reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    assert torch.equal(out, reference.generate(ids, max_new_tokens=4, do_sample=False))
 
 
 def test_a_drained_node_is_marked_offline_under_its_keys(bg_loop, dht_swarm):

@@ -145,3 +145,35 @@ def test_discovery_choices():
     assert NodeConfig(model="m", discovery="dht").uses_dht  # a node may start a new DHT: the first peer
     with pytest.raises(ConfigError, match="--discovery"):
         NodeConfig(model="m", discovery="kademlia")
+
+
+def test_storing_peers_take_only_a_nodes_own_record_under_its_own_subkey():
+    """common/swarm/dht_validation.py: what every potluck DHT peer agrees to store (hivemind serializes subkeys
+    and values with msgpack)."""
+    pytest.importorskip("hivemind")
+    import msgpack
+
+    from common.swarm.dht_validation import entry_is_valid
+    from common.wire.security import SwarmKey
+
+    key, other = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    record = a_record(key)
+    value = msgpack.packb(codec.encode_records([sign_record(record, key)])[0].SerializeToString())
+    mine, config = msgpack.packb(record.node_id), msgpack.packb(record.config_hash)
+    assert entry_is_valid(mine, value, record.expires_at)
+    assert entry_is_valid(config, value, record.expires_at)  # the models index
+    assert not entry_is_valid(msgpack.packb(node_id_of(other.public_key().public_bytes_raw())), value,
+                              record.expires_at)  # someone else's subkey
+    assert not entry_is_valid(mine, value, record.expires_at + 3600)  # a replay with a longer life
+    assert not entry_is_valid(None, value, record.expires_at)
+    assert not entry_is_valid(mine, msgpack.packb(b"junk"), record.expires_at)
+    assert not entry_is_valid(mine, b"\xc1", record.expires_at)  # not even msgpack
+    assert not entry_is_valid(mine, value, record.expires_at, now=record.expires_at + 1)  # expired
+    forged = sign_record(a_record(other), other)
+    forged = type(forged)(forged.payload, key.public_key().public_bytes_raw(), forged.signature)
+    assert not entry_is_valid(mine, msgpack.packb(codec.encode_records([forged])[0].SerializeToString()),
+                              record.expires_at)
+    swarm_key = SwarmKey.generate()  # a private swarm's peers store only records sealed with its key
+    sealed = msgpack.packb(codec.encode_records([sign_record(record, key)], swarm_key)[0].SerializeToString())
+    assert entry_is_valid(mine, sealed, record.expires_at, swarm_key)
+    assert not entry_is_valid(mine, value, record.expires_at, swarm_key)
