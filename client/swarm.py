@@ -25,6 +25,7 @@ from client.routing import (
     hop_cost,
     missing_spans,
     plan_route,
+    smoothed,
 )
 from client.session import InferenceSession
 from client.training import TrainStats, remote_forward
@@ -122,6 +123,17 @@ class SwarmClient:
             return max(config.step_timeout / 10, config.deadline_floor)  # unknown speed: be patient
         expected = self.rtts.get(peer.address, 0.0) + share * tokens / speed
         return max(config.deadline_floor, config.deadline_factor * expected)
+
+    def observe(self, hop: Hop, seconds: float, tokens: int) -> None:
+        """`hop` took `seconds` for a step of `tokens` tokens, as this client saw it (session.py: a driven step from
+        send to result; a pushed step's hop j from hop j-1's result to its own). Decode steps (one token) update
+        `measured`, an EWMA of seconds per layer per token with the hop's RTT taken off: routing then believes that
+        instead of the node's advertised throughput. Prefill steps are left out (their per-token cost is another)."""
+        if tokens != 1 or hop.end <= hop.start:
+            return
+        address = hop.peer.address
+        sample = max(seconds - self.rtts.get(address, 0.0), 0.0) / (hop.end - hop.start)
+        self.measured[address] = smoothed(self.measured.get(address), sample)
 
     async def reroute(self, start: int, end: int, failed: str) -> list[Hop]:
         """Rule out `failed` (its address, node id and host), then the cheapest vetted chain over `[start, end)`
