@@ -87,6 +87,7 @@ class PotluckServicer(pb_grpc.PotluckServicer):
         self.pusher = push.Pusher()
         self._streams: dict[str, _Stream] = {}  # session id -> its open stream, for Push
         self.prober = Prober()  # Probe: dials through the node's Security (set by start_node)
+        self.relay = None  # rpc Attach: a RelayServicer, or NotARelay (node/relay/); set by start_node
         # connections our relay link opened to this server (their peer as gRPC names it) -> the caller the relay
         # saw; filled only by node/relay/link.py, so a caller behind a relay is charged as itself, not as loopback
         self.tunneled: dict[str, str] = {}
