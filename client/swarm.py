@@ -10,6 +10,7 @@ import asyncio
 import logging
 import random
 import time
+from dataclasses import replace
 
 import grpc
 import torch
@@ -83,7 +84,9 @@ class SwarmClient:
         # advertised speed only down to RouteCosts.unproven_layer_seconds until it is in here.
         self.measured: dict[str, float] = {}
         self.membership: Membership | DhtDiscovery | None = None
-        self.security = config.security()
+        # every call proves a throwaway client identity: nodes count their per-peer quotas by it within a ceiling
+        # per address, so clients behind one NAT each keep a share (common/wire/caller.py, node/runtime/quota.py)
+        self.security = replace(config.security(), caller=ephemeral_identity().key)
         # Nodes this client caught returning wrong activations (client/verify.py) are never used again;
         # strikes (clients' signed reports of such nodes, pulled with gossip) make routing avoid nodes.
         self.liars: set[str] = set()  # addresses and node ids

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 from contextlib import ExitStack, contextmanager
+from dataclasses import replace
 
 import grpc
 import pytest
@@ -109,3 +110,23 @@ def test_the_rate_limit_is_per_identity_within_a_ceiling_per_address():
     limiter.charge(bob)
     with pytest.raises(RateLimited, match="10.0.0.1 is over"):
         limiter.charge(caller_key("10.0.0.1", "carol"))  # and the address's burst is spent
+
+
+def test_the_client_proves_its_identity_on_every_call(make_node, bg_loop):
+    """The SDK's calls carry a throwaway identity (client/swarm.py), so a node counts them as that client's."""
+    from client.transport import Peer
+    from common.wire.security import PLAINTEXT
+
+    node, _ = make_node(rate_limit=50.0, **LIMITS)
+    key = Ed25519PrivateKey.generate()
+
+    async def ask():
+        peer = Peer(node.address, replace(PLAINTEXT, caller=key))  # made on the loop that uses it
+        try:
+            return await peer.info(5.0)
+        finally:
+            await peer.close()
+
+    assert bg_loop.run(ask()).node_id == node.identity.node_id
+    identity = caller_identity(caller_token(key))
+    assert caller_key("127.0.0.1", identity) in node.servicer.limiter._identities
