@@ -116,6 +116,14 @@ def layer_seconds(peer: PeerInfo, costs: RouteCosts, measured: dict[str, float] 
     return claimed if measured is None else max(claimed, costs.unproven_layer_seconds)
 
 
+MEASURE_WEIGHT = 0.3  # weight of the newest sample in a peer's measured seconds per layer (an EWMA)
+
+
+def smoothed(previous: float | None, sample: float, weight: float = MEASURE_WEIGHT) -> float:
+    """The EWMA of measured seconds per layer after `sample` (the first sample is taken as is)."""
+    return sample if previous is None else (1.0 - weight) * previous + weight * sample
+
+
 def hop_cost(peer: PeerInfo, start: int, end: int, rtt: float | None, costs: RouteCosts, strikes: int = 0,
              measured: dict[str, float] | None = None) -> float:
     compute = (end - start) * layer_seconds(peer, costs, measured) * (1.0 + costs.load_penalty * max(peer.load, 0.0))

@@ -47,6 +47,7 @@ class Router(Protocol):
     def peer(self, address: str) -> Peer: ...
     def deadline(self, hop: Hop, tokens: int) -> float: ...
     async def reroute(self, start: int, end: int, failed: str) -> list[Hop]: ...
+    def observe(self, hop: Hop, seconds: float, tokens: int) -> None: ...
 
 
 @dataclass
@@ -441,7 +442,7 @@ class InferenceSession:
         for before, stream in zip(deadlines, self.hops[1:]):
             # the previous node may wait half its own deadline for this one to accept the step
             first.push.add(address=stream.peer.address, session_id=stream.session_id, timeout=before / 2)
-        sent = time.perf_counter()
+        sent = last = time.perf_counter()
         budget = 0.0
         for index, stream in enumerate(self.hops):
             budget += deadlines[index]
@@ -467,6 +468,10 @@ class InferenceSession:
                 return index, message
             stream.record(step, result)
             message = result.hidden
+            arrived = time.perf_counter()
+            # hop j's share of a pushed step: from hop j-1's result to its own (hop 0: from sending the step)
+            self.router.observe(stream.hop, arrived - last, tokens)
+            last = arrived
         if result.convoy:
             self.arrived_convoy = (result.convoy, result.convoy_size)
         self.pushed_steps += 1
@@ -591,6 +596,7 @@ class InferenceSession:
                     raise
                 await self._recover(index, error, sent, time.perf_counter())
                 continue  # the same step, from the first replacement hop
+            self.router.observe(stream.hop, time.perf_counter() - sent, tokens)
             message = result.hidden
             index += 1
         return message

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import random
 import time
+from dataclasses import replace
 
 import grpc
 import torch
@@ -25,6 +26,7 @@ from client.routing import (
     hop_cost,
     missing_spans,
     plan_route,
+    smoothed,
 )
 from client.session import InferenceSession
 from client.training import TrainStats, remote_forward
@@ -82,7 +84,9 @@ class SwarmClient:
         # advertised speed only down to RouteCosts.unproven_layer_seconds until it is in here.
         self.measured: dict[str, float] = {}
         self.membership: Membership | DhtDiscovery | None = None
-        self.security = config.security()
+        # every call proves a throwaway client identity: nodes count their per-peer quotas by it within a ceiling
+        # per address, so clients behind one NAT each keep a share (common/wire/caller.py, node/runtime/quota.py)
+        self.security = replace(config.security(), caller=ephemeral_identity().key)
         # Nodes this client caught returning wrong activations (client/verify.py) are never used again;
         # strikes (clients' signed reports of such nodes, pulled with gossip) make routing avoid nodes.
         self.liars: set[str] = set()  # addresses and node ids
@@ -122,6 +126,17 @@ class SwarmClient:
             return max(config.step_timeout / 10, config.deadline_floor)  # unknown speed: be patient
         expected = self.rtts.get(peer.address, 0.0) + share * tokens / speed
         return max(config.deadline_floor, config.deadline_factor * expected)
+
+    def observe(self, hop: Hop, seconds: float, tokens: int) -> None:
+        """`hop` took `seconds` for a step of `tokens` tokens, as this client saw it (session.py: a driven step from
+        send to result; a pushed step's hop j from hop j-1's result to its own). Decode steps (one token) update
+        `measured`, an EWMA of seconds per layer per token with the hop's RTT taken off: routing then believes that
+        instead of the node's advertised throughput. Prefill steps are left out (their per-token cost is another)."""
+        if tokens != 1 or hop.end <= hop.start:
+            return
+        address = hop.peer.address
+        sample = max(seconds - self.rtts.get(address, 0.0), 0.0) / (hop.end - hop.start)
+        self.measured[address] = smoothed(self.measured.get(address), sample)
 
     async def reroute(self, start: int, end: int, failed: str) -> list[Hop]:
         """Rule out `failed` (its address, node id and host), then the cheapest vetted chain over `[start, end)`

@@ -439,13 +439,17 @@ async def start_node(config: NodeConfig) -> RunningNode:
     servicer.model_files = ModelFileServer(files)  # rpc ModelFile: config, tokenizer, client parts
     # registered from the descriptors: request bytes that do not parse get INVALID_ARGUMENT (node/rpc/handlers.py)
     add_service(server, pb.DESCRIPTOR.services_by_name["Potluck"], servicer, metrics.error if metrics else None)
+    from common.wire.generated import relay_pb2
+    from node.relay.gate import NotARelay
+
+    relay = NotARelay()  # a node that runs no relay answers strangers' Attach as a relay does (node/relay/gate.py)
     if config.relay:  # volunteer as a relay (node/relay/relay.py): rpc Attach, behind the same interceptors
-        from common.wire.generated import relay_pb2
         from node.relay.relay import RelayLimits, RelayServicer
 
         relay = RelayServicer(RelayLimits(config.relay_max_nodes, config.relay_max_bytes), config.host,
                               address.rpartition(":")[0].strip("[]"))
-        add_service(server, relay_pb2.DESCRIPTOR.services_by_name["Relay"], relay)
+    add_service(server, relay_pb2.DESCRIPTOR.services_by_name["Relay"], relay)
+    servicer.relay = relay  # its attach limits are read by tests and benchmarks
     health_servicer = health.aio.HealthServicer()
     add_service(server, health_pb2.DESCRIPTOR.services_by_name["Health"], health_servicer)
     await server.start()
@@ -477,7 +481,7 @@ async def start_node(config: NodeConfig) -> RunningNode:
         if metrics is not None:
             node.metrics_server = metrics.serve(config.host, config.metrics_port)
         await membership.start()
-        node.relay = await _relay_if_needed(node, port)
+        node.relay = await _relay_if_needed(node, port, policy)
         span = await _choose_span(config, membership, files, model_config, chash, device, dtype)
         await _load(node, span)
     except BaseException:
@@ -489,7 +493,7 @@ async def start_node(config: NodeConfig) -> RunningNode:
     return node
 
 
-async def _relay_if_needed(node: RunningNode, port: int):
+async def _relay_if_needed(node: RunningNode, port: int, policy: DialPolicy):
     """Serve through a relay if the swarm cannot reach this node (node/relay/join.py); None otherwise."""
     from node.relay.join import relay_if_needed
 
@@ -503,7 +507,7 @@ async def _relay_if_needed(node: RunningNode, port: int):
         else node.config.host
     return await relay_if_needed(node.config, node.membership, node.security, node.address,
                                  format_address(local_host, port), moved, record=lambda: node.record,
-                                 callers=node.servicer.tunneled)
+                                 callers=node.servicer.tunneled, policy=policy)
 
 
 async def run_node(config: NodeConfig, announce=print) -> None:

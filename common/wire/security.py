@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.x509.oid import NameOID
 
 from common.swarm.records import node_id_of
+from common.wire.caller import CALLER_METADATA, caller_token
 
 log = logging.getLogger(__name__)
 
@@ -222,15 +223,24 @@ def _denying(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler:
 
 
 class _TokenAdder:
-    """Adds a fresh swarm token to every call on the channel."""
+    """Adds a fresh swarm token (`key`) and this client's proof of identity (`caller`, common/wire/caller.py) to
+    every call on the channel."""
 
-    def __init__(self, key: SwarmKey):
+    def __init__(self, key: SwarmKey | None, caller: Ed25519PrivateKey | None = None):
         self.key = key
+        self.caller = caller
+        self._proof = (0, "")  # (second, caller token): one signature a second, not one a call
 
     def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
         method = details.method.decode() if isinstance(details.method, bytes) else details.method
         metadata = grpc.aio.Metadata(*(tuple(details.metadata) if details.metadata else ()))
-        metadata.add(AUTH_METADATA, self.key.token(method))
+        if self.key is not None:
+            metadata.add(AUTH_METADATA, self.key.token(method))
+        if self.caller is not None:
+            now = int(time.time())
+            if self._proof[0] != now:
+                self._proof = (now, caller_token(self.caller, now))
+            metadata.add(CALLER_METADATA, self._proof[1])
         return grpc.aio.ClientCallDetails(details.method, details.timeout, metadata, details.credentials,
                                           details.wait_for_ready)
 
@@ -256,8 +266,10 @@ class _StreamStreamAuth(_TokenAdder, grpc.aio.StreamStreamClientInterceptor):
         return await continuation(self._details(details), request_iterator)
 
 
-def _client_interceptors(key: SwarmKey) -> list:
-    return [kind(key) for kind in (_UnaryUnaryAuth, _UnaryStreamAuth, _StreamUnaryAuth, _StreamStreamAuth)]
+def _client_interceptors(key: SwarmKey | None, caller: Ed25519PrivateKey | None = None) -> list | None:
+    if key is None and caller is None:
+        return None
+    return [kind(key, caller) for kind in (_UnaryUnaryAuth, _UnaryStreamAuth, _StreamUnaryAuth, _StreamStreamAuth)]
 
 
 # -- TLS ------------------------------------------------------------------------------------------------
@@ -352,6 +364,7 @@ class Security:
     ca_pem: bytes | None = None              # tls="ca": trusted roots for dialing
     server_name: str | None = None           # tls="ca": the name certificates are checked for (default: host)
     certificate: ServerCertificate | None = None  # a node's own (tls="ca": from files; "auto": made at start)
+    caller: Ed25519PrivateKey | None = None  # a client's identity, proved on every call (nodes' quotas key by it)
     _pins: dict = field(default_factory=dict, compare=False, repr=False)  # address -> (certificate PEM, endorser)
 
     def __post_init__(self) -> None:
@@ -372,7 +385,7 @@ class Security:
     def channel(self, address: str, options=()) -> grpc.aio.Channel:
         """A channel to `address` with this process's protection (auto TLS: the first dial of an address
         reads its certificate, see `prefetch`)."""
-        interceptors = _client_interceptors(self.swarm_key) if self.swarm_key is not None else None
+        interceptors = _client_interceptors(self.swarm_key, self.caller)
         if self.tls == "off":
             return grpc.aio.insecure_channel(address, options=list(options), interceptors=interceptors)
         credentials, extra = self._tls_target(address)

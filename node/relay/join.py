@@ -18,6 +18,7 @@ from common.swarm.records import NodeState, PeerRecord, renewed, sign_record
 from common.wire.security import Security
 from node.relay.link import RelayLink, RelayRefused
 from node.relay.relay import attach_proof
+from node.rpc.dialing import DialPolicy, DialRefused
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,14 @@ def prover(membership, record: Callable[[], PeerRecord]):
     return prove
 
 
+async def _dialable(policy: DialPolicy, address: str) -> bool:
+    try:
+        await policy.resolve(address)
+    except DialRefused:
+        return False
+    return True
+
+
 class Relayed:
     """Keeps this node attached to some relay; `on_moved(address, relay_node_id)` announces each new address.
 
@@ -80,7 +89,9 @@ class Relayed:
 
     def __init__(self, membership, security: Security, local: str, via: str | None,
                  on_moved: Callable[[str, str], Awaitable[None]], rng: random.Random | None = None,
-                 record: Callable[[], PeerRecord] | None = None, callers: dict[str, str] | None = None):
+                 record: Callable[[], PeerRecord] | None = None, callers: dict[str, str] | None = None,
+                 policy: DialPolicy = DialPolicy()):
+        self.policy = policy  # where gossiped relays may be (node/rpc/dialing.py; --relay-via is the operator's)
         self.prove = prover(membership, record) if record is not None else None
         self.callers = callers
         self.membership = membership
@@ -90,6 +101,7 @@ class Relayed:
         self.on_moved = on_moved
         self.link: RelayLink | None = None
         self.moves = 0              # re-attachments after a lost relay
+        self.refused = 0            # gossiped relay addresses the dial policy refused
         self._rng = rng or random.Random()
         self._task: asyncio.Task | None = None
 
@@ -104,7 +116,15 @@ class Relayed:
                        if a not in candidates]
         problems, codes = [], set()
         for relay in candidates:
-            link = RelayLink(relay, self.local, self.security, self.prove, self.callers)
+            dial = relay
+            if relay != self.via:  # a stranger's record named it: resolved and vetted first, never dialed if refused
+                try:
+                    dial = await self.policy.resolve(relay)
+                except DialRefused:
+                    self.refused += 1
+                    problems.append(f"relay {relay}: not an address this node dials (its dial policy)")
+                    continue
+            link = RelayLink(relay, self.local, self.security, self.prove, self.callers, dial)
             try:
                 address = await link.attach()
             except RelayRefused as error:
@@ -158,14 +178,16 @@ class Relayed:
 async def relay_if_needed(config, membership, security: Security, address: str, local: str,
                           on_moved: Callable[[str, str], Awaitable[None]],
                           record: Callable[[], PeerRecord] | None = None,
-                          callers: dict[str, str] | None = None) -> Relayed | None:
+                          callers: dict[str, str] | None = None,
+                          policy: DialPolicy = DialPolicy()) -> Relayed | None:
     """A `Relayed` (attached, its address announced through `on_moved`) when this node must serve through
-    a relay: --relay-via, or peers answered that they cannot reach `address` (unless --no-relay)."""
+    a relay: --relay-via, or peers answered that they cannot reach `address` (unless --no-relay). Peers and
+    relays that records name pass `policy` first (bootstrap nodes and --relay-via are the operator's)."""
     if not config.relay_via:
         if config.relay or not config.relay_fallback:
             return None
-        peers = list(dict.fromkeys([*config.bootstrap, *(r.address for r in membership.live()
-                                                           if r.address != address)]))
+        gossiped = [r.address for r in membership.live() if r.address != address]
+        peers = list(dict.fromkeys([*config.bootstrap, *[a for a in gossiped if await _dialable(policy, a)]]))
         if not peers:
             return None
         verdict, said = await reachability(address, peers, security)
@@ -174,7 +196,8 @@ async def relay_if_needed(config, membership, security: Security, address: str, 
                 log.info("could not check whether the swarm reaches %s: %s", address, "; ".join(said))
             return None
         log.warning("not reachable at %s from the swarm (%s)", address, "; ".join(said))
-    relayed = Relayed(membership, security, local, config.relay_via, on_moved, record=record, callers=callers)
+    relayed = Relayed(membership, security, local, config.relay_via, on_moved, record=record, callers=callers,
+                      policy=policy)
     give_up = asyncio.get_running_loop().time() + (VIA_WAIT if config.relay_via else 0.0)
     while True:
         try:

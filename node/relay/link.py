@@ -18,6 +18,7 @@ from common.wire.generated import relay_pb2 as rpb
 from common.wire.generated import relay_pb2_grpc as rpb_grpc
 from common.wire.security import Security
 from node.relay.relay import CHUNK, LOST_AFTER, QUEUE_FRAMES, grpc_peer, next_frame
+from node.rpc.dialing import name_options
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,10 @@ class RelayLink:
     where the real caller of each tunneled connection is noted (the servicer's `tunneled`)."""
 
     def __init__(self, relay: str, local: str, security: Security,
-                 prove: Callable[[bytes], rpb.Frame] | None = None, callers: dict[str, str] | None = None):
+                 prove: Callable[[bytes], rpb.Frame] | None = None, callers: dict[str, str] | None = None,
+                 dial: str | None = None):
         self.relay = relay
+        self.dial = dial or relay  # what to connect to: `relay` as the dial policy resolved it (node/rpc/dialing.py)
         self.local = local
         self.security = security
         self.prove = prove or (lambda challenge: rpb.Frame())
@@ -58,8 +61,9 @@ class RelayLink:
 
     async def attach(self) -> str:
         """Open the stream; returns the address the relay gives us, or raises RelayRefused."""
-        await self.security.prefetch(self.relay)
-        self._channel = self.security.channel(self.relay, options=CHANNEL_OPTIONS)
+        await self.security.prefetch(self.dial)
+        options = CHANNEL_OPTIONS + name_options(self.relay, self.dial, self.security)
+        self._channel = self.security.channel(self.dial, options=options)
         self._call = rpb_grpc.RelayStub(self._channel).Attach(self._frames())
         try:
             challenge = await asyncio.wait_for(self._call.read(), ATTACH_TIMEOUT)

@@ -4,7 +4,7 @@ For each attached node the relay listens on a fresh TCP port of its own host and
 connection accepted there over the node's stream as frames, each opened with the address it came from (the
 node's limits charge that caller). It reads nothing of the bytes (TLS between client and node stays end to
 end). Only swarm members attach: the node's first frame carries its signed peer record and its key's signature
-over a fresh challenge. Limits: attaches per address (ATTACH_RATE), how many nodes at once
+over a fresh challenge (node/relay/gate.py). Limits: attaches per address (gate.py), how many nodes at once
 (`--relay-max-nodes`) and how many bytes a second each node's connections may move (`--relay-max-bytes`, both
 directions together)."""
 
@@ -14,17 +14,13 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 
 import grpc
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from common.swarm.records import RecordError, SignedRecord, verify_record
 from common.wire.generated import relay_pb2 as rpb
-from node.rpc.ratelimit import RateLimited, RateLimiter, peer_host
+from node.relay.gate import AttachGate, ProofError, attach_proof, check_proof  # noqa: F401 (their home until now)
 
 log = logging.getLogger(__name__)
 
@@ -32,41 +28,6 @@ CHUNK = 64 * 1024          # bytes read from a tunneled connection per frame
 QUEUE_FRAMES = 64          # frames waiting for the stream at most (then reading the sockets pauses)
 KEEPALIVE = 10.0           # seconds between keepalive frames each way
 LOST_AFTER = 3 * KEEPALIVE  # silence after which the other side counts as gone
-ATTACH_RATE = 0.1          # attaches a second per address (one every 10 s), in bursts of ATTACH_BURST
-ATTACH_BURST = 3
-PROOF_WAIT = 5.0           # seconds for a node's proof of membership after the challenge
-ATTACH_CONTEXT = b"potluck-relay-attach"  # what the proof signs, before the challenge
-
-
-class ProofError(ValueError):
-    """An Attach without a valid proof of swarm membership; the message says what is wrong."""
-
-
-def attach_proof(key, signed: SignedRecord, challenge: bytes) -> rpb.Frame:
-    """The relayed node's answer to a challenge: its signed record and its key's signature over the challenge."""
-    frame = rpb.Frame(proof=key.sign(ATTACH_CONTEXT + challenge))
-    frame.record.payload, frame.record.public_key, frame.record.signature = (signed.payload, signed.public_key,
-                                                                             signed.signature)
-    return frame
-
-
-def check_proof(frame: rpb.Frame, challenge: bytes) -> str:
-    """The node id a first frame proves (a valid, unexpired signed record, and the same key's signature over the
-    challenge); ProofError otherwise."""
-    if not frame.HasField("record") or not frame.proof:
-        raise ProofError("Attach needs the node's signed peer record and its signature over the challenge "
-                         "(only swarm members attach)")
-    signed = SignedRecord(frame.record.payload, frame.record.public_key, frame.record.signature)
-    try:
-        record = verify_record(signed)
-        Ed25519PublicKey.from_public_bytes(signed.public_key).verify(frame.proof, ATTACH_CONTEXT + challenge)
-    except RecordError as error:
-        raise ProofError(f"Attach: {error}") from None
-    except (InvalidSignature, ValueError):
-        raise ProofError("Attach: the proof is not the record's key's signature over this relay's challenge") from None
-    return record.node_id
-
-
 def grpc_peer(peername) -> str:
     """A socket's peer ((host, port, ...)) as gRPC names peers: "ipv4:1.2.3.4:5", "ipv6:[::1]:5"."""
     if not peername:
@@ -185,28 +146,13 @@ class RelayServicer:
         self.public_host = public_host    # the host in the addresses handed out (the relay's advertised host)
         self.tunnels: dict[int, Tunnel] = {}
         self._ids = itertools.count(1)
-        self.attaches = RateLimiter(ATTACH_RATE, ATTACH_BURST)  # per address
+        self.gate = AttachGate()  # per-address attach limit and the membership challenge (node/relay/gate.py)
 
     async def Attach(self, requests, context: grpc.aio.ServicerContext):
-        try:
-            self.attaches.charge(peer_host(context.peer()), "Attach")
-        except RateLimited as error:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{error.message} (attaches to a relay: "
-                                f"{ATTACH_RATE:g}/s per address)")
-        if len(self.tunnels) >= self.limits.max_nodes:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"this relay carries {len(self.tunnels)} nodes already, its limit "
-                                f"(--relay-max-nodes {self.limits.max_nodes}); attach to another relay")
-        challenge = os.urandom(32)
+        challenge = await self.gate.admit(context)
         yield rpb.Frame(challenge=challenge)
         iterator = requests.__aiter__()
-        try:
-            node_id = check_proof(await asyncio.wait_for(iterator.__anext__(), PROOF_WAIT), challenge)
-        except (StopAsyncIteration, asyncio.TimeoutError):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"Attach: no proof of swarm membership within "
-                                f"{PROOF_WAIT:g}s of the challenge")
-        except ProofError as error:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(error))
+        node_id = await self.gate.proven(iterator, challenge, context)  # only then does a caller learn our limits
         for old in [t for t in self.tunnels.values() if t.node_id == node_id]:  # the same node attaching again
             old.close()
             with contextlib.suppress(asyncio.QueueFull):  # else its stream ends once its queued frames are out

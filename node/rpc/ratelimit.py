@@ -1,4 +1,6 @@
-"""Per-peer rate limits: a token bucket for each calling address (`potluck join --rate-limit`).
+"""Per-peer rate limits: a token bucket for each calling address (`potluck join --rate-limit`), and one for each
+client identity at that address (node/runtime/quota.py: an identity may use half its address's rate; all of an
+address's callers together, its whole rate).
 
 Every request costs one token: a unary call (Info, Forward, Push, Gossip), an `open` or a `step` on an
 Inference stream. A pushed step is charged to the client that opened the session, not to the node that
@@ -12,6 +14,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 from node.runtime.errors import Exhausted
+from node.runtime.quota import IDENTITY_SHARE, address_of
 
 
 class RateLimited(Exhausted):
@@ -47,20 +50,35 @@ class RateLimiter:
         self.clock = clock
         self.refused = 0  # requests refused so far (for tests and logs)
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # host -> (tokens, last refill)
+        self._identities: OrderedDict[str, tuple[float, float]] = OrderedDict()  # host#identity -> the same
 
-    def charge(self, host: str, what: str = "request") -> None:
-        """Take one token from `host`'s bucket; RateLimited (RESOURCE_EXHAUSTED) if it has none left."""
+    def charge(self, key: str, what: str = "request") -> None:
+        """Take one token from the bucket of the caller `key` (an address, or an identity at an address:
+        node/runtime/quota.py) and one from its address's; RateLimited (RESOURCE_EXHAUSTED) if either has none."""
         now = self.clock()
+        host = address_of(key)
         tokens, last = self._buckets.pop(host, (self.burst, now))
         tokens = min(self.burst, tokens + (now - last) * self.rate)
-        if tokens < 1:
+        own = None
+        if key != host:  # an identity's own bucket, inside its address's
+            rate, burst = self.rate * IDENTITY_SHARE, max(1.0, self.burst * IDENTITY_SHARE)
+            own, stamp = self._identities.pop(key, (burst, now))
+            own = min(burst, own + (now - stamp) * rate)
+        if tokens < 1 or (own is not None and own < 1):
             self._buckets[host] = (tokens, now)
+            if own is not None:
+                self._identities[key] = (own, now)
             self.refused += 1
-            raise RateLimited(f"{what} refused: {host} is over this node's rate limit of {self.rate:g} requests/s "
-                              f"(--rate-limit); slow down", (1 - tokens) / self.rate)
+            wait = max((1 - tokens) / self.rate, 0.0 if own is None else (1 - own) / (self.rate * IDENTITY_SHARE))
+            who = host if tokens < 1 else f"this identity at {host}"
+            raise RateLimited(f"{what} refused: {who} is over this node's rate limit of {self.rate:g} requests/s "
+                              f"(--rate-limit) per address, {IDENTITY_SHARE:g} of it per identity; slow down", wait)
         self._buckets[host] = (tokens - 1, now)  # most recently seen last
-        while len(self._buckets) > self.max_peers:
-            self._buckets.popitem(last=False)
+        if own is not None:
+            self._identities[key] = (own - 1, now)
+        for buckets in (self._buckets, self._identities):
+            while len(buckets) > self.max_peers:
+                buckets.popitem(last=False)
 
     def __len__(self) -> int:
         return len(self._buckets)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from common.wire import codec, contract
+from common.wire.caller import identity_of
 from common.wire.convoy import Convoy
 from common.wire.generated import potluck_pb2 as pb
 from common.wire.generated import potluck_pb2_grpc as pb_grpc
@@ -21,6 +22,7 @@ from node.rpc.probe import Prober
 from node.rpc.ratelimit import RateLimited, RateLimiter, peer_host
 from node.runtime.errors import Exhausted, FailedPrecondition, InvalidRequest, NotFound, RequestError, Unavailable
 from node.runtime.executor import Executor
+from node.runtime.quota import address_of, caller_key
 from node.runtime.sessions import Session
 
 log = logging.getLogger(__name__)
@@ -87,6 +89,7 @@ class PotluckServicer(pb_grpc.PotluckServicer):
         self.pusher = push.Pusher()
         self._streams: dict[str, _Stream] = {}  # session id -> its open stream, for Push
         self.prober = Prober()  # Probe: dials through the node's Security (set by start_node)
+        self.relay = None  # rpc Attach: a RelayServicer, or NotARelay (node/relay/); set by start_node
         # connections our relay link opened to this server (their peer as gRPC names it) -> the caller the relay
         # saw; filled only by node/relay/link.py, so a caller behind a relay is charged as itself, not as loopback
         self.tunneled: dict[str, str] = {}
@@ -99,9 +102,11 @@ class PotluckServicer(pb_grpc.PotluckServicer):
         return executor
 
     def _caller(self, context) -> str:
-        """The calling host: the real caller for a connection tunneled through our relay, else the socket's peer."""
+        """Whose quotas a call counts against (node/runtime/quota.py): the calling host (the real caller for a
+        connection tunneled through our relay, else the socket's peer), with the client identity the call proves
+        (common/wire/caller.py), if any."""
         peer = context.peer()
-        return peer_host(self.tunneled.get(peer, peer))
+        return caller_key(peer_host(self.tunneled.get(peer, peer)), identity_of(context.invocation_metadata()))
 
     def _charge(self, host: str, what: str) -> None:
         """One request from `host` against the per-peer rate limit (RESOURCE_EXHAUSTED past it)."""
@@ -430,7 +435,7 @@ class PotluckServicer(pb_grpc.PotluckServicer):
             self._charge(caller, "Probe")
             if not request.address:
                 return pb.ProbeReply(time=arrived)
-            reachable, detail = await self.prober.probe(request.address, caller)
+            reachable, detail = await self.prober.probe(request.address, address_of(caller))
         except Exception as error:
             await _abort(context, error, self.metrics)
         return pb.ProbeReply(reachable=reachable, detail=detail, time=arrived)

@@ -1,8 +1,10 @@
 """Per-session state on a node (KV cache, padding mask, position) and the cache budget.
 
 A session reserves cache tokens as it steps (batch x the length its steps reach), not the batch x max_length it
-declares on opening: opening sessions costs a peer nothing it could hoard. Each peer (the caller's address, as
-the servicer resolves it) may hold a share of the sessions and of the budget: one peer never starves the others."""
+declares on opening: opening sessions costs a peer nothing it could hoard. Each peer (the caller's address, or a
+client identity at that address, as the servicer resolves it: node/runtime/quota.py) may hold a share of the
+sessions and of the budget, and all callers from one address together no more than the per-peer limits: one peer
+never starves the others, and fresh identities from one address cannot multiply its share."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import torch
 from transformers import DynamicCache, PretrainedConfig
 
 from node.runtime.errors import AlreadyExists, Exhausted, Full, NotFound
+from node.runtime.quota import address_of, limit_of
 
 
 @dataclass
@@ -36,7 +39,7 @@ class Session:
     adapter: object = None  # node/model/lora.LoraAdapter every step of this session runs with; None = the base model
     computing: int = 0  # its steps queued on or running in the compute thread (under the executor's lock)
     closed: bool = False  # out of the table; its cache tokens are released once `computing` is back to 0
-    peer: str = ""  # who opened it (the caller's host): what the per-peer quotas count
+    peer: str = ""  # who opened it (quota.caller_key: its address, or an identity there): what the quotas count
     reserved: int = 0  # tokens per sequence reserved so far: the furthest length its steps reached (0: none yet)
 
     @property
@@ -78,6 +81,8 @@ class SessionTable:
         self._reserved = 0  # kept as a sum: read by the metrics thread without walking the dict
         self._peer_sessions: dict[str, int] = {}  # peer -> sessions in the table
         self._peer_tokens: dict[str, int] = {}  # peer -> cache tokens reserved (until released)
+        self._address_sessions: dict[str, int] = {}  # address -> sessions of all its peers (identities)
+        self._address_tokens: dict[str, int] = {}  # address -> cache tokens of all its peers
 
     @property
     def reserved_tokens(self) -> int:
@@ -101,6 +106,10 @@ class SessionTable:
     def peer_tokens(self, peer: str) -> int:
         return self._peer_tokens.get(peer, 0)
 
+    def address_tokens(self, address: str) -> int:
+        """Cache tokens all callers from `address` hold (every identity there and the anonymous one)."""
+        return self._address_tokens.get(address, 0)
+
     def check_room(self, session_id: str, batch_size: int, max_length: int, peer: str = "") -> None:
         """Raise unless a session of this size may open now: Exhausted if it never can, Full if it can once
         other sessions close. Called before its cache is allocated, and again by `add`. No cache tokens are
@@ -117,8 +126,14 @@ class SessionTable:
                             f"(--max-session-tokens)")
         if self.max_sessions and len(self._sessions) >= self.max_sessions:
             raise Full(f"this node already holds {len(self._sessions)} sessions, its limit (--max-sessions)")
-        if self.max_peer_sessions and self.peer_sessions(peer) >= self.max_peer_sessions:
-            raise Full(f"{peer or 'this peer'} already holds {self.peer_sessions(peer)} sessions on this node, "
+        if not self.max_peer_sessions:
+            return
+        address = address_of(peer)
+        if self._address_sessions.get(address, 0) >= self.max_peer_sessions:
+            raise Full(f"{address or 'this peer'} already holds {self._address_sessions.get(address, 0)} sessions on "
+                       f"this node, the limit per peer (--max-peer-sessions)")
+        if peer != address and self.peer_sessions(peer) >= limit_of(peer, self.max_peer_sessions):
+            raise Full(f"this identity already holds {self.peer_sessions(peer)} sessions on this node, its share of "
                        f"the limit per peer (--max-peer-sessions)")
 
     def reserve(self, session: Session, length: int) -> None:
@@ -128,21 +143,28 @@ class SessionTable:
         if more <= 0:
             return
         peer = session.peer
-        held = self.peer_tokens(peer)
-        if held + more > self.max_peer_tokens:
-            raise Full(f"step needs {more} more cache tokens but {peer or 'this peer'} already holds {held} of its "
-                       f"{self.max_peer_tokens} on this node (--max-peer-tokens)")
+        address = address_of(peer)
+        held, together = self.peer_tokens(peer), self._address_tokens.get(address, 0)
+        if together + more > self.max_peer_tokens:
+            raise Full(f"step needs {more} more cache tokens but {address or 'this peer'} already holds {together} of "
+                       f"its {self.max_peer_tokens} on this node (--max-peer-tokens)")
+        if peer != address and held + more > limit_of(peer, self.max_peer_tokens):
+            raise Full(f"step needs {more} more cache tokens but this identity already holds {held} of its share "
+                       f"{int(limit_of(peer, self.max_peer_tokens))} on this node (of --max-peer-tokens)")
         if more > self.free_tokens:
             raise Full(f"step needs {more} more cache tokens but only {self.free_tokens} of {self.budget_tokens} "
                        f"are free ({self.budget_flag})")
         session.reserved = length
         self._reserved += more
         self._peer_tokens[peer] = held + more
+        self._address_tokens[address] = together + more
 
     def add(self, session: Session) -> None:
         self.check_room(session.session_id, session.batch_size, session.max_length, session.peer)
         self._sessions[session.session_id] = session
         self._peer_sessions[session.peer] = self.peer_sessions(session.peer) + 1
+        address = address_of(session.peer)
+        self._address_sessions[address] = self._address_sessions.get(address, 0) + 1
 
     def get(self, session_id: str) -> Session:
         try:
@@ -158,12 +180,14 @@ class SessionTable:
         session = self._sessions.pop(session_id, None)
         if session is not None:
             _decrease(self._peer_sessions, session.peer, 1)
+            _decrease(self._address_sessions, address_of(session.peer), 1)
         return session
 
     def release(self, session: Session) -> None:
         """Give a retired session's cache tokens back to the budget (and to its peer's share)."""
         self._reserved -= session.reserved_tokens
         _decrease(self._peer_tokens, session.peer, session.reserved_tokens)
+        _decrease(self._address_tokens, address_of(session.peer), session.reserved_tokens)
 
     def all(self) -> list[Session]:
         return list(self._sessions.values())

@@ -1,7 +1,10 @@
-"""A deliberately faulty node for the verification tests: a real in-process node whose executor adds
-noise to the hidden states it returns. Test-only: production code has no flag for this."""
+"""Deliberately faulty nodes for tests: a real in-process node whose executor adds noise to the hidden states it
+returns (verification tests), or one slower than it advertises (routing tests). Test-only: production code has no
+flag for these."""
 
 from __future__ import annotations
+
+import asyncio
 
 import torch
 
@@ -36,4 +39,26 @@ def make_liar(node: RunningNode, honest_steps: int = 0, scale: float = 0.5) -> L
     executor = node.serving.executor
     executor.__class__ = LyingExecutor
     executor.honest_steps, executor.scale = honest_steps, scale
+    return executor
+
+
+class SlowExecutor(Executor):
+    """Computes honestly, but every session step takes `delay` seconds more (a node slower than it advertises)."""
+
+    delay = 0.0  # set by make_slow
+    steps = 0
+
+    async def step(
+        self, session, hidden, position_ids, attention_mask, position, prompts=None, convoy=None
+    ) -> torch.Tensor:
+        self.steps += 1
+        await asyncio.sleep(self.delay)
+        return await super().step(session, hidden, position_ids, attention_mask, position, prompts, convoy)
+
+
+def make_slow(node: RunningNode, delay: float) -> SlowExecutor:
+    """Make a started node's executor (before any session) `delay` seconds slower per step than it is."""
+    executor = node.serving.executor
+    executor.__class__ = SlowExecutor
+    executor.delay = delay
     return executor

@@ -12,11 +12,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from transformers import AutoModelForCausalLM
 
 from client import DistributedModelForCausalLM
+from client.config import ClientConfig
 from client.swarm import address_host
 from common.swarm.records import NodeState, node_id_of, sign_record
 from common.wire import codec
 from common.wire.generated import potluck_pb2 as pb
 from common.wire.generated import potluck_pb2_grpc as pb_grpc
+from tests.support.faulty_node import make_slow
 
 
 def dead_address(host: str) -> str:
@@ -81,3 +83,36 @@ def test_twenty_sybils_do_not_stop_an_honest_client(bg_loop, tiny_model_dir):
     finally:
         bg_loop.stop_node(second)
         bg_loop.stop_node(first)
+
+
+def test_routing_believes_measured_not_advertised_speed(bg_loop, tiny_model_dir):
+    """A liar advertises a million tokens/s and is slow; an honest node advertises a modest speed and is fast. The
+    first session may try the liar (unmeasured, it is believed down to RouteCosts.unproven_layer_seconds); once
+    measured, sessions go to the honest node, and every generation is exact."""
+    folder = tiny_model_dir("llama")
+    liar = bg_loop.start_node(folder, 0, 6, throughput=1e6)
+    honest = bg_loop.start_node(folder, 0, 6, throughput=20.0)
+    slow = make_slow(liar, 0.25)
+    try:
+        ids = torch.tensor([[2, 7, 11, 19, 23]])
+        reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        expected = reference.generate(ids, max_new_tokens=4, do_sample=False)
+        model = DistributedModelForCausalLM.from_pretrained(
+            str(folder), config=ClientConfig(peers=(liar.address, honest.address)))
+        try:
+            began = time.monotonic()
+            routes = []
+            for _ in range(4):
+                assert torch.equal(model.generate(ids, max_new_tokens=4, do_sample=False), expected)
+                routes.append([hop.peer.address for hop in model.last_session.route])
+            took = time.monotonic() - began
+            measured = dict(model.swarm.measured)
+        finally:
+            model.close()
+        assert routes[0] == [liar.address]  # believed (capped) before it was measured: the test can fail
+        assert routes[1:] == [[honest.address]] * 3, routes  # measured slow: no more traffic
+        assert measured[liar.address] > 10 * measured[honest.address], measured
+        assert slow.steps <= 4 and took < 20, (slow.steps, took)
+    finally:
+        bg_loop.stop_node(honest)
+        bg_loop.stop_node(liar)
