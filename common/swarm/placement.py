@@ -164,7 +164,10 @@ def plan_move(servers: list[Server], me: str, num_layers: int, balance_quality: 
     if (a) the weakest layer now is below `balance_quality` of what re-placing the whole swarm reaches
     (simulated), or (b) every layer `me` serves keeps at least the mean layer throughput without it (a
     surplus: a herd) and the target's weakest layer stays at most that mean with it (a deficit, not
-    overshot). A balanced swarm stays put.
+    overshot), or (c) the weakest layer is below `balance_quality` of the mean and the move levels it: the
+    layers `me` leaves keep at least what the target's weakest reaches, and no target layer reaches the swarm's
+    peak (moves that one-at-a-time re-placing, blind to anything but the minimum, cannot find). A balanced swarm
+    stays put.
     Never a move that leaves a layer covered now uncovered. The target is `choose_span`'s (a random
     near-best window with `rng`)."""
     mine = next((s for s in servers if s.node_id == me), None)
@@ -185,14 +188,22 @@ def plan_move(servers: list[Server], me: str, num_layers: int, balance_quality: 
     if (target.start, target.end) == (mine.start, mine.end):
         return None
     speed = max(mine.throughput, 1e-9)
-    crowded = min(without[layer] for layer in window) >= mean and min(
-        without[target.start : target.end]) + speed <= mean  # a surplus moves to a deficit it does not overshoot
+    kept = min(without[layer] for layer in window)  # my layers' weakest once I leave (ties to staying)
+    reached = min(without[target.start : target.end]) + speed  # the target's weakest once I arrive
+    crowded = kept >= mean >= reached  # a surplus moves to a deficit it does not overshoot
     if not crowded:
         if min(now) >= balance_quality * mean:
             return None  # nothing re-placing can reach (at most the mean) is worth a reload
-        reachable = rebalanced_minimum(servers, num_layers)
-        if reachable <= min(now) or min(now) >= balance_quality * reachable:
-            return None  # balanced enough: moving costs a reload and buys too little
+        # a weakest layer this far below the mean and a move that levels it (my layers keep at least what the
+        # target's weakest reaches, and no target layer reaches the swarm's peak): made even when no single move
+        # raises the swarm's minimum, which re-placing one node at a time cannot see (13 nodes of 4 layers on 24
+        # layers: some layer can stay single until a chain of shifts; meanwhile a herd of 4 stayed put beside 3
+        # single layers)
+        peak = max(without[target.start : target.end]) + speed
+        if kept + speed * eps < reached * (1 - 1e-9) or peak >= max(now) * (1 - 1e-9):
+            reachable = rebalanced_minimum(servers, num_layers)
+            if reachable <= min(now) or min(now) >= balance_quality * reachable:
+                return None  # balanced enough: moving costs a reload and buys too little
     after = layer_throughput(others + [Server(me, target.start, target.end, mine.throughput)], num_layers)
     if any(before > 0 and later <= 0 for before, later in zip(now, after)):
         return None  # would leave a covered layer uncovered

@@ -195,3 +195,13 @@ def test_layers_for_memory_counts_the_fixed_part_of_the_peak_first():
     """The runtime and what loading holds for a moment come out of the budget before layers are counted."""
     assert layers_for_memory(100 * 2**30, 2**30, 200, fixed_bytes=10 * 2**30) == 70
     assert layers_for_memory(10 * 2**30, 2**30, 200, fixed_bytes=9 * 2**30) == 0
+
+
+def test_a_herd_beside_single_layers_levels_even_when_the_minimum_cannot_rise():
+    # 13 nodes of 4 layers on 24 (a join wave's real outcome): layer 4 served 4 times, 8:11 once; no single move
+    # raises the minimum (0 and 23 stay single until a chain of shifts), but the herd still moves onto 8:11
+    spans = [(0, 4), (1, 5), (3, 7), (4, 8), (4, 8), (7, 11), (11, 15), (11, 15), (15, 19), (15, 19), (19, 23),
+             (19, 23), (20, 24)]
+    servers = [Server(f"n{i}", a, b, 100.0) for i, (a, b) in enumerate(spans)]
+    assert plan_move(servers, "n2", 24) == Span(8, 12)  # 3:7 levels 8:11 up to 2; layer 4 drops to 3
+    assert all(plan_move(servers, f"n{i}", 24) is None for i in (0, 1, 5, 6, 8, 10, 12))
