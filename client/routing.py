@@ -165,49 +165,91 @@ def plan_route(
     index = {cut: i for i, cut in enumerate(cuts)}
     fronts: dict[tuple[int, int], list[tuple[float, float, PeerInfo]]] = {}
     default_rtt, load_penalty, strike_penalty = costs.default_rtt, costs.load_penalty, costs.strike_penalty
-    for peer in peers:  # the one loop over every peer: kept lean (hop_cost, unrolled)
-        a, b = max(peer.start, start), min(peer.end, end)
+    default_layer, unproven, jitter = costs.default_layer_seconds, costs.unproven_layer_seconds, costs.jitter
+    noise = 1.0
+    for peer in peers:  # the one loop over every peer: kept lean (hop_cost and layer_seconds, unrolled)
+        a, b = peer.start, peer.end
+        a, b = (start if start > a else a), (end if b > end else b)  # max(peer.start, start), min(peer.end, end)
         if a >= b:
             continue
-        noise = 1.0 + rng.random() * costs.jitter if rng else 1.0
+        if rng:
+            noise = 1.0 + rng.random() * jitter
         struck = strikes.get(peer.node_id, 0) if strikes and peer.node_id else 0
-        rtt = rtts.get(peer.address, default_rtt)
-        fixed = (rtt + strike_penalty * max(struck, 0)) * noise
-        rate = layer_seconds(peer, costs, measured) * (1.0 + load_penalty * max(peer.load, 0.0)) * noise
-        fronts.setdefault((index[a], index[b]), []).append((fixed, rate, peer))
-    starting: dict[int, list[list]] = {}  # cut index -> peers whose span ends there: [fixed, rate, peer, i0, best]
+        address = peer.address
+        fixed = (rtts.get(address, default_rtt) + strike_penalty * (0 if 0 > struck else struck)) * noise
+        if measured is not None and address in measured:
+            seconds = measured[address]
+        else:
+            throughput = peer.throughput
+            seconds = (None if throughput <= 0 else 1.0 / (throughput * (peer.end - peer.start))) or default_layer
+            if measured is not None:
+                seconds = unproven if unproven > seconds else seconds
+        load = peer.load
+        rate = seconds * (1.0 + load_penalty * (0.0 if 0.0 > load else load)) * noise
+        key = (index[a], index[b])
+        group = fronts.get(key)
+        if group is None:
+            fronts[key] = [(fixed, rate, peer)]
+        else:
+            group.append((fixed, rate, peer))
+    # entries, one per peer of a front: [fixed, rate, peer, first cut index, kept: the cut index of the best end of
+    # a hop on this peer seen so far (None: none yet), its value (cut x rate + best cost from there), the cut,
+    # the best cost from there, the hops from there, fixed + value]
+    starting: dict[int, list[list]] = {}  # cut index -> entries whose span ends there (they join the pass)
+    leaving: dict[int, list[list]] = {}   # cut index -> entries whose span starts there (they leave it)
     for (i0, i1), group in fronts.items():
         group.sort(key=lambda item: (item[0], item[1]))
         lowest = float("inf")
         for fixed, rate, peer in group:
             if rate < lowest:  # not beaten on both parts by a peer of the same span
                 lowest = rate
-                starting.setdefault(i1, []).append([fixed, rate, peer, i0, None])
+                entry = [fixed, rate, peer, i0, None, 0.0, 0, 0.0, 0, 0.0]
+                starting.setdefault(i1, []).append(entry)
+                leaving.setdefault(i0, []).append(entry)
     last = len(cuts) - 1
-    # best[i] = (cost, hops, -first hop end, first hop's end index, peer) of the cheapest chain from cuts[i] to `end`
+    # best[i] = (cost, hops, -first hop end, first hop's end index, peer) of the cheapest chain from cuts[i] to `end`.
+    # Costs are compared rounded to 12 decimals (ties between float sums of equal costs). Two costs further apart
+    # than TIE differ after rounding too, so only the candidates within TIE of the least are rounded and compared
+    # as keys; the rest is plain float arithmetic.
     best: list[tuple | None] = [None] * len(cuts)
     best[last] = (0.0, 0, 0, last, None)
-    active: list[list] = []
+    active: dict[int, list] = {}  # id -> entry of the peers whose span holds the current cut, in order of joining
     for i in range(last - 1, -1, -1):
-        active.extend(starting.get(i + 1, ()))
-        active = [entry for entry in active if entry[3] <= i]
-        options = []
-        for entry in active:
-            fixed, rate, peer, _, kept = entry
-            after = best[i + 1]
-            if after is not None:  # b = cuts[i + 1] becomes reachable for this peer
-                offer = (round(cuts[i + 1] * rate + after[0], 12), after[1], -cuts[i + 1], i + 1)
-                if kept is None or offer < kept:
-                    entry[4] = kept = offer
-            if kept is not None:
-                j = kept[3]
-                cost = fixed + (cuts[j] - cuts[i]) * rate + best[j][0]
-                options.append((round(cost, 12), best[j][1] + 1, -cuts[j], j, peer))
+        for entry in starting.get(i + 1, ()):
+            active[id(entry)] = entry
+        for entry in leaving.get(i + 1, ()):
+            del active[id(entry)]
+        after = best[i + 1]
+        if after is not None:  # b = cuts[i + 1] becomes reachable for every active peer
+            after_cost, after_hops, cut = after[0], after[1], cuts[i + 1]
+            for entry in active.values():
+                value = cut * entry[1] + after_cost
+                if entry[4] is not None:
+                    if value > entry[5] - TIE:
+                        if value > entry[5] + TIE or not (round(value, 12), after_hops, -cut, i + 1) < (
+                                round(entry[5], 12), entry[8], -entry[6], entry[4]):
+                            continue
+                entry[4:] = i + 1, value, cut, after_cost, after_hops, entry[0] + value
+        here = cuts[i]
+        options = [(entry[9] - here * entry[1], entry) for entry in active.values() if entry[4] is not None]
         if options:
-            best[i] = min(options, key=lambda option: option[:3])
+            least = min(options, key=_first)[0] + 2 * TIE
+            best[i] = min(((round(entry[0] + (entry[6] - here) * entry[1] + entry[7], 12), entry[8] + 1, -entry[6],
+                            entry[4], entry[2]) for cost, entry in options if not cost > least), key=_key)
     hops, i = [], 0
     while i < last:
         _, _, _, j, peer = best[i]
         hops.append(Hop(peer, cuts[i], cuts[j]))
         i = j
     return hops
+
+
+TIE = 1e-9  # costs further apart than this differ after rounding to 12 decimals
+
+
+def _first(option: tuple) -> float:
+    return option[0]
+
+
+def _key(option: tuple) -> tuple:
+    return option[:3]

@@ -8,10 +8,12 @@ means one of them is not passed on by this exchange."""
 from __future__ import annotations
 
 import struct
+from functools import lru_cache
 
 ENTRY = struct.Struct(">8sQ")
 
 
+@lru_cache(maxsize=1 << 16)  # a pure function called for every record of every exchange
 def prefix(node_id: str) -> bytes:
     return bytes.fromhex(node_id[:16])
 

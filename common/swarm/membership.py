@@ -277,8 +277,12 @@ class Membership:
         """`count` random proven live peers (their first address)."""
         if self._peer_list[0] != self.registry.version:  # rebuilt when the registry changes (expiry included)
             own = self.own.node_id if self.own is not None else ""
-            live = self.registry.live(now=self.clock(), model=self.scope or None, proven=True)
-            self._peer_list = (self.registry.version, [(r.node_id, r.address) for r in live if r.node_id != own])
+            now, model, proven = self.clock(), self.scope or None, self.registry.proven
+            offline = NodeState.OFFLINE
+            self._peer_list = (self.registry.version, [  # registry.live's filter, without its sort
+                (r.node_id, r.addresses[0]) for r, _ in self.registry.records.values()
+                if r.expires_at > now and r.state != offline and (model is None or r.config_hash == model)
+                and r.node_id in proven and r.node_id != own])
         peers = [address for node_id, address in self._peer_list[1] if node_id != avoid]
         return set(self._rng.sample(peers, min(count, len(peers))))
 

@@ -228,6 +228,7 @@ class Registry:
     proven: set[str] = field(default_factory=set)
     refused: int = 0   # valid records refused for a cap
     version: int = 0   # grows with every change (caches of digests key on it)
+    _soonest: float = -math.inf  # no held record expires before this (a lower bound: `expire` scans past it)
     _models: dict[str, int] = field(default_factory=dict)  # config hash -> records held
     _sources: dict[str, list[float]] = field(default_factory=dict)  # source -> when it added new identities
 
@@ -262,6 +263,7 @@ class Registry:
                 self.proven.discard(record.node_id)  # a new address must answer for the node again
         self._count(record.config_hash, 1)
         self.records[record.node_id] = (record, signed)
+        self._soonest = min(self._soonest, record.expires_at)
         self.version += 1
         return True
 
@@ -321,7 +323,11 @@ class Registry:
 
     def expire(self, now: float | None = None) -> list[str]:
         now = time.time() if now is None else now
+        if now < self._soonest:  # nothing can have expired yet: no scan (a node calls this every round)
+            return []
         gone = [node_id for node_id, (record, _) in self.records.items() if record.expires_at <= now]
+        self._soonest = min((record.expires_at for record, _ in self.records.values() if record.expires_at > now),
+                            default=math.inf)
         for node_id in gone:
             self._count(self.records.pop(node_id)[0].config_hash, -1)
             self.proven.discard(node_id)

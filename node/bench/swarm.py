@@ -420,6 +420,20 @@ def write_section(path: Path, section: str) -> None:
     write_marked(path, section, MARK_START, MARK_END)
 
 
+def placement_figures(seed: int = 0, peers: int = 5000) -> dict:
+    """The placement and routing figures of one `--json` run (node/bench/placement_sim.py): route planning
+    over `peers` peers, and the replica spread after 100 simultaneous joins into a balanced and an empty swarm."""
+    from node.bench.placement_sim import SimConfig, route_plan_ms, simulate
+
+    balanced = simulate(SimConfig(joiners=100, existing=100, seed=seed))
+    empty = simulate(SimConfig(joiners=100, existing=0, seed=seed))
+    return {"route_plan_ms": route_plan_ms(peers), "route_plan_cpu_ms": route_plan_ms(peers, clock=time.process_time),
+            "route_plan_peers": peers, "herd_max_over_ideal": balanced.herd_max_over_ideal,
+            "herd_max_over_ideal_empty": empty.herd_max_over_ideal,
+            "reloads_per_node": max(balanced.reloads_per_node, empty.reloads_per_node),
+            "covered_s": max(balanced.covered_s, empty.covered_s)}
+
+
 def add_swarm_bench_parser(commands) -> None:
     bench = commands.add_parser("bench-swarm", help="benchmark joining, discovery and gossip traffic")
     bench.add_argument("--model", default=None,
@@ -441,7 +455,9 @@ def run_swarm_bench_cli(args: argparse.Namespace) -> None:
         if args.nodes < 2 or args.runs < 1:
             raise ValueError("--json needs --nodes of at least 2 and --runs of at least 1")
         for run in range(args.runs):
-            print(json.dumps(simulate_swarm(SimSettings(nodes=args.nodes, seed=run))), flush=True)
+            result = simulate_swarm(SimSettings(nodes=args.nodes, seed=run))
+            result.update(placement_figures(seed=run))
+            print(json.dumps(result), flush=True)
         return
     model = Path(args.model).expanduser() if args.model else None
     if model is not None and not model.is_dir():

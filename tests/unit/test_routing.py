@@ -8,7 +8,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from client.routing import Hop, MissingLayersError, PeerInfo, RouteCosts, hop_cost, missing_spans, plan_route
+from client.routing import (
+    Hop,
+    MissingLayersError,
+    PeerInfo,
+    RouteCosts,
+    hop_cost,
+    layer_seconds,
+    missing_spans,
+    plan_route,
+)
 
 
 def peer(name, start, end):
@@ -244,6 +253,42 @@ def test_route_cost_matches_brute_force_minimum():
         route = plan_route(peers, num_layers, rtts=rtts, costs=costs)
         best = cheapest_chain_cost(peers, num_layers, rtts, costs)
         assert route_cost(route, rtts, costs) == pytest.approx(best, rel=1e-9, abs=1e-12)
+        checked += 1
+
+
+def test_fast_plan_equals_the_brute_force_plan_with_jitter_strikes_loads_and_sub_ranges():
+    """The same hops as the cheapest of every chain (switching at any layer), each peer's cost drawn as
+    plan_route draws it: jitter in peer order, strikes, measured and unproven speeds, a sub-range."""
+    rng = random.Random(2024)
+    costs = RouteCosts()
+    checked = 0
+    while checked < 300:
+        peers, num_layers, rtts = random_swarm(rng, 6, 8)
+        peers = [PeerInfo(address=p.address, start=p.start, end=p.end, node_id=f"n{i}", throughput=p.throughput,
+                          load=p.load) for i, p in enumerate(peers)]
+        start = rng.randrange(num_layers)
+        end = rng.randint(start + 1, num_layers)
+        if any(a < end and b > start for a, b in missing_spans(peers, num_layers)):
+            continue
+        strikes = {p.node_id: rng.randint(1, 2) for p in peers if rng.random() < 0.2}
+        measured = rng.choice([None, {}, {p.address: rng.uniform(1e-4, 1e-2) for p in peers[:2]}])
+        seed = rng.random()
+        route = plan_route(peers, num_layers, start, end, rtts=rtts, rng=random.Random(seed), strikes=strikes,
+                           measured=measured)
+        draws, noise = random.Random(seed), {}
+        for p in peers:  # plan_route draws one jitter per peer overlapping the range, in order
+            if max(p.start, start) < min(p.end, end):
+                noise[p.address] = 1.0 + draws.random() * costs.jitter
+
+        def cost(chain):
+            return sum(
+                (rtts.get(h.peer.address, costs.default_rtt) + costs.strike_penalty * strikes.get(h.peer.node_id, 0)
+                 + (h.end - h.start) * layer_seconds(h.peer, costs, measured) * (1 + costs.load_penalty * h.peer.load))
+                * noise[h.peer.address] for h in chain)
+
+        chains = list(all_chains(peers, start, end))
+        best = min(chains, key=lambda chain: (round(cost(chain), 12), len(chain), -chain[0].end))
+        assert spans(route) == spans(best)
         checked += 1
 
 

@@ -1,0 +1,32 @@
+"""The gossip simulation (node/bench/gossip_sim.py) at small sizes: the real Membership code of every node on a
+virtual clock. Fast enough for the unit loop; the swarm-sized runs are `potluck bench-swarm --nodes N --json`."""
+
+from __future__ import annotations
+
+import pytest
+
+from node.bench.gossip_sim import SimSettings, simulate_swarm
+
+SMALL = dict(heartbeat=2.0, ttl=6.0, exchange_every=1.0, churn_every=0.5, window=6.0, settle=3.0)
+
+
+@pytest.mark.slow  # 30 s of CPU (116 s on a shared, loaded 2-core machine)
+@pytest.mark.timeout(300)
+def test_two_hundred_nodes_of_three_models_under_churn_converge():
+    result = simulate_swarm(SimSettings(nodes=200, seed=3, partition=False, **SMALL))
+    assert result["steady_state_refusals"] == 0  # no Gossip call refused, no record refused for a cap
+    assert result["joins"] >= 5 and result["join_known_by_all_s"] is not None and result["join_known_by_all_s"] < 10
+    assert result["dead_forgotten_s"] is not None and result["dead_forgotten_s"] <= 6.0 + 2.0  # within the TTL
+    assert result["left_forgotten_s"] is not None and result["left_forgotten_s"] <= 6.0 + 2.0
+    assert result["bytes_per_min_per_node"] > 0 and result["cpu_ms_per_min_per_node"] > 0
+
+
+@pytest.mark.timeout(60)
+def test_the_simulation_does_not_depend_on_how_busy_the_machine_is():
+    """Time moves only by scheduled events: two runs of one seed give the same figures (CPU times aside)."""
+    settings = SimSettings(nodes=30, seed=5, partition=False, **SMALL)
+    runs = [simulate_swarm(settings) for _ in range(2)]
+    for run in runs:
+        for key in [k for k in run if k.startswith("cpu") or k == "wall_s"]:
+            del run[key]
+    assert runs[0] == runs[1]
