@@ -6,18 +6,13 @@ cache as allocated, the runtime baseline measured before any weight was read). A
 decode steps) runs first, so the final memory includes a cache in use. Targets (docs/memory.md): peak <= 1.15 x
 final, final <= 1.1 x weights + cache + baseline.
 
-`--eight-b` writes a Llama-3.1-8B-shaped bfloat16 checkpoint (random weights, ~16 GB of shards) and serves it with
-three node processes and a client in this process, reporting each process's peak and final memory and tokens/s.
-It needs ~16 GB of disk and about 24 GB of memory in all."""
+`--eight-b` instead serves a Llama-3.1-8B-shaped bfloat16 checkpoint from one machine, beside llama.cpp on the same
+weights (node/bench/memory_8b.py)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import queue
-import shlex
-import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,14 +53,14 @@ def llama_config(hidden: int, layers: int, intermediate: int, heads: int, kv_hea
                  tie: bool = False):
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+    return LlamaConfig(architectures=["LlamaForCausalLM"],  # llama.cpp's converter reads the family from it
+                       vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
                        num_attention_heads=heads, num_key_value_heads=kv_heads, tie_word_embeddings=tie,
                        max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=0,
                        dtype="bfloat16")
 
 
 ONE_B = dict(hidden=2048, layers=16, intermediate=8192, heads=32, kv_heads=8, vocab=128256, tie=True)
-EIGHT_B = dict(hidden=4096, layers=32, intermediate=14336, heads=32, kv_heads=8, vocab=128256)
 
 
 def write_checkpoint(folder: Path, config, shards: int, seed: int = 0) -> Path:
@@ -186,9 +181,11 @@ def measure_node(name: str, model: Path, start: int, end: int, flags: tuple[str,
     return MemoryCase(name, f"{start}:{end}", parts["weights"], parts["kv_cache"], parts["baseline"], peak, final)
 
 
-def measure_swarm(name: str, model: Path, parts: int, new_tokens: int = 16, threads: int = 1) -> list[MemoryCase]:
-    """`parts` node processes over the whole model and a client in this process: each node's memory after a greedy
-    generation of `new_tokens`, the client's, and the tokens/s of that generation."""
+def measure_swarm(name: str, model: Path, parts: int, new_tokens: int = 16, threads: int = 1,
+                  client_dtype: str = "float32", console: Console | None = None) -> list[MemoryCase]:
+    """`parts` node processes over the whole model and a client in this process (its local parts in `client_dtype`):
+    each node's memory after greedy generations, the client's, and the decode tokens/s: (new_tokens - 1) over the
+    time `new_tokens` tokens took less the time 1 token took (the same prompt: the prefill cancels out)."""
     from client.config import ClientConfig
     from client.model import DistributedModelForCausalLM
     from common.weights.files import ModelFiles
@@ -200,13 +197,21 @@ def measure_swarm(name: str, model: Path, parts: int, new_tokens: int = 16, thre
     nodes = [NodeProcess(model, a, b, threads=threads, extra_args=("--no-mdns", "--throughput", "10")).start()
              for a, b in spans]
     try:
-        peers = tuple(node.wait_ready(1800) for node in nodes)
-        client = DistributedModelForCausalLM.from_pretrained(str(model), config=ClientConfig(peers=peers, mdns=False))
+        peers = tuple(node.wait_ready(3600) for node in nodes)
+        if console is not None:
+            console.print(f"{len(peers)} nodes ready; loading the client")
+        client = DistributedModelForCausalLM.from_pretrained(
+            str(model), config=ClientConfig(peers=peers, mdns=False, dtype=client_dtype))
         try:
             ids = torch.randint(3, config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
-            started = time.perf_counter()
-            out = client.generate(ids, max_new_tokens=new_tokens, do_sample=False)
-            rate = (out.shape[1] - ids.shape[1]) / (time.perf_counter() - started)
+            times = {}
+            for count in (1, new_tokens):
+                started = time.perf_counter()
+                out = client.generate(ids, max_new_tokens=count, min_new_tokens=count, do_sample=False)
+                times[count] = time.perf_counter() - started
+                if console is not None:
+                    console.print(f"{out.shape[1] - ids.shape[1]} tokens in {times[count]:.1f} s")
+            rate = (new_tokens - 1) / max(times[new_tokens] - times[1], 1e-9)
             cases = []
             for node, address, (a, b) in zip(nodes, peers, spans):
                 mem = node_memory(address)
@@ -214,7 +219,8 @@ def measure_swarm(name: str, model: Path, parts: int, new_tokens: int = 16, thre
                 cases.append(MemoryCase(f"{name} node", f"{a}:{b}", mem["weights"], mem["kv_cache"], mem["baseline"],
                                         peak, final, rate))
             final, peak = process_memory()
-            cases.append(MemoryCase(f"{name} client (bench process)", "embeddings + head", 0, 0, 0, peak, final, rate))
+            cases.append(MemoryCase(f"{name} client (bench process)", f"embeddings + head, {client_dtype}", 0, 0, 0,
+                                    peak, final, rate))
             return cases
         finally:
             client.close()
@@ -223,7 +229,7 @@ def measure_swarm(name: str, model: Path, parts: int, new_tokens: int = 16, thre
             node.stop()
 
 
-def run_memory_bench(smollm: Path | None, gguf: Path | None, one_b: bool, eight_b: bool, workdir: Path,
+def run_memory_bench(smollm: Path | None, gguf: Path | None, one_b: bool, workdir: Path,
                      console: Console | None = None) -> list[MemoryCase]:
     console = console or Console(stderr=True)
     cases: list[MemoryCase] = []
@@ -242,11 +248,6 @@ def run_memory_bench(smollm: Path | None, gguf: Path | None, one_b: bool, eight_
         for span in ((0, 6), (6, 11)):
             cases.append(measure_node("Llama-3.2-1B-shaped bf16 (6 shards)", folder, *span))
         cases.append(measure_node("Llama-3.2-1B-shaped bf16, --quant int8", folder, 0, 6, ("--quant", "int8")))
-    if eight_b:
-        folder = workdir / "llama-8b-shaped-bf16"
-        console.print(f"writing a Llama-3.1-8B-shaped bf16 checkpoint (~16 GB) into {folder}")
-        write_checkpoint(folder, llama_config(**EIGHT_B), shards=8)
-        cases += measure_swarm("Llama-3.1-8B-shaped bf16", folder, 3, threads=0)
     return cases
 
 
@@ -271,52 +272,3 @@ def render_markdown(cases: list[MemoryCase], command: str) -> str:
                      f"{c.baseline / MiB:.1f} | {c.peak / MiB:.1f} | {c.final / MiB:.1f} | {c.peak_ratio:.3f} | "
                      f"{c.final_ratio:.3f} | {rate} |")
     return "\n".join(lines) + "\n"
-
-
-# -- command line -------------------------------------------------------------------------------------
-SUMMARY = "benchmark a node's memory: weights, cache, baseline, peak and final, per model and span"
-
-
-def add_memory_bench_parser(commands) -> None:
-    from node.bench.basic import add_output_args
-
-    bench = commands.add_parser("bench-memory", help=SUMMARY)
-    bench.add_argument("--model", default=None, help="SmolLM2-135M folder (default: the embedded model's folder)")
-    bench.add_argument("--gguf", default=None, help="a GGUF file (default: the embedded SmolLM2 GGUF, if installed)")
-    bench.add_argument("--no-1b", dest="one_b", action="store_false",
-                       help="skip the Llama-3.2-1B-shaped bf16 checkpoint (~2.5 GB written to --workdir)")
-    bench.add_argument("--eight-b", action="store_true",
-                       help="also serve a Llama-3.1-8B-shaped bf16 checkpoint (~16 GB written to --workdir) with "
-                            "3 node processes and a client: needs ~24 GB of memory")
-    bench.add_argument("--workdir", default=None, help="where the checkpoints are written (default: a temp folder)")
-    add_output_args(bench)
-
-
-def run_memory_bench_cli(args: argparse.Namespace) -> None:
-    from node.bench.basic import local_model_folder, publish
-
-    smollm = local_model_folder(args.model, "bench-memory") if args.model else _embedded_folder()
-    gguf = Path(args.gguf).expanduser() if args.gguf else _embedded_gguf()
-    if gguf is not None and not gguf.is_file():
-        raise ValueError(f"--gguf {args.gguf}: no such file")
-    with tempfile.TemporaryDirectory(prefix="potluck-bench-memory-", dir=args.workdir) as workdir:
-        cases = run_memory_bench(smollm, gguf, args.one_b, args.eight_b, Path(workdir))
-    publish(render_markdown(cases, shlex.join(["potluck", *sys.argv[1:]])), args.out, MARK_START, MARK_END)
-
-
-def _embedded_folder() -> Path | None:
-    """The embedded SmolLM2 folder if `potluck prepare-model` wrote it (else the case is skipped)."""
-    from common.weights import embedded
-
-    return embedded.DEFAULT_DIR if embedded.is_prepared(embedded.DEFAULT_DIR) else None
-
-
-def _embedded_gguf() -> Path | None:
-    """The embedded SmolLM2 GGUF file if installed (else the case is skipped)."""
-    from common.weights import embedded
-    from common.weights.errors import ModelLoadError
-
-    try:
-        return embedded.gguf_path()
-    except ModelLoadError:
-        return None

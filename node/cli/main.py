@@ -143,9 +143,9 @@ def _bench_quant():
 
 
 def _bench_memory():
-    from node.bench import memory
+    from node.bench import memory_cli
 
-    return memory.add_memory_bench_parser, {"bench-memory": memory.run_memory_bench_cli}
+    return memory_cli.add_memory_bench_parser, {"bench-memory": memory_cli.run_memory_bench_cli}
 
 
 def _bench_compile():

@@ -30,6 +30,7 @@ from common.weights.exact import KERNEL_ROWS, pass_threads
 from common.wire.convoy import Convoy, send_off
 from node.model.compact import exact_formats, span_kernels
 from node.model.lean import Row
+from node.model.loader import release_free_heap
 from node.model.span import SpanModel
 from node.runtime.errors import Exhausted, FailedPrecondition, Full, InvalidRequest, NotFound, OutOfRange, Unavailable
 from node.runtime.layout import AdaptiveLayout
@@ -431,6 +432,8 @@ class Executor:
                 tokens = sum(work.tokens for work in chunk)
                 with pass_threads(self._kernels, tokens):
                     self._run_pass(start, end, chunk)
+                if tokens > KERNEL_ROWS:  # a prefill's temporaries (activations, int8 blocks dequantised) stay in
+                    release_free_heap()  # the C heap once freed: tens of MB of resident memory unless given back
                 if self.layout is not None:
                     self.layout.observe(tokens)
 

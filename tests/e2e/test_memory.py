@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from node.bench.memory import llama_config, measure_node, measure_swarm, write_checkpoint
+from node.bench.memory import llama_config, measure_node, write_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -71,12 +71,19 @@ def test_tokens_through_two_node_processes_equal_transformers(bf16_checkpoint):
     assert torch.equal(got, expected)
 
 
-def test_the_eight_b_swarm_measurement_runs_at_a_tiny_size(tmp_path):
-    """`bench-memory --eight-b`'s plumbing (checkpoint writer, 3 node processes + client, per-process memory and
-    tokens/s) on a tiny Llama shape: the 8B case itself is not run in tests."""
-    config = llama_config(hidden=128, layers=6, intermediate=256, heads=4, kv_heads=2, vocab=512)
-    folder = write_checkpoint(tmp_path / "tiny", config, shards=3)
-    cases = measure_swarm("tiny", folder, 3, new_tokens=4)
-    assert [c.span for c in cases] == ["0:2", "2:4", "4:6", "embeddings + head"]
+def test_the_eight_b_path_runs_at_a_tiny_size(tmp_path, smollm_dir):
+    """`bench-memory --eight-b`'s whole path (checkpoint written shard by shard with a tokenizer, 3 node processes +
+    a bfloat16 client, per-process memory and decode tokens/s, the section, the checkpoint deleted) on the hidden
+    `--eight-b-shape tiny`: the 8B case itself is not run in tests (nor llama.cpp, which may not be built here)."""
+    from rich.console import Console
+
+    from node.bench.memory_8b import LlamaCppRun, render_eight_b, run_eight_b
+
+    cases, run = run_eight_b(tmp_path / "work", "tiny", smollm_dir, None, False, 4, 1, Console(quiet=True))
+    assert run is None and not any((tmp_path / "work").iterdir())  # nothing left behind without --keep
+    assert [c.span for c in cases] == ["0:2", "2:4", "4:6", "embeddings + head, bfloat16"]
     for case in cases[:3]:
         assert case.weights > 0 and case.baseline > 0 and case.peak >= case.final > 0 and case.tokens_per_s > 0
+    section = render_eight_b(cases, LlamaCppRun(1.5, 10**8, "llama-bench -m x.gguf -p 0 -n 4 -t 2 -r 1", 3.0),
+                             "potluck bench-memory --eight-b", "tiny", 4, 60.0)
+    assert "| Potluck swarm |" in section and "| llama.cpp | `llama-bench -m x.gguf" in section

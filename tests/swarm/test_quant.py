@@ -50,6 +50,22 @@ def test_round_trip_error_is_bounded(shape):
     assert NF4Weight(weight, torch.float32).packed.numel() == -(-weight.numel() // 64) * 32  # two codes a byte
 
 
+def test_int8_prefill_product_dequantises_in_blocks_with_the_whole_matrix_numbers():
+    """A many-row product dequantises W 1024+ rows at a time (no float copy of the whole matrix): on one thread its
+    numbers are those of the whole-matrix product it replaced (MKL computes each column the same way)."""
+    torch.manual_seed(0)
+    weight = torch.randn(5000, 512) * 0.02  # two blocks: 2048 rows, then 2952 (a short remainder joins its block)
+    q = Int8Weight(weight, torch.float32)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for rows in (9, 32, 100):
+            x = torch.randn(rows, 512)
+            assert torch.equal(q.linear(x), torch.nn.functional.linear(x, q.data.float()) * q.scales)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_int8_product_in_bfloat16():
     torch.manual_seed(0)
     weight = torch.randn(64, 96)
