@@ -38,6 +38,8 @@ class ClientConfig:
                                        # chunks, pipelined across nodes (0 = off; at most 8 chunks)
     accept_quant: str = "any"          # nodes whose weights may be quantised: any | int8 (int8 or none) | none
                                        # (only exact, unquantised nodes); docs/quantization.md
+    accept_numerics: str = "any"       # nodes whose products may run in llama.cpp's numerics (`--numerics fast`):
+                                       # any | exact (only nodes whose products are exact); docs/performance.md
     adapter: str | None = None         # LoRA adapter the nodes apply (one they serve: `potluck join --adapter`);
                                        # None = the base model. Routing uses only nodes that serve it
     weights: str = "match"             # match: only nodes announcing the model's weights fingerprint (from the
@@ -76,6 +78,8 @@ class ClientConfig:
             raise ValueError(f"wire_dtype {self.wire_dtype!r} is not one of {', '.join(WIRE_FORMATS)}")
         if self.accept_quant not in ("any", "int8", "none"):
             raise ValueError(f"accept_quant {self.accept_quant!r} is not one of any, int8, none")
+        if self.accept_numerics not in ("any", "exact"):
+            raise ValueError(f"accept_numerics {self.accept_numerics!r} is not one of any, exact")
         if self.adapter is not None and (not isinstance(self.adapter, str) or not 0 < len(self.adapter) <= 64):
             raise ValueError(f"adapter {self.adapter!r}: give the name a node serves it under (1-64 characters)")
         if self.weights not in ("match", "any"):

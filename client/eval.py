@@ -47,9 +47,10 @@ def window_starts(length: int, window: int, stride: int) -> list[tuple[int, int,
 
 @torch.inference_mode()
 def perplexity(model, input_ids: torch.Tensor, window: int = 512, stride: int = 256,
-               advance: Callable[[float], None] | None = None) -> Perplexity:
+               advance: Callable[[float], None] | None = None, greedy: list[torch.Tensor] | None = None) -> Perplexity:
     """Perplexity of `model` (anything called as `model(input_ids=...).logits`) over `input_ids` [tokens] or [1,
-    tokens]."""
+    tokens]. `greedy`: a list this extends with the model's greedy choice (argmax) for every scored token, in order
+    (for `greedy_agreement`)."""
     ids = input_ids.reshape(-1).to(torch.long)
     if ids.numel() < 2:
         raise ValueError("the text must have at least 2 tokens")
@@ -59,6 +60,8 @@ def perplexity(model, input_ids: torch.Tensor, window: int = 512, stride: int = 
         # logits at position p predict token p + 1; score the targets scored..end-1
         predictions = logits[scored - 1 - begin : end - 1 - begin]
         targets = ids[scored:end]
+        if greedy is not None:
+            greedy.append(predictions.argmax(dim=-1))
         total += F.cross_entropy(predictions, targets, reduction="sum").item()
         count += targets.numel()
         if advance is not None:
@@ -66,3 +69,12 @@ def perplexity(model, input_ids: torch.Tensor, window: int = 512, stride: int = 
     return Perplexity(nll=total / count, tokens=count, windows=len(spans))
 
 
+
+
+def greedy_agreement(ours: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
+    """The share of scored tokens where two models' greedy choices (`perplexity(..., greedy=)`) are the same token,
+    each given the text's own tokens before it (teacher forcing: one divergence does not carry over to the next)."""
+    a, b = torch.cat(ours), torch.cat(reference)
+    if a.shape != b.shape or not a.numel():
+        raise ValueError(f"greedy choices over different tokens ({a.numel()} and {b.numel()})")
+    return float((a == b).float().mean())

@@ -35,6 +35,7 @@ class PeerInfo:
     dtype: str = ""
     device: str = ""
     quant: str = "none"      # weight quantisation of the node's span: none | int8 | nf4 (node/model/quant.py)
+    numerics: str = "exact"  # exact | fast: its products in llama.cpp's numerics (common/weights/kernels/fast.c)
     max_length: int = 0
     free_cache_tokens: int = 0
     node_id: str = ""
@@ -63,6 +64,18 @@ def accepts_quant(quant: str, accept: str) -> bool:
     """Whether a node quantised as `quant` may serve a client that accepts `accept` (none | int8 | any)."""
     allowed = ACCEPT_QUANT[accept]
     return allowed is None or (quant or "none") in allowed
+
+
+def accepts_numerics(numerics: str, accept: str) -> bool:
+    """Whether a node computing in `numerics` (exact | fast) may serve a client that accepts `accept` (any | exact)."""
+    return accept == "any" or (numerics or "exact") == "exact"
+
+
+def weights_kind(peer: PeerInfo) -> str:
+    """What a node's outputs differ from exact ones by, for verification: its quantisation (none | int8 | nf4), or
+    "fast" for unquantised weights multiplied in llama.cpp's numerics."""
+    quant = peer.quant or "none"
+    return "fast" if quant == "none" and peer.numerics == "fast" else quant
 
 
 @dataclass(frozen=True)

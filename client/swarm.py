@@ -22,11 +22,13 @@ from client.routing import (
     MissingLayersError,
     PeerInfo,
     RouteCosts,
+    accepts_numerics,
     accepts_quant,
     hop_cost,
     missing_spans,
     plan_route,
     smoothed,
+    weights_kind,
 )
 from client.session import InferenceSession
 from client.training import TrainStats, remote_forward
@@ -58,7 +60,7 @@ def info_from_record(record: PeerRecord) -> PeerInfo:
     return PeerInfo(
         address=record.address, start=record.start, end=record.end, model_id=record.model_id,
         config_hash=record.config_hash, num_layers=record.num_layers, dtype=record.dtype, device=record.device,
-        quant=record.quant,
+        quant=record.quant, numerics=record.numerics,
         max_length=record.max_length, free_cache_tokens=record.free_cache_tokens, node_id=record.node_id,
         throughput=record.throughput, prefill_throughput=record.prefill_throughput, load=record.load,
         state=record.state.value, started_at=record.started_at, adapters=record.adapters,
@@ -281,7 +283,8 @@ class SwarmClient:
 
     def _candidates(self) -> list[PeerInfo]:
         records = [r for r in self.membership.live(self.config_hash)
-                   if r.state == NodeState.ONLINE and accepts_quant(r.quant, self.config.accept_quant)]
+                   if r.state == NodeState.ONLINE and accepts_quant(r.quant, self.config.accept_quant)
+                   and accepts_numerics(r.numerics, self.config.accept_numerics)]
         if self.config.weights == "match":
             records, self._weights_note = same_weights(records, self.weights, self.config.unfingerprinted)
         return self._trusted([info_from_record(r) for r in records])
@@ -309,6 +312,9 @@ class SwarmClient:
             elif not accepts_quant(reply.quant, self.config.accept_quant):
                 failed.append(PeerError(address, f"serves {reply.quant}-quantised weights; this client accepts "
                                                  f"{self.config.accept_quant} (--accept-quant)"))
+            elif not accepts_numerics(reply.numerics, self.config.accept_numerics):
+                failed.append(PeerError(address, f"computes in {reply.numerics} numerics; this client accepts "
+                                                 f"{self.config.accept_numerics} (--accept-numerics)"))
             else:
                 infos.append(reply)
         if not infos and failed:  # said once, by the error; no warnings repeating it first
@@ -387,12 +393,12 @@ class SwarmClient:
     async def alternatives(self, start: int, end: int, avoid: set[str], quant: str | None = None) -> list[Hop]:
         """Where a verifier recomputes a hop: the cheapest node serving all of `[start, end)`, else the cheapest
         chain (fewer boundaries: fewer roundings to the wire format, and a culprit to blame), on nodes other
-        than `avoid`, none banned or caught lying. Among whole-span nodes, those quantised as `quant` first (the
-        same weights: a tight comparison). MissingLayersError if there is none."""
+        than `avoid`, none banned or caught lying. Among whole-span nodes, those of `quant`'s `weights_kind` first
+        (the same weights and numerics: a tight comparison). MissingLayersError if there is none."""
         banned = self.bans.banned(time.monotonic())
         usable = [i for i in self._trusted(self.infos) if i.address not in avoid and i.address not in banned]
         whole = [i for i in usable if i.start <= start and end <= i.end]
-        same = [i for i in whole if quant is not None and i.quant == quant]
+        same = [i for i in whole if quant is not None and weights_kind(i) == quant]
         return self._plan(same or whole or usable, start, end)
 
     async def convict(self, hop: Hop, reason: str) -> None:

@@ -147,6 +147,7 @@ class Peer:
             dtype=reply.dtype,
             device=reply.device,
             quant=str(extra.get("quant", "none") or "none"),
+            numerics=str(extra.get("numerics", "exact") or "exact"),
             max_length=reply.max_length,
             free_cache_tokens=reply.free_cache_tokens,
         )

@@ -33,7 +33,7 @@ from typing import Protocol
 
 import torch
 
-from client.routing import Hop, MissingLayersError
+from client.routing import Hop, MissingLayersError, weights_kind
 from client.session import HopStream, _merged_history
 from client.transport import PeerError
 from common.wire import codec
@@ -53,7 +53,9 @@ COMPUTE_TOLERANCE = {"float32": 1e-3, "float16": 0.05, "bfloat16": 0.3}
 # both sides runs the same weights: only the tolerances above apply). Measured on SmolLM2, all 30 layers in one
 # hop, 256 tokens of node/bench/eval-text.txt against float32: int8 max 0.049, nf4 max 0.48 (docs/quantization.md).
 # A liar's noise below these passes unseen, so shadows with the hop's own quantisation are preferred.
-QUANT_TOLERANCE = {"int8": 0.15, "nf4": 1.0}
+# "fast": unquantised weights multiplied in llama.cpp's numerics (`--numerics fast`): SmolLM2, 10 layers a hop,
+# 256 tokens of node/bench/eval-text.txt against exact, max 0.029 (docs/performance.md#fast-numerics).
+QUANT_TOLERANCE = {"int8": 0.15, "nf4": 1.0, "fast": 0.1}
 SHADOW_ATTEMPTS = 3  # shadows or referees tried per check before the hop counts as unverified
 
 
@@ -334,7 +336,7 @@ class Verifier:
     def _tolerance(self, stream: HopStream, chain: _Chain) -> float:
         peers = [stream.hop.peer] + [s.hop.peer for s in chain.streams]
         return tolerance(self.wire_dtype, *(peer.dtype for peer in peers), hops=len(chain.streams),
-                         quants=tuple(peer.quant for peer in peers))
+                         quants=tuple(weights_kind(peer) for peer in peers))
 
     def _accept(self, stream: HopStream, watch: _Watch, end: int, errors: torch.Tensor) -> None:
         self.stats.compared_tokens += errors.shape[1]
@@ -362,7 +364,7 @@ class Verifier:
             exclude = {stream.peer.address} | avoid | self._avoid
             try:
                 route = await self.referees.alternatives(stream.hop.start, stream.hop.end, exclude,
-                                                         quant=stream.hop.peer.quant)
+                                                         quant=weights_kind(stream.hop.peer))
             except MissingLayersError:
                 return None
             streams = [session._stream(hop) for hop in route]

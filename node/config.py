@@ -66,6 +66,8 @@ class NodeConfig:
     threads: int = 0                # torch intra-op threads on CPU; 0 = torch's default
     lean: bool = True               # the lean runtime (fused weights, static cache, batching) where the family has one
     exact: bool = True              # CPU float32: hold matrices in the narrow form they are exact in (model/exact.py)
+    numerics: str = "exact"         # exact | fast: the exact forms' q4/q8 products in llama.cpp's numerics (8-bit
+                                    # activations, integer dot products): faster, not bit-exact (docs/performance.md)
     pack: bool = True               # CPU float32: pack the lean weights for MKL while passes batch (runtime/layout.py)
     quant: str = "none"             # weight-only quantisation of the span's projections: none | int8 | nf4
                                     # (node/model/quant.py, docs/quantization.md); outputs are then not exact
@@ -141,6 +143,8 @@ class NodeConfig:
             raise ConfigError(f"batch_wait must be within 0..1 s, got {self.batch_wait}")
         if self.quant not in ("none", "int8", "nf4"):
             raise ConfigError(f"--quant {self.quant!r}: expected none, int8 or nf4")
+        if self.numerics not in ("exact", "fast"):
+            raise ConfigError(f"--numerics {self.numerics!r}: expected exact or fast")
         if self.threads < 0:
             raise ConfigError("threads must be >= 0")
         if self.num_blocks is not None and self.num_blocks < 1:

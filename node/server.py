@@ -30,7 +30,7 @@ from common.wire.generated import potluck_pb2 as pb
 from common.wire.security import Security, load_security
 from node.config import NodeConfig
 from node.metrics import CacheView, MemoryView, MetricsServer, NodeMetrics, process_memory
-from node.model.compact import exact_formats
+from node.model.compact import exact_formats, span_numerics
 from node.model.loader import (
     SpanForm,
     bytes_per_layer,
@@ -271,7 +271,7 @@ async def _load(node: RunningNode, span: Span) -> None:
     await node.membership.publish(node.record, mdns_address=node.address)
     node.serving.state = NodeState.JOINING.value
     form = SpanForm(lean=config.lean, quant=config.quant, exact=config.exact and node.device.type == "cpu",
-                    transpose=node.device.type == "cpu")  # each layer made into its final form as it is read
+                    transpose=node.device.type == "cpu", numerics=config.numerics)  # each layer's final form as read
     model, stats = await asyncio.to_thread(load_span, node.files, span.start, span.end, node.device, node.dtype,
                                            config.progress, form)
     if not node.baseline:  # the runtime without weights: measured by the loader just before it read any
@@ -286,6 +286,7 @@ async def _load(node: RunningNode, span: Span) -> None:
     else:
         quant = "" if config.quant == "none" else f"|{config.quant}"
         quant += "".join(f"|{fmt}{count}" for fmt, count in sorted(exact_formats(model).items()))
+        quant += "|fast" if span_numerics(model) == "fast" else ""
         key = (f"{node.record.config_hash}|{node.device}|{dtype_name(node.dtype)}{quant}|{span.start}:{span.end}|"
                f"{torch.get_num_threads()}")
         node.throughput = await asyncio.to_thread(cached_measure, model, key, progress=config.progress)
@@ -302,6 +303,7 @@ async def _load(node: RunningNode, span: Span) -> None:
     node.serving.memory = _memory_view(node.serving, weight_bytes(model), node.baseline).snapshot
     node.record = replace(node.record, state=NodeState.ONLINE, throughput=node.throughput.decode,
                           prefill_throughput=node.throughput.prefill, adapters=tuple(sorted(adapters)),
+                          numerics=span_numerics(model),  # what it computes in (fast asked for, no q4/q8: exact)
                           **_stats(node.serving))
     node.serving.throughput, node.serving.prefill_throughput = node.throughput.decode, node.throughput.prefill
     node.serving.state = NodeState.ONLINE.value
@@ -469,6 +471,7 @@ async def start_node(config: NodeConfig) -> RunningNode:
         free_cache_tokens=config.cache_tokens,
         state=NodeState.JOINING,
         quant=config.quant,
+        numerics=config.numerics,  # as asked until the span is loaded (then what it computes in)
         name=config.name or address,
         started_at=serving.started_at,
         relay_slots=config.relay_max_nodes if config.relay else 0,

@@ -54,6 +54,7 @@ class PeerRecord:
     dtype: str = "float32"
     device: str = "cpu"
     quant: str = "none"              # weight quantisation: none | int8 | nf4 (older records: none)
+    numerics: str = "exact"          # exact | fast: llama.cpp's numerics (docs/performance.md); older records: exact
     throughput: float = 0.0          # decode tokens/s through the whole span, measured by the node
     prefill_throughput: float = 0.0  # prefill tokens/s through the whole span
     free_cache_tokens: int = 0
@@ -90,6 +91,7 @@ class PeerRecord:
 _SCHEMA: dict[str, tuple[type, ...]] = {
     "node_id": (str,), "addresses": (list, tuple), "model_id": (str,), "config_hash": (str,),
     "num_layers": (int,), "start": (int,), "end": (int,), "dtype": (str,), "device": (str,), "quant": (str,),
+    "numerics": (str,),
     "adapters": (list, tuple),
     "throughput": (int, float), "prefill_throughput": (int, float), "free_cache_tokens": (int,),
     "max_length": (int,), "load": (int, float), "state": (str,), "name": (str,), "issued_at": (int, float),

@@ -42,14 +42,17 @@ BLOCK = 32
 FORMATS = ("q4", "q8", "bf16")  # narrowest first: the first one that holds a matrix exactly is kept
 PROBE_ROWS = 16  # rows tried in a format before the whole matrix is
 KERNEL_ROWS = 32  # products of up to this many rows run the kernels; longer ones (prefills) a dense product
-SOURCE = Path(__file__).with_name("kernels") / "exact.c"
+KERNELS = Path(__file__).with_name("kernels")
+SOURCES = (KERNELS / "exact.c", KERNELS / "fast.c")  # fast.c: `--numerics fast` (llama.cpp's numerics)
+NUMERICS = ("exact", "fast")
+FAST_FORMATS = ("q4", "q8")  # the forms kernels/fast.c multiplies
 DEFAULT_CACHE = Path("~/.cache/potluck/kernels").expanduser()
 COMPILERS = ("cc", "gcc", "clang")
 FLAG_SETS = (  # tried in order: the first that builds is kept
     ("-O3", "-march=native", "-pthread"),
     ("-O3", "-pthread"),
 )
-ABI = 2
+ABI = 3
 
 _p, _i = ctypes.c_void_p, ctypes.c_int
 _SIGNATURES = {
@@ -59,7 +62,10 @@ _SIGNATURES = {
     "q4_dense": [_p, _p, _p, _i, _i, _i, _p],
     "q8_dense": [_p, _p, _i, _i, _i, _p],
     "exact_hot": [_i],
+    "q4_fast_gemm": [_p, _i, _i, _p, _p, _p, _i, _p, _i],
+    "q8_fast_gemm": [_p, _i, _i, _p, _p, _i, _p, _i],
 }
+_RETURNS_INT = ("q4_fast_gemm", "q8_fast_gemm")  # 0, or -1 where memory for the activations' codes is short
 
 
 class KernelError(RuntimeError):
@@ -77,7 +83,7 @@ class Kernels:
     def __post_init__(self) -> None:
         for name, argtypes in _SIGNATURES.items():
             function = getattr(self.lib, name)
-            function.argtypes, function.restype = argtypes, None
+            function.argtypes, function.restype = argtypes, (_i if name in _RETURNS_INT else None)
 
     @contextlib.contextmanager
     def hot(self):
@@ -101,7 +107,8 @@ def _machine_key(compiler: str) -> str:
             flags = next((line for line in info if line.startswith(("flags", "Features"))), "")
     except OSError:
         pass
-    text = "|".join((SOURCE.read_text(), compiler, platform.machine(), platform.system(), flags))
+    sources = tuple(source.read_text() for source in SOURCES)
+    text = "|".join((*sources, compiler, platform.machine(), platform.system(), flags))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -121,7 +128,7 @@ def build_kernels(cache: Path = DEFAULT_CACHE, compilers: tuple[str, ...] = COMP
             handle, temporary = tempfile.mkstemp(suffix=".so", dir=cache)
             os.close(handle)
             try:
-                done = subprocess.run([compiler, *flags, "-shared", "-fPIC", str(SOURCE), "-o", temporary],
+                done = subprocess.run([compiler, *flags, "-shared", "-fPIC", *map(str, SOURCES), "-o", temporary],
                                       capture_output=True, text=True, timeout=120)
             except (OSError, subprocess.TimeoutExpired) as error:
                 done = None
@@ -133,7 +140,7 @@ def build_kernels(cache: Path = DEFAULT_CACHE, compilers: tuple[str, ...] = COMP
                 errors.append(f"{' '.join(flags)}: {done.stderr.strip().splitlines()[-1:] or done.returncode}")
             os.unlink(temporary)
         else:
-            raise KernelError(f"{compiler} could not build {SOURCE.name}: " + "; ".join(errors))
+            raise KernelError(f"{compiler} could not build {', '.join(s.name for s in SOURCES)}: " + "; ".join(errors))
     try:
         lib = ctypes.CDLL(str(target))
     except OSError as error:
@@ -200,6 +207,9 @@ class ExactWeight:
         self.format, (self.out_features, self.in_features) = fmt, shape
         self.codes, self.steps, self.mins, self.kernels = codes, steps, mins, kernels
         self.row_threads: int | None = None  # threads for one-row products (None: torch's); see `calibrate_threads`
+        # "fast": products in llama.cpp's numerics (kernels/fast.c: activations quantised to 8-bit blocks, integer
+        # dot products), for q4 and q8 forms, at every row count; set by `use_numerics`. "exact": as documented above
+        self.numerics = "exact"
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -263,9 +273,16 @@ class ExactWeight:
         out = self._product(x, threads)
         return out + bias if bias is not None else out
 
+    @property
+    def fast(self) -> bool:
+        """Whether products run in llama.cpp's numerics (`use_numerics`)."""
+        return self.numerics == "fast"
+
     def _product(self, x: torch.Tensor, threads: int | None) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
         rows = flat.shape[0]
+        if self.fast:
+            return self._fast_product(flat, threads).reshape(*x.shape[:-1], self.out_features)
         if rows > KERNEL_ROWS:
             return (flat @ self.dense().t()).reshape(*x.shape[:-1], self.out_features)
         flat = flat.to(torch.float32).contiguous()
@@ -280,6 +297,34 @@ class ExactWeight:
         else:
             lib.bf_gemm(*args, self.codes.data_ptr(), self.out_features, out.data_ptr(), threads)
         return out.reshape(*x.shape[:-1], self.out_features)
+
+    def _fast_product(self, flat: torch.Tensor, threads: int | None) -> torch.Tensor:
+        """flat [rows, in] @ W.T in llama.cpp's numerics (kernels/fast.c), for any number of rows: a prefill is
+        computed as its decode steps would be."""
+        rows = flat.shape[0]
+        flat = flat.to(torch.float32).contiguous()
+        out = torch.empty(rows, self.out_features, dtype=torch.float32)
+        threads = threads or (rows == 1 and self.row_threads) or saved_threads() or torch.get_num_threads()
+        lib, args = self.kernels.lib, (flat.data_ptr(), rows, self.in_features)
+        if self.format == "q4":
+            failed = lib.q4_fast_gemm(*args, self.codes.data_ptr(), self.steps.data_ptr(), self.mins.data_ptr(),
+                                      self.out_features, out.data_ptr(), threads)
+        else:
+            failed = lib.q8_fast_gemm(*args, self.codes.data_ptr(), self.steps.data_ptr(), self.out_features,
+                                      out.data_ptr(), threads)
+        if failed:
+            raise MemoryError(f"no memory for the 8-bit codes of a {rows}-row product's activations")
+        return out
+
+    def use_numerics(self, numerics: str) -> bool:
+        """Products from now on in `numerics` ("exact" | "fast"); whether this weight takes it (the fast numerics
+        have q4 and q8 forms only: a bf16 weight stays exact)."""
+        if numerics not in NUMERICS:
+            raise ValueError(f"numerics {numerics!r} is not one of {', '.join(NUMERICS)}")
+        if numerics == "fast" and self.format not in FAST_FORMATS:
+            return False
+        self.numerics = numerics
+        return True
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return frozen_linear(self, x, bias)

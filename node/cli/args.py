@@ -175,6 +175,10 @@ def add_verify_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--accept-quant", default="any", choices=["any", "int8", "none"],
                         help="route through nodes with quantised weights: any (default), int8 (int8 or none), "
                              "none (only unquantised nodes: outputs exact to transformers')")
+    parser.add_argument("--accept-numerics", default="any", choices=["any", "exact"],
+                        help="route through nodes computing in llama.cpp's fast numerics (potluck join --numerics "
+                             "fast): any (default), exact (only nodes whose products are exact; "
+                             "docs/performance.md#fast-numerics)")
     parser.add_argument("--weights", default="match", choices=["match", "any"],
                         help="match (default): route only through nodes announcing the model's weights fingerprint "
                              "(docs/swarm.md); any: every node of the model's config")
@@ -189,4 +193,5 @@ def add_verify_args(parser: argparse.ArgumentParser) -> None:
 
 def verify_options(args: argparse.Namespace) -> dict:
     return {"verify": args.verify, "verify_fraction": args.verify_fraction, "accept_quant": args.accept_quant,
+            "accept_numerics": args.accept_numerics,
             "weights": args.weights, "unfingerprinted": args.allow_unfingerprinted}

@@ -35,7 +35,9 @@ def add_eval_parser(commands) -> None:
         "--max-tokens", type=int, default=0, help="score only the first N tokens of the text (default: all)"
     )
     parser.add_argument("--local", action="store_true",
-                        help="also score with plain transformers on this machine and print the difference")
+                        help="also score with plain transformers on this machine (the exact reference) and print the "
+                             "difference and the greedy agreement: the share of tokens where both pick the same next "
+                             "token (for nodes run with --numerics fast or --quant)")
     parser.add_argument("--wire-dtype", default="float32", choices=WIRE_FORMATS,
                         help="hidden states on the wire (default float32)")
     parser.add_argument("--adapter", default=None, metavar="NAME",
@@ -60,7 +62,7 @@ def _local_model(model: str):
 
 def run_eval_cli(args: argparse.Namespace) -> None:
     from client.config import ClientConfig
-    from client.eval import perplexity, window_starts
+    from client.eval import greedy_agreement, perplexity, window_starts
     from client.model import DistributedModelForCausalLM
     from client.textgen import load_tokenizer
     from common.progress import progress_bar
@@ -83,20 +85,25 @@ def run_eval_cli(args: argparse.Namespace) -> None:
                           mdns=not args.no_mdns,
                           mdns_interface=args.mdns_interface, wire_dtype=args.wire_dtype, adapter=args.adapter,
                           **trust_options(args), **verify_options(args))
-    results = {}
+    results, greedy = {}, {"swarm": [], "local": []}
     windows = len(window_starts(ids.numel(), args.window, args.stride))
     model = DistributedModelForCausalLM.from_pretrained(args.model, config=config)
     try:
         with progress_bar(sys.stderr.isatty(), "scoring through the swarm", windows) as advance:
-            results["swarm"] = perplexity(model, ids, args.window, args.stride, advance)
+            results["swarm"] = perplexity(model, ids, args.window, args.stride, advance, greedy["swarm"])
     finally:
         model.close()
     if args.local:
         local = _local_model(args.model)
         with progress_bar(sys.stderr.isatty(), "scoring locally", windows) as advance:
-            results["local"] = perplexity(local, ids, args.window, args.stride, advance)
+            results["local"] = perplexity(local, ids, args.window, args.stride, advance, greedy["local"])
+    agreement = greedy_agreement(greedy["swarm"], greedy["local"]) if "local" in results else None
     if args.json:
-        print(json.dumps({name: result.as_json() for name, result in results.items()}))
+        report = {name: result.as_json() for name, result in results.items()}
+        if agreement is not None:
+            report["comparison"] = {"perplexity_ratio": results["swarm"].perplexity / results["local"].perplexity,
+                                    "greedy_agreement": agreement, "tokens": results["swarm"].tokens}
+        print(json.dumps(report))
         return
     for name, result in results.items():
         print(
@@ -108,3 +115,5 @@ def run_eval_cli(args: argparse.Namespace) -> None:
         swarm, local = results["swarm"], results["local"]
         print(f"swarm / local perplexity: {swarm.perplexity / local.perplexity:.6f} "
               f"(NLL difference {swarm.nll - local.nll:+.2e} nats)")
+        print(f"greedy agreement: {agreement:.4f} (the same next token as local on {round(agreement * swarm.tokens)} "
+              f"of {swarm.tokens} tokens)")

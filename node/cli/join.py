@@ -55,6 +55,11 @@ def add_join_args(join: argparse.ArgumentParser) -> None:
     join.add_argument("--quant", default="none", choices=["none", "int8", "nf4"],
                       help="quantise the span's weights: int8 (~1/4 of float32, small quality cost) or nf4 (~1/7, "
                            "larger cost; CUDA needs bitsandbytes); default none (exact outputs). docs/quantization.md")
+    join.add_argument("--numerics", default="exact", choices=["exact", "fast"],
+                      help="exact (default): products equal transformers' up to float rounding; fast: the exact "
+                           "compact q4/q8 weights multiply 8-bit quantised activations with integer dot products, "
+                           "as llama.cpp does (faster, perplexity within ~1%%; clients may refuse such nodes: "
+                           "--accept-numerics). docs/performance.md#fast-numerics")
     join.add_argument("--batch-wait-ms", type=float, default=5.0,
                       help="how long a pass may wait to batch the steps of other sessions active on this node "
                            "(default 5; 0: never wait; a lone session never waits). docs/performance.md")
@@ -261,6 +266,7 @@ def run_join(args: argparse.Namespace) -> None:
         revision=revision,
         lean=not args.no_lean,
         exact=not args.no_exact,
+        numerics=args.numerics,
         pack=not args.no_pack,
         batch_wait=args.batch_wait_ms / 1000,
         quant=args.quant,

@@ -55,11 +55,13 @@ class ExactReport:
     bytes_before: int
     bytes_after: int
     row_threads: int = 1  # threads one-row products run on (`calibrate_threads`)
+    fast: int = 0         # of those held narrow, how many multiply in llama.cpp's numerics (`--numerics fast`)
 
     def describe(self) -> str:
         kept = ", ".join(f"{count} {fmt}" for fmt, count in sorted(self.formats.items())) or "none"
+        fast = f"; {self.fast} in fast numerics (not bit-exact)" if self.fast else ""
         return (f"exact compact weights: {kept}; {self.dense} dense; "
-                f"{self.bytes_before / 1e6:.1f} -> {self.bytes_after / 1e6:.1f} MB; "
+                f"{self.bytes_before / 1e6:.1f} -> {self.bytes_after / 1e6:.1f} MB{fast}; "
                 f"one-row products on {self.row_threads} thread(s)")
 
 
@@ -98,9 +100,10 @@ def _exact_linears(module: torch.nn.Module, kernels: Kernels, tally: _Tally) -> 
             _exact_linears(child, kernels, tally)
 
 
-def exact_span(span, kernels: Kernels | None = None) -> ExactReport | None:
+def exact_span(span, kernels: Kernels | None = None, numerics: str = "exact") -> ExactReport | None:
     """Keep each float32 matrix of a CPU span (the lean runtime's, after `make_lean`, or transformers' own layers')
-    in the narrowest exact form found; None where that cannot apply (another dtype or device, no kernels)."""
+    in the narrowest exact form found, multiplying in `numerics` (`use_numerics`); None where that cannot apply
+    (another dtype or device, no kernels)."""
 
 
     lean = span.lean
@@ -123,7 +126,21 @@ def exact_span(span, kernels: Kernels | None = None) -> ExactReport | None:
                 setattr(layer, name, exact)
     if lean is not None:
         release_projections(span)
-    return ExactReport(tally.formats, tally.dense, tally.before, tally.after, calibrate_threads(_exact_weights(span)))
+    fast = use_numerics(span, numerics)
+    return ExactReport(tally.formats, tally.dense, tally.before, tally.after, calibrate_threads(_exact_weights(span)),
+                       fast)
+
+
+def use_numerics(span, numerics: str) -> int:
+    """Every exact weight of `span` multiplies in `numerics` from now on ("exact", or "fast": llama.cpp's numerics
+    for its q4 and q8 forms, common/weights/kernels/fast.c); returns how many multiply in the fast numerics."""
+    weights = _exact_weights(span)
+    return sum(weight.use_numerics(numerics) and weight.fast for weight in weights)
+
+
+def span_numerics(span) -> str:
+    """"fast" where any of a span's products run in llama.cpp's numerics, else "exact" (what a node advertises)."""
+    return "fast" if any(weight.fast for weight in _exact_weights(span)) else "exact"
 
 
 class HeldForms:
@@ -132,8 +149,10 @@ class HeldForms:
     [in, out] in `dtype`. The forms and values are those `quantize_span` / `exact_span` make of a float32 span;
     a bfloat16 matrix becomes its bf16 exact form from its own bytes, never widened to float32 first."""
 
-    def __init__(self, dtype: torch.dtype, quant: str = "none", kernels: Kernels | None = None):
+    def __init__(self, dtype: torch.dtype, quant: str = "none", kernels: Kernels | None = None,
+                 numerics: str = "exact"):
         self.dtype, self.quant, self.kernels = dtype, quant, kernels if dtype == torch.float32 else None
+        self.numerics = numerics  # what the exact weights multiply in (`use_numerics`), set before they are timed
         self.tally = _Tally()
 
     def __call__(self, name: str, weights: list[torch.Tensor]):
@@ -178,8 +197,9 @@ class HeldForms:
         if self.kernels is None:
             return None
         tally = self.tally
+        fast = use_numerics(span, self.numerics)
         return ExactReport(tally.formats, tally.dense, tally.before, tally.after,
-                           calibrate_threads(_exact_weights(span)))
+                           calibrate_threads(_exact_weights(span)), fast)
 
 
 ROWS_AT_ONCE = 256  # rows of a matrix encoded at a time: bounds the encoder's temporaries to a few such row blocks

@@ -94,6 +94,7 @@ class SpanForm:
     quant: str = "none"      # node/model/quant.py: none | int8 | nf4
     exact: bool = False      # exact compact forms of float32 CPU matrices (node/model/compact.py)
     transpose: bool = False  # transformers' own linears stored transposed (common/weights/fast_linear.py)
+    numerics: str = "exact"  # exact | fast: the exact forms' products in llama.cpp's numerics (docs/performance.md)
 
 
 def load_span(
@@ -192,7 +193,7 @@ class _Builder:
             self.kernels = shared_kernels()
         self.quantised = 0
         self.lean: LeanSpan | None = None
-        self.forms = HeldForms(dtype, form.quant, self.kernels)
+        self.forms = HeldForms(dtype, form.quant, self.kernels, form.numerics)
         self._deferred: dict[int, tuple[str, ShardReader]] = {}  # id(meta parameter) -> its key, its reader
         if form.lean:
             reason = lean_unsupported(span)

@@ -149,6 +149,7 @@ class PotluckServicer(pb_grpc.PotluckServicer):
                 "throughput": self.serving.throughput, "prefill_throughput": self.serving.prefill_throughput,
                 "started_at": self.serving.started_at, "push": self.push_enabled,
                 "passes": executor.passes, "batched_steps": executor.batched_steps, "quant": self.identity.quant,
+                "numerics": executor.numerics(),  # exact | fast: the products' numerics (docs/performance.md)
                 "adapters": sorted(executor.adapters),
                 "packed": executor.layout.packed_share() if executor.layout is not None else 0.0,
                 "exact": executor.exact_formats(),  # matrices held in each exact narrow form (model/exact.py)

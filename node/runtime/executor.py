@@ -28,7 +28,7 @@ import torch
 
 from common.weights.exact import KERNEL_ROWS, pass_threads
 from common.wire.convoy import Convoy, send_off
-from node.model.compact import exact_formats, span_kernels
+from node.model.compact import exact_formats, span_kernels, span_numerics
 from node.model.lean import Row
 from node.model.loader import release_free_heap
 from node.model.span import SpanModel
@@ -125,6 +125,10 @@ class Executor:
         for work in pending:
             if work.future.set_running_or_notify_cancel():
                 work.future.set_exception(Unavailable("this node stopped serving these layers; re-route the session"))
+
+    def numerics(self) -> str:
+        """"fast" where the span's products run in llama.cpp's numerics (`--numerics fast`), else "exact"."""
+        return span_numerics(self.span)
 
     def exact_formats(self) -> dict[str, int]:
         """How many of the span's matrices are held in each exact narrow form (common/weights/exact.py)."""

@@ -11,7 +11,8 @@ from gguf.quants import dequantize, quantize
 from transformers import AutoModelForCausalLM
 
 from client.combine import PackedHead
-from common.weights.exact import ExactWeight, KernelError, build_kernels, shared_kernels
+from common.weights import exact as exact_module
+from common.weights.exact import BLOCK, ExactWeight, KernelError, build_kernels, shared_kernels
 from common.weights.fast_linear import TransposedLinear, transpose_linears
 from common.weights.files import ModelFiles
 from common.wire import codec
@@ -329,3 +330,45 @@ def test_a_small_pass_runs_torch_on_one_thread_and_products_on_all(kernels, smol
             assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+# -- fast numerics (kernels/fast.c): llama.cpp's Q8_1 activations and integer dot products --------------------
+def fast_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """What the fast kernels compute, in float64: each block of 32 activations rounded to 8-bit codes of step
+    max|x| / 127 (ties to even), times the weights."""
+    blocks = x.reshape(x.shape[0], -1, BLOCK)
+    step = blocks.abs().amax(-1, keepdim=True) / 127.0
+    codes = torch.round(blocks * torch.where(step != 0, 1.0 / step, torch.zeros_like(step)))
+    return ((codes * step).reshape(x.shape).double() @ weight.double().t()).float()
+
+
+@pytest.mark.parametrize("portable", [False, True])
+@pytest.mark.parametrize("fmt", ["q4", "q4_0", "q8"])
+def test_fast_numerics_are_llama_cpps(fmt, portable, tmp_path, monkeypatch):
+    if portable:  # the plain C fallback, as built where the CPU has no AVX2
+        monkeypatch.setattr(exact_module, "FLAG_SETS", (("-O3", "-pthread"),))
+    kernels = build_kernels(tmp_path)
+    torch.manual_seed(0)
+    weight = as_gguf_would(torch.randn(80, 192) * 0.05, fmt)
+    exact = ExactWeight.of(weight, kernels)
+    assert exact.use_numerics("fast") and exact.fast
+    for rows in (1, 3, 8, 33, 70):  # every row count runs the fast kernels (a prefill too)
+        x = torch.randn(rows, 192)
+        x[0, :BLOCK] = 0.0  # a block of zeros: step 0
+        got = exact.linear(x)
+        reference = fast_reference(x, weight)
+        assert (got - reference).abs().max().item() < 1e-5 * max(reference.abs().max().item(), 1.0)
+        plain = (x.double() @ weight.double().t()).float()
+        assert 1e-4 < ((got - plain).norm() / plain.norm()).item() < 0.02  # not exact: 8-bit activations
+        assert all(torch.equal(exact.product(x[i : i + 1])[0], got[i]) for i in range(rows))  # alone or not
+        for threads in (1, 2, 3):
+            assert torch.equal(exact.product(x, threads=threads), got)
+    assert exact.use_numerics("exact") and torch.allclose(exact.linear(x), plain, atol=1e-4)
+
+
+def test_fast_numerics_leave_bf16_exact(kernels):
+    weight = torch.randn(32, 64).to(torch.bfloat16).float()
+    exact = ExactWeight.of(weight, kernels)
+    assert exact.format == "bf16" and not exact.use_numerics("fast") and not exact.fast
+    with pytest.raises(ValueError, match="numerics"):
+        exact.use_numerics("approximate")

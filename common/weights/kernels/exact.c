@@ -33,7 +33,7 @@
 #define RELAX() ((void)0)
 #endif
 
-int exact_abi(void) { return 2; }
+int exact_abi(void) { return 3; }
 int exact_simd(void) { return EXACT_SIMD; }
 
 /* ---- the thread pool ----
@@ -102,8 +102,8 @@ static void wake_helpers(void) {
     pthread_mutex_unlock(&sleep_lock);
 }
 
-/* fn over rows [0, rows) on up to `threads` threads (this one included) */
-static void run_job(part_fn fn, const void *args, int rows, int threads) {
+/* fn over rows [0, rows) on up to `threads` threads (this one included); fast.c's products use it too */
+void exact_run_job(part_fn fn, const void *args, int rows, int threads) {
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     if (threads > rows) threads = rows;
     if (threads <= 1 || pthread_mutex_trylock(&call_lock) != 0) {
@@ -289,17 +289,17 @@ static void bf_part(const void *job, int start, int stop) {
 void q4_gemm(const float *x, int M, int K, const uint8_t *q, const float *d, const float *m, int N, float *y,
              int threads) {
     gemm_job job = {x, M, K, N, q, d, m, y};
-    run_job(q4_part, &job, N, threads);
+    exact_run_job(q4_part, &job, N, threads);
 }
 
 void q8_gemm(const float *x, int M, int K, const int8_t *q, const float *d, int N, float *y, int threads) {
     gemm_job job = {x, M, K, N, q, d, NULL, y};
-    run_job(q8_part, &job, N, threads);
+    exact_run_job(q8_part, &job, N, threads);
 }
 
 void bf_gemm(const float *x, int M, int K, const uint16_t *q, int N, float *y, int threads) {
     gemm_job job = {x, M, K, N, q, NULL, NULL, y};
-    run_job(bf_part, &job, N, threads);
+    exact_run_job(bf_part, &job, N, threads);
 }
 
 /* rows [start, stop) of W as dense float32 [stop - start, K] (for long products and gradients) */
