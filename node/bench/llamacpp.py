@@ -196,15 +196,20 @@ class LlamaSide:
     gguf: str = ""           # the file's name
     kind: str = "F32"        # what its matrices are stored as (gguf_kind)
     served: bool = False     # the very file the swarm serves (or was made from, value for value)
+    label: str = ""          # what the swarm side ran, where not the main chain ("swarm, N nodes, push")
+
+    @property
+    def swarm_label(self) -> str:
+        return self.label or f"swarm, {self.servers} node{'s' if self.servers > 1 else ''}, push"
 
 
 def side_by_side(llama: LlamaCpp, swarm_model, ids, new_tokens: int, threads: int, servers: int,
-                 repeats: int, served: bool = False) -> LlamaSide:
+                 repeats: int, served: bool = False, label: str = "") -> LlamaSide:
     """`swarm_model` (a warmed-up client over `servers` nodes) against llama.cpp in one process with `threads`
     threads and over `servers` rpc servers with one thread each, taking turns so that drift hits all three."""
     from node.bench.basic import timed_generate
 
-    side = LlamaSide(servers, [], [], [], llama.gguf.name, gguf_kind(llama.gguf), served)
+    side = LlamaSide(servers, [], [], [], llama.gguf.name, gguf_kind(llama.gguf), served, label)
     with RpcServers(llama.rpc_server, servers, threads=1) as rpc:
         for _ in range(repeats):
             side.swarm_tps.append(timed_generate(swarm_model, ids, new_tokens).decode_tps)

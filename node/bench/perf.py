@@ -33,7 +33,7 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from common.weights.embedded import source_gguf
 from node.bench.basic import all_at_once, machine_info, prompt_ids, timed_generate, write_section
 from node.bench.batch_compute import batch_compute
-from node.bench.llamacpp import LlamaCpp, side_by_side
+from node.bench.llamacpp import LlamaCpp, LlamaSide, side_by_side
 from node.bench.perf_report import render_markdown, write_plot
 from node.bench.perf_results import PerfResult, PerfSettings, Speed, WanResult
 
@@ -246,6 +246,30 @@ def batched_llama(settings: PerfSettings, threads: int) -> dict:
     return llama.batched_decode(settings.concurrency, 16, settings.concurrency_tokens, threads)
 
 
+def numerics_rounds(settings: PerfSettings) -> list[tuple[int, str]]:
+    """(nodes, numerics) of the chains that take turns with llama.cpp on the served file besides the main one: one
+    node serving every layer, exact and fast, and the longest chain in fast numerics (issue 28's targets)."""
+    if settings.llama_cpp is None or settings.llama_served is None:
+        return []
+    most = max(settings.node_counts)
+    return [(1, "exact"), (1, "fast")] + ([(most, "fast")] if most > 1 else [])
+
+
+def numerics_side_by_side(settings: PerfSettings, parts: int, numerics: str, ids: torch.Tensor,
+                          threads: int) -> LlamaSide:
+    """A chain of `parts` nodes computing in `numerics`, taking turns with llama.cpp on the served file."""
+    chain = _Chain(settings, parts, ("--numerics", numerics))
+    try:
+        model = chain.client()
+        timed_generate(model, ids[:, :4], 2)  # warm-up
+        label = f"swarm, {parts} node{'s' if parts > 1 else ''}, push, --numerics {numerics}"
+        llama = LlamaCpp.find(settings.llama_cpp, settings.llama_served)
+        return side_by_side(llama, model, ids, settings.new_tokens, threads, parts, settings.repeats, served=True,
+                            label=label)
+    finally:
+        chain.close()
+
+
 def run_benchmark(settings: PerfSettings, console: Console | None = None) -> PerfResult:
     from transformers import AutoModelForCausalLM
 
@@ -272,6 +296,7 @@ def run_benchmark(settings: PerfSettings, console: Console | None = None) -> Per
             + 3
             + 2 * (len(settings.delays_ms) + 1)
             + (len(settings.concurrency) + (settings.llama_cpp is not None)) * settings.repeats
+            + len(numerics_rounds(settings))
             + 3
         )
         task = progress.add_task("local transformers", total=steps)
@@ -382,6 +407,12 @@ def run_benchmark(settings: PerfSettings, console: Console | None = None) -> Per
                 result.rss_node_now_mb = rss_mb(chain.nodes[0].process.pid, "VmRSS")
             finally:
                 chain.close()
+
+        for parts, numerics in numerics_rounds(settings):
+            result.llama.append(numerics_side_by_side(settings, parts, numerics, ids, threads))
+            side = result.llama[-1]
+            tick(f"{side.swarm_label}: {statistics.median(side.swarm_tps):.1f} tok/s, llama.cpp "
+                 f"{statistics.median(side.single_tps):.1f} in one process")
 
         chain = _Chain(settings, most, extra_args=("--no-lean",))
         try:

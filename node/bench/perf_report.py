@@ -190,7 +190,10 @@ def _llama_lines(result: PerfResult) -> list[str]:
         f"the swarm serves first, taking turns with the swarm in each of {s.repeats} round(s): the swarm "
         f"({result.llama[0].servers} nodes, push), llama.cpp in one process with {result.machine['threads']} "
         f"threads, and llama.cpp over its RPC backend with {result.llama[0].servers} rpc servers on loopback (one "
-        "thread each, every layer on the servers).",
+        "thread each, every layer on the servers). On the served file the same turns are taken again by one node "
+        "serving every layer (against llama.cpp in one process and over one rpc server) and by nodes started with "
+        "`--numerics fast` (llama.cpp's numerics: 8-bit activations, integer dot products; docs/performance.md), "
+        "each configuration in rounds of its own.",
         "",
         "| system | file | decode tok/s | ms/token | swarm vs it (same rounds) |",
         "|---|---|---:|---:|---:|",
@@ -199,18 +202,35 @@ def _llama_lines(result: PerfResult) -> list[str]:
         swarm, single, rpc = (statistics.median(x) for x in (side.swarm_tps, side.single_tps, side.rpc_tps))
         same = " (the file the swarm serves)" if side.served else ""
         lines += [
-            f"| swarm, {side.servers} nodes, push | | {swarm:.2f} | {1000 / swarm:.1f} | |",
+            f"| {side.swarm_label} | | {swarm:.2f} | {1000 / swarm:.1f} | |",
             f"| llama.cpp {side.kind}{same}, one process | `{side.gguf}` | {single:.2f} | {1000 / single:.1f} | "
             f"{swarm / single:.2f}x |",
             f"| llama.cpp {side.kind}{same} over RPC, {side.servers} servers | `{side.gguf}` | {rpc:.2f} | "
             f"{1000 / rpc:.1f} | {swarm / rpc:.2f}x |",
         ]
+    lines += _llama_target_lines(result)
     for side in result.llama:
         per_run = "; ".join(
             f"{a:.2f} / {b:.2f} / {c:.2f}" for a, b, c in zip(side.swarm_tps, side.single_tps, side.rpc_tps)
         )
-        lines += ["", f"Per round with `{side.gguf}` (swarm / llama.cpp one process / llama.cpp RPC): {per_run}."]
+        lines += ["", f"Per round, {side.swarm_label} with `{side.gguf}` (swarm / llama.cpp one process / llama.cpp "
+                      f"RPC): {per_run}."]
     return lines
+
+
+def _llama_target_lines(result: PerfResult) -> list[str]:
+    """Issue 28's ratios, each from the rounds its two sides took turns in, on the served file."""
+    rows = []
+    for side in (side for side in result.llama if side.served):
+        swarm, single, rpc = (statistics.median(x) for x in (side.swarm_tps, side.single_tps, side.rpc_tps))
+        if side.servers > 1:
+            rows.append(f"| {side.swarm_label} vs llama.cpp over RPC, {side.servers} servers | {swarm / rpc:.2f}x |")
+        else:
+            rows.append(f"| {side.swarm_label} vs llama.cpp in one process | {swarm / single:.2f}x |")
+    if not rows:
+        return []
+    return ["", "On the served file, the ratios that matter (each from the same rounds):", "",
+            "| swarm vs llama.cpp | ratio |", "|---|---:|", *rows]
 
 
 def write_plot(result: PerfResult, path: Path) -> bool:

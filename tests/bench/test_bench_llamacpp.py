@@ -75,6 +75,18 @@ def test_the_report_compares_the_swarm_with_llama_cpp_on_the_file_it_serves_firs
     assert q4 < text.index("| llama.cpp F32, one process | `m-f32.gguf` | 29.50 | 33.9 | 0.49x |")
     assert "| llama.cpp F32 over RPC, 3 servers | `m-f32.gguf` | 14.50 | 69.0 | 1.00x |" in text
     assert "llama-batched-bench" not in text  # no batched runs, no table
+    assert "| swarm, 3 nodes, push vs llama.cpp over RPC, 3 servers | 0.19x |" in text  # the served file only
+    assert "m-f32.gguf` | 14.50" in text and "vs llama.cpp over RPC, 3 servers | 1.00x" not in text
+    result.llama += [  # one node of each numerics, and the chain in fast numerics: turns of their own
+        LlamaSide(1, [60.0, 62.0], [120.0, 124.0], [100.0, 100.0], served.name, "Q4_1", True,
+                  "swarm, 1 node, push, --numerics fast"),
+        LlamaSide(3, [90.0, 80.0], [120.0, 130.0], [70.0, 80.0], served.name, "Q4_1", True,
+                  "swarm, 3 nodes, push, --numerics fast"),
+    ]
+    text = render_markdown(result)
+    assert "| swarm, 1 node, push, --numerics fast | | 61.00 | 16.4 | |" in text
+    assert "| swarm, 1 node, push, --numerics fast vs llama.cpp in one process | 0.50x |" in text
+    assert "| swarm, 3 nodes, push, --numerics fast vs llama.cpp over RPC, 3 servers | 1.13x |" in text
     result.concurrency = [(1, 40.0, 1.0, 45.0), (8, 120.0, 6.0, 150.0)]
     result.llama_batched = {1: [BatchedRun(1, 16, 24, 0.1, 0.5), BatchedRun(1, 16, 24, 0.1, 0.3)],
                             8: [BatchedRun(8, 16, 24, 0.3, 1.3)]}
