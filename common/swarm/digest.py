@@ -35,6 +35,15 @@ def missing(held, theirs: dict[bytes, int]) -> list[str]:
     return [node_id for node_id, seq in held if theirs.get(prefix(node_id), -1) < seq]
 
 
-def wanted(held: dict[bytes, int], theirs: dict[bytes, int]) -> bytes:
-    """Packed 8-byte id prefixes of the records `theirs` holds newer than `held` (or that `held` lacks)."""
-    return b"".join(key for key, seq in theirs.items() if held.get(key, -1) < seq)
+def wanted(held: dict[bytes, int], theirs: dict[bytes, int], new_at_most: int | None = None) -> bytes:
+    """Packed 8-byte id prefixes of the records `theirs` holds newer than `held` (or that `held` lacks); of those
+    `held` lacks, at most `new_at_most` (None: all)."""
+    keys, new = [], 0
+    for key, seq in theirs.items():
+        if key in held:
+            if held[key] < seq:
+                keys.append(key)
+        elif new_at_most is None or new < new_at_most:
+            keys.append(key)
+            new += 1
+    return b"".join(keys)

@@ -93,6 +93,7 @@ class Membership:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.failures = 0            # exchanges that failed (each logged at WARNING)
+        self.deferred = 0            # pulled records of new identities left for a later exchange (no room yet)
         self.refused: set[str] = set()  # addresses that refused our calls as UNAUTHENTICATED (private swarms)
         self._rng = rng or random.Random()
         self._mdns: MdnsDiscovery | None = None
@@ -212,7 +213,9 @@ class Membership:
             theirs = digest.unpack(request.digest)
             lacking = digest.missing(proven, theirs)
             mine = {digest.prefix(node_id): self.registry.records[node_id][0].seq for node_id in held}
-            wanted = digest.wanted(mine, theirs) if self.own is not None else b""
+            # new identities only as many as there is room for unproven ones: the rest in a later exchange
+            room = self.registry.pending_room(now)
+            wanted = digest.wanted(mine, theirs, new_at_most=room) if self.own is not None else b""
         else:
             lacking, wanted = [node_id for node_id, _ in proven], b""
         self._rng.shuffle(lacking)
@@ -222,11 +225,20 @@ class Membership:
                               strikes=codec.encode_records(self.strikes.signed(), key))
 
     def _take(self, batch, source: str | None) -> None:
-        """Offer records; prove new identities, pass news on once proven."""
+        """Offer records; prove new identities, pass news on once proven. Records we pulled (`source` None) of
+        new identities are taken while the registry has room for unproven ones; the rest are left for a later
+        exchange (the digest still lacks them), not refused: a node joining a swarm larger than that room
+        learns it page by page as its proofs come back. Pushed records past the room are refused (a cap)."""
         now = self.clock()
         accepted = 0
+        room = self.registry.pending_room(now) if source is None else None
         for signed in batch:
             held = self.registry.records.get(codec_node_id(signed))
+            if held is None and room is not None:
+                if room <= 0:
+                    self.deferred += 1
+                    continue
+                room -= 1
             old = held[0] if held is not None else None
             try:
                 if not self.registry.offer(signed, now=now, source=source):
@@ -339,8 +351,8 @@ class Membership:
                            if digest.prefix(r.node_id) in keys and r.expires_at > now
                            and self.registry.is_proven(r.node_id)]
                 await self._push(records, [address])
-            if not reply.more:
-                return True
+            if not reply.more or self.registry.pending_room(self.clock()) == 0:
+                return True  # all pulled, or no room for more until proofs come back: the next exchange goes on
         return True
 
     async def push_all(self, addresses) -> None:

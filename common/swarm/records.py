@@ -313,6 +313,12 @@ class Registry:
     def is_proven(self, node_id: str) -> bool:
         return node_id in self.proven
 
+    def pending_room(self, now: float | None = None) -> int:
+        """How many more unproven identities the registry takes now (`limits.pending` less those it holds)."""
+        if len(self.records) - len(self.proven) >= self.limits.pending:
+            self.expire(time.time() if now is None else now)
+        return max(0, self.limits.pending - (len(self.records) - len(self.proven)))
+
     def offer_many(self, batch, now: float | None = None, source: str | None = None) -> tuple[int, list[str]]:
         """Offer each record; returns (number accepted as new, reasons for the ones dropped)."""
         accepted, problems = 0, []

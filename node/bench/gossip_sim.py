@@ -58,6 +58,7 @@ class SimSettings:
     partition: bool = True       # cut the swarm in two for longer than the TTL, then heal it
     gzip_every: int = 8          # compress one message in this many of each kind to count gzipped bytes
     seed: int = 0
+    pending: int = Limits().pending  # the registry's cap on unproven records (a node's default)
 
 
 def _address(index: int) -> str:
@@ -85,7 +86,7 @@ class _Swarm:
         self.rng = random.Random(s.seed)
         self.transport = MemoryTransport(LATENCY, gzip_every=s.gzip_every)
         self.cache: dict = {}
-        self.limits = Limits(max_ttl=TTL_CAP)  # a node's defaults: 512 unproven, 120 new ids a minute per source
+        self.limits = Limits(max_ttl=TTL_CAP, pending=s.pending)  # a node's defaults: 512 unproven, 120 new ids a minute per source
         self.model_of: dict[str, int] = {}  # address -> model index
         self.alive: dict[str, object] = {}  # address -> Membership of a running node
         self.tasks: set[asyncio.Task] = set()

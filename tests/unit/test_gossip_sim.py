@@ -21,6 +21,15 @@ def test_two_hundred_nodes_of_three_models_under_churn_converge():
     assert result["bytes_per_min_per_node"] > 0 and result["cpu_ms_per_min_per_node"] > 0
 
 
+@pytest.mark.timeout(120)
+def test_a_model_larger_than_a_registrys_room_for_unproven_records_is_learnt_without_refusals():
+    """At 1,000 nodes (508 of one model) joiners pulled more new identities than the 512 unproven records a
+    registry holds, and 828 were refused in two minutes; pulls and `wanted` lists now take what fits."""
+    result = simulate_swarm(SimSettings(nodes=40, models=1, seed=2, partition=False, pending=24, **SMALL))
+    assert result["steady_state_refusals"] == 0
+    assert result["joins"] >= 5 and result["join_known_by_all_s"] is not None and result["join_known_by_all_s"] < 10
+
+
 @pytest.mark.timeout(60)
 def test_the_simulation_does_not_depend_on_how_busy_the_machine_is():
     """Time moves only by scheduled events: two runs of one seed give the same figures (CPU times aside)."""
