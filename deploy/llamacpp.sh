@@ -29,13 +29,25 @@ if [ ! -f "$OUT/src/vendor/llama.cpp/CMakeLists.txt" ]; then
 fi
 SRC="$OUT/src/vendor/llama.cpp"
 
-if [ ! -x "$OUT/build/bin/llama-bench" ]; then
-    echo "building llama.cpp in $OUT/build"
+# ggml is built for this CPU (-march=native). On a CPU with AMX tiles, this llama.cpp's AMX kernels died here with
+# SIGILL / a general protection fault on the first batched product (tinygemm_kernel_amx, ldtilecfg: every
+# llama-batched-bench run, any prompt), although a plain AMX instruction runs: so on such CPUs llama.cpp is
+# built for every instruction set the CPU has (an AMX CPU has all of these) except AMX: its AVX-512 / VNNI
+# kernels (one-token decode, llama-bench -p 0, never used AMX). LLAMA_CPP_AMX=1 keeps -march=native.
+ISA=(-DGGML_NATIVE=ON)
+if grep -q -w amx_tile /proc/cpuinfo 2>/dev/null && [ "${LLAMA_CPP_AMX:-0}" != 1 ]; then
+    ISA=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX_VNNI=ON
+         -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON)
+fi
+BUILT_WITH="$OUT/build/potluck-flags"
+if [ ! -x "$OUT/build/bin/llama-bench" ] || [ "$(cat "$BUILT_WITH" 2>/dev/null)" != "flags:${ISA[*]}" ]; then
+    echo "building llama.cpp in $OUT/build (${ISA[*]})"
     cmake -S "$SRC" -B "$OUT/build" -DCMAKE_BUILD_TYPE=Release -DGGML_RPC=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
-        -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF >/dev/null
+        -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF "${ISA[@]}" >/dev/null
     # the rpc server's target is ggml-rpc-server in recent llama.cpp, rpc-server before
     cmake --build "$OUT/build" --config Release -j "$(nproc)" --target llama-bench llama-batched-bench ggml-rpc-server \
         || cmake --build "$OUT/build" --config Release -j "$(nproc)" --target llama-bench llama-batched-bench rpc-server
+    echo "flags:${ISA[*]}" > "$BUILT_WITH"
 fi
 
 GGUF="$OUT/$(basename "$MODEL")-f32.gguf"
