@@ -86,7 +86,8 @@ class _Swarm:
         self.rng = random.Random(s.seed)
         self.transport = MemoryTransport(LATENCY, gzip_every=s.gzip_every)
         self.cache: dict = {}
-        self.limits = Limits(max_ttl=TTL_CAP, pending=s.pending)  # a node's defaults: 512 unproven, 120 new ids a minute per source
+        # a node's defaults (120 new ids a minute per source), the unproven cap as set
+        self.limits = Limits(max_ttl=TTL_CAP, pending=s.pending)
         self.model_of: dict[str, int] = {}  # address -> model index
         self.alive: dict[str, object] = {}  # address -> Membership of a running node
         self.tasks: set[asyncio.Task] = set()
