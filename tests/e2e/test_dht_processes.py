@@ -17,12 +17,13 @@ import time
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM
 
 from client import DistributedModelForCausalLM
 from client.config import ClientConfig
 from node.launcher import NodeProcess
 from tests.e2e.test_swarm import wait_until
+from tests.support.processes import node_processes, tiny_llama_folder
 
 pytest.importorskip("hivemind")
 
@@ -34,33 +35,13 @@ PEER_LINE = re.compile(r"DHT peer at (\S+)")
 
 @pytest.fixture(scope="module")
 def dht_model(tmp_path_factory):
-    torch.manual_seed(7)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
-                         num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    folder = tmp_path_factory.mktemp("dht-model")
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    return folder
+    return tiny_llama_folder(tmp_path_factory.mktemp("dht-model"), LAYERS, VOCAB, seed=7)
 
 
 @pytest.fixture()
 def nodes(tmp_path):
-    started: list[NodeProcess] = []
-
-    def start(model, a: int, b: int, *args: str) -> NodeProcess:
-        identity = ("--identity", str(tmp_path / f"node-{len(started)}.pem"))
-        node = NodeProcess(model, a, b, extra_args=(*NODE_ARGS, *identity, *args))
-        started.append(node)
-        return node.start()
-
-    try:
-        yield start
-    finally:
-        for node in started:
-            if node.process is not None and node.process.poll() is None:
-                node.process.send_signal(signal.SIGTERM)
-        for node in started:
-            node.stop(15)
-            _kill_group(node)  # the DHT peer and p2pd, if anything is left of them
+    with node_processes(tmp_path, NODE_ARGS, after_stop=_kill_group) as start:  # the DHT peer and p2pd too
+        yield lambda model, a, b, *args: start(model, *args, span=(a, b))
 
 
 def _kill_group(node: NodeProcess) -> None:

@@ -11,17 +11,17 @@ proportional (shared pages split): 13 of them ~4.0 GB PSS, 5.7 GB RSS."""
 from __future__ import annotations
 
 import math
-import signal
 import time
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM
 
 from client import DistributedModelForCausalLM
 from common.swarm.placement import Server, layer_throughput
 from node.launcher import NodeProcess
 from tests.e2e.test_swarm import live_spans, wait_until
+from tests.support.processes import node_processes, tiny_llama_folder
 
 NUM_LAYERS, BLOCKS, JOINERS, VOCAB = 24, 4, 12, 512
 # The most-replicated layer: issue 24's target is 1.5x the ideal (replicas / layers), set for 100-node waves; here
@@ -39,33 +39,14 @@ NODE_ARGS = ("--no-mdns", "--num-blocks", str(BLOCKS), "--throughput", "100", "-
 @pytest.fixture(scope="module")
 def wave_model(tmp_path_factory):
     """A tiny LLaMA with 24 layers; its config is this module's alone (no other test's nodes count for it)."""
-    torch.manual_seed(24)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=NUM_LAYERS,
-                         num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    folder = tmp_path_factory.mktemp("wave-model")
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    return folder
+    return tiny_llama_folder(tmp_path_factory.mktemp("wave-model"), NUM_LAYERS, VOCAB, seed=24)
 
 
 @pytest.fixture()
 def launched(tmp_path):
     """Node processes started through `start(model, *args)`; all stopped at the end (SIGTERM to all, then wait)."""
-    started: list[NodeProcess] = []
-
-    def start(model, *args: str) -> NodeProcess:
-        identity = ("--identity", str(tmp_path / f"node-{len(started)}.pem"))
-        node = NodeProcess(model, extra_args=(*NODE_ARGS, *identity, *args))
-        started.append(node)
-        return node.start()
-
-    try:
+    with node_processes(tmp_path, NODE_ARGS) as start:
         yield start
-    finally:
-        for node in started:
-            if node.process is not None and node.process.poll() is None:
-                node.process.send_signal(signal.SIGTERM)
-        for node in started:
-            node.stop(15)  # a second SIGTERM: skip what is left of the drain; SIGKILL after 15 s
 
 
 def replicas(spans) -> list[int]:
