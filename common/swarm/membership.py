@@ -213,8 +213,9 @@ class Membership:
             theirs = digest.unpack(request.digest)
             lacking = digest.missing(proven, theirs)
             mine = {digest.prefix(node_id): self.registry.records[node_id][0].seq for node_id in held}
-            # new identities only as many as there is room for unproven ones: the rest in a later exchange
-            room = self.registry.pending_room(now)
+            # new identities only as many as there is room for unproven ones, and as the caller may still push
+            # (they come back pushed, from its host): the rest in a later exchange
+            room = min(self.registry.pending_room(now), self.registry.source_room(source, now))
             wanted = digest.wanted(mine, theirs, new_at_most=room) if self.own is not None else b""
         else:
             lacking, wanted = [node_id for node_id, _ in proven], b""

@@ -313,6 +313,13 @@ class Registry:
     def is_proven(self, node_id: str) -> bool:
         return node_id in self.proven
 
+    def source_room(self, source: str | None, now: float | None = None) -> int:
+        """How many more new identities `source` may push now (`limits.per_source` a minute); None: unlimited."""
+        if source is None:
+            return self.limits.per_source
+        now = time.time() if now is None else now
+        return max(0, self.limits.per_source - sum(1 for t in self._sources.get(source, ()) if t > now - 60.0))
+
     def pending_room(self, now: float | None = None) -> int:
         """How many more unproven identities the registry takes now (`limits.pending` less those it holds)."""
         if len(self.records) - len(self.proven) >= self.limits.pending:

@@ -59,6 +59,7 @@ class SimSettings:
     gzip_every: int = 8          # compress one message in this many of each kind to count gzipped bytes
     seed: int = 0
     pending: int = Limits().pending  # the registry's cap on unproven records (a node's default)
+    per_source: int = Limits().per_source  # new identities one source may push a minute (a node's default)
 
 
 def _address(index: int) -> str:
@@ -86,8 +87,7 @@ class _Swarm:
         self.rng = random.Random(s.seed)
         self.transport = MemoryTransport(LATENCY, gzip_every=s.gzip_every)
         self.cache: dict = {}
-        # a node's defaults (120 new ids a minute per source), the unproven cap as set
-        self.limits = Limits(max_ttl=TTL_CAP, pending=s.pending)
+        self.limits = Limits(max_ttl=TTL_CAP, pending=s.pending, per_source=s.per_source)
         self.model_of: dict[str, int] = {}  # address -> model index
         self.alive: dict[str, object] = {}  # address -> Membership of a running node
         self.tasks: set[asyncio.Task] = set()

@@ -30,6 +30,17 @@ def test_a_model_larger_than_a_registrys_room_for_unproven_records_is_learnt_wit
     assert result["joins"] >= 5 and result["join_known_by_all_s"] is not None and result["join_known_by_all_s"] < 10
 
 
+@pytest.mark.timeout(120)
+def test_a_node_asks_a_caller_for_no_more_new_identities_than_it_would_take_from_that_caller():
+    """At 1,000 nodes of three models, 141 records were still refused in two minutes after the fix above, each
+    "announced more than 120 new nodes in a minute": a node's `wanted` list asked one caller for more new
+    identities than the per-source cap lets it push back. Here the cap is 20 and 80 nodes serve three models."""
+    settings = dict(heartbeat=2.0, ttl=6.0, exchange_every=1.0, churn_every=2.0, window=16.0, settle=3.0)
+    result = simulate_swarm(SimSettings(nodes=80, models=3, seed=2, partition=False, per_source=20, **settings))
+    assert result["steady_state_refusals"] == 0  # 70 before
+    assert result["joins"] >= 4 and result["join_known_by_all_s"] is not None and result["join_known_by_all_s"] < 10
+
+
 @pytest.mark.timeout(60)
 def test_the_simulation_does_not_depend_on_how_busy_the_machine_is():
     """Time moves only by scheduled events: two runs of one seed give the same figures (CPU times aside)."""
