@@ -28,6 +28,7 @@ from common.wire.security import PLAINTEXT
 from node.launcher import NodeProcess
 from node.relay.join import relay_candidates
 from node.relay.relay import ByteBucket
+from tests.support.swarm_fixtures import attach_or_refusal
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = ("--heartbeat", "1", "--ttl", "4", "--threads", "1", "--no-mdns", "--throughput", "100",
@@ -110,13 +111,7 @@ def test_attach_needs_proof_of_membership_and_is_rate_limited_per_address(bg_loo
     relay = bg_loop.start_node(tiny_model_dir("llama"), 0, 3, relay=True, throughput=100.0)
 
     async def attach(prove):
-        link = RelayLink(relay.address, "127.0.0.1:1", PLAINTEXT, prove)
-        try:
-            return await link.attach()
-        except RelayRefused as error:
-            return error
-        finally:
-            await link.close()
+        return await attach_or_refusal(RelayLink(relay.address, "127.0.0.1:1", PLAINTEXT, prove))
 
     try:
         assert isinstance(bg_loop.run(attach(member_proof())), str)  # a member: an address
@@ -186,16 +181,10 @@ def test_relay_refuses_a_node_past_its_limit(chain, bg_loop):
     """relay_max_nodes 1 and one node attached: the next member's Attach gets RESOURCE_EXHAUSTED naming the flag
     (a stranger learns nothing of the limit: it gets the fixed refusal)."""
     from node.relay.gate import ATTACH_REFUSED
-    from node.relay.link import RelayLink, RelayRefused
+    from node.relay.link import RelayLink
 
     async def attach():
-        link = RelayLink(chain[0].address, "127.0.0.1:1", PLAINTEXT, member_proof())
-        try:
-            return await link.attach()
-        except RelayRefused as error:
-            return error
-        finally:
-            await link.close()
+        return await attach_or_refusal(RelayLink(chain[0].address, "127.0.0.1:1", PLAINTEXT, member_proof()))
 
     refused = bg_loop.run(attach())
     assert refused.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "--relay-max-nodes 1" in str(refused), refused

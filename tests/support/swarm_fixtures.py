@@ -72,3 +72,15 @@ def wait_for_full_cache(address: str, budget: int = 65536, timeout: float = 10.0
     while (free := node_info(address).free_cache_tokens) != budget:
         assert time.monotonic() < deadline, f"{address} still holds {budget - free} cache tokens"
         time.sleep(0.05)
+
+
+async def attach_or_refusal(link):
+    """`link.attach()`'s answer (a RelayLink or a Relayed), or the RelayRefused it raised; closed either way."""
+    from node.relay.link import RelayRefused
+
+    try:
+        return await link.attach()
+    except RelayRefused as error:
+        return error
+    finally:
+        await link.close()

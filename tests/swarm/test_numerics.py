@@ -3,34 +3,21 @@ clients that accept exact products only (`--accept-numerics exact`), tolerated b
 
 from __future__ import annotations
 
-import msgpack
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from client.config import ClientConfig
 from client.routing import PeerInfo, accepts_numerics, weights_kind
 from client.transport import PeerError
 from client.verify import QUANT_TOLERANCE, WIRE_TOLERANCE, tolerance
-from common.swarm.records import PeerRecord, SignedRecord, node_id_of, verify_record
 from common.wire import codec
 from node.config import ConfigError, NodeConfig
+from tests.support.records import verified_with_and_without
 from tests.support.swarm_fixtures import node_info
 
 
 def test_records_carry_numerics_and_older_ones_mean_exact():
-    key = Ed25519PrivateKey.generate()
-    public = key.public_key().public_bytes_raw()
-    record = PeerRecord(node_id=node_id_of(public), addresses=("a:1",), model_id="m", config_hash="c", num_layers=4,
-                        start=0, end=2, numerics="fast", issued_at=1000.0, expires_at=1010.0, seq=1)
-
-    def signed(data: dict) -> SignedRecord:
-        payload = msgpack.packb(data, use_bin_type=True)
-        return SignedRecord(payload=payload, public_key=public, signature=key.sign(payload))
-
-    data = record.to_payload()
-    assert verify_record(signed(data), now=1001.0).numerics == "fast"
-    del data["numerics"]
-    assert verify_record(signed(data), now=1001.0).numerics == "exact"
+    sent, older = verified_with_and_without("numerics", "fast")
+    assert sent.numerics == "fast" and older.numerics == "exact"
 
 
 def test_accept_numerics_and_the_verifiers_kinds():

@@ -3,16 +3,13 @@ placement counting the quantised size, and a real quantised node in a swarm with
 
 from __future__ import annotations
 
-import msgpack
 import pytest
 import torch
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from transformers import AutoModelForCausalLM
 
 from client.routing import accepts_quant
 from client.verify import COMPUTE_TOLERANCE, QUANT_TOLERANCE, WIRE_TOLERANCE, tolerance
 from common.swarm.placement import layers_for_memory
-from common.swarm.records import PeerRecord, SignedRecord, node_id_of, verify_record
 from common.weights.fast_linear import transpose_linears
 from common.weights.files import ModelFiles
 from node.config import ConfigError, NodeConfig
@@ -26,6 +23,7 @@ from node.model.quant import (
     quantized_nbytes,
     weight_bytes,
 )
+from tests.support.records import verified_with_and_without
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -162,19 +160,8 @@ def test_placement_fits_more_quantised_layers(smollm_dir):
 
 # -- records, routing, verification --------------------------------------------------------------------
 def test_records_carry_quant_and_older_ones_mean_none():
-    key = Ed25519PrivateKey.generate()
-    public = key.public_key().public_bytes_raw()
-    record = PeerRecord(node_id=node_id_of(public), addresses=("a:1",), model_id="m", config_hash="c", num_layers=4,
-                        start=0, end=2, quant="int8", issued_at=1000.0, expires_at=1010.0, seq=1)
-
-    def signed(data: dict) -> SignedRecord:
-        payload = msgpack.packb(data, use_bin_type=True)
-        return SignedRecord(payload=payload, public_key=public, signature=key.sign(payload))
-
-    data = record.to_payload()
-    assert verify_record(signed(data), now=1001.0).quant == "int8"
-    del data["quant"]
-    assert verify_record(signed(data), now=1001.0).quant == "none"
+    sent, older = verified_with_and_without("quant", "int8")
+    assert sent.quant == "int8" and older.quant == "none"
 
 
 def test_accept_quant_levels():

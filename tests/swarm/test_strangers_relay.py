@@ -14,6 +14,7 @@ from client import DistributedModelForCausalLM
 from node.relay.join import Relayed
 from node.relay.link import RelayRefused
 from node.rpc.dialing import DialPolicy
+from tests.support.swarm_fixtures import attach_or_refusal
 
 IDS = torch.tensor([[4, 8, 15, 16, 23, 42]])
 
@@ -26,15 +27,7 @@ def attach_once(bg_loop, node, policy: DialPolicy):
     relayed = Relayed(node.membership, node.security, node.address, None, noop, record=lambda: node.record,
                       policy=policy)
 
-    async def attach():
-        try:
-            return await relayed.attach()
-        except RelayRefused as error:
-            return error
-        finally:
-            await relayed.close()
-
-    return bg_loop.run(attach()), relayed
+    return bg_loop.run(attach_or_refusal(relayed)), relayed
 
 
 def test_a_public_node_dials_no_relay_a_record_places_on_loopback(bg_loop, tiny_model_dir):
