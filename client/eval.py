@@ -69,8 +69,6 @@ def perplexity(model, input_ids: torch.Tensor, window: int = 512, stride: int = 
     return Perplexity(nll=total / count, tokens=count, windows=len(spans))
 
 
-
-
 def greedy_agreement(ours: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
     """The share of scored tokens where two models' greedy choices (`perplexity(..., greedy=)`) are the same token,
     each given the text's own tokens before it (teacher forcing: one divergence does not carry over to the next)."""

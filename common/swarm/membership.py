@@ -93,7 +93,6 @@ class Membership:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.failures = 0            # exchanges that failed (each logged at WARNING)
-        self.deferred = 0            # pulled records of new identities left for a later exchange (no room yet)
         self.refused: set[str] = set()  # addresses that refused our calls as UNAUTHENTICATED (private swarms)
         self._rng = rng or random.Random()
         self._mdns: MdnsDiscovery | None = None
@@ -237,8 +236,7 @@ class Membership:
             held = self.registry.records.get(codec_node_id(signed))
             if held is None and room is not None:
                 if room <= 0:
-                    self.deferred += 1
-                    continue
+                    continue  # no room for another unproven identity: a later exchange brings it
                 room -= 1
             old = held[0] if held is not None else None
             try:

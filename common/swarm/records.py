@@ -314,7 +314,8 @@ class Registry:
         return node_id in self.proven
 
     def source_room(self, source: str | None, now: float | None = None) -> int:
-        """How many more new identities `source` may push now (`limits.per_source` a minute); None: unlimited."""
+        """How many more new identities `source` may push now (`limits.per_source` a minute); None (records we
+        pull, never counted against a source): the whole minute's allowance."""
         if source is None:
             return self.limits.per_source
         now = time.time() if now is None else now

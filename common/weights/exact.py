@@ -287,7 +287,7 @@ class ExactWeight:
             return (flat @ self.dense().t()).reshape(*x.shape[:-1], self.out_features)
         flat = flat.to(torch.float32).contiguous()
         out = torch.empty(rows, self.out_features, dtype=torch.float32)
-        threads = threads or (rows == 1 and self.row_threads) or saved_threads() or torch.get_num_threads()
+        threads = self._threads(rows, threads)
         lib, args = self.kernels.lib, (flat.data_ptr(), rows, self.in_features)
         if self.format == "q4":
             lib.q4_gemm(*args, self.codes.data_ptr(), self.steps.data_ptr(), self.mins.data_ptr(), self.out_features,
@@ -298,13 +298,18 @@ class ExactWeight:
             lib.bf_gemm(*args, self.codes.data_ptr(), self.out_features, out.data_ptr(), threads)
         return out.reshape(*x.shape[:-1], self.out_features)
 
+    def _threads(self, rows: int, threads: int | None) -> int:
+        """Threads a `rows`-row product runs on: as asked, else one-row products' calibrated count, else a
+        pass's saved count, else torch's."""
+        return threads or (rows == 1 and self.row_threads) or saved_threads() or torch.get_num_threads()
+
     def _fast_product(self, flat: torch.Tensor, threads: int | None) -> torch.Tensor:
         """flat [rows, in] @ W.T in llama.cpp's numerics (kernels/fast.c), for any number of rows: a prefill is
         computed as its decode steps would be."""
         rows = flat.shape[0]
         flat = flat.to(torch.float32).contiguous()
         out = torch.empty(rows, self.out_features, dtype=torch.float32)
-        threads = threads or (rows == 1 and self.row_threads) or saved_threads() or torch.get_num_threads()
+        threads = self._threads(rows, threads)
         lib, args = self.kernels.lib, (flat.data_ptr(), rows, self.in_features)
         if self.format == "q4":
             failed = lib.q4_fast_gemm(*args, self.codes.data_ptr(), self.steps.data_ptr(), self.mins.data_ptr(),
