@@ -40,6 +40,7 @@ from common.wire.security import PLAINTEXT, Security
 log = logging.getLogger(__name__)
 
 MAX_PAGES = 64  # pages one exchange pulls at most (a page is `page_records` records)
+ASKED_CALLERS = 64  # callers whose answers to our `wanted` lists are remembered at once (Membership._ask)
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,7 @@ class Membership:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.failures = 0            # exchanges that failed (each logged at WARNING)
+        self._asked: dict[str, tuple[float, set[bytes]]] = {}  # caller host -> (until, new id prefixes we asked for)
         self.refused: set[str] = set()  # addresses that refused our calls as UNAUTHENTICATED (private swarms)
         self._rng = rng or random.Random()
         self._mdns: MdnsDiscovery | None = None
@@ -216,6 +218,8 @@ class Membership:
             # (they come back pushed, from its host): the rest in a later exchange
             room = min(self.registry.pending_room(now), self.registry.source_room(source, now))
             wanted = digest.wanted(mine, theirs, new_at_most=room) if self.own is not None else b""
+            if wanted and source is not None:
+                self._ask(source, {wanted[i: i + 8] for i in range(0, len(wanted), 8)}, mine, now)
         else:
             lacking, wanted = [node_id for node_id, _ in proven], b""
         self._rng.shuffle(lacking)
@@ -223,6 +227,25 @@ class Membership:
         return pb.GossipReply(records=codec.encode_records(page, key), wanted=wanted,
                               more=len(lacking) > len(page), node_id=own_id,
                               strikes=codec.encode_records(self.strikes.signed(), key))
+
+    def _ask(self, source: str, keys: set[bytes], mine: dict[bytes, int], now: float) -> None:
+        """We asked `source` for the records of `keys` (id prefixes; those not in `mine` are new identities):
+        the new ones are counted against its minute now, and the push that answers is taken whatever else it
+        pushed meanwhile (news of joins from the same host), even a record that expired here since."""
+        self._asked = {s: entry for s, entry in self._asked.items() if entry[0] > now}
+        if len(self._asked) >= ASKED_CALLERS and source not in self._asked:
+            return  # their pushes are counted as pushes (never more than the per-source cap)
+        self.registry.reserve(source, len(keys - mine.keys()), now)
+        # the answer follows the reply at once: remembered for two call deadlines
+        self._asked[source] = (now + 2 * self.config.gossip_timeout, keys | self._asked.get(source, (0.0, set()))[1])
+
+    def _is_asked(self, source: str | None, node_id: str) -> bool:
+        """Whether we asked `source` for `node_id`'s record (once: the answer is taken, not a second copy)."""
+        entry = self._asked.get(source) if source is not None else None
+        if entry is None or digest.prefix(node_id) not in entry[1]:
+            return False
+        entry[1].discard(digest.prefix(node_id))
+        return True
 
     def _take(self, batch, source: str | None) -> None:
         """Offer records; prove new identities, pass news on once proven. Records we pulled (`source` None) of
@@ -239,8 +262,9 @@ class Membership:
                     continue  # no room for another unproven identity: a later exchange brings it
                 room -= 1
             old = held[0] if held is not None else None
+            asked = held is None and self._is_asked(source, codec_node_id(signed))
             try:
-                if not self.registry.offer(signed, now=now, source=source):
+                if not self.registry.offer(signed, now=now, source=source, asked=asked):
                     continue
             except Exception as problem:  # RecordError: invalid, expired, or over a cap
                 log.debug("dropped a gossiped record: %s", problem)

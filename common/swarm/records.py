@@ -237,9 +237,11 @@ class Registry:
     def _verify(self, signed: SignedRecord, now: float | None) -> PeerRecord:
         return verify_record(signed, now)
 
-    def offer(self, signed: SignedRecord, now: float | None = None, source: str | None = None) -> bool:
+    def offer(self, signed: SignedRecord, now: float | None = None, source: str | None = None,
+              asked: bool = False) -> bool:
         """Verify and keep `signed` if it is newer than what we have; True if it changed the registry.
-        `source`: who pushed it to us (None: we pulled it), for the per-source limit on new identities."""
+        `source`: who pushed it to us (None: we pulled it), for the per-source limit on new identities;
+        `asked`: we asked `source` for it and counted it then (`reserve`), so it is not counted again."""
         now = time.time() if now is None else now
         held = self.records.get(node_id_of(signed.public_key)) if signed.public_key else None
         if held is not None and held[1] == signed and held[0].expires_at > now:
@@ -258,7 +260,7 @@ class Registry:
         if held is not None and held[0].seq >= record.seq:
             return False
         if held is None:
-            self._admit(record, now, source)
+            self._admit(record, now, None if asked else source)
         else:
             self._count(held[0].config_hash, -1)
             if held[0].addresses[:1] != record.addresses[:1]:
@@ -320,6 +322,13 @@ class Registry:
             return self.limits.per_source
         now = time.time() if now is None else now
         return max(0, self.limits.per_source - sum(1 for t in self._sources.get(source, ()) if t > now - 60.0))
+
+    def reserve(self, source: str, count: int, now: float | None = None) -> None:
+        """Count `count` new identities against `source`'s minute now: we asked it for them, and their push,
+        offered `asked`, then cannot be refused for pushes of its own that arrived in between."""
+        now = time.time() if now is None else now
+        times = [t for t in self._sources.get(source, ()) if t > now - 60.0]
+        self._sources[source] = times + [now] * count
 
     def pending_room(self, now: float | None = None) -> int:
         """How many more unproven identities the registry takes now (`limits.pending` less those it holds)."""

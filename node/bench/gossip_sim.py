@@ -91,6 +91,7 @@ class _Swarm:
         self.model_of: dict[str, int] = {}  # address -> model index
         self.alive: dict[str, object] = {}  # address -> Membership of a running node
         self.tasks: set[asyncio.Task] = set()
+        self.joining: set[str] = set()  # addresses whose join is still being timed: never picked to depart
         self.count = 0
         models = list(range(s.models))
         shares = [MODELS[m][3] for m in models]
@@ -183,12 +184,15 @@ async def _join(sw: _Swarm, joins: list) -> None:
 
     sw.run_as(address, join())
     sw.alive[address] = m
+    sw.joining.add(address)
     took = await _until(lambda: all(sw.knows(p, record.node_id) for p in sw.peers_of(model)), 120.0)
+    sw.joining.discard(address)
     joins.append(None if took is None else sw.loop.time() - began)
 
 
 async def _depart(sw: _Swarm, gone: list, graceful: bool) -> None:
-    candidates = sorted(a for a, m in sw.alive.items() if a not in sw.configs[0].bootstrap and m._loop is not None)
+    candidates = sorted(a for a, m in sw.alive.items()
+                        if a not in sw.configs[0].bootstrap and a not in sw.joining and m._loop is not None)
     address = sw.rng.choice(candidates)
     m = sw.alive[address]
     node_id, began = m.own.node_id, sw.loop.time()

@@ -8,9 +8,12 @@ import time
 
 import pytest
 
+from common.swarm import digest
 from common.swarm.identity import ephemeral_identity
 from common.swarm.membership import Membership, SwarmConfig
-from common.swarm.records import Limits
+from common.swarm.records import Limits, renewed, sign_record
+from common.wire import record_codec as codec
+from common.wire.generated import potluck_pb2 as pb
 from node.bench.gossip_sim import CONFIG_HASH, SimSettings, _record, simulate_swarm
 from node.bench.sim_loop import CachedRegistry, MemoryTransport, VirtualLoop
 
@@ -66,3 +69,40 @@ def test_churn_and_a_partition_longer_than_the_ttl_heal():
     assert result["dead_forgotten_s"] is not None and result["dead_forgotten_s"] <= 6.0 + 2.0
     assert result["partition_forgotten"]  # the two halves forgot each other (cut longer than the TTL)
     assert result["partition_heal_s"] is not None and result["partition_heal_s"] <= 60
+
+
+async def test_the_answer_to_a_wanted_list_is_taken_though_an_update_asked_for_expired_meanwhile():
+    """A node's `wanted` list counts the new identities it asks a caller for against that caller's minute (the
+    per-source cap) when it asks. A record it asked for as an update and that expired before the answer came is
+    a new identity by then: counted again, it was refused (1 refusal at 80 simulated nodes, per-source cap 20)."""
+    now = [1.7e9]
+    config = SwarmConfig(bootstrap=(), mdns=False, model=CONFIG_HASH, limits=Limits(per_source=2))
+    member = Membership(config, ephemeral_identity(), transport=MemoryTransport().for_node("10.0.0.1:31337"),
+                        clock=lambda: now[0])
+    member.own = renewed(_record(member.identity, "10.0.0.1:31337"), 30.0, now=now[0])
+    others = [ephemeral_identity() for _ in range(3)]
+    old = renewed(_record(others[0], "10.0.0.2:31337"), 5.0, now=now[0] - 4.0)  # held, one second left
+    member.registry.offer(sign_record(old, others[0].key), now=now[0])
+    member.registry.prove(others[0].node_id)
+    fresh = [renewed(_record(o, f"10.0.0.{i + 2}:31337"), 30.0, now=now[0]) for i, o in enumerate(others)]
+    signed = [sign_record(r, o.key) for r, o in zip(fresh, others)]
+    theirs = digest.pack((r.node_id, r.seq) for r in fresh)  # an update of the held one, and two new ones
+    reply = member.handle(codec_request(theirs), source="10.0.0.9")
+    assert len(reply.wanted) == 3 * 8  # all three asked for; the two new ones counted against 10.0.0.9 now
+    now[0] += 2.0  # the held record expires before the answer arrives
+    member.registry.expire(now[0])
+    member.handle(codec_request(b"", signed), source="10.0.0.9")
+    assert member.registry.refused == 0  # 1 when the expired update was counted as a third new identity
+    assert {r.node_id for r in fresh} <= member.registry.records.keys()
+    stranger = ephemeral_identity()  # a push of its own beyond the cap is still refused
+    pushed = renewed(_record(stranger, "10.0.0.7:31337"), 30.0, now=now[0])
+    member.handle(codec_request(b"", [sign_record(pushed, stranger.key)]), source="10.0.0.9")
+    assert member.registry.refused == 1 and stranger.node_id not in member.registry.records
+    await member.close()
+
+
+def codec_request(digest_bytes: bytes, signed=()) -> pb.GossipRequest:
+    """A pull with `digest_bytes`, or a push of `signed` records."""
+    if signed:
+        return pb.GossipRequest(anti_entropy=True, push_only=True, records=codec.encode_records(list(signed), None))
+    return pb.GossipRequest(anti_entropy=True, digest=digest_bytes, model=CONFIG_HASH)
