@@ -43,7 +43,8 @@ FORMATS = ("q4", "q8", "bf16")  # narrowest first: the first one that holds a ma
 PROBE_ROWS = 16  # rows tried in a format before the whole matrix is
 KERNEL_ROWS = 32  # products of up to this many rows run the kernels; longer ones (prefills) a dense product
 KERNELS = Path(__file__).with_name("kernels")
-SOURCES = (KERNELS / "exact.c", KERNELS / "fast.c")  # fast.c: `--numerics fast` (llama.cpp's numerics)
+# fast.c: `--numerics fast` (llama.cpp's numerics); decode.c: a lean span's decode pass (node/model/lean_decode.py)
+SOURCES = (KERNELS / "exact.c", KERNELS / "fast.c", KERNELS / "decode.c")
 NUMERICS = ("exact", "fast")
 FAST_FORMATS = ("q4", "q8")  # the forms kernels/fast.c multiplies
 DEFAULT_CACHE = Path("~/.cache/potluck/kernels").expanduser()

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from node.model.lean_decode import FusedDecode
 from node.model.lora import lean_add, lean_plan
 
 if TYPE_CHECKING:
@@ -284,6 +285,7 @@ class LeanSpan:
         self.rotary = span.rotary_emb
         self.kv = KVMeter()  # bytes its sessions' caches hold now
         self._held = held
+        self.fused = FusedDecode(self)  # decode.c's passes, where the layers and rows allow
         self.layers: list[LeanLayer] = []
         for layer in span.layers if build else ():
             self.add_layer(layer)
@@ -335,7 +337,10 @@ class LeanSpan:
         """Layers [start, end) over every row in one pass; returns each row's output hidden states.
 
         Rows with a cache write their keys/values at [past, past + tokens) of layers relative to
-        `start` (every row's cache covers exactly [start, end)); the cache then holds past + tokens."""
+        `start` (every row's cache covers exactly [start, end)); the cache then holds past + tokens.
+        Decode steps run in one C call where the span allows (node/model/lean_decode.py)."""
+        if self.fused is not None and self.fused.takes(rows):
+            return self.fused.run(rows, start, end)
         hidden = self.q_heads * self.head_dim
         sizes = [row.hidden.shape[0] * row.hidden.shape[1] for row in rows]
         x = torch.cat([row.hidden.reshape(-1, row.hidden.shape[-1]) for row in rows]).to(self.device, self.dtype)
