@@ -120,14 +120,15 @@ class FusedDecode:
             if row.hidden.shape[1] != 1 or row.cache is None or row.mask is not None or row.adapter is not None \
                     or row.prompts is not None or (window is not None and row.past + 1 > window):
                 return False
-            if row.hidden.dtype != torch.float32 or not row.cache.keys.is_contiguous():
+            if not row.cache.keys.is_contiguous():
                 return False
         return True
 
     def run(self, rows: list, start: int, end: int) -> list[torch.Tensor]:
         """Layers [start, end) over `rows` (see `takes`); each row's output hidden states."""
         lean = self.lean
-        x = torch.cat([row.hidden.reshape(-1, row.hidden.shape[-1]) for row in rows])  # a copy: computed in place
+        # a copy (computed in place), in float32 whatever the wire's dtype
+        x = torch.cat([row.hidden.reshape(-1, row.hidden.shape[-1]) for row in rows]).to(torch.float32)
         cos, sin = lean._rotary(x, rows)
         cos, sin = cos.reshape(x.shape[0], -1).contiguous(), sin.reshape(x.shape[0], -1).contiguous()
         count = x.shape[0]

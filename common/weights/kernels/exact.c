@@ -209,6 +209,23 @@ static inline float hsum(__m256 s) {
         }                                                                                                   \
         for (int r = 0; r < R; r++) y[(size_t)(r0 + r) * N + n] = hsum(a[r]);                                \
     }
+/* one-row products: four output rows at a time, each its own accumulator summed in ROW_DOT's order (the same
+   bits), so that four independent chains of additions overlap instead of one waiting on each block's sum: ~2x on
+   matrices that do not stay in the core's caches (a span of 30 SmolLM2 layers), where one chain waits on loads */
+#define ROWS4_DOT(LOAD)                                                                                     \
+    if (M == 1 && n + 4 <= stop) {                                                                          \
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                         \
+        for (size_t j = 0; j < nb; j++) {                                                                   \
+            const float *xb = x + j * 32;                                                                   \
+            { LOAD(first + j) a0 = _mm256_add_ps(a0, BLOCK_SUM(xb)); }                                      \
+            { LOAD(first + nb + j) a1 = _mm256_add_ps(a1, BLOCK_SUM(xb)); }                                 \
+            { LOAD(first + 2 * nb + j) a2 = _mm256_add_ps(a2, BLOCK_SUM(xb)); }                             \
+            { LOAD(first + 3 * nb + j) a3 = _mm256_add_ps(a3, BLOCK_SUM(xb)); }                             \
+        }                                                                                                   \
+        y[n] = hsum(a0), y[n + 1] = hsum(a1), y[n + 2] = hsum(a2), y[n + 3] = hsum(a3);                     \
+        n += 3;                                                                                             \
+        continue;                                                                                           \
+    }
 #else
 #define ROW_DOT_PORTABLE(BLOCK)                                                                             \
     for (int r = 0; r < M; r++) y[(size_t)r * N + n] = 0.0f;                                                \
@@ -245,6 +262,7 @@ static void q4_part(const void *job, int start, int stop) {
     for (int n = start; n < stop; n++) {
         const size_t first = (size_t)n * nb;
 #if EXACT_SIMD
+        ROWS4_DOT(LOAD_Q4)
         ROW_DOT(LOAD_Q4)
 #else
         ROW_DOT_PORTABLE(block_q4(q, d, m, b, w))
@@ -262,6 +280,7 @@ static void q8_part(const void *job, int start, int stop) {
     for (int n = start; n < stop; n++) {
         const size_t first = (size_t)n * nb;
 #if EXACT_SIMD
+        ROWS4_DOT(LOAD_Q8)
         ROW_DOT(LOAD_Q8)
 #else
         ROW_DOT_PORTABLE(block_q8(q, d, b, w))
@@ -279,6 +298,7 @@ static void bf_part(const void *job, int start, int stop) {
     for (int n = start; n < stop; n++) {
         const size_t first = (size_t)n * nb;
 #if EXACT_SIMD
+        ROWS4_DOT(LOAD_BF)
         ROW_DOT(LOAD_BF)
 #else
         ROW_DOT_PORTABLE(block_bf(q, b, w))
