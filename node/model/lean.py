@@ -285,7 +285,7 @@ class LeanSpan:
         self.rotary = span.rotary_emb
         self.kv = KVMeter()  # bytes its sessions' caches hold now
         self._held = held
-        self.fused = FusedDecode(self)  # decode.c's passes, where the layers and rows allow
+        self.fused = FusedDecode.of(self)  # decode.c's passes, where the layers and rows allow (None: never here)
         self.layers: list[LeanLayer] = []
         for layer in span.layers if build else ():
             self.add_layer(layer)

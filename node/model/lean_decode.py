@@ -88,6 +88,13 @@ class FusedDecode:
         self._layers = None  # decode.c's table of the layers as they are now (None: unfit)
         self._lib = None
 
+    @classmethod
+    def of(cls, lean) -> FusedDecode | None:
+        """Fused passes for `lean`, or None where none can ever be taken (not float32 on the CPU, or turned off)."""
+        if not ENABLED or lean.dtype != torch.float32 or lean.device.type != "cpu":
+            return None
+        return cls(lean)
+
     def _table(self):
         """The layers as decode.c reads them, or None where they are unfit; looked at again whenever a matrix is
         replaced (a layout change, quantisation) or its numerics change."""
