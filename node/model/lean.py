@@ -338,9 +338,21 @@ class LeanSpan:
 
         Rows with a cache write their keys/values at [past, past + tokens) of layers relative to
         `start` (every row's cache covers exactly [start, end)); the cache then holds past + tokens.
-        Decode steps run in one C call where the span allows (node/model/lean_decode.py)."""
-        if self.fused is not None and self.fused.takes(rows):
+        Decode steps run in one C call where the span allows (node/model/lean_decode.py), the other rows on
+        torch: a row takes the same path alone and in any pass, so its bits do not depend on the others."""
+        fused = self.fused.takes(rows) if self.fused is not None else [False] * len(rows)
+        if all(fused):
             return self.fused.run(rows, start, end)
+        if not any(fused):
+            return self._run(rows, start, end)
+        outputs = dict(zip((i for i, f in enumerate(fused) if f),
+                           self.fused.run([row for row, f in zip(rows, fused) if f], start, end)))
+        outputs.update(zip((i for i, f in enumerate(fused) if not f),
+                           self._run([row for row, f in zip(rows, fused) if not f], start, end)))
+        return [outputs[i] for i in range(len(rows))]
+
+    def _run(self, rows: list[Row], start: int, end: int) -> list[torch.Tensor]:
+        """`run` on torch's operations."""
         hidden = self.q_heads * self.head_dim
         sizes = [row.hidden.shape[0] * row.hidden.shape[1] for row in rows]
         x = torch.cat([row.hidden.reshape(-1, row.hidden.shape[-1]) for row in rows]).to(self.device, self.dtype)

@@ -118,21 +118,18 @@ class FusedDecode:
         self._layers = table
         return table
 
-    def takes(self, rows: list) -> bool:
-        """Whether the layers are fit, and every row is a decode step decode.c computes as the torch path would."""
+    def takes(self, rows: list) -> list[bool]:
+        """For each row, whether decode.c computes it: the layers are fit, and the row is a decode step that the
+        torch path computes in the same way (the same row always goes the same way, alone or in any pass)."""
         if self._table() is None:
-            return False
+            return [False] * len(rows)
         window = self.lean.window
-        for row in rows:
-            if row.hidden.shape[1] != 1 or row.cache is None or row.mask is not None or row.adapter is not None \
-                    or row.prompts is not None or (window is not None and row.past + 1 > window):
-                return False
-            if not row.cache.keys.is_contiguous():
-                return False
-        return True
+        return [row.hidden.shape[1] == 1 and row.cache is not None and row.mask is None and row.adapter is None
+                and row.prompts is None and (window is None or row.past + 1 <= window)
+                and row.cache.keys.is_contiguous() for row in rows]
 
     def run(self, rows: list, start: int, end: int) -> list[torch.Tensor]:
-        """Layers [start, end) over `rows` (see `takes`); each row's output hidden states."""
+        """Layers [start, end) over `rows` (each one `takes` takes); each row's output hidden states."""
         lean = self.lean
         # a copy (computed in place), in float32 whatever the wire's dtype
         x = torch.cat([row.hidden.reshape(-1, row.hidden.shape[-1]) for row in rows]).to(torch.float32)

@@ -131,4 +131,32 @@ def test_what_decode_c_does_not_compute_runs_on_torch(exact_model_dir, tiny_mode
     assert taken == []
     layer = lean.layers[0]
     layer.qkv_t = layer.qkv_t.dense().t().contiguous()  # a matrix replaced (as a layout change does): looked at again
-    assert not lean.fused.takes([Row(torch.randn(1, 1, hidden), torch.tensor([[5]]), 5, cache)])
+    assert lean.fused.takes([Row(torch.randn(1, 1, hidden), torch.tensor([[5]]), 5, cache)]) == [False]
+
+
+def test_a_pass_mixing_decode_steps_and_a_prompt_gives_each_row_its_bits_alone(exact_model_dir, kernels, monkeypatch):  # noqa: F811
+    """A session's prompt arriving while others decode: the decode steps still run in decode.c, the prompt on torch,
+    so each row's bits are those it gets alone (the same row always takes the same path)."""
+    lean = _exact_lean(exact_model_dir("llama"), kernels)
+    hidden = lean.layers[0].input_norm.shape[0]
+    torch.manual_seed(3)
+    prompt, history = torch.randn(1, 6, hidden), torch.randn(1, 9, hidden)
+    step = torch.randn(1, 1, hidden)
+
+    def fresh():
+        decoding, prompted = lean.new_cache(0, 5, 1, 64), lean.new_cache(0, 5, 1, 64)
+        with torch.inference_mode():
+            lean.run([Row(history, torch.arange(9)[None], 0, decoding)], 0, 5)
+        return decoding, prompted
+
+    def rows(decoding, prompted):
+        return [Row(step, torch.tensor([[9]]), 9, decoding), Row(prompt, torch.arange(6)[None], 0, prompted)]
+
+    taken = _calls(monkeypatch)
+    together, alone = rows(*fresh()), rows(*fresh())
+    with torch.inference_mode():
+        mixed = lean.run(together, 0, 5)
+        single = [lean.run([row], 0, 5)[0] for row in alone]
+    assert taken == [1, 1]  # the decode step in decode.c, in the mixed pass and alone
+    for got, want in zip(mixed, single):
+        assert torch.equal(got, want)
