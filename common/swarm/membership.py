@@ -242,9 +242,10 @@ class Membership:
     def _is_asked(self, source: str | None, node_id: str) -> bool:
         """Whether we asked `source` for `node_id`'s record (once: the answer is taken, not a second copy)."""
         entry = self._asked.get(source) if source is not None else None
-        if entry is None or digest.prefix(node_id) not in entry[1]:
+        key = digest.prefix(node_id)
+        if entry is None or key not in entry[1]:
             return False
-        entry[1].discard(digest.prefix(node_id))
+        entry[1].discard(key)
         return True
 
     def _take(self, batch, source: str | None) -> None:
@@ -256,13 +257,14 @@ class Membership:
         accepted = 0
         room = self.registry.pending_room(now) if source is None else None
         for signed in batch:
-            held = self.registry.records.get(codec_node_id(signed))
+            node_id = codec_node_id(signed)
+            held = self.registry.records.get(node_id)
             if held is None and room is not None:
                 if room <= 0:
                     continue  # no room for another unproven identity: a later exchange brings it
                 room -= 1
             old = held[0] if held is not None else None
-            asked = held is None and self._is_asked(source, codec_node_id(signed))
+            asked = held is None and self._is_asked(source, node_id)
             try:
                 if not self.registry.offer(signed, now=now, source=source, asked=asked):
                     continue
@@ -270,7 +272,7 @@ class Membership:
                 log.debug("dropped a gossiped record: %s", problem)
                 continue
             accepted += 1
-            record = self.registry.records[codec_node_id(signed)][0]
+            record = self.registry.records[node_id][0]
             news = _news(old, record)
             if self.registry.is_proven(record.node_id):
                 if news:

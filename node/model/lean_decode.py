@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 
 import torch
 from torch import nn
@@ -27,7 +26,6 @@ from common.weights.exact import ExactWeight
 log = logging.getLogger(__name__)
 
 _p, _i, _f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-ENABLED = os.environ.get("POTLUCK_FUSED_DECODE", "1") != "0"  # 0: every pass on torch (for side-by-side timing)
 FORMS = {"q4": 0, "q8": 1, "bf16": 2}
 SILU = (nn.SiLU, SiLUActivation)  # torch's and transformers' (both F.silu)
 
@@ -46,13 +44,12 @@ class _Sequence(ctypes.Structure):
 
 
 _SIGNATURE = [_p, _i, _p, _i, _i, _i, _i, _i, _i, _p, _p, _p, _i]
-MATRICES = ("qkv_t", "o_t", "gate_up_t", "down_t")
 
 
 def span_unfit(lean) -> str | None:
     """Why `lean` (a LeanSpan) cannot take fused decode passes now; None if it can."""
-    if not ENABLED:
-        return "POTLUCK_FUSED_DECODE=0"
+    from node.model.lean import LEAN_MATRICES  # (lean.py imports this module)
+
     if lean.dtype != torch.float32 or lean.device.type != "cpu":
         return "not float32 on the CPU"
     if not lean.layers:
@@ -66,10 +63,8 @@ def span_unfit(lean) -> str | None:
             return "biases"
         if not isinstance(layer.act, SILU):
             return f"activation {type(layer.act).__name__}"
-        if not all(isinstance(getattr(layer, name), ExactWeight) for name in MATRICES):
+        if not all(isinstance(getattr(layer, name), ExactWeight) for name in LEAN_MATRICES):
             return "a matrix not held as one exact compact weight"
-    if not hasattr(lean.layers[0].qkv_t.kernels.lib, "decode_pass"):
-        return "kernels without decode_pass"
     return None
 
 
@@ -83,15 +78,18 @@ class FusedDecode:
     """decode.c's passes over one LeanSpan's layers, while they are fit for them (`span_unfit`)."""
 
     def __init__(self, lean):
+        from node.model.lean import LEAN_MATRICES  # (lean.py imports this module)
+
         self.lean = lean
+        self._matrices = LEAN_MATRICES
         self._key: tuple | None = None
         self._layers = None  # decode.c's table of the layers as they are now (None: unfit)
         self._lib = None
 
     @classmethod
     def of(cls, lean) -> FusedDecode | None:
-        """Fused passes for `lean`, or None where none can ever be taken (not float32 on the CPU, or turned off)."""
-        if not ENABLED or lean.dtype != torch.float32 or lean.device.type != "cpu":
+        """Fused passes for `lean`, or None where none can ever be taken (not float32 on the CPU)."""
+        if lean.dtype != torch.float32 or lean.device.type != "cpu":
             return None
         return cls(lean)
 
@@ -99,7 +97,7 @@ class FusedDecode:
         """The layers as decode.c reads them, or None where they are unfit; looked at again whenever a matrix is
         replaced (a layout change, quantisation) or its numerics change."""
         key = tuple((id(getattr(layer, name)), getattr(getattr(layer, name), "numerics", None))
-                    for layer in self.lean.layers for name in MATRICES)
+                    for layer in self.lean.layers for name in self._matrices)
         if key == self._key:
             return self._layers
         self._key, self._layers = key, None
@@ -148,11 +146,11 @@ class FusedDecode:
                 sequences[slot] = _Sequence(keys.data_ptr() + b * batch_stride, values.data_ptr() + b * batch_stride,
                                             keys.stride(0), keys.shape[3], row.past)
                 slot += 1
-        layers = self._table()  # as `takes` found it
-        first = ctypes.addressof(layers) + (start - lean.start) * ctypes.sizeof(_Layer)
+        # the table `takes` found fit, from layer `start` on
+        first = ctypes.addressof(self._layers) + (start - lean.start) * ctypes.sizeof(_Layer)
         weight = lean.layers[start - lean.start].qkv_t
         failed = self._lib.decode_pass(first, end - start, x.data_ptr(), count, x.shape[1], lean.q_heads,
-                                      lean.kv_heads, lean.head_dim, weight_intermediate(lean.layers[0]),
+                                      lean.kv_heads, lean.head_dim, lean.layers[0].down_t.in_features,
                                       cos.data_ptr(), sin.data_ptr(), ctypes.addressof(sequences),
                                       weight._threads(count, None))
         if failed:
@@ -165,6 +163,3 @@ class FusedDecode:
             row.cache.length = row.past + 1
         return outputs
 
-
-def weight_intermediate(layer) -> int:
-    return layer.down_t.in_features
