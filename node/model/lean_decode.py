@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 _p, _i, _f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 FORMS = {"q4": 0, "q8": 1, "bf16": 2}
+MATRICES = ("qkv_t", "o_t", "gate_up_t", "down_t")  # lean.py's LEAN_MATRICES (lean.py imports this module)
 SILU = (nn.SiLU, SiLUActivation)  # torch's and transformers' (both F.silu)
 
 
@@ -48,8 +49,6 @@ _SIGNATURE = [_p, _i, _p, _i, _i, _i, _i, _i, _i, _p, _p, _p, _i]
 
 def span_unfit(lean) -> str | None:
     """Why `lean` (a LeanSpan) cannot take fused decode passes now; None if it can."""
-    from node.model.lean import LEAN_MATRICES  # (lean.py imports this module)
-
     if lean.dtype != torch.float32 or lean.device.type != "cpu":
         return "not float32 on the CPU"
     if not lean.layers:
@@ -63,7 +62,7 @@ def span_unfit(lean) -> str | None:
             return "biases"
         if not isinstance(layer.act, SILU):
             return f"activation {type(layer.act).__name__}"
-        if not all(isinstance(getattr(layer, name), ExactWeight) for name in LEAN_MATRICES):
+        if not all(isinstance(getattr(layer, name), ExactWeight) for name in MATRICES):
             return "a matrix not held as one exact compact weight"
     return None
 
@@ -78,10 +77,7 @@ class FusedDecode:
     """decode.c's passes over one LeanSpan's layers, while they are fit for them (`span_unfit`)."""
 
     def __init__(self, lean):
-        from node.model.lean import LEAN_MATRICES  # (lean.py imports this module)
-
         self.lean = lean
-        self._matrices = LEAN_MATRICES
         self._key: tuple | None = None
         self._layers = None  # decode.c's table of the layers as they are now (None: unfit)
         self._lib = None
@@ -97,7 +93,7 @@ class FusedDecode:
         """The layers as decode.c reads them, or None where they are unfit; looked at again whenever a matrix is
         replaced (a layout change, quantisation) or its numerics change."""
         key = tuple((id(getattr(layer, name)), getattr(getattr(layer, name), "numerics", None))
-                    for layer in self.lean.layers for name in self._matrices)
+                    for layer in self.lean.layers for name in MATRICES)
         if key == self._key:
             return self._layers
         self._key, self._layers = key, None
