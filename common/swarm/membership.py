@@ -274,6 +274,7 @@ class Membership:
             accepted += 1
             record = self.registry.records[node_id][0]
             news = _news(old, record)
+            news = news and self._passes_on(record)
             if self.registry.is_proven(record.node_id):
                 if news:
                     self._spawn(self._push([signed], self._peers(self.config.fanout, avoid=record.node_id)))
@@ -282,6 +283,12 @@ class Membership:
         if accepted:
             self._digest = (-1, b"")
             self.changed.set()
+
+    def _passes_on(self, record: PeerRecord) -> bool:
+        """Whether news of `record` goes to our peers: only if they serve its model (or it is a relay, which
+        carries any model's nodes). A bootstrap node hears of every model's joins; passing those to its own
+        model's peers was traffic they do not use, and at a tight per-source cap, refusals."""
+        return not self.scope or record.config_hash == self.scope or record.relay_slots > 0
 
     # -- proofs ---------------------------------------------------------------------------------------
     def _prove_soon(self, node_id: str, forward: bool) -> asyncio.Future:
