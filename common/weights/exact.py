@@ -79,7 +79,15 @@ class Kernels:
 
     lib: ctypes.CDLL
     path: Path
-    simd: bool  # AVX2 + FMA paths compiled in (else portable C)
+    width: int  # the products' vector width in bits: 512 (AVX-512), 256 (AVX2 + FMA) or 0 (portable C)
+
+    @property
+    def simd(self) -> bool:
+        return self.width > 0
+
+    @property
+    def instructions(self) -> str:
+        return {512: "AVX-512", 256: "AVX2 + FMA"}.get(self.width, "portable C")
 
     def __post_init__(self) -> None:
         for name, argtypes in _SIGNATURES.items():
@@ -148,7 +156,7 @@ def build_kernels(cache: Path = DEFAULT_CACHE, compilers: tuple[str, ...] = COMP
         raise KernelError(f"cannot load {target}: {error}") from error
     if lib.exact_abi() != ABI:
         raise KernelError(f"{target} is not this version's kernel library")
-    return Kernels(lib, target, bool(lib.exact_simd()))
+    return Kernels(lib, target, lib.exact_simd())
 
 
 @functools.lru_cache(maxsize=1)

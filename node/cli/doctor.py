@@ -154,7 +154,7 @@ def kernel_check(compilers: tuple[str, ...] | None = None) -> Check:
         return Check(name, WARN, f"exact compact weights are off: {error}",
                      "install a C compiler (Debian/Ubuntu: apt install gcc) so that CPU nodes can hold GGUF-converted "
                      "and bfloat16 weights in their narrow form (docs/performance.md#exact-compact-weights)")
-    return Check(name, OK, f"built ({'AVX2 + FMA' if kernels.simd else 'portable C'}): {kernels.path}")
+    return Check(name, OK, f"built ({kernels.instructions}): {kernels.path}")
 
 
 def device_checks(device: str, layer_bytes: int | None = None, num_layers: int | None = None) -> list[Check]:

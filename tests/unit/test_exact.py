@@ -292,6 +292,49 @@ def test_products_are_the_same_on_any_number_of_threads_and_callers(fmt, kernels
     assert mismatches == []
 
 
+def _cpu_has(*flags: str) -> bool:
+    try:
+        with open("/proc/cpuinfo") as info:
+            found = next((line for line in info if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return all(flag in found for flag in flags)
+
+
+BUILDS = {  # flags of each build a CPU may get: -march=native here, and the narrower ones other CPUs get
+    "native": exact_module.FLAG_SETS[0],
+    "avx2": ("-O3", "-mavx2", "-mfma", "-pthread"),
+    "portable": ("-O3", "-pthread"),
+}
+
+
+@pytest.mark.parametrize("build", list(BUILDS))
+@pytest.mark.parametrize("fmt", ["q4", "q8", "bf16"])
+def test_every_build_sums_each_row_alone_and_batched_alike(build, fmt, tmp_path, monkeypatch):
+    """Each build has its own order of the sums (AVX-512: two registers of 16 per block, multiply-added into the
+    row's sum; AVX2: four of 8, summed first; portable: one by one). Within a build, every path (one row, four
+    output rows at a time, groups of 8/4/2/1 input rows) sums a row in the same order, so a row's bits are the
+    same alone and in any batch, and every build stays as close to the exact sum as float32's own product."""
+    if build == "avx2" and not _cpu_has("avx2", "fma"):
+        pytest.skip("this CPU has no AVX2: no AVX2 build runs here")
+    monkeypatch.setattr(exact_module, "FLAG_SETS", (BUILDS[build],))
+    kernels = build_kernels(tmp_path)
+    assert kernels.width == {"native": kernels.width, "avx2": 256, "portable": 0}[build]
+    if build == "native" and _cpu_has("avx512f"):
+        assert kernels.width == 512
+    torch.manual_seed(2)
+    weight = as_gguf_would(torch.randn(70, 192) * 0.05, fmt)  # 70 output rows: groups of four and a rest of two
+    exact = ExactWeight.of(weight, kernels)
+    x = torch.randn(15, 192)  # 15 input rows: a group of 8, of 4, of 2 and a single row
+    batched = exact.product(x, threads=1)
+    for i in range(15):
+        assert torch.equal(exact.product(x[i : i + 1], threads=1)[0], batched[i])
+    assert torch.equal(exact.product(x, threads=3), batched)
+    reference = (x.double() @ weight.double().t()).float()
+    tolerance = max(2 * (F.linear(x, weight) - reference).abs().max().item(), 1e-6)
+    assert (batched - reference).abs().max().item() <= tolerance
+
+
 def test_a_small_pass_runs_torch_on_one_thread_and_products_on_all(kernels, smollm_dir):
     """Inside `Kernels.hot` (a node's decode pass) torch's own operations run on the calling thread only, the
     products keep torch's count, and everything is as before afterwards, errors included."""

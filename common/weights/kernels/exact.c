@@ -7,7 +7,7 @@
      bf: the weights' bfloat16 bit patterns: w = bits << 16.
    Each weight is rebuilt in float32 exactly as the dense float32 matrix holds it (code * d is exact: an 11-bit
    step times a code of at most 8 bits), then multiplied and summed in float32; only the order of the sums
-   differs from a dense product. Plain C; AVX2 + FMA when compiled for a CPU that has them.
+   differs from a dense product. Plain C; AVX2 + FMA, or AVX-512, when compiled for a CPU that has them.
 
    Threads: a product's output rows are split between the calling thread and helper threads of this library's own
    pool (below), not OpenMP's: between a node's passes the helpers sleep, so three nodes on two cores do not take
@@ -34,7 +34,13 @@
 #endif
 
 int exact_abi(void) { return 3; }
-int exact_simd(void) { return EXACT_SIMD; }
+int exact_simd(void) {  /* the vector width the products were built for, in bits (0: portable C) */
+#if EXACT_SIMD && defined(__AVX512F__)
+    return 512;
+#else
+    return EXACT_SIMD ? 256 : 0;
+#endif
+}
 
 /* ---- the thread pool ----
    One job at a time (callers take `call_lock`; a caller that finds it taken computes alone). A job is `parts` equal
@@ -154,7 +160,40 @@ static inline void block_bf(const uint16_t *q, size_t b, float *w) {
     }
 }
 
-#if EXACT_SIMD
+#if EXACT_SIMD && defined(__AVX512F__)
+/* AVX-512: a block's 32 weights in two registers of 16 (half the instructions of AVX2's four of 8). Every path
+   below (one row, four output rows, many rows) sums a row in the same order, so a row's bits never depend on
+   the product's other rows; they differ from an AVX2 build's (another order of the same sums). */
+typedef __m512 vec;
+#define VZERO() _mm512_setzero_ps()
+static inline float hsum(__m512 s) {
+    __m256 h8 = _mm256_add_ps(_mm512_castps512_ps256(s), _mm512_extractf32x8_ps(s, 1));
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(h8), _mm256_extractf128_ps(h8, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    return _mm_cvtss_f32(h);
+}
+#define LOAD_Q4(b)                                                                                          \
+    __m128i bytes = _mm_loadu_si128((const __m128i *)(q + (b) * 16));                                      \
+    __m512 vd = _mm512_set1_ps(d[b]), vm = _mm512_set1_ps(m[b]);                                            \
+    __m512 w0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(bytes, nib))), vd, vm); \
+    __m512 w1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(                                    \
+        _mm_and_si128(_mm_srli_epi16(bytes, 4), nib))), vd, vm);
+#define LOAD_Q8(b)                                                                                          \
+    const int8_t *c = q + (b) * 32;                                                                         \
+    __m512 vd = _mm512_set1_ps(d[b]);                                                                       \
+    __m512 w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)c))), vd);        \
+    __m512 w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(c + 16)))), vd);
+#define BF16X(p) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p))), 16))
+#define LOAD_BF(b)                                                                                          \
+    const uint16_t *c = q + (b) * 32;                                                                       \
+    __m512 w0 = BF16X(c), w1 = BF16X(c + 16);
+/* a += the block's 32 products: two multiply-adds into the sum, lane by lane */
+#define ACCUMULATE(a, xb) _mm512_fmadd_ps(w1, _mm512_loadu_ps((xb) + 16), _mm512_fmadd_ps(w0, _mm512_loadu_ps(xb), a))
+#define STORE_BLOCK(o) _mm512_storeu_ps(o, w0); _mm512_storeu_ps((o) + 16, w1);
+#elif EXACT_SIMD
+typedef __m256 vec;
+#define VZERO() _mm256_setzero_ps()
 static inline float hsum(__m256 s) {
     __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
     h = _mm_add_ps(h, _mm_movehl_ps(h, h));
@@ -181,31 +220,44 @@ static inline float hsum(__m256 s) {
 #define LOAD_BF(b)                                                                                          \
     const uint16_t *c = q + (b) * 32;                                                                       \
     __m256 w0 = BF8(c), w1 = BF8(c + 8), w2 = BF8(c + 16), w3 = BF8(c + 24);
+#define BLOCK_SUM(xb) _mm256_fmadd_ps(w3, _mm256_loadu_ps((xb) + 24), _mm256_fmadd_ps(w2, _mm256_loadu_ps((xb) + 16), \
+                      _mm256_fmadd_ps(w1, _mm256_loadu_ps((xb) + 8), _mm256_mul_ps(w0, _mm256_loadu_ps(xb)))))
+#define ACCUMULATE(a, xb) _mm256_add_ps(a, BLOCK_SUM(xb))  /* a += the block's 32 products, summed first */
+#define STORE_BLOCK(o) _mm256_storeu_ps(o, w0); _mm256_storeu_ps((o) + 8, w1); _mm256_storeu_ps((o) + 16, w2); \
+                       _mm256_storeu_ps((o) + 24, w3);
+#endif
 
+#if EXACT_SIMD
 /* one output row n (its blocks start at block index `first`) against every row of x. Every row of x is summed
    in the same order whatever M is (one block's 32 products, then block after block), so a row's result does not
    depend on the other rows of the product: a session's step gives the same bits alone and batched with others. */
-#define BLOCK_SUM(xb) _mm256_fmadd_ps(w3, _mm256_loadu_ps((xb) + 24), _mm256_fmadd_ps(w2, _mm256_loadu_ps((xb) + 16), \
-                      _mm256_fmadd_ps(w1, _mm256_loadu_ps((xb) + 8), _mm256_mul_ps(w0, _mm256_loadu_ps(xb)))))
 #define ROW_DOT(LOAD)                                                                                       \
     if (M == 1) {                                                                                           \
-        __m256 a = _mm256_setzero_ps();                                                                     \
+        vec a = VZERO();                                                                                    \
         for (size_t b = first; b < first + nb; b++) {                                                       \
             LOAD(b)                                                                                         \
-            a = _mm256_add_ps(a, BLOCK_SUM(x + (b - first) * 32));                                          \
+            a = ACCUMULATE(a, x + (b - first) * 32);                                                   \
         }                                                                                                   \
         y[n] = hsum(a);                                                                                     \
         continue;                                                                                           \
     }                                                                                                       \
-    for (int r0 = 0; r0 < M; r0 += 8) {                                                                     \
-        int R = M - r0 < 8 ? M - r0 : 8;                                                                    \
-        __m256 a[8];                                                                                        \
-        for (int r = 0; r < R; r++) a[r] = _mm256_setzero_ps();                                             \
+    for (int r0 = 0; r0 < M;) {                                                                             \
+        if (M - r0 >= 8) { ROWS_DOT(LOAD, 8) r0 += 8; }                                                     \
+        else if (M - r0 >= 4) { ROWS_DOT(LOAD, 4) r0 += 4; }                                                \
+        else if (M - r0 >= 2) { ROWS_DOT(LOAD, 2) r0 += 2; }                                                \
+        else { ROWS_DOT(LOAD, 1) r0 += 1; }                                                                 \
+    }
+/* rows [r0, r0 + R) of x against output row n, R a constant (the sums stay in registers); every group size sums a
+   row in the same order */
+#define ROWS_DOT(LOAD, R)                                                                                   \
+    {                                                                                                       \
+        vec a[R];                                                                                           \
+        for (int r = 0; r < R; r++) a[r] = VZERO();                                                         \
         for (size_t b = first; b < first + nb; b++) {                                                       \
             LOAD(b)                                                                                         \
-            for (int r = 0; r < R; r++) {                                                                   \
-                a[r] = _mm256_add_ps(a[r], BLOCK_SUM(x + (size_t)(r0 + r) * K + (b - first) * 32));          \
-            }                                                                                               \
+            _Pragma("GCC unroll 8")                                                                         \
+            for (int r = 0; r < R; r++)                                                                     \
+                a[r] = ACCUMULATE(a[r], x + (size_t)(r0 + r) * K + (b - first) * 32);                  \
         }                                                                                                   \
         for (int r = 0; r < R; r++) y[(size_t)(r0 + r) * N + n] = hsum(a[r]);                                \
     }
@@ -214,13 +266,13 @@ static inline float hsum(__m256 s) {
    matrices that do not stay in the core's caches (a span of 30 SmolLM2 layers), where one chain waits on loads */
 #define ROWS4_DOT(LOAD)                                                                                     \
     if (M == 1 && n + 4 <= stop) {                                                                          \
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                         \
+        vec a0 = VZERO(), a1 = a0, a2 = a0, a3 = a0;                                                        \
         for (size_t j = 0; j < nb; j++) {                                                                   \
             const float *xb = x + j * 32;                                                                   \
-            { LOAD(first + j) a0 = _mm256_add_ps(a0, BLOCK_SUM(xb)); }                                      \
-            { LOAD(first + nb + j) a1 = _mm256_add_ps(a1, BLOCK_SUM(xb)); }                                 \
-            { LOAD(first + 2 * nb + j) a2 = _mm256_add_ps(a2, BLOCK_SUM(xb)); }                             \
-            { LOAD(first + 3 * nb + j) a3 = _mm256_add_ps(a3, BLOCK_SUM(xb)); }                             \
+            { LOAD(first + j) a0 = ACCUMULATE(a0, xb); }                                               \
+            { LOAD(first + nb + j) a1 = ACCUMULATE(a1, xb); }                                          \
+            { LOAD(first + 2 * nb + j) a2 = ACCUMULATE(a2, xb); }                                      \
+            { LOAD(first + 3 * nb + j) a3 = ACCUMULATE(a3, xb); }                                      \
         }                                                                                                   \
         y[n] = hsum(a0), y[n + 1] = hsum(a1), y[n + 2] = hsum(a2), y[n + 3] = hsum(a3);                     \
         n += 3;                                                                                             \
@@ -330,7 +382,7 @@ void q4_dense(const uint8_t *q, const float *d, const float *m, int K, int start
     for (size_t b = first; b < last; b++) {
         LOAD_Q4(b)
         float *o = w + (b - first) * 32;
-        _mm256_storeu_ps(o, w0); _mm256_storeu_ps(o + 8, w1); _mm256_storeu_ps(o + 16, w2); _mm256_storeu_ps(o + 24, w3);
+        STORE_BLOCK(o)
     }
 #else
     for (size_t b = first; b < last; b++) block_q4(q, d, m, b, w + (b - first) * 32);
@@ -342,7 +394,7 @@ void q8_dense(const int8_t *q, const float *d, int K, int start, int stop, float
     for (size_t b = first; b < last; b++) {
         LOAD_Q8(b)
         float *o = w + (b - first) * 32;
-        _mm256_storeu_ps(o, w0); _mm256_storeu_ps(o + 8, w1); _mm256_storeu_ps(o + 16, w2); _mm256_storeu_ps(o + 24, w3);
+        STORE_BLOCK(o)
     }
 #else
     for (size_t b = first; b < last; b++) block_q8(q, d, b, w + (b - first) * 32);

@@ -95,7 +95,12 @@ static inline float hsum8(__m256 s) {
 }
 /* sum over pairs of u (unsigned bytes) * s (signed bytes), as 8 floats (each the sum of 4 products: exact) */
 static inline __m256 dot_u8s8(__m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    /* one instruction (VNNI), the same sums: maddubs' 16-bit pair sums never saturate here (|u| <= 128, |s| <= 127) */
+    return _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s));
+#else
     return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+#endif
 }
 /* the 32 codes of a q4 block, in weight order (low nibbles are weights 0-15, high nibbles 16-31) */
 static inline __m256i q4_codes(const uint8_t *c) {
