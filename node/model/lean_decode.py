@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import time
 
 import torch
 from torch import nn
 from transformers.activations import SiLUActivation
 
 from common.weights.exact import ExactWeight
+from common.weights.threads import PassThreads, saved_threads
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +83,7 @@ class FusedDecode:
         self._key: tuple | None = None
         self._layers = None  # decode.c's table of the layers as they are now (None: unfit)
         self._lib = None
+        self.threads: PassThreads | None = None  # one-row passes' thread count, from their timings (first pass on)
 
     @classmethod
     def of(cls, lean) -> FusedDecode | None:
@@ -145,10 +148,17 @@ class FusedDecode:
         # the table `takes` found fit, from layer `start` on
         first = ctypes.addressof(self._layers) + (start - lean.start) * ctypes.sizeof(_Layer)
         weight = lean.layers[start - lean.start].qkv_t
+        threads = weight._threads(count, None)
+        if count == 1:  # one session decoding: the thread count its passes have been fastest on
+            if self.threads is None:
+                self.threads = PassThreads((1, saved_threads() or torch.get_num_threads()), threads)
+            threads = self.threads.pick()
+        began = time.perf_counter()
         failed = self._lib.decode_pass(first, end - start, x.data_ptr(), count, x.shape[1], lean.q_heads,
                                       lean.kv_heads, lean.head_dim, lean.layers[0].down_t.in_features,
-                                      cos.data_ptr(), sin.data_ptr(), ctypes.addressof(sequences),
-                                      weight._threads(count, None))
+                                      cos.data_ptr(), sin.data_ptr(), ctypes.addressof(sequences), threads)
+        if count == 1:
+            self.threads.record(threads, time.perf_counter() - began)
         if failed:
             raise MemoryError(f"no memory for a {count}-row decode pass's scratch")
         outputs, offset = [], 0

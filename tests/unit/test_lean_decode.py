@@ -160,3 +160,44 @@ def test_a_pass_mixing_decode_steps_and_a_prompt_gives_each_row_its_bits_alone(e
     assert taken == [1, 1]  # the decode step in decode.c, in the mixed pass and alone
     for got, want in zip(mixed, single):
         assert torch.equal(got, want)
+
+
+def test_one_row_passes_take_the_thread_count_their_own_timings_favour():
+    """PassThreads tries each count in turn, keeps the one whose passes were faster, and tries again later (the
+    count chosen at load may have been timed while other nodes loaded on the same cores)."""
+    from common.weights.threads import PassThreads
+
+    chooser = PassThreads((1, 2), first=1, trials=4, every=10)
+    slow = {1: 2.0, 2: 1.0}
+    tried = []
+    for _ in range(8):
+        threads = chooser.pick()
+        tried.append(threads)
+        chooser.record(threads, slow[threads])
+    assert sorted(tried) == [1, 1, 1, 1, 2, 2, 2, 2] and chooser.chosen == 2
+    for _ in range(10):  # settled: the faster count only, its timings not kept
+        assert chooser.pick() == 2
+        chooser.record(2, 5.0)
+    slow = {1: 1.0, 2: 3.0}  # the machine changed: one thread is faster now
+    for _ in range(8):
+        threads = chooser.pick()
+        chooser.record(threads, slow[threads])
+    assert chooser.chosen == 1 and chooser.pick() == 1
+
+
+def test_a_fused_pass_of_one_row_times_the_thread_counts_it_may_run_on(exact_model_dir, kernels):  # noqa: F811
+    """A one-session decode through decode.c: its passes are timed on one thread and on the pass's own count,
+    and every one of them gives the same bits whichever count ran it."""
+    from common.weights.threads import one_torch_thread
+
+    lean = _exact_lean(exact_model_dir("llama"), kernels)
+    torch.manual_seed(0)
+    hidden = torch.randn(1, 1, lean.layers[0].input_norm.shape[0])
+    outputs = []
+    with torch.inference_mode(), one_torch_thread():
+        for _ in range(20):
+            cache = lean.new_cache(0, 5, 1, 8)
+            outputs.append(lean.run([Row(hidden, torch.tensor([[0]]), 0, cache)], 0, 5)[0])
+    chooser = lean.fused.threads
+    assert chooser is not None and chooser.candidates == tuple(sorted({1, torch.get_num_threads()}))
+    assert all(torch.equal(out, outputs[0]) for out in outputs)
