@@ -22,6 +22,7 @@ from client.combine import Combiner, PackedHead
 from client.config import ClientConfig
 from client.draft import AdaptiveDraft, Calls, StopAwareDraft
 from client.fetch import from_swarm
+from client.processors import LeanProcessors
 from client.swarm import SwarmClient, SyncSession
 from client.verify import VerificationError, VerificationRestart
 from common.weights.client_parts import load_client_parts
@@ -344,6 +345,10 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         if _DRAFT_STOPS.get():
             generator = StopAwareDraft(generator, _DRAFT_STOPS.get())
         return generator
+
+    def _get_logits_processor(self, *args, **kwargs):
+        """transformers' processors, the same scores at a decode step's cost (client/processors.py)."""
+        return LeanProcessors(super()._get_logits_processor(*args, **kwargs))
 
     @staticmethod
     def _draft_stops(config: GenerationConfig, kwargs: dict) -> tuple:
