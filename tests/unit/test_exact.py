@@ -24,6 +24,22 @@ from tests.unit.test_lean import LEAN_FAMILIES, lean_span, reference_hidden
 GGUF_TYPES = {"q4": GGMLQuantizationType.Q4_1, "q8": GGMLQuantizationType.Q8_0, "q4_0": GGMLQuantizationType.Q4_0}
 
 
+def _cpu_has(*flags: str) -> bool:
+    try:
+        with open("/proc/cpuinfo") as info:
+            found = next((line for line in info if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return all(flag in found for flag in flags)
+
+
+BUILDS = {  # flags of each build a CPU may get: -march=native here, and the narrower ones other CPUs get
+    "native": exact_module.FLAG_SETS[0],
+    "avx2": ("-O3", "-mavx2", "-mfma", "-pthread"),
+    "portable": ("-O3", "-pthread"),
+}
+
+
 @pytest.fixture(scope="module")
 def kernels(tmp_path_factory):
     return build_kernels(tmp_path_factory.mktemp("kernels"))
@@ -292,22 +308,6 @@ def test_products_are_the_same_on_any_number_of_threads_and_callers(fmt, kernels
     assert mismatches == []
 
 
-def _cpu_has(*flags: str) -> bool:
-    try:
-        with open("/proc/cpuinfo") as info:
-            found = next((line for line in info if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return all(flag in found for flag in flags)
-
-
-BUILDS = {  # flags of each build a CPU may get: -march=native here, and the narrower ones other CPUs get
-    "native": exact_module.FLAG_SETS[0],
-    "avx2": ("-O3", "-mavx2", "-mfma", "-pthread"),
-    "portable": ("-O3", "-pthread"),
-}
-
-
 @pytest.mark.parametrize("build", list(BUILDS))
 @pytest.mark.parametrize("fmt", ["q4", "q8", "bf16"])
 def test_every_build_sums_each_row_alone_and_batched_alike(build, fmt, tmp_path, monkeypatch):
@@ -385,27 +385,29 @@ def fast_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return ((codes * step).reshape(x.shape).double() @ weight.double().t()).float()
 
 
-@pytest.mark.parametrize("portable", [False, True])
+@pytest.mark.parametrize("build", list(BUILDS))  # AVX-512 + VNNI here; AVX2 and plain C as other CPUs build them
 @pytest.mark.parametrize("fmt", ["q4", "q4_0", "q8"])
-def test_fast_numerics_are_llama_cpps(fmt, portable, tmp_path, monkeypatch):
-    if portable:  # the plain C fallback, as built where the CPU has no AVX2
-        monkeypatch.setattr(exact_module, "FLAG_SETS", (("-O3", "-pthread"),))
+def test_fast_numerics_are_llama_cpps(fmt, build, tmp_path, monkeypatch):
+    if build == "avx2" and not _cpu_has("avx2", "fma"):
+        pytest.skip("this CPU has no AVX2: no AVX2 build runs here")
+    monkeypatch.setattr(exact_module, "FLAG_SETS", (BUILDS[build],))
     kernels = build_kernels(tmp_path)
     torch.manual_seed(0)
-    weight = as_gguf_would(torch.randn(80, 192) * 0.05, fmt)
-    exact = ExactWeight.of(weight, kernels)
-    assert exact.use_numerics("fast") and exact.fast
-    for rows in (1, 3, 8, 33, 70):  # every row count runs the fast kernels (a prefill too)
-        x = torch.randn(rows, 192)
-        x[0, :BLOCK] = 0.0  # a block of zeros: step 0
-        got = exact.linear(x)
-        reference = fast_reference(x, weight)
-        assert (got - reference).abs().max().item() < 1e-5 * max(reference.abs().max().item(), 1.0)
-        plain = (x.double() @ weight.double().t()).float()
-        assert 1e-4 < ((got - plain).norm() / plain.norm()).item() < 0.02  # not exact: 8-bit activations
-        assert all(torch.equal(exact.product(x[i : i + 1])[0], got[i]) for i in range(rows))  # alone or not
-        for threads in (1, 2, 3):
-            assert torch.equal(exact.product(x, threads=threads), got)
+    for width in (192, 160, 576):  # 6 blocks a row; 5 (an odd count: the last block alone); 18 (over 16 minimums)
+        weight = as_gguf_would(torch.randn(80, width) * 0.05, fmt)
+        exact = ExactWeight.of(weight, kernels)
+        assert exact.use_numerics("fast") and exact.fast
+        for rows in (1, 3, 8, 33, 70):  # every row count runs the fast kernels (a prefill too)
+            x = torch.randn(rows, width)
+            x[0, :BLOCK] = 0.0  # a block of zeros: step 0
+            got = exact.linear(x)
+            reference = fast_reference(x, weight)
+            assert (got - reference).abs().max().item() < 1e-5 * max(reference.abs().max().item(), 1.0)
+            plain = (x.double() @ weight.double().t()).float()
+            assert 1e-4 < ((got - plain).norm() / plain.norm()).item() < 0.02  # not exact: 8-bit activations
+            assert all(torch.equal(exact.product(x[i : i + 1])[0], got[i]) for i in range(rows))  # alone or not
+            for threads in (1, 2, 3):
+                assert torch.equal(exact.product(x, threads=threads), got)
     assert exact.use_numerics("exact") and torch.allclose(exact.linear(x), plain, atol=1e-4)
 
 

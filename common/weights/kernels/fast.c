@@ -4,7 +4,8 @@
    32, GGUF's Q4_1; q8 = signed 8-bit codes with a float32 step, GGUF's Q8_0). Unlike exact.c, the activations are
    not kept in float32: each row of x is cut into blocks of 32 and each block quantised to 8 bits, as llama.cpp's
    Q8_1 does (step dx = max|x| / 127, codes round(x / dx), and sx = dx * the sum of the codes). A block's product is
-   then an integer dot product of the codes (AVX2: `_mm256_maddubs_epi16`, as ggml's) and one float multiply-add:
+   then an integer dot product of the codes (AVX2: `_mm256_maddubs_epi16`, as ggml's; VNNI's vpdpbusd where the CPU
+   has it, two q4 blocks per instruction with AVX-512) and one float multiply-add:
        q4: d * dx * sum(code * xcode) + m * sx        q8: d * dx * sum(code * xcode)
    so results differ from the exact product by the activations' rounding (about 0.4 % of a block's largest value
    per value), not only by the order of the sums. The steps stay float32 (llama.cpp rounds dx and sx to float16).
@@ -109,6 +110,62 @@ static inline __m256i q4_codes(const uint8_t *c) {
 }
 #endif
 
+#if FAST_SIMD && defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define FAST_512 1
+static inline float hsum16(__m512 s) {
+    __m256 h8 = _mm256_add_ps(_mm512_castps512_ps256(s), _mm512_extractf32x8_ps(s, 1));
+    return hsum8(h8);
+}
+/* the 64 codes of two q4 blocks in weight order: block b's 32 (low nibbles, then high), then block b + 1's */
+static inline __m512i q4_codes2(const uint8_t *c) {
+    const __m256i bytes = _mm256_loadu_si256((const __m256i *)c), nib = _mm256_set1_epi8(0x0F);
+    const __m256i lo = _mm256_and_si256(bytes, nib), hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), nib);
+    /* [lo b, lo b+1, hi b, hi b+1] (128 bits each) -> [lo b, hi b, lo b+1, hi b+1] */
+    return _mm512_shuffle_i64x2(_mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1),
+                                _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1), _MM_SHUFFLE(3, 1, 2, 0));
+}
+/* AVX-512 with VNNI: two blocks per register (one vpdpbusd for 64 products), each lane scaled by its block's
+   d * dx; the minimums' part m * sx as a dot product of its own, 16 blocks at a time. The same order for every R */
+static inline __attribute__((always_inline)) void q4_rows(const fast_job *g, int n, int r, const int R) {
+    const size_t nb = g->K / 32;
+    const uint8_t *q = (const uint8_t *)g->q + (size_t)n * nb * 16;
+    const float *d = g->d + (size_t)n * nb, *m = g->m + (size_t)n * nb;
+    const __m512i halves = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    __m512 acc[4];
+    __m256 tail[4];
+    for (int i = 0; i < R; i++) acc[i] = _mm512_setzero_ps(), tail[i] = _mm256_setzero_ps();
+    size_t b = 0;
+    for (; b + 2 <= nb; b += 2) {
+        const __m512i w = q4_codes2(q + b * 16);
+        const __m128 dw = _mm_castpd_ps(_mm_load_sd((const double *)(d + b)));
+        for (int i = 0; i < R; i++) {
+            const size_t xb = (size_t)(r + i) * nb + b;
+            const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512(g->xq + xb * 32));
+            const __m128 scale = _mm_mul_ps(dw, _mm_castpd_ps(_mm_load_sd((const double *)(g->xd + xb))));
+            acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(scale)),
+                                     acc[i]);
+        }
+    }
+    if (b < nb) {  /* an odd count of blocks: the last one alone */
+        const __m256i w = q4_codes(q + b * 16);
+        for (int i = 0; i < R; i++) {
+            const size_t xb = (size_t)(r + i) * nb + b;
+            const __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w,
+                                                    _mm256_loadu_si256((const __m256i *)(g->xq + xb * 32)));
+            tail[i] = _mm256_mul_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(d[b] * g->xd[xb]));
+        }
+    }
+    for (int i = 0; i < R; i++) {
+        const float *xs = g->xs + (size_t)(r + i) * nb;
+        __m512 mins = _mm512_setzero_ps();
+        for (size_t j = 0; j < nb; j += 16) {
+            const __mmask16 take = nb - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (nb - j)) - 1);
+            mins = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(take, m + j), _mm512_maskz_loadu_ps(take, xs + j), mins);
+        }
+        g->y[(size_t)(r + i) * g->N + n] = (hsum16(acc[i]) + hsum8(tail[i])) + hsum16(mins);
+    }
+}
+#else
 /* output row n against rows [r, r + R) of x; R is a constant at each call (1-4), so the sums stay in registers */
 static inline __attribute__((always_inline)) void q4_rows(const fast_job *g, int n, int r, const int R) {
     const size_t nb = g->K / 32;
@@ -161,6 +218,8 @@ static inline __attribute__((always_inline)) void q4_rows(const fast_job *g, int
     for (int i = 0; i < R; i++) g->y[(size_t)(r + i) * g->N + n] = acc[i] + mins[i];
 #endif
 }
+
+#endif
 
 static inline __attribute__((always_inline)) void q8_rows(const fast_job *g, int n, int r, const int R) {
     const size_t nb = g->K / 32;
