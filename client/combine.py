@@ -234,9 +234,11 @@ class PackedHead:
 
     Either copy is made again if the weight changes (an optimiser step on it, a new tensor)."""
 
-    def __init__(self, head: Callable[[], nn.Module], enabled: bool = True, exact: bool = True):
+    def __init__(self, head: Callable[[], nn.Module], enabled: bool = True, exact: bool = True,
+                 numerics: str = "exact"):
         self.head = head  # the model's head now (it may be replaced)
         self.exact_enabled = exact
+        self.numerics = numerics  # the exact copy's products: "exact", or "fast" (llama.cpp's; q4/q8 copies only)
         self._exact: tuple[tuple[int, int], ExactWeight | None] | None = None  # (weight made from, its exact copy)
         self.enabled = enabled and mkl_packing_available()
         self.packed: PackedWeight | None = None
@@ -272,7 +274,10 @@ class PackedHead:
         made_from = (weight_t.data_ptr(), weight_t._version)
         if self._exact is None or self._exact[0] != made_from:
             kernels = shared_kernels()
-            self._exact = (made_from, ExactWeight.of(weight_t.detach().t(), kernels) if kernels is not None else None)
+            exact = ExactWeight.of(weight_t.detach().t(), kernels) if kernels is not None else None
+            if exact is not None:
+                exact.use_numerics(self.numerics)  # a bf16 copy stays exact (fast.c has q4 and q8 forms)
+            self._exact = (made_from, exact)
         return self._exact[1]
 
     def __call__(self, rows: torch.Tensor) -> torch.Tensor:

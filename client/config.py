@@ -40,6 +40,8 @@ class ClientConfig:
                                        # (only exact, unquantised nodes); docs/quantization.md
     accept_numerics: str = "any"       # nodes whose products may run in llama.cpp's numerics (`--numerics fast`):
                                        # any | exact (only nodes whose products are exact); docs/performance.md
+    head_numerics: str = "exact"       # the exact head's products: exact, or fast (llama.cpp's numerics, as a node's
+                                       # `--numerics fast`: 8-bit activations, integer dot products; q4/q8 heads)
     adapter: str | None = None         # LoRA adapter the nodes apply (one they serve: `potluck join --adapter`);
                                        # None = the base model. Routing uses only nodes that serve it
     weights: str = "match"             # match: only nodes announcing the model's weights fingerprint (from the
@@ -80,6 +82,8 @@ class ClientConfig:
             raise ValueError(f"accept_quant {self.accept_quant!r} is not one of any, int8, none")
         if self.accept_numerics not in ("any", "exact"):
             raise ValueError(f"accept_numerics {self.accept_numerics!r} is not one of any, exact")
+        if self.head_numerics not in ("exact", "fast"):
+            raise ValueError(f"head_numerics {self.head_numerics!r} is not one of exact, fast")
         if self.adapter is not None and (not isinstance(self.adapter, str) or not 0 < len(self.adapter) <= 64):
             raise ValueError(f"adapter {self.adapter!r}: give the name a node serves it under (1-64 characters)")
         if self.weights not in ("match", "any"):

@@ -106,7 +106,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         self.lm_head = lm_head
         # concurrent generations share head products, several rows through a packed copy of the head
         self.head_calls = Combiner(PackedHead(lambda: self.lm_head, enabled=swarm.config.pack_head,
-                                              exact=swarm.config.exact_head))
+                                              exact=swarm.config.exact_head, numerics=swarm.config.head_numerics))
         self.swarm = swarm
         _welcome_in_pipelines()
         self.last_session: SyncSession | None = None

@@ -190,12 +190,13 @@ class _Chain:
                                  extra_args=("--no-mdns", *extra_args))
         self.models: list = []
 
-    def client(self, peers: list[str] | None = None, push: bool = True, convoys: bool = True, exact_head: bool = True):
+    def client(self, peers: list[str] | None = None, push: bool = True, convoys: bool = True, exact_head: bool = True,
+               head_numerics: str = "exact"):
         from client.config import ClientConfig
         from client.model import DistributedModelForCausalLM
 
         config = ClientConfig(peers=tuple(peers or [n.address for n in self.nodes]), push=push, convoys=convoys,
-                              exact_head=exact_head)
+                              exact_head=exact_head, head_numerics=head_numerics)
         model = DistributedModelForCausalLM.from_pretrained(str(self.settings.model), config=config)
         self.models.append(model)
         return model
@@ -257,12 +258,14 @@ def numerics_rounds(settings: PerfSettings) -> list[tuple[int, str]]:
 
 def numerics_side_by_side(settings: PerfSettings, parts: int, numerics: str, ids: torch.Tensor,
                           threads: int) -> LlamaSide:
-    """A chain of `parts` nodes computing in `numerics`, taking turns with llama.cpp on the served file."""
+    """A chain of `parts` nodes computing in `numerics`, taking turns with llama.cpp on the served file; in fast
+    numerics the client's head too (`--head-numerics fast`), as llama.cpp computes its own."""
     chain = _Chain(settings, parts, ("--numerics", numerics))
     try:
-        model = chain.client()
+        model = chain.client(head_numerics=numerics)
         timed_generate(model, ids[:, :4], 2)  # warm-up
-        label = f"swarm, {parts} node{'s' if parts > 1 else ''}, push, --numerics {numerics}"
+        label = f"swarm, {parts} node{'s' if parts > 1 else ''}, push, --numerics {numerics}" + (
+            " --head-numerics fast" if numerics == "fast" else "")
         llama = LlamaCpp.find(settings.llama_cpp, settings.llama_served)
         return side_by_side(llama, model, ids, settings.new_tokens, threads, parts, settings.repeats, served=True,
                             label=label)

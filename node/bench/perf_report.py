@@ -192,7 +192,8 @@ def _llama_lines(result: PerfResult) -> list[str]:
         f"threads, and llama.cpp over its RPC backend with {result.llama[0].servers} rpc servers on loopback (one "
         "thread each, every layer on the servers). On the served file the same turns are taken again by one node "
         "serving every layer (against llama.cpp in one process and over one rpc server) and by nodes started with "
-        "`--numerics fast` (llama.cpp's numerics: 8-bit activations, integer dot products; docs/performance.md), "
+        "`--numerics fast` with a client whose head computes so too (`--head-numerics fast`; llama.cpp's numerics: "
+        "8-bit activations, integer dot products; docs/performance.md), "
         "each configuration in rounds of its own.",
         "",
         "| system | file | decode tok/s | ms/token | swarm vs it (same rounds) |",

@@ -179,6 +179,9 @@ def add_verify_args(parser: argparse.ArgumentParser) -> None:
                         help="route through nodes computing in llama.cpp's fast numerics (potluck join --numerics "
                              "fast): any (default), exact (only nodes whose products are exact; "
                              "docs/performance.md#fast-numerics)")
+    parser.add_argument("--head-numerics", default="exact", choices=["exact", "fast"],
+                        help="the client's LM head: exact (default) or fast, in llama.cpp's numerics as a node's "
+                             "--numerics fast (8-bit activations; docs/performance.md#fast-numerics)")
     parser.add_argument("--weights", default="match", choices=["match", "any"],
                         help="match (default): route only through nodes announcing the model's weights fingerprint "
                              "(docs/swarm.md); any: every node of the model's config")
@@ -193,5 +196,5 @@ def add_verify_args(parser: argparse.ArgumentParser) -> None:
 
 def verify_options(args: argparse.Namespace) -> dict:
     return {"verify": args.verify, "verify_fraction": args.verify_fraction, "accept_quant": args.accept_quant,
-            "accept_numerics": args.accept_numerics,
+            "accept_numerics": args.accept_numerics, "head_numerics": args.head_numerics,
             "weights": args.weights, "unfingerprinted": args.allow_unfingerprinted}

@@ -243,6 +243,32 @@ def test_the_client_head_uses_an_exact_copy_until_its_weight_changes(kernels):
     assert PackedHead(lambda: head, exact=False).exact_weight() is None
 
 
+def test_a_client_may_take_its_head_in_fast_numerics(kernels):
+    """`ClientConfig.head_numerics="fast"`: the head's q8 copy multiplies as llama.cpp would (8-bit activations);
+    a bf16 head has no such form and stays exact."""
+    from client.config import ClientConfig
+
+    torch.manual_seed(0)
+    for fmt, fast in (("q8", True), ("bf16", False)):
+        linear = torch.nn.Linear(64, 500, bias=False)
+        with torch.no_grad():
+            linear.weight.copy_(as_gguf_would(linear.weight, fmt))
+        head = TransposedLinear.from_linear(linear)
+        calls = PackedHead(lambda: head, numerics="fast")  # noqa: B023 (called in this iteration)
+        rows = torch.randn(1, 3, 64)
+        with torch.no_grad():
+            got, plain = calls(rows), head(rows)
+        assert calls.exact_weight().fast == fast
+        if fast:
+            reference = fast_reference(rows.reshape(3, 64), linear.weight).reshape(1, 3, 500)
+            assert (got - reference).abs().max().item() < 1e-5 * reference.abs().max().item()
+            assert not torch.allclose(got, plain, rtol=0, atol=1e-6)  # not exact: 8-bit activations
+        else:
+            torch.testing.assert_close(got, plain)
+    with pytest.raises(ValueError, match="head_numerics"):
+        ClientConfig(head_numerics="int4")
+
+
 def test_a_node_holds_exact_weights_unless_told_not_to(bg_loop, smollm_dir):
     from node.cli.join import join_args
 
