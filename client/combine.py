@@ -282,8 +282,9 @@ class PackedHead:
 
     def __call__(self, rows: torch.Tensor) -> torch.Tensor:
         count = rows.numel() // rows.shape[-1]
-        if count <= KERNEL_ROWS and rows.dtype == torch.float32 and not torch.is_grad_enabled() and (
-                exact := self.exact_weight()) is not None:
+        exact = self.exact_weight() if rows.dtype == torch.float32 and not torch.is_grad_enabled() else None
+        # the fast numerics at every row count (a scored window too, as a node's): what generation gets is measured
+        if exact is not None and (count <= KERNEL_ROWS or exact.fast):
             flat = exact.linear(rows.reshape(count, -1), self.head().bias)
             return flat.reshape(*rows.shape[:-1], flat.shape[-1])
         if self.enabled and count in PACKED_ROWS and rows.dtype == torch.float32 and not torch.is_grad_enabled():

@@ -255,16 +255,17 @@ def test_a_client_may_take_its_head_in_fast_numerics(kernels):
             linear.weight.copy_(as_gguf_would(linear.weight, fmt))
         head = TransposedLinear.from_linear(linear)
         calls = PackedHead(lambda: head, numerics="fast")  # noqa: B023 (called in this iteration)
-        rows = torch.randn(1, 3, 64)
-        with torch.no_grad():
-            got, plain = calls(rows), head(rows)
-        assert calls.exact_weight().fast == fast
-        if fast:
-            reference = fast_reference(rows.reshape(3, 64), linear.weight).reshape(1, 3, 500)
-            assert (got - reference).abs().max().item() < 1e-5 * reference.abs().max().item()
-            assert not torch.allclose(got, plain, rtol=0, atol=1e-6)  # not exact: 8-bit activations
-        else:
-            torch.testing.assert_close(got, plain)
+        for count in (3, 40):  # a decode step's rows, and more than the exact kernels take (a scored window)
+            rows = torch.randn(1, count, 64)
+            with torch.no_grad():
+                got, plain = calls(rows), head(rows)
+            assert calls.exact_weight().fast == fast
+            if fast:  # at every row count, as a fast node's products: `potluck eval` measures what generation gets
+                reference = fast_reference(rows.reshape(count, 64), linear.weight).reshape(1, count, 500)
+                assert (got - reference).abs().max().item() < 1e-5 * reference.abs().max().item()
+                assert not torch.allclose(got, plain, rtol=0, atol=1e-6)  # not exact: 8-bit activations
+            else:
+                torch.testing.assert_close(got, plain)
     with pytest.raises(ValueError, match="head_numerics"):
         ClientConfig(head_numerics="int4")
 
