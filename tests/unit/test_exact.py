@@ -338,10 +338,11 @@ def test_products_are_the_same_on_any_number_of_threads_and_callers(fmt, kernels
 @pytest.mark.parametrize("build", list(BUILDS))
 @pytest.mark.parametrize("fmt", ["q4", "q8", "bf16"])
 def test_every_build_sums_each_row_alone_and_batched_alike(build, fmt, tmp_path, monkeypatch):
-    """Each build has its own order of the sums (AVX-512: two registers of 16 per block, multiply-added into the
-    row's sum; AVX2: four of 8, summed first; portable: one by one). Within a build, every path (one row, four
-    output rows at a time, groups of 8/4/2/1 input rows) sums a row in the same order, so a row's bits are the
-    same alone and in any batch, and every build stays as close to the exact sum as float32's own product."""
+    """Each build has its own order of the sums (AVX-512: two registers of 16 per block, each multiply-added
+    into a sum of its own; AVX2: four of 8, summed first; portable: one by one). Within a build, every path (one
+    row, four output rows at a time, groups of 8/4/2/1 input rows) sums a row in the same order, so a row's bits
+    are the same alone and in any batch, and every build stays as close to the exact sum as float32's own
+    product."""
     if build == "avx2" and not _cpu_has("avx2", "fma"):
         pytest.skip("this CPU has no AVX2: no AVX2 build runs here")
     monkeypatch.setattr(exact_module, "FLAG_SETS", (BUILDS[build],))

@@ -161,7 +161,8 @@ static inline void block_bf(const uint16_t *q, size_t b, float *w) {
 }
 
 #if EXACT_SIMD && defined(__AVX512F__)
-/* AVX-512: a block's 32 weights in two registers of 16 (half the instructions of AVX2's four of 8). Every path
+/* AVX-512: a block's 32 weights in two registers of 16 (half the instructions of AVX2's four of 8), each multiply-added
+   into a sum of its own (two independent chains a row), the two added lane by lane at the end. Every path
    below (one row, four output rows, many rows) sums a row in the same order, so a row's bits never depend on
    the product's other rows; they differ from an AVX2 build's (another order of the same sums). */
 typedef __m512 vec;
@@ -189,7 +190,9 @@ static inline float hsum(__m512 s) {
     const uint16_t *c = q + (b) * 32;                                                                       \
     __m512 w0 = BF16X(c), w1 = BF16X(c + 16);
 /* a += the block's 32 products: two multiply-adds into the sum, lane by lane */
-#define ACCUMULATE(a, xb) _mm512_fmadd_ps(w1, _mm512_loadu_ps((xb) + 16), _mm512_fmadd_ps(w0, _mm512_loadu_ps(xb), a))
+#define ACCUMULATE(a, e, xb) (a = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xb), a),                               \
+                            e = _mm512_fmadd_ps(w1, _mm512_loadu_ps((xb) + 16), e))
+#define FINISH(a, e) hsum(_mm512_add_ps(a, e))  /* the two halves' sums, lane by lane, then across */
 #define STORE_BLOCK(o) _mm512_storeu_ps(o, w0); _mm512_storeu_ps((o) + 16, w1);
 #elif EXACT_SIMD
 typedef __m256 vec;
@@ -222,7 +225,8 @@ static inline float hsum(__m256 s) {
     __m256 w0 = BF8(c), w1 = BF8(c + 8), w2 = BF8(c + 16), w3 = BF8(c + 24);
 #define BLOCK_SUM(xb) _mm256_fmadd_ps(w3, _mm256_loadu_ps((xb) + 24), _mm256_fmadd_ps(w2, _mm256_loadu_ps((xb) + 16), \
                       _mm256_fmadd_ps(w1, _mm256_loadu_ps((xb) + 8), _mm256_mul_ps(w0, _mm256_loadu_ps(xb)))))
-#define ACCUMULATE(a, xb) _mm256_add_ps(a, BLOCK_SUM(xb))  /* a += the block's 32 products, summed first */
+#define ACCUMULATE(a, e, xb) (a = _mm256_add_ps(a, BLOCK_SUM(xb)))  /* a += the block's 32 products, summed first */
+#define FINISH(a, e) ((void)(e), hsum(a))
 #define STORE_BLOCK(o) _mm256_storeu_ps(o, w0); _mm256_storeu_ps((o) + 8, w1); _mm256_storeu_ps((o) + 16, w2); \
                        _mm256_storeu_ps((o) + 24, w3);
 #endif
@@ -233,12 +237,12 @@ static inline float hsum(__m256 s) {
    depend on the other rows of the product: a session's step gives the same bits alone and batched with others. */
 #define ROW_DOT(LOAD)                                                                                       \
     if (M == 1) {                                                                                           \
-        vec a = VZERO();                                                                                    \
+        vec a = VZERO(), e = a;                                                                             \
         for (size_t b = first; b < first + nb; b++) {                                                       \
             LOAD(b)                                                                                         \
-            a = ACCUMULATE(a, x + (b - first) * 32);                                                   \
+            ACCUMULATE(a, e, x + (b - first) * 32);                                                         \
         }                                                                                                   \
-        y[n] = hsum(a);                                                                                     \
+        y[n] = FINISH(a, e);                                                                                \
         continue;                                                                                           \
     }                                                                                                       \
     for (int r0 = 0; r0 < M;) {                                                                             \
@@ -251,30 +255,30 @@ static inline float hsum(__m256 s) {
    row in the same order */
 #define ROWS_DOT(LOAD, R)                                                                                   \
     {                                                                                                       \
-        vec a[R];                                                                                           \
-        for (int r = 0; r < R; r++) a[r] = VZERO();                                                         \
+        vec a[R], e[R];                                                                                     \
+        for (int r = 0; r < R; r++) a[r] = e[r] = VZERO();                                                  \
         for (size_t b = first; b < first + nb; b++) {                                                       \
             LOAD(b)                                                                                         \
             _Pragma("GCC unroll 8")                                                                         \
             for (int r = 0; r < R; r++)                                                                     \
-                a[r] = ACCUMULATE(a[r], x + (size_t)(r0 + r) * K + (b - first) * 32);                  \
+                ACCUMULATE(a[r], e[r], x + (size_t)(r0 + r) * K + (b - first) * 32);                        \
         }                                                                                                   \
-        for (int r = 0; r < R; r++) y[(size_t)(r0 + r) * N + n] = hsum(a[r]);                                \
+        for (int r = 0; r < R; r++) y[(size_t)(r0 + r) * N + n] = FINISH(a[r], e[r]);                       \
     }
 /* one-row products: four output rows at a time, each its own accumulator summed in ROW_DOT's order (the same
    bits), so that four independent chains of additions overlap instead of one waiting on each block's sum: ~2x on
    matrices that do not stay in the core's caches (a span of 30 SmolLM2 layers), where one chain waits on loads */
 #define ROWS4_DOT(LOAD)                                                                                     \
     if (M == 1 && n + 4 <= stop) {                                                                          \
-        vec a0 = VZERO(), a1 = a0, a2 = a0, a3 = a0;                                                        \
+        vec a0 = VZERO(), a1 = a0, a2 = a0, a3 = a0, e0 = a0, e1 = a0, e2 = a0, e3 = a0;                    \
         for (size_t j = 0; j < nb; j++) {                                                                   \
             const float *xb = x + j * 32;                                                                   \
-            { LOAD(first + j) a0 = ACCUMULATE(a0, xb); }                                               \
-            { LOAD(first + nb + j) a1 = ACCUMULATE(a1, xb); }                                          \
-            { LOAD(first + 2 * nb + j) a2 = ACCUMULATE(a2, xb); }                                      \
-            { LOAD(first + 3 * nb + j) a3 = ACCUMULATE(a3, xb); }                                      \
+            { LOAD(first + j) ACCUMULATE(a0, e0, xb); }                                                     \
+            { LOAD(first + nb + j) ACCUMULATE(a1, e1, xb); }                                                \
+            { LOAD(first + 2 * nb + j) ACCUMULATE(a2, e2, xb); }                                            \
+            { LOAD(first + 3 * nb + j) ACCUMULATE(a3, e3, xb); }                                            \
         }                                                                                                   \
-        y[n] = hsum(a0), y[n + 1] = hsum(a1), y[n + 2] = hsum(a2), y[n + 3] = hsum(a3);                     \
+        y[n] = FINISH(a0, e0), y[n + 1] = FINISH(a1, e1), y[n + 2] = FINISH(a2, e2), y[n + 3] = FINISH(a3, e3); \
         n += 3;                                                                                             \
         continue;                                                                                           \
     }
