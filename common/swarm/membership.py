@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
 from collections.abc import Callable
@@ -103,7 +104,8 @@ class Membership:
         self._proving: dict[str, asyncio.Future] = {}  # node id -> its proof in flight
         self._proof_slots = asyncio.Semaphore(config.proofs)
         self._digest: tuple[int, bytes] = (-1, b"")
-        self._peer_list: tuple[int, list[tuple[str, str]]] = (-1, [])  # registry version, proven live peers
+        # registry.members when built, the soonest expiry among them, proven live peers (node id, first address)
+        self._peer_list: tuple[int, float, list[tuple[str, str]]] = (-1, -math.inf, [])
         self.changed = asyncio.Event()  # set whenever the registry gains something
 
     @property
@@ -319,15 +321,19 @@ class Membership:
     # -- the caller's side ----------------------------------------------------------------------------
     def _peers(self, count: int, avoid: str = "") -> set[str]:
         """`count` random proven live peers (their first address)."""
-        if self._peer_list[0] != self.registry.version:  # rebuilt when the registry changes (expiry included)
+        now = self.clock()
+        members, expires, listed = self._peer_list
+        # rebuilt when who is listed changed, or when one of those listed may have expired since; not on every
+        # renewal (a node of a 5,000-node model hears ~170 a second, each of which rebuilt a 5,000-entry list)
+        if members != self.registry.members or now >= expires:
             own = self.own.node_id if self.own is not None else ""
-            now, model, proven = self.clock(), self.scope or None, self.registry.proven
-            offline = NodeState.OFFLINE
-            self._peer_list = (self.registry.version, [  # registry.live's filter, without its sort
-                (r.node_id, r.addresses[0]) for r, _ in self.registry.records.values()
-                if r.expires_at > now and r.state != offline and (model is None or r.config_hash == model)
-                and r.node_id in proven and r.node_id != own])
-        peers = [address for node_id, address in self._peer_list[1] if node_id != avoid]
+            model, proven, offline = self.scope or None, self.registry.proven, NodeState.OFFLINE
+            live = [r for r, _ in self.registry.records.values()  # registry.live's filter, without its sort
+                    if r.expires_at > now and r.state != offline and (model is None or r.config_hash == model)
+                    and r.node_id in proven and r.node_id != own]
+            listed = [(r.node_id, r.addresses[0]) for r in live]
+            self._peer_list = (self.registry.members, min((r.expires_at for r in live), default=math.inf), listed)
+        peers = [address for node_id, address in listed if node_id != avoid]
         return set(self._rng.sample(peers, min(count, len(peers))))
 
     def _own_digest(self) -> bytes:

@@ -216,6 +216,11 @@ class Limits:
     max_ttl: float = MAX_TTL  # a record's lifetime is cut to this (honest nodes use less)
 
 
+def _listed_as(record: PeerRecord) -> tuple:
+    """What a list of peers to call keys on: a renewal that keeps these leaves such a list as it was."""
+    return record.config_hash, record.addresses[:1], record.state == NodeState.OFFLINE
+
+
 @dataclass
 class Registry:
     """Records by node id; the newest (highest seq) of each node wins; OFFLINE ones are tombstones.
@@ -230,6 +235,8 @@ class Registry:
     proven: set[str] = field(default_factory=set)
     refused: int = 0   # valid records refused for a cap
     version: int = 0   # grows with every change (caches of digests key on it)
+    members: int = 0   # grows when who is listed may have changed (caches of peer lists key on it): a renewal
+    #                    that keeps a node's model, first address and state leaves it as it is
     _soonest: float = -math.inf  # no held record expires before this (a lower bound: `expire` scans past it)
     _models: dict[str, int] = field(default_factory=dict)  # config hash -> records held
     _sources: dict[str, list[float]] = field(default_factory=dict)  # source -> when it added new identities
@@ -261,10 +268,13 @@ class Registry:
             return False
         if held is None:
             self._admit(record, now, None if asked else source)
+            self.members += 1
         else:
             self._count(held[0].config_hash, -1)
             if held[0].addresses[:1] != record.addresses[:1]:
                 self.proven.discard(record.node_id)  # a new address must answer for the node again
+            if _listed_as(held[0]) != _listed_as(record):
+                self.members += 1
         self._count(record.config_hash, 1)
         self.records[record.node_id] = (record, signed)
         self._soonest = min(self._soonest, record.expires_at)
@@ -310,6 +320,7 @@ class Registry:
             return False
         self.proven.add(node_id)
         self.version += 1
+        self.members += 1
         return True
 
     def is_proven(self, node_id: str) -> bool:
@@ -358,6 +369,7 @@ class Registry:
             self.proven.discard(node_id)
         if gone:
             self.version += 1
+            self.members += 1
         return gone
 
     def live(self, now: float | None = None, model: str | None = None, proven: bool = False) -> list[PeerRecord]:

@@ -435,6 +435,8 @@ def placement_figures(seed: int = 0, peers: int = 5000) -> dict:
 
 
 def add_swarm_bench_parser(commands) -> None:
+    from node.bench.gossip_sim import SimSettings
+
     bench = commands.add_parser("bench-swarm", help="benchmark joining, discovery and gossip traffic")
     bench.add_argument("--model", default=None,
                        help="a model folder to time joins on too (default: only a tiny random LLaMA built on the fly)")
@@ -444,6 +446,11 @@ def add_swarm_bench_parser(commands) -> None:
                        help="simulate a gossip swarm of --nodes nodes in simulated time (node/bench/gossip_sim.py) and "
                             "print one JSON object per run")
     bench.add_argument("--runs", type=int, default=3, help="joins per model and trials per discovery mode (default 3)")
+    bench.add_argument("--window", type=float, default=SimSettings.window,
+                       help=f"with --json: simulated seconds of churn measured (default {SimSettings.window:g})")
+    bench.add_argument("--no-partition", dest="partition", action="store_false",
+                       help="with --json: skip the partition and its healing (the run's longest part), "
+                            "to measure cost per node at sizes where the whole run would take hours")
     bench.add_argument("--out", default=None, help="markdown file to write the results into (default: print only)")
     bench.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
@@ -452,10 +459,12 @@ def run_swarm_bench_cli(args: argparse.Namespace) -> None:
     if args.json:
         from node.bench.gossip_sim import SimSettings, simulate_swarm
 
-        if args.nodes < 2 or args.runs < 1:
-            raise ValueError("--json needs --nodes of at least 2 and --runs of at least 1")
+        if args.nodes < 2 or args.runs < 1 or args.window < SimSettings.churn_every:
+            raise ValueError(f"--json needs --nodes of at least 2, --runs of at least 1 and --window of at least "
+                             f"{SimSettings.churn_every:g} s")
         for run in range(args.runs):
-            result = simulate_swarm(SimSettings(nodes=args.nodes, seed=run))
+            result = simulate_swarm(SimSettings(nodes=args.nodes, seed=run, window=args.window,
+                                                partition=args.partition))
             result.update(placement_figures(seed=run))
             print(json.dumps(result), flush=True)
         return
