@@ -36,9 +36,19 @@ MODELS = (("HuggingFaceTB/SmolLM2-135M-Instruct", CONFIG_HASH, 30, 0.5),
           ("Qwen/Qwen2.5-72B-Instruct", "fedcba9876543210" * 4, 80, 0.2))
 
 
-def _record(identity, address: str, model: int = 0) -> PeerRecord:
+def models_of(count: int) -> tuple:
+    """`count` models of the (model id, config hash, layers, share) form: the first of MODELS (their shares), or
+    past those, as many as asked with an equal share each (the listed three, then made-up ones of 32 layers)."""
+    if count <= len(MODELS):
+        return MODELS[:count]
+    made_up = tuple((f"example/model-{i}", f"{i:016x}" * 4, 32) for i in range(len(MODELS), count))
+    return tuple((model_id, config_hash, layers, 1.0 / count)
+                 for model_id, config_hash, layers, *_ in MODELS + made_up)
+
+
+def _record(identity, address: str, model: int = 0, models: tuple = MODELS) -> PeerRecord:
     """The field sizes a real node announces."""
-    model_id, config_hash, layers, _ = MODELS[model]
+    model_id, config_hash, layers, _ = models[model]
     return PeerRecord(node_id=identity.node_id, addresses=(address,), model_id=model_id, config_hash=config_hash,
                       num_layers=layers, start=0, end=min(10, layers), throughput=51.3, prefill_throughput=410.7,
                       free_cache_tokens=65536, max_length=8192, name=address)
@@ -47,7 +57,7 @@ def _record(identity, address: str, model: int = 0) -> PeerRecord:
 @dataclass(frozen=True)
 class SimSettings:
     nodes: int = 1000
-    models: int = 3              # how many of MODELS the nodes serve (shares as listed)
+    models: int = 3              # how many models the nodes serve (`models_of`: MODELS' shares, or past three equal)
     heartbeat: float = 30.0      # re-announcement period (the node default)
     ttl: float = 90.0            # record lifetime (the node default)
     exchange_every: float = 5.0  # anti-entropy period (the default)
@@ -93,14 +103,15 @@ class _Swarm:
         self.tasks: set[asyncio.Task] = set()
         self.joining: set[str] = set()  # addresses whose join is still being timed: never picked to depart
         self.count = 0
+        self.models = models_of(s.models)
         models = list(range(s.models))
-        shares = [MODELS[m][3] for m in models]
+        shares = [self.models[m][3] for m in models]
         self.plan = [self.rng.choices(models, shares)[0] for _ in range(s.nodes)]
         for m in models:  # the first node of each model is everyone's bootstrap node
             self.plan[m] = m
         bootstrap = tuple(_address(m) for m in models)
         self.configs = [SwarmConfig(bootstrap=bootstrap, mdns=False, heartbeat=s.heartbeat, ttl=s.ttl,
-                                    exchange_every=s.exchange_every, fanout=s.fanout, model=MODELS[m][1],
+                                    exchange_every=s.exchange_every, fanout=s.fanout, model=self.models[m][1],
                                     limits=self.limits) for m in models]
         if 2 * LATENCY >= self.configs[0].gossip_timeout:
             raise ValueError("a simulated call must end before its deadline")
@@ -154,7 +165,8 @@ async def _build(sw: _Swarm) -> None:
     nodes = [sw.member(model) for model in sw.plan]
     signed = []
     for (m, address), model in zip(nodes, sw.plan):
-        m.own = renewed(_record(m.identity, address, model), s.ttl, now=sw.clock() - sw.rng.uniform(0, s.heartbeat))
+        issued = sw.clock() - sw.rng.uniform(0, s.heartbeat)
+        m.own = renewed(_record(m.identity, address, model, sw.models), s.ttl, now=issued)
         signed.append((model, sign_record(m.own, m.identity.key)))
     bootstrap = set(sw.configs[0].bootstrap)
     for (m, address), model in zip(nodes, sw.plan):
@@ -173,9 +185,9 @@ async def _build(sw: _Swarm) -> None:
 
 
 async def _join(sw: _Swarm, joins: list) -> None:
-    model = sw.rng.choices(range(sw.s.models), [MODELS[m][3] for m in range(sw.s.models)])[0]
+    model = sw.rng.choices(range(sw.s.models), [share for *_, share in sw.models])[0]
     m, address = sw.member(model)
-    record = _record(m.identity, address, model)
+    record = _record(m.identity, address, model, sw.models)
     began = sw.loop.time()
 
     async def join() -> None:

@@ -448,6 +448,9 @@ def add_swarm_bench_parser(commands) -> None:
     bench.add_argument("--runs", type=int, default=3, help="joins per model and trials per discovery mode (default 3)")
     bench.add_argument("--window", type=float, default=SimSettings.window,
                        help=f"with --json: simulated seconds of churn measured (default {SimSettings.window:g})")
+    bench.add_argument("--models", type=int, default=SimSettings.models,
+                       help=f"with --json: models the nodes serve (default {SimSettings.models}: shares 50/30/20 %%; "
+                            "more: equal shares)")
     bench.add_argument("--no-partition", dest="partition", action="store_false",
                        help="with --json: skip the partition and its healing (the run's longest part), "
                             "to measure cost per node at sizes where the whole run would take hours")
@@ -459,11 +462,13 @@ def run_swarm_bench_cli(args: argparse.Namespace) -> None:
     if args.json:
         from node.bench.gossip_sim import SimSettings, simulate_swarm
 
-        if args.nodes < 2 or args.runs < 1 or args.window < SimSettings.churn_every:
-            raise ValueError(f"--json needs --nodes of at least 2, --runs of at least 1 and --window of at least "
-                             f"{SimSettings.churn_every:g} s")
+        if args.nodes < 2 or args.runs < 1 or args.window < SimSettings.churn_every or not 1 <= args.models <= 1000:
+            raise ValueError(f"--json needs --nodes of at least 2, --runs of at least 1, --window of at least "
+                             f"{SimSettings.churn_every:g} s and --models from 1 to 1000")
+        if args.nodes < args.models:
+            raise ValueError(f"--nodes {args.nodes}: fewer nodes than --models {args.models}")
         for run in range(args.runs):
-            result = simulate_swarm(SimSettings(nodes=args.nodes, seed=run, window=args.window,
+            result = simulate_swarm(SimSettings(nodes=args.nodes, seed=run, window=args.window, models=args.models,
                                                 partition=args.partition))
             result.update(placement_figures(seed=run))
             print(json.dumps(result), flush=True)
