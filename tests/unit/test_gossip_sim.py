@@ -52,3 +52,13 @@ def test_the_simulation_does_not_depend_on_how_busy_the_machine_is():
         for key in [k for k in run if k.startswith("cpu") or k == "wall_s"]:
             del run[key]
     assert runs[0] == runs[1]
+
+
+@pytest.mark.timeout(120)
+def test_ten_models_in_equal_shares_each_converge_on_their_own_nodes():
+    """`bench-swarm --json --models 10`: the 10,000-node run's mix at a small size."""
+    result = simulate_swarm(SimSettings(nodes=60, models=10, seed=1, partition=False, **SMALL))
+    assert len(result["models"]) == 10 and sum(result["models"]) == 60 and min(result["models"]) >= 1
+    assert result["steady_state_refusals"] == 0
+    assert result["joins"] >= 5 and result["join_known_by_all_s"] is not None and result["join_known_by_all_s"] < 10
+    assert result["dead_forgotten_s"] is not None and result["dead_forgotten_s"] <= 6.0 + 2.0
