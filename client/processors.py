@@ -27,24 +27,32 @@ def _eos_columns(eos: torch.Tensor, vocab: int) -> torch.Tensor:
     return eos[(eos >= 0) & (eos < vocab)]
 
 
-def _without_eos(scores: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
-    """A copy of `scores` whose EOS columns are -inf (transformers' torch.where over an isin mask)."""
-    out = scores.clone()
-    out[:, _eos_columns(eos, scores.shape[-1]).to(scores.device)] = -math.inf
-    return out
+class _SuppressEos:
+    """Sets the EOS columns of a copy of the scores to -inf (transformers' torch.where over an isin mask); the
+    columns are found once per vocabulary size and device, not on every token."""
+
+    _columns: tuple | None = None  # (vocab, device, the EOS columns)
+
+    def _without_eos(self, scores: torch.Tensor) -> torch.Tensor:
+        vocab, device = scores.shape[-1], scores.device
+        if self._columns is None or self._columns[:2] != (vocab, device):
+            self._columns = (vocab, device, _eos_columns(self.eos_token_id, vocab).to(device))
+        out = scores.clone()
+        out[:, self._columns[2]] = -math.inf
+        return out
 
 
-class MinLength(MinLengthLogitsProcessor):
+class MinLength(_SuppressEos, MinLengthLogitsProcessor):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
         if input_ids.shape[-1] < self.min_length:
-            return _without_eos(scores, self.eos_token_id)
+            return self._without_eos(scores)
         return scores.clone()
 
 
-class MinNewTokensLength(MinNewTokensLengthLogitsProcessor):
+class MinNewTokensLength(_SuppressEos, MinNewTokensLengthLogitsProcessor):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
         if input_ids.shape[-1] - self.prompt_length_to_skip < self.min_new_tokens:
-            return _without_eos(scores, self.eos_token_id)
+            return self._without_eos(scores)
         return scores.clone()
 
 
