@@ -271,20 +271,27 @@ class PotluckServicer(pb_grpc.PotluckServicer):
             if session is None or not session.evicted:
                 raise  # the client went away
             # evicted (drain, idle): end the stream with a status the client fails over on
+            self._free(stream, executor)
             await _abort(
                 context, Unavailable(f"session evicted: {session.evicted}; move it to another node"), self.metrics
             )
         except Exception as error:
+            self._free(stream, executor)
             await _abort(context, error, self.metrics)
         finally:
-            stream.closed = True  # no await before the session is freed: a second cancel must not skip it
-            if stream.session is not None:
-                if self._streams.get(stream.session.session_id) is stream:
-                    del self._streams[stream.session.session_id]
-                executor.close(stream.session.session_id)
+            self._free(stream, executor)  # no await before the session is freed: a second cancel must not skip it
             if reader is not None:
                 reader.cancel()
                 await asyncio.gather(reader, return_exceptions=True)
+
+    def _free(self, stream: "_Stream", executor: Executor | None) -> None:
+        """Forget the stream's session and give its cache back (again: a no-op). Done before an error status goes
+        out, not after: a client told to fail over may open again at once, and must find the room."""
+        stream.closed = True
+        if stream.session is not None:
+            if self._streams.get(stream.session.session_id) is stream:
+                del self._streams[stream.session.session_id]
+            executor.close(stream.session.session_id)
 
     async def _refused(self, stream: "_Stream", step: pb.Step, context) -> bool:
         """Charge a client's step to the rate limit. Over it, the step is refused with a result of its own (`refused`,
