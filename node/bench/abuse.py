@@ -130,18 +130,19 @@ def junk_records(template: PeerRecord, count: int) -> list:
 def attacks(nodes, disguised: list[str], hidden: int, num_layers: int, tally: AttackTally, hogs: int, flood: int):
     """Every attack running until the block ends."""
     release = threading.Event()
-    streams = []
+    hogging, flooding = [], []
     for node, address in zip(nodes, disguised):
         span = (node.start_layer, node.end_layer)
         for index in range(hogs):
-            streams.append(_held(address, [_open(f"hog-{span[0]}-{index}", *span, 64, 512, hidden)], release, tally,
+            hogging.append(_held(address, [_open(f"hog-{span[0]}-{index}", *span, 64, 512, hidden)], release, tally,
                                  "hogs_opened"))
         for index in range(flood):
             requests = [_open(f"flood-{span[0]}-{index}", *span, 1, 64, hidden), _prefill(1, 16, hidden)]
-            streams.append(_held(address, requests, release, tally, "flood_opened"))
+            flooding.append(_held(address, requests, release, tally, "flood_opened"))
     with ExitStack() as stack:
         stack.callback(release.set)
-        _open_together(stack, streams)
+        _open_together(stack, hogging)  # the hogs first, then the flood: each attack takes what the node lets it
+        _open_together(stack, flooding)
         yield
 
 
