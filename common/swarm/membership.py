@@ -95,7 +95,8 @@ class Membership:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.failures = 0            # exchanges that failed (each logged at WARNING)
-        self._asked: dict[str, tuple[float, set[bytes]]] = {}  # caller host -> (until, new id prefixes we asked for)
+        # caller host -> (until, id prefixes we asked it for, those of them new here and not come yet)
+        self._asked: dict[str, tuple[float, set[bytes], set[bytes]]] = {}
         self.refused: set[str] = set()  # addresses that refused our calls as UNAUTHENTICATED (private swarms)
         self._rng = rng or random.Random()
         self._mdns: MdnsDiscovery | None = None
@@ -218,7 +219,7 @@ class Membership:
             mine = {digest.prefix(node_id): self.registry.records[node_id][0].seq for node_id in held}
             # new identities only as many as there is room for unproven ones, and as the caller may still push
             # (they come back pushed, from its host): the rest in a later exchange
-            room = min(self.registry.pending_room(now), self.registry.source_room(source, now))
+            room = min(self._room(now), self.registry.source_room(source, now))
             wanted = digest.wanted(mine, theirs, new_at_most=room) if self.own is not None else b""
             if wanted and source is not None:
                 self._ask(source, {wanted[i: i + 8] for i in range(0, len(wanted), 8)}, mine, now)
@@ -237,9 +238,17 @@ class Membership:
         self._asked = {s: entry for s, entry in self._asked.items() if entry[0] > now}
         if len(self._asked) >= ASKED_CALLERS and source not in self._asked:
             return  # their pushes are counted as pushes (never more than the per-source cap)
-        self.registry.reserve(source, len(keys - mine.keys()), now)
+        new = keys - mine.keys()
+        self.registry.reserve(source, len(new), now)
         # the answer follows the reply at once: remembered for two call deadlines
-        self._asked[source] = (now + 2 * self.config.gossip_timeout, keys | self._asked.get(source, (0.0, set()))[1])
+        _, before, awaited = self._asked.get(source, (0.0, set(), set()))
+        self._asked[source] = (now + 2 * self.config.gossip_timeout, keys | before, new | awaited)
+
+    def _room(self, now: float) -> int:
+        """Room for new unproven identities, less what the answers to our asks will take: two callers answered
+        before either pushed were each asked for all of it, and the second push found it taken (refused)."""
+        awaited = sum(len(entry[2]) for entry in self._asked.values() if entry[0] > now)
+        return max(0, self.registry.pending_room(now) - awaited)
 
     def _is_asked(self, source: str | None, node_id: str) -> bool:
         """Whether we asked `source` for `node_id`'s record (once: the answer is taken, not a second copy)."""
@@ -248,6 +257,7 @@ class Membership:
         if entry is None or key not in entry[1]:
             return False
         entry[1].discard(key)
+        entry[2].discard(key)
         return True
 
     def _take(self, batch, source: str | None) -> None:
@@ -257,7 +267,7 @@ class Membership:
         learns it page by page as its proofs come back. Pushed records past the room are refused (a cap)."""
         now = self.clock()
         accepted = 0
-        room = self.registry.pending_room(now) if source is None else None
+        room = self._room(now) if source is None else None
         for signed in batch:
             node_id = codec_node_id(signed)
             held = self.registry.records.get(node_id)

@@ -133,6 +133,34 @@ async def test_a_bootstrap_node_passes_on_news_of_joins_only_to_peers_of_the_joi
         await member.close()
 
 
+async def test_two_callers_answered_at_once_are_not_asked_for_more_new_identities_than_there_is_room_for():
+    """A node asks a caller for the new identities its digest lists, as many as its registry has room for unproven
+    ones. Two callers answered before either pushed were each asked for all that room, and the second push found
+    it taken: refused (the 10,000-node simulation's bootstrap nodes, which hold every model's records, saw
+    refusals). The room a pending ask will take is spoken for until its answer comes or its time is up."""
+    now = [1.7e9]
+    config = SwarmConfig(bootstrap=(), mdns=False, model=CONFIG_HASH, limits=Limits(pending=4))
+    member = Membership(config, ephemeral_identity(), transport=MemoryTransport().for_node("10.0.0.1:31337"),
+                        clock=lambda: now[0])
+    member.own = renewed(_record(member.identity, "10.0.0.1:31337"), 30.0, now=now[0])
+    callers = {}
+    for host in ("10.0.1.1", "10.0.2.1"):  # each lists 4 identities the member has never heard of
+        identities = [ephemeral_identity() for _ in range(4)]
+        records = [renewed(_record(o, f"{host[:-1]}{i + 2}:31337"), 30.0, now=now[0]) for i, o in enumerate(identities)]
+        callers[host] = (records, [sign_record(r, o.key) for r, o in zip(records, identities)])
+    asked = {}
+    for host, (records, _) in callers.items():  # both exchanges answered before either push arrives
+        theirs = digest.pack((r.node_id, r.seq) for r in records)
+        asked[host] = len(member.handle(codec_request(theirs), source=host).wanted) // 8
+    assert asked == {"10.0.1.1": 4, "10.0.2.1": 0}  # the room went to the first caller (4 and 4 before)
+    for host, (_, signed) in callers.items():  # each pushes what it was asked for
+        if asked[host]:
+            member.handle(codec_request(b"", signed[: asked[host]]), source=host)
+    assert member.registry.refused == 0  # 4 before: the second push found the room taken
+    assert sum(1 for r in callers["10.0.1.1"][0] if r.node_id in member.registry.records) == 4
+    await member.close()
+
+
 def codec_request(digest_bytes: bytes, signed=()) -> pb.GossipRequest:
     """A pull with `digest_bytes`, or a push of `signed` records."""
     if signed:
