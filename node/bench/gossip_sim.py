@@ -104,9 +104,9 @@ class _Swarm:
         self.joining: set[str] = set()  # addresses whose join is still being timed: never picked to depart
         self.count = 0
         self.models = models_of(s.models)
+        self.shares = [share for *_, share in self.models]
         models = list(range(s.models))
-        shares = [self.models[m][3] for m in models]
-        self.plan = [self.rng.choices(models, shares)[0] for _ in range(s.nodes)]
+        self.plan = [self.rng.choices(models, self.shares)[0] for _ in range(s.nodes)]
         for m in models:  # the first node of each model is everyone's bootstrap node
             self.plan[m] = m
         bootstrap = tuple(_address(m) for m in models)
@@ -185,7 +185,7 @@ async def _build(sw: _Swarm) -> None:
 
 
 async def _join(sw: _Swarm, joins: list) -> None:
-    model = sw.rng.choices(range(sw.s.models), [share for *_, share in sw.models])[0]
+    model = sw.rng.choices(range(sw.s.models), sw.shares)[0]
     m, address = sw.member(model)
     record = _record(m.identity, address, model, sw.models)
     began = sw.loop.time()
