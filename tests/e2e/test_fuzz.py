@@ -404,8 +404,9 @@ def test_status_messages_are_capped(channel):
 def test_a_bounded_atheris_run_finds_no_crash(tmp_path):
     pytest.importorskip("atheris")
     runs = 1000 * SCALE
-    # the fuzzed process holds torch, transformers and a node from its first input (~2.1 GB here, just over
-    # libFuzzer's 2 GB default); a leak would still show as growth past 4 GB over the run
+    # libFuzzer's -rss_limit_mb reads the peak RSS, which the child inherits from this pytest process at
+    # exec (a 4.1 GB pytest failed a healthy run in CI); the harness checks its own current RSS instead,
+    # failing on more than 1 GB of growth over the run (tests/support/fuzz_atheris.py)
     done = subprocess.run(
         [
             sys.executable,
@@ -414,7 +415,7 @@ def test_a_bounded_atheris_run_finds_no_crash(tmp_path):
             f"-runs={runs}",
             "-seed=1",
             "-max_len=2048",
-            "-rss_limit_mb=4096",
+            "-rss_limit_mb=0",
             f"-artifact_prefix={tmp_path}/",
         ],
         cwd=Path(__file__).resolve().parents[2],

@@ -6,7 +6,12 @@ A tiny LLaMA node (layers 0:3, grpc.aio on 127.0.0.1) runs in this process, its 
 instrumented for coverage. An input's first byte picks a method; the rest is split into messages
 (a 2-byte big-endian length before each) and sent undecoded. A call that ends with INTERNAL, UNKNOWN
 or a deadline is a crash, and so is a wrong result from the healthy session run every 100 inputs
-(compared with plain transformers). The seeds are valid messages of every method."""
+(compared with plain transformers). The seeds are valid messages of every method.
+
+Memory is checked here, not by libFuzzer's -rss_limit_mb: that reads the peak RSS (getrusage), which a
+child started by subprocess inherits from its parent at exec, so under pytest it measured pytest's peak.
+The healthy check fails when this process's current RSS has grown by more than POTLUCK_FUZZ_GROWTH_MB
+(default 1024) since the first input."""
 
 from __future__ import annotations
 
@@ -69,10 +74,20 @@ def seeds() -> list[bytes]:
     return [frame(i, by_name.get(path.rsplit("/", 1)[1], [b""])) for i, (path, _) in enumerate(METHODS)]
 
 
+def resident_mb() -> float:
+    """This process's current resident set (VmRSS), in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
 class Target:
     def __init__(self, address: str, folder: Path):
         self.channel = grpc.insecure_channel(address)
         self.count = 0
+        self.growth_limit_mb = float(os.environ.get("POTLUCK_FUZZ_GROWTH_MB", "1024"))
+        self.baseline_mb: float | None = None
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         torch.manual_seed(5)
         self.inputs = torch.randn(1, 5, HIDDEN)
@@ -85,8 +100,11 @@ class Target:
 
     def __call__(self, data: bytes) -> None:
         self.count += 1
+        if self.baseline_mb is None:
+            self.baseline_mb = resident_mb()
         if self.count % 100 == 0:
             self.healthy()
+            self.bounded_memory()
         path, streaming = METHODS[data[0] % len(METHODS)] if data else METHODS[0]
         messages = split(data[1:])
         try:
@@ -114,6 +132,13 @@ class Target:
         replies = list(stream(iter(requests), timeout=60))
         got = torch.cat([codec.decode_tensor(r.result.hidden) for r in replies[1:]], dim=1)
         torch.testing.assert_close(got, self.expected, rtol=1e-5, atol=1e-5)
+
+
+    def bounded_memory(self) -> None:
+        grown = resident_mb() - self.baseline_mb
+        if grown > self.growth_limit_mb:
+            raise RuntimeError(f"resident memory grew by {grown:.0f} MB over {self.count} inputs "
+                               f"(limit {self.growth_limit_mb:.0f} MB)")
 
 
 def main() -> None:
