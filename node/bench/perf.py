@@ -31,7 +31,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from common.weights.embedded import source_gguf
-from node.bench.basic import all_at_once, machine_info, prompt_ids, timed_generate, write_section
+from node.bench.basic import FirstTokenClock, all_at_once, machine_info, prompt_ids, timed_generate, write_section
 from node.bench.batch_compute import batch_compute
 from node.bench.llamacpp import LlamaCpp, LlamaSide, side_by_side
 from node.bench.perf_report import render_markdown, write_plot
@@ -79,9 +79,37 @@ def steady_decode(generations: list[list[tuple[float, int]]]) -> float:
 def concurrent_speed(model, config, sessions: int, new_tokens: int, seed: int) -> tuple[float, float]:
     """`sessions` generations at once (one client thread each): (all their new tokens / wall time, tokens/s while
     every one of them decodes)."""
-    prompts = [prompt_ids(config, 16, seed + 100 + i) for i in range(sessions)]
+    prompts = session_prompts(config, sessions, seed)
     elapsed, runs = all_at_once([partial(timed_generate, model, ids, new_tokens) for ids in prompts])
     return sessions * new_tokens / elapsed, steady_decode([run.arrivals for run in runs])
+
+
+def session_prompts(config, sessions: int, seed: int) -> list[torch.Tensor]:
+    """The 16-token prompts of a concurrency round: `concurrent_speed`'s and `batched_speed`'s."""
+    return [prompt_ids(config, 16, seed + 100 + i) for i in range(sessions)]
+
+
+def batched_speed(model, config, sequences: int, new_tokens: int, seed: int) -> tuple[float, float, list[list[int]]]:
+    """One generate call over `sequences` prompts at once (a batch of that many rows in one session, as
+    llama-batched-bench decodes N sequences in one context): (all new tokens / wall time, tokens/s from the first
+    new tokens to the last, each row's new tokens)."""
+    ids = torch.cat(session_prompts(config, sequences, seed))
+    clock = FirstTokenClock()
+    started = time.perf_counter()
+    output = model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+        do_sample=False, temperature=None, top_p=None, top_k=None, streamer=clock,
+    )
+    elapsed = time.perf_counter() - started
+    rows = output[:, ids.shape[1]:].tolist()
+    if any(len(row) != new_tokens for row in rows):
+        raise RuntimeError(f"a batch of {sequences} returned rows of {[len(r) for r in rows]} tokens, not {new_tokens}")
+    return sequences * new_tokens / elapsed, steady_decode([clock.arrivals]), rows
+
+
+def reference_tokens(local_model, config, sequences: int, new_tokens: int, seed: int) -> list[list[int]]:
+    """Plain transformers' greedy tokens for each prompt of a round, alone (the check of `batched_speed`'s rows)."""
+    return [timed_generate(local_model, ids, new_tokens).tokens for ids in session_prompts(config, sequences, seed)]
 
 
 def _median_sessions(sessions: int, runs: list[tuple[float, int, int, float]]) -> tuple[int, float, float, float]:
@@ -298,7 +326,8 @@ def run_benchmark(settings: PerfSettings, console: Console | None = None) -> Per
             + len(settings.node_counts)
             + 3
             + 2 * (len(settings.delays_ms) + 1)
-            + (len(settings.concurrency) + (settings.llama_cpp is not None)) * settings.repeats
+            + 1
+            + (2 * len(settings.concurrency) + (settings.llama_cpp is not None)) * settings.repeats
             + len(numerics_rounds(settings))
             + 3
         )
@@ -361,6 +390,10 @@ def run_benchmark(settings: PerfSettings, console: Console | None = None) -> Per
                         simulated_wan(wan_chain, parts, 1 / direct.median, ids, settings, result, tick)
                     finally:
                         wan_chain.close()
+                # the first round's prompts, each alone through plain transformers: the batches' rows are checked
+                references = reference_tokens(local_model, config, max(settings.concurrency),
+                                              settings.concurrency_tokens, settings.seed)
+                tick(f"transformers' tokens for {len(references)} prompts alone")
                 # one torch thread per client thread: N generate() threads with a team of OpenMP threads each
                 # would oversubscribe the cores the nodes compute on
                 torch.set_num_threads(1)
@@ -383,6 +416,12 @@ def run_benchmark(settings: PerfSettings, console: Console | None = None) -> Per
                             f"{sessions} concurrent sessions, round {round_ + 1}: {runs[sessions][-1][0]:.1f} tok/s in "
                             f"all, {runs[sessions][-1][3]:.1f} while all decode"
                         )
+                        aggregate, steady, rows = batched_speed(model, config, sessions, settings.concurrency_tokens,
+                                                                settings.seed + round_)
+                        result.batched.setdefault(sessions, []).append((aggregate, steady))
+                        if round_ == 0:
+                            result.batched_exact[sessions] = rows == references[:sessions]
+                        tick(f"one session, a batch of {sessions}: {aggregate:.1f} tok/s in all")
                     batched = batched_llama(settings, threads)
                     for sessions, run in batched.items():
                         result.llama_batched.setdefault(sessions, []).append(run)

@@ -91,6 +91,8 @@ def render_markdown(result: PerfResult, plot_name: str | None = None) -> str:
             lines.append(
                 f"| {sessions} | {aggregate:.1f} | {aggregate / base:.2f}x | {steady_cells} | {per_pass:.2f} |"
             )
+        if result.batched:
+            lines += _batched_lines(result)
         if result.llama_batched:
             lines += _llama_batched_lines(result)
         if result.batch_compute:
@@ -156,6 +158,26 @@ def _weights_lines(result: PerfResult) -> list[str]:
     ]
 
 
+def _batched_lines(result: PerfResult) -> list[str]:
+    """One session with a batch of N rows (one generate call), in the same rounds as the sessions."""
+    lines = ["", "The same prompts as one generate call over a batch of N rows, in one session (what "
+                 "llama-batched-bench does: N sequences decoded together by one caller), right after each round's "
+                 "N sessions; medians. Decoding: the new tokens after the first, over the time from the first to "
+                 "the last. Tokens: each row of the first round against plain transformers' greedy tokens for that "
+                 "prompt alone.",
+             "", "| batch | tok/s in all | vs N sessions | decoding, tok/s | tokens equal transformers' |",
+             "|---:|---:|---:|---:|---|"]
+    sessions = {n: aggregate for n, aggregate, _, _ in result.concurrency}
+    for n, runs in result.batched.items():
+        aggregate, steady = (statistics.median(r[i] for r in runs) for i in (0, 1))
+        exact = {True: "yes", False: "**no**"}.get(result.batched_exact.get(n), "not checked")
+        versus = f"{aggregate / sessions[n]:.2f}x" if sessions.get(n) else "n/a"
+        lines.append(f"| {n} | {aggregate:.1f} | {versus} | {steady:.1f} | {exact} |")
+    lines += ["", "Tok/s in all of each round, batches: " + "; ".join(
+        f"{n}: " + ", ".join(f"{r[0]:.1f}" for r in runs) for n, runs in result.batched.items()) + "."]
+    return lines
+
+
 def _llama_batched_lines(result: PerfResult) -> list[str]:
     """The concurrency table's peer: llama-batched-bench on the served file, in the same rounds."""
     s = result.settings
@@ -165,18 +187,26 @@ def _llama_batched_lines(result: PerfResult) -> list[str]:
                  f"{s.concurrency_tokens} new tokens (`-npp 16 -ntg {s.concurrency_tokens} -npl "
                  f"{','.join(map(str, s.concurrency))}`), once per round, taking turns with the swarm's rounds; "
                  "medians. Aggregate: new tokens over the whole run (prompts included), as the swarm's; decode: "
-                 "new tokens over llama.cpp's decode time (its S_TG), beside the swarm's while-all-decode figure.",
-             "", "| sessions | swarm aggregate tok/s | llama.cpp aggregate tok/s | swarm / llama.cpp | "
-                 "swarm while all decode | llama.cpp decode (S_TG) | swarm / llama.cpp |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]
+                 "new tokens over llama.cpp's decode time (its S_TG), beside the swarm's while-all-decode figure "
+                 "(sessions) and decoding figure (a batch). The swarm two ways: N sessions of one client (a thread "
+                 "each), and one session with a batch of N rows (one generate call, as llama-batched-bench).",
+             "", "| N | swarm, N sessions | swarm, a batch of N | llama.cpp, N sequences | sessions / llama.cpp | "
+                 "batch / llama.cpp | decode: sessions | batch | llama.cpp (S_TG) | sessions / llama.cpp | "
+                 "batch / llama.cpp |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for sessions, aggregate, _, steady in result.concurrency:
         runs = result.llama_batched.get(sessions)
         if not runs:
             continue
         agg = statistics.median(r.aggregate_tps for r in runs)
         dec = statistics.median(r.decode_tps for r in runs)
-        steady_cells = f"{steady:.1f} | {dec:.1f} | {steady / dec:.2f}x" if steady else f"n/a | {dec:.1f} | n/a"
-        lines.append(f"| {sessions} | {aggregate:.1f} | {agg:.1f} | **{aggregate / agg:.2f}x** | {steady_cells} |")
+        batch = result.batched.get(sessions)
+        b_agg, b_dec = ((statistics.median(r[i] for r in batch) for i in (0, 1)) if batch else (0.0, 0.0))
+        def ratio(x: float, y: float) -> str:
+            return f"{x / y:.2f}x" if x and y else "n/a"
+        lines.append(f"| {sessions} | {aggregate:.1f} | {b_agg:.1f} | {agg:.1f} | **{ratio(aggregate, agg)}** | "
+                     f"**{ratio(b_agg, agg)}** | {steady:.1f} | {b_dec:.1f} | {dec:.1f} | {ratio(steady, dec)} | "
+                     f"{ratio(b_dec, dec)} |")
     return lines
 
 

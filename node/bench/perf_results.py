@@ -105,6 +105,11 @@ class PerfResult:
     # llama-batched-bench on the served file, a run per round (sessions -> runs), taking turns with the swarm's rounds
     llama_batched: dict[int, list[BatchedRun]] = field(default_factory=dict)
     concurrency_runs: dict[int, list[float]] = field(default_factory=dict)  # sessions -> aggregate tok/s of each round
+    # one session with a batch of N rows (one generate call, `batched_speed`), in the same rounds: N -> (aggregate
+    # tok/s, tok/s from first to last new tokens) of each round, and whether the first round's rows equal
+    # transformers' tokens for each prompt alone
+    batched: dict[int, list[tuple[float, float]]] = field(default_factory=dict)
+    batched_exact: dict[int, bool] = field(default_factory=dict)
     settle_s: list[float] = field(default_factory=list)  # seconds before each one-session round (settle_alone)
     # what batching gives when only the computation takes time, exact and dense (node/bench/batch_compute.py)
     batch_compute: list[BatchCompute] = field(default_factory=list)

@@ -90,9 +90,13 @@ def test_the_report_compares_the_swarm_with_llama_cpp_on_the_file_it_serves_firs
     result.concurrency = [(1, 40.0, 1.0, 45.0), (8, 120.0, 6.0, 150.0)]
     result.llama_batched = {1: [BatchedRun(1, 16, 24, 0.1, 0.5), BatchedRun(1, 16, 24, 0.1, 0.3)],
                             8: [BatchedRun(8, 16, 24, 0.3, 1.3)]}
+    result.batched = {1: [(40.0, 45.0)], 8: [(170.0, 230.0), (180.0, 236.0), (190.0, 250.0)]}
+    result.batched_exact = {1: True, 8: False}
     text = render_markdown(result)
-    assert "| 1 | 40.0 | 50.0 | **0.80x** | 45.0 | 64.0 | 0.70x |" in text
-    assert "| 8 | 120.0 | 120.0 | **1.00x** | 150.0 | 147.7 | 1.02x |" in text
+    # sessions, a batch of N in one session, llama.cpp: aggregate, then decode
+    assert "| 1 | 40.0 | 40.0 | 50.0 | **0.80x** | **0.80x** | 45.0 | 45.0 | 64.0 | 0.70x | 0.70x |" in text
+    assert "| 8 | 120.0 | 180.0 | 120.0 | **1.00x** | **1.50x** | 150.0 | 236.0 | 147.7 | 1.02x | 1.60x |" in text
+    assert "| 8 | 180.0 | 1.50x | 236.0 | **no** |" in text  # the batch's own table: medians, vs sessions, the check
 
 
 def test_llama_cpp_runs_the_file_the_model_folder_was_made_from(smollm_dir, tmp_path):

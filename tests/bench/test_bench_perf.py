@@ -47,10 +47,15 @@ def test_bench_perf_writes_every_table(tiny_model_dir, tmp_path):
     assert all(0 < c.pass_one_ms and 0 < c.head_one_ms and 0 < c.ratio <= 3 * 1.5 for c in result.batch_compute)
     assert all(c[2] >= 1.0 for c in result.concurrency)
     assert {n: len(runs) for n, runs in result.concurrency_runs.items()} == {1: 1, 3: 1}  # one round per repeat
+    # the same prompts as one session with a batch of N rows: each row equals transformers' tokens for its prompt alone
+    assert {n: len(runs) for n, runs in result.batched.items()} == {1: 1, 3: 1}
+    assert result.batched_exact == {1: True, 3: True}
+    assert all(aggregate > 0 for runs in result.batched.values() for aggregate, _ in runs)
     assert len(result.settle_s) == 1 and 0 <= result.settle_s[0] < 31  # before the one-session round
     assert result.prefill_local_s > 0 and result.prefill_swarm_s > 0
     assert 0 < result.rss_node_mb and 0 < result.rss_whole_mb
     text = out.read_text()
+    assert "| 3 | " in text.split("one generate call over a batch of N rows")[1]
     for heading in ("### 1. Decode", "### 2. Simulated WAN", "### 3. Concurrent sessions", "### 4. Prefill",
                     "### 5. Memory", "### 6. Bytes per token per hop"):
         assert heading in text
