@@ -251,6 +251,27 @@ static inline float hsum(__m256 s) {
         else if (M - r0 >= 2) { ROWS_DOT(LOAD, 2) r0 += 2; }                                                \
         else { ROWS_DOT(LOAD, 1) r0 += 1; }                                                                 \
     }
+/* several rows of x: groups of 8 (then 4, 2, 1) outside, the slice's output rows inside, so that a group's rows of x
+   (8 x K floats: 18 KB for K = 576) stay in the core's first cache while every output row reads them, instead of
+   all M rows streaming from the second cache for each output row (~20 % at 16 and 32 rows, the prompts' passes).
+   The same groups and the same sums as ROW_DOT's: the same bits */
+#define ROW_GROUPS(LOAD)                                                                                    \
+    if (M > 1) {                                                                                            \
+        for (int r0 = 0; r0 < M;) {                                                                         \
+            const int R = M - r0 >= 8 ? 8 : M - r0 >= 4 ? 4 : M - r0 >= 2 ? 2 : 1;                         \
+            for (int n = start; n < stop; n++) {                                                            \
+                const size_t first = (size_t)n * nb;                                                        \
+                switch (R) {                                                                                \
+                    case 8: ROWS_DOT(LOAD, 8) break;                                                        \
+                    case 4: ROWS_DOT(LOAD, 4) break;                                                        \
+                    case 2: ROWS_DOT(LOAD, 2) break;                                                        \
+                    default: ROWS_DOT(LOAD, 1) break;                                                       \
+                }                                                                                           \
+            }                                                                                               \
+            r0 += R;                                                                                        \
+        }                                                                                                   \
+        return;                                                                                             \
+    }
 /* rows [r0, r0 + R) of x against output row n, R a constant (the sums stay in registers); every group size sums a
    row in the same order */
 #define ROWS_DOT(LOAD, R)                                                                                   \
@@ -315,6 +336,9 @@ static void q4_part(const void *job, int start, int stop) {
 #if EXACT_SIMD
     const __m128i nib = _mm_set1_epi8(0x0F);
 #endif
+#if EXACT_SIMD
+    ROW_GROUPS(LOAD_Q4)
+#endif
     for (int n = start; n < stop; n++) {
         const size_t first = (size_t)n * nb;
 #if EXACT_SIMD
@@ -333,6 +357,9 @@ static void q8_part(const void *job, int start, int stop) {
     const int M = g->M, K = g->K, N = g->N;
     float *y = g->y;
     const size_t nb = K / 32;
+#if EXACT_SIMD
+    ROW_GROUPS(LOAD_Q8)
+#endif
     for (int n = start; n < stop; n++) {
         const size_t first = (size_t)n * nb;
 #if EXACT_SIMD
@@ -351,6 +378,9 @@ static void bf_part(const void *job, int start, int stop) {
     const int M = g->M, K = g->K, N = g->N;
     float *y = g->y;
     const size_t nb = K / 32;
+#if EXACT_SIMD
+    ROW_GROUPS(LOAD_BF)
+#endif
     for (int n = start; n < stop; n++) {
         const size_t first = (size_t)n * nb;
 #if EXACT_SIMD
