@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 
 MAX_PAGES = 64  # pages one exchange pulls at most (a page is `page_records` records)
 ASKED_CALLERS = 64  # callers whose answers to our `wanted` lists are remembered at once (Membership._ask)
+# new identities of a caller's minute (Limits.per_source) not asked for, kept for what it pushes unasked (its own
+# record, news of a join); at most a quarter of the minute
+UNASKED_ROOM = 8
 
 
 @dataclass(frozen=True)
@@ -218,8 +221,10 @@ class Membership:
             lacking = digest.missing(proven, theirs)
             mine = {digest.prefix(node_id): self.registry.records[node_id][0].seq for node_id in held}
             # new identities only as many as there is room for unproven ones, and as the caller may still push
-            # (they come back pushed, from its host): the rest in a later exchange
-            room = min(self._room(now), self.registry.source_room(source, now))
+            # (they come back pushed, from its host) less what is kept for its unasked pushes: the rest in a
+            # later exchange
+            kept = min(UNASKED_ROOM, self.registry.limits.per_source // 4)
+            room = min(self._room(now), max(0, self.registry.source_room(source, now) - kept))
             wanted = digest.wanted(mine, theirs, new_at_most=room) if self.own is not None else b""
             if wanted and source is not None:
                 self._ask(source, {wanted[i: i + 8] for i in range(0, len(wanted), 8)}, mine, now)

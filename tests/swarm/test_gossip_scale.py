@@ -161,6 +161,33 @@ async def test_two_callers_answered_at_once_are_not_asked_for_more_new_identitie
     await member.close()
 
 
+async def test_asking_a_caller_for_new_identities_leaves_room_in_its_minute_for_what_it_pushes_unasked():
+    """A node asks a caller for the new identities its digest lists, at most as many as the caller may still push
+    this minute (they come back pushed from its host), and counts them against that minute at once. Asked for the
+    whole minute, the caller's next push of its own (its record, news of a join) was refused at the per-source cap:
+    the 10,000-node simulation's 19 refusals, each a newly joined node's push to other models' bootstrap nodes
+    that had just asked it for 120. Some of the minute is kept for such pushes."""
+    now = [1.7e9]
+    config = SwarmConfig(bootstrap=(), mdns=False, model=CONFIG_HASH, limits=Limits(per_source=8))
+    member = Membership(config, ephemeral_identity(), transport=MemoryTransport().for_node("10.0.0.1:31337"),
+                        clock=lambda: now[0])
+    member.own = renewed(_record(member.identity, "10.0.0.1:31337"), 30.0, now=now[0])
+    host = "10.0.1.1"
+    identities = [ephemeral_identity() for _ in range(12)]  # the caller's digest lists 12 the member never heard of
+    records = [renewed(_record(o, f"10.0.1.{i + 2}:31337"), 30.0, now=now[0]) for i, o in enumerate(identities)]
+    signed = [sign_record(r, o.key) for r, o in zip(records, identities)]
+    wanted = member.handle(codec_request(digest.pack((r.node_id, r.seq) for r in records)), source=host).wanted
+    keys = {wanted[i : i + 8] for i in range(0, len(wanted), 8)}
+    assert 0 < len(keys) < 8  # not the whole minute (8 before)
+    answer = [s for r, s in zip(records, signed) if digest.prefix(r.node_id) in keys]
+    member.handle(codec_request(b"", answer), source=host)  # the answer: taken
+    unasked = next(s for r, s in zip(records, signed) if digest.prefix(r.node_id) not in keys)
+    member.handle(codec_request(b"", [unasked]), source=host)  # then a push of its own
+    assert member.registry.refused == 0  # 1 before: the minute was all asked for
+    assert sum(1 for r in records if r.node_id in member.registry.records) == len(keys) + 1
+    await member.close()
+
+
 def codec_request(digest_bytes: bytes, signed=()) -> pb.GossipRequest:
     """A pull with `digest_bytes`, or a push of `signed` records."""
     if signed:
