@@ -45,6 +45,7 @@ from node.rpc.handlers import add_service
 from node.rpc.model_files import ModelFileServer
 from node.rpc.probe import Prober
 from node.rpc.push import Pusher
+from node.rpc.quiet import quiet_departed_clients
 from node.rpc.ratelimit import RateLimiter
 from node.rpc.servicer import NodeIdentity, PotluckServicer, Serving
 from node.runtime.executor import Executor
@@ -410,6 +411,7 @@ async def start_node(config: NodeConfig) -> RunningNode:
     serving = Serving()
     metrics = NodeMetrics() if config.metrics_port is not None else None
     on_reject = (lambda reason: metrics.error("UNAUTHENTICATED")) if metrics is not None else None
+    quiet_departed_clients()  # a client gone before its call's status: one DEBUG line, not an ERROR traceback
     server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=security.server_interceptors(on_reject),
                              maximum_concurrent_rpcs=config.max_rpcs)  # past it: RESOURCE_EXHAUSTED from grpc
     try:
