@@ -232,29 +232,23 @@ static inline float hsum(__m256 s) {
 #endif
 
 #if EXACT_SIMD
-/* one output row n (its blocks start at block index `first`) against every row of x. Every row of x is summed
-   in the same order whatever M is (one block's 32 products, then block after block), so a row's result does not
-   depend on the other rows of the product: a session's step gives the same bits alone and batched with others. */
+/* one output row n (its blocks start at block index `first`) against a one-row x (ROW_GROUPS takes several). A
+   row of x is summed in the same order whatever M is (one block's 32 products, then block after block), so a row's
+   result does not depend on the other rows of the product: a session's step gives the same bits alone and batched
+   with others. */
 #define ROW_DOT(LOAD)                                                                                       \
-    if (M == 1) {                                                                                           \
+    {                                                                                                       \
         vec a = VZERO(), e = a;                                                                             \
         for (size_t b = first; b < first + nb; b++) {                                                       \
             LOAD(b)                                                                                         \
             ACCUMULATE(a, e, x + (b - first) * 32);                                                         \
         }                                                                                                   \
         y[n] = FINISH(a, e);                                                                                \
-        continue;                                                                                           \
-    }                                                                                                       \
-    for (int r0 = 0; r0 < M;) {                                                                             \
-        if (M - r0 >= 8) { ROWS_DOT(LOAD, 8) r0 += 8; }                                                     \
-        else if (M - r0 >= 4) { ROWS_DOT(LOAD, 4) r0 += 4; }                                                \
-        else if (M - r0 >= 2) { ROWS_DOT(LOAD, 2) r0 += 2; }                                                \
-        else { ROWS_DOT(LOAD, 1) r0 += 1; }                                                                 \
     }
 /* several rows of x: groups of 8 (then 4, 2, 1) outside, the slice's output rows inside, so that a group's rows of x
    (8 x K floats: 18 KB for K = 576) stay in the core's first cache while every output row reads them, instead of
    all M rows streaming from the second cache for each output row (~20 % at 16 and 32 rows, the prompts' passes).
-   The same groups and the same sums as ROW_DOT's: the same bits */
+   Every group size sums a row as ROW_DOT does: a row's bits do not depend on the others */
 #define ROW_GROUPS(LOAD)                                                                                    \
     if (M > 1) {                                                                                            \
         for (int r0 = 0; r0 < M;) {                                                                         \
