@@ -179,13 +179,18 @@ def prompt_ids(config, tokens: int, seed: int) -> torch.Tensor:
     return allowed[torch.randint(len(allowed), (1, tokens), generator=generator)]
 
 
+def greedy_exactly(model, ids: torch.Tensor, new_tokens: int, streamer=None) -> torch.Tensor:
+    """Greedy generation of exactly `new_tokens` for every row of `ids` (no padding; EOS held off)."""
+    return model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+        do_sample=False, temperature=None, top_p=None, top_k=None, streamer=streamer,
+    )
+
+
 def timed_generate(model, ids: torch.Tensor, new_tokens: int) -> Run:
     clock = FirstTokenClock()
     started = time.perf_counter()
-    output = model.generate(
-        ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-        do_sample=False, temperature=None, top_p=None, top_k=None, streamer=clock,
-    )
+    output = greedy_exactly(model, ids, new_tokens, clock)
     finished = time.perf_counter()
     tokens = output[0, ids.shape[1]:].tolist()
     if len(tokens) != new_tokens or clock.first_at is None:

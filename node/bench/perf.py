@@ -31,7 +31,15 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from common.weights.embedded import source_gguf
-from node.bench.basic import FirstTokenClock, all_at_once, machine_info, prompt_ids, timed_generate, write_section
+from node.bench.basic import (
+    FirstTokenClock,
+    all_at_once,
+    greedy_exactly,
+    machine_info,
+    prompt_ids,
+    timed_generate,
+    write_section,
+)
 from node.bench.batch_compute import batch_compute
 from node.bench.llamacpp import LlamaCpp, LlamaSide, side_by_side
 from node.bench.perf_report import render_markdown, write_plot
@@ -96,10 +104,7 @@ def batched_speed(model, config, sequences: int, new_tokens: int, seed: int) -> 
     ids = torch.cat(session_prompts(config, sequences, seed))
     clock = FirstTokenClock()
     started = time.perf_counter()
-    output = model.generate(
-        ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-        do_sample=False, temperature=None, top_p=None, top_k=None, streamer=clock,
-    )
+    output = greedy_exactly(model, ids, new_tokens, clock)
     elapsed = time.perf_counter() - started
     rows = output[:, ids.shape[1]:].tolist()
     if any(len(row) != new_tokens for row in rows):
