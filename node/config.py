@@ -69,6 +69,7 @@ class NodeConfig:
     numerics: str = "exact"         # exact | fast: the exact forms' q4/q8 products in llama.cpp's numerics (8-bit
                                     # activations, integer dot products): faster, not bit-exact (docs/performance.md)
     pack: bool = True               # CPU float32: pack the lean weights for MKL while passes batch (runtime/layout.py)
+    inline_decode: bool = True      # a lone one-token step runs on the event loop's thread (runtime/executor.py)
     quant: str = "none"             # weight-only quantisation of the span's projections: none | int8 | nf4
                                     # (node/model/quant.py, docs/quantization.md); outputs are then not exact
     adapters: tuple[tuple[str, str], ...] = ()  # LoRA adapters served, (name, PEFT folder or hub id) pairs

@@ -298,7 +298,8 @@ async def _load(node: RunningNode, span: Span) -> None:
                                      admission_wait=config.admission_wait, adapters=adapters,
                                      max_peer_sessions=config.max_peer_sessions,
                                      max_peer_tokens=config.max_peer_tokens, peer_share=0.5,
-                                     batch_wait=config.batch_wait, pack=config.pack and node.device.type == "cpu")
+                                     batch_wait=config.batch_wait, pack=config.pack and node.device.type == "cpu",
+                                     inline_decode=config.inline_decode)
     if old is not None:
         old.shutdown()
     node.serving.memory = _memory_view(node.serving, weight_bytes(model), node.baseline).snapshot

@@ -76,6 +76,9 @@ def add_join_args(join: argparse.ArgumentParser) -> None:
     join.add_argument("--no-pack", action="store_true",
                       help="on CPU, never pack the lean runtime's float32 weights for MKL (by default they are packed "
                            "while most passes carry several sessions' steps: ~1.5x faster there, ~5%% slower for one)")
+    join.add_argument("--no-inline-decode", action="store_true",
+                      help="run every step on the compute thread (by default a lone one-token step runs on the event "
+                           "loop's own thread: two thread hand-overs fewer a token; docs/performance.md)")
     join.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
                       help="serve a PEFT LoRA adapter (folder or hub id) under NAME; sessions pick it by name "
                            "(repeatable; docs/client-guide.md#lora-adapters)")
@@ -268,6 +271,7 @@ def run_join(args: argparse.Namespace) -> None:
         exact=not args.no_exact,
         numerics=args.numerics,
         pack=not args.no_pack,
+        inline_decode=not args.no_inline_decode,
         batch_wait=args.batch_wait_ms / 1000,
         quant=args.quant,
         name=args.name,

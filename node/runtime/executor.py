@@ -13,7 +13,12 @@ a closed session's cache tokens go back to the budget only once no pass uses its
 
 A batch window (node/runtime/window.py) gathers the steps of concurrent sessions before a pass:
 convoys of steps that left one pass together (common/wire/convoy.py) are run in one pass again, so
-every weight is read once per convoy instead of once per session."""
+every weight is read once per convoy instead of once per session.
+
+A lone decode step (one token, nothing else queued or running on the compute thread, no window to wait for) runs
+on the event loop's own thread instead (`inline_decode`): the hand-over to the compute thread and back (two
+thread wake-ups) cost more than the loop gives up by computing one token's pass itself, during which it could only
+have queued steps for the next pass. Anything else takes the compute thread as before."""
 
 from __future__ import annotations
 
@@ -83,7 +88,7 @@ class Executor:
                  max_pass_tokens: int = 4096, *, cache_memory: int | None = None, max_sessions: int = 0,
                  max_session_tokens: int = 0, admission_wait: float = 0.0, adapters: dict | None = None,
                  batch_wait: float = BATCH_WAIT, pack: bool = False, max_peer_sessions: int = 0,
-                 max_peer_tokens: int = 0, peer_share: float = 1.0):
+                 max_peer_tokens: int = 0, peer_share: float = 1.0, inline_decode: bool = True):
         self.span = span
         self.adapters = adapters or {}  # LoRA adapters by name (node/model/lora.py), loaded for this span
         self.kv_bytes_per_token = kv_bytes_per_token(span.config, span.end - span.start, span.dtype)  # an estimate
@@ -104,6 +109,9 @@ class Executor:
         self.hidden_size = span.config.hidden_size
         # One compute thread: torch uses its own intra-op threads; steps never run concurrently.
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="potluck-compute")
+        self._jobs = 0  # compute-thread jobs submitted and not finished (submitted on the loop, counted under _lock)
+        self.inline_decode = inline_decode  # lone decode steps on the loop's thread (the module's docstring)
+        self.inline_passes = 0
         self.lean = span.lean  # None: the generic span, one step at a time
         self.max_pass_tokens = max_pass_tokens
         self._lock = threading.Lock()
@@ -137,7 +145,7 @@ class Executor:
     # -- validation -------------------------------------------------------------------------
     async def settled(self) -> None:
         """Return once the compute thread has done all it was given so far (passes, weight conversions)."""
-        await asyncio.wrap_future(self._pool.submit(lambda: None))
+        await asyncio.wrap_future(self._submit(lambda: None))
 
     def check_subspan(self, start: int, end: int) -> None:
         if not self.span.start <= start < end <= self.span.end:
@@ -325,7 +333,7 @@ class Executor:
                 await self._when_room(lambda: self.sessions.reserve(session, position + tokens))
             if self.lean is not None:
                 return await self._batched(session, hidden, position_ids, attention_mask, position, prompts, convoy)
-            future = self._pool.submit(self._run_step, session, hidden, position_ids, attention_mask, position, prompts)
+            future = self._submit(self._run_step, session, hidden, position_ids, attention_mask, position, prompts)
             self._track(session, future)
             return await asyncio.wrap_future(future)
         except Exception:
@@ -389,6 +397,8 @@ class Executor:
         """Queue the step; the compute thread runs every queued step of the same layers in one pass."""
         work = _Work(session, hidden, position_ids, attention_mask, position, prompts, convoy)
         self._track(session, work.future)
+        if self._run_inline(work):
+            return work.future.result()  # done (a result or the step's error), without a round through the loop
         with self._lock:
             self._pending.append(work)
             self.window.stepped(session.session_id, time.monotonic())
@@ -396,8 +406,36 @@ class Executor:
             self._pass_queued = True
             self._arrived.notify()
         if submit:
-            self._pool.submit(self._run_pending)
+            self._submit(self._run_pending)
         return await asyncio.wrap_future(work.future)
+
+    def _submit(self, fn, *args) -> Future:
+        """`fn(*args)` on the compute thread, counted in `_jobs` until it ends (on the event loop)."""
+        with self._lock:
+            self._jobs += 1
+        return self._pool.submit(self._counted, fn, *args)
+
+    def _counted(self, fn, *args):
+        try:
+            return fn(*args)
+        finally:
+            with self._lock:
+                self._jobs -= 1
+
+    def _run_inline(self, work: _Work) -> bool:
+        """Run `work` (a step of the lean path) on this thread, the event loop's, if it is a lone decode step; True
+        if it ran (its future is done). Only the loop submits compute-thread jobs, so none starts meanwhile."""
+        if not self.inline_decode or work.tokens != 1 or (self.layout is not None and self.layout.converting()):
+            return False  # (a layout change goes on after the compute thread's passes)
+        now = time.monotonic()
+        with self._lock:
+            self.window.stepped(work.session.session_id, now)  # as a queued step (the window counts it)
+            if self._jobs or self._pending or self._pass_queued or self.window.left([work], now, now) > 0:
+                return False
+        if work.future.set_running_or_notify_cancel():
+            self._run_guarded([work])
+            self.inline_passes += 1
+        return True
 
     def _run_pending(self) -> None:
         """The compute thread's job: run every queued step. It never raises (the pool would keep the error where
@@ -410,10 +448,16 @@ class Executor:
             self._pass_queued = False
         # a step cancelled while it waited (its stream ended) is not run; the others can no longer be cancelled
         works = [work for work in pending if work.future.set_running_or_notify_cancel()]
-        try:
-            self._run_works(works)
+        if self._run_guarded(works):
             while self.layout is not None and not self._pending and self.layout.convert_one():
                 pass  # idle: move the weights toward the layout the load asks for, one matrix at a time
+
+    def _run_guarded(self, works: list[_Work]) -> bool:
+        """`_run_works`, never raising: a failure fails the steps it concerns, with the error, and is logged; False
+        then."""
+        try:
+            self._run_works(works)
+            return True
         except BaseException as error:  # noqa: B036 -- logged, and every step it concerns fails with it
             log.exception("the compute thread failed; failing the %d steps of its passes", len(works))
             if not isinstance(error, Exception):
@@ -555,7 +599,7 @@ class Executor:
                 out = self.span.forward_prompted(x, pos, mask, start, end, deep, adapter=lora)
             return out.to(device="cpu", dtype=wire_dtype)
 
-        return await asyncio.get_running_loop().run_in_executor(self._pool, run)
+        return await asyncio.wrap_future(self._submit(run))
 
     async def backward(
         self,
@@ -597,4 +641,4 @@ class Executor:
             grad_prompts = grads[1].to(device="cpu", dtype=wire_dtype) if deep is not None else None
             return grad_input, grad_prompts
 
-        return await asyncio.get_running_loop().run_in_executor(self._pool, run)
+        return await asyncio.wrap_future(self._submit(run))

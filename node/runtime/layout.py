@@ -57,6 +57,10 @@ class AdaptiveLayout:
         elif self.share <= UNPACK_AT:
             self.packed = False
 
+    def converting(self) -> bool:
+        """Whether the matrices are not all in the current layout yet (`convert_one` has work)."""
+        return self._settled != self.packed
+
     def packed_share(self) -> float:
         """The share of the span's matrices packed now (0 to 1)."""
         kinds = [isinstance(getattr(layer, name), PackedWeight) for layer in self.lean.layers for name in LEAN_MATRICES]

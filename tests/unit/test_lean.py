@@ -157,6 +157,67 @@ def test_batch_window_gathers_the_steps_of_recently_active_sessions(tiny_model_d
     assert apart[0] > 1, "with no window, steps 20 ms apart run in separate passes"
 
 
+def test_a_lone_decode_step_runs_on_the_event_loop_and_others_on_the_compute_thread(tiny_model_dir):
+    """A lone session's one-token steps run on the event loop's thread (no hand-over to the compute thread and
+    back), its prefill on the compute thread; with inline_decode=False every step takes the compute thread. The
+    outputs are transformers' either way. A decode step that another active session's step may join (the batch
+    window) is not run inline: the two share one pass."""
+    import threading
+
+    folder = tiny_model_dir("llama")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ids = torch.randint(3, model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        embeds = model.model.embed_tokens(ids)
+        expected = all_layers(model, ids)
+
+    async def alone(inline: bool):
+        executor = Executor(lean_span(folder, 0, 6), cache_tokens=4096, max_length=64, inline_decode=inline)
+        span, threads = executor.lean, []
+        run = span.run
+
+        def recording(*args, **kwargs):
+            threads.append(threading.get_ident())
+            return run(*args, **kwargs)
+
+        span.run = recording
+        session = executor.open("s", 0, 6, 1, 64, torch.float32)
+        outs = [await executor.step(session, embeds[:1, :5], None, None, 0)]
+        for position in range(5, 8):
+            outs.append(await executor.step(session, embeds[:1, position : position + 1], None, None, position))
+        executor.shutdown()
+        loop_thread = threading.get_ident()
+        return torch.cat(outs, dim=1), [t == loop_thread for t in threads], executor.inline_passes
+
+    out, on_loop, inline_passes = asyncio.run(alone(True))
+    assert on_loop == [False, True, True, True] and inline_passes == 3
+    torch.testing.assert_close(out, expected[:1], rtol=1e-5, atol=1e-5)
+    out, on_loop, inline_passes = asyncio.run(alone(False))
+    assert on_loop == [False] * 4 and inline_passes == 0
+    torch.testing.assert_close(out, expected[:1], rtol=1e-5, atol=1e-5)
+
+    async def together():
+        # a window shorter than RECENT (1 s): s1's prefill waits it out for s0, which then still counts as active
+        executor = Executor(lean_span(folder, 0, 6), cache_tokens=4096, max_length=64, batch_wait=0.3)
+        sessions = [executor.open(f"s{i}", 0, 6, 1, 64, torch.float32) for i in range(2)]
+        for i, session in enumerate(sessions):  # both sessions active here now
+            await executor.step(session, embeds[i : i + 1, :7], None, None, 0)
+        passes, inline = executor.passes, executor.inline_passes
+
+        async def later(i):
+            await asyncio.sleep(0.02 * i)
+            return await executor.step(sessions[i], embeds[i : i + 1, 7:8], None, None, 7)
+
+        outs = await asyncio.gather(later(0), later(1))
+        executor.shutdown()
+        return outs, executor.passes - passes, executor.inline_passes - inline
+
+    outs, passes, inline = asyncio.run(together())
+    assert (passes, inline) == (1, 0), f"two active sessions' steps 20 ms apart: {passes} passes, {inline} inline"
+    for i, out in enumerate(outs):
+        torch.testing.assert_close(out, expected[i : i + 1, 7:8], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.skipif(not mkl_packing_available(), reason="this torch has no MKL (packing is skipped there too)")
 def test_packed_weights_pass_gradients_like_transformers(tiny_model_dir):
     """A node's Backward runs the lean pass with autograd: through packed weights the input gradient equals
