@@ -69,8 +69,13 @@ def paired_speed(label: str, model, reference, ids: torch.Tensor, settings: Perf
     return speed
 
 
-def prefill_seconds(model, ids: torch.Tensor, repeats: int) -> float:
-    return statistics.median(timed_generate(model, ids, 2).prefill_s for _ in range(repeats))
+def paired_prefill(model, reference, ids: torch.Tensor, repeats: int) -> tuple[float, float]:
+    """Median seconds to the first new token of `reference` (plain transformers) and of `model`, taking turns."""
+    local, swarm = [], []
+    for _ in range(repeats):
+        local.append(timed_generate(reference, ids, 2).prefill_s)
+        swarm.append(timed_generate(model, ids, 2).prefill_s)
+    return statistics.median(local), statistics.median(swarm)
 
 
 def steady_decode(generations: list[list[tuple[float, int]]]) -> float:
@@ -345,8 +350,6 @@ def run_benchmark(settings: PerfSettings, console: Console | None = None) -> Per
         result = PerfResult(settings, machine, decode_speed("local transformers", local_model, ids, settings),
                             num_layers=layers)
         tick(f"local transformers: {result.local.median:.1f} tok/s")
-        result.prefill_local_s = prefill_seconds(local_model, long_ids, settings.repeats)
-        tick(f"local prefill of {settings.prefill_tokens} tokens: {result.prefill_local_s:.2f} s")
 
         for parts in settings.node_counts:
             chain = _Chain(settings, parts)
@@ -381,7 +384,9 @@ def run_benchmark(settings: PerfSettings, console: Console | None = None) -> Per
                     finally:
                         dense_chain.close()
                     tick(f"dense weights: {result.swarms[-1].median:.1f} tok/s")
-                result.prefill_swarm_s = prefill_seconds(model, long_ids, settings.repeats)
+                result.prefill_local_s, result.prefill_swarm_s = paired_prefill(model, local_model, long_ids,
+                                                                                settings.repeats)
+                tick(f"local prefill of {settings.prefill_tokens} tokens: {result.prefill_local_s:.2f} s")
                 tick(f"swarm prefill: {result.prefill_swarm_s:.2f} s")
                 if settings.wan_threads in (0, threads):
                     simulated_wan(chain, parts, 1 / result.swarms[-2].median, ids, settings, result, tick)

@@ -126,7 +126,8 @@ def render_markdown(result: PerfResult, plot_name: str | None = None) -> str:
                           "per pass."]
     if result.prefill_swarm_s:
         lines += ["", "### 4. Prefill", "",
-                  f"A {s.prefill_tokens}-token prompt, time to the first new token (median of {s.repeats}):", "",
+                  f"A {s.prefill_tokens}-token prompt, time to the first new token (median of {s.repeats}, the two "
+                  "taking turns):", "",
                   "| system | seconds | vs one process |", "|---|---:|---:|",
                   f"| local transformers | {result.prefill_local_s:.2f} | 1.00x |",
                   f"| swarm, {max(s.node_counts)} nodes | {result.prefill_swarm_s:.2f} | "
