@@ -415,6 +415,12 @@ class Executor:
             self._jobs += 1
         return self._pool.submit(self._counted, fn, *args)
 
+    @property
+    def compute_busy(self) -> bool:
+        """Whether the compute thread has work (a job submitted and not finished)."""
+        with self._lock:
+            return self._jobs > 0
+
     def _counted(self, fn, *args):
         try:
             return fn(*args)

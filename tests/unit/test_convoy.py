@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from client.combine import Combiner
 from common.wire.convoy import CONVOY_WAIT, Convoy, incomplete, send_off
 from node.runtime.executor import Executor
-from tests.unit.test_lean import all_layers, lean_span
+from tests.unit.test_lean import embedded_rows, lean_span
 
 
 def test_a_convoy_is_complete_once_all_its_steps_are_there():
@@ -33,11 +33,7 @@ def test_a_node_runs_a_convoy_in_one_pass_even_when_its_steps_arrive_apart(tiny_
     outputs are transformers'."""
     monkeypatch.setattr("node.runtime.window.CONVOY_WAIT", 2.0)  # a slow CI machine must not split the convoy
     folder = tiny_model_dir("llama")
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    ids = torch.randint(3, model.config.vocab_size, (3, 5), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        embeds = model.model.embed_tokens(ids)
-        expected = all_layers(model, ids)
+    _, embeds, expected = embedded_rows(folder, 3, 5, seed=0)
 
     async def run(tagged: bool):
         executor = Executor(lean_span(folder, 0, 6), cache_tokens=4096, max_length=64, batch_wait=0.002)

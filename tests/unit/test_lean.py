@@ -49,6 +49,15 @@ def all_layers(model, ids):
     return hidden
 
 
+def embedded_rows(folder, rows: int, tokens: int, seed: int):
+    """transformers' model of `folder`, `rows` random sequences of `tokens` tokens embedded, and its outputs after
+    all layers for them (what a span's steps must give)."""
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ids = torch.randint(3, model.config.vocab_size, (rows, tokens), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return model, model.model.embed_tokens(ids), all_layers(model, ids)
+
+
 @pytest.mark.parametrize("packed", PACKINGS, ids=lambda p: "packed" if p else "plain")
 @pytest.mark.parametrize("family", LEAN_FAMILIES)
 def test_prefill_decode_and_rewind_match_transformers(family, packed, tiny_model_dir):
@@ -165,11 +174,7 @@ def test_a_lone_decode_step_runs_on_the_event_loop_and_others_on_the_compute_thr
     import threading
 
     folder = tiny_model_dir("llama")
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    ids = torch.randint(3, model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        embeds = model.model.embed_tokens(ids)
-        expected = all_layers(model, ids)
+    _, embeds, expected = embedded_rows(folder, 2, 8, seed=3)
 
     async def alone(inline: bool):
         executor = Executor(lean_span(folder, 0, 6), cache_tokens=4096, max_length=64, inline_decode=inline)
@@ -184,6 +189,8 @@ def test_a_lone_decode_step_runs_on_the_event_loop_and_others_on_the_compute_thr
         session = executor.open("s", 0, 6, 1, 64, torch.float32)
         outs = [await executor.step(session, embeds[:1, :5], None, None, 0)]
         for position in range(5, 8):
+            while executor.compute_busy:  # the compute thread may still be finishing the prefill's job
+                await asyncio.sleep(0.001)
             outs.append(await executor.step(session, embeds[:1, position : position + 1], None, None, position))
         executor.shutdown()
         loop_thread = threading.get_ident()
