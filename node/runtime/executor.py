@@ -436,10 +436,11 @@ class Executor:
         now = time.monotonic()
         with self._lock:
             self.window.stepped(work.session.session_id, now)  # as a queued step (the window counts it)
-            if self._jobs or self._pending or self._pass_queued or self.window.left([work], now, now) > 0:
+            # no job: nothing queued either (a queued step's pass is a job from the moment it is queued)
+            if self._jobs or self.window.left([work], now, now) > 0:
                 return False
         if work.future.set_running_or_notify_cancel():
-            self._run_guarded([work])
+            self._run_guarded([work], "a pass on the event loop")
             self.inline_passes += 1
         return True
 
@@ -458,16 +459,16 @@ class Executor:
             while self.layout is not None and not self._pending and self.layout.convert_one():
                 pass  # idle: move the weights toward the layout the load asks for, one matrix at a time
 
-    def _run_guarded(self, works: list[_Work]) -> bool:
-        """`_run_works`, never raising: a failure fails the steps it concerns, with the error, and is logged; False
-        then."""
+    def _run_guarded(self, works: list[_Work], where: str = "the compute thread") -> bool:
+        """`_run_works`, never raising: a failure fails the steps it concerns, with the error, and is logged (naming
+        `where` it ran); False then."""
         try:
             self._run_works(works)
             return True
         except BaseException as error:  # noqa: B036 -- logged, and every step it concerns fails with it
-            log.exception("the compute thread failed; failing the %d steps of its passes", len(works))
+            log.exception("%s failed; failing the %d steps of its passes", where, len(works))
             if not isinstance(error, Exception):
-                error = ComputeError(f"the node's compute thread was interrupted: {type(error).__name__}: {error}")
+                error = ComputeError(f"the node's pass ({where}) was interrupted: {type(error).__name__}: {error}")
             for work in works:
                 if not work.future.done():
                     work.future.set_exception(error)
